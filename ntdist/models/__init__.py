@@ -1,0 +1,74 @@
+"""Model registry: build any supported network from a `{name, kwargs}` spec.
+
+Specs are stored inside checkpoints, so a model can be rebuilt from the file
+alone. Names: `mlp`, `lenet`, `vgg11`, `resnet18`, or `torchvision:<name>` for
+any torchvision classification model (e.g. `torchvision:resnet18`).
+"""
+
+from dataclasses import dataclass
+from typing import Any, Dict
+
+import torch.nn as nn
+
+from ntdist.errors import UserError, suggest
+from ntdist.models.lenet import LeNet
+from ntdist.models.mlp import MLP
+from ntdist.models.resnet import ResNet18
+from ntdist.models.vgg import VGG11
+from ntdist.options import opt
+
+REGISTRY = {"mlp": MLP, "lenet": LeNet, "vgg11": VGG11, "resnet18": ResNet18}
+
+
+@dataclass
+class ModelConfig:
+    """Which network every ensemble member uses."""
+
+    name: str = opt("mlp", "mlp | lenet | vgg11 | resnet18 | torchvision:<name>")
+    kwargs: Dict[str, Any] = opt({}, "constructor arguments (width, depth, bias, ...); input shape and classes come from the data")
+
+
+def _torchvision_builder(name: str):
+    import torchvision.models as tvm
+
+    try:
+        return tvm.get_model_builder(name)
+    except ValueError:
+        raise UserError(
+            f"unknown torchvision model '{name}'{suggest(name, tvm.list_models())}; "
+            "see torchvision.models.list_models()") from None
+
+
+def build_model(name: str, kwargs: Dict[str, Any] | None = None) -> nn.Module:
+    """Instantiate the model `name` with `kwargs` (randomly initialised)."""
+    kwargs = dict(kwargs or {})
+    if name.startswith("torchvision:"):
+        builder = _torchvision_builder(name.split(":", 1)[1])
+        for key in ("in_channels", "image_size", "input_dim"):
+            kwargs.pop(key, None)   # dataset hints that torchvision constructors do not take
+        return builder(weights=None, **kwargs)
+    if name not in REGISTRY:
+        raise UserError(f"unknown model '{name}'{suggest(name, REGISTRY)}; "
+                        f"choose one of {sorted(REGISTRY)} or torchvision:<name>")
+    try:
+        return REGISTRY[name](**kwargs)
+    except TypeError as err:
+        raise UserError(f"model.kwargs do not fit '{name}': {err}") from None
+
+
+def complete_kwargs(name: str, kwargs: Dict[str, Any], in_shape, num_classes: int) -> Dict[str, Any]:
+    """Fill in the input shape and class count a model needs from the dataset, unless given."""
+    out = dict(kwargs)
+    out.setdefault("num_classes", num_classes)
+    if name == "mlp":
+        n = 1
+        for d in in_shape:
+            n *= d
+        out.setdefault("input_dim", n)
+    elif name in ("lenet", "vgg11", "resnet18"):
+        out.setdefault("in_channels", in_shape[0])
+        out.setdefault("image_size", in_shape[-1])
+    return out
+
+
+__all__ = ["ModelConfig", "build_model", "complete_kwargs", "REGISTRY", "MLP", "LeNet", "VGG11", "ResNet18"]
