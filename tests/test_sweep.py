@@ -1,0 +1,146 @@
+"""Tests for ntdist.sweep: grid expansion, spec validation, resumable runs and aggregation."""
+
+import json
+import math
+import os
+
+import pytest
+import yaml
+
+from ntdist.errors import UserError
+from ntdist.sweep import aggregate, best_by_val, expand, format_value, mean_std, run_sweep
+
+
+def test_expand_order_names_and_seeds_innermost():
+    raw = {"seeds": [0, 1], "sweep": {"fusion.k": [2, 4], "fusion.schedule": ["flat", "iterative"]}}
+    points = expand(raw)
+    assert len(points) == 8
+    assert [p.name for p in points[:3]] == [
+        "fusion.k=2,fusion.schedule=flat/seed=0",
+        "fusion.k=2,fusion.schedule=flat/seed=1",
+        "fusion.k=2,fusion.schedule=iterative/seed=0",
+    ]
+    assert points[-1].name == "fusion.k=4,fusion.schedule=iterative/seed=1"
+    assert points[0].overrides == ["fusion.k=2", "fusion.schedule=flat", "train.seed=0"]
+    assert points[0].subdir == os.path.join("fusion.k=2,fusion.schedule=flat", "seed=0")
+
+
+def test_expand_without_sweep_or_seeds():
+    assert [p.name for p in expand({"seeds": [3, 5]})] == ["seed=3", "seed=5"]
+    assert expand({"seeds": [3]})[0].overrides == ["train.seed=3"]
+    only = expand({"model": {"name": "mlp"}})
+    assert len(only) == 1 and only[0].overrides == [] and only[0].subdir == "."
+    assert [p.overrides for p in expand({"sweep": {"model.kwargs.width": [16, 32]}})] == [
+        ["model.kwargs.width=16"], ["model.kwargs.width=32"]]
+
+
+def test_subdir_names_are_safe():
+    points = expand({"sweep": {"fusion.methods": [["nt", "avg"]], "data.name": ["a b/c"]}})
+    assert points[0].overrides == ["fusion.methods=[nt,avg]", "data.name=a b/c"]
+    assert "/" not in points[0].subdir and " " not in points[0].subdir
+    assert format_value(True) == "true" and format_value(None) == "null" and format_value(0.5) == "0.5"
+
+
+@pytest.mark.parametrize("raw, words", [
+    ({"sweep": [1, 2]}, "must map"),
+    ({"sweep": {"fusion.k": []}}, "non-empty list"),
+    ({"sweep": {"fusion.k": 4}}, "non-empty list"),
+    ({"sweep": {"output.dir": ["a", "b"]}}, "cannot be swept"),
+    ({"seeds": []}, "non-empty list"),
+    ({"seeds": 3}, "non-empty list"),
+    ({"seeds": [0, "one"]}, "integers"),
+    ({"seeds": [0, 0]}, "twice"),
+    ({"seeds": [0], "sweep": {"train.seed": [1, 2]}}, "train.seed"),
+])
+def test_bad_specs_raise_user_errors(raw, words):
+    with pytest.raises(UserError, match=words):
+        expand(raw)
+
+
+def _fake_results(seed, acc=0.9):
+    return {"k": 2, "seed": seed, "members": [acc, acc], "best_member": acc, "ensemble": acc,
+            "fusion": {"nt": {"post_fusion": acc, "finetune": [acc], "finetune_val": [acc]}}}
+
+
+def test_run_sweep_skips_finished_points(tmp_path):
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(yaml.safe_dump({"seeds": [0, 1], "sweep": {"fusion.k": [2, 4]},
+                                   "output": {"dir": str(tmp_path / "out")}}))
+    calls = []
+
+    def run_point(path, overrides):
+        calls.append(overrides)
+        out = [o.split("=", 1)[1] for o in overrides if o.startswith("output.dir=")][-1]
+        seed = int([o.split("=")[1] for o in overrides if o.startswith("train.seed=")][0])
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(_fake_results(seed), f)
+
+    summary = run_sweep(str(cfg), ["train.epochs=1"], run_point)
+    assert len(calls) == 4
+    assert calls[0][:3] == ["train.epochs=1", "fusion.k=2", "train.seed=0"]
+    assert calls[0][-1] == "output.dir=" + os.path.join(str(tmp_path / "out"), "fusion.k=2", "seed=0")
+    assert set(summary["groups"]) == {"fusion.k=2", "fusion.k=4"}
+    assert summary["groups"]["fusion.k=2"]["runs"] == 2
+    assert (tmp_path / "out" / "sweep.json").exists()
+
+    os.remove(tmp_path / "out" / "fusion.k=4" / "seed=1" / "results.json")
+    calls.clear()
+    run_sweep(str(cfg), ["train.epochs=1"], run_point)
+    assert len(calls) == 1 and calls[0][-2] == "train.seed=1"
+
+
+def test_run_sweep_reports_point_without_results(tmp_path):
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(yaml.safe_dump({"seeds": [0]}))
+    with pytest.raises(UserError, match="results.json"):
+        run_sweep(str(cfg), [f"output.dir={tmp_path}"], lambda path, overrides: None)
+
+
+def test_mean_std_hand_computed():
+    assert mean_std([0.5]) == (0.5, 0.0)
+    mean, std = mean_std([1.0, 2.0, 3.0, 4.0])
+    assert mean == 2.5
+    assert math.isclose(std, math.sqrt(5.0 / 3.0))
+    with pytest.raises(ValueError):
+        mean_std([])
+
+
+def test_best_uses_validation_epoch():
+    assert best_by_val([0.5, 0.9, 0.7], [0.6, 0.5, 0.8]) == 0.7
+    assert best_by_val([0.5, 0.9, 0.7], [0.8, 0.6, 0.8]) == 0.5  # tie -> earliest
+    assert best_by_val([0.5, 0.9, 0.7], None) == 0.7
+    assert best_by_val([], []) is None
+
+
+def test_aggregate_hand_computed():
+    a = {"members": [0.8, 0.9], "best_member": 0.9, "ensemble": 0.92,
+         "control": {"finetune": [0.90, 0.91], "finetune_val": [0.89, 0.88]},
+         "fusion": {"nt": {"post_fusion": 0.6, "finetune": [0.8, 0.85, 0.83], "finetune_val": [0.7, 0.75, 0.9],
+                           "sparsity": 0.5}}}
+    b = {"members": [0.7, 0.9], "best_member": 0.9, "ensemble": 0.94,
+         "control": {"finetune": [0.92, 0.93], "finetune_val": [0.90, 0.95]},
+         "fusion": {"nt": {"post_fusion": 0.4, "finetune": [0.8, 0.87], "finetune_val": [0.9, 0.7],
+                           "sparsity": 0.5}}}
+    agg = aggregate([a, b])
+    assert agg["runs"] == 2
+    assert math.isclose(agg["members_mean"]["mean"], 0.825)
+    assert math.isclose(agg["members_mean"]["std"], math.sqrt(2 * 0.025 ** 2))
+    assert agg["best_member"]["std"] == 0.0
+    assert math.isclose(agg["ensemble"]["mean"], 0.93)
+    nt = agg["methods"]["nt"]
+    assert math.isclose(nt["post_fusion"]["mean"], 0.5)
+    assert math.isclose(nt["post_fusion"]["std"], math.sqrt(0.02))
+    assert [s["n"] for s in nt["finetune"]] == [2, 2, 1]
+    assert math.isclose(nt["finetune"][1]["mean"], 0.86)
+    # best: run a -> epoch 2 (val 0.9) -> 0.83; run b -> epoch 0 (val 0.9) -> 0.8
+    assert math.isclose(nt["best"]["mean"], 0.815)
+    assert math.isclose(agg["control"]["best"]["mean"], (0.90 + 0.93) / 2)
+    assert nt["sparsity"]["mean"] == 0.5
+
+
+def test_aggregate_without_optional_parts():
+    agg = aggregate([{"members": [0.5], "best_member": 0.5, "ensemble": 0.5}])
+    assert agg["control"] is None and agg["methods"] == {}
+    with pytest.raises(UserError):
+        aggregate([])
