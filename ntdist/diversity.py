@@ -1,0 +1,124 @@
+"""How different the ensemble members are, measured before fusing them.
+
+Neuron Transplantation keeps the largest neurons of all members and drops the
+rest. When members are near-copies of each other (same seed, same data order,
+too little training) the kept neurons are duplicates and the fused model loses
+what the dropped ones knew; the NT paper shows this as the failure of fusing a
+model with itself. Two cheap checks flag that case:
+
+- `prediction_disagreement`: how often two members predict different classes;
+- `duplicate_units`: per layer, how many units have a near-copy (cosine
+  similarity above a threshold) in another member.
+
+Everything here is plain torch on one process.
+"""
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+DISAGREEMENT_FLOOR = 0.01
+DUPLICATE_CEILING = 0.5
+_CHUNK_ELEMENTS = 1 << 22  # at most ~16 MB of float32 similarities at a time
+_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _predictions(logits) -> torch.Tensor:
+    logits = torch.as_tensor(logits).detach()
+    return logits.argmax(dim=-1) if logits.dim() > 1 else logits
+
+
+def prediction_disagreement(logits_list: Sequence) -> Tuple[torch.Tensor, Optional[float]]:
+    """Pairwise fraction of samples on which two members' argmax differ.
+
+    `logits_list` holds one [N, C] tensor of logits (or [N] predicted labels) per
+    member, all on the same N samples. Returns the symmetric [k, k] matrix and the
+    mean over pairs i < j (None when there is only one member).
+    """
+    preds = [_predictions(x) for x in logits_list]
+    if not preds:
+        raise ValueError("prediction_disagreement needs the logits of at least one member")
+    sizes = {p.shape[0] for p in preds}
+    if len(sizes) != 1:
+        raise ValueError(f"all members must be evaluated on the same samples, got sizes {sorted(sizes)}")
+    k = len(preds)
+    matrix = torch.zeros(k, k)
+    for i in range(k):
+        for j in range(i + 1, k):
+            value = (preds[i] != preds[j]).float().mean().item() if preds[i].numel() else 0.0
+            matrix[i, j] = matrix[j, i] = value
+    if k < 2:
+        return matrix, None
+    mean = matrix.triu(diagonal=1).sum().item() / (k * (k - 1) / 2)
+    return matrix, mean
+
+
+def fusable_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """The Linear/Conv layers of a model in definition order, without the last (output) one."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, _LAYER_TYPES)]
+    return layers[:-1]
+
+
+def _unit_rows(layer: nn.Module) -> torch.Tensor:
+    """One unit per row: the flattened incoming weights, with the bias appended; rows normalised."""
+    weight = layer.weight.detach().float()
+    rows = weight.reshape(weight.shape[0], -1)
+    if getattr(layer, "bias", None) is not None:
+        rows = torch.cat([rows, layer.bias.detach().float().reshape(-1, 1)], dim=1)
+    return nn.functional.normalize(rows, dim=1)
+
+
+def _has_near_copy(rows: torch.Tensor, others: torch.Tensor, threshold: float) -> torch.Tensor:
+    """For each row of `rows`, whether a row of `others` has cosine similarity above threshold."""
+    found = torch.zeros(rows.shape[0], dtype=torch.bool)
+    if others.shape[0] == 0:
+        return found
+    step = max(1, _CHUNK_ELEMENTS // others.shape[0])
+    for start in range(0, rows.shape[0], step):
+        sims = rows[start:start + step] @ others.T
+        found[start:start + step] = sims.max(dim=1).values > threshold
+    return found
+
+
+@torch.no_grad()
+def duplicate_units(models: Sequence[nn.Module], threshold: float = 0.95) -> Dict[str, float]:
+    """Per layer, the fraction of all members' units that have a near-copy in another member."""
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    per_model = [fusable_layers(m) for m in models]
+    names = [[name for name, _ in layers] for layers in per_model]
+    if any(n != names[0] for n in names[1:]):
+        raise ValueError("all members must share one architecture to compare their units")
+    out = {}
+    for index, name in enumerate(names[0] if names else []):
+        rows = [_unit_rows(layers[index][1]) for layers in per_model]
+        if len({r.shape[1] for r in rows}) != 1:
+            raise ValueError(f"layer '{name}' has different shapes across members")
+        total = dup = 0
+        for i, mine in enumerate(rows):
+            others = [r for j, r in enumerate(rows) if j != i]
+            pool = torch.cat(others) if others else mine[:0]
+            dup += int(_has_near_copy(mine, pool, threshold).sum())
+            total += mine.shape[0]
+        out[name] = dup / total if total else 0.0
+    return out
+
+
+def diversity_summary(models: Sequence[nn.Module], logits_list: Sequence, threshold: float = 0.95) -> dict:
+    """A JSON-serialisable summary of both checks, with a warning when members are near-identical."""
+    matrix, mean = prediction_disagreement(logits_list)
+    dup = duplicate_units(models, threshold)
+    dup_mean = sum(dup.values()) / len(dup) if dup else None
+    warning = None
+    if (mean is not None and mean < DISAGREEMENT_FLOOR) or (dup_mean is not None and dup_mean > DUPLICATE_CEILING):
+        parts = []
+        if mean is not None and mean < DISAGREEMENT_FLOOR:
+            parts.append(f"members disagree on only {100 * mean:.2f}% of samples")
+        if dup_mean is not None and dup_mean > DUPLICATE_CEILING:
+            parts.append(f"{100 * dup_mean:.0f}% of units have a near-copy in another member")
+        warning = ("members are near-identical (" + "; ".join(parts) + "), so Neuron Transplantation will "
+                   "drop duplicated neurons and lose information, as when fusing a model with itself; "
+                   "train members with different seeds (train.seed), more epochs or a different data order")
+    return {"disagreement_mean": mean, "disagreement": matrix.tolist(), "duplicate_fraction": dup,
+            "duplicate_fraction_mean": dup_mean, "threshold": threshold, "warning": warning}

@@ -1,0 +1,98 @@
+"""Tests for ntdist.diversity: disagreement, duplicate units and the near-identical warning."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from ntdist import diversity
+from ntdist.diversity import diversity_summary, duplicate_units, fusable_layers, prediction_disagreement
+
+
+def _mlp(seed: int, width: int = 64) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(20, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+
+
+def _cnn(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3, bias=False), nn.Flatten(),
+                         nn.Linear(16, 10))  # shapes are compared, never run forward
+
+
+def test_disagreement_of_identical_logits_is_zero():
+    logits = torch.randn(50, 10)
+    matrix, mean = prediction_disagreement([logits, logits.clone(), logits * 2])
+    assert mean == 0.0
+    assert matrix.shape == (3, 3) and float(matrix.abs().sum()) == 0.0
+
+
+def test_disagreement_hand_computed():
+    a = torch.tensor([0, 1, 2, 3])
+    b = torch.tensor([0, 1, 2, 0])
+    c = torch.tensor([1, 0, 2, 0])
+    matrix, mean = prediction_disagreement([a, b, c])
+    assert matrix[0, 1] == pytest.approx(0.25) and matrix[1, 0] == pytest.approx(0.25)
+    assert matrix[0, 2] == pytest.approx(0.75) and matrix[1, 2] == pytest.approx(0.5)
+    assert mean == pytest.approx(0.5)
+    assert prediction_disagreement([a])[1] is None
+    with pytest.raises(ValueError):
+        prediction_disagreement([a, a[:2]])
+
+
+def test_last_layer_is_not_compared():
+    names = [name for name, _ in fusable_layers(_mlp(0))]
+    assert names == ["0", "2"]
+
+
+def test_identical_models_are_all_duplicates_and_warn():
+    model = _mlp(0)
+    twins = [model, copy.deepcopy(model)]
+    assert duplicate_units(twins) == {"0": 1.0, "2": 1.0}
+    x = torch.randn(100, 20)
+    summary = diversity_summary(twins, [m(x) for m in twins])
+    assert summary["duplicate_fraction_mean"] == 1.0
+    assert summary["disagreement_mean"] == 0.0
+    assert "near-identical" in summary["warning"] and "seed" in summary["warning"]
+    json.dumps(summary)
+
+
+def test_independent_models_have_few_duplicates_and_no_warning():
+    models = [_mlp(seed) for seed in range(3)]
+    fractions = duplicate_units(models)
+    assert max(fractions.values()) < 0.05
+    # logits with independent argmax so the members disagree
+    logits = [torch.randn(200, 10, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    summary = diversity_summary(models, logits)
+    assert summary["warning"] is None
+    assert summary["disagreement_mean"] > 0.5
+    assert len(summary["disagreement"]) == 3
+    json.dumps(summary)
+
+
+def test_low_disagreement_alone_warns():
+    models = [_mlp(seed) for seed in range(2)]
+    logits = torch.randn(300, 10)
+    summary = diversity_summary(models, [logits, logits])
+    assert summary["duplicate_fraction_mean"] < 0.5
+    assert "disagree on only" in summary["warning"]
+
+
+def test_convolutions_and_chunking(monkeypatch):
+    monkeypatch.setattr(diversity, "_CHUNK_ELEMENTS", 7)  # force many small chunks
+    model = _cnn(0)
+    other = _cnn(1)
+    with torch.no_grad():
+        other[0].weight[:4] = model[0].weight[:4]
+        other[0].bias[:4] = model[0].bias[:4]
+    fractions = duplicate_units([model, other])
+    assert set(fractions) == {"0", "2"}
+    assert fractions["0"] == pytest.approx(8 / 32)
+    assert fractions["2"] < 0.1
+
+
+def test_mismatched_architectures_are_refused():
+    with pytest.raises(ValueError):
+        duplicate_units([_mlp(0), _cnn(0)])
