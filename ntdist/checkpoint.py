@@ -1,0 +1,101 @@
+"""Safetensors checkpoints that carry their model spec, and atomic file writes.
+
+A checkpoint holds the model's state dict (keys prefixed `model.`), optional
+extra tensors (optimizer state, RNG states; prefixed `extra.`) and JSON metadata
+with the model spec `{name, kwargs}`, so `load_model` rebuilds the module from
+the file alone. Nothing here unpickles: a file that is not safetensors is refused.
+"""
+
+import json
+import os
+import tempfile
+from typing import Dict, Optional, Tuple
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ntdist.errors import UserError
+from ntdist.models import build_model
+
+FORMAT = 1
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write to a temporary file beside `path`, flush it to disk, then rename it into place."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def save_checkpoint(path: str, model: torch.nn.Module, spec: dict, info: Optional[dict] = None,
+                    extra: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    """Atomically save `model` with its spec (`{"name", "kwargs"}`), JSON `info` and `extra` tensors."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    tensors.update({f"extra.{k}": v.detach().cpu().contiguous().clone() for k, v in (extra or {}).items()})
+    meta = {"format": FORMAT, "model": {"name": spec["name"], "kwargs": dict(spec["kwargs"])}, "info": info or {}}
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"ntdist": json.dumps(meta)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_checkpoint(path: str) -> Tuple[dict, Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """Return (metadata, model state dict, extra tensors) of a checkpoint, refusing anything else."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint '{path}' does not exist")
+    try:
+        with safe_open(path, framework="pt") as f:
+            raw = (f.metadata() or {}).get("ntdist")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"'{path}' is not a readable safetensors checkpoint ({err}); ntdist never loads pickles: "
+                        "re-save the weights with ntdist or safetensors") from None
+    if raw is None:
+        raise UserError(f"'{path}' is a safetensors file without ntdist metadata (no model spec); "
+                        "save it with ntdist so the model can be rebuilt")
+    try:
+        meta = json.loads(raw)
+        meta["model"]["name"], meta["model"]["kwargs"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"'{path}' has corrupt ntdist metadata; the file was not written by this version of ntdist") from None
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+    return meta, state, extra
+
+
+def load_model(path: str, expect_spec: Optional[dict] = None) -> Tuple[torch.nn.Module, dict]:
+    """Rebuild the module stored in `path`; returns (model, metadata)."""
+    meta, state, _ = read_checkpoint(path)
+    spec = meta["model"]
+    if expect_spec is not None and (spec["name"], spec["kwargs"]) != (expect_spec["name"], dict(expect_spec["kwargs"])):
+        raise UserError(f"checkpoint '{path}' holds {spec['name']} {spec['kwargs']}, but the config asks for "
+                        f"{expect_spec['name']} {dict(expect_spec['kwargs'])}; use a matching config or a new run directory")
+    model = build_model(spec["name"], spec["kwargs"])
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise UserError(f"checkpoint '{path}' does not fit its own model spec ({str(err).splitlines()[0]}); "
+                        "the file is damaged") from None
+    return model, meta

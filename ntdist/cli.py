@@ -1,0 +1,111 @@
+"""The `ntdist` command line: run, fuse, bench, report.
+
+Every user mistake ends with one line on stderr and a non-zero exit code (see
+`ntdist.errors`); `--debug` shows the full traceback instead.
+"""
+
+import argparse
+import sys
+import traceback
+
+from ntdist.errors import EXIT_FAILURE, UserError
+
+RUN_EPILOG = """Overrides are dotted keys, e.g.:
+  ntdist run configs/quickstart.yaml train.epochs=5 fusion.methods=[nt,avg] model.kwargs.width=64
+
+Config keys (YAML files hold only what differs from these defaults):
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser = argparse.ArgumentParser(prog="ntdist", parents=[common],
+                                     description="Train ensembles in parallel, fuse them by Neuron Transplantation, "
+                                                 "fine-tune the fused model.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    from ntdist.config import describe_keys
+    run = sub.add_parser("run", parents=[common], help="train members, fuse, fine-tune (the whole workflow)",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog=RUN_EPILOG + "\n".join(describe_keys()))
+    run.add_argument("config", help="YAML experiment file, e.g. configs/quickstart.yaml")
+    run.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    run.add_argument("--resume", action="store_true", help="continue the run in output.dir")
+    run.add_argument("--overwrite", action="store_true", help="start again in a non-empty output.dir")
+
+    fuse = sub.add_parser("fuse", parents=[common], help="fuse checkpoints into one model of the same architecture")
+    fuse.add_argument("checkpoints", nargs="+", help="member checkpoints (.safetensors written by ntdist)")
+    fuse.add_argument("-o", "--output", required=True, help="where to write the fused checkpoint")
+    fuse.add_argument("--method", default="nt", choices=["nt", "avg", "ot"])
+    fuse.add_argument("--schedule", default="recursive", choices=["flat", "iterative", "recursive"])
+    fuse.add_argument("--importance", default="l2", help="l2 | group_l2 | l1")
+    fuse.add_argument("--order", default="merge_prune", choices=["merge_prune", "prune_merge"])
+    fuse.add_argument("--width", type=int, default=None, help="target width of the first hidden layer")
+    fuse.add_argument("--keep-ratio", type=float, default=None, help="kept units relative to one member")
+
+    bench = sub.add_parser("bench", parents=[common], help="benchmarks")
+    bench.add_argument("what", choices=["fusion"], help="fusion: time and memory of avg, nt, ot (paper Table 8)")
+    bench.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
+    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--out", default="bench_fusion.csv", help="CSV file to write")
+
+    report = sub.add_parser("report", parents=[common], help="write report.md and plots for run directories")
+    report.add_argument("run_dirs", nargs="+", help="run directories (or folders containing them)")
+    report.add_argument("--out", default=None, help="where to write the report (default: the first directory)")
+    return parser
+
+
+def cmd_run(args) -> int:
+    from ntdist.runner import run_command
+    return run_command(args.config, args.overrides, resume=args.resume, overwrite=args.overwrite)
+
+
+def cmd_fuse(args) -> int:
+    from ntdist.fusion.cli import fuse_command
+    fuse_command(args.checkpoints, args.output, method=args.method, schedule=args.schedule,
+                 importance=args.importance, order=args.order, width=args.width, keep_ratio=args.keep_ratio)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from ntdist.fusion.bench import bench_fusion
+    bench_fusion(widths=tuple(args.widths), repeats=args.repeats, out_csv=args.out)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from ntdist.report import report_command
+    path = report_command(args.run_dirs, args.out)
+    print(f"report: {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    handler = {"run": cmd_run, "fuse": cmd_fuse, "bench": cmd_bench, "report": cmd_report}[args.command]
+    try:
+        return handler(args)
+    except UserError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"ntdist: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("ntdist: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - last line of defence: one line, no traceback unless asked
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(f"ntdist: internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)",
+                  file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

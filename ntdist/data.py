@@ -1,0 +1,146 @@
+"""Datasets: scikit-learn's bundled digits (the default), torchvision image sets, synthetic data.
+
+Every dataset is returned as train / validation / test splits. Validation is
+always carved out of the training data with a fixed seed, so checkpoints are
+selected without looking at the test set.
+"""
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from ntdist.errors import UserError, suggest
+from ntdist.options import opt
+
+TORCHVISION_SETS = {
+    # name: (class name, in_shape, classes, files expected under root, normalisation mean/std)
+    "mnist": ("MNIST", (1, 28, 28), 10, "MNIST/raw/train-images-idx3-ubyte (and the other three idx files)",
+              (0.1307,), (0.3081,)),
+    "fashionmnist": ("FashionMNIST", (1, 28, 28), 10,
+                     "FashionMNIST/raw/train-images-idx3-ubyte (and the other three idx files)",
+                     (0.2860,), (0.3530,)),
+    "cifar10": ("CIFAR10", (3, 32, 32), 10, "cifar-10-batches-py/data_batch_1..5 and test_batch",
+                (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ("CIFAR100", (3, 32, 32), 100, "cifar-100-python/train and test",
+                 (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn": ("SVHN", (3, 32, 32), 10, "train_32x32.mat and test_32x32.mat",
+             (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+}
+DATASETS = ["digits", "synthetic", *TORCHVISION_SETS]
+
+
+@dataclass
+class DataConfig:
+    """Which data the members train on and how it is split and batched."""
+
+    name: str = opt("digits", "digits | synthetic | mnist | fashionmnist | cifar10 | cifar100 | svhn")
+    root: str = opt("data", "directory holding torchvision datasets (not used by digits/synthetic)")
+    download: bool = opt(False, "let torchvision download missing datasets (needs internet)")
+    batch_size: int = opt(32, "batch size per rank")
+    eval_batch_size: int = opt(256, "batch size for evaluation")
+    val_fraction: float = opt(0.1, "share of the training data held out for validation")
+    test_fraction: float = opt(0.2, "share held out for testing (digits and synthetic only)")
+    train_fraction: float = opt(1.0, "use only this share of the remaining training data")
+    split_seed: int = opt(0, "seed of the train/validation/test split (fixed across members)")
+    synthetic_samples: int = opt(4096, "synthetic: number of samples")
+    synthetic_shape: list = opt([64], "synthetic: shape of one sample")
+    synthetic_classes: int = opt(10, "synthetic: number of classes")
+
+
+@dataclass
+class Splits:
+    """The three splits plus what a model needs to know about the inputs."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    in_shape: tuple
+    num_classes: int
+
+
+def _split_indices(n: int, fractions, seed: int):
+    perm = np.random.default_rng(seed).permutation(n)
+    out, start = [], 0
+    for frac in fractions:
+        size = int(round(n * frac))
+        out.append(perm[start:start + size])
+        start += size
+    out.append(perm[start:])
+    return out
+
+
+def _holdout(full: Dataset, test: Dataset, cfg: DataConfig, in_shape, classes) -> Splits:
+    """Split `full` into train/val (seeded) and subsample train by `train_fraction`."""
+    val_idx, train_idx = _split_indices(len(full), [cfg.val_fraction], cfg.split_seed)
+    train_idx = np.sort(train_idx[:max(1, int(round(len(train_idx) * cfg.train_fraction)))])
+    return Splits(Subset(full, train_idx.tolist()), Subset(full, np.sort(val_idx).tolist()), test,
+                  tuple(in_shape), classes)
+
+
+def _tensor_splits(x: torch.Tensor, y: torch.Tensor, cfg: DataConfig, classes: int) -> Splits:
+    test_idx, rest = _split_indices(len(x), [cfg.test_fraction], cfg.split_seed)
+    test = TensorDataset(x[np.sort(test_idx)], y[np.sort(test_idx)])
+    return _holdout(TensorDataset(x[rest], y[rest]), test, cfg, x.shape[1:], classes)
+
+
+def load_digits_splits(cfg: DataConfig) -> Splits:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0   # [1797, 1, 8, 8] in [0, 1]
+    x = (x - 0.3) / 0.4
+    y = torch.tensor(digits.target, dtype=torch.long)
+    return _tensor_splits(x, y, cfg, 10)
+
+
+def load_synthetic_splits(cfg: DataConfig) -> Splits:
+    """Gaussian class clusters in `synthetic_shape`: cheap data of any size for scale tests."""
+    g = torch.Generator().manual_seed(cfg.split_seed)
+    shape = tuple(cfg.synthetic_shape)
+    dim = int(np.prod(shape))
+    centers = torch.randn(cfg.synthetic_classes, dim, generator=g)
+    y = torch.randint(0, cfg.synthetic_classes, (cfg.synthetic_samples,), generator=g)
+    x = centers[y] + 1.5 * torch.randn(cfg.synthetic_samples, dim, generator=g)
+    return _tensor_splits(x.view(-1, *shape), y, cfg, cfg.synthetic_classes)
+
+
+def load_torchvision_splits(cfg: DataConfig) -> Splits:
+    import torchvision
+    from torchvision import transforms
+
+    cls_name, in_shape, classes, expected, mean, std = TORCHVISION_SETS[cfg.name]
+    cls = getattr(torchvision.datasets, cls_name)
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+    root = os.path.expanduser(cfg.root)
+    try:
+        if cfg.name == "svhn":
+            full = cls(root, split="train", download=cfg.download, transform=tf)
+            test = cls(root, split="test", download=cfg.download, transform=tf)
+        else:
+            full = cls(root, train=True, download=cfg.download, transform=tf)
+            test = cls(root, train=False, download=cfg.download, transform=tf)
+    except (RuntimeError, FileNotFoundError, OSError) as err:
+        raise UserError(
+            f"{cls_name} not found under '{root}' ({str(err).splitlines()[0]}): expected {expected} there; "
+            f"set data.root to the folder that holds them, or data.download=true on a machine with internet") from None
+    return _holdout(full, test, cfg, in_shape, classes)
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    """Load the dataset named in `cfg` and return its seeded train/val/test splits."""
+    if cfg.name not in DATASETS:
+        raise UserError(f"unknown dataset data.name='{cfg.name}'{suggest(cfg.name, DATASETS)}; "
+                        f"choose one of {DATASETS}")
+    if cfg.name == "digits":
+        splits = load_digits_splits(cfg)
+    elif cfg.name == "synthetic":
+        splits = load_synthetic_splits(cfg)
+    else:
+        splits = load_torchvision_splits(cfg)
+    if len(splits.train) == 0 or len(splits.test) == 0:
+        raise UserError(f"dataset '{cfg.name}' has an empty split (train={len(splits.train)}, "
+                        f"test={len(splits.test)}); check data.train_fraction, data.val_fraction, data.test_fraction")
+    return splits

@@ -1,0 +1,189 @@
+"""The one place that reads launcher environment variables and sets up torch.distributed.
+
+`init_world(cfg)` detects how ntdist was started and returns a frozen `World`:
+
+1. torchrun / torchelastic / accelerate: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT all set;
+2. SLURM `srun` without torchrun: SLURM_PROCID, SLURM_STEP_NUM_TASKS (or SLURM_NTASKS), SLURM_LOCALID,
+   master address from the first host of SLURM_STEP_NODELIST / SLURM_NODELIST;
+3. MPI: OMPI_COMM_WORLD_* or PMI_*; rank 0 shares its address and a free port through mpi4py;
+4. otherwise one process.
+
+Backend nccl where CUDA is present, gloo otherwise; device cuda:LOCAL_RANK or cpu.
+Everything else receives the `World` and never reads `os.environ`.
+"""
+
+import datetime
+import os
+import re
+import socket
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ntdist.errors import PeerLostError, UserError
+from ntdist.options import opt
+
+
+@dataclass
+class DistributedConfig:
+    """Process-group settings."""
+
+    backend: str = opt("auto", "auto (nccl with CUDA, else gloo) | nccl | gloo")
+    timeout_s: float = opt(300.0, "seconds a collective may wait for a peer before the job fails")
+    port: Optional[int] = opt(None, "rendezvous port for SLURM/MPI launches (default: derived from the job id / a free port)")
+    threads_per_rank: Optional[int] = opt(None, "torch CPU threads per rank (default: cores / local ranks)")
+
+
+@dataclass(frozen=True)
+class World:
+    """Who this process is in the job. `size == 1` means no process group exists."""
+
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+    local_size: int = 1
+    device: torch.device = torch.device("cpu")
+    backend: Optional[str] = None
+    launcher: str = "single"
+    host: str = socket.gethostname()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum a CPU tensor over all ranks (a no-op for one process)."""
+        if self.size == 1:
+            return tensor
+        moved = tensor.to(self.device)
+        guarded(dist.all_reduce, moved, op=dist.ReduceOp.SUM)
+        return moved.cpu()
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            guarded(dist.barrier)
+
+    def print0(self, *args, **kwargs) -> None:
+        if self.is_main:
+            print(*args, **kwargs, flush=True)
+
+
+def guarded(fn, *args, **kwargs):
+    """Run a collective; turn a dead or timed-out peer into a `PeerLostError` naming this rank."""
+    try:
+        return fn(*args, **kwargs)
+    except (RuntimeError, dist.DistBackendError) as err:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PeerLostError(f"rank {rank}: a collective failed, so a peer rank died or timed out ({first}); "
+                            "check the other ranks' logs, then restart with --resume") from err
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """'gpu[03-05,09],cpu1' -> 'gpu03'."""
+    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise UserError(f"cannot parse SLURM node list '{nodelist}'; set MASTER_ADDR explicitly")
+    prefix, _, ranges = match.groups()
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _from_torchrun(env):
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    if not all(k in env for k in keys):
+        return None
+    local_size = int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"]))
+    return "torchrun", int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]), local_size, \
+        env["MASTER_ADDR"], int(env["MASTER_PORT"])
+
+
+def _from_slurm(env, cfg: DistributedConfig):
+    if "SLURM_PROCID" not in env or "SLURM_STEP_ID" not in env:   # srun sets a step id; the batch script does not
+        return None
+    size = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")))
+    nodelist = env.get("SLURM_STEP_NODELIST", env.get("SLURM_NODELIST", "localhost"))
+    addr = env.get("MASTER_ADDR") or first_slurm_host(nodelist)
+    port = cfg.port or int(env.get("MASTER_PORT", 0)) or 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+    tasks_per_node = env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", "1"))
+    local_size = int(re.match(r"\d+", tasks_per_node).group())
+    return "slurm", int(env["SLURM_PROCID"]), size, int(env.get("SLURM_LOCALID", 0)), local_size, addr, port
+
+
+def _from_mpi(env, cfg: DistributedConfig):
+    if "OMPI_COMM_WORLD_RANK" in env:
+        rank, size = int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"])
+        local, local_size = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)), int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", 1))
+    elif "PMI_RANK" in env and "PMI_SIZE" in env:
+        rank, size = int(env["PMI_RANK"]), int(env["PMI_SIZE"])
+        local, local_size = int(env.get("MPI_LOCALRANKID", 0)), int(env.get("MPI_LOCALNRANKS", 1))
+    else:
+        return None
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise UserError("launched under MPI but mpi4py is missing; install it with: pip install 'ntdist[mpi]'") from None
+    comm = MPI.COMM_WORLD
+    addr, port = comm.bcast((socket.gethostname(), cfg.port or free_port()) if comm.Get_rank() == 0 else None, root=0)
+    return "mpi", rank, size, local, local_size, addr, port
+
+
+def detect(env=None, cfg: Optional[DistributedConfig] = None):
+    """(launcher, rank, size, local_rank, local_size, master_addr, master_port) of this process."""
+    env = os.environ if env is None else env
+    cfg = cfg or DistributedConfig()
+    return _from_torchrun(env) or _from_slurm(env, cfg) or _from_mpi(env, cfg) or \
+        ("single", 0, 1, 0, 1, None, None)
+
+
+def init_world(cfg: Optional[DistributedConfig] = None, env=None) -> World:
+    """Detect the launcher, join the process group (if more than one process) and return the `World`."""
+    cfg = cfg or DistributedConfig()
+    launcher, rank, size, local_rank, local_size, addr, port = detect(env, cfg)
+    cuda = torch.cuda.is_available()
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cuda else "gloo")
+    if backend == "nccl" and not cuda:
+        raise UserError("distributed.backend=nccl needs CUDA, which this machine lacks; use distributed.backend=gloo")
+    device = torch.device(f"cuda:{local_rank % torch.cuda.device_count()}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    threads = cfg.threads_per_rank or max(1, (os.cpu_count() or 1) // max(local_size, 1))
+    torch.set_num_threads(threads)
+    if size == 1:
+        return World(device=device, launcher=launcher)
+    if not dist.is_initialized():
+        try:
+            dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=size,
+                                    timeout=datetime.timedelta(seconds=cfg.timeout_s))
+        except (RuntimeError, dist.DistNetworkError) as err:
+            first = str(err).strip().splitlines()[0]
+            raise UserError(f"rank {rank} could not join the process group at {addr}:{port} ({first}); "
+                            "is the port in use or the master unreachable? set distributed.port or MASTER_PORT") from err
+    return World(rank=rank, local_rank=local_rank, size=size, local_size=local_size, device=device,
+                 backend=backend, launcher=launcher)
+
+
+def shutdown(world: World) -> None:
+    """Destroy the process group at exit (DeepSpeed and NCCL abort otherwise)."""
+    if world.size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def gather_world_info(world: World) -> dict:
+    """{"size", "launcher", "ranks": [{"rank", "host", "pid"}, ...]}: proof of who joined the job."""
+    me = [{"rank": world.rank, "local_rank": world.local_rank, "host": world.host, "pid": os.getpid()}]
+    if world.size > 1:
+        ranks = [None] * world.size
+        guarded(dist.all_gather_object, ranks, me)
+        me = [r for part in ranks for r in part]
+    return {"size": world.size, "launcher": world.launcher, "backend": world.backend, "device": str(world.device),
+            "ranks": me}

@@ -1,0 +1,198 @@
+"""`ntdist run`: train members -> evaluate -> fuse with each method -> fine-tune -> results.
+
+Each step is one function with explicit inputs and outputs; `run` below reads as
+the table of contents. The same code runs in one process or on many ranks: the
+`World` and the `MemberLayout` decide who trains, holds and fuses what.
+"""
+
+import copy
+import os
+import time
+from typing import Dict
+
+import torch
+
+from ntdist.checkpoint import save_checkpoint
+from ntdist.config import Config, to_yaml
+from ntdist.data import Splits, load_splits
+from ntdist.dist.comm import all_gather_records, broadcast_model, gather_models, new_groups
+from ntdist.dist.layout import MemberLayout
+from ntdist.dist.tree import gather_fuse, tree_fuse
+from ntdist.dist.world import World, gather_world_info
+from ntdist.finetune import evaluate_splits, finetune
+from ntdist.fusion import concat, reestimate_bn
+from ntdist.members import build_member, train_members
+from ntdist.models import complete_kwargs
+from ntdist.rundir import RunDir
+from ntdist.train import labels_of, predict, train_loader
+
+
+def run(cfg: Config, world: World, resume: bool = False, overwrite: bool = False) -> dict:
+    """The whole NT workflow; returns the results dict (identical on every rank)."""
+    started = time.time()
+    rundir = RunDir(cfg.output.dir, writer=world.is_main)
+    rundir.prepare(resume, overwrite)
+    world.barrier()
+    rundir.write_config(to_yaml(cfg))
+    splits = load_splits(cfg.data)
+    spec = model_spec(cfg, splits)
+    layout = MemberLayout(cfg.fusion.k, world.size)
+
+    held = train_stage(cfg, world, layout, splits, spec, rundir)
+    results = evaluate_members(cfg, world, layout, splits, held)
+    results["world"] = gather_world_info(world)
+    results["control"] = control_stage(cfg, world, layout, splits, spec, held, results, rundir)
+    results["fusion"] = {}
+    for method in cfg.fusion.methods:
+        fused, seconds = fuse_stage(cfg, world, layout, splits, spec, held, method)
+        results["fusion"][method] = finetune_stage(cfg, world, layout, splits, spec, held, fused, method,
+                                                   seconds, rundir)
+    results["wall_seconds"] = time.time() - started
+    rundir.write_results(results)
+    world.print0(summary_table(results, rundir.path))
+    return results
+
+
+def model_spec(cfg: Config, splits: Splits) -> dict:
+    """The full `{name, kwargs}` spec, with input shape and class count filled in from the data."""
+    kwargs = complete_kwargs(cfg.model.name, dict(cfg.model.kwargs), splits.in_shape, splits.num_classes)
+    return {"name": cfg.model.name, "kwargs": kwargs}
+
+
+def example_inputs(splits: Splits) -> torch.Tensor:
+    return torch.stack([splits.train[i][0] for i in range(min(2, len(splits.train)))])
+
+
+def train_stage(cfg, world, layout, splits, spec, rundir) -> Dict[int, torch.nn.Module]:
+    """Train this rank's members (in parallel across rank groups); returns the members this rank holds."""
+    groups = new_groups(world, [layout.group_ranks(m) for m in range(layout.num_members)]) if layout.group_size > 1 else {}
+    mine = layout.members_of(world.rank)
+    group = groups.get(mine[0]) if mine and layout.group_size > 1 else None
+    runs = train_members(mine, spec, cfg.train, splits, cfg.data.batch_size, cfg.data.eval_batch_size,
+                         world.device, group, world.rank % layout.group_size, layout.group_size,
+                         show=world.is_main, log=world.print0 if world.size == 1 else print_if(world.is_main))
+    held = {i: runs[i].model for i in layout.held_by(world.rank)}
+    for i, model in held.items():
+        if cfg.output.save_members:
+            save_checkpoint(rundir.file("checkpoints", f"member{i}.safetensors"), model, spec,
+                            info={"stage": "member", "member": i, "epochs": cfg.train.epochs})
+    histories = [r.history for i, r in runs.items() if i in held]
+    for history in sorted(all_gather_records(world, histories), key=lambda h: h[0]["member"] if h else -1):
+        for record in history:
+            rundir.log(record)
+    return held
+
+
+def evaluate_members(cfg, world, layout, splits, held) -> dict:
+    """Each member's val/test accuracy and the accuracy of their output average (the ensemble)."""
+    k = cfg.fusion.k
+    table = torch.zeros(k, 2, dtype=torch.float64)
+    ensemble = {name: torch.zeros(len(data), splits.num_classes, dtype=torch.float64)
+                for name, data in (("val", splits.val), ("test", splits.test))}
+    for i, model in held.items():
+        for col, (name, data) in enumerate((("val", splits.val), ("test", splits.test))):
+            logits = predict(model, data, cfg.data.eval_batch_size, world.device).double()
+            table[i, col] = (logits.argmax(1) == labels_of(data)).double().mean()
+            ensemble[name] += logits / k
+    table = world.reduce_sum(table)
+    acc = {name: (world.reduce_sum(ensemble[name]).argmax(1) == labels_of(data)).double().mean().item()
+           for name, data in (("val", splits.val), ("test", splits.test))}
+    members = table[:, 1].tolist()
+    best = int(torch.argmax(table[:, 0]).item())   # chosen on validation accuracy
+    results = {"k": k, "seed": cfg.train.seed, "members": members, "members_val": table[:, 0].tolist(),
+               "best_member": members[best], "best_member_index": best, "ensemble": acc["test"],
+               "ensemble_val": acc["val"]}
+    world.print0(f"members test accuracy {[round(a, 4) for a in members]}, ensemble {acc['test']:.4f}")
+    return results
+
+
+def control_stage(cfg, world, layout, splits, spec, held, results, rundir):
+    """The best member fine-tuned for the same epochs as the fused model: a fair baseline."""
+    if not cfg.finetune.control or cfg.finetune.epochs == 0:
+        return None
+    best = results["best_member_index"]
+    model = copy.deepcopy(held[best]) if best in held else build_member(spec, 0)
+    model = broadcast_model(world, model.cpu(), layout.holder(best))
+    history = finetune(model, cfg.finetune, splits, world, cfg.data.batch_size, cfg.data.eval_batch_size,
+                       cfg.train.seed + 10_000, "best-member", log=print_if(world.is_main))
+    for record in history:
+        rundir.log(record)
+    return {"method": "best_member_extra_epochs", "member": best,
+            "finetune": [r["test_accuracy"] for r in history], "finetune_val": [r["val_accuracy"] for r in history]}
+
+
+def fuse_stage(cfg, world, layout, splits, spec, held, method):
+    """Fuse the members with `method`; every rank ends with the same fused model."""
+    fc = cfg.fusion
+    holders = [layout.holder(i) for i in range(fc.k)]
+    template = lambda: build_member(spec, 0)  # noqa: E731  (weights are overwritten on receipt)
+    options = dict(importance=fc.importance, order=fc.order, width=fc.width, keep_ratio=fc.keep_ratio,
+                   example_inputs=example_inputs(splits))
+    world.barrier()
+    start = time.perf_counter()
+    cpu_held = {i: m.cpu() for i, m in held.items()}
+    if method == "nt" and fc.schedule == "recursive":
+        fused = tree_fuse(world, cpu_held, holders, template, **options)
+    else:
+        fused = gather_fuse(world, cpu_held, holders, template, method=method, schedule=fc.schedule, **options)
+    seconds = time.perf_counter() - start
+    if fc.bn_reestimate:
+        reestimate_bn(fused, train_loader(splits.train, cfg.data.batch_size, cfg.train.seed), fc.bn_batches)
+    for model in held.values():
+        model.to(world.device)
+    return fused, seconds
+
+
+def finetune_stage(cfg, world, layout, splits, spec, held, fused, method, seconds, rundir) -> dict:
+    """Evaluate right after fusion, fine-tune (or distil), save the fused model; returns its results."""
+    post = evaluate_splits(fused.to(world.device), splits, world, cfg.data.eval_batch_size)
+    world.print0(f"{method}: right after fusion val {post['val']:.4f}, test {post['test']:.4f}")
+    rundir.log({"stage": "fusion", "method": method, "epoch": 0, "val_accuracy": post["val"],
+                "test_accuracy": post["test"], "fuse_seconds": seconds})
+    teacher = None
+    if cfg.finetune.distill:
+        template = lambda: build_member(spec, 0)  # noqa: E731
+        members = gather_models(world, {i: m.cpu() for i, m in held.items()},
+                                [layout.holder(i) for i in range(cfg.fusion.k)], template, root=None)
+        teacher = concat([members[i] for i in range(cfg.fusion.k)], example_inputs=example_inputs(splits))
+    history = finetune(fused, cfg.finetune, splits, world, cfg.data.batch_size, cfg.data.eval_batch_size,
+                       cfg.train.seed + 20_000, method, teacher, log=print_if(world.is_main))
+    for record in history:
+        rundir.log(record)
+    if world.is_main:
+        save_checkpoint(rundir.file("checkpoints", f"fused_{method}.safetensors"), fused.cpu(), spec,
+                        info={"stage": "finetune", "method": method, "epochs": cfg.finetune.epochs})
+    return {"post_fusion": post["test"], "post_fusion_val": post["val"],
+            "finetune": [r["test_accuracy"] for r in history], "finetune_val": [r["val_accuracy"] for r in history],
+            "fuse_seconds": seconds, "sparsity": sparsity(held, fused, world, layout, cfg.fusion.k)}
+
+
+def sparsity(held, fused, world, layout, k) -> float:
+    """1 - kept units / (k * member units) of the first hidden layer (the x-axis of the paper's Fig. 4)."""
+    first = next(m for m in fused.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)))
+    return 1.0 - first.weight.shape[0] / (k * _first_width(held, world, layout))
+
+
+def _first_width(held, world, layout) -> float:
+    width = torch.zeros(1, dtype=torch.float64)
+    if 0 in held:
+        width[0] = next(m for m in held[0].modules()
+                        if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d))).weight.shape[0]
+    return world.reduce_sum(width).item()
+
+
+def summary_table(results: dict, path: str) -> str:
+    lines = [f"{'':14s}{'after fusion':>14s}{'after finetune':>16s}",
+             f"{'best member':14s}{results['best_member'] * 100:13.2f}%{'':16s}",
+             f"{'ensemble':14s}{results['ensemble'] * 100:13.2f}%{'':16s}"]
+    if results.get("control"):
+        lines.append(f"{'member+extra':14s}{'':14s}{results['control']['finetune'][-1] * 100:15.2f}%")
+    for method, r in results["fusion"].items():
+        last = f"{r['finetune'][-1] * 100:15.2f}%" if r["finetune"] else f"{'-':>16s}"
+        lines.append(f"{method:14s}{r['post_fusion'] * 100:13.2f}%{last}")
+    lines.append(f"results: {os.path.join(path, 'results.json')}")
+    return "\n".join(lines)
+
+
+def print_if(flag: bool):
+    return (lambda *a, **k: print(*a, **k, flush=True)) if flag else (lambda *a, **k: None)

@@ -1,0 +1,59 @@
+"""`ntdist run`: load the config, join the world, run the pipeline (or every point of a sweep), report.
+
+A config with top-level `seeds:` or `sweep:` keys expands into one run per
+point; finished points are skipped, so a sweep can be restarted at any time.
+"""
+
+import os
+
+from ntdist.config import load_config, read_yaml
+from ntdist.dist.world import init_world, shutdown
+
+SWEEP_KEYS = ("seeds", "sweep")
+
+
+def run_command(config_path: str, overrides, resume: bool = False, overwrite: bool = False) -> int:
+    raw = read_yaml(config_path)
+    plain = [o for o in overrides if not o.startswith("seeds=")]   # the sweep runner handles a seed list
+    cfg = load_config(config_path, plain, extra_keys=SWEEP_KEYS)
+    world = init_world(cfg.distributed)
+    try:
+        if any(key in raw for key in SWEEP_KEYS):
+            _run_sweep(config_path, list(overrides), raw, cfg, world, resume, overwrite)
+        else:
+            _run_one(cfg, world, resume, overwrite)
+    finally:
+        shutdown(world)
+    return 0
+
+
+def _run_one(cfg, world, resume, overwrite) -> dict:
+    from ntdist.pipeline import run
+
+    results = run(cfg, world, resume=resume, overwrite=overwrite)
+    if world.is_main:
+        _report([cfg.output.dir], cfg.output.dir, world)
+    return results
+
+
+def _run_sweep(config_path, overrides, raw, cfg, world, resume, overwrite) -> None:
+    del overwrite   # points that finished are kept; unfinished ones start again
+    from ntdist.sweep import expand, run_sweep
+
+    def run_point(path, point_overrides):
+        point_cfg = load_config(path, point_overrides, extra_keys=SWEEP_KEYS)
+        from ntdist.pipeline import run
+        run(point_cfg, world, resume=resume, overwrite=True)
+        world.barrier()   # rank 0 has written results.json before anyone checks for it
+
+    world.print0(f"sweep: {len(expand(raw))} runs under {cfg.output.dir}")
+    run_sweep(config_path, overrides, run_point)
+    if world.is_main:
+        _report([cfg.output.dir], cfg.output.dir, world)
+
+
+def _report(run_dirs, out, world) -> None:
+    from ntdist.report import report_command
+
+    path = report_command(run_dirs, out)
+    world.print0(f"report: {os.path.abspath(path)}")

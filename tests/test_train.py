@@ -1,0 +1,84 @@
+"""Single-process training on digits and checkpoint round trips. Run: .venv/bin/python -m pytest tests/test_train.py"""
+
+import pytest
+import torch
+
+from ntdist.checkpoint import load_model, read_checkpoint, save_checkpoint
+from ntdist.data import DataConfig, load_splits
+from ntdist.errors import UserError
+from ntdist.members import train_member
+from ntdist.models import build_model
+from ntdist.train import TrainConfig, eval_loader, evaluate
+
+SPEC = {"name": "mlp", "kwargs": {"input_dim": 64, "num_classes": 10, "width": 32, "depth": 2}}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_splits(DataConfig())
+
+
+def test_mlp_reaches_90_percent_on_digits_and_is_deterministic(digits):
+    cfg = TrainConfig(epochs=8, lr=0.05)
+    run = train_member(0, SPEC, cfg, digits, 32, 256, torch.device("cpu"), show=False)
+    acc = evaluate(run.model, eval_loader(digits.test, 256), "cpu")["accuracy"]
+    assert acc > 0.90
+    assert [r["epoch"] for r in run.history] == list(range(1, 9))
+    again = train_member(0, SPEC, cfg, digits, 32, 256, torch.device("cpu"), show=False)
+    for a, b in zip(run.model.state_dict().values(), again.model.state_dict().values()):
+        assert torch.equal(a, b)
+    other = train_member(1, SPEC, cfg, digits, 32, 256, torch.device("cpu"), show=False)
+    assert not torch.equal(run.model.net[1].weight, other.model.net[1].weight)   # each member its own seed
+
+
+def test_nan_loss_names_stage_and_epoch(digits):
+    with pytest.raises(UserError, match="member 0 at epoch 1"):
+        train_member(0, SPEC, TrainConfig(epochs=2, lr=1e6), digits, 32, 256, "cpu", show=False)
+
+
+@pytest.mark.parametrize("name, kwargs, shape", [
+    ("mlp", SPEC["kwargs"], (3, 1, 8, 8)),
+    ("vgg11", {"in_channels": 1, "image_size": 8, "width": 0.125}, (3, 1, 8, 8)),
+    ("resnet18", {"in_channels": 1, "width": 4}, (3, 1, 8, 8)),
+])
+def test_checkpoint_round_trip_rebuilds_same_module(tmp_path, name, kwargs, shape):
+    torch.manual_seed(0)
+    model = build_model(name, kwargs)
+    model.train()
+    model(torch.randn(*shape))   # move BN running stats away from their initial values
+    model.eval()
+    path = str(tmp_path / "m.safetensors")
+    save_checkpoint(path, model, {"name": name, "kwargs": kwargs}, info={"epoch": 3},
+                    extra={"momentum": torch.ones(2)})
+    loaded, meta = load_model(path)
+    assert type(loaded) is type(model) and meta["info"] == {"epoch": 3}
+    loaded.eval()
+    x = torch.randn(*shape)
+    assert torch.equal(model(x), loaded(x))
+    assert torch.equal(read_checkpoint(path)[2]["momentum"], torch.ones(2))
+
+
+def test_bad_checkpoints_are_refused_without_running_code(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    import pickle
+    evil = tmp_path / "evil.safetensors"
+    evil.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(UserError, match="not a readable safetensors"):
+        load_model(str(evil))
+    assert not marker.exists()
+    truncated = tmp_path / "t.safetensors"
+    save_checkpoint(str(truncated), build_model("mlp"), {"name": "mlp", "kwargs": {}})
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    with pytest.raises(UserError):
+        load_model(str(truncated))
+    with pytest.raises(UserError, match="does not exist"):
+        load_model(str(tmp_path / "missing.safetensors"))
+    good = tmp_path / "g.safetensors"
+    save_checkpoint(str(good), build_model("mlp"), {"name": "mlp", "kwargs": {}})
+    with pytest.raises(UserError, match="config asks for"):
+        load_model(str(good), expect_spec={"name": "mlp", "kwargs": {"width": 8}})
