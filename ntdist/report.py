@@ -1,0 +1,293 @@
+"""A Markdown report with tables and PNG plots for one or many finished runs.
+
+    ntdist report runs/sweep            # every sub-directory holding a results.json
+
+Runs whose configs are equal apart from train.seed form one group (a sweep
+point); each group gets a table in the layout of the NT paper (mean ± std over
+seeds, in percent) and a plot of accuracy against fine-tuning epoch. When the
+groups differ in fusion.k or in sparsity, accuracy is also plotted against them.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import yaml  # noqa: E402
+
+from ntdist.errors import UserError  # noqa: E402
+from ntdist.sweep import aggregate, format_value, mean_std  # noqa: E402
+
+REPORT_FILE = "report.md"
+METHOD_NAMES = {"avg": "Avg", "ot": "OT", "nt": "NT"}
+IGNORED_KEYS = ("train.seed", "output.", "seeds", "sweep")
+BEST_NOTE = ("\"best\" is the test accuracy at the fine-tuning epoch with the highest validation accuracy "
+             "(ties: the earliest). The NT authors' code reported the maximum test accuracy over epochs, "
+             "which selects on the test set and flatters every method.")
+
+
+@dataclass
+class Group:
+    """Runs of one sweep point (equal configs apart from the seed) and their statistics."""
+
+    config: dict
+    dirs: List[str] = field(default_factory=list)
+    results: List[dict] = field(default_factory=list)
+    label: str = "all runs"
+    settings: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in (tree or {}).items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def find_run_dirs(paths: List[str]) -> List[str]:
+    """Every directory holding a results.json: each path itself, or its sub-directories (recursively)."""
+    found: List[str] = []
+    for path in paths:
+        if not os.path.isdir(path):
+            raise UserError(f"run directory '{path}' does not exist; pass a directory written by 'ntdist run'")
+        if os.path.exists(os.path.join(path, "results.json")):
+            found.append(path)
+            continue
+        inside = []
+        for root, subdirs, files in os.walk(path):
+            subdirs.sort()
+            if "results.json" in files:
+                inside.append(root)
+                subdirs.clear()
+        if not inside:
+            raise UserError(f"no results.json in '{path}' or below; finish the run with 'ntdist run --resume' "
+                            "or pass a directory written by 'ntdist run'")
+        found += inside
+    unique = {os.path.realpath(d): d for d in found}
+    return list(unique.values())
+
+
+def load_run(run_dir: str):
+    """(flattened config, results dict) of one run directory; UserError naming the directory if broken."""
+    path = os.path.join(run_dir, "results.json")
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"no results.json in '{run_dir}'; finish the run with 'ntdist run --resume' or leave it out") from None
+    except (OSError, ValueError) as err:
+        raise UserError(f"'{path}' is unreadable ({err}); rerun that run or leave '{run_dir}' out") from None
+    if not isinstance(results, dict) or "fusion" not in results:
+        raise UserError(f"'{path}' is not an ntdist results file (no 'fusion' entry); rerun that run or leave it out")
+    config = {}
+    if os.path.exists(os.path.join(run_dir, "config.yaml")):
+        try:
+            with open(os.path.join(run_dir, "config.yaml")) as f:
+                config = yaml.safe_load(f) or {}
+        except yaml.YAMLError:
+            raise UserError(f"'{run_dir}/config.yaml' is not valid YAML; restore it or leave '{run_dir}' out") from None
+    return _flatten(config), results
+
+
+def _sort_key(value):
+    return (0, value, "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, 0, str(value))
+
+
+def group_runs(run_dirs: List[str]) -> List[Group]:
+    """Group runs by their config minus seed and output keys; label groups by the keys that differ."""
+    groups: dict = {}
+    for run_dir in run_dirs:
+        config, results = load_run(run_dir)
+        config = {k: v for k, v in config.items() if not k.startswith(IGNORED_KEYS)}
+        key = json.dumps(config, sort_keys=True, default=str)
+        group = groups.setdefault(key, Group(config=config))
+        group.dirs.append(run_dir)
+        group.results.append(results)
+    out = list(groups.values())
+    keys = sorted({k for g in out for k in g.config})
+    differing = [k for k in keys if len({json.dumps(g.config.get(k), default=str) for g in out}) > 1]
+    for group in out:
+        group.settings = {k: format_value(group.config.get(k)) for k in differing}
+        if differing:
+            group.label = ", ".join(f"{k}={v}" for k, v in group.settings.items())
+        group.stats = aggregate(group.results)
+    out.sort(key=lambda g: [_sort_key(g.config.get(k)) for k in differing])
+    return out
+
+
+def _pct(stat: Optional[dict]) -> str:
+    return f"{100 * stat['mean']:.2f} ± {100 * stat['std']:.2f}" if stat else "—"
+
+
+def _methods(stats: dict) -> List[str]:
+    known = [m for m in METHOD_NAMES if m in stats["methods"]]
+    return known + sorted(m for m in stats["methods"] if m not in METHOD_NAMES)
+
+
+def _epoch(curve: list, index: int) -> Optional[dict]:
+    return curve[index] if len(curve) > index else None
+
+
+def table(group: Group) -> str:
+    """The paper-style table of one group as Markdown."""
+    s = group.stats
+    lines = ["| | after fusion | after 3 epochs | best |", "|---|---|---|---|",
+             f"| Ensemble | {_pct(s['ensemble'])} | — | — |",
+             f"| Members (mean) | {_pct(s['members_mean'])} | — | — |",
+             f"| Best member | {_pct(s['best_member'])} | — | — |"]
+    if s["control"]:
+        c = s["control"]
+        lines.append(f"| Best member + extra epochs | — | {_pct(_epoch(c['finetune'], 2))} | {_pct(c['best'])} |")
+    for m in _methods(s):
+        b = s["methods"][m]
+        lines.append(f"| {METHOD_NAMES.get(m, m)} | {_pct(b['post_fusion'])} | "
+                     f"{_pct(_epoch(b['finetune'], 2))} | {_pct(b['best'])} |")
+    return "\n".join(lines)
+
+
+def diversity_text(group: Group) -> Optional[str]:
+    """One line of mean ± std diversity numbers (and warnings) when the runs recorded them."""
+    divs = [r["diversity"] for r in group.results if isinstance(r.get("diversity"), dict)]
+    if not divs:
+        return None
+    stats = {}
+    for key in ("disagreement_mean", "duplicate_fraction_mean"):
+        values = [d[key] for d in divs if d.get(key) is not None]
+        stats[key] = dict(zip(("mean", "std"), mean_std(values))) if values else None
+    text = (f"Diversity over {len(divs)} seeds: prediction disagreement {_pct(stats['disagreement_mean'])} %, "
+            f"units with a near-copy in another member {_pct(stats['duplicate_fraction_mean'])} %.")
+    warnings = [d["warning"] for d in divs if d.get("warning")]
+    if warnings:
+        text += f"\n\n**Warning ({len(warnings)} of {len(divs)} seeds):** {warnings[0]}"
+    return text
+
+
+def plot_curves(group: Group):
+    """Accuracy against fine-tuning epoch per method (epoch 0 = right after fusion), ±std bands."""
+    s = group.stats
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series = [(METHOD_NAMES.get(m, m), s["methods"][m]["post_fusion"], s["methods"][m]["finetune"])
+              for m in _methods(s)]
+    if s["control"]:
+        series.append(("Best member + extra epochs", s["best_member"], s["control"]["finetune"]))
+    for name, first, curve in series:
+        points = [(i, st) for i, st in enumerate([first] + list(curve)) if st]
+        xs = [i for i, _ in points]
+        mean = [100 * st["mean"] for _, st in points]
+        std = [100 * st["std"] for _, st in points]
+        line, = ax.plot(xs, mean, marker="o", label=name)
+        ax.fill_between(xs, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
+                        color=line.get_color(), alpha=0.2)
+    for name, stat, style in (("Ensemble", s["ensemble"], "--"), ("Best member", s["best_member"], ":")):
+        if stat:
+            ax.axhline(100 * stat["mean"], color="black", linestyle=style, label=name)
+    ax.set_xlabel("fine-tuning epoch (0 = right after fusion)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"Fine-tuning after fusion: {group.label} ({s['runs']} seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def _sparsity(group: Group) -> Optional[float]:
+    stat = group.stats["methods"].get("nt", {}).get("sparsity")
+    if stat:
+        return round(stat["mean"], 6)
+    ratio = group.config.get("fusion.keep_ratio")
+    return None if ratio is None else round(1 - float(ratio), 6)
+
+
+def plot_against(groups: List[Group], x_of, x_keys, xlabel: str, title: str, after_fusion: bool):
+    """Accuracy against a swept quantity, one panel per setting of the other differing keys.
+
+    Returns None unless some panel has more than one x value.
+    """
+    panels: dict = {}
+    for g in groups:
+        rest = ", ".join(f"{k}={v}" for k, v in g.settings.items() if k not in x_keys) or "all runs"
+        if x_of(g) is not None:
+            panels.setdefault(rest, []).append(g)
+    panels = {k: sorted(v, key=x_of) for k, v in panels.items() if len({x_of(g) for g in v}) > 1}
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (rest, members) in zip(axes[0], panels.items()):
+        xs = [x_of(g) for g in members]
+        lines = [("Ensemble", lambda s: s["ensemble"], "black", "-"),
+                 ("Best member", lambda s: s["best_member"], "grey", "-")]
+        for i, m in enumerate(_methods(members[0].stats)):
+            color = f"C{i}"
+            name = METHOD_NAMES.get(m, m)
+            lines.append((f"{name} (best)", lambda s, m=m: s["methods"].get(m, {}).get("best"), color, "-"))
+            if after_fusion:
+                lines.append((f"{name} (after fusion)", lambda s, m=m: s["methods"].get(m, {}).get("post_fusion"),
+                              color, "--"))
+        for name, get, color, style in lines:
+            stats = [get(g.stats) for g in members]
+            pts = [(x, st) for x, st in zip(xs, stats) if st]
+            if pts:
+                ax.errorbar([x for x, _ in pts], [100 * st["mean"] for _, st in pts],
+                            yerr=[100 * st["std"] for _, st in pts], color=color, linestyle=style,
+                            marker="o", capsize=3, label=name)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(title if rest == "all runs" else f"{title}\n{rest}", fontsize="medium")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def _save(fig, out_dir: str, name: str) -> str:
+    fig.savefig(os.path.join(out_dir, name), dpi=120)
+    plt.close(fig)
+    return name
+
+
+def write_report(run_dirs: List[str], out_dir: str) -> str:
+    """Write report.md and its PNG plots into out_dir; return the path of report.md."""
+    if not run_dirs:
+        raise UserError("no run directories given; pass at least one directory written by 'ntdist run'")
+    groups = group_runs(run_dirs)
+    os.makedirs(out_dir, exist_ok=True)
+    runs = sum(len(g.dirs) for g in groups)
+    text = ["# ntdist report", "", f"{runs} runs in {len(groups)} group(s); accuracies are test accuracy in "
+            "percent, mean ± sample std over seeds.", "", BEST_NOTE, ""]
+    for i, group in enumerate(groups, 1):
+        text += [f"## {group.label} ({group.stats['runs']} seeds)", "", table(group), ""]
+        div = diversity_text(group)
+        if div:
+            text += [div, ""]
+        name = _save(plot_curves(group), out_dir, f"curves_{i}.png")
+        text += [f"![accuracy against fine-tuning epoch]({name})", ""]
+    extra = [(lambda g: g.config.get("fusion.k") or g.results[0].get("k"), ("fusion.k",), "number of members k",
+              "Accuracy against ensemble size", False, "accuracy_vs_k.png"),
+             (_sparsity, ("fusion.keep_ratio",), "sparsity of the NT fusion (1 - kept width / (k × width))",
+              "Accuracy against sparsity", True, "accuracy_vs_sparsity.png")]
+    for x_of, keys, xlabel, title, after, fname in extra:
+        fig = plot_against(groups, x_of, keys, xlabel, title, after)
+        if fig is not None:
+            text += [f"## {title}", "", f"![{title.lower()}]({_save(fig, out_dir, fname)})", ""]
+    text += ["## Run directories", ""] + [f"- {g.label}: " + ", ".join(f"`{d}`" for d in g.dirs) for g in groups]
+    path = os.path.join(out_dir, REPORT_FILE)
+    with open(path, "w") as f:
+        f.write("\n".join(text) + "\n")
+    return path
+
+
+def report_command(run_dirs, out: Optional[str] = None) -> str:
+    """`ntdist report RUN_DIR [RUN_DIR ...]`: find every finished run below the arguments and report them."""
+    if isinstance(run_dirs, str):
+        run_dirs = [run_dirs]
+    if not run_dirs:
+        raise UserError("no run directories given; usage: ntdist report RUN_DIR [RUN_DIR ...]")
+    return write_report(find_run_dirs(list(run_dirs)), out or run_dirs[0])

@@ -1,0 +1,127 @@
+"""Tests for ntdist.report on a small fake tree of run directories (no training)."""
+
+import json
+import os
+import random
+
+import matplotlib
+import pytest
+import yaml
+
+from ntdist.errors import UserError
+from ntdist.report import find_run_dirs, group_runs, plot_against, plot_curves, report_command, write_report
+
+SEEDS = (0, 1, 2)
+
+
+def _results(k: int, keep: float, seed: int) -> dict:
+    rng = random.Random(hash((k, keep, seed)))
+    noise = lambda: rng.uniform(-0.01, 0.01)  # noqa: E731
+    members = [0.90 + noise() for _ in range(k)]
+    base = 0.93 + 0.005 * k
+    curve = lambda start: [min(0.99, start + 0.02 * e + noise()) for e in range(1, 5)]  # noqa: E731
+    fusion = {}
+    for name, start in (("avg", 0.3), ("ot", 0.6), ("nt", 0.95 - keep * 0.4)):
+        test = curve(start)
+        fusion[name] = {"post_fusion": start + noise(), "post_fusion_val": start, "finetune": test,
+                        "finetune_val": [t + noise() for t in test], "fuse_seconds": 0.01}
+    fusion["nt"]["sparsity"] = 1 - keep
+    return {"k": k, "seed": seed, "world": {"size": 1, "launcher": "none", "ranks": []},
+            "members": members, "members_val": members, "best_member": max(members),
+            "best_member_index": members.index(max(members)), "ensemble": base + noise(),
+            "control": {"method": "best_member_extra_epochs", "finetune": curve(max(members)),
+                        "finetune_val": curve(max(members))},
+            "diversity": {"disagreement_mean": 0.05 + noise() / 10, "duplicate_fraction_mean": 0.1,
+                          "warning": None},
+            "fusion": fusion, "wall_seconds": 1.0}
+
+
+def make_tree(root) -> str:
+    """root/sweep/k=K,keep=R/seed=S/{config.yaml,results.json} for two k and two keep ratios."""
+    sweep = os.path.join(root, "sweep")
+    for k in (2, 4):
+        for keep in (0.5, 0.25):
+            for seed in SEEDS:
+                run = os.path.join(sweep, f"k={k},keep={keep}", f"seed={seed}")
+                os.makedirs(os.path.join(run, "checkpoints"))
+                config = {"model": {"name": "mlp", "kwargs": {"width": 32}}, "data": {"name": "mnist"},
+                          "train": {"epochs": 2, "seed": seed}, "finetune": {"epochs": 4},
+                          "fusion": {"k": k, "keep_ratio": keep, "methods": ["nt", "avg", "ot"]},
+                          "output": {"dir": run}}
+                with open(os.path.join(run, "config.yaml"), "w") as f:
+                    yaml.safe_dump(config, f)
+                with open(os.path.join(run, "results.json"), "w") as f:
+                    json.dump(_results(k, keep, seed), f)
+    return sweep
+
+
+def test_find_and_group(tmp_path):
+    sweep = make_tree(tmp_path)
+    dirs = find_run_dirs([sweep])
+    assert len(dirs) == 12
+    groups = group_runs(dirs)
+    assert len(groups) == 4
+    assert [len(g.dirs) for g in groups] == [3, 3, 3, 3]
+    assert groups[0].label == "fusion.k=2, fusion.keep_ratio=0.25"
+    assert groups[0].settings == {"fusion.k": "2", "fusion.keep_ratio": "0.25"}
+
+
+def test_report_renders_tables_and_plots(tmp_path):
+    sweep = make_tree(tmp_path)
+    path = report_command([sweep], out=str(tmp_path / "report"))
+    assert path == str(tmp_path / "report" / "report.md")
+    text = open(path).read()
+    for row in ("| Ensemble |", "| Best member |", "| Best member + extra epochs |", "| Avg |", "| OT |", "| NT |"):
+        assert row in text
+    assert "±" in text and "(3 seeds)" in text
+    assert "validation accuracy" in text and "Diversity over 3 seeds" in text
+    pngs = ["curves_1.png", "curves_4.png", "accuracy_vs_k.png", "accuracy_vs_sparsity.png"]
+    for name in pngs:
+        assert f"({name})" in text
+        assert os.path.getsize(tmp_path / "report" / name) > 1000
+
+
+def test_report_defaults_to_first_directory_and_single_run(tmp_path):
+    sweep = make_tree(tmp_path)
+    one = os.path.join(sweep, "k=2,keep=0.5", "seed=0")
+    path = report_command(one)
+    assert path == os.path.join(one, "report.md")
+    text = open(path).read()
+    assert "## all runs (1 seeds)" in text
+    assert not os.path.exists(os.path.join(one, "accuracy_vs_k.png"))  # one k value: no plot
+
+
+def test_figures_have_titles_labels_and_legends(tmp_path):
+    groups = group_runs(find_run_dirs([make_tree(tmp_path)]))
+    fig = plot_curves(groups[0])
+    ax = fig.axes[0]
+    assert "Fine-tuning" in ax.get_title()
+    assert ax.get_xlabel() and ax.get_ylabel()
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert {"NT", "Avg", "OT", "Ensemble", "Best member"} <= set(labels)
+    fig = plot_against(groups, lambda g: g.config["fusion.k"], ("fusion.k",), "k", "Accuracy against k", False)
+    assert len(fig.axes) == 2  # one panel per keep ratio
+    for ax in fig.axes:
+        assert ax.get_title() and ax.get_xlabel() == "k" and ax.get_legend() is not None
+    matplotlib.pyplot.close("all")
+    only_k2 = [g for g in groups if g.config["fusion.k"] == 2]
+    assert plot_against(only_k2, lambda g: g.config["fusion.k"], ("fusion.k",), "k", "t", False) is None
+
+
+def test_missing_or_broken_results_name_the_directory(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="empty"):
+        report_command([str(empty)])
+    with pytest.raises(UserError, match="does not exist"):
+        report_command([str(tmp_path / "nope")])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "results.json").write_text("{not json")
+    with pytest.raises(UserError, match="broken"):
+        report_command([str(broken)])
+    (broken / "results.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="not an ntdist results file"):
+        write_report([str(broken)], str(tmp_path))
+    with pytest.raises(UserError):
+        write_report([], str(tmp_path))
