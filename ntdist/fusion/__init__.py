@@ -1,0 +1,20 @@
+"""Model fusion: Neuron Transplantation (concat + prune), weight averaging and OT fusion.
+
+`fuse(models, method="nt")` returns one model of the members' architecture;
+`concat(models)` the wide model computing exactly the members' average output;
+`fuse_pair` / `recursive_plan` let a distributed tree reproduce `fuse(...,
+schedule="recursive")` bit for bit. This package never uses torch.distributed.
+"""
+
+from ntdist.fusion.baselines import Ensemble, average, distillation_loss, reestimate_bn
+from ntdist.fusion.config import FusionConfig
+from ntdist.fusion.graph import Plan, analyze
+from ntdist.fusion.importance import IMPORTANCES, SpaceView, group_l2, l1, l2
+from ntdist.fusion.ot import ot_fuse
+from ntdist.fusion.prune import prune
+from ntdist.fusion.schedule import (METHODS, ORDERS, SCHEDULES, concat, fuse, fuse_pair, recursive_pairs,
+                                    recursive_plan)
+
+__all__ = ["concat", "fuse", "fuse_pair", "recursive_pairs", "recursive_plan", "prune", "average", "ot_fuse",
+           "Ensemble", "distillation_loss", "reestimate_bn", "FusionConfig", "IMPORTANCES", "SpaceView",
+           "l2", "l1", "group_l2", "analyze", "Plan", "METHODS", "SCHEDULES", "ORDERS"]

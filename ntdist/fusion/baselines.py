@@ -1,0 +1,86 @@
+"""Baselines and helpers around fusion: weight averaging, output ensembles, distillation loss, BN re-estimation."""
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ntdist.fusion.assemble import clone_with, tensors_of
+from ntdist.fusion.checks import check_models, check_weights, normalized
+
+
+def average(models: Sequence[nn.Module], weights: Optional[Sequence[float]] = None) -> nn.Module:
+    """Vanilla (weighted) averaging of every parameter and float buffer; counters take the maximum."""
+    models = check_models(models, min_count=1)
+    w = normalized(check_weights(weights, len(models)))
+    all_ts = [tensors_of(m) for m in models]
+    new = {}
+    with torch.no_grad():
+        for name, t0 in all_ts[0].items():
+            ts = [t[name] for t in all_ts]
+            if t0.is_floating_point():
+                acc = ts[0] * w[0]
+                for t, wm in zip(ts[1:], w[1:]):
+                    acc.add_(t, alpha=wm)
+                new[name] = acc
+            elif name.endswith("num_batches_tracked"):
+                new[name] = torch.stack(ts).max(0).values
+            else:
+                new[name] = t0.clone()
+    return clone_with(models[0], new)
+
+
+class Ensemble(nn.Module):
+    """The members' outputs averaged (with `weights`, default uniform): the target NT's concat reproduces."""
+
+    def __init__(self, models: Sequence[nn.Module], weights: Optional[Sequence[float]] = None):
+        super().__init__()
+        self.members = nn.ModuleList(models)
+        self.weights = normalized(check_weights(weights, len(self.members)))
+
+    def forward(self, *args, **kwargs):
+        out = None
+        for w, model in zip(self.weights, self.members):
+            y = model(*args, **kwargs) * w
+            out = y if out is None else out + y
+        return out
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+                      temperature: float = 2.0, soft_weight: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) on temperature-softened outputs, times T^2 * soft_weight, plus cross-entropy."""
+    t = float(temperature)
+    soft = F.kl_div(F.log_softmax(student_logits / t, dim=-1), F.log_softmax(teacher_logits.detach() / t, dim=-1),
+                    reduction="batchmean", log_target=True)
+    return soft * (t * t) * soft_weight + F.cross_entropy(student_logits, targets)
+
+
+def reestimate_bn(model: nn.Module, loader, batches: int = 10) -> nn.Module:
+    """Recompute BatchNorm running statistics from `batches` batches of `loader` (in place, returned).
+
+    Running stats are reset and accumulated as a plain average (momentum=None)
+    in train mode without gradients; momentum and train/eval modes are restored.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms or batches < 1:
+        return model
+    momenta = [m.momentum for m in norms]
+    modes = {m: m.training for m in model.modules()}
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(loader):
+                if i >= batches:
+                    break
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                model(x)
+    finally:
+        for m, mom in zip(norms, momenta):
+            m.momentum = mom
+        for m, mode in modes.items():
+            m.training = mode
+    return model

@@ -1,0 +1,63 @@
+"""Input validation shared by every fusion method: member count, architecture, weights, finiteness."""
+
+import math
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from ntdist.errors import UserError
+
+
+def _tensors(model: nn.Module):
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+def check_models(models: Sequence[nn.Module], min_count: int = 2, shapes: bool = True) -> List[nn.Module]:
+    """The models as a list; UserError unless there are enough, of one architecture, with finite values."""
+    models = list(models)
+    if len(models) < min_count:
+        raise UserError(f"fusion needs at least {min_count} models, got {len(models)}")
+    for i, m in enumerate(models):
+        if not isinstance(m, nn.Module):
+            raise UserError(f"model {i} is a {type(m).__name__}, not a torch.nn.Module")
+    ref = _tensors(models[0])
+    for i, model in enumerate(models[1:], 1):
+        if type(model) is not type(models[0]):
+            raise UserError(f"model {i} is a {type(model).__name__} but model 0 is a "
+                            f"{type(models[0]).__name__}; fuse models of one architecture")
+        ts = _tensors(model)
+        for name, t in ref.items():
+            if name not in ts:
+                raise UserError(f"model {i} has no parameter '{name}' (model 0 has shape {list(t.shape)}); "
+                                "fuse models of one architecture")
+            if shapes and ts[name].shape != t.shape:
+                raise UserError(f"models differ at parameter '{name}': shape {list(t.shape)} in model 0 vs "
+                                f"{list(ts[name].shape)} in model {i}; fuse models of one architecture")
+        for name in ts:
+            if name not in ref:
+                raise UserError(f"model {i} has a parameter '{name}' that model 0 lacks; "
+                                "fuse models of one architecture")
+    for i, model in enumerate(models):
+        for name, t in _tensors(model).items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise UserError(f"model {i} has NaN or inf values in '{name}'; fuse trained, finite models")
+    return models
+
+
+def check_weights(weights: Optional[Sequence[float]], k: int) -> List[float]:
+    """Output-average weights as floats (default 1 each, i.e. uniform); UserError if unusable."""
+    if weights is None:
+        return [1.0] * k
+    weights = [float(w) for w in weights]
+    if len(weights) != k:
+        raise UserError(f"got {len(weights)} weights for {k} models; give one weight per model")
+    if any(not math.isfinite(w) or w <= 0 for w in weights):
+        raise UserError(f"weights must be positive finite numbers, got {weights}")
+    return weights
+
+
+def normalized(weights: Sequence[float]) -> List[float]:
+    """Weights scaled to sum to one."""
+    total = float(sum(weights))
+    return [float(w) / total for w in weights]

@@ -1,0 +1,117 @@
+"""Structured magnitude pruning to an exact width, per channel space.
+
+`targets` turns `width` / `keep_ratio` into an exact unit count per hidden
+space (round(original * ratio), never torch-pruning's off-by-one);
+`select` ranks the units of the (virtually) concatenated members with an
+importance function and keeps the best ones; `prune` applies that to a single
+model. Residually coupled channels share one space and are pruned together.
+"""
+
+import math
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from ntdist.errors import UserError
+from ntdist.fusion.assemble import assemble, tensors_of
+from ntdist.fusion.graph import Plan, analyze
+from ntdist.fusion.importance import resolve, space_views
+
+
+def ratio_of(plan: Plan, ref_sizes: Dict[int, int], k: float, width=None, keep_ratio=None) -> float:
+    """The keep ratio relative to the original width; checks it lies in (0, k]."""
+    if width is not None and keep_ratio is not None:
+        raise UserError("give either width or keep_ratio, not both")
+    if width is not None:
+        if plan.first_space is None:
+            raise UserError("width needs a model whose first layer is a hidden Linear or Conv layer; use keep_ratio")
+        orig = ref_sizes[plan.first_space]
+        if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= k * orig:
+            raise UserError(f"width must be an integer between 1 and {k * orig:g} ({k:g} models of "
+                            f"width {orig}), got {width!r}")
+        return width / orig
+    if keep_ratio is not None:
+        r = float(keep_ratio)
+        if not math.isfinite(r) or not 0 < r <= k:
+            raise UserError(f"keep_ratio must lie in (0, {k:g}] for k={k:g} models, got {keep_ratio!r}")
+        return r
+    return 1.0
+
+
+def targets(plan: Plan, ref_sizes: Dict[int, int], ratio: float) -> Dict[int, int]:
+    """Exact number of units to keep in every hidden space: round(original * ratio), at least 1."""
+    out = {}
+    for s, n in ref_sizes.items():
+        t = int(math.floor(n * ratio + 0.5))
+        if t < 1:
+            raise UserError(f"pruning to ratio {ratio:g} leaves no unit in a layer of width {n}; use a larger width")
+        out[s] = t
+    return out
+
+
+def split(total: int, weights: Sequence[float], caps: Sequence[int]) -> List[int]:
+    """Split `total` units among members proportionally to `weights` (largest remainder), each <= its cap."""
+    wsum = float(sum(weights))
+    quotas = [total * w / wsum for w in weights]
+    shares = [min(int(math.floor(q)), c) for q, c in zip(quotas, caps)]
+    left = total - sum(shares)
+    order = sorted(range(len(weights)), key=lambda m: (-(quotas[m] - math.floor(quotas[m])), m))
+    while left > 0:
+        moved = False
+        for m in order:
+            if left > 0 and shares[m] < caps[m]:
+                shares[m] += 1
+                left -= 1
+                moved = True
+        if not moved:
+            break
+    return shares
+
+
+def _check_grouped(plan: Plan, keep):
+    for name, layer in plan.layers.items():
+        if layer.kind == "gconv" and (keep.get(layer.out) is not None or keep.get(layer.inp) is not None):
+            raise UserError(f"cannot prune the grouped convolution '{name}' exactly; keep every unit "
+                            "(keep_ratio equal to the number of models) or use method='avg'")
+
+
+def select(models: Sequence[nn.Module], plan: Plan, importance, want: Dict[int, int],
+           weights: Sequence[float]) -> Dict[int, Optional[torch.Tensor]]:
+    """Sorted indices into the concatenated space of the `want[s]` most important units of each space."""
+    fn = resolve(importance)
+    sizes = [plan.space_sizes(tensors_of(m)) for m in models]
+    totals = {s: sum(sz[s] for sz in sizes) for s in plan.sizes}
+    if all(want[s] >= totals[s] for s in plan.sizes):
+        return {}
+    views = [space_views(tensors_of(m), plan, w) for m, w in zip(models, weights)]
+    keep = {}
+    for s in plan.order:
+        if want[s] >= totals[s]:
+            keep[s] = None
+            continue
+        scores = []
+        for m, v in enumerate(views):
+            score = fn(v[s]).reshape(-1)
+            if score.shape[0] != sizes[m][s]:
+                raise UserError(f"importance returned {score.shape[0]} scores for a layer of {sizes[m][s]} units")
+            scores.append(score.double())
+        scores = torch.cat(scores)
+        if not torch.isfinite(scores).all():
+            raise UserError("importance scores are not finite; check the models for NaN or inf weights")
+        best = torch.sort(scores, descending=True, stable=True).indices[:want[s]]
+        keep[s] = torch.sort(best).values
+    _check_grouped(plan, keep)
+    return keep
+
+
+def prune(model: nn.Module, width: Optional[int] = None, keep_ratio: Optional[float] = None,
+          importance="l2", example_inputs=None, reference: Optional[nn.Module] = None,
+          plan: Optional[Plan] = None, want: Optional[Dict[int, int]] = None) -> nn.Module:
+    """Prune one model to `width` / `keep_ratio` (relative to `reference`, default the model itself)."""
+    plan = plan if plan is not None else analyze(model, example_inputs)
+    if want is None:
+        ref = plan.space_sizes(tensors_of(reference if reference is not None else model))
+        want = targets(plan, ref, ratio_of(plan, ref, 1, width, keep_ratio))
+    keep = select([model], plan, importance, want, [1.0])
+    return assemble([model], plan, [1.0], keep)

@@ -1,0 +1,146 @@
+"""Neuron Transplantation for k models: concat, the pairwise step and the flat/iterative/recursive schedules.
+
+`fuse_pair` is the single step every pairwise schedule is made of (and the one
+the distributed tree calls across ranks); `recursive_plan(k)` describes the
+tree, and `fuse(..., schedule="recursive")` is literally that plan folded with
+`fuse_pair`, so a distributed run following the same plan gets bit-identical
+weights. Output weights are leaf counts, so every member ends with equal weight.
+"""
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch.nn as nn
+
+from ntdist.errors import UserError, suggest
+from ntdist.fusion.assemble import assemble, tensors_of
+from ntdist.fusion.checks import check_models, check_weights, normalized
+from ntdist.fusion.graph import Plan, analyze
+from ntdist.fusion.importance import resolve
+from ntdist.fusion.prune import ratio_of, select, split, targets
+
+METHODS = ("nt", "avg", "ot")
+SCHEDULES = ("flat", "iterative", "recursive")
+ORDERS = ("merge_prune", "prune_merge")
+
+
+def concat(models: Sequence[nn.Module], weights: Optional[Sequence[float]] = None, example_inputs=None) -> nn.Module:
+    """The wide model: hidden layers side by side, output layer averaging the members (weighted)."""
+    models = check_models(models)
+    w = normalized(check_weights(weights, len(models)))
+    return assemble(models, analyze(models[0], example_inputs), w)
+
+
+def _choose(value, choices, what):
+    if value not in choices:
+        raise UserError(f"unknown {what} '{value}'{suggest(str(value), choices)}; choose one of {list(choices)}")
+    return value
+
+
+def nt_step(models: Sequence[nn.Module], weights: Sequence[float], plan: Plan, ratio: float,
+            reference: nn.Module, importance="l2", order="merge_prune") -> nn.Module:
+    """Concatenate `models` and prune back to `ratio` x the reference width, in the given order."""
+    w = normalized(weights)
+    ref_sizes = plan.space_sizes(tensors_of(reference))
+    want = targets(plan, ref_sizes, ratio)
+    if _choose(order, ORDERS, "order") == "merge_prune":
+        return assemble(models, plan, w, select(models, plan, importance, want, w))
+    sizes = [plan.space_sizes(tensors_of(m)) for m in models]
+    shares = {}
+    for s in plan.sizes:
+        caps = [sz[s] for sz in sizes]
+        shares[s] = split(min(want[s], sum(caps)), w, caps)
+        if min(shares[s]) < 1:
+            raise UserError(f"prune_merge would leave a model with no unit in a layer of width {ref_sizes[s]} "
+                            f"(target {want[s]} for {len(models)} models); use order='merge_prune' or a larger width")
+    pruned = []
+    for m, model in enumerate(models):
+        mine = {s: shares[s][m] for s in plan.sizes}
+        pruned.append(assemble([model], plan, [1.0], select([model], plan, importance, mine, [1.0])))
+    return assemble(pruned, plan, w, None)
+
+
+def fuse_pair(a: nn.Module, b: nn.Module, weight_a: float = 1.0, weight_b: float = 1.0, *, importance="l2",
+              order: str = "merge_prune", width: Optional[int] = None, keep_ratio: Optional[float] = None,
+              example_inputs=None, reference: Optional[nn.Module] = None, plan: Optional[Plan] = None) -> nn.Module:
+    """Fuse two models with NT; `weight_a`/`weight_b` are the leaf counts (or weights) each stands for.
+
+    The result has `width` (or `keep_ratio` x) the width of `reference` (default
+    `a`, which must then have the original width), capped at what the pair has.
+    """
+    check_models([a, b], shapes=False)
+    wa, wb = check_weights([weight_a, weight_b], 2)
+    plan = plan if plan is not None else analyze(a, example_inputs)
+    reference = reference if reference is not None else a
+    ratio = ratio_of(plan, plan.space_sizes(tensors_of(reference)), float("inf"), width, keep_ratio)
+    return nt_step([a, b], [wa, wb], plan, ratio, reference, importance, order)
+
+
+def recursive_plan(k: int) -> List[List[Tuple[int, int, int, int]]]:
+    """The pairwise tree: rounds of (left, right, leaves_left, leaves_right).
+
+    Indices name the leftmost leaf (rank) of each subtree; the result of a pair
+    is held by `left`. With an odd count the last subtree waits a round.
+    """
+    if k < 1:
+        raise UserError(f"need at least one model, got {k}")
+    alive, leaves, rounds = list(range(k)), [1] * k, []
+    while len(alive) > 1:
+        steps = []
+        for i in range(0, len(alive) - 1, 2):
+            left, right = alive[i], alive[i + 1]
+            steps.append((left, right, leaves[left], leaves[right]))
+            leaves[left] += leaves[right]
+        rounds.append(steps)
+        alive = alive[::2]
+    return rounds
+
+
+def recursive_pairs(k: int) -> List[List[Tuple[int, int]]]:
+    """`recursive_plan(k)` without the leaf counts: rounds of (left_index, right_index)."""
+    return [[(l, r) for l, r, _, _ in steps] for steps in recursive_plan(k)]
+
+
+def _pairwise(models, weights, schedule, pair):
+    if schedule == "iterative":
+        acc, acc_w = models[0], weights[0]
+        for model, w in zip(models[1:], weights[1:]):
+            acc = pair(acc, model, acc_w, w)
+            acc_w += w
+        return acc
+    held, held_w = dict(enumerate(models)), dict(enumerate(weights))
+    for steps in recursive_plan(len(models)):
+        for left, right, _, _ in steps:
+            held[left] = pair(held[left], held.pop(right), held_w[left], held_w[right])
+            held_w[left] += held_w.pop(right)
+    return held[0]
+
+
+def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = "flat", importance="l2",
+         order: str = "merge_prune", width: Optional[int] = None, keep_ratio: Optional[float] = None,
+         example_inputs=None, weights: Optional[Sequence[float]] = None) -> nn.Module:
+    """Fuse k models of one architecture into one (of the original width unless `width`/`keep_ratio`)."""
+    from ntdist.fusion.baselines import average
+    from ntdist.fusion.ot import ot_fuse
+
+    models = check_models(models)
+    _choose(method, METHODS, "method")
+    _choose(schedule, SCHEDULES, "schedule")
+    _choose(order, ORDERS, "order")
+    w = check_weights(weights, len(models))
+    if method != "nt":
+        if width is not None or keep_ratio is not None:
+            raise UserError(f"width and keep_ratio apply to method='nt' only, not '{method}'")
+        if method == "avg":
+            return average(models, w) if schedule == "flat" else _pairwise(
+                models, w, schedule, lambda a, b, wa, wb: average([a, b], [wa, wb]))
+        plan = analyze(models[0], example_inputs)
+        return ot_fuse(models, w, plan=plan) if schedule == "flat" else _pairwise(
+            models, w, schedule, lambda a, b, wa, wb: ot_fuse([a, b], [wa, wb], plan=plan))
+    resolve(importance)
+    plan = analyze(models[0], example_inputs)
+    ratio = ratio_of(plan, plan.space_sizes(tensors_of(models[0])), len(models), width, keep_ratio)
+    if schedule == "flat":
+        return nt_step(models, w, plan, ratio, models[0], importance, order)
+    return _pairwise(models, w, schedule, lambda a, b, wa, wb: fuse_pair(
+        a, b, wa, wb, importance=importance, order=order, width=width, keep_ratio=keep_ratio,
+        reference=models[0], plan=plan))
