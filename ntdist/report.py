@@ -17,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import yaml  # noqa: E402
 
 from ntdist.errors import UserError  # noqa: E402
@@ -82,7 +83,8 @@ def load_run(run_dir: str):
         with open(path) as f:
             results = json.load(f)
     except FileNotFoundError:
-        raise UserError(f"no results.json in '{run_dir}'; finish the run with 'ntdist run --resume' or leave it out") from None
+        raise UserError(f"no results.json in '{run_dir}'; finish the run with 'ntdist run --resume' "
+                        "or leave it out") from None
     except (OSError, ValueError) as err:
         raise UserError(f"'{path}' is unreadable ({err}); rerun that run or leave '{run_dir}' out") from None
     if not isinstance(results, dict) or "fusion" not in results:
@@ -173,7 +175,7 @@ def diversity_text(group: Group) -> Optional[str]:
 def plot_curves(group: Group):
     """Accuracy against fine-tuning epoch per method (epoch 0 = right after fusion), ±std bands."""
     s = group.stats
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     series = [(METHOD_NAMES.get(m, m), s["methods"][m]["post_fusion"], s["methods"][m]["finetune"])
               for m in _methods(s)]
     if s["control"]:
@@ -192,8 +194,9 @@ def plot_curves(group: Group):
     ax.set_xlabel("fine-tuning epoch (0 = right after fusion)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"Fine-tuning after fusion: {group.label} ({s['runs']} seeds)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     return fig
 
@@ -206,10 +209,11 @@ def _sparsity(group: Group) -> Optional[float]:
     return None if ratio is None else round(1 - float(ratio), 6)
 
 
-def plot_against(groups: List[Group], x_of, x_keys, xlabel: str, title: str, after_fusion: bool):
+def plot_against(groups: List[Group], x_of, x_keys, xlabel: str, title: str, sparse_only: bool = False):
     """Accuracy against a swept quantity, one panel per setting of the other differing keys.
 
-    Returns None unless some panel has more than one x value.
+    Fused methods are shown after fine-tuning ("best"); with `sparse_only`, only methods
+    that report a sparsity, also right after fusion. None unless a panel has two x values.
     """
     panels: dict = {}
     for g in groups:
@@ -225,10 +229,12 @@ def plot_against(groups: List[Group], x_of, x_keys, xlabel: str, title: str, aft
         lines = [("Ensemble", lambda s: s["ensemble"], "black", "-"),
                  ("Best member", lambda s: s["best_member"], "grey", "-")]
         for i, m in enumerate(_methods(members[0].stats)):
+            if sparse_only and not members[0].stats["methods"][m].get("sparsity"):
+                continue
             color = f"C{i}"
             name = METHOD_NAMES.get(m, m)
             lines.append((f"{name} (best)", lambda s, m=m: s["methods"].get(m, {}).get("best"), color, "-"))
-            if after_fusion:
+            if sparse_only:
                 lines.append((f"{name} (after fusion)", lambda s, m=m: s["methods"].get(m, {}).get("post_fusion"),
                               color, "--"))
         for name, get, color, style in lines:
@@ -238,17 +244,18 @@ def plot_against(groups: List[Group], x_of, x_keys, xlabel: str, title: str, aft
                 ax.errorbar([x for x, _ in pts], [100 * st["mean"] for _, st in pts],
                             yerr=[100 * st["std"] for _, st in pts], color=color, linestyle=style,
                             marker="o", capsize=3, label=name)
+        ax.set_xticks(xs)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(title if rest == "all runs" else f"{title}\n{rest}", fontsize="medium")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
     fig.tight_layout()
     return fig
 
 
 def _save(fig, out_dir: str, name: str) -> str:
-    fig.savefig(os.path.join(out_dir, name), dpi=120)
+    fig.savefig(os.path.join(out_dir, name), dpi=120, bbox_inches="tight")
     plt.close(fig)
     return name
 

@@ -96,3 +96,12 @@ def test_convolutions_and_chunking(monkeypatch):
 def test_mismatched_architectures_are_refused():
     with pytest.raises(ValueError):
         duplicate_units([_mlp(0), _cnn(0)])
+
+
+def test_single_member_and_bad_threshold():
+    model = _mlp(0)
+    assert duplicate_units([model]) == {"0": 0.0, "2": 0.0}
+    summary = diversity_summary([model], [torch.randn(10, 10)])
+    assert summary["disagreement_mean"] is None and summary["warning"] is None
+    with pytest.raises(ValueError):
+        duplicate_units([model, model], threshold=1.5)

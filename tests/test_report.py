@@ -103,6 +103,10 @@ def test_figures_have_titles_labels_and_legends(tmp_path):
     assert len(fig.axes) == 2  # one panel per keep ratio
     for ax in fig.axes:
         assert ax.get_title() and ax.get_xlabel() == "k" and ax.get_legend() is not None
+    fig = plot_against(groups, lambda g: g.stats["methods"]["nt"]["sparsity"]["mean"], ("fusion.keep_ratio",),
+                       "sparsity", "Accuracy against sparsity", sparse_only=True)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["Ensemble", "Best member", "NT (best)", "NT (after fusion)"]
     matplotlib.pyplot.close("all")
     only_k2 = [g for g in groups if g.config["fusion.k"] == 2]
     assert plot_against(only_k2, lambda g: g.config["fusion.k"], ("fusion.k",), "k", "t", False) is None
