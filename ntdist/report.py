@@ -25,7 +25,7 @@ from ntdist.sweep import aggregate, format_value, mean_std  # noqa: E402
 
 REPORT_FILE = "report.md"
 METHOD_NAMES = {"avg": "Avg", "ot": "OT", "nt": "NT"}
-IGNORED_KEYS = ("train.seed", "output.", "seeds", "sweep")
+IGNORED_KEYS = ("train.seed", "output.", "seeds", "sweep", "distributed.port", "data.root")
 BEST_NOTE = ("\"best\" is the test accuracy at the fine-tuning epoch with the highest validation accuracy "
              "(ties: the earliest). The NT authors' code reported the maximum test accuracy over epochs, "
              "which selects on the test set and flatters every method.")

@@ -23,6 +23,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import yaml
 
+from ntdist.checkpoint import atomic_write_text
+from ntdist.config import read_yaml
 from ntdist.errors import UserError
 
 SWEEP_KEYS = ("seeds", "sweep")
@@ -105,19 +107,6 @@ def expand(raw: dict) -> List[Point]:
     return points
 
 
-def _read_yaml(path: str) -> dict:
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise UserError(f"config file '{path}' not found; pass a YAML file such as configs/quickstart.yaml") from None
-    except yaml.YAMLError as err:
-        raise UserError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"config file '{path}' must hold a mapping of keys, got {type(data).__name__}")
-    return data
-
-
 def read_results(run_dir: str) -> Optional[dict]:
     """The results.json of a finished run, or None when there is none (or it is unreadable)."""
     try:
@@ -136,14 +125,18 @@ def _base_dir(raw: dict, overrides: Sequence[str]) -> str:
     return base
 
 
-def run_sweep(config_path: str, overrides: Sequence[str], run_point: Callable[[str, List[str]], object]) -> dict:
+def run_sweep(config_path: str, overrides: Sequence[str], run_point: Callable[[str, List[str]], object],
+              done: Optional[Callable[[str], bool]] = None, summarise: bool = True) -> Optional[dict]:
     """Run every unfinished point of the sweep in `config_path`, then write and return the summary.
 
     `run_point(config_path, overrides)` runs one experiment; it receives the caller's
     overrides, the point's overrides and `output.dir=<point dir>`. An override
-    `seeds=[...]` replaces the file's seed list.
+    `seeds=[...]` replaces the file's seed list. `done(point_dir)` says whether a point
+    can be skipped (default: it has a results.json); with several processes, pass one
+    that gives every process the same answer. Processes other than the one writing
+    files pass `summarise=False`: they only run points, and None is returned.
     """
-    raw = _read_yaml(config_path)
+    raw = read_yaml(config_path)
     rest = []
     for item in overrides:
         if item.startswith("seeds="):
@@ -155,11 +148,15 @@ def run_sweep(config_path: str, overrides: Sequence[str], run_point: Callable[[s
     base = _base_dir(raw, rest)
     rest = [o for o in rest if not o.startswith("output.dir=")]
     points = expand(raw)
-    groups: dict = {}
-    for point in points:
-        point_dir = os.path.normpath(os.path.join(base, point.subdir))
-        if read_results(point_dir) is None:
+    done = done or (lambda path: read_results(path) is not None)
+    dirs = [os.path.normpath(os.path.join(base, point.subdir)) for point in points]
+    for point, point_dir in zip(points, dirs):
+        if not done(point_dir):
             run_point(config_path, rest + point.overrides + [f"output.dir={point_dir}"])
+    if not summarise:
+        return None
+    groups: dict = {}
+    for point, point_dir in zip(points, dirs):
         results = read_results(point_dir)
         if results is None:
             raise UserError(f"run '{point.name}' finished without writing {point_dir}/results.json; "
@@ -167,8 +164,7 @@ def run_sweep(config_path: str, overrides: Sequence[str], run_point: Callable[[s
         groups.setdefault(point.name.rsplit("/seed=", 1)[0], []).append(results)
     summary = {"points": len(points), "groups": {name: aggregate(res) for name, res in groups.items()}}
     os.makedirs(base, exist_ok=True)
-    with open(os.path.join(base, SUMMARY_FILE), "w") as f:
-        json.dump(summary, f, indent=2)
+    atomic_write_text(os.path.join(base, SUMMARY_FILE), json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -144,3 +144,14 @@ def test_aggregate_without_optional_parts():
     assert agg["control"] is None and agg["methods"] == {}
     with pytest.raises(UserError):
         aggregate([])
+
+
+def test_run_sweep_with_custom_done_and_no_summary(tmp_path):
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(yaml.safe_dump({"seeds": [0, 1, 2]}))
+    calls = []
+    result = run_sweep(str(cfg), [f"output.dir={tmp_path}", "seeds=[0,1,2]"], lambda p, o: calls.append(o),
+                       done=lambda path: path.endswith("seed=1"), summarise=False)
+    assert result is None
+    assert [o[0] for o in calls] == ["train.seed=0", "train.seed=2"]
+    assert not (tmp_path / "sweep.json").exists()
