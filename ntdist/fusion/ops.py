@@ -128,7 +128,7 @@ def _module(name, mod, x, sp, layers, nonlinear):
             out = _record(layers, sp, name, "dwconv", x.space, x.space)
         else:
             out = _record(layers, sp, name, "gconv", None if name in layers else sp.new(mod.out_channels), x.space)
-        return Val(out, 1, x.ndim, None)
+        return Val(out, 1, x.ndim or mod.weight.dim(), None)
     if isinstance(mod, nn.modules.batchnorm._BatchNorm):
         _record(layers, sp, name, "bn", x.space, x.space)
         return x
@@ -192,6 +192,8 @@ def propagate(node: Node, gm, env, sp, layers, nonlinear, shape):
             return None
         if target in CAT_FUNCS:
             refuse(name, f"concatenates tensors ({getattr(target, '__name__', target)}) along channels")
+        if target is operator.getitem:
+            refuse(name, "indexes or slices a feature tensor")
         if target in KEEP_FUNCS:
             return vals[0]
         if target in NONLINEAR_FUNCS:
