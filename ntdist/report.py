@@ -25,6 +25,7 @@ from ntdist.sweep import aggregate, format_value, mean_std  # noqa: E402
 
 REPORT_FILE = "report.md"
 METHOD_NAMES = {"avg": "Avg", "ot": "OT", "nt": "NT"}
+COLORS = {"avg": "C0", "ot": "C1", "nt": "C2", "control": "C3"}
 IGNORED_KEYS = ("train.seed", "output.", "seeds", "sweep", "distributed.port", "data.root")
 BEST_NOTE = ("\"best\" is the test accuracy at the fine-tuning epoch with the highest validation accuracy "
              "(ties: the earliest). The NT authors' code reported the maximum test accuracy over epochs, "
@@ -157,10 +158,9 @@ def table(group: Group) -> str:
 
 def diversity_text(group: Group) -> Optional[str]:
     """One line of mean ± std diversity numbers (and warnings) when the runs recorded them."""
-    divs = [r["diversity"] for r in group.results if isinstance(r.get("diversity"), dict)]
+    divs, stats = [r["diversity"] for r in group.results if isinstance(r.get("diversity"), dict)], {}
     if not divs:
         return None
-    stats = {}
     for key in ("disagreement_mean", "duplicate_fraction_mean"):
         values = [d[key] for d in divs if d.get(key) is not None]
         stats[key] = dict(zip(("mean", "std"), mean_std(values))) if values else None
@@ -176,16 +176,16 @@ def plot_curves(group: Group):
     """Accuracy against fine-tuning epoch per method (epoch 0 = right after fusion), ±std bands."""
     s = group.stats
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    series = [(METHOD_NAMES.get(m, m), s["methods"][m]["post_fusion"], s["methods"][m]["finetune"])
+    series = [(m, METHOD_NAMES.get(m, m), s["methods"][m]["post_fusion"], s["methods"][m]["finetune"])
               for m in _methods(s)]
     if s["control"]:
-        series.append(("Best member + extra epochs", s["best_member"], s["control"]["finetune"]))
-    for name, first, curve in series:
+        series.append(("control", "Best member + extra epochs", s["best_member"], s["control"]["finetune"]))
+    for i, (key, name, first, curve) in enumerate(series):
         points = [(i, st) for i, st in enumerate([first] + list(curve)) if st]
         xs = [i for i, _ in points]
         mean = [100 * st["mean"] for _, st in points]
         std = [100 * st["std"] for _, st in points]
-        line, = ax.plot(xs, mean, marker="o", label=name)
+        line, = ax.plot(xs, mean, marker="o", label=name, color=COLORS.get(key, f"C{4 + i}"))
         ax.fill_between(xs, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
                         color=line.get_color(), alpha=0.2)
     for name, stat, style in (("Ensemble", s["ensemble"], "--"), ("Best member", s["best_member"], ":")):
@@ -209,11 +209,11 @@ def _sparsity(group: Group) -> Optional[float]:
     return None if ratio is None else round(1 - float(ratio), 6)
 
 
-def plot_against(groups: List[Group], x_of, x_keys, xlabel: str, title: str, sparse_only: bool = False):
+def plot_against(groups: List[Group], x_of, x_keys, xlabel: str, title: str, nt_only: bool = False):
     """Accuracy against a swept quantity, one panel per setting of the other differing keys.
 
-    Fused methods are shown after fine-tuning ("best"); with `sparse_only`, only methods
-    that report a sparsity, also right after fusion. None unless a panel has two x values.
+    Fused methods are shown after fine-tuning ("best"); with `nt_only`, only NT, both
+    after fine-tuning and right after fusion. None unless a panel has two x values.
     """
     panels: dict = {}
     for g in groups:
@@ -229,12 +229,12 @@ def plot_against(groups: List[Group], x_of, x_keys, xlabel: str, title: str, spa
         lines = [("Ensemble", lambda s: s["ensemble"], "black", "-"),
                  ("Best member", lambda s: s["best_member"], "grey", "-")]
         for i, m in enumerate(_methods(members[0].stats)):
-            if sparse_only and not members[0].stats["methods"][m].get("sparsity"):
+            if nt_only and m != "nt":
                 continue
-            color = f"C{i}"
+            color = COLORS.get(m, f"C{4 + i}")
             name = METHOD_NAMES.get(m, m)
             lines.append((f"{name} (best)", lambda s, m=m: s["methods"].get(m, {}).get("best"), color, "-"))
-            if sparse_only:
+            if nt_only:
                 lines.append((f"{name} (after fusion)", lambda s, m=m: s["methods"].get(m, {}).get("post_fusion"),
                               color, "--"))
         for name, get, color, style in lines:

@@ -104,7 +104,7 @@ def test_figures_have_titles_labels_and_legends(tmp_path):
     for ax in fig.axes:
         assert ax.get_title() and ax.get_xlabel() == "k" and ax.get_legend() is not None
     fig = plot_against(groups, lambda g: g.stats["methods"]["nt"]["sparsity"]["mean"], ("fusion.keep_ratio",),
-                       "sparsity", "Accuracy against sparsity", sparse_only=True)
+                       "sparsity", "Accuracy against sparsity", nt_only=True)
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert labels == ["Ensemble", "Best member", "NT (best)", "NT (after fusion)"]
     matplotlib.pyplot.close("all")
