@@ -192,7 +192,7 @@ def plot_curves(group: Group):
         if stat:
             ax.axhline(100 * stat["mean"], color="black", linestyle=style, label=name)
     ax.set_xlabel("fine-tuning epoch (0 = right after fusion)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
     ax.set_title(f"Fine-tuning after fusion: {group.label} ({s['runs']} seeds)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
