@@ -48,10 +48,7 @@ def nt_step(models: Sequence[nn.Module], weights: Sequence[float], plan: Plan, r
     shares = {}
     for s in plan.sizes:
         caps = [sz[s] for sz in sizes]
-        shares[s] = split(min(want[s], sum(caps)), w, caps)
-        if min(shares[s]) < 1:
-            raise UserError(f"prune_merge would leave a model with no unit in a layer of width {ref_sizes[s]} "
-                            f"(target {want[s]} for {len(models)} models); use order='merge_prune' or a larger width")
+        shares[s] = split(min(want[s], sum(caps)), w, caps)   # may be 0 for some members if want < k
     pruned = []
     for m, model in enumerate(models):
         mine = {s: shares[s][m] for s in plan.sizes}
