@@ -62,7 +62,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_fuse(args) -> int:
-    from ntdist.fusion.cli import fuse_command
+    from ntdist.fuse_cli import fuse_command
     fuse_command(args.checkpoints, args.output, method=args.method, schedule=args.schedule,
                  importance=args.importance, order=args.order, width=args.width, keep_ratio=args.keep_ratio)
     return 0
@@ -83,7 +83,13 @@ def cmd_report(args) -> int:
 
 def main(argv=None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops collecting overrides at the first flag (`run c.yaml --resume a=1`); gather the rest here.
+    if args.command == "run":
+        args.overrides += [x for x in extra if "=" in x and not x.startswith("-")]
+        extra = [x for x in extra if x not in args.overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 2

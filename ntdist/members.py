@@ -39,7 +39,7 @@ def build_member(spec: dict, seed: int) -> torch.nn.Module:
 def train_member(index: int, spec: dict, cfg: TrainConfig, splits: Splits, batch_size: int, eval_batch: int,
                  device: torch.device, group=None, group_rank: int = 0, group_size: int = 1,
                  show: bool = True, start_model: Optional[torch.nn.Module] = None,
-                 epochs: Optional[int] = None, stage: str = "member", on_epoch=None) -> MemberRun:
+                 epochs: Optional[int] = None, stage: str = "member", on_epoch=None, log=None) -> MemberRun:
     """Train member `index` (with DDP inside `group` when the group has several ranks).
 
     `start_model` continues training an existing model (used by the extra-epochs control);
@@ -63,6 +63,8 @@ def train_member(index: int, spec: dict, cfg: TrainConfig, splits: Splits, batch
         record = {"stage": stage, "member": index, "epoch": epoch, "loss": loss,
                   "val_accuracy": evaluate(model, val, device)["accuracy"]}
         run.history.append(record)
+        if log:
+            log(f"{stage} {index} epoch {epoch}/{epochs}: loss {loss:.4f}, val accuracy {record['val_accuracy']:.4f}")
         if on_epoch:
             on_epoch(epoch, model, optimizer, scheduler)
     return run
@@ -75,8 +77,5 @@ def train_members(indices: List[int], spec: dict, cfg: TrainConfig, splits: Spli
     runs = {}
     for index in indices:
         runs[index] = train_member(index, spec, cfg, splits, batch_size, eval_batch, device, group,
-                                   group_rank, group_size, show)
-        last = runs[index].history[-1] if runs[index].history else None
-        if last:
-            log(f"member {index}: loss {last['loss']:.4f}, val accuracy {last['val_accuracy']:.4f}")
+                                   group_rank, group_size, show, log=log)
     return runs

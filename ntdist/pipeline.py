@@ -7,6 +7,7 @@ the table of contents. The same code runs in one process or on many ranks: the
 
 import copy
 import os
+import sys
 import time
 from typing import Dict
 
@@ -19,6 +20,7 @@ from ntdist.dist.comm import all_gather_records, broadcast_model, gather_models,
 from ntdist.dist.layout import MemberLayout
 from ntdist.dist.tree import gather_fuse, tree_fuse
 from ntdist.dist.world import World, gather_world_info
+from ntdist.diversity import diversity_summary
 from ntdist.finetune import evaluate_splits, finetune
 from ntdist.fusion import concat, reestimate_bn
 from ntdist.members import build_member, train_members
@@ -39,7 +41,7 @@ def run(cfg: Config, world: World, resume: bool = False, overwrite: bool = False
     layout = MemberLayout(cfg.fusion.k, world.size)
 
     held = train_stage(cfg, world, layout, splits, spec, rundir)
-    results = evaluate_members(cfg, world, layout, splits, held)
+    results = evaluate_members(cfg, world, layout, splits, spec, held)
     results["world"] = gather_world_info(world)
     results["control"] = control_stage(cfg, world, layout, splits, spec, held, results, rundir)
     results["fusion"] = {}
@@ -65,7 +67,8 @@ def example_inputs(splits: Splits) -> torch.Tensor:
 
 def train_stage(cfg, world, layout, splits, spec, rundir) -> Dict[int, torch.nn.Module]:
     """Train this rank's members (in parallel across rank groups); returns the members this rank holds."""
-    groups = new_groups(world, [layout.group_ranks(m) for m in range(layout.num_members)]) if layout.group_size > 1 else {}
+    ranks = [layout.group_ranks(m) for m in range(layout.num_members)]
+    groups = new_groups(world, ranks) if layout.group_size > 1 else {}
     mine = layout.members_of(world.rank)
     group = groups.get(mine[0]) if mine and layout.group_size > 1 else None
     runs = train_members(mine, spec, cfg.train, splits, cfg.data.batch_size, cfg.data.eval_batch_size,
@@ -83,27 +86,47 @@ def train_stage(cfg, world, layout, splits, spec, rundir) -> Dict[int, torch.nn.
     return held
 
 
-def evaluate_members(cfg, world, layout, splits, held) -> dict:
+def evaluate_members(cfg, world, layout, splits, spec, held) -> dict:
     """Each member's val/test accuracy and the accuracy of their output average (the ensemble)."""
     k = cfg.fusion.k
     table = torch.zeros(k, 2, dtype=torch.float64)
-    ensemble = {name: torch.zeros(len(data), splits.num_classes, dtype=torch.float64)
-                for name, data in (("val", splits.val), ("test", splits.test))}
+    val_logits = torch.zeros(k, len(splits.val), splits.num_classes, dtype=torch.float64)
+    test_logits = torch.zeros(k, len(splits.test), splits.num_classes, dtype=torch.float64)
     for i, model in held.items():
-        for col, (name, data) in enumerate((("val", splits.val), ("test", splits.test))):
-            logits = predict(model, data, cfg.data.eval_batch_size, world.device).double()
-            table[i, col] = (logits.argmax(1) == labels_of(data)).double().mean()
-            ensemble[name] += logits / k
-    table = world.reduce_sum(table)
-    acc = {name: (world.reduce_sum(ensemble[name]).argmax(1) == labels_of(data)).double().mean().item()
-           for name, data in (("val", splits.val), ("test", splits.test))}
+        val_logits[i] = predict(model, splits.val, cfg.data.eval_batch_size, world.device).double()
+        test_logits[i] = predict(model, splits.test, cfg.data.eval_batch_size, world.device).double()
+    # Each member's logits live on its holder; one sum gives every rank all of them.
+    val_logits, test_logits = world.reduce_sum(val_logits), world.reduce_sum(test_logits)
+    val_y, test_y = labels_of(splits.val), labels_of(splits.test)
+    table[:, 0] = (val_logits.argmax(2) == val_y).double().mean(1)
+    table[:, 1] = (test_logits.argmax(2) == test_y).double().mean(1)
+    acc = {"val": (val_logits.mean(0).argmax(1) == val_y).double().mean().item(),
+           "test": (test_logits.mean(0).argmax(1) == test_y).double().mean().item()}
     members = table[:, 1].tolist()
     best = int(torch.argmax(table[:, 0]).item())   # chosen on validation accuracy
     results = {"k": k, "seed": cfg.train.seed, "members": members, "members_val": table[:, 0].tolist(),
                "best_member": members[best], "best_member_index": best, "ensemble": acc["test"],
                "ensemble_val": acc["val"]}
     world.print0(f"members test accuracy {[round(a, 4) for a in members]}, ensemble {acc['test']:.4f}")
+    if cfg.output.diversity:
+        results["diversity"] = diversity_stage(cfg, world, layout, spec, held, test_logits)
     return results
+
+
+def diversity_stage(cfg, world, layout, spec, held, test_logits) -> dict:
+    """Disagreement and near-duplicate units of the members; warns when NT would lose information."""
+    template = lambda: build_member(spec, 0)  # noqa: E731
+    members = gather_models(world, {i: m.cpu() for i, m in held.items()},
+                            [layout.holder(i) for i in range(cfg.fusion.k)], template, root=0)
+    summary = None
+    if world.is_main:
+        summary = diversity_summary([members[i] for i in range(cfg.fusion.k)], list(test_logits),
+                                    cfg.output.duplicate_threshold)
+        if summary["warning"]:
+            print(f"ntdist: warning: {summary['warning']}", file=sys.stderr, flush=True)
+    for model in held.values():
+        model.to(world.device)
+    return all_gather_records(world, [summary])[0]
 
 
 def control_stage(cfg, world, layout, splits, spec, held, results, rundir):
@@ -164,7 +187,8 @@ def finetune_stage(cfg, world, layout, splits, spec, held, fused, method, second
                         info={"stage": "finetune", "method": method, "epochs": cfg.finetune.epochs})
     return {"post_fusion": post["test"], "post_fusion_val": post["val"],
             "finetune": [r["test_accuracy"] for r in history], "finetune_val": [r["val_accuracy"] for r in history],
-            "fuse_seconds": seconds, "sparsity": sparsity(held, fused, world, layout, cfg.fusion.k)}
+            "fuse_seconds": seconds,
+            **({"sparsity": sparsity(held, fused, world, layout, cfg.fusion.k)} if method == "nt" else {})}
 
 
 def sparsity(held, fused, world, layout, k) -> float:

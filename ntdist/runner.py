@@ -47,7 +47,12 @@ def _run_sweep(config_path, overrides, raw, cfg, world, resume, overwrite) -> No
         world.barrier()   # rank 0 has written results.json before anyone checks for it
 
     world.print0(f"sweep: {len(expand(raw))} runs under {cfg.output.dir}")
-    run_sweep(config_path, overrides, run_point)
+    def done(point_dir):   # rank 0 decides, so every rank skips (or runs) the same points
+        from ntdist.dist.comm import all_gather_records
+        from ntdist.sweep import read_results
+        return all_gather_records(world, [read_results(point_dir) is not None])[0]
+
+    run_sweep(config_path, overrides, run_point, done=done, summarise=world.is_main)
     if world.is_main:
         _report([cfg.output.dir], cfg.output.dir, world)
 

@@ -6,6 +6,7 @@ a `reduce_sum` callable that the distributed code passes in for evaluation.
 """
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -95,7 +96,8 @@ def train_epoch(model, loader, optimizer, device, loss_fn: Optional[Callable] = 
     """One pass over `loader`; returns the mean training loss. `loss_fn(logits, x, y)` may replace cross-entropy."""
     model.train()
     total, count = 0.0, 0
-    bar = tqdm(loader, desc=desc, leave=False, disable=not show, dynamic_ncols=True)
+    # Bars only on a terminal: in batch logs (SLURM, CI) they would print a line per update.
+    bar = tqdm(loader, desc=desc, leave=False, disable=not (show and sys.stderr.isatty()), dynamic_ncols=True)
     for x, y in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = model(x)

@@ -14,41 +14,32 @@ import torch
 
 from ntdist.dist.comm import broadcast_model, gather_models, recv_model, send_model
 from ntdist.dist.world import World
-from ntdist.fusion import fuse, fuse_pair, recursive_pairs
-
-
-def _advance(slots: List[tuple], pairs: List[tuple]) -> List[tuple]:
-    """Slots (holder, leaves) after one round: the fused pairs in order, then any model left out."""
-    paired = {i for pair in pairs for i in pair}
-    return [(slots[a][0], slots[a][1] + slots[b][1]) for a, b in pairs] + \
-           [slot for i, slot in enumerate(slots) if i not in paired]
+from ntdist.fusion import fuse, fuse_pair
+from ntdist.fusion.graph import analyze
+from ntdist.fusion.schedule import recursive_plan
 
 
 def tree_fuse(world: World, held: Dict[int, torch.nn.Module], holders: List[int],
-              make_template: Callable[[], torch.nn.Module], **options) -> torch.nn.Module:
+              make_template: Callable[[], torch.nn.Module], example_inputs=None, **options) -> torch.nn.Module:
     """NT-recursive across ranks; returns the fused model on every rank.
 
     `held` maps member index -> model for the members this rank holds; `holders[i]`
-    is the rank holding member i; `options` go to `fuse_pair` (importance, order, ...).
+    is the rank holding member i; `options` go to `fuse_pair` (importance, order, width, keep_ratio).
+    A subtree is named by its leftmost member and stays with that member's holder.
     """
-    slots = [(holder, 1) for holder in holders]
-    models = {i: m for i, m in held.items()}
-    for pairs in recursive_pairs(len(holders)):
-        paired = {i for pair in pairs for i in pair}
-        new_models = {}
-        for out, (a, b) in enumerate(pairs):
-            (left, wa), (right, wb) = slots[a], slots[b]
-            if world.rank == right and right != left:
-                send_model(world, models[b], left)
-            if world.rank == left:
-                other = models[b] if right == left else recv_model(world, make_template(), right)
-                new_models[out] = fuse_pair(models[a], other, wa, wb, **options)
-        rest = [i for i in range(len(slots)) if i not in paired]
-        for offset, i in enumerate(rest):
-            if world.rank == slots[i][0]:
-                new_models[len(pairs) + offset] = models[i]
-        slots, models = _advance(slots, pairs), new_models
-    root = slots[0][0]
+    reference = make_template()                     # original width: the target the pruning aims at
+    plan = analyze(reference, example_inputs)       # the same data-flow plan the single-process fuse uses
+    models = dict(held)
+    for steps in recursive_plan(len(holders)):
+        for left, right, leaves_left, leaves_right in steps:
+            src, dst = holders[right], holders[left]
+            if world.rank == src and src != dst:
+                send_model(world, models.pop(right), dst)
+            if world.rank == dst:
+                other = models.pop(right) if src == dst else recv_model(world, make_template(), src)
+                models[left] = fuse_pair(models[left], other, leaves_left, leaves_right, reference=reference,
+                                         plan=plan, **options)
+    root = holders[0]
     result = models[0] if world.rank == root else make_template()
     return broadcast_model(world, result, root)
 

@@ -1,0 +1,163 @@
+"""Multi-process gloo tests of the distributed pipeline (CPU, free ports, hard time-outs).
+
+Run: .venv/bin/python -m pytest tests/test_distributed.py
+"""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from torch.utils.data import Subset
+
+from distutil import free_port, spawn
+from ntdist.data import DataConfig, load_splits
+from ntdist.dist.layout import MemberLayout
+from ntdist.dist.world import shutdown
+from ntdist.errors import UserError
+from ntdist.members import build_member, train_member
+from ntdist.train import FinetuneConfig, TrainConfig
+
+SPEC = {"name": "mlp", "kwargs": {"input_dim": 64, "num_classes": 10, "width": 16, "depth": 2}}
+TRAIN = TrainConfig(epochs=2, lr=0.05)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _world():
+    from ntdist.dist.world import DistributedConfig, init_world
+    return init_world(DistributedConfig(threads_per_rank=1, timeout_s=60))
+
+
+def _train_parallel(rank, out_dir):
+    from ntdist.pipeline import train_stage
+    from ntdist.config import Config
+    from ntdist.rundir import RunDir
+    world = _world()
+    cfg = Config()
+    cfg.train, cfg.fusion.k, cfg.output.save_members = TRAIN, 2, False
+    splits = load_splits(DataConfig())
+    held = train_stage(cfg, world, MemberLayout(2, world.size), splits, SPEC, RunDir(out_dir, writer=world.is_main))
+    for i, model in held.items():
+        torch.save(model.state_dict(), os.path.join(out_dir, f"m{i}.pt"))
+    shutdown(world)
+
+
+def test_layout_arithmetic():
+    assert MemberLayout(2, 4).group_ranks(1) == [2, 3]
+    assert MemberLayout(3, 2).members_of(0) == [0, 1] and MemberLayout(3, 2).members_of(1) == [2]
+    try:
+        MemberLayout(2, 3)
+    except UserError as err:
+        assert "3 % 2 = 1" in str(err) and "2 or 4 ranks" in str(err)
+    else:
+        raise AssertionError("3 ranks for 2 members must be refused")
+
+
+def test_members_on_two_ranks_equal_sequential_training(tmp_path):
+    spawn(_train_parallel, 2, str(tmp_path))
+    torch.set_num_threads(1)
+    splits = load_splits(DataConfig())
+    for i in range(2):
+        alone = train_member(i, SPEC, TRAIN, splits, 32, 256, torch.device("cpu"), show=False).model
+        parallel = torch.load(tmp_path / f"m{i}.pt", weights_only=True)
+        for key, value in alone.state_dict().items():
+            assert torch.equal(value, parallel[key]), key
+
+
+def _members(n):
+    models = [build_member(SPEC, 100 + i) for i in range(n)]
+    return models
+
+
+def _tree(rank, out_dir, k):
+    from ntdist.dist.tree import tree_fuse
+    world = _world()
+    layout = MemberLayout(k, world.size)
+    members = _members(k)
+    held = {i: members[i] for i in layout.held_by(rank)}
+    x = torch.zeros(2, 64)
+    fused = tree_fuse(world, held, [layout.holder(i) for i in range(k)], lambda: build_member(SPEC, 0),
+                      example_inputs=x)
+    torch.save(fused.state_dict(), os.path.join(out_dir, f"fused{rank}.pt"))
+    shutdown(world)
+
+
+def test_tree_fusion_on_four_ranks_equals_single_process_recursive(tmp_path):
+    from ntdist.fusion import fuse
+    for k, nprocs in ((4, 4), (5, 2)):
+        spawn(_tree, nprocs, str(tmp_path), k)
+        expected = fuse(_members(k), method="nt", schedule="recursive", example_inputs=torch.zeros(2, 64))
+        for rank in range(nprocs):
+            got = torch.load(tmp_path / f"fused{rank}.pt", weights_only=True)
+            for key, value in expected.state_dict().items():
+                torch.testing.assert_close(got[key], value, rtol=0, atol=1e-6)
+
+
+def _ddp(rank, out_dir, batch):
+    from ntdist.finetune import finetune
+    world = _world()
+    splits = load_splits(DataConfig())
+    # 4 full steps: with a ragged last batch, padding would make the two runs see different samples
+    splits = dataclasses.replace(splits, train=Subset(splits.train, range(64)))
+    model = build_member(SPEC, 7)
+    finetune(model, FinetuneConfig(epochs=1, lr=0.05), splits, world, batch, 256, seed=3, label="t", log=lambda *a: None)
+    if world.is_main:
+        torch.save(model.state_dict(), os.path.join(out_dir, f"ddp{world.size}.pt"))
+    shutdown(world)
+
+
+def test_ddp_two_ranks_batch_b_matches_one_process_batch_2b(tmp_path):
+    spawn(_ddp, 2, str(tmp_path), 8)
+    spawn(_ddp, 1, str(tmp_path), 16)
+    one, two = (torch.load(tmp_path / f"ddp{n}.pt", weights_only=True) for n in (1, 2))
+    assert not torch.equal(one["net.1.weight"], build_member(SPEC, 7).state_dict()["net.1.weight"])
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5)
+
+
+def _ntdist(*args, env=None):
+    full = dict(os.environ, **(env or {}))
+    return [sys.executable, "-m", "ntdist", *args], full
+
+
+def test_torchrun_quickstart_nt_beats_averaging(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "-m", "ntdist", "run", "configs/quickstart.yaml", f"output.dir={out}", "distributed.threads_per_rank=1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["world"]["size"] == 2 and len({r["pid"] for r in results["world"]["ranks"]}) == 2
+    nt, avg = results["fusion"]["nt"], results["fusion"]["avg"]
+    assert nt["post_fusion"] > avg["post_fusion"] + 0.10   # about 96% against 81% on this config
+    assert nt["finetune"][-1] >= sum(results["members"]) / len(results["members"])
+    assert (out / "config.yaml").exists() and (out / "metrics.jsonl").exists()
+    assert (out / "checkpoints" / "fused_nt.safetensors").exists()
+
+
+def test_killed_peer_ends_the_job_within_the_timeout(tmp_path):
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        cmd = [sys.executable, "-m", "ntdist", "run", "configs/quickstart.yaml", f"output.dir={tmp_path / 'run'}",
+               "train.epochs=400", "distributed.timeout_s=20", "distributed.threads_per_rank=1"]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    time.sleep(8)
+    procs[1].send_signal(signal.SIGKILL)
+    start = time.time()
+    try:
+        _, err = procs[0].communicate(timeout=120)
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode not in (0, None)
+    assert time.time() - start < 25   # the heartbeat notices within seconds, the timeout is 20 s
+    assert procs[0].returncode == 4, err[-2000:]   # EXIT_PEER_LOST
+    assert "rank 0" in err and "peer" in err, err[-2000:]
