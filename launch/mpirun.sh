@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Launch `ntdist run CONFIG [key=value ...]` with mpirun, one rank per GPU (or CPU worker).
+# ntdist reads its rank from OMPI_COMM_WORLD_* (Open MPI) or PMI_* (MPICH, Intel MPI); rank 0 shares
+# its address and a free port through mpi4py (`pip install 'ntdist[mpi]'` installs mpi4py and an Open MPI
+# whose mpirun lands next to python in the environment).
+#
+# Usage:
+#     NP=2 launch/mpirun.sh configs/quickstart.yaml train.epochs=2
+#     NP=16 HOSTFILE=hosts.txt launch/mpirun.sh CONFIG          # several nodes ("node0 slots=8" lines)
+#     NP=4 OVERSUBSCRIBE=1 launch/mpirun.sh CONFIG              # more ranks than cores (CPU tests)
+#
+# Environment:
+#     NP             number of ranks (default 2)
+#     HOSTFILE       Open MPI hostfile for several nodes (default: this node only)
+#     OVERSUBSCRIBE  1 to allow more ranks than cores (Open MPI --oversubscribe)
+#     MPIRUN         the mpirun command (default: mpirun)
+#     MPIRUN_ARGS    extra mpirun flags, e.g. "--bind-to none --map-by ppr:8:node"
+#     NTDIST         the ntdist command (default: ntdist if on PATH, else python3 -m ntdist)
+# As root, Open MPI refuses to start unless OMPI_ALLOW_RUN_AS_ROOT(_CONFIRM)=1: the script sets both.
+# With Open MPI the variables PATH, PYTHONPATH, LD_LIBRARY_PATH, VIRTUAL_ENV, MASTER_PORT, OMP_NUM_THREADS,
+# CUDA_VISIBLE_DEVICES, TORCH_EXTENSIONS_DIR and every NTDIST_* variable that is set are passed to all
+# ranks with -x (other MPIs pass the whole environment themselves).
+# Every argument after the config is passed on to `ntdist run`.
+set -euo pipefail
+
+if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
+    sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+    exit 2
+fi
+
+if [[ -z ${NTDIST:-} ]]; then
+    if command -v ntdist >/dev/null 2>&1; then NTDIST=ntdist; else NTDIST="python3 -m ntdist"; fi
+fi
+read -r -a ntdist_cmd <<< "$NTDIST"
+read -r -a mpirun_cmd <<< "${MPIRUN:-mpirun}"
+read -r -a extra <<< "${MPIRUN_ARGS:-}"
+
+flags=(-np "${NP:-2}")
+if "${mpirun_cmd[@]}" --version 2>/dev/null | grep -q "Open MPI\|Open RTE\|OpenRTE"; then
+    if [[ $(id -u) -eq 0 ]]; then
+        export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+    fi
+    [[ ${OVERSUBSCRIBE:-0} == 1 ]] && flags+=(--oversubscribe)
+    [[ -n ${HOSTFILE:-} ]] && flags+=(--hostfile "$HOSTFILE")
+    for var in PATH PYTHONPATH LD_LIBRARY_PATH VIRTUAL_ENV MASTER_PORT OMP_NUM_THREADS CUDA_VISIBLE_DEVICES \
+               TORCH_EXTENSIONS_DIR $(compgen -v NTDIST_ || true); do
+        [[ -n ${!var+x} ]] && flags+=(-x "$var")
+    done
+else
+    # MPICH / Intel MPI (hydra): the environment is passed on by default.
+    [[ -n ${HOSTFILE:-} ]] && flags+=(-f "$HOSTFILE")
+fi
+
+exec "${mpirun_cmd[@]}" "${flags[@]}" "${extra[@]}" "${ntdist_cmd[@]}" run "$@"
