@@ -32,7 +32,6 @@ class OutputConfig:
     """Where a run writes its files."""
 
     dir: str = opt("runs/default", "run directory (config, metrics.jsonl, checkpoints, results.json)")
-    save_members: bool = opt(True, "write each trained member as a safetensors checkpoint")
     diversity: bool = opt(True, "measure member disagreement and near-duplicate units before fusing")
     duplicate_threshold: float = opt(0.95, "cosine similarity above which two units count as near-duplicates")
 

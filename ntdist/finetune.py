@@ -7,6 +7,7 @@ distillation loss against the concatenated wide model, which computes exactly
 the ensemble's output average.
 """
 
+import os
 from typing import Callable, List, Optional
 
 import torch
@@ -15,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ntdist.data import Splits
 from ntdist.dist.world import World
 from ntdist.fusion import distillation_loss
+from ntdist.resume import Preempted, load_state, preempt_requested, save_state
 from ntdist.train import (FinetuneConfig, check_finite, eval_loader, evaluate, make_optimizer, make_scheduler,
                           train_epoch, train_loader)
 
@@ -40,16 +42,25 @@ def distill_loss_fn(teacher: torch.nn.Module, cfg: FinetuneConfig) -> Callable:
 
 def finetune(model: torch.nn.Module, cfg: FinetuneConfig, splits: Splits, world: World, batch_size: int,
              eval_batch: int, seed: int, label: str, teacher: Optional[torch.nn.Module] = None,
-             log=print) -> List[dict]:
-    """Fine-tune `model` in place for `cfg.epochs`; returns one record per epoch."""
+             log=print, spec: Optional[dict] = None, state_path: Optional[str] = None,
+             resume: bool = False) -> List[dict]:
+    """Fine-tune `model` in place for `cfg.epochs`; returns one record per epoch.
+
+    With `state_path` rank 0 writes the state after every epoch; `resume` restores it first.
+    """
     model.to(world.device)
-    wrapped = DistributedDataParallel(model) if world.size > 1 else model
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, cfg.epochs)
+    torch.manual_seed(seed)
+    history: List[dict] = []
+    start = 1
+    if resume and state_path and os.path.exists(state_path):
+        done, history = load_state(state_path, model, optimizer, scheduler)
+        start = done + 1
+    wrapped = DistributedDataParallel(model) if world.size > 1 else model
     loader = train_loader(splits.train, batch_size, seed, world.size, world.rank)
     loss_fn = distill_loss_fn(teacher.to(world.device), cfg) if teacher is not None else None
-    history = []
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(start, cfg.epochs + 1):
         loader.sampler.set_epoch(epoch)
         loss = train_epoch(wrapped, loader, optimizer, world.device, loss_fn,
                            desc=f"finetune {label} epoch {epoch}/{cfg.epochs}", show=world.is_main)
@@ -61,4 +72,9 @@ def finetune(model: torch.nn.Module, cfg: FinetuneConfig, splits: Splits, world:
                   "val_accuracy": acc["val"], "test_accuracy": acc["test"]}
         history.append(record)
         log(f"finetune {label} epoch {epoch}: loss {loss:.4f}, val {acc['val']:.4f}, test {acc['test']:.4f}")
+        if state_path and world.is_main:
+            save_state(state_path, model, spec, optimizer, scheduler, epoch, history)
+        if epoch < cfg.epochs and world.any(preempt_requested()):
+            raise Preempted(f"preempted during fine-tuning ({label}) after epoch {epoch}; "
+                            "the state is saved: rerun the same command with --resume")
     return history

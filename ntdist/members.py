@@ -5,14 +5,16 @@ are diverse and a member trained by any rank layout has the same weights as the
 one trained alone in a single process.
 """
 
+import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ntdist.data import Splits
 from ntdist.models import build_model
+from ntdist.resume import Preempted, load_state, preempt_requested, save_state
 from ntdist.train import (TrainConfig, check_finite, eval_loader, evaluate, make_optimizer, make_scheduler,
                           train_epoch, train_loader)
 
@@ -38,44 +40,41 @@ def build_member(spec: dict, seed: int) -> torch.nn.Module:
 
 def train_member(index: int, spec: dict, cfg: TrainConfig, splits: Splits, batch_size: int, eval_batch: int,
                  device: torch.device, group=None, group_rank: int = 0, group_size: int = 1,
-                 show: bool = True, start_model: Optional[torch.nn.Module] = None,
-                 epochs: Optional[int] = None, stage: str = "member", on_epoch=None, log=None) -> MemberRun:
+                 show: bool = True, log=None, state_path: Optional[str] = None, resume: bool = False,
+                 should_stop: Callable[[], bool] = preempt_requested) -> MemberRun:
     """Train member `index` (with DDP inside `group` when the group has several ranks).
 
-    `start_model` continues training an existing model (used by the extra-epochs control);
-    `on_epoch(epoch, model, optimizer, scheduler)` is called after each epoch.
+    With `state_path` the state is written after every epoch (by the group's first rank);
+    with `resume` an existing state file is restored first. `should_stop()` is asked at
+    each epoch boundary (after the state is written) and ends training with `Preempted`.
     """
     seed = member_seed(cfg, index)
-    model = (start_model if start_model is not None else build_member(spec, seed)).to(device)
+    model = build_member(spec, seed).to(device)
     torch.manual_seed(seed)
-    wrapped = DistributedDataParallel(model, process_group=group) if group_size > 1 else model
-    epochs = cfg.epochs if epochs is None else epochs
     optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, epochs)
+    scheduler = make_scheduler(optimizer, cfg, cfg.epochs)
+    run = MemberRun(index, model)
+    start = 1
+    if resume and state_path and os.path.exists(state_path):
+        done, run.history = load_state(state_path, model, optimizer, scheduler)
+        start = done + 1
+    wrapped = DistributedDataParallel(model, process_group=group) if group_size > 1 else model
     loader = train_loader(splits.train, batch_size, seed, group_size, group_rank)
     val = eval_loader(splits.val, eval_batch)
-    run = MemberRun(index, model)
-    for epoch in range(1, epochs + 1):
+    for epoch in range(start, cfg.epochs + 1):
         loader.sampler.set_epoch(epoch)
-        loss = train_epoch(wrapped, loader, optimizer, device, desc=f"{stage} {index} epoch {epoch}/{epochs}", show=show)
-        check_finite(loss, stage, epoch, index)
+        loss = train_epoch(wrapped, loader, optimizer, device, desc=f"member {index} epoch {epoch}/{cfg.epochs}",
+                           show=show)
+        check_finite(loss, "member training", epoch, index)
         scheduler.step()
-        record = {"stage": stage, "member": index, "epoch": epoch, "loss": loss,
+        record = {"stage": "member", "member": index, "epoch": epoch, "loss": loss,
                   "val_accuracy": evaluate(model, val, device)["accuracy"]}
         run.history.append(record)
         if log:
-            log(f"{stage} {index} epoch {epoch}/{epochs}: loss {loss:.4f}, val accuracy {record['val_accuracy']:.4f}")
-        if on_epoch:
-            on_epoch(epoch, model, optimizer, scheduler)
+            log(f"member {index} epoch {epoch}/{cfg.epochs}: loss {loss:.4f}, val accuracy {record['val_accuracy']:.4f}")
+        if state_path and group_rank == 0:
+            save_state(state_path, model, spec, optimizer, scheduler, epoch, run.history)
+        if epoch < cfg.epochs and should_stop():
+            raise Preempted(f"preempted during training of member {index} after epoch {epoch}; "
+                            "the state is saved: rerun the same command with --resume")
     return run
-
-
-def train_members(indices: List[int], spec: dict, cfg: TrainConfig, splits: Splits, batch_size: int,
-                  eval_batch: int, device, group=None, group_rank: int = 0, group_size: int = 1,
-                  show: bool = True, log=print) -> Dict[int, MemberRun]:
-    """Train the members in `indices` one after another on this rank (or rank group)."""
-    runs = {}
-    for index in indices:
-        runs[index] = train_member(index, spec, cfg, splits, batch_size, eval_batch, device, group,
-                                   group_rank, group_size, show, log=log)
-    return runs

@@ -13,7 +13,7 @@ from typing import Dict
 
 import torch
 
-from ntdist.checkpoint import save_checkpoint
+from ntdist.checkpoint import load_model, save_checkpoint
 from ntdist.config import Config, to_yaml
 from ntdist.data import Splits, load_splits
 from ntdist.dist.comm import all_gather_records, broadcast_model, gather_models, new_groups
@@ -23,8 +23,9 @@ from ntdist.dist.world import World, gather_world_info
 from ntdist.diversity import diversity_summary
 from ntdist.finetune import evaluate_splits, finetune
 from ntdist.fusion import concat, reestimate_bn
-from ntdist.members import build_member, train_members
+from ntdist.members import build_member, train_member
 from ntdist.models import complete_kwargs
+from ntdist.resume import finished_history, preempt_requested
 from ntdist.rundir import RunDir
 from ntdist.train import labels_of, predict, train_loader
 
@@ -35,20 +36,20 @@ def run(cfg: Config, world: World, resume: bool = False, overwrite: bool = False
     rundir = RunDir(cfg.output.dir, writer=world.is_main)
     rundir.prepare(resume, overwrite)
     world.barrier()
-    rundir.write_config(to_yaml(cfg))
+    rundir.write_config(to_yaml(cfg), resume)
     splits = load_splits(cfg.data)
     spec = model_spec(cfg, splits)
     layout = MemberLayout(cfg.fusion.k, world.size)
 
-    held = train_stage(cfg, world, layout, splits, spec, rundir)
+    held = train_stage(cfg, world, layout, splits, spec, rundir, resume)
     results = evaluate_members(cfg, world, layout, splits, spec, held)
     results["world"] = gather_world_info(world)
-    results["control"] = control_stage(cfg, world, layout, splits, spec, held, results, rundir)
+    results["control"] = control_stage(cfg, world, layout, splits, spec, held, results, rundir, resume)
     results["fusion"] = {}
     for method in cfg.fusion.methods:
         fused, seconds = fuse_stage(cfg, world, layout, splits, spec, held, method)
         results["fusion"][method] = finetune_stage(cfg, world, layout, splits, spec, held, fused, method,
-                                                   seconds, rundir)
+                                                   seconds, rundir, resume)
     results["wall_seconds"] = time.time() - started
     rundir.write_results(results)
     world.print0(summary_table(results, rundir.path))
@@ -65,21 +66,35 @@ def example_inputs(splits: Splits) -> torch.Tensor:
     return torch.stack([splits.train[i][0] for i in range(min(2, len(splits.train)))])
 
 
-def train_stage(cfg, world, layout, splits, spec, rundir) -> Dict[int, torch.nn.Module]:
-    """Train this rank's members (in parallel across rank groups); returns the members this rank holds."""
+def train_stage(cfg, world, layout, splits, spec, rundir, resume) -> Dict[int, torch.nn.Module]:
+    """Train this rank's members (in parallel across rank groups); returns the members this rank holds.
+
+    A member whose final checkpoint exists is loaded instead of trained when resuming.
+    """
     ranks = [layout.group_ranks(m) for m in range(layout.num_members)]
     groups = new_groups(world, ranks) if layout.group_size > 1 else {}
-    mine = layout.members_of(world.rank)
-    group = groups.get(mine[0]) if mine and layout.group_size > 1 else None
-    runs = train_members(mine, spec, cfg.train, splits, cfg.data.batch_size, cfg.data.eval_batch_size,
-                         world.device, group, world.rank % layout.group_size, layout.group_size,
-                         show=world.is_main, log=world.print0 if world.size == 1 else print_if(world.is_main))
-    held = {i: runs[i].model for i in layout.held_by(world.rank)}
-    for i, model in held.items():
-        if cfg.output.save_members:
-            save_checkpoint(rundir.file("checkpoints", f"member{i}.safetensors"), model, spec,
-                            info={"stage": "member", "member": i, "epochs": cfg.train.epochs})
-    histories = [r.history for i, r in runs.items() if i in held]
+    held, histories = {}, []
+    for i in layout.members_of(world.rank):
+        final = rundir.file("checkpoints", f"member{i}.safetensors")
+        history = finished_history(final, cfg.train.epochs) if resume else None
+        if history is not None:
+            model = load_model(final, expect_spec=spec)[0].to(world.device)
+        else:
+            group = groups.get(i)
+            stop = (lambda g=group: world.any(preempt_requested(), g)) if group is not None else preempt_requested
+            run = train_member(i, spec, cfg.train, splits, cfg.data.batch_size, cfg.data.eval_batch_size,
+                               world.device, group, world.rank % layout.group_size, layout.group_size,
+                               show=world.is_main, log=print_if(world.is_main),
+                               state_path=rundir.file("checkpoints", f"member{i}.state.safetensors"),
+                               resume=resume, should_stop=stop)
+            model, history = run.model, run.history
+            if world.rank == layout.holder(i):
+                save_checkpoint(final, model, spec, info={"stage": "member", "member": i,
+                                                          "epochs": cfg.train.epochs, "history": history})
+                remove(rundir.file("checkpoints", f"member{i}.state.safetensors"))
+        if world.rank == layout.holder(i):
+            held[i] = model
+            histories.append(history)
     for history in sorted(all_gather_records(world, histories), key=lambda h: h[0]["member"] if h else -1):
         for record in history:
             rundir.log(record)
@@ -129,19 +144,38 @@ def diversity_stage(cfg, world, layout, spec, held, test_logits) -> dict:
     return all_gather_records(world, [summary])[0]
 
 
-def control_stage(cfg, world, layout, splits, spec, held, results, rundir):
+def control_stage(cfg, world, layout, splits, spec, held, results, rundir, resume):
     """The best member fine-tuned for the same epochs as the fused model: a fair baseline."""
     if not cfg.finetune.control or cfg.finetune.epochs == 0:
         return None
     best = results["best_member_index"]
     model = copy.deepcopy(held[best]) if best in held else build_member(spec, 0)
     model = broadcast_model(world, model.cpu(), layout.holder(best))
-    history = finetune(model, cfg.finetune, splits, world, cfg.data.batch_size, cfg.data.eval_batch_size,
-                       cfg.train.seed + 10_000, "best-member", log=print_if(world.is_main))
-    for record in history:
-        rundir.log(record)
+    history = resumable_finetune(cfg, world, splits, spec, model, "best-member", cfg.train.seed + 10_000,
+                                 None, rundir, resume)
     return {"method": "best_member_extra_epochs", "member": best,
             "finetune": [r["test_accuracy"] for r in history], "finetune_val": [r["val_accuracy"] for r in history]}
+
+
+def resumable_finetune(cfg, world, splits, spec, model, label, seed, teacher, rundir, resume) -> list:
+    """Fine-tune `model` (state after every epoch), or load the finished result when resuming."""
+    final = rundir.file("checkpoints", f"finetuned_{label}.safetensors")
+    history = finished_history(final, cfg.finetune.epochs) if resume else None
+    if history is not None:
+        model.load_state_dict(load_model(final, expect_spec=spec)[0].state_dict())
+    else:
+        history = finetune(model, cfg.finetune, splits, world, cfg.data.batch_size, cfg.data.eval_batch_size,
+                           seed, label, teacher, log=print_if(world.is_main), spec=spec,
+                           state_path=rundir.file("checkpoints", f"finetune_{label}.state.safetensors"),
+                           resume=resume)
+        if world.is_main:
+            save_checkpoint(final, model.cpu(), spec, info={"stage": "finetune", "method": label,
+                                                            "epochs": cfg.finetune.epochs, "history": history})
+            remove(rundir.file("checkpoints", f"finetune_{label}.state.safetensors"))
+        world.barrier()
+    for record in history:
+        rundir.log(record)
+    return history
 
 
 def fuse_stage(cfg, world, layout, splits, spec, held, method):
@@ -166,7 +200,7 @@ def fuse_stage(cfg, world, layout, splits, spec, held, method):
     return fused, seconds
 
 
-def finetune_stage(cfg, world, layout, splits, spec, held, fused, method, seconds, rundir) -> dict:
+def finetune_stage(cfg, world, layout, splits, spec, held, fused, method, seconds, rundir, resume) -> dict:
     """Evaluate right after fusion, fine-tune (or distil), save the fused model; returns its results."""
     post = evaluate_splits(fused.to(world.device), splits, world, cfg.data.eval_batch_size)
     world.print0(f"{method}: right after fusion val {post['val']:.4f}, test {post['test']:.4f}")
@@ -178,13 +212,8 @@ def finetune_stage(cfg, world, layout, splits, spec, held, fused, method, second
         members = gather_models(world, {i: m.cpu() for i, m in held.items()},
                                 [layout.holder(i) for i in range(cfg.fusion.k)], template, root=None)
         teacher = concat([members[i] for i in range(cfg.fusion.k)], example_inputs=example_inputs(splits))
-    history = finetune(fused, cfg.finetune, splits, world, cfg.data.batch_size, cfg.data.eval_batch_size,
-                       cfg.train.seed + 20_000, method, teacher, log=print_if(world.is_main))
-    for record in history:
-        rundir.log(record)
-    if world.is_main:
-        save_checkpoint(rundir.file("checkpoints", f"fused_{method}.safetensors"), fused.cpu(), spec,
-                        info={"stage": "finetune", "method": method, "epochs": cfg.finetune.epochs})
+    history = resumable_finetune(cfg, world, splits, spec, fused, method, cfg.train.seed + 20_000, teacher,
+                                 rundir, resume)
     return {"post_fusion": post["test"], "post_fusion_val": post["val"],
             "finetune": [r["test_accuracy"] for r in history], "finetune_val": [r["val_accuracy"] for r in history],
             "fuse_seconds": seconds,
@@ -216,6 +245,12 @@ def summary_table(results: dict, path: str) -> str:
         lines.append(f"{method:14s}{r['post_fusion'] * 100:13.2f}%{last}")
     lines.append(f"results: {os.path.join(path, 'results.json')}")
     return "\n".join(lines)
+
+
+def remove(path: str) -> None:
+    """Delete a state file once the stage's final checkpoint has replaced it."""
+    if os.path.exists(path):
+        os.unlink(path)
 
 
 def print_if(flag: bool):

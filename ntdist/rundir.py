@@ -8,6 +8,8 @@ import json
 import os
 from typing import Optional
 
+import yaml
+
 from ntdist.checkpoint import atomic_write_text
 from ntdist.errors import UserError
 
@@ -22,6 +24,7 @@ class RunDir:
     def __init__(self, path: str, writer: bool = True):
         self.path = path
         self.writer = writer
+        self._logged: set = set()   # keys of metrics records already in metrics.jsonl (kept on resume)
 
     def file(self, *parts: str) -> str:
         return os.path.join(self.path, *parts)
@@ -37,6 +40,13 @@ class RunDir:
             for name in (METRICS_FILE, RESULTS_FILE):
                 if os.path.exists(self.file(name)):
                     os.unlink(self.file(name))
+            ckpts = self.file("checkpoints")
+            for name in os.listdir(ckpts) if os.path.isdir(ckpts) else []:
+                if name.endswith(".safetensors"):
+                    os.unlink(os.path.join(ckpts, name))
+        if resume and os.path.exists(self.file(METRICS_FILE)):
+            with open(self.file(METRICS_FILE)) as f:
+                self._logged = {_key(json.loads(line)) for line in f if line.strip()}
         try:
             os.makedirs(self.file("checkpoints"), exist_ok=True)
             probe = self.file(".write-test")
@@ -47,13 +57,24 @@ class RunDir:
             raise UserError(f"cannot write to run directory '{self.path}' ({err.strerror}); "
                             "choose a writable output.dir") from None
 
-    def write_config(self, text: str) -> None:
-        if self.writer:
-            atomic_write_text(self.file(CONFIG_FILE), text)
+    def write_config(self, text: str, resume: bool = False) -> None:
+        """Write the resolved config; when resuming, refuse a config that differs from the run's."""
+        if not self.writer:
+            return
+        if resume and os.path.exists(self.file(CONFIG_FILE)):
+            with open(self.file(CONFIG_FILE)) as f:
+                old = f.read()
+            if old != text:
+                key = _first_difference(yaml.safe_load(old), yaml.safe_load(text))
+                raise UserError(f"the config differs from the one '{self.path}' was started with (at '{key}'); "
+                                "resume with the same config and overrides, or pass --overwrite to start again")
+            return
+        atomic_write_text(self.file(CONFIG_FILE), text)
 
     def log(self, record: dict) -> None:
-        """Append one JSON object to metrics.jsonl."""
-        if self.writer:
+        """Append one JSON object to metrics.jsonl (records already there from before a resume are skipped)."""
+        if self.writer and _key(record) not in self._logged:
+            self._logged.add(_key(record))
             with open(self.file(METRICS_FILE), "a") as f:
                 f.write(json.dumps(record) + "\n")
                 f.flush()
@@ -68,3 +89,15 @@ class RunDir:
                 return json.load(f)
         except (FileNotFoundError, ValueError):
             return None
+
+
+def _key(record: dict) -> tuple:
+    return tuple(record.get(k) for k in ("stage", "member", "method", "epoch"))
+
+
+def _first_difference(old, new, prefix: str = "") -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                return _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+    return prefix.rstrip(".") or "<top>"

@@ -8,6 +8,7 @@ import os
 
 from ntdist.config import load_config, read_yaml
 from ntdist.dist.world import init_world, shutdown
+from ntdist.resume import install_sigterm_handler
 
 SWEEP_KEYS = ("seeds", "sweep")
 
@@ -16,6 +17,7 @@ def run_command(config_path: str, overrides, resume: bool = False, overwrite: bo
     raw = read_yaml(config_path)
     plain = [o for o in overrides if not o.startswith("seeds=")]   # the sweep runner handles a seed list
     cfg = load_config(config_path, plain, extra_keys=SWEEP_KEYS)
+    install_sigterm_handler()
     world = init_world(cfg.distributed)
     try:
         if any(key in raw for key in SWEEP_KEYS):

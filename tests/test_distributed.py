@@ -38,9 +38,10 @@ def _train_parallel(rank, out_dir):
     from ntdist.rundir import RunDir
     world = _world()
     cfg = Config()
-    cfg.train, cfg.fusion.k, cfg.output.save_members = TRAIN, 2, False
+    cfg.train, cfg.fusion.k = TRAIN, 2
     splits = load_splits(DataConfig())
-    held = train_stage(cfg, world, MemberLayout(2, world.size), splits, SPEC, RunDir(out_dir, writer=world.is_main))
+    os.makedirs(os.path.join(out_dir, "checkpoints"), exist_ok=True)
+    held = train_stage(cfg, world, MemberLayout(2, world.size), splits, SPEC, RunDir(out_dir, world.is_main), False)
     for i, model in held.items():
         torch.save(model.state_dict(), os.path.join(out_dir, f"m{i}.pt"))
     shutdown(world)
@@ -136,7 +137,7 @@ def test_torchrun_quickstart_nt_beats_averaging(tmp_path):
     assert nt["post_fusion"] > avg["post_fusion"] + 0.10   # about 96% against 81% on this config
     assert nt["finetune"][-1] >= sum(results["members"]) / len(results["members"])
     assert (out / "config.yaml").exists() and (out / "metrics.jsonl").exists()
-    assert (out / "checkpoints" / "fused_nt.safetensors").exists()
+    assert (out / "checkpoints" / "finetuned_nt.safetensors").exists()
 
 
 def test_killed_peer_ends_the_job_within_the_timeout(tmp_path):

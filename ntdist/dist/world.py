@@ -63,6 +63,14 @@ class World:
         guarded(dist.all_reduce, moved, op=dist.ReduceOp.SUM)
         return moved.cpu()
 
+    def any(self, flag: bool, group=None) -> bool:
+        """True on every rank (of `group`, default all) if `flag` is true on any of them."""
+        if self.size == 1:
+            return bool(flag)
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        guarded(dist.all_reduce, value, op=dist.ReduceOp.MAX, group=group)
+        return bool(value.item() > 0)
+
     def barrier(self) -> None:
         if self.size > 1:
             guarded(dist.barrier)
@@ -205,6 +213,9 @@ class _Heartbeat:
             try:
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
             except Exception as err:  # noqa: BLE001 - any failure here means a peer is gone
+                from ntdist.resume import preempt_requested
+                if preempt_requested() or self.stopping.is_set():
+                    return   # peers are shutting down too; the main thread writes its state and exits
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 print(f"ntdist: error: rank {self.rank}: lost contact with a peer rank ({first}); the job stops. "
                       "Check the other ranks' logs, then restart with --resume", file=sys.stderr, flush=True)

@@ -1,0 +1,96 @@
+"""Per-epoch training state for `--resume`, and SIGTERM handling for preemption.
+
+A state file is a safetensors checkpoint holding the model, the optimizer's
+buffers, the torch RNG state, and in its JSON metadata the epoch, the scheduler
+state and the history so far. Restoring it and replaying the remaining epochs
+gives the same weights, bit for bit, as a run that was never interrupted,
+because the data order depends only on the seed and the epoch.
+
+SIGTERM (what SLURM sends before it kills a job) only sets a flag; training
+finishes the current epoch, writes its state and stops with EXIT_PREEMPTED.
+"""
+
+import os
+import signal
+from typing import List, Optional, Tuple
+
+import torch
+
+from ntdist.checkpoint import read_checkpoint, save_checkpoint
+from ntdist.errors import EXIT_PREEMPTED, UserError
+
+
+class Preempted(UserError):
+    """Raised at an epoch boundary after SIGTERM, once the state is on disk."""
+
+    exit_code = EXIT_PREEMPTED
+
+
+_requested = False
+
+
+def _on_sigterm(signum, frame):
+    global _requested
+    _requested = True
+
+
+def install_sigterm_handler() -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def preempt_requested() -> bool:
+    return _requested
+
+
+def save_state(path: str, model, spec: dict, optimizer, scheduler, epoch: int, history: List[dict]) -> None:
+    """Atomically write everything needed to continue after `epoch`."""
+    extra = {"rng": torch.get_rng_state()}
+    opt_state = optimizer.state_dict()
+    for index, buffers in opt_state["state"].items():
+        for key, value in buffers.items():
+            if torch.is_tensor(value):
+                extra[f"opt.{index}.{key}"] = value
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt_state["param_groups"]]
+    info = {"epoch": epoch, "history": history, "optimizer_groups": groups, "scheduler": _jsonable(scheduler.state_dict())}
+    save_checkpoint(path, model, spec, info=info, extra=extra)
+
+
+def load_state(path: str, model, optimizer, scheduler) -> Tuple[int, List[dict]]:
+    """Restore a state file into `model`, `optimizer` and `scheduler`; returns (epoch, history)."""
+    meta, state, extra = read_checkpoint(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise UserError(f"state file '{path}' does not fit the configured model ({str(err).splitlines()[0]}); "
+                        "resume with the config the run started with, or start again with --overwrite") from None
+    info = meta["info"]
+    buffers: dict = {}
+    for key, value in extra.items():
+        if key.startswith("opt."):
+            _, index, name = key.split(".", 2)
+            buffers.setdefault(int(index), {})[name] = value
+    groups = optimizer.state_dict()["param_groups"]
+    for group, saved in zip(groups, info["optimizer_groups"]):
+        group.update(saved)
+    optimizer.load_state_dict({"state": buffers, "param_groups": groups})
+    scheduler.load_state_dict(info["scheduler"])
+    torch.set_rng_state(extra["rng"])
+    return info["epoch"], info["history"]
+
+
+def finished_history(path: str, epochs: int) -> Optional[List[dict]]:
+    """The history stored in a final checkpoint if it completed `epochs`, else None."""
+    if not os.path.exists(path):
+        return None
+    info = read_checkpoint(path)[0]["info"]
+    return info.get("history") if info.get("epochs") == epochs and "history" in info else None
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items() if not callable(v)}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if torch.is_tensor(value):
+        return value.tolist()
+    return value
