@@ -13,8 +13,9 @@ def _tensors(model: nn.Module):
     return {**dict(model.named_parameters()), **dict(model.named_buffers())}
 
 
-def check_models(models: Sequence[nn.Module], min_count: int = 2, shapes: bool = True) -> List[nn.Module]:
-    """The models as a list; UserError unless there are enough, of one architecture, with finite values."""
+def check_models(models: Sequence[nn.Module], min_count: int = 2, shapes: bool = True,
+                 finite: bool = True) -> List[nn.Module]:
+    """The models as a list; UserError unless there are enough, of one architecture (with finite values)."""
     models = list(models)
     if len(models) < min_count:
         raise UserError(f"fusion needs at least {min_count} models, got {len(models)}")
@@ -38,11 +39,19 @@ def check_models(models: Sequence[nn.Module], min_count: int = 2, shapes: bool =
             if name not in ref:
                 raise UserError(f"model {i} has a parameter '{name}' that model 0 lacks; "
                                 "fuse models of one architecture")
+    if finite:
+        check_finite(models)
+    return models
+
+
+def check_finite(models: Sequence[nn.Module], skip=()) -> None:
+    """UserError naming the model and tensor if any float parameter or buffer (not in `skip`) is NaN or inf."""
     for i, model in enumerate(models):
         for name, t in _tensors(model).items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if name in skip or not t.is_floating_point() or t.numel() == 0:
+                continue
+            if not bool(torch.isfinite(torch.linalg.vector_norm(t, math.inf))):
                 raise UserError(f"model {i} has NaN or inf values in '{name}'; fuse trained, finite models")
-    return models
 
 
 def check_weights(weights: Optional[Sequence[float]], k: int) -> List[float]:

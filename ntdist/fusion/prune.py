@@ -15,8 +15,9 @@ import torch.nn as nn
 
 from ntdist.errors import UserError
 from ntdist.fusion.assemble import assemble, tensors_of
+from ntdist.fusion.checks import check_finite
 from ntdist.fusion.graph import Plan, analyze
-from ntdist.fusion.importance import resolve, space_views
+from ntdist.fusion.importance import l1, l2, resolve, space_views
 
 
 def ratio_of(plan: Plan, ref_sizes: Dict[int, int], k: float, width=None, keep_ratio=None) -> float:
@@ -69,6 +70,21 @@ def split(total: int, weights: Sequence[float], caps: Sequence[int]) -> List[int
     return shares
 
 
+def verify_finite(models, plan: Plan, importance, keep) -> None:
+    """Check the members are finite, skipping what `select` already checked through finite scores.
+
+    l2 and l1 scores read every weight and bias of the layers producing a pruned
+    space, so a NaN or inf there already made `select` fail; everything else is checked here.
+    """
+    skip = set()
+    if resolve(importance) in (l1, l2):
+        for name, spec in plan.tensors.items():
+            first = spec.dims[0] if spec.dims else None
+            if spec.part in ("weight", "bias") and first is not None and keep.get(first.space) is not None:
+                skip.add(name)
+    check_finite(models, skip)
+
+
 def _check_grouped(plan: Plan, keep):
     for name, layer in plan.layers.items():
         if layer.kind == "gconv" and (keep.get(layer.out) is not None or keep.get(layer.inp) is not None):
@@ -98,7 +114,8 @@ def select(models: Sequence[nn.Module], plan: Plan, importance, want: Dict[int, 
             scores.append(score.double())
         scores = torch.cat(scores)
         if not torch.isfinite(scores).all():
-            raise UserError("importance scores are not finite; check the models for NaN or inf weights")
+            check_finite(models)
+            raise UserError("importance scores are not finite; check the importance function")
         best = torch.sort(scores, descending=True, stable=True).indices[:want[s]]
         keep[s] = torch.sort(best).values
     _check_grouped(plan, keep)
@@ -114,4 +131,5 @@ def prune(model: nn.Module, width: Optional[int] = None, keep_ratio: Optional[fl
         ref = plan.space_sizes(tensors_of(reference if reference is not None else model))
         want = targets(plan, ref, ratio_of(plan, ref, 1, width, keep_ratio))
     keep = select([model], plan, importance, want, [1.0])
+    verify_finite([model], plan, importance, keep)
     return assemble([model], plan, [1.0], keep)

@@ -13,10 +13,10 @@ import torch.nn as nn
 
 from ntdist.errors import UserError, suggest
 from ntdist.fusion.assemble import assemble, tensors_of
-from ntdist.fusion.checks import check_models, check_weights, normalized
+from ntdist.fusion.checks import check_finite, check_models, check_weights, normalized
 from ntdist.fusion.graph import Plan, analyze
 from ntdist.fusion.importance import resolve
-from ntdist.fusion.prune import ratio_of, select, split, targets
+from ntdist.fusion.prune import ratio_of, select, split, targets, verify_finite
 
 METHODS = ("nt", "avg", "ot")
 SCHEDULES = ("flat", "iterative", "recursive")
@@ -43,7 +43,10 @@ def nt_step(models: Sequence[nn.Module], weights: Sequence[float], plan: Plan, r
     ref_sizes = plan.space_sizes(tensors_of(reference))
     want = targets(plan, ref_sizes, ratio)
     if _choose(order, ORDERS, "order") == "merge_prune":
-        return assemble(models, plan, w, select(models, plan, importance, want, w))
+        keep = select(models, plan, importance, want, w)
+        verify_finite(models, plan, importance, keep)
+        return assemble(models, plan, w, keep)
+    check_finite(models)
     sizes = [plan.space_sizes(tensors_of(m)) for m in models]
     shares = {}
     for s in plan.sizes:
@@ -64,7 +67,7 @@ def fuse_pair(a: nn.Module, b: nn.Module, weight_a: float = 1.0, weight_b: float
     The result has `width` (or `keep_ratio` x) the width of `reference` (default
     `a`, which must then have the original width), capped at what the pair has.
     """
-    check_models([a, b], shapes=False)
+    check_models([a, b], shapes=False, finite=False)
     wa, wb = check_weights([weight_a, weight_b], 2)
     plan = plan if plan is not None else analyze(a, example_inputs)
     reference = reference if reference is not None else a
@@ -119,7 +122,7 @@ def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = "flat"
     from ntdist.fusion.baselines import average
     from ntdist.fusion.ot import ot_fuse
 
-    models = check_models(models)
+    models = check_models(models, finite=False)        # each method checks finiteness on its own pass
     _choose(method, METHODS, "method")
     _choose(schedule, SCHEDULES, "schedule")
     _choose(order, ORDERS, "order")

@@ -1,0 +1,143 @@
+"""Fusion cost benchmark (paper Table 8): time and peak extra memory of avg, NT and OT.
+
+Setting: two untrained MLPs 3072 -> W -> W -> 10 without bias, example input
+[256, 3, 32, 32]. Time is the median wall time of `repeats` calls after one
+warm-up call. Memory is the peak *extra* resident memory of one further call:
+torch's CPU allocations bypass tracemalloc, so a background thread samples the
+process RSS from /proc/self/statm every 0.2 ms while the call runs, and the
+RSS right before the call (after garbage collection and returning freed heap
+pages to the OS with malloc_trim) is subtracted. Sampling can miss a spike
+shorter than the interval, so the figure is a (tight) lower bound. OT is
+skipped, with a message, where its predicted memory exceeds the available memory.
+"""
+
+import csv
+import ctypes
+import gc
+import os
+import statistics
+import threading
+import time
+from typing import Dict, List, Sequence
+
+import torch
+
+from ntdist.fusion.baselines import average
+from ntdist.fusion.schedule import fuse
+from ntdist.models import build_model
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+MIB = 1024 * 1024
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def _trim():
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_extra_memory(fn) -> int:
+    """Peak RSS above the pre-call RSS while `fn()` runs, sampled every 0.2 ms (bytes)."""
+    _trim()
+    base = _rss()
+    peak = [base]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.0002)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        result = fn()
+        peak[0] = max(peak[0], _rss())
+    finally:
+        done.set()
+        thread.join()
+    del result
+    return max(0, peak[0] - base)
+
+
+def median_time(fn, repeats: int) -> float:
+    """Median wall time of `repeats` calls of `fn` after one warm-up call (seconds)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+        del out
+    return statistics.median(times)
+
+
+def predicted_ot_bytes(width: int, model_bytes: int) -> int:
+    """Rough OT peak: one aligned copy and the average, plus per-space n x n cost/transport arrays."""
+    return 2 * model_bytes + width * width * (4 + 8 + 8 + 48)
+
+
+def bench_fusion(widths: Sequence[int] = (256, 512, 1024, 2048, 4096), repeats: int = 5,
+                 out_csv: str = "bench_fusion.csv", methods: Sequence[str] = ("avg", "nt", "ot"),
+                 seed: int = 0) -> List[Dict]:
+    """Time and memory of each method per width; writes `out_csv`, prints a table, returns the rows."""
+    x = torch.randn(256, 3, 32, 32)
+    rows = []
+    for width in widths:
+        torch.manual_seed(seed)
+        models = [build_model("mlp", {"input_dim": 3072, "width": width, "depth": 2, "bias": False})
+                  for _ in range(2)]
+        model_bytes = sum(t.numel() * t.element_size() for m in models for t in m.state_dict().values())
+        calls = {"avg": lambda: average(models),
+                 "nt": lambda: fuse(models, method="nt", example_inputs=x),
+                 "ot": lambda: fuse(models, method="ot", example_inputs=x)}
+        for method in methods:
+            row = {"width": width, "method": method, "models_mib": round(model_bytes / MIB, 1)}
+            if method == "ot" and predicted_ot_bytes(width, model_bytes) > _available():
+                print(f"skipping ot at width {width}: predicted {predicted_ot_bytes(width, model_bytes) / MIB:.0f} MiB "
+                      f"exceeds the {_available() / MIB:.0f} MiB available")
+                row.update(seconds=None, peak_extra_mib=None, skipped="predicted memory exceeds available")
+                rows.append(row)
+                continue
+            seconds = median_time(calls[method], 1 if method == "ot" and width >= 2048 else repeats)
+            extra = peak_extra_memory(calls[method])
+            row.update(seconds=round(seconds, 4), peak_extra_mib=round(extra / MIB, 1), skipped="")
+            rows.append(row)
+        for row in rows[-len(methods):]:
+            avg = next((r for r in rows if r["width"] == width and r["method"] == "avg"), None)
+            if avg and avg["seconds"] and row["seconds"]:
+                row["time_vs_avg"] = round(row["seconds"] / avg["seconds"], 2)
+            if row["peak_extra_mib"] is not None:
+                row["memory_vs_models"] = round(row["peak_extra_mib"] / row["models_mib"], 2)
+        del models, calls
+        _trim()
+    fields = ["width", "method", "seconds", "time_vs_avg", "peak_extra_mib", "models_mib", "memory_vs_models",
+              "skipped"]
+    if out_csv:
+        with open(out_csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: row.get(k, "") for k in fields})
+    print(f"{'width':>6} {'method':>6} {'median s':>9} {'x avg':>6} {'peak extra MiB':>15} {'x models':>9}")
+    for r in rows:
+        secs = "skipped" if r["seconds"] is None else f"{r['seconds']:.4f}"
+        mem = "-" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:.1f}"
+        print(f"{r['width']:>6} {r['method']:>6} {secs:>9} {r.get('time_vs_avg', '-')!s:>6} {mem:>15} "
+              f"{r.get('memory_vs_models', '-')!s:>9}")
+    return rows
