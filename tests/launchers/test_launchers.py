@@ -109,7 +109,7 @@ def read_world(out: Path, launcher: str, size: int = 2, argv=None) -> list:
     return records
 
 
-def read_results(out_dir: Path, size: int = 2) -> dict:
+def read_results(out_dir: Path, launcher: str, size: int = 2) -> dict:
     """Assert that the quickstart wrote a complete results.json from a world of `size` processes."""
     path = out_dir / "results.json"
     assert path.exists(), f"no results.json in {out_dir}: {sorted(p.name for p in out_dir.iterdir())}"
@@ -118,6 +118,7 @@ def read_results(out_dir: Path, size: int = 2) -> dict:
         assert key in results, f"results.json lacks '{key}': keys {sorted(results)}"
     world = results.get("world")
     assert world and world.get("size") == size, f"results.json world: {world}"
+    assert world.get("launcher") == launcher, f"results.json world: {world}"
     pids = {(r.get("host"), r["pid"]) if isinstance(r, dict) else r for r in world["ranks"]}
     assert len(world["ranks"]) == size and len(pids) == size, f"ranks of the run: {world['ranks']}"
     return results
@@ -324,7 +325,7 @@ def test_quickstart_under_torchrun(tmp_path):
     result = launch([LAUNCH / "torchrun.sh", REPO / "configs/quickstart.yaml", *QUICK, f"output.dir={out}"],
                     ntdist_env(NPROC=2), timeout=180)
     check_ok(result)
-    read_results(out)
+    read_results(out, "torchrun")
 
 
 def test_quickstart_under_accelerate(tmp_path):
@@ -333,7 +334,7 @@ def test_quickstart_under_accelerate(tmp_path):
     result = launch([LAUNCH / "accelerate.sh", REPO / "configs/quickstart.yaml", *QUICK, f"output.dir={out}"],
                     ntdist_env(NPROC=2), timeout=180)
     check_ok(result)
-    read_results(out)
+    read_results(out, "torchrun")
 
 
 def test_quickstart_under_mpirun(tmp_path):
@@ -342,7 +343,7 @@ def test_quickstart_under_mpirun(tmp_path):
     result = launch([LAUNCH / "mpirun.sh", REPO / "configs/quickstart.yaml", *QUICK, f"output.dir={out}"],
                     ntdist_env(NP=2), timeout=180)
     check_ok(result)
-    read_results(out)
+    read_results(out, "mpi")
 
 
 def test_quickstart_under_sbatch(slurm, tmp_path):
@@ -351,4 +352,4 @@ def test_quickstart_under_sbatch(slurm, tmp_path):
     job = sbatch(env, tmp_path, str(REPO / "configs/quickstart.yaml"), *QUICK, f"output.dir={out}")
     state = wait_job(env, job, timeout=180)
     assert state["JobState"] == "COMPLETED", f"job {state['JobState']} {state.get('ExitCode')}:\n{job_log(tmp_path)}"
-    read_results(out)
+    read_results(out, "slurm")
