@@ -19,7 +19,7 @@ from torch.fx.node import map_arg
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ntdist.errors import UserError
-from ntdist.fusion.ops import Val, propagate, refuse
+from ntdist.fusion.ops import NeedShapes, Val, propagate, refuse
 
 IN, OUT = 0, 1
 
@@ -99,39 +99,38 @@ class _Spaces:
 
 def _batch_slice(x):
     if isinstance(x, torch.Tensor):
-        return x[:2] if x.dim() > 0 else x
+        return x[:1] if x.dim() > 0 else x
     if isinstance(x, (tuple, list)):
         return type(x)(_batch_slice(v) for v in x)
     return x
 
 
-def trace(model: nn.Module, example_inputs=None):
-    """Symbolically trace `model`; run shape propagation on two samples when inputs are known."""
+def trace(model: nn.Module):
+    """Symbolically trace `model` with torch.fx; UserError if its forward is not traceable."""
     try:
-        gm = symbolic_trace(model)
+        return symbolic_trace(model)
     except Exception as err:  # noqa: BLE001 - any tracing failure is a model the user must adapt
         raise UserError(f"cannot trace {type(model).__name__} with torch.fx ({type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''}); fusion needs a traceable forward") from None
-    given = example_inputs is not None
-    if not given:
-        example_inputs = _dummy_input(gm)
-    if example_inputs is None:
-        return gm, False
+
+
+def _shape_prop(gm, model, example_inputs, given: bool) -> bool:
+    """Record every node's output shape from a one-sample forward pass in eval mode."""
     args = _batch_slice(example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,))
     flags = {name: m.training for name, m in gm.named_modules()}
     try:
         gm.eval()
         with torch.no_grad():
             ShapeProp(gm).propagate(*args)
+        return True
     except Exception as err:  # noqa: BLE001
         if given:
             raise UserError(f"example_inputs do not fit {type(model).__name__}: {err}; "
                             "pass one input batch of the shape the model expects") from None
-        return gm, False
+        return False
     finally:
         for name, m in gm.named_modules():
             m.training = flags[name]
-    return gm, True
 
 
 def _dummy_input(gm):
@@ -139,15 +138,32 @@ def _dummy_input(gm):
         if node.op == "call_module":
             mod = gm.get_submodule(node.target)
             if isinstance(mod, nn.Linear):
-                return torch.zeros(2, mod.in_features)
+                return torch.zeros(1, mod.in_features)
             if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                 return None
     return None
 
 
 def analyze(model: nn.Module, example_inputs=None) -> Plan:
-    """Trace `model` and build its `Plan`; raise UserError for anything not widenable exactly."""
-    gm, shaped = trace(model, example_inputs)
+    """Trace `model` and build its `Plan`; raise UserError for anything not widenable exactly.
+
+    Shapes are propagated (one sample through the model) only when the plan
+    needs a spatial size, e.g. at a flatten after a convolution.
+    """
+    gm = trace(model)
+    first = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
+    in_ndim = first.dim() if isinstance(first, torch.Tensor) else None
+    try:
+        return _walk(model, gm, False, in_ndim)
+    except NeedShapes:
+        given = example_inputs is not None
+        inputs = example_inputs if given else _dummy_input(gm)
+        if inputs is None or not _shape_prop(gm, model, inputs, given):
+            raise
+    return _walk(model, gm, True, in_ndim)
+
+
+def _walk(model, gm, shaped: bool, in_ndim) -> Plan:
     sp = _Spaces()
     layers: Dict[str, Layer] = {}
     nonlinear: List[Tuple[str, int]] = []
@@ -158,7 +174,7 @@ def analyze(model: nn.Module, example_inputs=None) -> Plan:
         if shaped and "tensor_meta" in node.meta and hasattr(node.meta["tensor_meta"], "shape"):
             shape = tuple(node.meta["tensor_meta"].shape)
         if node.op == "placeholder":
-            val = Val(IN, 1, len(shape) if shape else None, None)
+            val = Val(IN, 1, len(shape) if shape else in_ndim, None)
         elif node.op == "get_attr":
             refuse(node.target, "reads a parameter or buffer directly inside forward")
         elif node.op == "output":

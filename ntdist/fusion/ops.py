@@ -31,6 +31,10 @@ class Val(NamedTuple):
     hw: Optional[int]
 
 
+class NeedShapes(UserError):
+    """The analysis needs tensor shapes (a spatial size) that only example inputs can provide."""
+
+
 def refuse(name, why):
     """Raise the UserError for a node or layer that cannot be fused exactly."""
     raise UserError(f"cannot fuse layer '{name}': it {why}; {SUPPORTED}")
@@ -107,7 +111,7 @@ def _flatten(name, x, start, end, sp):
     if sp.find(x.space) == IN:
         return Val(x.space, 1, 2, None)
     if x.hw is None:
-        raise UserError(f"cannot fuse layer '{name}': it flattens a feature map of unknown spatial size; "
+        raise NeedShapes(f"cannot fuse layer '{name}': it flattens a feature map of unknown spatial size; "
                         "pass example_inputs (one input batch) so the fusion can measure it")
     return Val(x.space, x.factor * x.hw, 2, None)
 
@@ -240,7 +244,7 @@ def propagate(node: Node, gm, env, sp, layers, nonlinear, shape):
                 refuse(name, f"reshapes {list(src)} to {list(shape)}, mixing channels")
             if first.ndim == 2 or sp.find(first.space) == IN:
                 return first if first.ndim == 2 else Val(first.space, 1, 2, None)
-            raise UserError(f"cannot fuse layer '{name}': it reshapes a feature map; pass example_inputs "
+            raise NeedShapes(f"cannot fuse layer '{name}': it reshapes a feature map; pass example_inputs "
                             "(one input batch) so the fusion can check the reshape")
         refuse(name, f"calls the tensor method .{target}(), which the fusion does not know")
     return None

@@ -118,7 +118,12 @@ def _pairwise(models, weights, schedule, pair):
 def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = "flat", importance="l2",
          order: str = "merge_prune", width: Optional[int] = None, keep_ratio: Optional[float] = None,
          example_inputs=None, weights: Optional[Sequence[float]] = None) -> nn.Module:
-    """Fuse k models of one architecture into one (of the original width unless `width`/`keep_ratio`)."""
+    """Fuse k models of one architecture into one (of the original width unless `width`/`keep_ratio`).
+
+    `weights` are the members' output weights (default equal). For method
+    'avg' and 'ot' the result always has the members' width, so `width`,
+    `keep_ratio`, `importance` and `order` only apply to 'nt'.
+    """
     from ntdist.fusion.baselines import average
     from ntdist.fusion.ot import ot_fuse
 
@@ -127,9 +132,7 @@ def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = "flat"
     _choose(schedule, SCHEDULES, "schedule")
     _choose(order, ORDERS, "order")
     w = check_weights(weights, len(models))
-    if method != "nt":
-        if width is not None or keep_ratio is not None:
-            raise UserError(f"width and keep_ratio apply to method='nt' only, not '{method}'")
+    if method != "nt":      # avg and OT keep the members' width: width, keep_ratio, importance, order unused
         if method == "avg":
             return average(models, w) if schedule == "flat" else _pairwise(
                 models, w, schedule, lambda a, b, wa, wb: average([a, b], [wa, wb]))

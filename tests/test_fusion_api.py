@@ -1,0 +1,33 @@
+"""Public surface of ntdist.fusion: the config dataclass, the benchmark function, the exported names."""
+
+import csv
+import dataclasses
+
+import ntdist.fusion as fusion
+from ntdist.fusion.bench import bench_fusion
+from ntdist.fusion.config import FusionConfig
+
+
+def test_fusion_config_fields_have_defaults_and_help():
+    cfg = FusionConfig()
+    assert (cfg.k, cfg.methods, cfg.schedule, cfg.order, cfg.importance) == (2, ["nt"], "recursive", "merge_prune", "l2")
+    assert cfg.keep_ratio is None and cfg.width is None and cfg.bn_reestimate is False and cfg.bn_batches == 10
+    for f in dataclasses.fields(FusionConfig):
+        assert f.metadata["help"] and "\n" not in f.metadata["help"], f.name
+    assert FusionConfig().methods is not cfg.methods
+
+
+def test_public_names():
+    for name in ("concat", "fuse", "fuse_pair", "recursive_pairs", "recursive_plan", "average", "ot_fuse",
+                 "Ensemble", "distillation_loss", "reestimate_bn", "IMPORTANCES", "FusionConfig", "prune"):
+        assert hasattr(fusion, name), name
+
+
+def test_bench_fusion_writes_csv(tmp_path):
+    out = tmp_path / "bench.csv"
+    rows = bench_fusion(widths=(16,), repeats=1, out_csv=str(out))
+    assert [r["method"] for r in rows] == ["avg", "nt", "ot"]
+    assert all(r["seconds"] > 0 and r["peak_extra_mib"] >= 0 for r in rows)
+    with open(out) as f:
+        table = list(csv.DictReader(f))
+    assert [r["method"] for r in table] == ["avg", "nt", "ot"] and table[1]["time_vs_avg"]
