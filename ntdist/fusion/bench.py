@@ -18,7 +18,7 @@ import os
 import statistics
 import threading
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -94,8 +94,21 @@ def predicted_ot_bytes(width: int, model_bytes: int) -> int:
 
 def bench_fusion(widths: Sequence[int] = (256, 512, 1024, 2048, 4096), repeats: int = 5,
                  out_csv: str = "bench_fusion.csv", methods: Sequence[str] = ("avg", "nt", "ot"),
-                 seed: int = 0) -> List[Dict]:
-    """Time and memory of each method per width; writes `out_csv`, prints a table, returns the rows."""
+                 seed: int = 0, threads: Optional[int] = None) -> List[Dict]:
+    """Time and memory of each method per width; writes `out_csv`, prints a table, returns the rows.
+
+    `threads` sets torch's intra-op thread count for the run (default: leave it as is).
+    """
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _bench(widths, repeats, out_csv, methods, seed)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _bench(widths, repeats, out_csv, methods, seed) -> List[Dict]:
     x = torch.randn(256, 3, 32, 32)
     rows = []
     for width in widths:
@@ -134,6 +147,7 @@ def bench_fusion(widths: Sequence[int] = (256, 512, 1024, 2048, 4096), repeats: 
             writer.writeheader()
             for row in rows:
                 writer.writerow({k: row.get(k, "") for k in fields})
+    print(f"torch threads: {torch.get_num_threads()}")
     print(f"{'width':>6} {'method':>6} {'median s':>9} {'x avg':>6} {'peak extra MiB':>15} {'x models':>9}")
     for r in rows:
         secs = "skipped" if r["seconds"] is None else f"{r['seconds']:.4f}"
