@@ -19,7 +19,8 @@ Config keys (YAML files hold only what differs from these defaults):
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show full tracebacks")
+    # SUPPRESS: a subcommand's parser must not reset a --debug given before the subcommand
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     parser = argparse.ArgumentParser(prog="ntdist", parents=[common],
                                      description="Train ensembles in parallel, fuse them by Neuron Transplantation, "
                                                  "fine-tune the fused model.")
@@ -90,6 +91,7 @@ def main(argv=None) -> int:
         extra = [x for x in extra if x not in args.overrides]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.debug = getattr(args, "debug", False)   # absent unless given (see the SUPPRESS above)
     if args.command is None:
         parser.print_help()
         return 2

@@ -8,6 +8,7 @@ suggests the closest valid one.
 """
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass
 from typing import Any, List
@@ -47,6 +48,20 @@ class Config:
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` as a string; accept the exponent notation everyone writes for learning rates."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$|^[-+]?\d*\.\d+$|^[-+]?\d+\.$"),
+    list("-+0123456789."))
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 def _fields(cls) -> dict:
@@ -106,7 +121,7 @@ def parse_override(item: str) -> dict:
         raise UserError(f"override '{item}' is not of the form key=value (e.g. train.epochs=5)")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     out: dict = {}
@@ -121,7 +136,7 @@ def parse_override(item: str) -> dict:
 def read_yaml(path: str) -> dict:
     try:
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            data = yaml_load(f.read()) or {}
     except FileNotFoundError:
         raise UserError(f"config file '{path}' not found; pass a YAML file such as configs/quickstart.yaml") from None
     except yaml.YAMLError as err:

@@ -33,13 +33,14 @@ from ntdist.train import labels_of, predict, train_loader
 def run(cfg: Config, world: World, resume: bool = False, overwrite: bool = False) -> dict:
     """The whole NT workflow; returns the results dict (identical on every rank)."""
     started = time.time()
+    splits = load_splits(cfg.data)                   # everything that can fail on bad input comes first,
+    spec = model_spec(cfg, splits)                   # so a mistake leaves no half-made run directory
+    build_member(spec, 0)
+    layout = MemberLayout(cfg.fusion.k, world.size)
     rundir = RunDir(cfg.output.dir, writer=world.is_main)
     rundir.prepare(resume, overwrite)
     world.barrier()
     rundir.write_config(to_yaml(cfg), resume)
-    splits = load_splits(cfg.data)
-    spec = model_spec(cfg, splits)
-    layout = MemberLayout(cfg.fusion.k, world.size)
 
     held = train_stage(cfg, world, layout, splits, spec, rundir, resume)
     results = evaluate_members(cfg, world, layout, splits, spec, held)

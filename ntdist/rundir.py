@@ -64,8 +64,8 @@ class RunDir:
         if resume and os.path.exists(self.file(CONFIG_FILE)):
             with open(self.file(CONFIG_FILE)) as f:
                 old = f.read()
-            if old != text:
-                key = _first_difference(yaml.safe_load(old), yaml.safe_load(text))
+            key = _first_difference(_comparable(yaml.safe_load(old)), _comparable(yaml.safe_load(text)))
+            if key is not None:
                 raise UserError(f"the config differs from the one '{self.path}' was started with (at '{key}'); "
                                 "resume with the same config and overrides, or pass --overwrite to start again")
             return
@@ -95,7 +95,18 @@ def _key(record: dict) -> tuple:
     return tuple(record.get(k) for k in ("stage", "member", "method", "epoch"))
 
 
-def _first_difference(old, new, prefix: str = "") -> str:
+def _comparable(cfg: dict) -> dict:
+    """The parts of a config that decide the results: a moved run directory or a new port may resume."""
+    cfg = dict(cfg)
+    cfg.pop("distributed", None)
+    cfg["output"] = {k: v for k, v in cfg.get("output", {}).items() if k != "dir"}
+    return cfg
+
+
+def _first_difference(old, new, prefix: str = ""):
+    """The dotted key of the first difference, or None when equal."""
+    if old == new:
+        return None
     if isinstance(old, dict) and isinstance(new, dict):
         for key in sorted(set(old) | set(new)):
             if old.get(key) != new.get(key):

@@ -7,6 +7,7 @@ point; finished points are skipped, so a sweep can be restarted at any time.
 import os
 
 from ntdist.config import load_config, read_yaml
+from ntdist.dist.layout import MemberLayout
 from ntdist.dist.world import init_world, shutdown
 from ntdist.resume import install_sigterm_handler
 
@@ -18,7 +19,7 @@ def run_command(config_path: str, overrides, resume: bool = False, overwrite: bo
     plain = [o for o in overrides if not o.startswith("seeds=")]   # the sweep runner handles a seed list
     cfg = load_config(config_path, plain, extra_keys=SWEEP_KEYS)
     install_sigterm_handler()
-    world = init_world(cfg.distributed)
+    world = init_world(cfg.distributed, check_size=lambda size: MemberLayout(cfg.fusion.k, size))
     try:
         if any(key in raw for key in SWEEP_KEYS):
             _run_sweep(config_path, list(overrides), raw, cfg, world, resume, overwrite)

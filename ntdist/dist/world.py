@@ -155,10 +155,15 @@ def detect(env=None, cfg: Optional[DistributedConfig] = None):
         ("single", 0, 1, 0, 1, None, None)
 
 
-def init_world(cfg: Optional[DistributedConfig] = None, env=None) -> World:
-    """Detect the launcher, join the process group (if more than one process) and return the `World`."""
+def init_world(cfg: Optional[DistributedConfig] = None, env=None, check_size=None) -> World:
+    """Detect the launcher, join the process group (if more than one process) and return the `World`.
+
+    `check_size(world_size)` may refuse the layout before any rank waits for the others.
+    """
     cfg = cfg or DistributedConfig()
     launcher, rank, size, local_rank, local_size, addr, port = detect(env, cfg)
+    if check_size:
+        check_size(size)
     cuda = torch.cuda.is_available()
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cuda else "gloo")
     if backend == "nccl" and not cuda:
