@@ -22,6 +22,7 @@ from ntdist.errors import UserError, suggest
 from ntdist.fusion.config import FusionConfig
 from ntdist.models import ModelConfig
 from ntdist.options import opt
+from ntdist.sync import SYNC_METHODS, SyncConfig
 from ntdist.train import SCHEDULES, FinetuneConfig, TrainConfig
 
 FUSION_METHODS = ["nt", "avg", "ot"]
@@ -48,6 +49,8 @@ class Config:
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
+    mode: str = opt("fuse", "fuse (train members, fuse, fine-tune) | sync (experimental periodic-sync SGD)")
+    sync: SyncConfig = dataclasses.field(default_factory=SyncConfig)
 
 
 class _Loader(yaml.SafeLoader):
@@ -191,6 +194,13 @@ def validate(cfg: Config) -> None:
                  f"unknown fusion method '{method}'{suggest(method, FUSION_METHODS)}; choose from {FUSION_METHODS}")
     _require(cfg.finetune.engine in ENGINES,
              f"unknown finetune.engine '{cfg.finetune.engine}'{suggest(cfg.finetune.engine, ENGINES)}; choose one of {ENGINES}")
+    _require(cfg.mode in ("fuse", "sync"), f"unknown mode '{cfg.mode}'{suggest(cfg.mode, ['fuse', 'sync'])}; "
+             "choose fuse or sync")
+    for method in cfg.sync.methods:
+        _require(method in SYNC_METHODS,
+                 f"unknown sync method '{method}'{suggest(method, SYNC_METHODS)}; choose from {SYNC_METHODS}")
+    _require(cfg.sync.unit in ("epoch", "step"), f"sync.unit must be epoch or step, got '{cfg.sync.unit}'")
+    _require(cfg.sync.every >= 1, f"sync.every must be >= 1, got {cfg.sync.every}")
     _require(cfg.distributed.timeout_s > 0, f"distributed.timeout_s must be > 0, got {cfg.distributed.timeout_s}")
 
 

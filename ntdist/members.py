@@ -1,6 +1,6 @@
 """Training the ensemble members, each with its own seed, on the ranks the layout assigns.
 
-Member i is initialised and shuffled with seed `train.seed + i`, so the members
+Member i is initialised and shuffled with its own seed (`member_seed`), so the members
 are diverse and a member trained by any rank layout has the same weights as the
 one trained alone in a single process.
 """
@@ -29,7 +29,11 @@ class MemberRun:
 
 
 def member_seed(cfg: TrainConfig, index: int) -> int:
-    return cfg.seed + index
+    """Member i's seed: 1000 * train.seed + i (+ 0 for every member with `train.identical_members`).
+
+    The factor keeps runs with neighbouring seeds (a seed sweep) from sharing members.
+    """
+    return 1000 * cfg.seed + (0 if cfg.identical_members else index)
 
 
 def build_member(spec: dict, seed: int) -> torch.nn.Module:

@@ -27,6 +27,7 @@ from ntdist.members import build_member, train_member
 from ntdist.models import complete_kwargs
 from ntdist.resume import finished_history, preempt_requested
 from ntdist.rundir import RunDir
+from ntdist.sync import run_sync
 from ntdist.train import labels_of, predict, train_loader
 
 
@@ -41,6 +42,10 @@ def run(cfg: Config, world: World, resume: bool = False, overwrite: bool = False
     rundir.prepare(resume, overwrite)
     world.barrier()
     rundir.write_config(to_yaml(cfg), resume)
+    if cfg.mode == "sync":
+        results = run_sync(cfg, world, splits, spec, rundir, example_inputs(splits))
+        rundir.write_results(results)
+        return results
 
     held = train_stage(cfg, world, layout, splits, spec, rundir, resume)
     results = evaluate_members(cfg, world, layout, splits, spec, held)

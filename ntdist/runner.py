@@ -34,7 +34,7 @@ def _run_one(cfg, world, resume, overwrite) -> dict:
     from ntdist.pipeline import run
 
     results = run(cfg, world, resume=resume, overwrite=overwrite)
-    if world.is_main:
+    if world.is_main and cfg.mode == "fuse":
         _report([cfg.output.dir], cfg.output.dir, world)
     return results
 

@@ -39,7 +39,8 @@ class TrainConfig(OptimConfig):
     """How each ensemble member is trained."""
 
     epochs: int = opt(10, "training epochs per member")
-    seed: int = opt(0, "base seed; member i uses seed + i (its initialisation and data order)")
+    seed: int = opt(0, "base seed; member i uses 1000 * seed + i (its initialisation and data order)")
+    identical_members: bool = opt(False, "train every member with member 0's seed: the paper's self-fusion failure case")
 
 
 @dataclass
