@@ -11,10 +11,10 @@ import os
 from typing import Callable, List, Optional
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from ntdist.data import Splits
 from ntdist.dist.world import World
+from ntdist.engines import make_engine
 from ntdist.fusion import distillation_loss
 from ntdist.resume import Preempted, load_state, preempt_requested, save_state
 from ntdist.train import (FinetuneConfig, check_finite, eval_loader, evaluate, make_optimizer, make_scheduler,
@@ -52,18 +52,20 @@ def finetune(model: torch.nn.Module, cfg: FinetuneConfig, splits: Splits, world:
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, cfg.epochs)
     torch.manual_seed(seed)
+    if cfg.engine == "deepspeed":
+        state_path = None   # ZeRO shards the optimizer state: a resumed run restarts this stage instead
     history: List[dict] = []
     start = 1
     if resume and state_path and os.path.exists(state_path):
         done, history = load_state(state_path, model, optimizer, scheduler)
         start = done + 1
-    wrapped = DistributedDataParallel(model) if world.size > 1 else model
+    engine = make_engine(cfg.engine, model, optimizer, world, batch_size, cfg.zero_stage, cfg.deepspeed_config)
     loader = train_loader(splits.train, batch_size, seed, world.size, world.rank)
     loss_fn = distill_loss_fn(teacher.to(world.device), cfg) if teacher is not None else None
     for epoch in range(start, cfg.epochs + 1):
         loader.sampler.set_epoch(epoch)
-        loss = train_epoch(wrapped, loader, optimizer, world.device, loss_fn,
-                           desc=f"finetune {label} epoch {epoch}/{cfg.epochs}", show=world.is_main)
+        loss = train_epoch(engine.model, loader, optimizer, world.device, loss_fn,
+                           desc=f"finetune {label} epoch {epoch}/{cfg.epochs}", show=world.is_main, engine=engine)
         loss = world.reduce_sum(torch.tensor([loss], dtype=torch.float64)).item() / world.size
         check_finite(loss, f"fine-tuning ({label})", epoch)
         scheduler.step()

@@ -20,13 +20,15 @@ def run_command(config_path: str, overrides, resume: bool = False, overwrite: bo
     cfg = load_config(config_path, plain, extra_keys=SWEEP_KEYS)
     install_sigterm_handler()
     world = init_world(cfg.distributed, check_size=lambda size: MemberLayout(cfg.fusion.k, size))
+    clean = False
     try:
         if any(key in raw for key in SWEEP_KEYS):
             _run_sweep(config_path, list(overrides), raw, cfg, world, resume, overwrite)
         else:
             _run_one(cfg, world, resume, overwrite)
+        clean = True
     finally:
-        shutdown(world)
+        shutdown(world, clean)
     return 0
 
 

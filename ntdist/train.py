@@ -51,6 +51,8 @@ class FinetuneConfig(OptimConfig):
     lr: float = opt(0.01, "learning rate")
     schedule: str = opt("none", "LR schedule: none | step | multistep | cosine")
     engine: str = opt("ddp", "ddp | accelerate | deepspeed")
+    zero_stage: int = opt(0, "deepspeed engine: ZeRO stage 0, 1 or 2")
+    deepspeed_config: Optional[str] = opt(None, "deepspeed engine: extra JSON config (e.g. launch/deepspeed.json)")
     distill: bool = opt(False, "distil the ensemble into the fused model instead of plain fine-tuning")
     temperature: float = opt(2.0, "distillation temperature")
     soft_weight: float = opt(1.0, "weight of the soft-target loss in distillation")
@@ -93,8 +95,12 @@ def eval_loader(data: Dataset, batch_size: int, num_replicas: int = 1, rank: int
 
 
 def train_epoch(model, loader, optimizer, device, loss_fn: Optional[Callable] = None,
-                desc: str = "train", show: bool = True) -> float:
-    """One pass over `loader`; returns the mean training loss. `loss_fn(logits, x, y)` may replace cross-entropy."""
+                desc: str = "train", show: bool = True, engine=None) -> float:
+    """One pass over `loader`; returns the mean training loss.
+
+    `loss_fn(logits, x, y)` may replace cross-entropy; `engine` (see ntdist.engines)
+    replaces the plain zero_grad / backward / step of `optimizer`.
+    """
     model.train()
     total, count = 0.0, 0
     # Bars only on a terminal: in batch logs (SLURM, CI) they would print a line per update.
@@ -103,9 +109,14 @@ def train_epoch(model, loader, optimizer, device, loss_fn: Optional[Callable] = 
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = model(x)
         loss = loss_fn(logits, x, y) if loss_fn else F.cross_entropy(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if engine is None:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        else:
+            engine.zero_grad()
+            engine.backward(loss)
+            engine.step()
         total += loss.item() * len(y)
         count += len(y)
         bar.set_postfix(loss=f"{loss.item():.4f}")

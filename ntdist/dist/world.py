@@ -237,10 +237,25 @@ class _Heartbeat:
             cls.current = None
 
 
-def shutdown(world: World) -> None:
-    """Stop the heartbeat and destroy the process group at exit (DeepSpeed and NCCL abort otherwise)."""
-    if world.size > 1 and dist.is_initialized():
+def ensure_process_group(world: World) -> None:
+    """Give libraries (DeepSpeed) what they expect: a process group even for one process, and the
+    torchrun-style variables, whichever launcher actually started the job."""
+    for key, value in (("RANK", world.rank), ("LOCAL_RANK", world.local_rank), ("WORLD_SIZE", world.size),
+                       ("LOCAL_WORLD_SIZE", world.local_size)):
+        os.environ.setdefault(key, str(value))
+    if world.size == 1 and not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+
+
+def shutdown(world: World, clean: bool = True) -> None:
+    """Stop the heartbeat and destroy the process group at exit (DeepSpeed and NCCL abort otherwise).
+
+    After an error (`clean=False`) there is no final barrier: the other ranks may never arrive.
+    """
+    if dist.is_initialized():
         _Heartbeat.stop()
+        if clean:
+            dist.barrier()   # DeepSpeed aborts at exit unless every rank gets here before the group goes
         dist.destroy_process_group()
 
 

@@ -1,0 +1,102 @@
+"""Fine-tuning engines: plain DDP (default), Hugging Face Accelerate, or DeepSpeed ZeRO 0-2.
+
+Each engine wraps the model and the SGD optimizer of the config and exposes the
+three calls the training loop makes: `zero_grad()`, `backward(loss)`, `step()`.
+The data sharding (DistributedSampler) and the epoch-wise LR schedule stay the
+same for all engines, so they follow the same accuracy trajectory.
+"""
+
+import json
+import os
+from typing import Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from ntdist.dist.world import World, ensure_process_group
+from ntdist.errors import UserError
+
+
+class Engine:
+    """Plain PyTorch: DDP over all ranks when there are several, else the bare model."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: World):
+        self.model = DistributedDataParallel(model) if world.size > 1 else model
+        self.optimizer = optimizer
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+
+class AccelerateEngine(Engine):
+    """`accelerate.Accelerator` (on the CPU when there is no CUDA) prepares the model and optimizer."""
+
+    def __init__(self, model, optimizer, world: World):
+        try:
+            from accelerate import Accelerator
+        except ImportError:
+            raise UserError("finetune.engine=accelerate needs accelerate: pip install 'ntdist[accelerate]'") from None
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        if self.accelerator.num_processes != world.size:
+            raise UserError(f"accelerate sees {self.accelerator.num_processes} processes but the job has {world.size}; "
+                            "without a GPU start it with ACCELERATE_USE_CPU=true (see launch/README.md)")
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+
+    def backward(self, loss):
+        self.accelerator.backward(loss)
+
+
+class DeepSpeedEngine(Engine):
+    """`deepspeed.initialize` with our SGD optimizer and ZeRO stage `finetune.zero_stage` (0, 1 or 2)."""
+
+    def __init__(self, model, optimizer, world: World, micro_batch: int, zero_stage: int,
+                 config_file: Optional[str] = None):
+        try:
+            import deepspeed
+        except ImportError:
+            raise UserError("finetune.engine=deepspeed needs deepspeed: pip install 'ntdist[deepspeed]'") from None
+        config = {}
+        if config_file:
+            try:
+                with open(config_file) as f:
+                    config = json.load(f)
+            except (OSError, ValueError) as err:
+                raise UserError(f"cannot read finetune.deepspeed_config '{config_file}': {err}") from None
+        for key in ("optimizer", "scheduler", "_comment"):   # the optimizer and LR schedule come from the config
+            config.pop(key, None)
+        config.update({"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1})
+        config.setdefault("zero_optimization", {})["stage"] = zero_stage
+        config.setdefault("steps_per_print", 10 ** 9)
+        config.setdefault("zero_allow_untested_optimizer", True)   # ZeRO 1-2 shard plain torch SGD correctly
+        ensure_process_group(world)
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.abspath(".torch_extensions"))
+        self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
+                                                                dist_init_required=False)
+
+    def zero_grad(self):
+        pass   # DeepSpeed clears gradients inside step()
+
+    def backward(self, loss):
+        self.model.backward(loss)
+
+    def step(self):
+        self.model.step()
+
+
+def make_engine(name: str, model, optimizer, world: World, micro_batch: int, zero_stage: int = 0,
+                deepspeed_config: Optional[str] = None) -> Engine:
+    if name == "ddp":
+        return Engine(model, optimizer, world)
+    if name == "accelerate":
+        return AccelerateEngine(model, optimizer, world)
+    if name == "deepspeed":
+        if zero_stage not in (0, 1, 2):
+            raise UserError(f"finetune.zero_stage must be 0, 1 or 2, got {zero_stage}")
+        return DeepSpeedEngine(model, optimizer, world, micro_batch, zero_stage, deepspeed_config)
+    raise UserError(f"unknown finetune.engine '{name}'; choose ddp, accelerate or deepspeed")
