@@ -64,7 +64,10 @@ def base_env(**extra) -> dict:
            if k not in FOREIGN and not k.startswith(("SLURM_", "OMPI_", "PMIX_", "ACCELERATE_"))}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env["TORCH_EXTENSIONS_DIR"] = env.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
+    # A cache of DeepSpeed's compiled op for these tests alone: torch rebuilds a cached op whenever
+    # the build commands differ (e.g. another ninja on PATH), so sharing one with runs that have
+    # another PATH would recompile it again and again.
+    env["TORCH_EXTENSIONS_DIR"] = str(REPO / ".torch_extensions" / "launchers")
     env["PYTHONUNBUFFERED"] = "1"
     env.update({k: str(v) for k, v in extra.items()})
     return env
@@ -210,7 +213,8 @@ def test_deepspeed_config_initialises_under_torchrun(tmp_path):
     """launch/deepspeed.json drives deepspeed.initialize and one step on two CPU ranks.
 
     The first run on a machine compiles DeepSpeed's shared-memory op (about a minute on 2 cores);
-    later runs reuse it from $TORCH_EXTENSIONS_DIR (default .torch_extensions/ in the repository).
+    later runs reuse it from .torch_extensions/launchers/ (git-ignored; prebuild it with
+    `TORCH_EXTENSIONS_DIR=.torch_extensions/launchers scripts/prebuild_deepspeed_ops.sh`).
     """
     check = subprocess.run([sys.executable, "-c", "import deepspeed"], capture_output=True, text=True,
                            timeout=120, env=base_env())
