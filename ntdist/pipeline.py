@@ -47,9 +47,13 @@ def run(cfg: Config, world: World, resume: bool = False, overwrite: bool = False
         rundir.write_results(results)
         return results
 
+    world.barrier()
+    train_start = time.perf_counter()
     held = train_stage(cfg, world, layout, splits, spec, rundir, resume)
+    train_seconds = time.perf_counter() - train_start
     results = evaluate_members(cfg, world, layout, splits, spec, held)
     results["world"] = gather_world_info(world)
+    results["train_seconds"] = train_seconds
     results["control"] = control_stage(cfg, world, layout, splits, spec, held, results, rundir, resume)
     results["fusion"] = {}
     for method in cfg.fusion.methods:

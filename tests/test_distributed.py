@@ -81,8 +81,10 @@ def _tree(rank, out_dir, k):
     members = _members(k)
     held = {i: members[i] for i in layout.held_by(rank)}
     x = torch.zeros(2, 64)
+    sent = []
     fused = tree_fuse(world, held, [layout.holder(i) for i in range(k)], lambda: build_member(SPEC, 0),
-                      example_inputs=x)
+                      example_inputs=x, sent=sent)
+    assert max(sent) <= 1, sent   # at most one model per rank per round
     torch.save(fused.state_dict(), os.path.join(out_dir, f"fused{rank}.pt"))
     shutdown(world)
 

@@ -8,7 +8,7 @@ broadcast to every rank. Each rank sends at most one model per round. Every
 other method gathers the members on rank 0, fuses there and broadcasts.
 """
 
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -20,25 +20,31 @@ from ntdist.fusion.schedule import recursive_plan
 
 
 def tree_fuse(world: World, held: Dict[int, torch.nn.Module], holders: List[int],
-              make_template: Callable[[], torch.nn.Module], example_inputs=None, **options) -> torch.nn.Module:
+              make_template: Callable[[], torch.nn.Module], example_inputs=None, sent: Optional[List[int]] = None,
+              **options) -> torch.nn.Module:
     """NT-recursive across ranks; returns the fused model on every rank.
 
     `held` maps member index -> model for the members this rank holds; `holders[i]`
     is the rank holding member i; `options` go to `fuse_pair` (importance, order, width, keep_ratio).
     A subtree is named by its leftmost member and stays with that member's holder.
+    `sent`, when given, receives the number of models this rank sent in each round.
     """
     reference = make_template()                     # original width: the target the pruning aims at
     plan = analyze(reference, example_inputs)       # the same data-flow plan the single-process fuse uses
     models = dict(held)
     for steps in recursive_plan(len(holders)):
+        sends = 0
         for left, right, leaves_left, leaves_right in steps:
             src, dst = holders[right], holders[left]
             if world.rank == src and src != dst:
                 send_model(world, models.pop(right), dst)
+                sends += 1
             if world.rank == dst:
                 other = models.pop(right) if src == dst else recv_model(world, make_template(), src)
                 models[left] = fuse_pair(models[left], other, leaves_left, leaves_right, reference=reference,
                                          plan=plan, **options)
+        if sent is not None:
+            sent.append(sends)
     root = holders[0]
     result = models[0] if world.rank == root else make_template()
     return broadcast_model(world, result, root)
