@@ -357,3 +357,31 @@ def test_quickstart_under_sbatch(slurm, tmp_path):
     state = wait_job(env, job, timeout=180)
     assert state["JobState"] == "COMPLETED", f"job {state['JobState']} {state.get('ExitCode')}:\n{job_log(tmp_path)}"
     read_results(out, "slurm")
+
+
+def test_quickstart_preempted_under_sbatch_resumes(slurm, tmp_path):
+    """SIGTERM to the batch script mid-training: ntdist checkpoints and exits 3, the job is requeued,
+    and the second run continues from the checkpoint (its first epoch is not epoch 1)."""
+    out = tmp_path / "run"
+    env = dict(slurm, NTDIST=f"{sys.executable} -m ntdist")
+    job = sbatch(env, tmp_path, str(REPO / "configs/quickstart.yaml"), "train.epochs=60", "finetune.epochs=1",
+                 f"output.dir={out}")
+    deadline = time.monotonic() + TIMEOUT
+    while "epoch 2/60" not in job_log(tmp_path):
+        if time.monotonic() > deadline or job_state(env, job).get("JobState") not in ("PENDING", "RUNNING"):
+            subprocess.run(["scancel", job], env=env, capture_output=True, timeout=30)
+            pytest.fail(f"job {job} never reached epoch 2:\n{job_log(tmp_path)}")
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--batch", "--signal=TERM", job], env=env, check=True, timeout=30)
+    state = wait_job(env, job, timeout=180, until=("PENDING", "COMPLETED", "FAILED", "CANCELLED"))
+    if state.get("JobState") == "PENDING":
+        time.sleep(1)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, capture_output=True,
+                       timeout=30)
+    state = wait_job(env, job, timeout=180)
+    log = job_log(tmp_path)
+    assert state["JobState"] == "COMPLETED", f"job {state['JobState']}:\n{log[-4000:]}"
+    assert state.get("Restarts") == "1" and "requeueing" in log, log[-4000:]
+    second = log.split("(restart 1)", 1)[1]
+    assert "member 0 epoch 1/60" not in second, f"the requeued run started again from scratch:\n{second[:2000]}"
+    read_results(out, "slurm")
