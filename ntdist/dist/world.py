@@ -5,7 +5,8 @@
 1. torchrun / torchelastic / accelerate: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT all set;
 2. SLURM `srun` without torchrun: SLURM_PROCID, SLURM_STEP_NUM_TASKS (or SLURM_NTASKS), SLURM_LOCALID,
    master address from the first host of SLURM_STEP_NODELIST / SLURM_NODELIST;
-3. MPI: OMPI_COMM_WORLD_* or PMI_*; rank 0 shares its address and a free port through mpi4py;
+3. MPI: OMPI_COMM_WORLD_* (checked before SLURM, whose variables mpirun's daemons inherit on a
+   cluster) or PMI_*; rank 0 shares its address and a free port through mpi4py;
 4. otherwise one process.
 
 Backend nccl where CUDA is present, gloo otherwise; device cuda:LOCAL_RANK or cpu.
@@ -151,7 +152,10 @@ def detect(env=None, cfg: Optional[DistributedConfig] = None):
     """(launcher, rank, size, local_rank, local_size, master_addr, master_port) of this process."""
     env = os.environ if env is None else env
     cfg = cfg or DistributedConfig()
-    return _from_torchrun(env) or _from_slurm(env, cfg) or _from_mpi(env, cfg) or \
+    # Open MPI's own variables come before SLURM's: on several nodes mpirun starts its daemons with
+    # srun, so its ranks also see SLURM_PROCID. PMI_* (which srun --mpi=pmi2 sets too) comes after.
+    ompi = _from_mpi(env, cfg) if "OMPI_COMM_WORLD_RANK" in env else None
+    return _from_torchrun(env) or ompi or _from_slurm(env, cfg) or _from_mpi(env, cfg) or \
         ("single", 0, 1, 0, 1, None, None)
 
 

@@ -64,10 +64,9 @@ def base_env(**extra) -> dict:
            if k not in FOREIGN and not k.startswith(("SLURM_", "OMPI_", "PMIX_", "ACCELERATE_"))}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    # A cache of DeepSpeed's compiled op for these tests alone: torch rebuilds a cached op whenever
-    # the build commands differ (e.g. another ninja on PATH), so sharing one with runs that have
-    # another PATH would recompile it again and again.
-    env["TORCH_EXTENSIONS_DIR"] = str(REPO / ".torch_extensions" / "launchers")
+    # One cache of DeepSpeed's compiled op (make test exports it, with the venv's ninja first on PATH):
+    # torch rebuilds a cached op whenever the build commands differ, e.g. another ninja.
+    env["TORCH_EXTENSIONS_DIR"] = os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
     env["PYTHONUNBUFFERED"] = "1"
     env.update({k: str(v) for k, v in extra.items()})
     return env
