@@ -1,6 +1,6 @@
 """Wall time of training k=2 members on 2 ranks against one process training them in turn.
 
-    .venv/bin/python benchmarks/parallel_members.py [--repeats 3] [--epochs 20] [--width 256]
+    .venv/bin/python benchmarks/parallel_members.py [--repeats 3] [--epochs 200] [--width 256]
 
 Both sides use 1 torch thread per rank and time only the member-training stage
 (`train_seconds` in results.json, taken between barriers), so process start-up and
@@ -34,7 +34,7 @@ def one_run(nproc: int, epochs: int, width: int, out: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--width", type=int, default=256, help="MLP width (digits steps are tiny at width 32)")
     args = parser.parse_args()
     times = {1: [], 2: []}
