@@ -31,11 +31,12 @@ class RunDir:
 
     def prepare(self, resume: bool, overwrite: bool) -> None:
         """Create the directory; refuse a non-empty one unless resuming or overwriting."""
-        if not self.writer:
-            return
+        # Checked on every rank (the run directory is on a shared file system), so all ranks stop together.
         if os.path.isdir(self.path) and os.listdir(self.path) and not (resume or overwrite):
             raise UserError(f"run directory '{self.path}' is not empty; pass --resume to continue it, "
                             "--overwrite to start again, or set output.dir to a new folder")
+        if not self.writer:
+            return
         if overwrite and os.path.isdir(self.path):
             for name in (METRICS_FILE, RESULTS_FILE):
                 if os.path.exists(self.file(name)):
