@@ -39,6 +39,8 @@ def run(cfg: Config, world: World, resume: bool = False, overwrite: bool = False
     build_member(spec, 0)
     layout = MemberLayout(cfg.fusion.k, world.size)
     rundir = RunDir(cfg.output.dir, writer=world.is_main)
+    rundir.check(resume, overwrite)
+    world.barrier()
     rundir.prepare(resume, overwrite)
     world.barrier()
     rundir.write_config(to_yaml(cfg), resume)

@@ -29,12 +29,18 @@ class RunDir:
     def file(self, *parts: str) -> str:
         return os.path.join(self.path, *parts)
 
-    def prepare(self, resume: bool, overwrite: bool) -> None:
-        """Create the directory; refuse a non-empty one unless resuming or overwriting."""
-        # Checked on every rank (the run directory is on a shared file system), so all ranks stop together.
+    def check(self, resume: bool, overwrite: bool) -> None:
+        """Refuse a non-empty directory unless resuming or overwriting.
+
+        Called on every rank before any rank creates anything (the run directory is on a shared
+        file system), so all ranks stop together.
+        """
         if os.path.isdir(self.path) and os.listdir(self.path) and not (resume or overwrite):
             raise UserError(f"run directory '{self.path}' is not empty; pass --resume to continue it, "
                             "--overwrite to start again, or set output.dir to a new folder")
+
+    def prepare(self, resume: bool, overwrite: bool) -> None:
+        """Create the directory (clearing old results with `overwrite`); rank 0 only."""
         if not self.writer:
             return
         if overwrite and os.path.isdir(self.path):
