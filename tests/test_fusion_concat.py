@@ -69,7 +69,7 @@ def test_concat_widens_every_hidden_layer_and_keeps_the_output():
     assert torch.equal(w[12:24, 12:24], models[1].net[3].weight)
 
 
-@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("k", [2, 3, 4])
 def test_concat_torchvision_resnet18(k):
     models = members("torchvision:resnet18", {"num_classes": 10}, k, seed=10 + k)
     x = torch.randn(2, 3, 32, 32)
