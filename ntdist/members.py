@@ -31,7 +31,8 @@ class MemberRun:
 def member_seed(cfg: TrainConfig, index: int) -> int:
     """Member i's seed: 1000 * train.seed + i (+ 0 for every member with `train.identical_members`).
 
-    The factor keeps runs with neighbouring seeds (a seed sweep) from sharing members.
+    The factor keeps runs with neighbouring seeds (a seed sweep) from sharing members;
+    fine-tuning uses 1000 * train.seed + 998 (control) and + 999 (fused models).
     """
     return 1000 * cfg.seed + (0 if cfg.identical_members else index)
 

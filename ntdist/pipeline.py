@@ -163,7 +163,7 @@ def control_stage(cfg, world, layout, splits, spec, held, results, rundir, resum
     best = results["best_member_index"]
     model = copy.deepcopy(held[best]) if best in held else build_member(spec, 0)
     model = broadcast_model(world, model.cpu(), layout.holder(best))
-    history = resumable_finetune(cfg, world, splits, spec, model, "best-member", cfg.train.seed + 10_000,
+    history = resumable_finetune(cfg, world, splits, spec, model, "best-member", 1000 * cfg.train.seed + 998,
                                  None, rundir, resume)
     return {"method": "best_member_extra_epochs", "member": best,
             "finetune": [r["test_accuracy"] for r in history], "finetune_val": [r["val_accuracy"] for r in history]}
@@ -224,7 +224,7 @@ def finetune_stage(cfg, world, layout, splits, spec, held, fused, method, second
         members = gather_models(world, {i: m.cpu() for i, m in held.items()},
                                 [layout.holder(i) for i in range(cfg.fusion.k)], template, root=None)
         teacher = concat([members[i] for i in range(cfg.fusion.k)], example_inputs=example_inputs(splits))
-    history = resumable_finetune(cfg, world, splits, spec, fused, method, cfg.train.seed + 20_000, teacher,
+    history = resumable_finetune(cfg, world, splits, spec, fused, method, 1000 * cfg.train.seed + 999, teacher,
                                  rundir, resume)
     return {"post_fusion": post["test"], "post_fusion_val": post["val"],
             "finetune": [r["test_accuracy"] for r in history], "finetune_val": [r["val_accuracy"] for r in history],

@@ -6,7 +6,7 @@ point; finished points are skipped, so a sweep can be restarted at any time.
 
 import os
 
-from ntdist.config import load_config, read_yaml
+from ntdist.config import load_config, read_yaml, yaml_load
 from ntdist.dist.layout import MemberLayout
 from ntdist.dist.world import init_world, shutdown
 from ntdist.resume import install_sigterm_handler
@@ -20,6 +20,9 @@ def run_command(config_path: str, overrides, resume: bool = False, overwrite: bo
     cfg = load_config(config_path, plain, extra_keys=SWEEP_KEYS)
     install_sigterm_handler()
     world = init_world(cfg.distributed, check_size=lambda size: MemberLayout(cfg.fusion.k, size))
+    if world.restart > 0 and not overwrite:
+        world.print0(f"elastic restart {world.restart}: resuming from the checkpoints in {cfg.output.dir}")
+        resume = True
     clean = False
     try:
         if any(key in raw for key in SWEEP_KEYS):
@@ -42,24 +45,28 @@ def _run_one(cfg, world, resume, overwrite) -> dict:
 
 
 def _run_sweep(config_path, overrides, raw, cfg, world, resume, overwrite) -> None:
-    del overwrite   # points that finished are kept; unfinished ones start again
-    from ntdist.sweep import expand, run_sweep
+    """Every point of the sweep as one run; finished points are skipped unless --overwrite."""
+    from ntdist.dist.comm import all_gather_records
+    from ntdist.pipeline import run
+    from ntdist.sweep import expand, read_results, run_sweep
 
     def run_point(path, point_overrides):
         point_cfg = load_config(path, point_overrides, extra_keys=SWEEP_KEYS)
-        from ntdist.pipeline import run
-        run(point_cfg, world, resume=resume, overwrite=True)
+        # an unfinished point continues with --resume and starts again otherwise
+        run(point_cfg, world, resume=resume, overwrite=not resume)
         world.barrier()   # rank 0 has written results.json before anyone checks for it
 
-    world.print0(f"sweep: {len(expand(raw))} runs under {cfg.output.dir}")
     def done(point_dir):   # rank 0 decides, so every rank skips (or runs) the same points
-        from ntdist.dist.comm import all_gather_records
-        from ntdist.sweep import read_results
-        return all_gather_records(world, [read_results(point_dir) is not None])[0]
+        return not overwrite and all_gather_records(world, [read_results(point_dir) is not None])[0]
 
+    for item in overrides:   # a seed list given on the command line replaces the file's
+        if item.startswith("seeds="):
+            raw = dict(raw, seeds=yaml_load(item.split("=", 1)[1]))
+    points = expand(raw)
+    world.print0(f"sweep: {len(points)} runs under {cfg.output.dir}")
     run_sweep(config_path, overrides, run_point, done=done, summarise=world.is_main)
-    if world.is_main:
-        _report([cfg.output.dir], cfg.output.dir, world)
+    if world.is_main:   # report on this sweep's points only, not on leftovers of an earlier grid
+        _report([os.path.join(cfg.output.dir, p.subdir) for p in points], cfg.output.dir, world)
 
 
 def _report(run_dirs, out, world) -> None:

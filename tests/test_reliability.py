@@ -235,3 +235,19 @@ def test_resume_refuses_a_pickle_in_place_of_a_checkpoint(tmp_path, finished):
     proc = ntdist("run", *QUICK, "train.epochs=2", "finetune.epochs=1", f"output.dir={run}", "--resume")
     assert proc.returncode == 2 and "never loads pickles" in proc.stderr, proc.stderr[-2000:]
     assert not marker.exists()
+
+
+def test_torchrun_restarts_a_dead_rank_and_the_job_resumes(tmp_path, reference):
+    ref, args = reference
+    out = tmp_path / "run"
+    cmd = torchrun_cmd(*args, f"output.dir={out}")
+    cmd.insert(3, "--max-restarts=1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(out / "checkpoints" / "member1.state.safetensors", proc)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[-1]), signal.SIGKILL)   # one rank dies mid-training
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log[-3000:]
+    assert "elastic restart 1: resuming" in log
+    assert_same_run(out, ref)

@@ -51,6 +51,8 @@ class World:
     backend: Optional[str] = None
     launcher: str = "single"
     host: str = socket.gethostname()
+    restart: int = 0
+    """how often an elastic launcher (torchrun --max-restarts) has restarted this job"""
 
     @property
     def is_main(self) -> bool:
@@ -177,19 +179,27 @@ def init_world(cfg: Optional[DistributedConfig] = None, env=None, check_size=Non
         torch.cuda.set_device(device)
     threads = cfg.threads_per_rank or max(1, (os.cpu_count() or 1) // max(local_size, 1))
     torch.set_num_threads(threads)
+    env = os.environ if env is None else env
+    restart = int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
     if size == 1:
-        return World(device=device, launcher=launcher)
+        return World(device=device, launcher=launcher, restart=restart)
     if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=cfg.timeout_s)
         try:
-            dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=size,
-                                    timeout=datetime.timedelta(seconds=cfg.timeout_s))
+            # torchrun's agent keeps one store for the whole job: a key space per elastic restart keeps a
+            # restarted rank from reading the addresses of the ranks that died.
+            agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+            store = dist.TCPStore(addr, port, size, is_master=rank == 0 and not agent_store, timeout=timeout,
+                                  wait_for_workers=False)
+            store = dist.PrefixStore(f"ntdist/attempt{restart}", store)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
         except (RuntimeError, dist.DistNetworkError) as err:
             first = str(err).strip().splitlines()[0]
             raise UserError(f"rank {rank} could not join the process group at {addr}:{port} ({first}); "
                             "is the port in use or the master unreachable? set distributed.port or MASTER_PORT") from err
     _Heartbeat.start(rank, cfg.timeout_s)
     return World(rank=rank, local_rank=local_rank, size=size, local_size=local_size, device=device,
-                 backend=backend, launcher=launcher)
+                 backend=backend, launcher=launcher, restart=restart)
 
 
 class _Heartbeat:
