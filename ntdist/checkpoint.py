@@ -6,6 +6,7 @@ with the model spec `{name, kwargs}`, so `load_model` rebuilds the module from
 the file alone. Nothing here unpickles: a file that is not safetensors is refused.
 """
 
+import contextlib
 import json
 import os
 import tempfile
@@ -21,20 +22,26 @@ from ntdist.models import build_model
 FORMAT = 1
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write to a temporary file beside `path`, flush it to disk, then rename it into place."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+@contextlib.contextmanager
+def _replacing(path: str):
+    """Yield a temporary path beside `path`; once written, it is flushed to disk and renamed into place."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
+                               suffix=os.path.basename(path))
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write `data` so that `path` holds either its old or its new content, never a mix."""
+    with _replacing(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -47,18 +54,8 @@ def save_checkpoint(path: str, model: torch.nn.Module, spec: dict, info: Optiona
     tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     tensors.update({f"extra.{k}": v.detach().cpu().contiguous().clone() for k, v in (extra or {}).items()})
     meta = {"format": FORMAT, "model": {"name": spec["name"], "kwargs": dict(spec["kwargs"])}, "info": info or {}}
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
+    with _replacing(path) as tmp:
         save_file(tensors, tmp, metadata={"ntdist": json.dumps(meta)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def read_checkpoint(path: str) -> Tuple[dict, Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:

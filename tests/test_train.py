@@ -82,3 +82,23 @@ def test_bad_checkpoints_are_refused_without_running_code(tmp_path):
     save_checkpoint(str(good), build_model("mlp"), {"name": "mlp", "kwargs": {}})
     with pytest.raises(UserError, match="config asks for"):
         load_model(str(good), expect_spec={"name": "mlp", "kwargs": {"width": 8}})
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    import ntdist.checkpoint as ck
+    path = str(tmp_path / "m.safetensors")
+    model = build_model("mlp")
+    save_checkpoint(path, model, {"name": "mlp", "kwargs": {}}, info={"version": 1})
+
+    def dies_halfway(tensors, tmp, metadata=None):
+        with open(tmp, "wb") as f:
+            f.write(b"half a file")
+        raise KeyboardInterrupt   # stands in for a kill during the write
+
+    monkeypatch.setattr(ck, "save_file", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, build_model("mlp"), {"name": "mlp", "kwargs": {}}, info={"version": 2})
+    loaded, meta = load_model(path)
+    assert meta["info"] == {"version": 1}
+    assert torch.equal(loaded.net[1].weight, model.net[1].weight)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]   # no temporary file left behind
