@@ -65,7 +65,7 @@ def _run_sweep(config_path, overrides, raw, cfg, world, resume, overwrite) -> No
     points = expand(raw)
     world.print0(f"sweep: {len(points)} runs under {cfg.output.dir}")
     run_sweep(config_path, overrides, run_point, done=done, summarise=world.is_main)
-    if world.is_main:   # report on this sweep's points only, not on leftovers of an earlier grid
+    if world.is_main and cfg.mode == "fuse":   # report on this sweep's points only, not on leftovers of an earlier grid
         _report([os.path.join(cfg.output.dir, p.subdir) for p in points], cfg.output.dir, world)
 
 
