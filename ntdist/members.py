@@ -7,7 +7,7 @@ one trained alone in a single process.
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel

@@ -12,18 +12,8 @@ import torch.nn.functional as F
 
 from ntdist.errors import UserError
 from ntdist.fusion import Ensemble, concat
+from modelutil import randomise_bn
 from ntdist.models import build_model
-
-
-def randomise_bn(model):
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_()
-                m.bias.normal_()
-    return model
 
 
 def members(name, kwargs, k, seed=0):

@@ -7,18 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ntdist.fusion import Ensemble, average, distillation_loss, fuse, ot_fuse, reestimate_bn
+from modelutil import randomise_bn
 from ntdist.models import build_model
-
-
-def randomise_bn(model):
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_()
-                m.bias.normal_()
-    return model
 
 
 def permuted_copy(model, example_inputs=None):
