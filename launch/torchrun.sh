@@ -21,15 +21,7 @@
 # Every argument after the config is passed on to `ntdist run`.
 set -euo pipefail
 
-if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
-    sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
-    exit 2
-fi
-
-if [[ -z ${NTDIST:-} ]]; then
-    if command -v ntdist >/dev/null 2>&1; then NTDIST=ntdist; else NTDIST="python3 -m ntdist"; fi
-fi
-read -r -a ntdist_cmd <<< "$NTDIST"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 read -r -a torchrun_cmd <<< "${TORCHRUN:-torchrun}"
 
 NPROC=${NPROC:-2}
