@@ -8,7 +8,13 @@ import argparse
 import sys
 import traceback
 
-from ntdist.errors import EXIT_FAILURE, UserError
+from ntdist.commands.bench import bench_fusion
+from ntdist.commands.fuse import fuse_command
+from ntdist.commands.report import report_command
+from ntdist.commands.run import run_command
+from ntdist.config import describe_keys
+from ntdist.errors import EXIT_FAILURE, NtdistError
+from ntdist.fusion import IMPORTANCES, METHODS, ORDERS, SCHEDULES
 
 RUN_EPILOG = """Overrides are dotted keys, e.g.:
   ntdist run configs/quickstart.yaml train.epochs=5 fusion.methods=[nt,avg] model.kwargs.width=64
@@ -26,7 +32,6 @@ def _parser() -> argparse.ArgumentParser:
                                                  "fine-tune the fused model.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    from ntdist.config import describe_keys
     run = sub.add_parser("run", parents=[common], help="train members, fuse, fine-tune (the whole workflow)",
                          formatter_class=argparse.RawDescriptionHelpFormatter,
                          epilog=RUN_EPILOG + "\n".join(describe_keys()))
@@ -38,10 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     fuse = sub.add_parser("fuse", parents=[common], help="fuse checkpoints into one model of the same architecture")
     fuse.add_argument("checkpoints", nargs="+", help="member checkpoints (.safetensors written by ntdist)")
     fuse.add_argument("-o", "--output", required=True, help="where to write the fused checkpoint")
-    fuse.add_argument("--method", default="nt", choices=["nt", "avg", "ot"])
-    fuse.add_argument("--schedule", default="recursive", choices=["flat", "iterative", "recursive"])
-    fuse.add_argument("--importance", default="l2", help="l2 | group_l2 | l1")
-    fuse.add_argument("--order", default="merge_prune", choices=["merge_prune", "prune_merge"])
+    fuse.add_argument("--method", default="nt", choices=METHODS, help="nt (Neuron Transplantation), avg, ot")
+    fuse.add_argument("--schedule", default="recursive", choices=SCHEDULES,
+                      help="how k models are combined: flat, iterative, recursive (pairwise tree)")
+    fuse.add_argument("--importance", default="l2", choices=list(IMPORTANCES), help="NT unit importance")
+    fuse.add_argument("--order", default="merge_prune", choices=ORDERS,
+                      help="NT: concat then prune, or prune each member then concat")
     fuse.add_argument("--width", type=int, default=None, help="target width of the first hidden layer")
     fuse.add_argument("--keep-ratio", type=float, default=None, help="kept units relative to one member")
 
@@ -58,25 +65,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
-    from ntdist.runner import run_command
     return run_command(args.config, args.overrides, resume=args.resume, overwrite=args.overwrite)
 
 
 def cmd_fuse(args) -> int:
-    from ntdist.fuse_cli import fuse_command
     fuse_command(args.checkpoints, args.output, method=args.method, schedule=args.schedule,
                  importance=args.importance, order=args.order, width=args.width, keep_ratio=args.keep_ratio)
     return 0
 
 
 def cmd_bench(args) -> int:
-    from ntdist.fusion.bench import bench_fusion
     bench_fusion(widths=tuple(args.widths), repeats=args.repeats, out_csv=args.out)
     return 0
 
 
 def cmd_report(args) -> int:
-    from ntdist.report import report_command
     path = report_command(args.run_dirs, args.out)
     print(f"report: {path}")
     return 0
@@ -98,7 +101,7 @@ def main(argv=None) -> int:
     handler = {"run": cmd_run, "fuse": cmd_fuse, "bench": cmd_bench, "report": cmd_report}[args.command]
     try:
         return handler(args)
-    except UserError as err:
+    except NtdistError as err:
         if args.debug:
             traceback.print_exc()
         print(f"ntdist: error: {err}", file=sys.stderr)

@@ -2,31 +2,32 @@
 
     cfg = load_config("configs/quickstart.yaml", ["train.epochs=5", "fusion.methods=[nt,avg]"])
 
-YAML files hold only what differs from the defaults. Unknown keys and values of
-the wrong type are refused with a one-line `UserError` that names the key and
-suggests the closest valid one.
+Each section's dataclass lives beside the code it configures and checks its own
+values in `__post_init__`; OmegaConf merges the layers and checks keys and
+types, and its errors become one-line `UserError`s that name the key and
+suggest the closest valid one. YAML files hold only what differs from the defaults.
 """
 
 import dataclasses
 import re
 import typing
 from dataclasses import dataclass
-from typing import Any, List
 
 import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from ntdist.data import DATASETS, DataConfig
-from ntdist.dist.world import DistributedConfig
-from ntdist.errors import UserError, suggest
+from ntdist.data import DataConfig
+from ntdist.distributed.world import DistributedConfig
+from ntdist.errors import UserError, check_choice, suggest
 from ntdist.fusion.config import FusionConfig
 from ntdist.models import ModelConfig
 from ntdist.options import opt
-from ntdist.sync import SYNC_METHODS, SyncConfig
-from ntdist.train import SCHEDULES, FinetuneConfig, TrainConfig
+from ntdist.training.finetune import FinetuneConfig
+from ntdist.training.members import TrainConfig
+from ntdist.training.sync import SyncConfig
 
-FUSION_METHODS = ["nt", "avg", "ot"]
-ENGINES = ["ddp", "accelerate", "deepspeed"]
+MODES = ("fuse", "sync")
 
 
 @dataclass
@@ -52,6 +53,9 @@ class Config:
     mode: str = opt("fuse", "fuse (train members, fuse, fine-tune) | sync (experimental periodic-sync SGD)")
     sync: SyncConfig = dataclasses.field(default_factory=SyncConfig)
 
+    def __post_init__(self):
+        check_choice(self.mode, MODES, "mode")
+
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 reads `1e-4` as a string; accept the exponent notation everyone writes for learning rates."""
@@ -72,50 +76,37 @@ def _fields(cls) -> dict:
     return {f.name: (hints[f.name], f) for f in dataclasses.fields(cls)}
 
 
-def _type_ok(value: Any, tp) -> bool:
-    origin = typing.get_origin(tp)
-    if origin is typing.Union:
-        return any(_type_ok(value, arg) for arg in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if tp is Any:
-        return True
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is str:
-        return isinstance(value, str)
-    if tp is list or origin in (list, List):
-        args = typing.get_args(tp)
-        return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value) if args else isinstance(value, list)
-    if tp is dict or origin is dict:
-        return isinstance(value, dict)
-    return True
-
-
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def check_keys(data: dict, cls=Config, prefix: str = "") -> None:
-    """Refuse unknown keys and wrongly typed values in a (partial) config dict."""
-    if not isinstance(data, dict):
-        raise UserError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {data!r}")
-    fields = _fields(cls)
-    for key, value in data.items():
-        full = f"{prefix}{key}"
-        if key not in fields:
-            close = suggest(str(key), fields)
-            close = close.replace("'", f"'{prefix}", 1) if close else ""
-            raise UserError(f"unknown config key '{full}'{close}; run 'ntdist run --help' for the list of keys")
-        tp, _ = fields[key]
-        if dataclasses.is_dataclass(tp):
-            check_keys(value, tp, full + ".")
-        elif not _type_ok(value, tp):
-            raise UserError(f"config key '{full}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+def _lookup(tree, dotted: str):
+    """(the field type at `dotted` in the Config tree or None, the value at `dotted` in `tree` or None)."""
+    cls, value = Config, tree
+    for part in dotted.split("."):
+        fields = _fields(cls) if dataclasses.is_dataclass(cls) else {}
+        cls = fields[part][0] if part in fields else None
+        value = value.get(part) if isinstance(value, dict) else None
+    return cls, value
+
+
+def _user_error(err: OmegaConfBaseException, layer: dict) -> UserError:
+    """One line naming the key, for an OmegaConf key or type error."""
+    key = getattr(err, "full_key", None) or ""
+    if isinstance(err, ConfigKeyError):
+        parent, _, name = key.rpartition(".")
+        parent_cls = _lookup({}, parent)[0] if parent else Config
+        choices = _fields(parent_cls) if dataclasses.is_dataclass(parent_cls) else {}
+        close = suggest(name, choices).replace("'", f"'{parent + '.' if parent else ''}", 1)
+        return UserError(f"unknown config key '{key}'{close}; run 'ntdist run --help' for the list of keys")
+    if isinstance(err, ValidationError) and key:
+        tp, value = _lookup(layer, key)
+        if tp is not None and dataclasses.is_dataclass(tp):
+            return UserError(f"config section '{key}' must be a mapping of keys, got {value!r}")
+        expected = _type_name(tp) if tp is not None else "another type"
+        return UserError(f"config key '{key}' expects {expected}, got {value!r} ({type(value).__name__})")
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return UserError(f"the config does not fit ntdist's config keys ({first}); run 'ntdist run --help'")
 
 
 def parse_override(item: str) -> dict:
@@ -134,6 +125,19 @@ def parse_override(item: str) -> dict:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
     return out
+
+
+def format_value(value) -> str:
+    """Write a value the way a dotted override (parsed as YAML) reads it back."""
+    if isinstance(value, list):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    return str(value)
 
 
 def read_yaml(path: str) -> dict:
@@ -160,48 +164,14 @@ def load_config(path: str | None = None, overrides=(), extra_keys=()) -> Config:
     merged = OmegaConf.structured(Config)
     for layer in layers:
         layer = {k: v for k, v in layer.items() if k not in extra_keys}
-        check_keys(layer)
-        merged = OmegaConf.merge(merged, layer)
-    cfg = OmegaConf.to_object(merged)
-    validate(cfg)
-    return cfg
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise UserError(message)
-
-
-def validate(cfg: Config) -> None:
-    """Value checks the type system cannot express."""
-    _require(cfg.train.epochs >= 0, f"train.epochs must be >= 0, got {cfg.train.epochs}")
-    _require(cfg.finetune.epochs >= 0, f"finetune.epochs must be >= 0, got {cfg.finetune.epochs}")
-    _require(cfg.fusion.k >= 2, f"fusion.k must be at least 2 (an ensemble of one cannot be fused), got {cfg.fusion.k}")
-    for section in (cfg.train, cfg.finetune):
-        _require(section.lr > 0, f"learning rates must be > 0, got {section.lr}")
-        _require(section.schedule in SCHEDULES,
-                 f"unknown LR schedule '{section.schedule}'{suggest(section.schedule, SCHEDULES)}; choose one of {SCHEDULES}")
-    _require(cfg.data.name in DATASETS,
-             f"unknown dataset data.name='{cfg.data.name}'{suggest(cfg.data.name, DATASETS)}; choose one of {DATASETS}")
-    _require(cfg.data.batch_size >= 1, f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
-    for key in ("val_fraction", "test_fraction"):
-        value = getattr(cfg.data, key)
-        _require(0 <= value < 1, f"data.{key} must be in [0, 1), got {value}")
-    _require(0 < cfg.data.train_fraction <= 1, f"data.train_fraction must be in (0, 1], got {cfg.data.train_fraction}")
-    _require(len(cfg.fusion.methods) > 0, "fusion.methods is empty; list at least one of " + str(FUSION_METHODS))
-    for method in cfg.fusion.methods:
-        _require(method in FUSION_METHODS,
-                 f"unknown fusion method '{method}'{suggest(method, FUSION_METHODS)}; choose from {FUSION_METHODS}")
-    _require(cfg.finetune.engine in ENGINES,
-             f"unknown finetune.engine '{cfg.finetune.engine}'{suggest(cfg.finetune.engine, ENGINES)}; choose one of {ENGINES}")
-    _require(cfg.mode in ("fuse", "sync"), f"unknown mode '{cfg.mode}'{suggest(cfg.mode, ['fuse', 'sync'])}; "
-             "choose fuse or sync")
-    for method in cfg.sync.methods:
-        _require(method in SYNC_METHODS,
-                 f"unknown sync method '{method}'{suggest(method, SYNC_METHODS)}; choose from {SYNC_METHODS}")
-    _require(cfg.sync.unit in ("epoch", "step"), f"sync.unit must be epoch or step, got '{cfg.sync.unit}'")
-    _require(cfg.sync.every >= 1, f"sync.every must be >= 1, got {cfg.sync.every}")
-    _require(cfg.distributed.timeout_s > 0, f"distributed.timeout_s must be > 0, got {cfg.distributed.timeout_s}")
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as err:
+            raise _user_error(err, layer) from None
+    try:
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _user_error(err, {}) from None
 
 
 def to_yaml(cfg: Config) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from ntdist.errors import UserError, suggest
+from ntdist.errors import UserError, check_choice
 from ntdist.options import opt
 
 TORCHVISION_SETS = {
@@ -36,7 +36,7 @@ DATASETS = ["digits", "synthetic", *TORCHVISION_SETS]
 class DataConfig:
     """Which data the members train on and how it is split and batched."""
 
-    name: str = opt("digits", "digits | synthetic | mnist | fashionmnist | cifar10 | cifar100 | svhn")
+    name: str = opt("digits", " | ".join(DATASETS))
     root: str = opt("data", "directory holding torchvision datasets (not used by digits/synthetic)")
     download: bool = opt(False, "let torchvision download missing datasets (needs internet)")
     batch_size: int = opt(32, "batch size per rank")
@@ -48,6 +48,17 @@ class DataConfig:
     synthetic_samples: int = opt(4096, "synthetic: number of samples")
     synthetic_shape: list = opt([64], "synthetic: shape of one sample")
     synthetic_classes: int = opt(10, "synthetic: number of classes")
+
+    def __post_init__(self):
+        check_choice(self.name, DATASETS, "dataset data.name")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise UserError(f"data.batch_size and data.eval_batch_size must be >= 1, got {self.batch_size} "
+                            f"and {self.eval_batch_size}")
+        for key in ("val_fraction", "test_fraction"):
+            if not 0 <= getattr(self, key) < 1:
+                raise UserError(f"data.{key} must be in [0, 1), got {getattr(self, key)}")
+        if not 0 < self.train_fraction <= 1:
+            raise UserError(f"data.train_fraction must be in (0, 1], got {self.train_fraction}")
 
 
 @dataclass
@@ -131,9 +142,7 @@ def load_torchvision_splits(cfg: DataConfig) -> Splits:
 
 def load_splits(cfg: DataConfig) -> Splits:
     """Load the dataset named in `cfg` and return its seeded train/val/test splits."""
-    if cfg.name not in DATASETS:
-        raise UserError(f"unknown dataset data.name='{cfg.name}'{suggest(cfg.name, DATASETS)}; "
-                        f"choose one of {DATASETS}")
+    check_choice(cfg.name, DATASETS, "dataset data.name")
     if cfg.name == "digits":
         splits = load_digits_splits(cfg)
     elif cfg.name == "synthetic":

@@ -1,269 +1,272 @@
 """`ntdist run`: train members -> evaluate -> fuse with each method -> fine-tune -> results.
 
-Each step is one function with explicit inputs and outputs; `run` below reads as
-the table of contents. The same code runs in one process or on many ranks: the
-`World` and the `MemberLayout` decide who trains, holds and fuses what.
+`run` below reads as the table of contents. What never changes during a run
+(config, world, member layout, data, model spec, run directory) travels as one
+frozen `Run`; what changes (the members a rank holds, fused models, results)
+is passed and returned explicitly. The same code runs in one process or on many
+ranks: the `World` and the `MemberLayout` decide who trains, holds and fuses what.
 """
 
 import copy
 import os
 import sys
 import time
-from typing import Dict
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
 
 import torch
 
-from ntdist.checkpoint import load_model, save_checkpoint
 from ntdist.config import Config, to_yaml
 from ntdist.data import Splits, load_splits
-from ntdist.dist.comm import all_gather_records, broadcast_model, gather_models, new_groups
-from ntdist.dist.layout import MemberLayout
-from ntdist.dist.tree import gather_fuse, tree_fuse
-from ntdist.dist.world import World, gather_world_info
-from ntdist.diversity import diversity_summary
-from ntdist.finetune import evaluate_splits, finetune
+from ntdist.distributed.comm import all_gather_records, broadcast_model, gather_models, new_groups
+from ntdist.distributed.layout import MemberLayout
+from ntdist.distributed.tree import gather_fuse, tree_fuse
+from ntdist.distributed.world import World, gather_world_info
 from ntdist.fusion import concat, reestimate_bn
-from ntdist.members import build_member, train_member
-from ntdist.models import complete_kwargs
-from ntdist.resume import finished_history, preempt_requested
-from ntdist.rundir import RunDir
-from ntdist.sync import run_sync
-from ntdist.train import labels_of, predict, train_loader
+from ntdist.fusion.diversity import diversity_summary
+from ntdist.models import ModelSpec
+from ntdist.records.checkpoint import load_model, save_checkpoint
+from ntdist.records.files import remove_if_present
+from ntdist.records.results import RESULTS_FILE, ControlResult, MethodResult, RunResults
+from ntdist.records.rundir import RunDir
+from ntdist.training.finetune import evaluate_splits, finetune
+from ntdist.training.loop import labels_of, predict, train_loader
+from ntdist.training.members import train_member
+from ntdist.training.state import finished_history
+from ntdist.training.sync import run_sync
+
+CONTROL_SEED, FUSED_SEED = 998, 999   # fine-tuning seeds: 1000 * train.seed + these (members use + 0..k-1)
 
 
-def run(cfg: Config, world: World, resume: bool = False, overwrite: bool = False) -> dict:
-    """The whole NT workflow; returns the results dict (identical on every rank)."""
+@dataclass(frozen=True)
+class Run:
+    """The constants of one run, handed to every stage."""
+
+    cfg: Config
+    world: World
+    layout: MemberLayout
+    splits: Splits
+    spec: ModelSpec
+    rundir: RunDir
+    resume: bool = False
+
+    @property
+    def holders(self) -> List[int]:
+        """holders[i]: the rank that keeps member i after training."""
+        return [self.layout.holder(i) for i in range(self.layout.num_members)]
+
+    def template(self) -> torch.nn.Module:
+        """A model of the members' architecture whose weights are about to be overwritten."""
+        return self.spec.build()
+
+    def example_inputs(self) -> torch.Tensor:
+        """Two training inputs: enough for the fusion to trace shapes."""
+        train = self.splits.train
+        return torch.stack([train[i][0] for i in range(min(2, len(train)))])
+
+    def seed(self, offset: int) -> int:
+        return 1000 * self.cfg.train.seed + offset
+
+
+def make_run(cfg: Config, world: World, resume: bool = False) -> Run:
+    """Load the data and check the model: everything that can fail on bad input, before any file is written."""
+    splits = load_splits(cfg.data)
+    spec = ModelSpec.for_data(cfg.model, splits.in_shape, splits.num_classes)
+    spec.build()
+    return Run(cfg, world, MemberLayout(cfg.fusion.k, world.size), splits, spec,
+               RunDir(cfg.output.dir, writer=world.is_main), resume)
+
+
+def run(cfg: Config, world: World, resume: bool = False, overwrite: bool = False):
+    """The whole NT workflow; returns the results (identical on every rank)."""
     started = time.time()
-    splits = load_splits(cfg.data)                   # everything that can fail on bad input comes first,
-    spec = model_spec(cfg, splits)                   # so a mistake leaves no half-made run directory
-    build_member(spec, 0)
-    layout = MemberLayout(cfg.fusion.k, world.size)
-    rundir = RunDir(cfg.output.dir, writer=world.is_main)
-    rundir.check(resume, overwrite)
-    world.barrier()
-    rundir.prepare(resume, overwrite)
-    world.barrier()
-    rundir.write_config(to_yaml(cfg), resume)
+    r = make_run(cfg, world, resume)
+    prepare_rundir(r, overwrite)
     if cfg.mode == "sync":
-        results = run_sync(cfg, world, splits, spec, rundir, example_inputs(splits))
-        rundir.write_results(results)
-        return results
-
-    world.barrier()
-    train_start = time.perf_counter()
-    held = train_stage(cfg, world, layout, splits, spec, rundir, resume)
-    train_seconds = time.perf_counter() - train_start
-    results = evaluate_members(cfg, world, layout, splits, spec, held)
-    results["world"] = gather_world_info(world)
-    results["train_seconds"] = train_seconds
-    results["control"] = control_stage(cfg, world, layout, splits, spec, held, results, rundir, resume)
-    results["fusion"] = {}
-    for method in cfg.fusion.methods:
-        fused, seconds = fuse_stage(cfg, world, layout, splits, spec, held, method)
-        results["fusion"][method] = finetune_stage(cfg, world, layout, splits, spec, held, fused, method,
-                                                   seconds, rundir, resume)
-    results["wall_seconds"] = time.time() - started
-    rundir.write_results(results)
-    world.print0(summary_table(results, rundir.path))
+        results = run_sync(r)
+    else:
+        world.barrier()
+        train_start = time.perf_counter()
+        held = train_stage(r)
+        train_seconds = time.perf_counter() - train_start
+        results = evaluate_members(r, held)
+        results.train_seconds = train_seconds
+        results.control = control_stage(r, held, results.best_member_index)
+        for method in cfg.fusion.methods:
+            fused, seconds = fuse_stage(r, held, method)
+            results.fusion[method] = finetune_stage(r, held, fused, method, seconds)
+        world.print0(summary_table(results, r.rundir.path))
+    results.wall_seconds = time.time() - started
+    r.rundir.write_results(results)
     return results
 
 
-def model_spec(cfg: Config, splits: Splits) -> dict:
-    """The full `{name, kwargs}` spec, with input shape and class count filled in from the data."""
-    kwargs = complete_kwargs(cfg.model.name, dict(cfg.model.kwargs), splits.in_shape, splits.num_classes)
-    return {"name": cfg.model.name, "kwargs": kwargs}
+def prepare_rundir(r: Run, overwrite: bool) -> None:
+    """Every rank checks the directory before rank 0 creates it, so all stop together on a mistake."""
+    r.rundir.check(r.resume, overwrite)
+    r.world.barrier()
+    r.rundir.prepare(r.resume, overwrite)
+    r.world.barrier()
+    r.rundir.write_config(to_yaml(r.cfg), r.resume)
 
 
-def example_inputs(splits: Splits) -> torch.Tensor:
-    return torch.stack([splits.train[i][0] for i in range(min(2, len(splits.train)))])
-
-
-def train_stage(cfg, world, layout, splits, spec, rundir, resume) -> Dict[int, torch.nn.Module]:
+def train_stage(r: Run) -> Dict[int, torch.nn.Module]:
     """Train this rank's members (in parallel across rank groups); returns the members this rank holds.
 
     A member whose final checkpoint exists is loaded instead of trained when resuming.
     """
-    ranks = [layout.group_ranks(m) for m in range(layout.num_members)]
-    groups = new_groups(world, ranks) if layout.group_size > 1 else {}
+    world, layout = r.world, r.layout
+    groups = new_groups(world, [layout.group_ranks(m) for m in range(layout.num_members)]) \
+        if layout.group_size > 1 else {}
     held, histories = {}, []
     for i in layout.members_of(world.rank):
-        final = rundir.file("checkpoints", f"member{i}.safetensors")
-        history = finished_history(final, cfg.train.epochs) if resume else None
+        final = r.rundir.checkpoint(f"member{i}")
+        history = finished_history(final, r.cfg.train.epochs) if r.resume else None
         if history is not None:
-            model = load_model(final, expect_spec=spec)[0].to(world.device)
+            model = load_model(final, expect_spec=r.spec)[0].to(world.device)
         else:
-            group = groups.get(i)
-            stop = (lambda g=group: world.any(preempt_requested(), g)) if group is not None else preempt_requested
-            run = train_member(i, spec, cfg.train, splits, cfg.data.batch_size, cfg.data.eval_batch_size,
-                               world.device, group, world.rank % layout.group_size, layout.group_size,
-                               show=world.is_main, log=print_if(world.is_main),
-                               state_path=rundir.file("checkpoints", f"member{i}.state.safetensors"),
-                               resume=resume, should_stop=stop)
-            model, history = run.model, run.history
+            model, history = train_member(r, i, groups.get(i))
             if world.rank == layout.holder(i):
-                save_checkpoint(final, model, spec, info={"stage": "member", "member": i,
-                                                          "epochs": cfg.train.epochs, "history": history})
-                remove(rundir.file("checkpoints", f"member{i}.state.safetensors"))
+                save_checkpoint(final, model, r.spec, info={"stage": "member", "member": i,
+                                                            "epochs": r.cfg.train.epochs, "history": history})
+                remove_if_present(r.rundir.checkpoint(f"member{i}.state"))
         if world.rank == layout.holder(i):
             held[i] = model
             histories.append(history)
     for history in sorted(all_gather_records(world, histories), key=lambda h: h[0]["member"] if h else -1):
         for record in history:
-            rundir.log(record)
+            r.rundir.log(record)
     return held
 
 
-def evaluate_members(cfg, world, layout, splits, spec, held) -> dict:
+def evaluate_members(r: Run, held: Dict[int, torch.nn.Module]) -> RunResults:
     """Each member's val/test accuracy and the accuracy of their output average (the ensemble)."""
-    k = cfg.fusion.k
-    table = torch.zeros(k, 2, dtype=torch.float64)
+    k, world, splits, batch = r.cfg.fusion.k, r.world, r.splits, r.cfg.data.eval_batch_size
     val_logits = torch.zeros(k, len(splits.val), splits.num_classes, dtype=torch.float64)
     test_logits = torch.zeros(k, len(splits.test), splits.num_classes, dtype=torch.float64)
     for i, model in held.items():
-        val_logits[i] = predict(model, splits.val, cfg.data.eval_batch_size, world.device).double()
-        test_logits[i] = predict(model, splits.test, cfg.data.eval_batch_size, world.device).double()
+        val_logits[i] = predict(model, splits.val, batch, world.device).double()
+        test_logits[i] = predict(model, splits.test, batch, world.device).double()
     # Each member's logits live on its holder; one sum gives every rank all of them.
     val_logits, test_logits = world.reduce_sum(val_logits), world.reduce_sum(test_logits)
     val_y, test_y = labels_of(splits.val), labels_of(splits.test)
-    table[:, 0] = (val_logits.argmax(2) == val_y).double().mean(1)
-    table[:, 1] = (test_logits.argmax(2) == test_y).double().mean(1)
-    acc = {"val": (val_logits.mean(0).argmax(1) == val_y).double().mean().item(),
-           "test": (test_logits.mean(0).argmax(1) == test_y).double().mean().item()}
-    members = table[:, 1].tolist()
-    best = int(torch.argmax(table[:, 0]).item())   # chosen on validation accuracy
-    results = {"k": k, "seed": cfg.train.seed, "members": members, "members_val": table[:, 0].tolist(),
-               "best_member": members[best], "best_member_index": best, "ensemble": acc["test"],
-               "ensemble_val": acc["val"]}
-    world.print0(f"members test accuracy {[round(a, 4) for a in members]}, ensemble {acc['test']:.4f}")
-    if cfg.output.diversity:
-        results["diversity"] = diversity_stage(cfg, world, layout, spec, held, test_logits)
+    members_val = (val_logits.argmax(2) == val_y).double().mean(1)
+    members = (test_logits.argmax(2) == test_y).double().mean(1).tolist()
+    best = int(torch.argmax(members_val).item())   # chosen on validation accuracy
+    results = RunResults(k=k, seed=r.cfg.train.seed, members=members, members_val=members_val.tolist(),
+                         best_member=members[best], best_member_index=best,
+                         ensemble=(test_logits.mean(0).argmax(1) == test_y).double().mean().item(),
+                         ensemble_val=(val_logits.mean(0).argmax(1) == val_y).double().mean().item())
+    world.print0(f"members test accuracy {[round(a, 4) for a in members]}, ensemble {results.ensemble:.4f}")
+    if r.cfg.output.diversity:
+        results.diversity = diversity_stage(r, held, test_logits)
+    results.world = gather_world_info(world)
     return results
 
 
-def diversity_stage(cfg, world, layout, spec, held, test_logits) -> dict:
+def diversity_stage(r: Run, held: Dict[int, torch.nn.Module], test_logits: torch.Tensor) -> dict:
     """Disagreement and near-duplicate units of the members; warns when NT would lose information."""
-    template = lambda: build_member(spec, 0)  # noqa: E731
-    members = gather_models(world, {i: m.cpu() for i, m in held.items()},
-                            [layout.holder(i) for i in range(cfg.fusion.k)], template, root=0)
+    world, k = r.world, r.cfg.fusion.k
+    members = gather_models(world, {i: m.cpu() for i, m in held.items()}, r.holders, r.template, root=0)
     summary = None
     if world.is_main:
-        summary = diversity_summary([members[i] for i in range(cfg.fusion.k)], list(test_logits),
-                                    cfg.output.duplicate_threshold)
+        summary = diversity_summary([members[i] for i in range(k)], list(test_logits), r.cfg.output.duplicate_threshold)
         if summary["warning"]:
-            print(f"ntdist: warning: {summary['warning']}", file=sys.stderr, flush=True)
+            world.print0(f"ntdist: warning: {summary['warning']}", file=sys.stderr)
     for model in held.values():
         model.to(world.device)
     return all_gather_records(world, [summary])[0]
 
 
-def control_stage(cfg, world, layout, splits, spec, held, results, rundir, resume):
+def control_stage(r: Run, held: Dict[int, torch.nn.Module], best: int):
     """The best member fine-tuned for the same epochs as the fused model: a fair baseline."""
-    if not cfg.finetune.control or cfg.finetune.epochs == 0:
+    if not r.cfg.finetune.control or r.cfg.finetune.epochs == 0:
         return None
-    best = results["best_member_index"]
-    model = copy.deepcopy(held[best]) if best in held else build_member(spec, 0)
-    model = broadcast_model(world, model.cpu(), layout.holder(best))
-    history = resumable_finetune(cfg, world, splits, spec, model, "best-member", 1000 * cfg.train.seed + 998,
-                                 None, rundir, resume)
-    return {"method": "best_member_extra_epochs", "member": best,
-            "finetune": [r["test_accuracy"] for r in history], "finetune_val": [r["val_accuracy"] for r in history]}
+    model = copy.deepcopy(held[best]) if best in held else r.template()
+    model = broadcast_model(r.world, model.cpu(), r.layout.holder(best))
+    history = resumable_finetune(r, model, "best-member", r.seed(CONTROL_SEED), None)
+    return ControlResult(member=best, finetune=[h["test_accuracy"] for h in history],
+                         finetune_val=[h["val_accuracy"] for h in history])
 
 
-def resumable_finetune(cfg, world, splits, spec, model, label, seed, teacher, rundir, resume) -> list:
+def resumable_finetune(r: Run, model: torch.nn.Module, label: str, seed: int, teacher) -> List[dict]:
     """Fine-tune `model` (state after every epoch), or load the finished result when resuming."""
-    final = rundir.file("checkpoints", f"finetuned_{label}.safetensors")
-    history = finished_history(final, cfg.finetune.epochs) if resume else None
+    final = r.rundir.checkpoint(f"finetuned_{label}")
+    history = finished_history(final, r.cfg.finetune.epochs) if r.resume else None
     if history is not None:
-        model.load_state_dict(load_model(final, expect_spec=spec)[0].state_dict())
+        model.load_state_dict(load_model(final, expect_spec=r.spec)[0].state_dict())
     else:
-        history = finetune(model, cfg.finetune, splits, world, cfg.data.batch_size, cfg.data.eval_batch_size,
-                           seed, label, teacher, log=print_if(world.is_main), spec=spec,
-                           state_path=rundir.file("checkpoints", f"finetune_{label}.state.safetensors"),
-                           resume=resume)
-        if world.is_main:
-            save_checkpoint(final, model.cpu(), spec, info={"stage": "finetune", "method": label,
-                                                            "epochs": cfg.finetune.epochs, "history": history})
-            remove(rundir.file("checkpoints", f"finetune_{label}.state.safetensors"))
-        world.barrier()
+        history = finetune(r, model, label, seed, teacher)
+        if r.world.is_main:
+            save_checkpoint(final, model.cpu(), r.spec, info={"stage": "finetune", "method": label,
+                                                              "epochs": r.cfg.finetune.epochs, "history": history})
+            remove_if_present(r.rundir.checkpoint(f"finetune_{label}.state"))
+        r.world.barrier()
     for record in history:
-        rundir.log(record)
+        r.rundir.log(record)
     return history
 
 
-def fuse_stage(cfg, world, layout, splits, spec, held, method):
-    """Fuse the members with `method`; every rank ends with the same fused model."""
-    fc = cfg.fusion
-    holders = [layout.holder(i) for i in range(fc.k)]
-    template = lambda: build_member(spec, 0)  # noqa: E731  (weights are overwritten on receipt)
+def fuse_stage(r: Run, held: Dict[int, torch.nn.Module], method: str) -> Tuple[torch.nn.Module, float]:
+    """Fuse the members with `method`; every rank ends with the same fused model (and the seconds it took)."""
+    fc, world = r.cfg.fusion, r.world
     options = dict(importance=fc.importance, order=fc.order, width=fc.width, keep_ratio=fc.keep_ratio,
-                   example_inputs=example_inputs(splits))
+                   example_inputs=r.example_inputs())
     world.barrier()
     start = time.perf_counter()
     cpu_held = {i: m.cpu() for i, m in held.items()}
     if method == "nt" and fc.schedule == "recursive":
-        fused = tree_fuse(world, cpu_held, holders, template, **options)
+        fused = tree_fuse(world, cpu_held, r.holders, r.template, **options)
     else:
-        fused = gather_fuse(world, cpu_held, holders, template, method=method, schedule=fc.schedule, **options)
+        fused = gather_fuse(world, cpu_held, r.holders, r.template, method=method, schedule=fc.schedule, **options)
     seconds = time.perf_counter() - start
     if fc.bn_reestimate:
-        reestimate_bn(fused, train_loader(splits.train, cfg.data.batch_size, cfg.train.seed), fc.bn_batches)
+        torch.manual_seed(r.seed(FUSED_SEED))   # the re-estimation passes run in train mode (dropout draws)
+        reestimate_bn(fused, train_loader(r.splits.train, r.cfg.data.batch_size, r.cfg.train.seed), fc.bn_batches)
     for model in held.values():
         model.to(world.device)
     return fused, seconds
 
 
-def finetune_stage(cfg, world, layout, splits, spec, held, fused, method, seconds, rundir, resume) -> dict:
+def finetune_stage(r: Run, held: Dict[int, torch.nn.Module], fused: torch.nn.Module, method: str,
+                   seconds: float) -> MethodResult:
     """Evaluate right after fusion, fine-tune (or distil), save the fused model; returns its results."""
-    post = evaluate_splits(fused.to(world.device), splits, world, cfg.data.eval_batch_size)
-    world.print0(f"{method}: right after fusion val {post['val']:.4f}, test {post['test']:.4f}")
-    rundir.log({"stage": "fusion", "method": method, "epoch": 0, "val_accuracy": post["val"],
-                "test_accuracy": post["test"], "fuse_seconds": seconds})
+    post = evaluate_splits(r, fused.to(r.world.device))
+    r.world.print0(f"{method}: right after fusion val {post['val']:.4f}, test {post['test']:.4f}")
+    r.rundir.log({"stage": "fusion", "method": method, "epoch": 0, "val_accuracy": post["val"],
+                  "test_accuracy": post["test"], "fuse_seconds": seconds})
     teacher = None
-    if cfg.finetune.distill:
-        template = lambda: build_member(spec, 0)  # noqa: E731
-        members = gather_models(world, {i: m.cpu() for i, m in held.items()},
-                                [layout.holder(i) for i in range(cfg.fusion.k)], template, root=None)
-        teacher = concat([members[i] for i in range(cfg.fusion.k)], example_inputs=example_inputs(splits))
-    history = resumable_finetune(cfg, world, splits, spec, fused, method, 1000 * cfg.train.seed + 999, teacher,
-                                 rundir, resume)
-    return {"post_fusion": post["test"], "post_fusion_val": post["val"],
-            "finetune": [r["test_accuracy"] for r in history], "finetune_val": [r["val_accuracy"] for r in history],
-            "fuse_seconds": seconds,
-            **({"sparsity": sparsity(held, fused, world, layout, cfg.fusion.k)} if method == "nt" else {})}
+    if r.cfg.finetune.distill:
+        members = gather_models(r.world, {i: m.cpu() for i, m in held.items()}, r.holders, r.template, root=None)
+        teacher = concat([members[i] for i in range(r.cfg.fusion.k)], example_inputs=r.example_inputs())
+    history = resumable_finetune(r, fused, method, r.seed(FUSED_SEED), teacher)
+    return MethodResult(post_fusion=post["test"], post_fusion_val=post["val"],
+                        finetune=[h["test_accuracy"] for h in history],
+                        finetune_val=[h["val_accuracy"] for h in history], fuse_seconds=seconds,
+                        sparsity=sparsity(r, held, fused) if method == "nt" else None)
 
 
-def sparsity(held, fused, world, layout, k) -> float:
+def _first_layer(model: torch.nn.Module) -> torch.nn.Module:
+    return next(m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)))
+
+
+def sparsity(r: Run, held: Dict[int, torch.nn.Module], fused: torch.nn.Module) -> float:
     """1 - kept units / (k * member units) of the first hidden layer (the x-axis of the paper's Fig. 4)."""
-    first = next(m for m in fused.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)))
-    return 1.0 - first.weight.shape[0] / (k * _first_width(held, world, layout))
-
-
-def _first_width(held, world, layout) -> float:
     width = torch.zeros(1, dtype=torch.float64)
     if 0 in held:
-        width[0] = next(m for m in held[0].modules()
-                        if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d))).weight.shape[0]
-    return world.reduce_sum(width).item()
+        width[0] = _first_layer(held[0]).weight.shape[0]
+    member_width = r.world.reduce_sum(width).item()
+    return 1.0 - _first_layer(fused).weight.shape[0] / (r.cfg.fusion.k * member_width)
 
 
-def summary_table(results: dict, path: str) -> str:
+def summary_table(results: RunResults, path: str) -> str:
     lines = [f"{'':14s}{'after fusion':>14s}{'after finetune':>16s}",
-             f"{'best member':14s}{results['best_member'] * 100:13.2f}%{'':16s}",
-             f"{'ensemble':14s}{results['ensemble'] * 100:13.2f}%{'':16s}"]
-    if results.get("control"):
-        lines.append(f"{'member+extra':14s}{'':14s}{results['control']['finetune'][-1] * 100:15.2f}%")
-    for method, r in results["fusion"].items():
-        last = f"{r['finetune'][-1] * 100:15.2f}%" if r["finetune"] else f"{'-':>16s}"
-        lines.append(f"{method:14s}{r['post_fusion'] * 100:13.2f}%{last}")
-    lines.append(f"results: {os.path.join(path, 'results.json')}")
+             f"{'best member':14s}{results.best_member * 100:13.2f}%{'':16s}",
+             f"{'ensemble':14s}{results.ensemble * 100:13.2f}%{'':16s}"]
+    if results.control:
+        lines.append(f"{'member+extra':14s}{'':14s}{results.control.finetune[-1] * 100:15.2f}%")
+    for method, m in results.fusion.items():
+        last = f"{m.finetune[-1] * 100:15.2f}%" if m.finetune else f"{'-':>16s}"
+        lines.append(f"{method:14s}{m.post_fusion * 100:13.2f}%{last}")
+    lines.append(f"results: {os.path.join(path, RESULTS_FILE)}")
     return "\n".join(lines)
-
-
-def remove(path: str) -> None:
-    """Delete a state file once the stage's final checkpoint has replaced it."""
-    if os.path.exists(path):
-        os.unlink(path)
-
-
-def print_if(flag: bool):
-    return (lambda *a, **k: print(*a, **k, flush=True)) if flag else (lambda *a, **k: None)

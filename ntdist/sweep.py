@@ -9,23 +9,23 @@ A config may carry two top-level keys besides the usual sections:
 
 `expand` turns them into one `Point` per combination (the cartesian product in the
 order the keys are written, seeds innermost). `run_sweep` runs every point that has
-no results.json yet, each in its own sub-directory of output.dir, and `aggregate`
-reduces the results of several seeds to mean and sample standard deviation.
+no results.json yet, each in its own sub-directory of output.dir, and writes
+sweep.json: the results of each point's seeds reduced to mean and sample
+standard deviation by `records.stats.aggregate`.
 """
 
 import itertools
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
 
-import yaml
-
-from ntdist.checkpoint import atomic_write_text
-from ntdist.config import read_yaml
+from ntdist.config import format_value, read_yaml, yaml_load
 from ntdist.errors import UserError
+from ntdist.records.files import atomic_write_text
+from ntdist.records.results import SyncResults, read_results
+from ntdist.records.stats import aggregate, aggregate_sync
 
 SWEEP_KEYS = ("seeds", "sweep")
 SUMMARY_FILE = "sweep.json"
@@ -38,19 +38,6 @@ class Point:
     name: str
     overrides: List[str] = field(default_factory=list)
     subdir: str = "."
-
-
-def format_value(value) -> str:
-    """Write a value the way a dotted override (parsed as YAML) reads it back."""
-    if isinstance(value, list):
-        return "[" + ",".join(format_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    return str(value)
 
 
 def sanitise(name: str) -> str:
@@ -107,22 +94,39 @@ def expand(raw: dict) -> List[Point]:
     return points
 
 
-def read_results(run_dir: str) -> Optional[dict]:
-    """The results.json of a finished run, or None when there is none (or it is unreadable)."""
-    try:
-        with open(os.path.join(run_dir, "results.json")) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _base_dir(raw: dict, overrides: Sequence[str]) -> str:
     base = (raw.get("output") or {}).get("dir", "runs/default")
     for item in overrides:
         if item.startswith("output.dir="):
             base = item.split("=", 1)[1]
     return base
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """The points of a sweep file with its command-line overrides applied."""
+
+    points: List[Point]
+    dirs: List[str]          # each point's output.dir
+    base: str                # the sweep's output.dir (sweep.json goes here)
+    overrides: List[str]     # what every point gets, before its own overrides
+
+
+def plan_sweep(config_path: str, overrides: Sequence[str]) -> SweepPlan:
+    """Expand the sweep in `config_path`; an override `seeds=[...]` replaces the file's seed list."""
+    raw = read_yaml(config_path)
+    rest = []
+    for item in overrides:
+        if item.startswith("seeds="):
+            raw["seeds"] = yaml_load(item.split("=", 1)[1])
+        elif item.startswith("sweep."):
+            raise UserError(f"override '{item}' cannot change a sweep; edit the 'sweep:' section of {config_path}")
+        else:
+            rest.append(item)
+    base = _base_dir(raw, rest)
+    points = expand(raw)
+    return SweepPlan(points, [os.path.normpath(os.path.join(base, point.subdir)) for point in points], base,
+                     [o for o in rest if not o.startswith("output.dir=")])
 
 
 def run_sweep(config_path: str, overrides: Sequence[str], run_point: Callable[[str, List[str]], object],
@@ -136,105 +140,22 @@ def run_sweep(config_path: str, overrides: Sequence[str], run_point: Callable[[s
     that gives every process the same answer. Processes other than the one writing
     files pass `summarise=False`: they only run points, and None is returned.
     """
-    raw = read_yaml(config_path)
-    rest = []
-    for item in overrides:
-        if item.startswith("seeds="):
-            raw["seeds"] = yaml.safe_load(item.split("=", 1)[1])
-        elif item.startswith("sweep."):
-            raise UserError(f"override '{item}' cannot change a sweep; edit the 'sweep:' section of {config_path}")
-        else:
-            rest.append(item)
-    base = _base_dir(raw, rest)
-    rest = [o for o in rest if not o.startswith("output.dir=")]
-    points = expand(raw)
+    plan = plan_sweep(config_path, overrides)
     done = done or (lambda path: read_results(path) is not None)
-    dirs = [os.path.normpath(os.path.join(base, point.subdir)) for point in points]
-    for point, point_dir in zip(points, dirs):
+    for point, point_dir in zip(plan.points, plan.dirs):
         if not done(point_dir):
-            run_point(config_path, rest + point.overrides + [f"output.dir={point_dir}"])
+            run_point(config_path, plan.overrides + point.overrides + [f"output.dir={point_dir}"])
     if not summarise:
         return None
     groups: dict = {}
-    for point, point_dir in zip(points, dirs):
+    for point, point_dir in zip(plan.points, plan.dirs):
         results = read_results(point_dir)
         if results is None:
             raise UserError(f"run '{point.name}' finished without writing {point_dir}/results.json; "
                             "check its metrics.jsonl and rerun the sweep to resume")
         groups.setdefault(point.name.rsplit("/seed=", 1)[0], []).append(results)
-    summary = {"points": len(points), "groups": {name: aggregate(res) for name, res in groups.items()}}
-    os.makedirs(base, exist_ok=True)
-    atomic_write_text(os.path.join(base, SUMMARY_FILE), json.dumps(summary, indent=2) + "\n")
+    summary = {"points": len(plan.points), "groups": {name: aggregate_sync(res) if isinstance(res[0], SyncResults)
+                                                      else aggregate(res) for name, res in groups.items()}}
+    os.makedirs(plan.base, exist_ok=True)
+    atomic_write_text(os.path.join(plan.base, SUMMARY_FILE), json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def mean_std(values: Sequence[float]) -> Tuple[float, float]:
-    """Mean and sample standard deviation (ddof=1; 0.0 for a single value)."""
-    values = [float(v) for v in values]
-    if not values:
-        raise ValueError("mean_std needs at least one value")
-    mean = sum(values) / len(values)
-    if len(values) == 1:
-        return mean, 0.0
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-
-
-def best_by_val(test: Sequence[float], val: Optional[Sequence[float]]) -> Optional[float]:
-    """Test accuracy at the epoch of highest validation accuracy (ties: the earliest epoch).
-
-    Without a usable validation curve the last epoch is taken, never the best test value.
-    """
-    if not test:
-        return None
-    if not val or len(val) != len(test):
-        return test[-1]
-    best = max(range(len(val)), key=lambda i: (val[i], -i))
-    return test[best]
-
-
-def _stat(values) -> Optional[dict]:
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    mean, std = mean_std(values)
-    return {"mean": mean, "std": std, "n": len(values)}
-
-
-def _curve_stats(curves: List[list]) -> List[dict]:
-    length = max((len(c) for c in curves), default=0)
-    return [_stat([c[i] for c in curves if len(c) > i]) for i in range(length)]
-
-
-def _curve_block(entries: List[dict], first: Optional[str]) -> dict:
-    curves = [e.get("finetune") or [] for e in entries]
-    out = {"finetune": _curve_stats(curves),
-           "best": _stat([best_by_val(e.get("finetune") or [], e.get("finetune_val")) for e in entries])}
-    if first:
-        out[first] = _stat([e.get(first) for e in entries])
-    return out
-
-
-def aggregate(results: List[dict]) -> dict:
-    """Mean and std over seeds of every accuracy in a list of results.json dicts.
-
-    Each statistic is {"mean", "std", "n"} (None when no run reports it); a curve is a
-    list of them, one per fine-tuning epoch.
-    """
-    if not results:
-        raise UserError("nothing to aggregate: no finished runs; run 'ntdist run' first")
-    members = [sum(r["members"]) / len(r["members"]) for r in results if r.get("members")]
-    out = {"runs": len(results), "members_mean": _stat(members),
-           "best_member": _stat([r.get("best_member") for r in results]),
-           "ensemble": _stat([r.get("ensemble") for r in results])}
-    controls = [r["control"] for r in results if isinstance(r.get("control"), dict)]
-    out["control"] = _curve_block(controls, None) if controls else None
-    methods: dict = {}
-    for r in results:
-        for name, entry in (r.get("fusion") or {}).items():
-            methods.setdefault(name, []).append(entry)
-    out["methods"] = {}
-    for name, entries in methods.items():
-        block = _curve_block(entries, "post_fusion")
-        block["sparsity"] = _stat([e.get("sparsity") for e in entries])
-        out["methods"][name] = block
-    return out

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ntdist.fusion.graph import Plan
+from ntdist.fusion.plan import Plan
 
 
 def tensors_of(model: nn.Module) -> Dict[str, torch.Tensor]:

@@ -3,6 +3,9 @@
 from dataclasses import dataclass
 from typing import List, Optional
 
+from ntdist.errors import UserError, check_choice
+from ntdist.fusion.importance import IMPORTANCES
+from ntdist.fusion.schedule import METHODS, ORDERS, SCHEDULES
 from ntdist.options import opt
 
 
@@ -11,11 +14,22 @@ class FusionConfig:
     """How the k trained members are fused into one model."""
 
     k: int = opt(2, "number of ensemble members to train and fuse (at least 2)")
-    methods: List[str] = opt(["nt"], "fusion methods to run and compare: nt | avg | ot")
+    methods: List[str] = opt(["nt"], "fusion methods to run and compare: " + " | ".join(METHODS))
     schedule: str = opt("recursive", "how k models are combined: flat (all at once) | iterative | recursive (pairwise tree)")
     order: str = opt("merge_prune", "NT order: merge_prune (concat then prune) | prune_merge (prune members, then concat)")
-    importance: str = opt("l2", "NT unit importance for pruning: l2 | group_l2 | l1")
+    importance: str = opt("l2", "NT unit importance for pruning: " + " | ".join(IMPORTANCES))
     keep_ratio: Optional[float] = opt(None, "fused width relative to one member's, in (0, k]; default 1")
     width: Optional[int] = opt(None, "fused width of the first hidden layer (others scaled alike); overrides the default")
     bn_reestimate: bool = opt(False, "re-estimate BatchNorm statistics of the fused model on training batches")
     bn_batches: int = opt(10, "training batches used to re-estimate BatchNorm statistics")
+
+    def __post_init__(self):
+        if self.k < 2:
+            raise UserError(f"fusion.k must be at least 2 (an ensemble of one cannot be fused), got {self.k}")
+        if not self.methods:
+            raise UserError(f"fusion.methods is empty; list at least one of {list(METHODS)}")
+        for method in self.methods:
+            check_choice(method, METHODS, "fusion method")
+        check_choice(self.schedule, SCHEDULES, "fusion.schedule")
+        check_choice(self.order, ORDERS, "fusion.order")
+        check_choice(self.importance, IMPORTANCES, "fusion.importance")

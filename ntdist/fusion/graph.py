@@ -9,64 +9,16 @@ for every parameter and buffer which of its dimensions lie in which space, so
 concatenation, pruning and OT alignment can treat any architecture alike.
 """
 
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from torch.fx import symbolic_trace
-from torch.fx.node import map_arg
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ntdist.errors import UserError
-from ntdist.fusion.ops import NeedShapes, Val, propagate, refuse
-
-IN, OUT = 0, 1
-
-
-@dataclass(frozen=True)
-class Dim:
-    """A tensor dimension of size `size(space) * factor` laid out as unit * factor + j."""
-
-    space: int
-    factor: int = 1
-
-
-@dataclass
-class TensorSpec:
-    """How one parameter or buffer is widened: `dims[d]` is a Dim or None (left alone)."""
-
-    module: str
-    attr: str
-    dims: Tuple[Optional[Dim], ...] = ()
-    role: str = "layer"   # layer | output (weighted by member) | counter (max) | shared (member 0)
-    part: str = ""        # weight | bias | scale | stat: what importance scores look at
-
-
-@dataclass
-class Layer:
-    """A module whose parameters or attributes change with the width."""
-
-    kind: str             # linear | conv | dwconv | gconv | bn
-    out: int
-    inp: int
-    factor: int = 1       # flatten factor on the input dimension (Linear after a conv)
-
-
-@dataclass
-class Plan:
-    """The analysis result: hidden spaces, their member-0 sizes and every tensor's spec."""
-
-    sizes: Dict[int, int]                  # hidden space -> size in the analysed model
-    order: List[int]                       # hidden spaces in creation order
-    layers: Dict[str, Layer]
-    tensors: Dict[str, TensorSpec]
-    first_space: Optional[int] = None      # the first hidden layer's space (what `width` refers to)
-    probe: Dict[int, Tuple[str, int, int]] = field(default_factory=dict)  # space -> (tensor, dim, factor)
-
-    def space_sizes(self, tensors: Dict[str, torch.Tensor]) -> Dict[int, int]:
-        """Size of every hidden space in a model given its tensors (members may differ in width)."""
-        return {s: tensors[n].shape[d] // f for s, (n, d, f) in self.probe.items()}
+from ntdist.fusion.ops import NeedShapes, propagate, refuse, tensor_args
+from ntdist.fusion.plan import IN, OUT, Dim, Layer, Plan, TensorSpec, Val
 
 
 class _Spaces:
@@ -178,7 +130,7 @@ def _walk(model, gm, shaped: bool, in_ndim) -> Plan:
         elif node.op == "get_attr":
             refuse(node.target, "reads a parameter or buffer directly inside forward")
         elif node.op == "output":
-            outs = [a for a in _tensor_args(node, env)]
+            outs = [a for a in tensor_args(node, env)]
             if len(outs) != 1:
                 refuse("output", f"returns {len(outs)} tensors; fusion needs a single output tensor")
             out_val = outs[0]
@@ -192,12 +144,6 @@ def _walk(model, gm, shaped: bool, in_ndim) -> Plan:
         refuse("output", "has no tensor output")
     sp.union(OUT, out_val.space)
     return _finish(model, sp, layers, nonlinear)
-
-
-def _tensor_args(node, env):
-    found = []
-    map_arg((node.args, node.kwargs), lambda n: found.append(env.get(n)) or n)
-    return [v for v in found if v is not None]
 
 
 def _prod(xs):

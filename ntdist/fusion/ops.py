@@ -8,7 +8,6 @@ unknown functions or modules) is refused with a `UserError` naming the node.
 """
 
 import operator
-from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -16,23 +15,17 @@ import torch.nn.functional as F
 from torch.fx.node import Node, map_arg
 
 from ntdist.errors import UserError
+from ntdist.fusion.plan import IN, Layer, Val
 
-IN = 0
 SUPPORTED = ("supported: Linear, Conv (plain, depthwise, grouped), BatchNorm, element-wise activations, "
              "dropout, pooling, flatten and residual additions")
 
 
-class Val(NamedTuple):
-    """What the analysis knows about a tensor: channel space, flatten factor, rank, spatial size."""
+class NeedShapes(Exception):
+    """Raised deep inside a walk when a spatial size is needed: `analyze` then measures shapes and walks again.
 
-    space: int
-    factor: int
-    ndim: Optional[int]
-    hw: Optional[int]
-
-
-class NeedShapes(UserError):
-    """The analysis needs tensor shapes (a spatial size) that only example inputs can provide."""
+    Not a user error: `analyze` turns it into one only when no input to measure with can be had.
+    """
 
 
 def refuse(name, why):
@@ -72,15 +65,14 @@ def _arg(node, i, key, default):
     return node.kwargs.get(key, default)
 
 
-def _tensors(node, env):
+def tensor_args(node, env):
+    """What the analysis knows about each tensor argument of `node` (in argument order)."""
     found = []
     map_arg((node.args, node.kwargs), lambda n: found.append(env.get(n)) or n)
     return [v for v in found if v is not None]
 
 
 def _record(layers, sp, name, kind, out, inp, factor=1):
-    from ntdist.fusion.graph import Layer
-
     if name in layers:
         old = layers[name]
         if old.factor != factor:
@@ -182,7 +174,7 @@ def _mean(name, node, x, dims, keep):
 
 def propagate(node: Node, gm, env, sp, layers, nonlinear, shape):
     """Channel-space value of `node`'s result, or None for non-tensor results (sizes, shapes)."""
-    vals = _tensors(node, env)
+    vals = tensor_args(node, env)
     if node.op == "call_module":
         if not vals:
             return None

@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
-from ntdist.errors import UserError, suggest
+from ntdist.errors import UserError, check_choice
 from ntdist.fusion.assemble import assemble, tensors_of
 from ntdist.fusion.checks import check_finite, check_models, check_weights, normalized
 from ntdist.fusion.graph import Plan, analyze
@@ -30,19 +30,14 @@ def concat(models: Sequence[nn.Module], weights: Optional[Sequence[float]] = Non
     return assemble(models, analyze(models[0], example_inputs), w)
 
 
-def _choose(value, choices, what):
-    if value not in choices:
-        raise UserError(f"unknown {what} '{value}'{suggest(str(value), choices)}; choose one of {list(choices)}")
-    return value
-
-
 def nt_step(models: Sequence[nn.Module], weights: Sequence[float], plan: Plan, ratio: float,
             reference: nn.Module, importance="l2", order="merge_prune") -> nn.Module:
     """Concatenate `models` and prune back to `ratio` x the reference width, in the given order."""
     w = normalized(weights)
     ref_sizes = plan.space_sizes(tensors_of(reference))
     want = targets(plan, ref_sizes, ratio)
-    if _choose(order, ORDERS, "order") == "merge_prune":
+    check_choice(order, ORDERS, "order")
+    if order == "merge_prune":
         keep = select(models, plan, importance, want, w)
         verify_finite(models, plan, importance, keep)
         return assemble(models, plan, w, keep)
@@ -128,9 +123,9 @@ def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = "flat"
     from ntdist.fusion.ot import ot_fuse
 
     models = check_models(models, finite=False)        # each method checks finiteness on its own pass
-    _choose(method, METHODS, "method")
-    _choose(schedule, SCHEDULES, "schedule")
-    _choose(order, ORDERS, "order")
+    check_choice(method, METHODS, "method")
+    check_choice(schedule, SCHEDULES, "schedule")
+    check_choice(order, ORDERS, "order")
     w = check_weights(weights, len(models))
     if method != "nt":      # avg and OT keep the members' width: width, keep_ratio, importance, order unused
         if method == "avg":

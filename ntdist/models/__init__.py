@@ -18,6 +18,7 @@ from ntdist.models.vgg import VGG11
 from ntdist.options import opt
 
 REGISTRY = {"mlp": MLP, "lenet": LeNet, "vgg11": VGG11, "resnet18": ResNet18}
+IMAGE_MODELS = ("lenet", "vgg11", "resnet18")   # registry models that take in_channels and image_size
 
 
 @dataclass
@@ -65,10 +66,38 @@ def complete_kwargs(name: str, kwargs: Dict[str, Any], in_shape, num_classes: in
         for d in in_shape:
             n *= d
         out.setdefault("input_dim", n)
-    elif name in ("lenet", "vgg11", "resnet18"):
+    elif name in IMAGE_MODELS:
         out.setdefault("in_channels", in_shape[0])
         out.setdefault("image_size", in_shape[-1])
     return out
 
 
-__all__ = ["ModelConfig", "build_model", "complete_kwargs", "REGISTRY", "MLP", "LeNet", "VGG11", "ResNet18"]
+@dataclass(frozen=True)
+class ModelSpec:
+    """What rebuilds a member from nothing: a model name and its complete constructor arguments.
+
+    Every checkpoint stores its spec, so `ntdist fuse` and `--resume` rebuild models from files alone.
+    """
+
+    name: str
+    kwargs: Dict[str, Any]
+
+    @classmethod
+    def for_data(cls, cfg: ModelConfig, in_shape, num_classes: int) -> "ModelSpec":
+        """The spec of `cfg`, with the input shape and class count filled in from the data."""
+        return cls(cfg.name, complete_kwargs(cfg.name, dict(cfg.kwargs), in_shape, num_classes))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelSpec":
+        return cls(data["name"], dict(data["kwargs"]))
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "kwargs": dict(self.kwargs)}
+
+    def build(self) -> nn.Module:
+        """A randomly initialised model (from torch's global RNG as it stands)."""
+        return build_model(self.name, self.kwargs)
+
+
+__all__ = ["ModelConfig", "ModelSpec", "build_model", "complete_kwargs", "REGISTRY", "MLP", "LeNet", "VGG11",
+           "ResNet18"]

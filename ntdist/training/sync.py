@@ -10,65 +10,73 @@ have been merged they are near-identical, so every later fusion keeps duplicate 
 strongest units and throws away the rest, and accuracy collapses while averaging trains well.
 """
 
-import time
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import TYPE_CHECKING, Dict, List
 
 import torch
 import torch.nn.functional as F
 
-from ntdist.dist.comm import all_gather_records
-from ntdist.dist.layout import MemberLayout
-from ntdist.dist.tree import gather_fuse, tree_fuse
-from ntdist.dist.world import World, gather_world_info
-from ntdist.errors import UserError
-from ntdist.members import build_member, member_seed
+from ntdist.distributed.comm import all_gather_records
+from ntdist.distributed.tree import gather_fuse, tree_fuse
+from ntdist.distributed.world import gather_world_info
+from ntdist.errors import UserError, check_choice
 from ntdist.options import opt
-from ntdist.train import check_finite, eval_loader, evaluate, make_optimizer, make_scheduler, train_loader
+from ntdist.records.results import SyncMethodResult, SyncResults
+from ntdist.training.loop import check_finite, eval_loader, evaluate, make_optimizer, make_scheduler, train_loader
+from ntdist.training.members import build_member, member_seed
 
-SYNC_METHODS = ["none", "avg", "nt"]
+if TYPE_CHECKING:   # the run context is defined by the pipeline, which imports this module
+    from ntdist.pipeline import Run
+
+SYNC_METHODS = ("none", "avg", "nt")
+SYNC_UNITS = ("epoch", "step")
 
 
 @dataclass
 class SyncConfig:
     """Periodic-sync SGD: `mode: sync` trains fusion.k replicas and merges them periodically."""
 
-    methods: List[str] = opt(["none", "avg", "nt"], "what to compare: none (one replica alone) | avg | nt")
+    methods: List[str] = opt(list(SYNC_METHODS), "what to compare: none (one replica alone) | avg | nt")
     every: int = opt(1, "merge every this many units")
-    unit: str = opt("epoch", "epoch | step")
+    unit: str = opt("epoch", " | ".join(SYNC_UNITS))
+
+    def __post_init__(self):
+        for method in self.methods:
+            check_choice(method, SYNC_METHODS, "sync method")
+        check_choice(self.unit, SYNC_UNITS, "sync.unit")
+        if self.every < 1:
+            raise UserError(f"sync.every must be >= 1, got {self.every}")
 
 
-def run_sync(cfg, world: World, splits, spec, rundir, example_inputs) -> dict:
-    """Train with each sync method in turn; returns the results dict."""
-    started = time.time()
+def run_sync(r: "Run") -> SyncResults:
+    """Train with each sync method in turn; returns the results."""
+    cfg, world = r.cfg, r.world
     if world.size > cfg.fusion.k:
         raise UserError(f"sync mode runs at most one replica per rank: {world.size} ranks for fusion.k="
                         f"{cfg.fusion.k} replicas; use at most {cfg.fusion.k} ranks or raise fusion.k")
-    layout = MemberLayout(cfg.fusion.k, world.size)
-    results = {"mode": "sync", "k": cfg.fusion.k, "seed": cfg.train.seed, "world": gather_world_info(world),
-               "sync": {}}
+    results = SyncResults(k=cfg.fusion.k, seed=cfg.train.seed, world=gather_world_info(world))
     for method in cfg.sync.methods:
-        history = train_synced(cfg, world, layout, splits, spec, method, example_inputs)
+        history = train_synced(r, method)
         for record in history:
-            rundir.log(record)
-        results["sync"][method] = {"test": [r["test_accuracy"] for r in history],
-                                   "val": [r["val_accuracy"] for r in history],
-                                   "final": history[-1]["test_accuracy"] if history else None}
-        world.print0(f"sync {method}: final test accuracy {results['sync'][method]['final']:.4f}")
-    results["wall_seconds"] = time.time() - started
-    rows = [f"{m:6s} {r['final'] * 100:6.2f}%" for m, r in results["sync"].items() if r["final"] is not None]
+            r.rundir.log(record)
+        results.sync[method] = SyncMethodResult(test=[h["test_accuracy"] for h in history],
+                                                val=[h["val_accuracy"] for h in history],
+                                                final=history[-1]["test_accuracy"] if history else None)
+        world.print0(f"sync {method}: final test accuracy {results.sync[method].final:.4f}")
+    rows = [f"{m:6s} {s.final * 100:6.2f}%" for m, s in results.sync.items() if s.final is not None]
     world.print0("sync method, final test accuracy:\n" + "\n".join(rows))
     return results
 
 
-def train_synced(cfg, world, layout, splits, spec, method: str, example_inputs) -> List[dict]:
+def train_synced(r: "Run", method: str) -> List[dict]:
     """One periodic-sync training run; every rank steps its replicas in lockstep with the others."""
-    mine = layout.held_by(world.rank) if method != "none" else ([0] if world.rank == 0 else [])
-    replicas = {i: build_member(spec, member_seed(cfg.train, i)).to(world.device) for i in mine}
+    cfg, world = r.cfg, r.world
+    mine = r.layout.held_by(world.rank) if method != "none" else ([0] if world.rank == 0 else [])
+    replicas = {i: build_member(r.spec, member_seed(cfg.train, i)).to(world.device) for i in mine}
     optimizers = {i: make_optimizer(m, cfg.train) for i, m in replicas.items()}
-    schedulers = {i: make_scheduler(o, cfg.train, cfg.train.epochs) for i, o in optimizers.items()}
-    loaders = {i: train_loader(splits.train, cfg.data.batch_size, member_seed(cfg.train, i)) for i in mine}
-    every, steps, history = max(1, cfg.sync.every), 0, []
+    schedulers = {i: make_scheduler(o, cfg.train) for i, o in optimizers.items()}
+    loaders = {i: train_loader(r.splits.train, cfg.data.batch_size, member_seed(cfg.train, i)) for i in mine}
+    every, steps, history = cfg.sync.every, 0, []
     for epoch in range(1, cfg.train.epochs + 1):
         iters = {i: iter(_epoch(loader, epoch)) for i, loader in loaders.items()}
         losses = []
@@ -77,14 +85,14 @@ def train_synced(cfg, world, layout, splits, spec, method: str, example_inputs) 
                 losses.append(_step(replicas[i], optimizers[i], x, y, world.device))
             steps += 1
             if method != "none" and cfg.sync.unit == "step" and steps % every == 0:
-                _merge(world, layout, replicas, spec, method, example_inputs)
+                _merge(r, replicas, method)
         for scheduler in schedulers.values():
             scheduler.step()
         if method != "none" and cfg.sync.unit == "epoch" and epoch % every == 0:
-            _merge(world, layout, replicas, spec, method, example_inputs)
+            _merge(r, replicas, method)
         loss = sum(losses) / max(len(losses), 1)
         check_finite(loss, f"sync training ({method})", epoch)
-        history.append(_evaluate(world, replicas.get(0), splits, cfg, method, epoch, loss))
+        history.append(_evaluate(r, replicas.get(0), method, epoch, loss))
     return history
 
 
@@ -102,28 +110,27 @@ def _step(model, optimizer, x, y, device) -> float:
     return loss.item()
 
 
-def _merge(world, layout, replicas: Dict[int, torch.nn.Module], spec, method, example_inputs) -> None:
+def _merge(r: "Run", replicas: Dict[int, torch.nn.Module], method: str) -> None:
     """Replace every replica's weights by the merged model, in place (optimizer state is kept)."""
-    holders = [layout.holder(i) for i in range(layout.num_members)]
-    template = lambda: build_member(spec, 0)  # noqa: E731
     held = {i: m.cpu() for i, m in replicas.items()}
     if method == "nt":
-        merged = tree_fuse(world, held, holders, template, example_inputs=example_inputs)
+        merged = tree_fuse(r.world, held, r.holders, r.template, example_inputs=r.example_inputs())
     else:
-        merged = gather_fuse(world, held, holders, template, method="avg", schedule="flat")
+        merged = gather_fuse(r.world, held, r.holders, r.template, method="avg", schedule="flat")
     with torch.no_grad():
         for model in replicas.values():
             model.load_state_dict(merged.state_dict())
-            model.to(world.device)
+            model.to(r.world.device)
 
 
-def _evaluate(world, model, splits, cfg, method, epoch, loss) -> dict:
+def _evaluate(r: "Run", model, method: str, epoch: int, loss: float) -> dict:
     """Accuracy of replica 0 (all replicas are equal right after a merge), shared with every rank."""
-    record = None
+    record, world = None, r.world
     if model is not None:
-        val = evaluate(model, eval_loader(splits.val, cfg.data.eval_batch_size), world.device)["accuracy"]
-        test = evaluate(model, eval_loader(splits.test, cfg.data.eval_batch_size), world.device)["accuracy"]
+        batch = r.cfg.data.eval_batch_size
+        val = evaluate(model, eval_loader(r.splits.val, batch), world.device)["accuracy"]
+        test = evaluate(model, eval_loader(r.splits.test, batch), world.device)["accuracy"]
         record = {"stage": "sync", "method": method, "epoch": epoch, "loss": loss,
                   "val_accuracy": val, "test_accuracy": test}
         world.print0(f"sync {method} epoch {epoch}: loss {loss:.4f}, val {val:.4f}, test {test:.4f}")
-    return [r for r in all_gather_records(world, [record]) if r is not None][0]
+    return [h for h in all_gather_records(world, [record]) if h is not None][0]

@@ -13,8 +13,10 @@ from typing import Optional
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ntdist.dist.world import World, ensure_process_group
+from ntdist.distributed.world import World, ensure_process_group
 from ntdist.errors import UserError
+
+ZERO_STAGES = (0, 1, 2)
 
 
 class Engine:
@@ -89,14 +91,11 @@ class DeepSpeedEngine(Engine):
         self.model.step()
 
 
-def make_engine(name: str, model, optimizer, world: World, micro_batch: int, zero_stage: int = 0,
-                deepspeed_config: Optional[str] = None) -> Engine:
-    if name == "ddp":
-        return Engine(model, optimizer, world)
-    if name == "accelerate":
-        return AccelerateEngine(model, optimizer, world)
-    if name == "deepspeed":
-        if zero_stage not in (0, 1, 2):
-            raise UserError(f"finetune.zero_stage must be 0, 1 or 2, got {zero_stage}")
-        return DeepSpeedEngine(model, optimizer, world, micro_batch, zero_stage, deepspeed_config)
-    raise UserError(f"unknown finetune.engine '{name}'; choose ddp, accelerate or deepspeed")
+ENGINES = {"ddp": Engine, "accelerate": AccelerateEngine, "deepspeed": DeepSpeedEngine}
+
+
+def make_engine(cfg, model, optimizer, world: World, micro_batch: int) -> Engine:
+    """The engine `cfg.engine` (a validated FinetuneConfig) around `model` and `optimizer`."""
+    if cfg.engine == "deepspeed":
+        return DeepSpeedEngine(model, optimizer, world, micro_batch, cfg.zero_stage, cfg.deepspeed_config)
+    return ENGINES[cfg.engine](model, optimizer, world)

@@ -1,48 +1,23 @@
-"""Per-epoch training state for `--resume`, and SIGTERM handling for preemption.
+"""Per-epoch training state for `--resume`.
 
 A state file is a safetensors checkpoint holding the model, the optimizer's
 buffers, the torch RNG state, and in its JSON metadata the epoch, the scheduler
 state and the history so far. Restoring it and replaying the remaining epochs
 gives the same weights, bit for bit, as a run that was never interrupted,
 because the data order depends only on the seed and the epoch.
-
-SIGTERM (what SLURM sends before it kills a job) only sets a flag; training
-finishes the current epoch, writes its state and stops with EXIT_PREEMPTED.
 """
 
 import os
-import signal
 from typing import List, Optional, Tuple
 
 import torch
 
-from ntdist.checkpoint import read_checkpoint, save_checkpoint
-from ntdist.errors import EXIT_PREEMPTED, UserError
+from ntdist.errors import UserError
+from ntdist.models import ModelSpec
+from ntdist.records.checkpoint import read_checkpoint, save_checkpoint
 
 
-class Preempted(UserError):
-    """Raised at an epoch boundary after SIGTERM, once the state is on disk."""
-
-    exit_code = EXIT_PREEMPTED
-
-
-_requested = False
-
-
-def _on_sigterm(signum, frame):
-    global _requested
-    _requested = True
-
-
-def install_sigterm_handler() -> None:
-    signal.signal(signal.SIGTERM, _on_sigterm)
-
-
-def preempt_requested() -> bool:
-    return _requested
-
-
-def save_state(path: str, model, spec: dict, optimizer, scheduler, epoch: int, history: List[dict]) -> None:
+def save_state(path: str, model, spec: ModelSpec, optimizer, scheduler, epoch: int, history: List[dict]) -> None:
     """Atomically write everything needed to continue after `epoch`."""
     extra = {"rng": torch.get_rng_state()}
     opt_state = optimizer.state_dict()

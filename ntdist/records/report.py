@@ -20,8 +20,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import yaml  # noqa: E402
 
+from ntdist.config import format_value  # noqa: E402
 from ntdist.errors import UserError  # noqa: E402
-from ntdist.sweep import aggregate, format_value, mean_std  # noqa: E402
+from ntdist.records.files import atomic_write_text  # noqa: E402
+from ntdist.records.results import RESULTS_FILE, RunResults, from_dict  # noqa: E402
+from ntdist.records.stats import aggregate, mean_std  # noqa: E402
 
 REPORT_FILE = "report.md"
 METHOD_NAMES = {"avg": "Avg", "ot": "OT", "nt": "NT"}
@@ -38,7 +41,7 @@ class Group:
 
     config: dict
     dirs: List[str] = field(default_factory=list)
-    results: List[dict] = field(default_factory=list)
+    results: List[RunResults] = field(default_factory=list)
     label: str = "all runs"
     settings: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
@@ -60,13 +63,13 @@ def find_run_dirs(paths: List[str]) -> List[str]:
     for path in paths:
         if not os.path.isdir(path):
             raise UserError(f"run directory '{path}' does not exist; pass a directory written by 'ntdist run'")
-        if os.path.exists(os.path.join(path, "results.json")):
+        if os.path.exists(os.path.join(path, RESULTS_FILE)):
             found.append(path)
             continue
         inside = []
         for root, subdirs, files in os.walk(path):
             subdirs.sort()
-            if "results.json" in files:
+            if RESULTS_FILE in files:
                 inside.append(root)
                 subdirs.clear()
         if not inside:
@@ -78,18 +81,18 @@ def find_run_dirs(paths: List[str]) -> List[str]:
 
 
 def load_run(run_dir: str):
-    """(flattened config, results dict) of one run directory; UserError naming the directory if broken."""
-    path = os.path.join(run_dir, "results.json")
+    """(flattened config, results) of one run directory; UserError naming the directory if broken."""
+    path = os.path.join(run_dir, RESULTS_FILE)
     try:
         with open(path) as f:
-            results = json.load(f)
+            results = from_dict(json.load(f))
     except FileNotFoundError:
         raise UserError(f"no results.json in '{run_dir}'; finish the run with 'ntdist run --resume' "
                         "or leave it out") from None
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, TypeError) as err:
         raise UserError(f"'{path}' is unreadable ({err}); rerun that run or leave '{run_dir}' out") from None
-    if not isinstance(results, dict) or "fusion" not in results:
-        raise UserError(f"'{path}' is not an ntdist results file (no 'fusion' entry); rerun that run or leave it out")
+    if not isinstance(results, RunResults):
+        raise UserError(f"'{path}' is from a run in mode sync, which has no fusion table; leave '{run_dir}' out")
     config = {}
     if os.path.exists(os.path.join(run_dir, "config.yaml")):
         try:
@@ -158,7 +161,7 @@ def table(group: Group) -> str:
 
 def diversity_text(group: Group) -> Optional[str]:
     """One line of mean ± std diversity numbers (and warnings) when the runs recorded them."""
-    divs, stats = [r["diversity"] for r in group.results if isinstance(r.get("diversity"), dict)], {}
+    divs, stats = [r.diversity for r in group.results if isinstance(r.diversity, dict)], {}
     if not divs:
         return None
     for key in ("disagreement_mean", "duplicate_fraction_mean"):
@@ -276,7 +279,7 @@ def write_report(run_dirs: List[str], out_dir: str) -> str:
             text += [div, ""]
         name = _save(plot_curves(group), out_dir, f"curves_{i}.png")
         text += [f"![accuracy against fine-tuning epoch]({name})", ""]
-    extra = [(lambda g: g.config.get("fusion.k") or g.results[0].get("k"), ("fusion.k",), "number of members k",
+    extra = [(lambda g: g.config.get("fusion.k") or g.results[0].k, ("fusion.k",), "number of members k",
               "Accuracy against ensemble size", False, "accuracy_vs_k.png"),
              (_sparsity, ("fusion.keep_ratio",), "sparsity of the NT fusion (1 - kept width / (k × width))",
               "Accuracy against sparsity", True, "accuracy_vs_sparsity.png")]
@@ -286,15 +289,5 @@ def write_report(run_dirs: List[str], out_dir: str) -> str:
             text += [f"## {title}", "", f"![{title.lower()}]({_save(fig, out_dir, fname)})", ""]
     text += ["## Run directories", ""] + [f"- {g.label}: " + ", ".join(f"`{d}`" for d in g.dirs) for g in groups]
     path = os.path.join(out_dir, REPORT_FILE)
-    with open(path, "w") as f:
-        f.write("\n".join(text) + "\n")
+    atomic_write_text(path, "\n".join(text) + "\n")
     return path
-
-
-def report_command(run_dirs, out: Optional[str] = None) -> str:
-    """`ntdist report RUN_DIR [RUN_DIR ...]`: find every finished run below the arguments and report them."""
-    if isinstance(run_dirs, str):
-        run_dirs = [run_dirs]
-    if not run_dirs:
-        raise UserError("no run directories given; usage: ntdist report RUN_DIR [RUN_DIR ...]")
-    return write_report(find_run_dirs(list(run_dirs)), out or run_dirs[0])

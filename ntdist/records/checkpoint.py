@@ -1,15 +1,14 @@
-"""Safetensors checkpoints that carry their model spec, and atomic file writes.
+"""Safetensors checkpoints that carry their model spec.
 
 A checkpoint holds the model's state dict (keys prefixed `model.`), optional
 extra tensors (optimizer state, RNG states; prefixed `extra.`) and JSON metadata
-with the model spec `{name, kwargs}`, so `load_model` rebuilds the module from
-the file alone. Nothing here unpickles: a file that is not safetensors is refused.
+with the `ModelSpec`, so `load_model` rebuilds the module from the file alone.
+Nothing here unpickles: a file that is not safetensors is refused. Writes are
+atomic (see `records.files`).
 """
 
-import contextlib
 import json
 import os
-import tempfile
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -17,44 +16,19 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ntdist.errors import UserError
-from ntdist.models import build_model
+from ntdist.models import ModelSpec
+from ntdist.records.files import replacing
 
 FORMAT = 1
 
 
-@contextlib.contextmanager
-def _replacing(path: str):
-    """Yield a temporary path beside `path`; once written, it is flushed to disk and renamed into place."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
-                               suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write `data` so that `path` holds either its old or its new content, never a mix."""
-    with _replacing(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def save_checkpoint(path: str, model: torch.nn.Module, spec: dict, info: Optional[dict] = None,
+def save_checkpoint(path: str, model: torch.nn.Module, spec: ModelSpec, info: Optional[dict] = None,
                     extra: Optional[Dict[str, torch.Tensor]] = None) -> None:
-    """Atomically save `model` with its spec (`{"name", "kwargs"}`), JSON `info` and `extra` tensors."""
+    """Atomically save `model` with its spec, JSON `info` and `extra` tensors."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     tensors.update({f"extra.{k}": v.detach().cpu().contiguous().clone() for k, v in (extra or {}).items()})
-    meta = {"format": FORMAT, "model": {"name": spec["name"], "kwargs": dict(spec["kwargs"])}, "info": info or {}}
-    with _replacing(path) as tmp:
+    meta = {"format": FORMAT, "model": spec.to_dict(), "info": info or {}}
+    with replacing(path) as tmp:
         save_file(tensors, tmp, metadata={"ntdist": json.dumps(meta)})
 
 
@@ -82,14 +56,14 @@ def read_checkpoint(path: str) -> Tuple[dict, Dict[str, torch.Tensor], Dict[str,
     return meta, state, extra
 
 
-def load_model(path: str, expect_spec: Optional[dict] = None) -> Tuple[torch.nn.Module, dict]:
+def load_model(path: str, expect_spec: Optional[ModelSpec] = None) -> Tuple[torch.nn.Module, dict]:
     """Rebuild the module stored in `path`; returns (model, metadata)."""
     meta, state, _ = read_checkpoint(path)
-    spec = meta["model"]
-    if expect_spec is not None and (spec["name"], spec["kwargs"]) != (expect_spec["name"], dict(expect_spec["kwargs"])):
-        raise UserError(f"checkpoint '{path}' holds {spec['name']} {spec['kwargs']}, but the config asks for "
-                        f"{expect_spec['name']} {dict(expect_spec['kwargs'])}; use a matching config or a new run directory")
-    model = build_model(spec["name"], spec["kwargs"])
+    spec = ModelSpec.from_dict(meta["model"])
+    if expect_spec is not None and spec != expect_spec:
+        raise UserError(f"checkpoint '{path}' holds {spec.name} {spec.kwargs}, but the config asks for "
+                        f"{expect_spec.name} {expect_spec.kwargs}; use a matching config or a new run directory")
+    model = spec.build()
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

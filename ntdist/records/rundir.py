@@ -6,16 +6,15 @@ flush, rename), so a kill during a save leaves the previous version intact.
 
 import json
 import os
-from typing import Optional
 
 import yaml
 
-from ntdist.checkpoint import atomic_write_text
 from ntdist.errors import UserError
+from ntdist.records.files import atomic_write_text
+from ntdist.records.results import RESULTS_FILE, Results, to_json
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
-RESULTS_FILE = "results.json"
 
 
 class RunDir:
@@ -28,6 +27,10 @@ class RunDir:
 
     def file(self, *parts: str) -> str:
         return os.path.join(self.path, *parts)
+
+    def checkpoint(self, name: str) -> str:
+        """checkpoints/<name>.safetensors: `member3`, `member3.state`, `finetuned_nt`, `finetune_nt.state`."""
+        return self.file("checkpoints", f"{name}.safetensors")
 
     def check(self, resume: bool, overwrite: bool) -> None:
         """Refuse a non-empty directory unless resuming or overwriting.
@@ -86,16 +89,9 @@ class RunDir:
                 f.write(json.dumps(record) + "\n")
                 f.flush()
 
-    def write_results(self, results: dict) -> None:
+    def write_results(self, results: Results) -> None:
         if self.writer:
-            atomic_write_text(self.file(RESULTS_FILE), json.dumps(results, indent=2) + "\n")
-
-    def read_results(self) -> Optional[dict]:
-        try:
-            with open(self.file(RESULTS_FILE)) as f:
-                return json.load(f)
-        except (FileNotFoundError, ValueError):
-            return None
+            atomic_write_text(self.file(RESULTS_FILE), to_json(results))
 
 
 def _key(record: dict) -> tuple:

@@ -17,16 +17,18 @@ import datetime
 import os
 import re
 import socket
-import sys
-import threading
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from ntdist.errors import EXIT_PEER_LOST, PeerLostError, UserError
+from ntdist.distributed.heartbeat import Heartbeat
+from ntdist.errors import PeerLostError, UserError, check_choice
 from ntdist.options import opt
+
+
+BACKENDS = ("auto", "nccl", "gloo")
 
 
 @dataclass
@@ -37,6 +39,11 @@ class DistributedConfig:
     timeout_s: float = opt(300.0, "seconds a collective may wait for a peer before the job fails")
     port: Optional[int] = opt(None, "rendezvous port for SLURM/MPI launches (default: derived from the job id / a free port)")
     threads_per_rank: Optional[int] = opt(None, "torch CPU threads per rank (default: cores / local ranks)")
+
+    def __post_init__(self):
+        check_choice(self.backend, BACKENDS, "distributed.backend")
+        if not self.timeout_s > 0:
+            raise UserError(f"distributed.timeout_s must be > 0, got {self.timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -105,7 +112,13 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
+def slurm_port(job_id: int) -> int:
+    """The rendezvous port of a SLURM job without MASTER_PORT or distributed.port: 20000 + job id % 20000."""
+    return 20000 + job_id % 20000
+
+
 def free_port() -> int:
+    """A TCP port that is free on this host right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))
         return s.getsockname()[1]
@@ -126,7 +139,7 @@ def _from_slurm(env, cfg: DistributedConfig):
     size = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")))
     nodelist = env.get("SLURM_STEP_NODELIST", env.get("SLURM_NODELIST", "localhost"))
     addr = env.get("MASTER_ADDR") or first_slurm_host(nodelist)
-    port = cfg.port or int(env.get("MASTER_PORT", 0)) or 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+    port = cfg.port or int(env.get("MASTER_PORT", 0)) or slurm_port(int(env.get("SLURM_JOB_ID", "0")))
     tasks_per_node = env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", "1"))
     local_size = int(re.match(r"\d+", tasks_per_node).group())
     return "slurm", int(env["SLURM_PROCID"]), size, int(env.get("SLURM_LOCALID", 0)), local_size, addr, port
@@ -197,58 +210,9 @@ def init_world(cfg: Optional[DistributedConfig] = None, env=None, check_size=Non
             first = str(err).strip().splitlines()[0]
             raise UserError(f"rank {rank} could not join the process group at {addr}:{port} ({first}); "
                             "is the port in use or the master unreachable? set distributed.port or MASTER_PORT") from err
-    _Heartbeat.start(rank, cfg.timeout_s)
+    Heartbeat.start(rank, cfg.timeout_s)
     return World(rank=rank, local_rank=local_rank, size=size, local_size=local_size, device=device,
                  backend=backend, launcher=launcher, restart=restart)
-
-
-class _Heartbeat:
-    """A background all-reduce every second on its own gloo group.
-
-    Ranks train members independently for a long time without any collective; this
-    notices a dead peer within seconds (gloo reports the closed connection) or
-    within the timeout, and ends the process with EXIT_PEER_LOST instead of letting
-    the job hang. A rank that wants to stop raises its flag; all ranks see the
-    maximum in the same round and stop together.
-    """
-
-    current = None
-
-    def __init__(self, rank: int, timeout_s: float):
-        self.rank = rank
-        self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name="ntdist-heartbeat", daemon=True)
-
-    @classmethod
-    def start(cls, rank: int, timeout_s: float) -> None:
-        cls.current = cls(rank, timeout_s)
-        cls.current.thread.start()
-
-    def _loop(self) -> None:
-        flag = torch.zeros(1)
-        while True:
-            flag[0] = 1.0 if self.stopping.is_set() else 0.0
-            try:
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-            except Exception as err:  # noqa: BLE001 - any failure here means a peer is gone
-                from ntdist.resume import preempt_requested
-                if preempt_requested() or self.stopping.is_set():
-                    return   # peers are shutting down too; the main thread writes its state and exits
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                print(f"ntdist: error: rank {self.rank}: lost contact with a peer rank ({first}); the job stops. "
-                      "Check the other ranks' logs, then restart with --resume", file=sys.stderr, flush=True)
-                os._exit(EXIT_PEER_LOST)
-            if flag[0] > 0:
-                return
-            self.stopping.wait(1.0)
-
-    @classmethod
-    def stop(cls) -> None:
-        if cls.current is not None:
-            cls.current.stopping.set()
-            cls.current.thread.join()
-            cls.current = None
 
 
 def ensure_process_group(world: World) -> None:
@@ -267,7 +231,7 @@ def shutdown(world: World, clean: bool = True) -> None:
     After an error (`clean=False`) there is no final barrier: the other ranks may never arrive.
     """
     if dist.is_initialized():
-        _Heartbeat.stop()
+        Heartbeat.stop()
         if clean:
             dist.barrier()   # DeepSpeed aborts at exit unless every rank gets here before the group goes
         dist.destroy_process_group()

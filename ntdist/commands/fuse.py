@@ -9,13 +9,15 @@ import time
 
 import torch
 
-from ntdist.checkpoint import load_model, save_checkpoint
 from ntdist.errors import UserError
+from ntdist.fusion import fuse
+from ntdist.models import ModelSpec
+from ntdist.records.checkpoint import load_model, save_checkpoint
 
 
-def example_input(spec: dict) -> torch.Tensor:
+def example_input(spec: ModelSpec) -> torch.Tensor:
     """A dummy batch with the input shape the spec describes (used to trace the data flow)."""
-    kw = spec["kwargs"]
+    kw = spec.kwargs
     if "input_dim" in kw:
         return torch.zeros(2, kw["input_dim"])
     channels = kw.get("in_channels", 3)
@@ -25,8 +27,6 @@ def example_input(spec: dict) -> torch.Tensor:
 
 def fuse_command(paths, output: str, method: str = "nt", schedule: str = "recursive", importance: str = "l2",
                  order: str = "merge_prune", width=None, keep_ratio=None) -> str:
-    from ntdist.fusion import fuse
-
     if len(paths) < 2:
         raise UserError(f"fusion needs at least 2 checkpoints, got {len(paths)}")
     out_dir = os.path.dirname(os.path.abspath(output))
@@ -36,10 +36,10 @@ def fuse_command(paths, output: str, method: str = "nt", schedule: str = "recurs
         raise UserError(f"output '{output}' is one of the inputs; choose another file name")
     loaded = [load_model(p) for p in paths]
     models = [m.eval() for m, _ in loaded]
-    spec = loaded[0][1]["model"]
+    spec = ModelSpec.from_dict(loaded[0][1]["model"])
     resized = width is not None or keep_ratio is not None
-    if resized and spec["name"] != "mlp":
-        raise UserError(f"--width/--keep-ratio change the architecture, and a resized {spec['name']} cannot be "
+    if resized and spec.name != "mlp":
+        raise UserError(f"--width/--keep-ratio change the architecture, and a resized {spec.name} cannot be "
                         "rebuilt from its spec; use the Python API fuse(models, width=...) for it")
     start = time.perf_counter()
     fused = fuse(models, method=method, schedule=schedule, importance=importance, order=order, width=width,
@@ -47,7 +47,7 @@ def fuse_command(paths, output: str, method: str = "nt", schedule: str = "recurs
     seconds = time.perf_counter() - start
     if resized:
         first = next(m for m in fused.modules() if isinstance(m, torch.nn.Linear))
-        spec = dict(spec, kwargs=dict(spec["kwargs"], width=first.out_features))
+        spec = ModelSpec(spec.name, dict(spec.kwargs, width=first.out_features))
     save_checkpoint(output, fused, spec, info={"stage": "fused", "method": method, "schedule": schedule,
                                                "inputs": [os.path.basename(p) for p in paths]})
     print(f"fused {len(models)} models with {method} ({schedule}) in {seconds:.3f} s -> {output}")

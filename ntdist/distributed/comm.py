@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from ntdist.dist.world import World, guarded
+from ntdist.distributed.world import World, guarded
 
 
 def pack(model: torch.nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -1,79 +1,66 @@
-"""Training and evaluation loops, optimiser and LR schedules, and their config.
+"""The training loop: optimiser and LR schedules, loaders, one epoch, evaluation, and the resumable epoch loop.
 
 The loops take a model, data and a device and know nothing about launchers;
 data parallelism enters only through the sampler (`num_replicas`, `rank`) and
 a `reduce_sum` callable that the distributed code passes in for evaluation.
+`ResumableEpochs` is the one per-epoch loop that member training and
+fine-tuning share: restore the state, run the epochs, write the state after
+each, stop cleanly when preempted.
 """
 
 import math
+import os
 import sys
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, ClassVar, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
-from ntdist.errors import UserError
+from ntdist.errors import Preempted, UserError, check_choice
 from ntdist.options import opt
+from ntdist.training.state import load_state, save_state
 
-SCHEDULES = ["none", "step", "multistep", "cosine"]
+SCHEDULES = {   # name -> epoch-wise LR scheduler (stepped once per epoch)
+    "none": lambda optimizer, cfg, epochs: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0),
+    "step": lambda optimizer, cfg, epochs: torch.optim.lr_scheduler.StepLR(
+        optimizer, step_size=max(1, cfg.step_size), gamma=cfg.gamma),
+    "multistep": lambda optimizer, cfg, epochs: torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, milestones=list(cfg.milestones), gamma=cfg.gamma),
+    "cosine": lambda optimizer, cfg, epochs: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs)),
+}
 
 
 @dataclass
 class OptimConfig:
     """SGD with momentum and an LR schedule (shared by member training and fine-tuning)."""
 
+    section: ClassVar[str] = "train"   # the config section, for messages; subclasses add `epochs`
     lr: float = opt(0.05, "learning rate")
     momentum: float = opt(0.9, "SGD momentum")
     weight_decay: float = opt(5e-4, "L2 weight decay")
-    schedule: str = opt("step", "LR schedule: none | step | multistep | cosine")
+    schedule: str = opt("step", "LR schedule: " + " | ".join(SCHEDULES))
     step_size: int = opt(10, "step schedule: epochs between LR drops")
     milestones: List[int] = opt([], "multistep schedule: epochs at which the LR drops")
     gamma: float = opt(0.1, "factor of each LR drop")
 
-
-@dataclass
-class TrainConfig(OptimConfig):
-    """How each ensemble member is trained."""
-
-    epochs: int = opt(10, "training epochs per member")
-    seed: int = opt(0, "base seed; member i uses 1000 * seed + i (its initialisation and data order)")
-    identical_members: bool = opt(False, "train every member with member 0's seed: the paper's self-fusion failure case")
-
-
-@dataclass
-class FinetuneConfig(OptimConfig):
-    """How the fused model is fine-tuned (or distilled from the ensemble)."""
-
-    epochs: int = opt(3, "fine-tuning epochs after fusion")
-    lr: float = opt(0.01, "learning rate")
-    schedule: str = opt("none", "LR schedule: none | step | multistep | cosine")
-    engine: str = opt("ddp", "ddp | accelerate | deepspeed")
-    zero_stage: int = opt(0, "deepspeed engine: ZeRO stage 0, 1 or 2")
-    deepspeed_config: Optional[str] = opt(None, "deepspeed engine: extra JSON config (e.g. launch/deepspeed.json)")
-    distill: bool = opt(False, "distil the ensemble into the fused model instead of plain fine-tuning")
-    temperature: float = opt(2.0, "distillation temperature")
-    soft_weight: float = opt(1.0, "weight of the soft-target loss in distillation")
-    control: bool = opt(True, "also fine-tune the best member for the same epochs (a fair baseline)")
+    def __post_init__(self):
+        if self.epochs < 0:
+            raise UserError(f"{self.section}.epochs must be >= 0, got {self.epochs}")
+        if not self.lr > 0:
+            raise UserError(f"{self.section}.lr must be > 0, got {self.lr}")
+        check_choice(self.schedule, SCHEDULES, f"{self.section}.schedule")
 
 
 def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def make_scheduler(optimizer, cfg: OptimConfig, epochs: int):
-    """An epoch-wise LR scheduler (stepped once per epoch)."""
-    if cfg.schedule == "none":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0)
-    if cfg.schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, cfg.step_size), gamma=cfg.gamma)
-    if cfg.schedule == "multistep":
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=cfg.gamma)
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
-    raise UserError(f"unknown LR schedule '{cfg.schedule}'; choose one of {SCHEDULES}")
+def make_scheduler(optimizer, cfg: OptimConfig):
+    """The epoch-wise LR scheduler of `cfg` over its `epochs`."""
+    return SCHEDULES[cfg.schedule](optimizer, cfg, cfg.epochs)
 
 
 def train_loader(data: Dataset, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0):
@@ -95,16 +82,16 @@ def eval_loader(data: Dataset, batch_size: int, num_replicas: int = 1, rank: int
 
 
 def train_epoch(model, loader, optimizer, device, loss_fn: Optional[Callable] = None,
-                desc: str = "train", show: bool = True, engine=None) -> float:
+                desc: str = "train", progress: bool = True, engine=None) -> float:
     """One pass over `loader`; returns the mean training loss.
 
-    `loss_fn(logits, x, y)` may replace cross-entropy; `engine` (see ntdist.engines)
+    `loss_fn(logits, x, y)` may replace cross-entropy; `engine` (see training.engines)
     replaces the plain zero_grad / backward / step of `optimizer`.
     """
     model.train()
     total, count = 0.0, 0
     # Bars only on a terminal: in batch logs (SLURM, CI) they would print a line per update.
-    bar = tqdm(loader, desc=desc, leave=False, disable=not (show and sys.stderr.isatty()), dynamic_ncols=True)
+    bar = tqdm(loader, desc=desc, leave=False, disable=not (progress and sys.stderr.isatty()), dynamic_ncols=True)
     for x, y in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = model(x)
@@ -140,11 +127,10 @@ def evaluate(model, loader, device, reduce_sum: Optional[Callable] = None) -> di
     return {"loss": stats[0].item() / n, "accuracy": stats[1].item() / n}
 
 
-def check_finite(loss: float, stage: str, epoch: int, member: Optional[int] = None) -> None:
-    """Stop with a clear message when training diverged."""
+def check_finite(loss: float, stage: str, epoch: int) -> None:
+    """Stop with a clear message when training diverged (`stage` names what was trained)."""
     if not math.isfinite(loss):
-        who = f" of member {member}" if member is not None else ""
-        raise UserError(f"loss became {loss} in {stage}{who} at epoch {epoch}; lower the learning rate "
+        raise UserError(f"loss became {loss} in {stage} at epoch {epoch}; lower the learning rate "
                         "(train.lr / finetune.lr) or check the data for NaN values")
 
 
@@ -158,3 +144,35 @@ def predict(model, data: Dataset, batch_size: int, device) -> torch.Tensor:
 
 def labels_of(data: Dataset) -> torch.Tensor:
     return torch.cat([y for _, y in DataLoader(data, batch_size=4096, shuffle=False)])
+
+
+class ResumableEpochs:
+    """Epochs 1..`epochs` of one model, resumable after any of them.
+
+    Construct it before wrapping the model (DDP, an engine): with `resume` and an
+    existing state file the model, optimizer, scheduler and RNG are restored here.
+    `run(one_epoch, should_stop)` calls `one_epoch(epoch) -> record` for each
+    remaining epoch, writes the state after each (when `writer`), and raises
+    `Preempted` at an epoch boundary once `should_stop()` is true.
+    """
+
+    def __init__(self, what: str, epochs: int, model, optimizer, scheduler, spec, state_path: Optional[str],
+                 writer: bool, resume: bool):
+        self.what, self.epochs, self.spec = what, epochs, spec
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.state_path = state_path if writer else None
+        self.start, self.history = 1, []
+        if resume and state_path and os.path.exists(state_path):
+            done, self.history = load_state(state_path, model, optimizer, scheduler)
+            self.start = done + 1
+
+    def run(self, one_epoch: Callable[[int], dict], should_stop: Callable[[], bool]) -> List[dict]:
+        for epoch in range(self.start, self.epochs + 1):
+            self.history.append(one_epoch(epoch))
+            if self.state_path:
+                save_state(self.state_path, self.model, self.spec, self.optimizer, self.scheduler, epoch,
+                           self.history)
+            if epoch < self.epochs and should_stop():
+                raise Preempted(f"preempted during {self.what} after epoch {epoch}; "
+                                "the state is saved: rerun the same command with --resume")
+        return self.history

@@ -12,8 +12,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ntdist.dist.comm import broadcast_model, gather_models, recv_model, send_model
-from ntdist.dist.world import World
+from ntdist.distributed.comm import broadcast_model, gather_models, recv_model, send_model
+from ntdist.distributed.world import World
 from ntdist.fusion import fuse, fuse_pair
 from ntdist.fusion.graph import analyze
 from ntdist.fusion.schedule import recursive_plan

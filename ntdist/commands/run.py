@@ -6,12 +6,15 @@ point; finished points are skipped, so a sweep can be restarted at any time.
 
 import os
 
-from ntdist.config import load_config, read_yaml, yaml_load
-from ntdist.dist.layout import MemberLayout
-from ntdist.dist.world import init_world, shutdown
-from ntdist.resume import install_sigterm_handler
-
-SWEEP_KEYS = ("seeds", "sweep")
+from ntdist.config import load_config, read_yaml
+from ntdist.distributed.comm import all_gather_records
+from ntdist.distributed.layout import MemberLayout
+from ntdist.distributed.world import init_world, shutdown
+from ntdist.pipeline import run
+from ntdist.preempt import install_sigterm_handler
+from ntdist.commands.report import report_command
+from ntdist.records.results import read_results
+from ntdist.sweep import SWEEP_KEYS, plan_sweep, run_sweep
 
 
 def run_command(config_path: str, overrides, resume: bool = False, overwrite: bool = False) -> int:
@@ -26,30 +29,19 @@ def run_command(config_path: str, overrides, resume: bool = False, overwrite: bo
     clean = False
     try:
         if any(key in raw for key in SWEEP_KEYS):
-            _run_sweep(config_path, list(overrides), raw, cfg, world, resume, overwrite)
+            _run_sweep(config_path, list(overrides), cfg, world, resume, overwrite)
         else:
-            _run_one(cfg, world, resume, overwrite)
+            run(cfg, world, resume=resume, overwrite=overwrite)
+            if cfg.mode == "fuse":
+                _report([cfg.output.dir], cfg.output.dir, world)
         clean = True
     finally:
         shutdown(world, clean)
     return 0
 
 
-def _run_one(cfg, world, resume, overwrite) -> dict:
-    from ntdist.pipeline import run
-
-    results = run(cfg, world, resume=resume, overwrite=overwrite)
-    if world.is_main and cfg.mode == "fuse":
-        _report([cfg.output.dir], cfg.output.dir, world)
-    return results
-
-
-def _run_sweep(config_path, overrides, raw, cfg, world, resume, overwrite) -> None:
+def _run_sweep(config_path, overrides, cfg, world, resume, overwrite) -> None:
     """Every point of the sweep as one run; finished points are skipped unless --overwrite."""
-    from ntdist.dist.comm import all_gather_records
-    from ntdist.pipeline import run
-    from ntdist.sweep import expand, read_results, run_sweep
-
     def run_point(path, point_overrides):
         point_cfg = load_config(path, point_overrides, extra_keys=SWEEP_KEYS)
         # an unfinished point continues with --resume and starts again otherwise
@@ -59,18 +51,13 @@ def _run_sweep(config_path, overrides, raw, cfg, world, resume, overwrite) -> No
     def done(point_dir):   # rank 0 decides, so every rank skips (or runs) the same points
         return not overwrite and all_gather_records(world, [read_results(point_dir) is not None])[0]
 
-    for item in overrides:   # a seed list given on the command line replaces the file's
-        if item.startswith("seeds="):
-            raw = dict(raw, seeds=yaml_load(item.split("=", 1)[1]))
-    points = expand(raw)
-    world.print0(f"sweep: {len(points)} runs under {cfg.output.dir}")
+    plan = plan_sweep(config_path, overrides)
+    world.print0(f"sweep: {len(plan.points)} runs under {cfg.output.dir}")
     run_sweep(config_path, overrides, run_point, done=done, summarise=world.is_main)
-    if world.is_main and cfg.mode == "fuse":   # report on this sweep's points only, not on leftovers of an earlier grid
-        _report([os.path.join(cfg.output.dir, p.subdir) for p in points], cfg.output.dir, world)
+    if cfg.mode == "fuse":   # report on this sweep's points only, not on leftovers of an earlier grid
+        _report(plan.dirs, cfg.output.dir, world)
 
 
 def _report(run_dirs, out, world) -> None:
-    from ntdist.report import report_command
-
-    path = report_command(run_dirs, out)
-    world.print0(f"report: {os.path.abspath(path)}")
+    if world.is_main:
+        world.print0(f"report: {os.path.abspath(report_command(run_dirs, out))}")

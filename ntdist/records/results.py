@@ -1,0 +1,128 @@
+"""The schema of results.json: the one place its keys are defined.
+
+`ntdist run` writes a `RunResults` (mode fuse) or a `SyncResults` (mode sync);
+the sweep summary, the report and the tests read them back through
+`read_results`, so a renamed key is renamed everywhere at once. Accuracies are
+fractions in [0, 1]; `*_val` lists are the validation curves used to pick the
+"best" epoch without looking at the test set.
+"""
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Union
+
+RESULTS_FILE = "results.json"
+
+
+@dataclass(kw_only=True)
+class MethodResult:
+    """One fusion method: accuracy right after fusion, then after each fine-tuning epoch."""
+
+    post_fusion: float
+    post_fusion_val: Optional[float] = None
+    finetune: List[float] = field(default_factory=list)
+    finetune_val: List[float] = field(default_factory=list)
+    fuse_seconds: Optional[float] = None
+    sparsity: Optional[float] = None     # NT only: 1 - kept units / (k x member units) of the first hidden layer
+
+
+@dataclass(kw_only=True)
+class ControlResult:
+    """The fair baseline: the best member fine-tuned for the same epochs as the fused models."""
+
+    method: str = "best_member_extra_epochs"
+    member: Optional[int] = None
+    finetune: List[float] = field(default_factory=list)
+    finetune_val: List[float] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class RunResults:
+    """results.json of a run in mode fuse."""
+
+    k: Optional[int] = None
+    seed: Optional[int] = None
+    members: List[float]                  # test accuracy of each member
+    members_val: List[float] = field(default_factory=list)
+    best_member: float                    # test accuracy of the member with the best validation accuracy
+    best_member_index: Optional[int] = None
+    ensemble: float                       # test accuracy of the members' output average
+    ensemble_val: Optional[float] = None
+    diversity: Optional[dict] = None      # see fusion.diversity.diversity_summary
+    world: Optional[dict] = None          # who ran it: size, launcher, backend, device, ranks
+    train_seconds: Optional[float] = None
+    control: Optional[ControlResult] = None
+    fusion: Dict[str, MethodResult] = field(default_factory=dict)
+    wall_seconds: Optional[float] = None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunResults":
+        data = dict(data)
+        if data.get("control") is not None:
+            data["control"] = ControlResult(**data["control"])
+        data["fusion"] = {m: MethodResult(**entry) for m, entry in (data.get("fusion") or {}).items()}
+        return cls(**data)
+
+
+@dataclass(kw_only=True)
+class SyncMethodResult:
+    """One sync method: replica 0's accuracy after each epoch."""
+
+    test: List[float]
+    val: List[float]
+    final: Optional[float]
+
+
+@dataclass(kw_only=True)
+class SyncResults:
+    """results.json of a run in mode sync."""
+
+    mode: str = "sync"
+    k: int
+    seed: int
+    world: Optional[dict] = None
+    sync: Dict[str, SyncMethodResult] = field(default_factory=dict)
+    wall_seconds: Optional[float] = None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SyncResults":
+        data = dict(data)
+        data["sync"] = {m: SyncMethodResult(**entry) for m, entry in (data.get("sync") or {}).items()}
+        return cls(**data)
+
+
+Results = Union[RunResults, SyncResults]
+OPTIONAL_KEYS = ("diversity", "sparsity")   # left out of the file when absent, not written as null
+
+
+def to_dict(results: Results) -> dict:
+    """The JSON form of `results` (keys in schema order)."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if not (k in OPTIONAL_KEYS and v is None)}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+    return strip(dataclasses.asdict(results))
+
+
+def to_json(results: Results) -> str:
+    return json.dumps(to_dict(results), indent=2) + "\n"
+
+
+def from_dict(data: dict) -> Results:
+    """Parse a results dict; ValueError or TypeError when it does not fit the schema."""
+    if not isinstance(data, dict):
+        raise ValueError("results must be a JSON object")
+    return SyncResults.from_dict(data) if data.get("mode") == "sync" else RunResults.from_dict(data)
+
+
+def read_results(run_dir: str) -> Optional[Results]:
+    """The results of a finished run, or None when it has none (or an unreadable one)."""
+    try:
+        with open(os.path.join(run_dir, RESULTS_FILE)) as f:
+            return from_dict(json.load(f))
+    except (OSError, ValueError, TypeError):
+        return None

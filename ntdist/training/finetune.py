@@ -1,0 +1,97 @@
+"""Fine-tuning the fused model with data parallelism over all ranks, or distilling the ensemble into it.
+
+Every rank holds the same fused model; the engine (DDP by default) averages
+gradients, a DistributedSampler (reshuffled each epoch) splits the data, and
+evaluation counts every sample once across ranks. With `finetune.distill` the
+loss is the distillation loss against the concatenated wide model, which
+computes exactly the ensemble's output average.
+"""
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, ClassVar, List, Optional
+
+import torch
+
+from ntdist.errors import UserError, check_choice
+from ntdist.fusion import distillation_loss
+from ntdist.options import opt
+from ntdist.preempt import preempt_requested
+from ntdist.training.engines import ENGINES, ZERO_STAGES, make_engine
+from ntdist.training.loop import (OptimConfig, ResumableEpochs, check_finite, eval_loader, evaluate, make_optimizer,
+                                  make_scheduler, train_epoch, train_loader)
+
+if TYPE_CHECKING:   # the run context is defined by the pipeline, which imports this module
+    from ntdist.pipeline import Run
+
+
+@dataclass
+class FinetuneConfig(OptimConfig):
+    """How the fused model is fine-tuned (or distilled from the ensemble)."""
+
+    section: ClassVar[str] = "finetune"
+    epochs: int = opt(3, "fine-tuning epochs after fusion")
+    lr: float = opt(0.01, "learning rate")
+    schedule: str = opt("none", "LR schedule: none | step | multistep | cosine")
+    engine: str = opt("ddp", " | ".join(ENGINES))
+    zero_stage: int = opt(0, "deepspeed engine: ZeRO stage 0, 1 or 2")
+    deepspeed_config: Optional[str] = opt(None, "deepspeed engine: extra JSON config (e.g. launch/deepspeed.json)")
+    distill: bool = opt(False, "distil the ensemble into the fused model instead of plain fine-tuning")
+    temperature: float = opt(2.0, "distillation temperature")
+    soft_weight: float = opt(1.0, "weight of the soft-target loss in distillation")
+    control: bool = opt(True, "also fine-tune the best member for the same epochs (a fair baseline)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice(self.engine, ENGINES, "finetune.engine")
+        if self.zero_stage not in ZERO_STAGES:
+            raise UserError(f"finetune.zero_stage must be one of {list(ZERO_STAGES)}, got {self.zero_stage}")
+
+
+def evaluate_splits(r: "Run", model) -> dict:
+    """Validation and test accuracy, each sample counted once across ranks."""
+    world, out = r.world, {}
+    for name, data in (("val", r.splits.val), ("test", r.splits.test)):
+        loader = eval_loader(data, r.cfg.data.eval_batch_size, world.size, world.rank)
+        out[name] = evaluate(model, loader, world.device, world.reduce_sum)["accuracy"]
+    return out
+
+
+def distill_loss_fn(teacher: torch.nn.Module, cfg: FinetuneConfig) -> Callable:
+    teacher.eval()
+
+    def loss_fn(logits, x, y):
+        with torch.no_grad():
+            target = teacher(x)
+        return distillation_loss(logits, target, y, temperature=cfg.temperature, soft_weight=cfg.soft_weight)
+    return loss_fn
+
+
+def finetune(r: "Run", model: torch.nn.Module, label: str, seed: int,
+             teacher: Optional[torch.nn.Module] = None) -> List[dict]:
+    """Fine-tune `model` in place for `finetune.epochs` (rank 0 writes the state after each); one record per epoch."""
+    cfg, world = r.cfg.finetune, r.world
+    model.to(world.device)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    torch.manual_seed(seed)
+    # ZeRO shards the optimizer state: with deepspeed a resumed run restarts this stage instead
+    state_path = None if cfg.engine == "deepspeed" else r.rundir.checkpoint(f"finetune_{label}.state")
+    epochs = ResumableEpochs(f"fine-tuning ({label})", cfg.epochs, model, optimizer, scheduler, r.spec, state_path,
+                             world.is_main, r.resume)
+    engine = make_engine(cfg, model, optimizer, world, r.cfg.data.batch_size)
+    loader = train_loader(r.splits.train, r.cfg.data.batch_size, seed, world.size, world.rank)
+    loss_fn = distill_loss_fn(teacher.to(world.device), cfg) if teacher is not None else None
+
+    def one_epoch(epoch: int) -> dict:
+        loader.sampler.set_epoch(epoch)
+        loss = train_epoch(engine.model, loader, optimizer, world.device, loss_fn, engine=engine,
+                           desc=f"finetune {label} epoch {epoch}/{cfg.epochs}", progress=world.is_main)
+        loss = world.reduce_sum(torch.tensor([loss], dtype=torch.float64)).item() / world.size
+        check_finite(loss, f"fine-tuning ({label})", epoch)
+        scheduler.step()
+        acc = evaluate_splits(r, model)
+        world.print0(f"finetune {label} epoch {epoch}: loss {loss:.4f}, val {acc['val']:.4f}, test {acc['test']:.4f}")
+        return {"stage": "finetune", "method": label, "epoch": epoch, "loss": loss,
+                "val_accuracy": acc["val"], "test_accuracy": acc["test"]}
+
+    return epochs.run(one_epoch, lambda: world.any(preempt_requested()))

@@ -1,0 +1,82 @@
+"""Training the ensemble members, each with its own seed, on the ranks the layout assigns.
+
+Member i is initialised and shuffled with its own seed (`member_seed`), so the members
+are diverse and a member trained by any rank layout has the same weights as the
+one trained alone in a single process.
+"""
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, List, Tuple
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from ntdist.models import ModelSpec
+from ntdist.options import opt
+from ntdist.preempt import preempt_requested
+from ntdist.training.loop import (OptimConfig, ResumableEpochs, check_finite, eval_loader, evaluate, make_optimizer,
+                                  make_scheduler, train_epoch, train_loader)
+
+if TYPE_CHECKING:   # the run context is defined by the pipeline, which imports this module
+    from ntdist.pipeline import Run
+
+
+@dataclass
+class TrainConfig(OptimConfig):
+    """How each ensemble member is trained."""
+
+    section: ClassVar[str] = "train"
+    epochs: int = opt(10, "training epochs per member")
+    seed: int = opt(0, "base seed; member i uses 1000 * seed + i (its initialisation and data order)")
+    identical_members: bool = opt(False, "train every member with member 0's seed: the paper's self-fusion failure case")
+
+
+def member_seed(cfg: TrainConfig, index: int) -> int:
+    """Member i's seed: 1000 * train.seed + i (+ 0 for every member with `train.identical_members`).
+
+    The factor keeps runs with neighbouring seeds (a seed sweep) from sharing members;
+    fine-tuning uses 1000 * train.seed + 998 (control) and + 999 (fused models).
+    """
+    return 1000 * cfg.seed + (0 if cfg.identical_members else index)
+
+
+def build_member(spec: ModelSpec, seed: int) -> torch.nn.Module:
+    """A freshly initialised member; the seed fixes the initialisation."""
+    torch.manual_seed(seed)
+    return spec.build()
+
+
+def train_member(r: "Run", index: int, group=None) -> Tuple[torch.nn.Module, List[dict]]:
+    """Train member `index` (with DDP inside `group` when its group has several ranks); returns (model, history).
+
+    The group's first rank writes the state after every epoch; with `--resume` an existing
+    state file is restored first. Preemption is checked at each epoch boundary.
+    """
+    cfg, world = r.cfg, r.world
+    seed = member_seed(cfg.train, index)
+    model = build_member(r.spec, seed).to(world.device)
+    torch.manual_seed(seed)
+    optimizer = make_optimizer(model, cfg.train)
+    scheduler = make_scheduler(optimizer, cfg.train)
+    group_size = r.layout.group_size
+    group_rank = world.rank % group_size
+    epochs = ResumableEpochs(f"training of member {index}", cfg.train.epochs, model, optimizer, scheduler, r.spec,
+                             r.rundir.checkpoint(f"member{index}.state"), group_rank == 0, r.resume)
+    wrapped = DistributedDataParallel(model, process_group=group) if group_size > 1 else model
+    loader = train_loader(r.splits.train, cfg.data.batch_size, seed, group_size, group_rank)
+    val = eval_loader(r.splits.val, cfg.data.eval_batch_size)
+
+    def one_epoch(epoch: int) -> dict:
+        loader.sampler.set_epoch(epoch)
+        loss = train_epoch(wrapped, loader, optimizer, world.device, progress=world.is_main,
+                           desc=f"member {index} epoch {epoch}/{cfg.train.epochs}")
+        check_finite(loss, f"member training of member {index}", epoch)
+        scheduler.step()
+        record = {"stage": "member", "member": index, "epoch": epoch, "loss": loss,
+                  "val_accuracy": evaluate(model, val, world.device)["accuracy"]}
+        world.print0(f"member {index} epoch {epoch}/{cfg.train.epochs}: loss {loss:.4f}, "
+                     f"val accuracy {record['val_accuracy']:.4f}")
+        return record
+
+    stop = (lambda: world.any(preempt_requested(), group)) if group is not None else preempt_requested
+    return model, epochs.run(one_epoch, stop)
