@@ -107,11 +107,11 @@ def analyze(model: nn.Module, example_inputs=None) -> Plan:
     in_ndim = first.dim() if isinstance(first, torch.Tensor) else None
     try:
         return _walk(model, gm, False, in_ndim)
-    except NeedShapes:
+    except NeedShapes as need:
         given = example_inputs is not None
         inputs = example_inputs if given else _dummy_input(gm)
         if inputs is None or not _shape_prop(gm, model, inputs, given):
-            raise
+            raise UserError(str(need)) from None
     return _walk(model, gm, True, in_ndim)
 
 

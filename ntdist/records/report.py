@@ -85,12 +85,16 @@ def load_run(run_dir: str):
     path = os.path.join(run_dir, RESULTS_FILE)
     try:
         with open(path) as f:
-            results = from_dict(json.load(f))
+            data = json.load(f)
     except FileNotFoundError:
         raise UserError(f"no results.json in '{run_dir}'; finish the run with 'ntdist run --resume' "
                         "or leave it out") from None
-    except (OSError, ValueError, TypeError) as err:
+    except (OSError, ValueError) as err:
         raise UserError(f"'{path}' is unreadable ({err}); rerun that run or leave '{run_dir}' out") from None
+    try:
+        results = from_dict(data)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"'{path}' is not an ntdist results file ({err}); rerun that run or leave it out") from None
     if not isinstance(results, RunResults):
         raise UserError(f"'{path}' is from a run in mode sync, which has no fusion table; leave '{run_dir}' out")
     config = {}

@@ -4,7 +4,7 @@
 #     NTDIST_PROBE_OUT=/tmp/probe NTDIST="python tests/launchers/probe_world.py" launch/torchrun.sh CONFIG a=1
 #     python tests/launchers/probe_world.py [run CONFIG key=value ...]
 #
-# Each rank calls ntdist.dist.world.init_world(), sums its rank + 1 over all ranks with an all-reduce,
+# Each rank calls ntdist.distributed.world.init_world(), sums its rank + 1 over all ranks with an all-reduce,
 # and writes rank-<RANK>.json into $NTDIST_PROBE_OUT (default: ./probe-out) holding rank, local rank,
 # size, launcher, host, pid, the all-reduce result and the arguments it was given.
 # Set NTDIST_PROBE_DEEPSPEED=1 to also initialise a tiny model with deepspeed.initialize() using the
@@ -28,7 +28,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from ntdist.dist.world import init_world, shutdown  # noqa: E402
+from ntdist.distributed.world import init_world, shutdown  # noqa: E402
 
 
 def deepspeed_step(world) -> float:

@@ -1,6 +1,6 @@
 """Crashes, preemption and bad input cost nothing: resume is bit-exact, errors are one clear line.
 
-Run: .venv/bin/python -m pytest tests/test_reliability.py
+Run: .venv/bin/python -m pytest tests/multiproc/test_reliability.py
 """
 
 import hashlib
@@ -16,20 +16,10 @@ import time
 import pytest
 from safetensors import safe_open
 
-from distutil import free_port
+from helpers import ROOT, free_port, ntdist, torchrun_cmd
+from ntdist.records.results import read_results
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = ["configs/quickstart.yaml", "distributed.threads_per_rank=1", "finetune.control=false"]
-
-
-def ntdist(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "ntdist", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ, **(env or {})))
-
-
-def torchrun_cmd(*args):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-            "-m", "ntdist", "run", *args]
 
 
 def weights(path):
@@ -38,8 +28,8 @@ def weights(path):
 
 
 def accuracies(run_dir):
-    r = json.loads((run_dir / "results.json").read_text())
-    return r["members"], r["ensemble"], {m: (v["post_fusion"], v["finetune"]) for m, v in r["fusion"].items()}
+    r = read_results(str(run_dir))
+    return r.members, r.ensemble, {m: (v.post_fusion, v.finetune) for m, v in r.fusion.items()}
 
 
 def wait_for(path, proc, timeout=120):
@@ -62,7 +52,7 @@ def reference(tmp_path_factory):
     """An uninterrupted 2-process run of the settings the kill tests use."""
     out = tmp_path_factory.mktemp("ref") / "run"
     args = [*QUICK, "train.epochs=12", "finetune.epochs=12", "fusion.methods=[nt]", f"output.dir={out}"]
-    proc = subprocess.run(torchrun_cmd(*args), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(torchrun_cmd("run", *args), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, args[:-1]
 
@@ -71,7 +61,7 @@ def reference(tmp_path_factory):
 def test_sigkill_then_resume_gives_identical_weights_and_accuracies(tmp_path, reference, stage_file):
     ref, args = reference
     out = tmp_path / "run"
-    proc = subprocess.Popen(torchrun_cmd(*args, f"output.dir={out}"), cwd=ROOT, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(torchrun_cmd("run", *args, f"output.dir={out}"), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_for(out / "checkpoints" / stage_file, proc)
@@ -79,7 +69,7 @@ def test_sigkill_then_resume_gives_identical_weights_and_accuracies(tmp_path, re
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not (out / "results.json").exists()       # it really died mid-run
-    resumed = subprocess.run(torchrun_cmd(*args, f"output.dir={out}", "--resume"), cwd=ROOT,
+    resumed = subprocess.run(torchrun_cmd("run", *args, f"output.dir={out}", "--resume"), cwd=ROOT,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(out, ref)
@@ -240,7 +230,7 @@ def test_resume_refuses_a_pickle_in_place_of_a_checkpoint(tmp_path, finished):
 def test_torchrun_restarts_a_dead_rank_and_the_job_resumes(tmp_path, reference):
     ref, args = reference
     out = tmp_path / "run"
-    cmd = torchrun_cmd(*args, f"output.dir={out}")
+    cmd = torchrun_cmd("run", *args, f"output.dir={out}")
     cmd.insert(3, "--max-restarts=1")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for(out / "checkpoints" / "member1.state.safetensors", proc)

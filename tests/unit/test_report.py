@@ -1,6 +1,8 @@
-"""Tests for ntdist.report on a small fake tree of run directories (no training)."""
+"""Tests for ntdist.records.report on a small fake tree of run directories (no training).
 
-import json
+Run: .venv/bin/python -m pytest tests/unit/test_report.py
+"""
+
 import os
 import random
 
@@ -9,7 +11,9 @@ import pytest
 import yaml
 
 from ntdist.errors import UserError
-from ntdist.report import find_run_dirs, group_runs, plot_against, plot_curves, report_command, write_report
+from ntdist.records.results import ControlResult, MethodResult, RunResults, to_json
+from ntdist.commands.report import report_command
+from ntdist.records.report import find_run_dirs, group_runs, plot_against, plot_curves, write_report
 
 SEEDS = (0, 1, 2)
 
@@ -23,17 +27,16 @@ def _results(k: int, keep: float, seed: int) -> dict:
     fusion = {}
     for name, start in (("avg", 0.3), ("ot", 0.6), ("nt", 0.95 - keep * 0.4)):
         test = curve(start)
-        fusion[name] = {"post_fusion": start + noise(), "post_fusion_val": start, "finetune": test,
-                        "finetune_val": [t + noise() for t in test], "fuse_seconds": 0.01}
-    fusion["nt"]["sparsity"] = 1 - keep
-    return {"k": k, "seed": seed, "world": {"size": 1, "launcher": "none", "ranks": []},
-            "members": members, "members_val": members, "best_member": max(members),
-            "best_member_index": members.index(max(members)), "ensemble": base + noise(),
-            "control": {"method": "best_member_extra_epochs", "finetune": curve(max(members)),
-                        "finetune_val": curve(max(members))},
-            "diversity": {"disagreement_mean": 0.05 + noise() / 10, "duplicate_fraction_mean": 0.1,
-                          "warning": None},
-            "fusion": fusion, "wall_seconds": 1.0}
+        fusion[name] = MethodResult(post_fusion=start + noise(), post_fusion_val=start, finetune=test,
+                                    finetune_val=[t + noise() for t in test], fuse_seconds=0.01,
+                                    sparsity=1 - keep if name == "nt" else None)
+    return RunResults(k=k, seed=seed, world={"size": 1, "launcher": "none", "ranks": []},
+                      members=members, members_val=members, best_member=max(members),
+                      best_member_index=members.index(max(members)), ensemble=base + noise(),
+                      control=ControlResult(finetune=curve(max(members)), finetune_val=curve(max(members))),
+                      diversity={"disagreement_mean": 0.05 + noise() / 10, "duplicate_fraction_mean": 0.1,
+                                 "warning": None},
+                      fusion=fusion, wall_seconds=1.0)
 
 
 def make_tree(root) -> str:
@@ -51,7 +54,7 @@ def make_tree(root) -> str:
                 with open(os.path.join(run, "config.yaml"), "w") as f:
                     yaml.safe_dump(config, f)
                 with open(os.path.join(run, "results.json"), "w") as f:
-                    json.dump(_results(k, keep, seed), f)
+                    f.write(to_json(_results(k, keep, seed)))
     return sweep
 
 

@@ -4,6 +4,8 @@ Two width-32 MLPs per seed from different initialisations and data orders,
 three seeds. Right after fusion NT must be far above weight averaging (and OT
 must not be worse than averaging); after 3 epochs of fine-tuning NT must reach
 the mean member's accuracy.
+
+Run: .venv/bin/python -m pytest tests/unit/test_fusion_digits.py
 """
 
 import statistics

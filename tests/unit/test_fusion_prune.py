@@ -1,4 +1,7 @@
-"""NT pruning, orders and schedules: exact widths, strict loading, equal leaf weights, bad input."""
+"""NT pruning, orders and schedules: exact widths, strict loading, equal leaf weights, bad input.
+
+Run: .venv/bin/python -m pytest tests/unit/test_fusion_prune.py
+"""
 
 import pytest
 import torch

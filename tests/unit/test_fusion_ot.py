@@ -1,4 +1,7 @@
-"""OT fusion, weight averaging, the output ensemble, distillation loss and BN re-estimation."""
+"""OT fusion, weight averaging, the output ensemble, distillation loss and BN re-estimation.
+
+Run: .venv/bin/python -m pytest tests/unit/test_fusion_ot.py
+"""
 
 import copy
 
@@ -7,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ntdist.fusion import Ensemble, average, distillation_loss, fuse, ot_fuse, reestimate_bn
-from modelutil import randomise_bn
+from helpers import randomise_bn
 from ntdist.models import build_model
 
 

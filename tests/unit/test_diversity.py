@@ -1,4 +1,7 @@
-"""Tests for ntdist.diversity: disagreement, duplicate units and the near-identical warning."""
+"""Tests for ntdist.fusion.diversity: disagreement, duplicate units and the near-identical warning.
+
+Run: .venv/bin/python -m pytest tests/unit/test_diversity.py
+"""
 
 import copy
 import json
@@ -7,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from ntdist import diversity
-from ntdist.diversity import diversity_summary, duplicate_units, fusable_layers, prediction_disagreement
+from ntdist.fusion import diversity
+from ntdist.fusion.diversity import diversity_summary, duplicate_units, fusable_layers, prediction_disagreement
 
 
 def _mlp(seed: int, width: int = 64) -> nn.Module:

@@ -1,4 +1,4 @@
-"""Config merging and its errors. Run: .venv/bin/python -m pytest tests/test_config.py"""
+"""Config merging and its errors. Run: .venv/bin/python -m pytest tests/unit/test_config.py"""
 
 import pytest
 

@@ -3,6 +3,8 @@
 Covers MLP, LeNet, VGG11 (with and without BN / bias), the CIFAR ResNet18,
 torchvision's resnet18, depthwise and grouped convolutions, and the refusals
 for layers that cannot be widened exactly.
+
+Run: .venv/bin/python -m pytest tests/unit/test_fusion_concat.py
 """
 
 import pytest
@@ -12,7 +14,7 @@ import torch.nn.functional as F
 
 from ntdist.errors import UserError
 from ntdist.fusion import Ensemble, concat
-from modelutil import randomise_bn
+from helpers import randomise_bn
 from ntdist.models import build_model
 
 

@@ -1,4 +1,4 @@
-"""Dataset splits: deterministic, disjoint, and clear errors. Run: .venv/bin/python -m pytest tests/test_data.py"""
+"""Dataset splits: deterministic, disjoint, and clear errors. Run: .venv/bin/python -m pytest tests/unit/test_data.py"""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Forward shapes of every model and the registry's errors. Run: .venv/bin/python -m pytest tests/test_models.py"""
+"""Forward shapes of every model and the registry's errors. Run: .venv/bin/python -m pytest tests/unit/test_models.py"""
 
 import pytest
 import torch

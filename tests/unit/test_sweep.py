@@ -1,6 +1,8 @@
-"""Tests for ntdist.sweep: grid expansion, spec validation, resumable runs and aggregation."""
+"""Tests for ntdist.sweep and records.stats: grid expansion, spec validation, resumable runs, aggregation.
 
-import json
+Run: .venv/bin/python -m pytest tests/unit/test_sweep.py
+"""
+
 import math
 import os
 
@@ -8,7 +10,10 @@ import pytest
 import yaml
 
 from ntdist.errors import UserError
-from ntdist.sweep import aggregate, best_by_val, expand, format_value, mean_std, run_sweep
+from ntdist.config import format_value
+from ntdist.records.results import ControlResult, MethodResult, RunResults, to_json
+from ntdist.records.stats import aggregate, best_by_val, mean_std
+from ntdist.sweep import expand, run_sweep
 
 
 def test_expand_order_names_and_seeds_innermost():
@@ -58,8 +63,8 @@ def test_bad_specs_raise_user_errors(raw, words):
 
 
 def _fake_results(seed, acc=0.9):
-    return {"k": 2, "seed": seed, "members": [acc, acc], "best_member": acc, "ensemble": acc,
-            "fusion": {"nt": {"post_fusion": acc, "finetune": [acc], "finetune_val": [acc]}}}
+    return RunResults(k=2, seed=seed, members=[acc, acc], best_member=acc, ensemble=acc,
+                      fusion={"nt": MethodResult(post_fusion=acc, finetune=[acc], finetune_val=[acc])})
 
 
 def test_run_sweep_skips_finished_points(tmp_path):
@@ -74,7 +79,7 @@ def test_run_sweep_skips_finished_points(tmp_path):
         seed = int([o.split("=")[1] for o in overrides if o.startswith("train.seed=")][0])
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "results.json"), "w") as f:
-            json.dump(_fake_results(seed), f)
+            f.write(to_json(_fake_results(seed)))
 
     summary = run_sweep(str(cfg), ["train.epochs=1"], run_point)
     assert len(calls) == 4
@@ -114,14 +119,14 @@ def test_best_uses_validation_epoch():
 
 
 def test_aggregate_hand_computed():
-    a = {"members": [0.8, 0.9], "best_member": 0.9, "ensemble": 0.92,
-         "control": {"finetune": [0.90, 0.91], "finetune_val": [0.89, 0.88]},
-         "fusion": {"nt": {"post_fusion": 0.6, "finetune": [0.8, 0.85, 0.83], "finetune_val": [0.7, 0.75, 0.9],
-                           "sparsity": 0.5}}}
-    b = {"members": [0.7, 0.9], "best_member": 0.9, "ensemble": 0.94,
-         "control": {"finetune": [0.92, 0.93], "finetune_val": [0.90, 0.95]},
-         "fusion": {"nt": {"post_fusion": 0.4, "finetune": [0.8, 0.87], "finetune_val": [0.9, 0.7],
-                           "sparsity": 0.5}}}
+    a = RunResults(members=[0.8, 0.9], best_member=0.9, ensemble=0.92,
+                   control=ControlResult(finetune=[0.90, 0.91], finetune_val=[0.89, 0.88]),
+                   fusion={"nt": MethodResult(post_fusion=0.6, finetune=[0.8, 0.85, 0.83],
+                                              finetune_val=[0.7, 0.75, 0.9], sparsity=0.5)})
+    b = RunResults(members=[0.7, 0.9], best_member=0.9, ensemble=0.94,
+                   control=ControlResult(finetune=[0.92, 0.93], finetune_val=[0.90, 0.95]),
+                   fusion={"nt": MethodResult(post_fusion=0.4, finetune=[0.8, 0.87], finetune_val=[0.9, 0.7],
+                                              sparsity=0.5)})
     agg = aggregate([a, b])
     assert agg["runs"] == 2
     assert math.isclose(agg["members_mean"]["mean"], 0.825)
@@ -140,7 +145,7 @@ def test_aggregate_hand_computed():
 
 
 def test_aggregate_without_optional_parts():
-    agg = aggregate([{"members": [0.5], "best_member": 0.5, "ensemble": 0.5}])
+    agg = aggregate([RunResults(members=[0.5], best_member=0.5, ensemble=0.5)])
     assert agg["control"] is None and agg["methods"] == {}
     with pytest.raises(UserError):
         aggregate([])

@@ -1,10 +1,11 @@
-"""Public surface of ntdist.fusion: the config dataclass, the benchmark function, the exported names."""
+"""Public surface of ntdist.fusion: the config dataclass and the exported names.
 
-import csv
+Run: .venv/bin/python -m pytest tests/unit/test_fusion_api.py
+"""
+
 import dataclasses
 
 import ntdist.fusion as fusion
-from ntdist.fusion.bench import bench_fusion
 from ntdist.fusion.config import FusionConfig
 
 
@@ -21,13 +22,3 @@ def test_public_names():
     for name in ("concat", "fuse", "fuse_pair", "recursive_pairs", "recursive_plan", "average", "ot_fuse",
                  "Ensemble", "distillation_loss", "reestimate_bn", "IMPORTANCES", "FusionConfig", "prune"):
         assert hasattr(fusion, name), name
-
-
-def test_bench_fusion_writes_csv(tmp_path):
-    out = tmp_path / "bench.csv"
-    rows = bench_fusion(widths=(16,), repeats=1, out_csv=str(out))
-    assert [r["method"] for r in rows] == ["avg", "nt", "ot"]
-    assert all(r["seconds"] > 0 and r["peak_extra_mib"] >= 0 for r in rows)
-    with open(out) as f:
-        table = list(csv.DictReader(f))
-    assert [r["method"] for r in table] == ["avg", "nt", "ot"] and table[1]["time_vs_avg"]

@@ -1,29 +1,26 @@
 """The three fine-tuning engines (ddp, accelerate, deepspeed) follow the same trajectory on 2 ranks.
 
-Run: .venv/bin/python -m pytest tests/test_engines.py
+Run: .venv/bin/python -m pytest tests/multiproc/test_engines.py
 """
 
-import json
 import os
 import subprocess
-import sys
 
 import pytest
 
-from distutil import free_port
+from helpers import ROOT, torchrun_cmd
+from ntdist.records.results import read_results
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["configs/quickstart.yaml", "fusion.methods=[nt]", "finetune.control=false", "train.epochs=4",
         "distributed.threads_per_rank=1", "output.diversity=false"]
 
 
 def torchrun(out, *extra):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "ntdist", "run", *ARGS, f"output.dir={out}", *extra]
+    cmd = torchrun_cmd("run", *ARGS, f"output.dir={out}", *extra)
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=os.path.join(ROOT, ".torch_extensions"))
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((out / "results.json").read_text())
+    return read_results(str(out))
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +33,7 @@ def ddp(tmp_path_factory):
                                     ["finetune.engine=deepspeed", "finetune.zero_stage=2"]])
 def test_engine_matches_ddp_on_two_ranks(tmp_path, ddp, engine):
     got = torchrun(tmp_path / "run", *engine)
-    assert got["world"]["size"] == 2 and len({r["pid"] for r in got["world"]["ranks"]}) == 2
-    assert got["members"] == ddp["members"] and got["fusion"]["nt"]["post_fusion"] == ddp["fusion"]["nt"]["post_fusion"]
-    for a, b in zip(got["fusion"]["nt"]["finetune"], ddp["fusion"]["nt"]["finetune"]):
+    assert got.world["size"] == 2 and len({r["pid"] for r in got.world["ranks"]}) == 2
+    assert got.members == ddp.members and got.fusion["nt"].post_fusion == ddp.fusion["nt"].post_fusion
+    for a, b in zip(got.fusion["nt"].finetune, ddp.fusion["nt"].finetune):
         assert abs(a - b) <= 0.01   # same data, same SGD: equal up to summation order

@@ -1,10 +1,9 @@
 """Multi-process gloo tests of the distributed pipeline (CPU, free ports, hard time-outs).
 
-Run: .venv/bin/python -m pytest tests/test_distributed.py
+Run: .venv/bin/python -m pytest tests/multiproc/test_distributed.py
 """
 
 import dataclasses
-import json
 import os
 import signal
 import subprocess
@@ -14,34 +13,26 @@ import time
 import torch
 from torch.utils.data import Subset
 
-from distutil import free_port, spawn
-from ntdist.data import DataConfig, load_splits
-from ntdist.dist.layout import MemberLayout
-from ntdist.dist.world import shutdown
+from helpers import ROOT, free_port, make_run, spawn, torchrun_cmd
+from ntdist.distributed.layout import MemberLayout
+from ntdist.distributed.world import DistributedConfig, init_world, shutdown
 from ntdist.errors import UserError
-from ntdist.members import build_member, train_member
-from ntdist.train import FinetuneConfig, TrainConfig
+from ntdist.models import ModelSpec
+from ntdist.records.results import read_results
+from ntdist.training.members import build_member, train_member
 
-SPEC = {"name": "mlp", "kwargs": {"input_dim": 64, "num_classes": 10, "width": 16, "depth": 2}}
-TRAIN = TrainConfig(epochs=2, lr=0.05)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MLP = ["model.kwargs.width=16", "model.kwargs.depth=2", "train.epochs=2", "train.lr=0.05"]
+SPEC = ModelSpec("mlp", {"input_dim": 64, "num_classes": 10, "width": 16, "depth": 2})
 
 
 def _world():
-    from ntdist.dist.world import DistributedConfig, init_world
     return init_world(DistributedConfig(threads_per_rank=1, timeout_s=60))
 
 
 def _train_parallel(rank, out_dir):
     from ntdist.pipeline import train_stage
-    from ntdist.config import Config
-    from ntdist.rundir import RunDir
     world = _world()
-    cfg = Config()
-    cfg.train, cfg.fusion.k = TRAIN, 2
-    splits = load_splits(DataConfig())
-    os.makedirs(os.path.join(out_dir, "checkpoints"), exist_ok=True)
-    held = train_stage(cfg, world, MemberLayout(2, world.size), splits, SPEC, RunDir(out_dir, world.is_main), False)
+    held = train_stage(make_run(out_dir, *MLP, world=world))
     for i, model in held.items():
         torch.save(model.state_dict(), os.path.join(out_dir, f"m{i}.pt"))
     shutdown(world)
@@ -61,29 +52,27 @@ def test_layout_arithmetic():
 def test_members_on_two_ranks_equal_sequential_training(tmp_path):
     spawn(_train_parallel, 2, str(tmp_path))
     torch.set_num_threads(1)
-    splits = load_splits(DataConfig())
+    alone_run = make_run(tmp_path / "alone", *MLP)
     for i in range(2):
-        alone = train_member(i, SPEC, TRAIN, splits, 32, 256, torch.device("cpu"), show=False).model
+        alone = train_member(alone_run, i)[0]
         parallel = torch.load(tmp_path / f"m{i}.pt", weights_only=True)
         for key, value in alone.state_dict().items():
             assert torch.equal(value, parallel[key]), key
 
 
 def _members(n):
-    models = [build_member(SPEC, 100 + i) for i in range(n)]
-    return models
+    return [build_member(SPEC, 100 + i) for i in range(n)]
 
 
 def _tree(rank, out_dir, k):
-    from ntdist.dist.tree import tree_fuse
+    from ntdist.distributed.tree import tree_fuse
     world = _world()
     layout = MemberLayout(k, world.size)
     members = _members(k)
     held = {i: members[i] for i in layout.held_by(rank)}
     x = torch.zeros(2, 64)
     sent = []
-    fused = tree_fuse(world, held, [layout.holder(i) for i in range(k)], lambda: build_member(SPEC, 0),
-                      example_inputs=x, sent=sent)
+    fused = tree_fuse(world, held, [layout.holder(i) for i in range(k)], SPEC.build, example_inputs=x, sent=sent)
     assert max(sent) <= 1, sent   # at most one model per rank per round
     torch.save(fused.state_dict(), os.path.join(out_dir, f"fused{rank}.pt"))
     shutdown(world)
@@ -101,13 +90,14 @@ def test_tree_fusion_on_four_ranks_equals_single_process_recursive(tmp_path):
 
 
 def _ddp(rank, out_dir, batch):
-    from ntdist.finetune import finetune
+    from ntdist.training.finetune import finetune
     world = _world()
-    splits = load_splits(DataConfig())
+    run = make_run(os.path.join(out_dir, f"run{world.size}"), *MLP, "finetune.epochs=1", "finetune.lr=0.05",
+                   f"data.batch_size={batch}", world=world)
     # 4 full steps: with a ragged last batch, padding would make the two runs see different samples
-    splits = dataclasses.replace(splits, train=Subset(splits.train, range(64)))
-    model = build_member(SPEC, 7)
-    finetune(model, FinetuneConfig(epochs=1, lr=0.05), splits, world, batch, 256, seed=3, label="t", log=lambda *a: None)
+    run = dataclasses.replace(run, splits=dataclasses.replace(run.splits, train=Subset(run.splits.train, range(64))))
+    model = build_member(run.spec, 7)
+    finetune(run, model, "t", 3)
     if world.is_main:
         torch.save(model.state_dict(), os.path.join(out_dir, f"ddp{world.size}.pt"))
     shutdown(world)
@@ -122,22 +112,16 @@ def test_ddp_two_ranks_batch_b_matches_one_process_batch_2b(tmp_path):
         torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5)
 
 
-def _ntdist(*args, env=None):
-    full = dict(os.environ, **(env or {}))
-    return [sys.executable, "-m", "ntdist", *args], full
-
-
 def test_torchrun_quickstart_nt_beats_averaging(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "ntdist", "run", "configs/quickstart.yaml", f"output.dir={out}", "distributed.threads_per_rank=1"]
+    cmd = torchrun_cmd("run", "configs/quickstart.yaml", f"output.dir={out}", "distributed.threads_per_rank=1")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((out / "results.json").read_text())
-    assert results["world"]["size"] == 2 and len({r["pid"] for r in results["world"]["ranks"]}) == 2
-    nt, avg = results["fusion"]["nt"], results["fusion"]["avg"]
-    assert nt["post_fusion"] > avg["post_fusion"] + 0.10   # about 96% against 81% on this config
-    assert nt["finetune"][-1] >= sum(results["members"]) / len(results["members"])
+    results = read_results(str(out))
+    assert results.world["size"] == 2 and len({r["pid"] for r in results.world["ranks"]}) == 2
+    nt, avg = results.fusion["nt"], results.fusion["avg"]
+    assert nt.post_fusion > avg.post_fusion + 0.10   # about 96% against 81% on this config
+    assert nt.finetune[-1] >= sum(results.members) / len(results.members)
     assert (out / "config.yaml").exists() and (out / "metrics.jsonl").exists()
     assert (out / "checkpoints" / "finetuned_nt.safetensors").exists()
 

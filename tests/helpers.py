@@ -1,0 +1,89 @@
+"""Shared test helpers: the repository root, running the CLI, small gloo worlds, a Run for one process.
+
+`spawn(fn, nprocs, *args)` runs `fn(rank, *args)` in `nprocs` fresh processes that
+see a complete torchrun-style environment, so `init_world()` joins one world.
+Not a test file: the tiers under tests/ import it (tests/conftest.py puts tests/ on the path).
+"""
+
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import traceback
+
+import torch
+import torch.nn as nn
+
+from ntdist.distributed.world import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def ntdist(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
+    """Run `python -m ntdist ARGS` from the repository root; returns the finished process."""
+    return subprocess.run([sys.executable, "-m", "ntdist", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=None if env is None else dict(os.environ, **env))
+
+
+def torchrun_cmd(*args, nproc: int = 2) -> list:
+    """The command line of `torchrun --nproc_per_node=N -m ntdist ARGS` on a free port."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+            "-m", "ntdist", *args]
+
+
+def randomise_bn(model: nn.Module) -> nn.Module:
+    """Random running statistics and affine parameters in every BatchNorm layer (in place), so that
+    exactness tests mean something."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_()
+                m.bias.normal_()
+    return model
+
+
+def make_run(out_dir, *overrides, world=None):
+    """A `Run` of the default config (digits, MLP) with `overrides`, its run directory prepared."""
+    from ntdist.config import load_config
+    from ntdist.distributed.world import World
+    from ntdist.pipeline import make_run as make
+
+    cfg = load_config(None, [f"output.dir={out_dir}", *overrides])
+    run = make(cfg, world or World())
+    run.rundir.prepare(resume=False, overwrite=True)
+    run.world.barrier()   # rank 0 has created the directory before any rank writes into it
+    return run
+
+
+def _entry(fn, rank, nprocs, port, args, errors):
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(nprocs), "LOCAL_RANK": str(rank),
+                       "LOCAL_WORLD_SIZE": str(nprocs), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    try:
+        fn(rank, *args)
+    except BaseException:
+        errors.put((rank, traceback.format_exc()))
+        raise
+
+
+def spawn(fn, nprocs: int, *args, timeout: float = 120.0) -> None:
+    """Run `fn(rank, *args)` on `nprocs` ranks; raise if any rank fails or the world overruns `timeout`."""
+    ctx = mp.get_context("spawn")
+    errors = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(fn, r, nprocs, port, args, errors)) for r in range(nprocs)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+        p.join()
+    if alive:
+        raise TimeoutError(f"{len(alive)} of {nprocs} ranks still running after {timeout} s")
+    failed = [p.exitcode for p in procs if p.exitcode != 0]
+    if failed:
+        detail = errors.get(timeout=5) if not errors.empty() else (None, "no traceback")
+        raise RuntimeError(f"ranks exited with {failed}; rank {detail[0]}:\n{detail[1]}")

@@ -1,0 +1,36 @@
+"""Periodic-sync SGD: averaging trains, NT as the sync step collapses (the paper's failure case).
+
+Run: .venv/bin/python -m pytest tests/multiproc/test_sync.py
+"""
+
+import subprocess
+import sys
+
+from helpers import ROOT, torchrun_cmd
+from ntdist.records.results import read_results
+
+
+def run(cmd, out):
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return read_results(str(out))
+
+
+def test_four_replicas_avg_trains_nt_collapses(tmp_path):
+    out = tmp_path / "sync"
+    results = run([sys.executable, "-m", "ntdist", "run", "configs/sync_sgd.yaml", f"output.dir={out}",
+                   "distributed.threads_per_rank=1"], out)
+    sync = results.sync
+    assert results.k == 4 and len(sync["avg"].test) == 10
+    assert sync["avg"].final >= sync["none"].final - 0.01       # local SGD is as good as one replica
+    assert sync["nt"].final < sync["avg"].final - 0.25          # NT sync collapses (about 40% vs 98%)
+    assert max(sync["nt"].test[3:]) < sync["avg"].final - 0.15  # and never recovers
+
+
+def test_sync_on_two_ranks_equals_one_process(tmp_path):
+    args = ["configs/sync_sgd.yaml", "fusion.k=2", "train.epochs=3", "sync.methods=[avg,nt]",
+            "sync.unit=step", "sync.every=20", "distributed.threads_per_rank=1"]
+    one = run([sys.executable, "-m", "ntdist", "run", *args, f"output.dir={tmp_path / 'one'}"], tmp_path / "one")
+    two = run(torchrun_cmd("run", *args, f"output.dir={tmp_path / 'two'}"), tmp_path / "two")
+    assert two.world["size"] == 2
+    assert one.sync == two.sync

@@ -1,0 +1,102 @@
+"""The layout's rules, checked on the source: no import cycles, pure fusion code, small stages, docstrings.
+
+Run: .venv/bin/python -m pytest tests/unit/test_architecture.py
+"""
+
+import ast
+import inspect
+import os
+
+import ntdist.pipeline as pipeline
+from helpers import ROOT
+
+PACKAGE = os.path.join(ROOT, "ntdist")
+
+
+def _modules() -> dict:
+    """Dotted module name -> parsed source, for every file of the package."""
+    out = {}
+    for folder, _, files in os.walk(PACKAGE):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                dotted = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".").removesuffix(".__init__")
+                with open(path) as f:
+                    out[dotted] = ast.parse(f.read(), path)
+    return out
+
+
+def _type_checking_only(tree) -> set:
+    """Import nodes inside `if TYPE_CHECKING:` (annotations only; never executed)."""
+    skip = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            skip.update(id(n) for n in ast.walk(node))
+    return skip
+
+
+def _imports(modules: dict) -> dict:
+    """Module -> the modules it imports, anywhere in the file (function-level imports included)."""
+    graph = {}
+    for name, tree in modules.items():
+        skip, found = _type_checking_only(tree), set()
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                for alias in node.names:
+                    sub = f"{node.module}.{alias.name}"
+                    found.add(sub if sub in modules else node.module)
+        graph[name] = found
+    return graph
+
+
+def test_no_import_cycles():
+    modules = _modules()
+    graph = {m: {d for d in deps if d in modules} for m, deps in _imports(modules).items()}
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for dep in sorted(graph[m]):
+            if state.get(dep) == "open":
+                cycle = stack[stack.index(dep):] + [dep]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if dep not in state:
+                visit(dep)
+        stack.pop()
+        state[m] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)
+    assert len(graph) > 30   # the walk saw the whole package
+
+
+def test_fusion_is_pure_tensor_code():
+    allowed = {"ntdist.errors", "ntdist.options"}
+    for module, deps in _imports(_modules()).items():
+        if not module.startswith("ntdist.fusion"):
+            continue
+        for dep in deps:
+            assert not dep.startswith("torch.distributed"), f"{module} imports {dep}"
+            if dep.startswith("ntdist") and dep != "ntdist":
+                assert dep.startswith("ntdist.fusion") or dep in allowed, f"{module} imports {dep}"
+
+
+def test_every_module_opens_with_a_docstring():
+    for module, tree in _modules().items():
+        if module.endswith("__main__"):
+            continue
+        assert ast.get_docstring(tree), f"{module} has no docstring"
+
+
+def test_stages_take_at_most_five_parameters():
+    stages = [f for name, f in vars(pipeline).items()
+              if inspect.isfunction(f) and f.__module__ == pipeline.__name__ and not name.startswith("_")]
+    assert len(stages) >= 8
+    for stage in stages:
+        assert len(inspect.signature(stage).parameters) <= 5, stage.__name__
