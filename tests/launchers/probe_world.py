@@ -28,7 +28,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from ntdist.distributed.world import init_world, shutdown  # noqa: E402
+from ntdist.distributed.world import detect, init_world, shutdown  # noqa: E402
 
 
 def deepspeed_step(world) -> float:
@@ -83,6 +83,7 @@ def main() -> int:
         "all_reduce": float(total.item()),
         "all_reduce_ok": float(total.item()) == expected,
         "argv": sys.argv[1:],
+        "master_port": detect()[6],
         "restarts": restarts,
     }
     if os.environ.get("NTDIST_PROBE_DEEPSPEED") == "1":

@@ -21,7 +21,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers import ROOT, free_port
+from ntdist.distributed.world import slurm_port
+
+REPO = Path(ROOT)
 HERE = Path(__file__).resolve().parent
 LAUNCH = REPO / "launch"
 PROBE = HERE / "probe_world.py"
@@ -42,14 +45,12 @@ FOREIGN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR"
            "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID", "PMI_RANK", "PMI_SIZE")
 
 
-def free_port(pair: bool = False) -> int:
-    """A free TCP port on this machine; with pair=True, port + 1 is free as well."""
+def free_port_pair() -> int:
+    """A free TCP port on this machine such that port + 1 is free as well."""
     for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        if not pair or port >= 65535:
-            return port
+        port = free_port()
+        if port >= 65535:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("", port + 1))
@@ -238,7 +239,7 @@ def slurm(tmp_path_factory):
     if os.geteuid() != 0:
         pytest.fail("the SLURM tests start slurmd, which needs root; run them as root")
     workdir = tmp_path_factory.mktemp("slurm")
-    env = base_env(NTDIST_SLURM_DIR=workdir, NTDIST_SLURM_PORT=free_port(pair=True),
+    env = base_env(NTDIST_SLURM_DIR=workdir, NTDIST_SLURM_PORT=free_port_pair(),
                    NTDIST_SLURM_GPUS=2, NTDIST_SLURM_WAIT=60)
     started = subprocess.run(["bash", str(CLUSTER), "start"], env=env, capture_output=True, text=True, timeout=120)
     if started.returncode != 0:
@@ -290,7 +291,8 @@ def test_slurm_sbatch_two_tasks_one_world(slurm, tmp_path):
     assert state["JobState"] == "COMPLETED", f"job {state['JobState']} {state.get('ExitCode')}:\n{job_log(tmp_path)}"
     records = read_world(tmp_path, "slurm", argv=["run", "cfg.yaml", "a=1"])
     assert all(r["restarts"] == 0 for r in records)
-    assert f"master {socket.gethostname().split('.')[0]}:{20000 + int(job) % 20000}" in job_log(tmp_path)
+    assert f"master {socket.gethostname().split('.')[0]}" in job_log(tmp_path)
+    assert all(r["master_port"] == slurm_port(int(job)) for r in records)   # derived from the job id
 
 
 def test_slurm_preempted_job_is_requeued_and_resumed(slurm, tmp_path):

@@ -72,7 +72,7 @@ def _tree(rank, out_dir, k):
     held = {i: members[i] for i in layout.held_by(rank)}
     x = torch.zeros(2, 64)
     sent = []
-    fused = tree_fuse(world, held, [layout.holder(i) for i in range(k)], SPEC.build, example_inputs=x, sent=sent)
+    fused = tree_fuse(world, held, layout.holders, SPEC.build, example_inputs=x, sent=sent)
     assert max(sent) <= 1, sent   # at most one model per rank per round
     torch.save(fused.state_dict(), os.path.join(out_dir, f"fused{rank}.pt"))
     shutdown(world)
