@@ -8,12 +8,13 @@ rendezvous are not counted. Prints the median of each and their ratio.
 """
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+
+from ntdist.records.results import read_results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,8 +28,7 @@ def one_run(nproc: int, epochs: int, width: int, out: str) -> float:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "ntdist", "run", *args]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
-    with open(os.path.join(out, "results.json")) as f:
-        return json.load(f)["train_seconds"]
+    return read_results(out).train_seconds
 
 
 def main() -> None:

@@ -127,19 +127,6 @@ def parse_override(item: str) -> dict:
     return out
 
 
-def format_value(value) -> str:
-    """Write a value the way a dotted override (parsed as YAML) reads it back."""
-    if isinstance(value, list):
-        return "[" + ",".join(format_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    return str(value)
-
-
 def read_yaml(path: str) -> dict:
     try:
         with open(path) as f:

@@ -21,7 +21,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from ntdist.config import format_value, read_yaml, yaml_load
+from ntdist.config import read_yaml, yaml_load
+from ntdist.options import format_value
 from ntdist.errors import UserError
 from ntdist.records.files import atomic_write_text
 from ntdist.records.results import SyncResults, read_results

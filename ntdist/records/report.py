@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import yaml  # noqa: E402
 
-from ntdist.config import format_value  # noqa: E402
+from ntdist.options import format_value  # noqa: E402
 from ntdist.errors import UserError  # noqa: E402
 from ntdist.records.files import atomic_write_text  # noqa: E402
 from ntdist.records.results import RESULTS_FILE, RunResults, from_dict  # noqa: E402

@@ -57,14 +57,6 @@ class RunResults:
     fusion: Dict[str, MethodResult] = field(default_factory=dict)
     wall_seconds: Optional[float] = None
 
-    @classmethod
-    def from_dict(cls, data: dict) -> "RunResults":
-        data = dict(data)
-        if data.get("control") is not None:
-            data["control"] = ControlResult(**data["control"])
-        data["fusion"] = {m: MethodResult(**entry) for m, entry in (data.get("fusion") or {}).items()}
-        return cls(**data)
-
 
 @dataclass(kw_only=True)
 class SyncMethodResult:
@@ -85,12 +77,6 @@ class SyncResults:
     world: Optional[dict] = None
     sync: Dict[str, SyncMethodResult] = field(default_factory=dict)
     wall_seconds: Optional[float] = None
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "SyncResults":
-        data = dict(data)
-        data["sync"] = {m: SyncMethodResult(**entry) for m, entry in (data.get("sync") or {}).items()}
-        return cls(**data)
 
 
 Results = Union[RunResults, SyncResults]
@@ -116,7 +102,14 @@ def from_dict(data: dict) -> Results:
     """Parse a results dict; ValueError or TypeError when it does not fit the schema."""
     if not isinstance(data, dict):
         raise ValueError("results must be a JSON object")
-    return SyncResults.from_dict(data) if data.get("mode") == "sync" else RunResults.from_dict(data)
+    data = dict(data)
+    if data.get("mode") == "sync":
+        data["sync"] = {m: SyncMethodResult(**entry) for m, entry in (data.get("sync") or {}).items()}
+        return SyncResults(**data)
+    if data.get("control") is not None:
+        data["control"] = ControlResult(**data["control"])
+    data["fusion"] = {m: MethodResult(**entry) for m, entry in (data.get("fusion") or {}).items()}
+    return RunResults(**data)
 
 
 def read_results(run_dir: str) -> Optional[Results]:

@@ -325,30 +325,27 @@ def test_slurm_preempted_job_is_requeued_and_resumed(slurm, tmp_path):
 # ---------------------------------------------------------------- the real pipeline
 
 
-def test_quickstart_under_torchrun(tmp_path):
+@pytest.mark.parametrize("script, size_env, launcher", [("torchrun.sh", "NPROC", "torchrun"),
+                                                      ("accelerate.sh", "NPROC", "torchrun"),
+                                                      ("mpirun.sh", "NP", "mpi")])
+def test_quickstart_under_launcher(tmp_path, script, size_env, launcher):
+    if script == "accelerate.sh":
+        require_program("accelerate", "accelerate")
+    if script == "mpirun.sh":
+        require_mpi()
     out = tmp_path / "run"
-    result = launch([LAUNCH / "torchrun.sh", REPO / "configs/quickstart.yaml", *QUICK, f"output.dir={out}"],
-                    ntdist_env(NPROC=2), timeout=180)
+    result = launch([LAUNCH / script, REPO / "configs/quickstart.yaml", *QUICK, f"output.dir={out}"],
+                    ntdist_env(**{size_env: 2}), timeout=180)
     check_ok(result)
-    read_results(out, "torchrun")
+    read_results(out, launcher)
 
 
-def test_quickstart_under_accelerate(tmp_path):
-    require_program("accelerate", "accelerate")
-    out = tmp_path / "run"
-    result = launch([LAUNCH / "accelerate.sh", REPO / "configs/quickstart.yaml", *QUICK, f"output.dir={out}"],
-                    ntdist_env(NPROC=2), timeout=180)
-    check_ok(result)
-    read_results(out, "torchrun")
-
-
-def test_quickstart_under_mpirun(tmp_path):
-    require_mpi()
-    out = tmp_path / "run"
-    result = launch([LAUNCH / "mpirun.sh", REPO / "configs/quickstart.yaml", *QUICK, f"output.dir={out}"],
-                    ntdist_env(NP=2), timeout=180)
-    check_ok(result)
-    read_results(out, "mpi")
+def test_wrapper_help_exits_0_and_a_missing_config_exits_2():
+    for script in ("torchrun.sh", "accelerate.sh", "mpirun.sh"):
+        helped = subprocess.run([str(LAUNCH / script), "--help"], capture_output=True, text=True, timeout=30)
+        assert helped.returncode == 0 and "ntdist run CONFIG" in helped.stdout, (script, helped.stdout[-500:])
+        bare = subprocess.run([str(LAUNCH / script)], capture_output=True, text=True, timeout=30)
+        assert bare.returncode == 2 and "ntdist run CONFIG" in bare.stdout, (script, bare.returncode)
 
 
 def test_quickstart_under_sbatch(slurm, tmp_path):

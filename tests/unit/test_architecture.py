@@ -11,6 +11,9 @@ import ntdist.pipeline as pipeline
 from helpers import ROOT
 
 PACKAGE = os.path.join(ROOT, "ntdist")
+# bottom up, as in docs/ARCHITECTURE.md: a module may import from its own layer and the ones before it
+LAYERS = [{"errors", "options", "preempt"}, {"fusion"}, {"models"}, {"data"}, {"records"}, {"distributed"},
+          {"training"}, {"config"}, {"pipeline"}, {"sweep"}, {"commands", "cli", "__main__"}]
 
 
 def _modules() -> dict:
@@ -74,6 +77,18 @@ def test_no_import_cycles():
         if module not in state:
             visit(module)
     assert len(graph) > 30   # the walk saw the whole package
+
+
+def test_layers_import_only_downwards():
+    level = {name: i for i, layer in enumerate(LAYERS) for name in layer}
+    for module, deps in _imports(_modules()).items():
+        top = module.split(".")[1] if "." in module else None
+        if top is None:
+            continue
+        assert top in level, f"{module}: add its package to LAYERS and docs/ARCHITECTURE.md"
+        for dep in deps:
+            if dep.startswith("ntdist.") and dep.split(".")[1] != top:
+                assert level[dep.split(".")[1]] <= level[top], f"{module} imports {dep}, a layer above it"
 
 
 def test_fusion_is_pure_tensor_code():

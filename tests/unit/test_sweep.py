@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from ntdist.errors import UserError
-from ntdist.config import format_value
+from ntdist.options import format_value
 from ntdist.records.results import ControlResult, MethodResult, RunResults, to_json
 from ntdist.records.stats import aggregate, best_by_val, mean_std
 from ntdist.sweep import expand, run_sweep
