@@ -31,12 +31,9 @@ from ntdist.records.results import RESULTS_FILE, ControlResult, MethodResult, Ru
 from ntdist.records.rundir import RunDir
 from ntdist.training.finetune import evaluate_splits, finetune
 from ntdist.training.loop import labels_of, predict, train_loader
-from ntdist.training.members import train_member
+from ntdist.training.members import CONTROL_SEED, FUSED_SEED, run_seed, train_member
 from ntdist.training.state import finished_history
 from ntdist.training.sync import run_sync
-
-CONTROL_SEED, FUSED_SEED = 998, 999   # fine-tuning seeds: 1000 * train.seed + these (members use + 0..k-1)
-
 
 @dataclass(frozen=True)
 class Run:
@@ -58,9 +55,6 @@ class Run:
         """Two training inputs: enough for the fusion to trace shapes."""
         train = self.splits.train
         return torch.stack([train[i][0] for i in range(min(2, len(train)))])
-
-    def seed(self, offset: int) -> int:
-        return 1000 * self.cfg.train.seed + offset
 
 
 def make_run(cfg: Config, world: World, resume: bool = False) -> Run:
@@ -179,7 +173,7 @@ def control_stage(r: Run, held: Dict[int, torch.nn.Module], best: int):
         return None
     model = copy.deepcopy(held[best]) if best in held else r.template()
     model = broadcast_model(r.world, model.cpu(), r.layout.holder(best))
-    history = resumable_finetune(r, model, "best-member", r.seed(CONTROL_SEED), None)
+    history = resumable_finetune(r, model, "best-member", run_seed(r.cfg.train, CONTROL_SEED), None)
     return ControlResult(member=best, finetune=[h["test_accuracy"] for h in history],
                          finetune_val=[h["val_accuracy"] for h in history])
 
@@ -213,10 +207,11 @@ def fuse_stage(r: Run, held: Dict[int, torch.nn.Module], method: str) -> Tuple[t
     if method == "nt" and fc.schedule == "recursive":
         fused = tree_fuse(world, cpu_held, r.layout.holders, r.template, **options)
     else:
-        fused = gather_fuse(world, cpu_held, r.layout.holders, r.template, method=method, schedule=fc.schedule, **options)
+        fused = gather_fuse(world, cpu_held, r.layout.holders, r.template, method=method, schedule=fc.schedule,
+                            **options)
     seconds = time.perf_counter() - start
     if fc.bn_reestimate:
-        torch.manual_seed(r.seed(FUSED_SEED))   # the re-estimation passes run in train mode (dropout draws)
+        torch.manual_seed(run_seed(r.cfg.train, FUSED_SEED))   # the passes run in train mode: dropout draws
         reestimate_bn(fused, train_loader(r.splits.train, r.cfg.data.batch_size, r.cfg.train.seed), fc.bn_batches)
     for model in held.values():
         model.to(world.device)
@@ -234,7 +229,7 @@ def finetune_stage(r: Run, held: Dict[int, torch.nn.Module], fused: torch.nn.Mod
     if r.cfg.finetune.distill:
         members = gather_models(r.world, {i: m.cpu() for i, m in held.items()}, r.layout.holders, r.template, root=None)
         teacher = concat([members[i] for i in range(r.cfg.fusion.k)], example_inputs=r.example_inputs())
-    history = resumable_finetune(r, fused, method, r.seed(FUSED_SEED), teacher)
+    history = resumable_finetune(r, fused, method, run_seed(r.cfg.train, FUSED_SEED), teacher)
     return MethodResult(post_fusion=post["test"], post_fusion_val=post["val"],
                         finetune=[h["test_accuracy"] for h in history],
                         finetune_val=[h["val_accuracy"] for h in history], fuse_seconds=seconds,

@@ -27,7 +27,6 @@ from ntdist.distributed.heartbeat import Heartbeat
 from ntdist.errors import PeerLostError, UserError, check_choice
 from ntdist.options import opt
 
-
 BACKENDS = ("auto", "nccl", "gloo")
 
 
@@ -86,6 +85,7 @@ class World:
             guarded(dist.barrier)
 
     def print0(self, *args, **kwargs) -> None:
+        """ntdist's one rank-0 logger: `print` (flushed) on rank 0, nothing elsewhere."""
         if self.is_main:
             print(*args, **kwargs, flush=True)
 

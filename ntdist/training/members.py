@@ -31,13 +31,20 @@ class TrainConfig(OptimConfig):
     identical_members: bool = opt(False, "train every member with member 0's seed: the paper's self-fusion failure case")
 
 
-def member_seed(cfg: TrainConfig, index: int) -> int:
-    """Member i's seed: 1000 * train.seed + i (+ 0 for every member with `train.identical_members`).
+CONTROL_SEED, FUSED_SEED = 998, 999   # offsets of the fine-tuning seeds; members use 0 .. k-1
 
-    The factor keeps runs with neighbouring seeds (a seed sweep) from sharing members;
-    fine-tuning uses 1000 * train.seed + 998 (control) and + 999 (fused models).
+
+def run_seed(cfg: TrainConfig, offset: int) -> int:
+    """1000 * train.seed + offset: the factor keeps runs with neighbouring seeds (a sweep) from sharing seeds."""
+    return 1000 * cfg.seed + offset
+
+
+def member_seed(cfg: TrainConfig, index: int) -> int:
+    """Member i's seed (its initialisation and data order): offset i, or 0 for all with `train.identical_members`.
+
+    Fine-tuning uses the offsets CONTROL_SEED (the best member's control run) and FUSED_SEED (fused models).
     """
-    return 1000 * cfg.seed + (0 if cfg.identical_members else index)
+    return run_seed(cfg, 0 if cfg.identical_members else index)
 
 
 def build_member(spec: ModelSpec, seed: int) -> torch.nn.Module:
