@@ -45,6 +45,8 @@ class DataConfig:
     test_fraction: float = opt(0.2, "share held out for testing (digits and synthetic only)")
     train_fraction: float = opt(1.0, "use only this share of the remaining training data")
     split_seed: int = opt(0, "seed of the train/validation/test split (fixed across members)")
+    resident_max_mb: float = opt(2048.0, "keep a split up to this size (MiB) as tensors on the training device; "
+                                         "larger ones are read by a DataLoader (0: always)")
     synthetic_samples: int = opt(4096, "synthetic: number of samples")
     synthetic_shape: list = opt([64], "synthetic: shape of one sample")
     synthetic_classes: int = opt(10, "synthetic: number of classes")

@@ -30,7 +30,8 @@ from ntdist.records.files import remove_if_present
 from ntdist.records.results import RESULTS_FILE, ControlResult, MethodResult, RunResults
 from ntdist.records.rundir import RunDir
 from ntdist.training.finetune import evaluate_splits, finetune
-from ntdist.training.loop import labels_of, predict, train_loader
+from ntdist.training.batches import eval_batches, train_batches
+from ntdist.training.loop import labels_of, predict
 from ntdist.training.members import CONTROL_SEED, FUSED_SEED, run_seed, train_member
 from ntdist.training.state import finished_history
 from ntdist.training.sync import run_sync
@@ -133,12 +134,14 @@ def evaluate_members(r: Run, held: Dict[int, torch.nn.Module]) -> RunResults:
     k, world, splits, batch = r.cfg.fusion.k, r.world, r.splits, r.cfg.data.eval_batch_size
     val_logits = torch.zeros(k, len(splits.val), splits.num_classes, dtype=torch.float64)
     test_logits = torch.zeros(k, len(splits.test), splits.num_classes, dtype=torch.float64)
+    feed = dict(device=world.device, max_mb=r.cfg.data.resident_max_mb)
+    val, test = eval_batches(splits.val, batch, **feed), eval_batches(splits.test, batch, **feed)
     for i, model in held.items():
-        val_logits[i] = predict(model, splits.val, batch, world.device).double()
-        test_logits[i] = predict(model, splits.test, batch, world.device).double()
+        val_logits[i] = predict(model, val, world.device).double()
+        test_logits[i] = predict(model, test, world.device).double()
     # Each member's logits live on its holder; one sum gives every rank all of them.
     val_logits, test_logits = world.reduce_sum(val_logits), world.reduce_sum(test_logits)
-    val_y, test_y = labels_of(splits.val), labels_of(splits.test)
+    val_y, test_y = labels_of(val), labels_of(test)
     members_val = (val_logits.argmax(2) == val_y).double().mean(1)
     members = (test_logits.argmax(2) == test_y).double().mean(1).tolist()
     best = int(torch.argmax(members_val).item())   # chosen on validation accuracy
@@ -212,7 +215,9 @@ def fuse_stage(r: Run, held: Dict[int, torch.nn.Module], method: str) -> Tuple[t
     seconds = time.perf_counter() - start
     if fc.bn_reestimate:
         torch.manual_seed(run_seed(r.cfg.train, FUSED_SEED))   # the passes run in train mode: dropout draws
-        reestimate_bn(fused, train_loader(r.splits.train, r.cfg.data.batch_size, r.cfg.train.seed), fc.bn_batches)
+        batches = train_batches(r.splits.train, r.cfg.data.batch_size, r.cfg.train.seed, device=world.device,
+                                max_mb=r.cfg.data.resident_max_mb)
+        reestimate_bn(fused.to(world.device), batches, fc.bn_batches)
     for model in held.values():
         model.to(world.device)
     return fused, seconds

@@ -17,8 +17,9 @@ from ntdist.fusion import distillation_loss
 from ntdist.options import opt
 from ntdist.preempt import preempt_requested
 from ntdist.training.engines import ENGINES, ZERO_STAGES, make_engine
-from ntdist.training.loop import (SCHEDULES, OptimConfig, ResumableEpochs, check_finite, eval_loader, evaluate,
-                                  make_optimizer, make_scheduler, train_epoch, train_loader)
+from ntdist.training.batches import eval_batches, train_batches
+from ntdist.training.loop import (SCHEDULES, OptimConfig, ResumableEpochs, check_finite, evaluate, make_optimizer,
+                                  make_scheduler, train_epoch)
 
 if TYPE_CHECKING:   # the run context is defined by the pipeline, which imports this module
     from ntdist.pipeline import Run
@@ -51,7 +52,8 @@ def evaluate_splits(r: "Run", model) -> dict:
     """Validation and test accuracy, each sample counted once across ranks."""
     world, out = r.world, {}
     for name, data in (("val", r.splits.val), ("test", r.splits.test)):
-        loader = eval_loader(data, r.cfg.data.eval_batch_size, world.size, world.rank)
+        loader = eval_batches(data, r.cfg.data.eval_batch_size, world.size, world.rank, device=world.device,
+                              max_mb=r.cfg.data.resident_max_mb)
         out[name] = evaluate(model, loader, world.device, world.reduce_sum)["accuracy"]
     return out
 
@@ -79,11 +81,12 @@ def finetune(r: "Run", model: torch.nn.Module, label: str, seed: int,
     epochs = ResumableEpochs(f"fine-tuning ({label})", cfg.epochs, model, optimizer, scheduler, r.spec, state_path,
                              world.is_main, r.resume)
     engine = make_engine(cfg, model, optimizer, world, r.cfg.data.batch_size)
-    loader = train_loader(r.splits.train, r.cfg.data.batch_size, seed, world.size, world.rank)
+    loader = train_batches(r.splits.train, r.cfg.data.batch_size, seed, world.size, world.rank, device=world.device,
+                           max_mb=r.cfg.data.resident_max_mb)
     loss_fn = distill_loss_fn(teacher.to(world.device), cfg) if teacher is not None else None
 
     def one_epoch(epoch: int) -> dict:
-        loader.sampler.set_epoch(epoch)
+        loader.set_epoch(epoch)
         loss = train_epoch(engine.model, loader, optimizer, world.device, loss_fn, engine=engine,
                            desc=f"finetune {label} epoch {epoch}/{cfg.epochs}", progress=world.is_main)
         loss = world.reduce_sum(torch.tensor([loss], dtype=torch.float64)).item() / world.size

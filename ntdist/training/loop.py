@@ -1,8 +1,8 @@
-"""The training loop: optimiser and LR schedules, loaders, one epoch, evaluation, and the resumable epoch loop.
+"""The training loop: optimiser and LR schedules, one epoch, evaluation, and the resumable epoch loop.
 
-The loops take a model, data and a device and know nothing about launchers;
-data parallelism enters only through the sampler (`num_replicas`, `rank`) and
-a `reduce_sum` callable that the distributed code passes in for evaluation.
+The loops take a model, batches (`training.batches`) and a device and know nothing
+about launchers; data parallelism enters only through the batches (`num_replicas`,
+`rank`) and a `reduce_sum` callable that the distributed code passes in for evaluation.
 `ResumableEpochs` is the one per-epoch loop that member training and
 fine-tuning share: restore the state, run the epochs, write the state after
 each, stop cleanly when preempted.
@@ -16,7 +16,6 @@ from typing import Callable, ClassVar, List, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
 from ntdist.errors import Preempted, UserError, check_choice
@@ -63,35 +62,20 @@ def make_scheduler(optimizer, cfg: OptimConfig):
     return SCHEDULES[cfg.schedule](optimizer, cfg, cfg.epochs)
 
 
-def train_loader(data: Dataset, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0):
-    """A loader whose order depends only on `seed` and the epoch (call `loader.sampler.set_epoch`).
-
-    With `num_replicas` ranks each rank sees every `num_replicas`-th sample of the
-    same permutation, so W ranks with batch B see the same samples per step as one
-    process with batch W*B.
-    """
-    sampler = DistributedSampler(data, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
-    return DataLoader(data, batch_size=batch_size, sampler=sampler)
-
-
-def eval_loader(data: Dataset, batch_size: int, num_replicas: int = 1, rank: int = 0):
-    """Rank r evaluates samples r, r+W, ...: every sample is counted exactly once across ranks."""
-    if num_replicas > 1:
-        data = Subset(data, list(range(rank, len(data), num_replicas)))
-    return DataLoader(data, batch_size=batch_size, shuffle=False)
-
-
 def train_epoch(model, loader, optimizer, device, loss_fn: Optional[Callable] = None,
                 desc: str = "train", progress: bool = True, engine=None) -> float:
     """One pass over `loader`; returns the mean training loss.
 
     `loss_fn(logits, x, y)` may replace cross-entropy; `engine` (see training.engines)
-    replaces the plain zero_grad / backward / step of `optimizer`.
+    replaces the plain zero_grad / backward / step of `optimizer`. The loss is summed on
+    the device: the host waits for it once per epoch (and per step only while a progress
+    bar is on screen).
     """
     model.train()
-    total, count = 0.0, 0
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     # Bars only on a terminal: in batch logs (SLURM, CI) they would print a line per update.
-    bar = tqdm(loader, desc=desc, leave=False, disable=not (progress and sys.stderr.isatty()), dynamic_ncols=True)
+    shown = progress and sys.stderr.isatty()
+    bar = tqdm(loader, desc=desc, leave=False, disable=not shown, dynamic_ncols=True)
     for x, y in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = model(x)
@@ -104,23 +88,25 @@ def train_epoch(model, loader, optimizer, device, loss_fn: Optional[Callable] = 
             engine.zero_grad()
             engine.backward(loss)
             engine.step()
-        total += loss.item() * len(y)
+        total += loss.detach().double() * len(y)
         count += len(y)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-    return total / max(count, 1)
+        if shown:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    return total.item() / max(count, 1)
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, reduce_sum: Optional[Callable] = None) -> dict:
-    """Loss and accuracy of `model`; `reduce_sum` sums the counts across ranks when given."""
+def evaluate(model, batches, device, reduce_sum: Optional[Callable] = None) -> dict:
+    """Loss and accuracy of `model` over `batches`; `reduce_sum` sums the counts across ranks when given."""
     model.eval()
-    stats = torch.zeros(3, dtype=torch.float64)   # loss sum, correct, count
-    for x, y in loader:
+    stats = torch.zeros(3, dtype=torch.float64, device=device)   # loss sum, correct, count
+    for x, y in batches:
         x, y = x.to(device), y.to(device)
         logits = model(x)
-        stats[0] += F.cross_entropy(logits, y, reduction="sum").item()
-        stats[1] += (logits.argmax(1) == y).sum().item()
+        stats[0] += F.cross_entropy(logits, y, reduction="sum").double()
+        stats[1] += (logits.argmax(1) == y).sum()
         stats[2] += len(y)
+    stats = stats.cpu()
     if reduce_sum is not None:
         stats = reduce_sum(stats)
     n = max(stats[2].item(), 1)
@@ -135,15 +121,15 @@ def check_finite(loss: float, stage: str, epoch: int) -> None:
 
 
 @torch.no_grad()
-def predict(model, data: Dataset, batch_size: int, device) -> torch.Tensor:
-    """Logits of `model` on every sample of `data`, in order, on the CPU."""
+def predict(model, batches, device) -> torch.Tensor:
+    """Logits of `model` on every sample of `batches` (from `eval_batches`, in order), on the CPU."""
     model.eval()
-    outs = [model(x.to(device)).float().cpu() for x, _ in DataLoader(data, batch_size=batch_size, shuffle=False)]
-    return torch.cat(outs)
+    return torch.cat([model(x.to(device)).float().cpu() for x, _ in batches])
 
 
-def labels_of(data: Dataset) -> torch.Tensor:
-    return torch.cat([y for _, y in DataLoader(data, batch_size=4096, shuffle=False)])
+def labels_of(batches) -> torch.Tensor:
+    """The labels of `batches` (from `eval_batches`), in order, on the CPU."""
+    return torch.cat([torch.as_tensor(y).cpu() for _, y in batches])
 
 
 class ResumableEpochs:

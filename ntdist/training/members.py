@@ -14,8 +14,9 @@ from torch.nn.parallel import DistributedDataParallel
 from ntdist.models import ModelSpec
 from ntdist.options import opt
 from ntdist.preempt import preempt_requested
-from ntdist.training.loop import (OptimConfig, ResumableEpochs, check_finite, eval_loader, evaluate, make_optimizer,
-                                  make_scheduler, train_epoch, train_loader)
+from ntdist.training.batches import eval_batches, train_batches
+from ntdist.training.loop import (OptimConfig, ResumableEpochs, check_finite, evaluate, make_optimizer, make_scheduler,
+                                  train_epoch)
 
 if TYPE_CHECKING:   # the run context is defined by the pipeline, which imports this module
     from ntdist.pipeline import Run
@@ -70,11 +71,12 @@ def train_member(r: "Run", index: int, group=None) -> Tuple[torch.nn.Module, Lis
     epochs = ResumableEpochs(f"training of member {index}", cfg.train.epochs, model, optimizer, scheduler, r.spec,
                              r.rundir.checkpoint(f"member{index}.state"), group_rank == 0, r.resume)
     wrapped = DistributedDataParallel(model, process_group=group) if group_size > 1 else model
-    loader = train_loader(r.splits.train, cfg.data.batch_size, seed, group_size, group_rank)
-    val = eval_loader(r.splits.val, cfg.data.eval_batch_size)
+    feed = dict(device=world.device, max_mb=cfg.data.resident_max_mb)
+    loader = train_batches(r.splits.train, cfg.data.batch_size, seed, group_size, group_rank, **feed)
+    val = eval_batches(r.splits.val, cfg.data.eval_batch_size, **feed)
 
     def one_epoch(epoch: int) -> dict:
-        loader.sampler.set_epoch(epoch)
+        loader.set_epoch(epoch)
         loss = train_epoch(wrapped, loader, optimizer, world.device, progress=world.is_main,
                            desc=f"member {index} epoch {epoch}/{cfg.train.epochs}")
         check_finite(loss, f"member training of member {index}", epoch)

@@ -7,7 +7,8 @@ from helpers import make_run
 from ntdist.errors import UserError
 from ntdist.models import ModelSpec, build_model
 from ntdist.records.checkpoint import load_model, read_checkpoint, save_checkpoint
-from ntdist.training.loop import eval_loader, evaluate
+from ntdist.training.batches import eval_batches
+from ntdist.training.loop import evaluate
 from ntdist.training.members import train_member
 
 SPEC = ModelSpec("mlp", {"input_dim": 64, "num_classes": 10, "width": 32, "depth": 2})
@@ -17,7 +18,7 @@ MLP = ["model.kwargs.width=32", "model.kwargs.depth=2", "train.lr=0.05"]
 def test_mlp_reaches_90_percent_on_digits_and_is_deterministic(tmp_path):
     run = make_run(tmp_path, *MLP, "train.epochs=8")
     model, history = train_member(run, 0)
-    acc = evaluate(model, eval_loader(run.splits.test, 256), "cpu")["accuracy"]
+    acc = evaluate(model, eval_batches(run.splits.test, 256), "cpu")["accuracy"]
     assert acc > 0.90
     assert [r["epoch"] for r in history] == list(range(1, 9))
     again = train_member(run, 0)[0]
