@@ -32,7 +32,7 @@ from ntdist.records.rundir import RunDir
 from ntdist.training.finetune import evaluate_splits, finetune
 from ntdist.training.batches import eval_batches, train_batches
 from ntdist.training.loop import labels_of, predict
-from ntdist.training.members import CONTROL_SEED, FUSED_SEED, run_seed, train_member
+from ntdist.training.members import CONTROL_SEED, FUSED_SEED, run_seed, train_members
 from ntdist.training.state import finished_history
 from ntdist.training.sync import run_sync
 
@@ -108,18 +108,19 @@ def train_stage(r: Run) -> Dict[int, torch.nn.Module]:
     world, layout = r.world, r.layout
     groups = new_groups(world, [layout.group_ranks(m) for m in range(layout.num_members)]) \
         if layout.group_size > 1 else {}
-    held, histories = {}, []
+    held, histories, finished = {}, [], {}
     for i in layout.members_of(world.rank):
         final = r.rundir.checkpoint(f"member{i}")
         history = finished_history(final, r.cfg.train.epochs) if r.resume else None
         if history is not None:
-            model = load_model(final, expect_spec=r.spec)[0].to(world.device)
-        else:
-            model, history = train_member(r, i, groups.get(i))
-            if world.rank == layout.holder(i):
-                save_checkpoint(final, model, r.spec, info={"stage": "member", "member": i,
-                                                            "epochs": r.cfg.train.epochs, "history": history})
-                remove_if_present(r.rundir.checkpoint(f"member{i}.state"))
+            finished[i] = (load_model(final, expect_spec=r.spec)[0].to(world.device), history)
+    trained = train_members(r, [i for i in layout.members_of(world.rank) if i not in finished], groups)
+    for i in layout.members_of(world.rank):
+        model, history = finished[i] if i in finished else trained[i]
+        if world.rank == layout.holder(i) and i in trained:
+            save_checkpoint(r.rundir.checkpoint(f"member{i}"), model, r.spec,
+                            info={"stage": "member", "member": i, "epochs": r.cfg.train.epochs, "history": history})
+            remove_if_present(r.rundir.checkpoint(f"member{i}.state"))
         if world.rank == layout.holder(i):
             held[i] = model
             histories.append(history)

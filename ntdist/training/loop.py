@@ -154,11 +154,19 @@ class ResumableEpochs:
 
     def run(self, one_epoch: Callable[[int], dict], should_stop: Callable[[], bool]) -> List[dict]:
         for epoch in range(self.start, self.epochs + 1):
-            self.history.append(one_epoch(epoch))
-            if self.state_path:
-                save_state(self.state_path, self.model, self.spec, self.optimizer, self.scheduler, epoch,
-                           self.history)
-            if epoch < self.epochs and should_stop():
-                raise Preempted(f"preempted during {self.what} after epoch {epoch}; "
-                                "the state is saved: rerun the same command with --resume")
+            self.record(epoch, one_epoch(epoch))
+            stop_if_requested(self.what, epoch, self.epochs, should_stop)
         return self.history
+
+    def record(self, epoch: int, record: dict) -> None:
+        """Add the epoch's record to the history and write the state (the model, optimizer and scheduler as they are)."""
+        self.history.append(record)
+        if self.state_path:
+            save_state(self.state_path, self.model, self.spec, self.optimizer, self.scheduler, epoch, self.history)
+
+
+def stop_if_requested(what: str, epoch: int, epochs: int, should_stop: Callable[[], bool]) -> None:
+    """At an epoch boundary, once every state is on disk: raise `Preempted` if `should_stop()`."""
+    if epoch < epochs and should_stop():
+        raise Preempted(f"preempted during {what} after epoch {epoch}; "
+                        "the state is saved: rerun the same command with --resume")

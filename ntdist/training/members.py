@@ -5,18 +5,21 @@ are diverse and a member trained by any rank layout has the same weights as the
 one trained alone in a single process.
 """
 
+import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, List, Tuple
+from typing import TYPE_CHECKING, ClassVar, Dict, List, Tuple
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ntdist.errors import check_choice
 from ntdist.models import ModelSpec
 from ntdist.options import opt
 from ntdist.preempt import preempt_requested
 from ntdist.training.batches import eval_batches, train_batches
 from ntdist.training.loop import (OptimConfig, ResumableEpochs, check_finite, evaluate, make_optimizer, make_scheduler,
                                   train_epoch)
+from ntdist.training.vectorized import VECTORIZE, member_batches, probe, train_together, why_not
 
 if TYPE_CHECKING:   # the run context is defined by the pipeline, which imports this module
     from ntdist.pipeline import Run
@@ -30,6 +33,14 @@ class TrainConfig(OptimConfig):
     epochs: int = opt(10, "training epochs per member")
     seed: int = opt(0, "base seed; member i uses 1000 * seed + i (its initialisation and data order)")
     identical_members: bool = opt(False, "train every member with member 0's seed: the paper's self-fusion failure case")
+    vectorize: str = opt("auto", "train all members of a rank at once as one vectorised model: auto (where faster) "
+                                 "| on | off")
+
+    def __post_init__(self):
+        super().__post_init__()
+        # YAML reads a bare on/off as a boolean, which the str field then holds as 'True'/'False'
+        self.vectorize = {"True": "on", "False": "off"}.get(self.vectorize, self.vectorize)
+        check_choice(self.vectorize, VECTORIZE, "train.vectorize")
 
 
 CONTROL_SEED, FUSED_SEED = 998, 999   # offsets of the fine-tuning seeds; members use 0 .. k-1
@@ -89,3 +100,20 @@ def train_member(r: "Run", index: int, group=None) -> Tuple[torch.nn.Module, Lis
 
     stop = (lambda: world.any(preempt_requested(), group)) if group is not None else preempt_requested
     return model, epochs.run(one_epoch, stop)
+
+
+def train_members(r: "Run", indices: List[int], groups: dict) -> Dict[int, Tuple[torch.nn.Module, List[dict]]]:
+    """Train members `indices` on this rank: all at once when `train.vectorize` allows, else one after another."""
+    if len(indices) > 1 and r.cfg.train.vectorize != "off":
+        seeds = [member_seed(r.cfg.train, i) for i in indices]
+        models = [build_member(r.spec, seed).to(r.world.device) for seed in seeds]
+        batches = member_batches(r, seeds)
+        reason = why_not(r, models, batches) or probe(models, batches)
+        if reason is None:
+            together = train_together(r, indices, seeds, models, batches)
+            if together is not None:
+                return together
+            reason = "their state files stand at different epochs"
+        if r.cfg.train.vectorize == "on" or reason.startswith("torch.func"):
+            r.world.print0(f"ntdist: training members {indices} one after another: {reason}", file=sys.stderr)
+    return {i: train_member(r, i, groups.get(i)) for i in indices}

@@ -1,0 +1,146 @@
+"""Training every member a rank holds at once, as one vectorised model (torch.func).
+
+When a rank trains several members (fewer ranks than members: the laptop and single-GPU case),
+their parameters and buffers are stacked (`stack_module_state`) and one `vmap` over
+`functional_call` runs all k forward passes per step, each member on its own batch from its own
+data order. The summed loss gives each member exactly its own gradient, and one SGD over the
+stacked tensors is element-wise the k separate optimizers (momentum and weight decay included).
+Each member keeps its seed, initialisation, data order, LR schedule, state file and checkpoint:
+after every epoch the stacked tensors are copied back into the members, which are evaluated and
+saved as the sequential loop would. The result equals training them one after another up to
+floating-point summation order (tested to 1e-5 in float64).
+"""
+
+import copy
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, stack_module_state, vmap
+
+from ntdist.preempt import preempt_requested
+from ntdist.training.batches import TensorBatches, eval_batches, train_batches
+from ntdist.training.loop import (ResumableEpochs, check_finite, evaluate, make_optimizer, make_scheduler,
+                                  stop_if_requested)
+
+if TYPE_CHECKING:   # the run context is defined by the pipeline, which imports this module
+    from ntdist.pipeline import Run
+
+VECTORIZE = ("auto", "on", "off")
+AUTO_MAX_PARAMS_CPU = 100_000   # on a CPU, vmap loses to the plain loop for wider members (docs/PERFORMANCE.md)
+RANDOM_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def why_not(r: "Run", models: List[nn.Module], batches: list) -> Optional[str]:
+    """None when these members can be trained together, else the reason (one line) they cannot."""
+    mode = r.cfg.train.vectorize
+    if mode == "off" or len(models) < 2:
+        return "off" if mode == "off" else "one member"
+    if r.layout.group_size > 1:
+        return "each member is trained by a group of ranks (DDP)"
+    if not all(isinstance(b, TensorBatches) for b in batches):
+        return f"the training data exceeds data.resident_max_mb={r.cfg.data.resident_max_mb}"
+    if any(isinstance(m, RANDOM_MODULES) and m.p > 0 for m in models[0].modules()):
+        return "the model uses dropout, whose random draws a vectorised model cannot reproduce per member"
+    params = sum(p.numel() for p in models[0].parameters())
+    if mode == "auto" and r.world.device.type == "cpu" and params > AUTO_MAX_PARAMS_CPU:
+        return f"on a CPU members of {params} parameters train faster one after another (auto)"
+    return None
+
+
+def _copy_back(stacked: Dict[str, torch.Tensor], model: nn.Module, i: int) -> None:
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            t.copy_(stacked[name][i])
+
+
+def probe(models: List[nn.Module], batches: List[TensorBatches]) -> Optional[str]:
+    """None when one vectorised training step of these models runs, else why it does not (one line)."""
+    params, buffers = stack_module_state([copy.deepcopy(m) for m in models])
+    base = copy.deepcopy(models[0]).to("meta").train()
+    x, y = next(iter(batches[0]))
+    try:
+        out = vmap(lambda p, b, x: functional_call(base, (p, b), (x,)))(params, buffers, torch.stack([x[:2]] * len(models)))
+        out.sum().backward()
+    except Exception as err:  # noqa: BLE001 - any failure means: train this model the plain way
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return f"torch.func cannot vectorise this model ({type(err).__name__}: {first[:200]})"
+    return None
+
+
+def train_together(r: "Run", indices: List[int], seeds: List[int], models: List[nn.Module],
+                   batches: List[TensorBatches]) -> Optional[Dict[int, Tuple[nn.Module, List[dict]]]]:
+    """Train `models` (members `indices`, freshly built from `seeds`) in lockstep; {index: (model, history)}.
+
+    None, before any training, when their state files stand at different epochs (resume them one by one).
+    """
+    cfg, world = r.cfg, r.world
+    optimizers = [make_optimizer(m, cfg.train) for m in models]
+    schedulers = [make_scheduler(o, cfg.train) for o in optimizers]
+    runs = [ResumableEpochs(f"training of member {i}", cfg.train.epochs, m, o, s, r.spec,
+                            r.rundir.checkpoint(f"member{i}.state"), True, r.resume)
+            for i, m, o, s in zip(indices, models, optimizers, schedulers)]
+    start = runs[0].start
+    if any(run.start != start for run in runs):   # e.g. a run started one after another, resumed vectorised
+        return None
+    params, buffers = stack_module_state(models)
+    stacked = {**params, **buffers}
+    optimizer = make_optimizer(SimpleNamespace(parameters=lambda: list(params.values())), cfg.train)
+    scheduler = make_scheduler(optimizer, cfg.train)
+    scheduler.load_state_dict(schedulers[0].state_dict())
+    for group, saved in zip(optimizer.param_groups, optimizers[0].param_groups):
+        group["lr"] = saved["lr"]
+    for p, *member_params in zip(params.values(), *[list(m.parameters()) for m in models]):
+        bufs = [o.state.get(q, {}).get("momentum_buffer") for o, q in zip(optimizers, member_params)]
+        if all(b is not None for b in bufs):
+            optimizer.state[p]["momentum_buffer"] = torch.stack(bufs)
+    base = copy.deepcopy(models[0]).to("meta")
+
+    def losses(p, b, x, y):
+        return F.cross_entropy(functional_call(base, (p, b), (x,)), y)
+
+    step = vmap(losses)
+    val = eval_batches(r.splits.val, cfg.data.eval_batch_size, device=world.device, max_mb=cfg.data.resident_max_mb)
+    for epoch in range(start, cfg.train.epochs + 1):
+        base.train()
+        total, count = torch.zeros(len(models), dtype=torch.float64, device=world.device), 0
+        for b in batches:
+            b.set_epoch(epoch)
+        for pairs in zip(*batches):
+            x = torch.stack([x for x, _ in pairs])
+            y = torch.stack([y for _, y in pairs])
+            loss = step(params, buffers, x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            optimizer.step()
+            total += loss.detach().double() * y.shape[1]
+            count += y.shape[1]
+        scheduler.step()
+        for member_scheduler, member_optimizer in zip(schedulers, optimizers):   # what each member's state file holds
+            member_scheduler.load_state_dict(scheduler.state_dict())
+            for group, stacked_group in zip(member_optimizer.param_groups, optimizer.param_groups):
+                group["lr"] = stacked_group["lr"]
+        mean = (total / max(count, 1)).tolist()
+        for n, (i, seed, model, opt, run) in enumerate(zip(indices, seeds, models, optimizers, runs)):
+            check_finite(mean[n], f"member training of member {i}", epoch)
+            _copy_back(stacked, model, n)
+            for q, p in zip(model.parameters(), params.values()):
+                if "momentum_buffer" in optimizer.state[p]:
+                    opt.state[q]["momentum_buffer"] = optimizer.state[p]["momentum_buffer"][n].clone()
+            record = {"stage": "member", "member": i, "epoch": epoch, "loss": mean[n],
+                      "val_accuracy": evaluate(model, val, world.device)["accuracy"]}
+            world.print0(f"member {i} epoch {epoch}/{cfg.train.epochs}: loss {mean[n]:.4f}, "
+                         f"val accuracy {record['val_accuracy']:.4f}")
+            torch.manual_seed(seed)   # the RNG state the sequential loop would save
+            run.record(epoch, record)
+        stop_if_requested(f"training of members {indices}", epoch, cfg.train.epochs, preempt_requested)
+    return {i: (m, run.history) for i, m, run in zip(indices, models, runs)}
+
+
+def member_batches(r: "Run", seeds: List[int]) -> list:
+    """Each member's own training batches (its seed fixes its data order)."""
+    cfg = r.cfg
+    return [train_batches(r.splits.train, cfg.data.batch_size, seed, device=r.world.device,
+                          max_mb=cfg.data.resident_max_mb) for seed in seeds]
