@@ -8,7 +8,10 @@ import argparse
 import sys
 import traceback
 
+import torch
+
 from ntdist.commands.bench import bench_fusion
+from ntdist.commands.bench_train import WORKLOADS as TRAIN_WORKLOADS, bench_train
 from ntdist.commands.fuse import fuse_command
 from ntdist.commands.report import report_command
 from ntdist.commands.run import run_command
@@ -53,10 +56,20 @@ def _parser() -> argparse.ArgumentParser:
     fuse.add_argument("--keep-ratio", type=float, default=None, help="kept units relative to one member")
 
     bench = sub.add_parser("bench", parents=[common], help="benchmarks")
-    bench.add_argument("what", choices=["fusion"], help="fusion: time and memory of avg, nt, ot (paper Table 8)")
-    bench.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
-    bench.add_argument("--repeats", type=int, default=5)
-    bench.add_argument("--out", default="bench_fusion.csv", help="CSV file to write")
+    bench.add_argument("what", choices=["fusion", "train"],
+                       help="fusion: time and memory of avg, nt, ot (paper Table 8); "
+                            "train: member training samples/s against a tight loop")
+    bench.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096],
+                       help="fusion: MLP widths")
+    bench.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median; "
+                                                                  "default 5 for fusion, 3 for train)")
+    bench.add_argument("--workloads", nargs="+", default=list(TRAIN_WORKLOADS), choices=list(TRAIN_WORKLOADS),
+                       help="train: model and data")
+    bench.add_argument("--ks", type=int, nargs="+", default=[1, 2, 8], help="train: members on the one rank")
+    bench.add_argument("--batches", type=int, nargs="+", default=[32, 256], help="train: batch sizes")
+    bench.add_argument("--epochs", type=int, default=3, help="train: timed epochs per measurement")
+    bench.add_argument("--threads", type=int, default=1, help="train: torch CPU threads (default 1)")
+    bench.add_argument("--out", default=None, help="CSV file to write (default bench_fusion.csv / bench_train.csv)")
 
     report = sub.add_parser("report", parents=[common], help="write report.md and plots for run directories")
     report.add_argument("run_dirs", nargs="+", help="run directories (or folders containing them)")
@@ -75,7 +88,12 @@ def cmd_fuse(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    bench_fusion(widths=tuple(args.widths), repeats=args.repeats, out_csv=args.out)
+    if args.what == "fusion":
+        bench_fusion(widths=tuple(args.widths), repeats=args.repeats or 5, out_csv=args.out or "bench_fusion.csv")
+        return 0
+    torch.set_num_threads(args.threads)
+    bench_train(args.workloads, args.ks, args.batches, args.epochs, args.repeats or 3,
+                args.out or "bench_train.csv")
     return 0
 
 

@@ -72,3 +72,15 @@ def test_bench_fusion_writes_csv(tmp_path):
     assert [r["method"] for r in rows] == ["avg", "nt", "ot"] * 2
     assert all(float(r["seconds"]) > 0 and float(r["peak_extra_mib"]) >= 0 for r in rows)
     assert all(r["time_vs_avg"] for r in rows)
+
+
+def test_bench_train_compares_with_the_tight_loop(tmp_path):
+    out = tmp_path / "train.csv"
+    proc = ntdist("bench", "train", "--workloads", "mlp-digits", "--ks", "1", "2", "--batches", "256",
+                  "--epochs", "1", "--repeats", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["k"], r["batch"]) for r in rows] == [("1", "256"), ("2", "256")]
+    for r in rows:
+        assert float(r["floor samples/s"]) > 0 and float(r["ntdist samples/s"]) > 0
+        assert float(r["ntdist / floor"]) > 0

@@ -1,0 +1,120 @@
+"""`ntdist bench train`: samples/s of ntdist's member training against a tight loop measured in the same run.
+
+For each workload (model, data, batch size) and k members on one rank, three timings of the same
+epochs, interleaved so that every side sees the same background load:
+
+- `floor`: the tightest plain PyTorch loop over preloaded tensors (k models one after another,
+  same model, SGD, batch and steps; no evaluation, no state files);
+- `ntdist`: ntdist's member training as `ntdist run` calls it (`train.vectorize=auto`), including its
+  per-epoch validation and state files;
+- `one by one`: the same with `train.vectorize=off`.
+
+Every side first trains one epoch untimed (the process's one-off warm-up). Figures are medians of
+`repeats`; the ratios are the floor's seconds over the other side's (above 1: faster than the floor).
+"""
+
+import csv
+import statistics
+import tempfile
+import time
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ntdist.config import load_config
+from ntdist.distributed.world import World
+from ntdist.errors import UserError
+from ntdist.training.batches import resident
+from ntdist.training.loop import make_optimizer
+from ntdist.training.members import build_member, member_seed, train_members
+
+WORKLOADS = {   # name -> config overrides
+    "mlp-digits": ["data.name=digits", "model.name=mlp", "model.kwargs.width=32"],
+    "lenet-synthetic32": ["data.name=synthetic", "data.synthetic_shape=[3,32,32]", "data.synthetic_samples=2048",
+                          "model.name=lenet"],
+}
+
+
+def _tight_loop(r, k: int, epochs: int) -> None:
+    """k models trained one after another by the plainest loop over preloaded tensors."""
+    x, y = resident(r.splits.train, r.world.device, 1e9)
+    batch = r.cfg.data.batch_size
+    for i in range(k):
+        model = build_member(r.spec, member_seed(r.cfg.train, i)).to(r.world.device).train()
+        optimizer = make_optimizer(model, r.cfg.train)
+        g = torch.Generator().manual_seed(i)
+        for _ in range(epochs):
+            order = torch.randperm(len(y), generator=g).to(y.device)
+            for start in range(0, len(y), batch):
+                take = order[start:start + batch]
+                loss = F.cross_entropy(model(x[take]), y[take])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+    if r.world.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _make_run(workload: str, k: int, batch: int, epochs: int, vectorize: str, out: str):
+    from ntdist.pipeline import make_run
+
+    cfg = load_config(None, WORKLOADS[workload] + [f"fusion.k={max(k, 2)}", f"data.batch_size={batch}",
+                                                  f"train.epochs={epochs}", f"train.vectorize={vectorize}",
+                                                  "train.schedule=none", f"output.dir={out}"])
+    run = make_run(cfg, World(device=torch.device("cuda" if torch.cuda.is_available() else "cpu")))
+    run.rundir.prepare(resume=False, overwrite=True)
+    return run
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench_train(workloads: Sequence[str] = tuple(WORKLOADS), ks: Sequence[int] = (1, 2, 8),
+                batches: Sequence[int] = (32, 256), epochs: int = 3, repeats: int = 3,
+                out_csv: str = "bench_train.csv") -> List[Dict]:
+    """Run every combination, print the table, write `out_csv`; returns the rows."""
+    for name in workloads:
+        if name not in WORKLOADS:
+            raise UserError(f"unknown workload '{name}'; choose from {list(WORKLOADS)}")
+    if epochs < 1 or repeats < 1 or min(ks) < 1 or min(batches) < 1:
+        raise UserError("epochs, repeats, every k and every batch size must be at least 1")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in workloads:
+            for batch in batches:
+                for k in ks:
+                    runs = {v: _make_run(name, k, batch, epochs, v, f"{tmp}/{name}-{batch}-{k}-{v}")
+                            for v in ("auto", "off")}
+                    sides = {"floor": lambda e: _tight_loop(runs["off"], k, e),
+                             "ntdist": lambda e: train_members(_epochs(runs["auto"], e), list(range(k)), {}),
+                             "one by one": lambda e: train_members(_epochs(runs["off"], e), list(range(k)), {})}
+                    for side in sides.values():
+                        side(1)   # warm-up
+                    times = {s: [] for s in sides}
+                    for _ in range(repeats):
+                        for s, side in sides.items():
+                            times[s].append(_seconds(lambda: side(epochs)))
+                    samples = k * len(runs["off"].splits.train) * epochs
+                    row = {"workload": name, "batch": batch, "k": k}
+                    for s in sides:
+                        row[f"{s} samples/s"] = round(samples / statistics.median(times[s]))
+                    row["ntdist / floor"] = round(row["ntdist samples/s"] / row["floor samples/s"], 2)
+                    row["one by one / floor"] = round(row["one by one samples/s"] / row["floor samples/s"], 2)
+                    rows.append(row)
+                    print(", ".join(f"{key} {value}" for key, value in row.items()), flush=True)
+    with open(out_csv, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def _epochs(r, epochs: int):
+    """The same run with `epochs` training epochs (state files of an earlier call are not resumed)."""
+    import dataclasses
+
+    return dataclasses.replace(r, cfg=dataclasses.replace(r.cfg, train=dataclasses.replace(r.cfg.train, epochs=epochs)))
