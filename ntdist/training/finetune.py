@@ -18,8 +18,8 @@ from ntdist.options import opt
 from ntdist.preempt import preempt_requested
 from ntdist.training.engines import ENGINES, ZERO_STAGES, make_engine
 from ntdist.training.batches import eval_batches, train_batches
-from ntdist.training.loop import (SCHEDULES, OptimConfig, ResumableEpochs, check_finite, evaluate, make_optimizer,
-                                  make_scheduler, train_epoch)
+from ntdist.training.loop import (SCHEDULES, OptimConfig, Precision, ResumableEpochs, check_finite, evaluate,
+                                  make_optimizer, make_scheduler, train_epoch)
 
 if TYPE_CHECKING:   # the run context is defined by the pipeline, which imports this module
     from ntdist.pipeline import Run
@@ -44,6 +44,9 @@ class FinetuneConfig(OptimConfig):
     def __post_init__(self):
         super().__post_init__()
         check_choice(self.engine, ENGINES, "finetune.engine")
+        if self.precision == "fp16" and self.engine != "ddp":
+            raise UserError(f"finetune.precision=fp16 needs finetune.engine=ddp (its grad scaler); with "
+                            f"{self.engine} use bf16 or the engine's own mixed-precision settings")
         if self.zero_stage not in ZERO_STAGES:
             raise UserError(f"finetune.zero_stage must be one of {list(ZERO_STAGES)}, got {self.zero_stage}")
 
@@ -84,11 +87,14 @@ def finetune(r: "Run", model: torch.nn.Module, label: str, seed: int,
     loader = train_batches(r.splits.train, r.cfg.data.batch_size, seed, world.size, world.rank, device=world.device,
                            max_mb=r.cfg.data.resident_max_mb)
     loss_fn = distill_loss_fn(teacher.to(world.device), cfg) if teacher is not None else None
+    model_for_steps = torch.compile(engine.model) if cfg.compile else engine.model
+    precision = Precision(cfg.precision, world.device)
 
     def one_epoch(epoch: int) -> dict:
         loader.set_epoch(epoch)
-        loss = train_epoch(engine.model, loader, optimizer, world.device, loss_fn, engine=engine,
-                           desc=f"finetune {label} epoch {epoch}/{cfg.epochs}", progress=world.is_main)
+        loss = train_epoch(model_for_steps, loader, optimizer, world.device, loss_fn, engine=engine,
+                           desc=f"finetune {label} epoch {epoch}/{cfg.epochs}", progress=world.is_main,
+                           precision=precision)
         loss = world.reduce_sum(torch.tensor([loss], dtype=torch.float64)).item() / world.size
         check_finite(loss, f"fine-tuning ({label})", epoch)
         scheduler.step()

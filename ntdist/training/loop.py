@@ -32,6 +32,40 @@ SCHEDULES = {   # name -> epoch-wise LR scheduler (stepped once per epoch)
 }
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}   # name -> autocast dtype
+
+
+class Precision:
+    """Autocast for forward and loss, and for fp16 a grad scaler (kept for the whole run, not per epoch)."""
+
+    def __init__(self, name: str, device):
+        self.device_type = torch.device(device).type
+        self.dtype = PRECISIONS[name]
+        self.scaler = torch.amp.GradScaler(self.device_type) if name == "fp16" else None
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+
+    def backward_step(self, loss: torch.Tensor, optimizer, engine=None) -> None:
+        """zero_grad, backward and step of `optimizer` (or of `engine`), through the scaler for fp16."""
+        if engine is not None and self.scaler is None:
+            engine.zero_grad()
+            engine.backward(loss)
+            engine.step()
+            return
+        optimizer.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(optimizer)
+            self.scaler.update()
+
+
+FP32 = Precision("fp32", "cpu")
+
+
 @dataclass
 class OptimConfig:
     """SGD with momentum and an LR schedule (shared by member training and fine-tuning)."""
@@ -44,6 +78,9 @@ class OptimConfig:
     step_size: int = opt(10, "step schedule: epochs between LR drops")
     milestones: List[int] = opt([], "multistep schedule: epochs at which the LR drops")
     gamma: float = opt(0.1, "factor of each LR drop")
+    precision: str = opt("fp32", "fp32 | bf16 | fp16: autocast of forward and loss (fp16 with a grad scaler); "
+                                 "weights and optimizer stay fp32")
+    compile: bool = opt(False, "torch.compile the model for training (the first steps pay the compilation)")
 
     def __post_init__(self):
         if self.epochs < 0:
@@ -51,6 +88,7 @@ class OptimConfig:
         if not self.lr > 0:
             raise UserError(f"{self.section}.lr must be > 0, got {self.lr}")
         check_choice(self.schedule, SCHEDULES, f"{self.section}.schedule")
+        check_choice(self.precision, PRECISIONS, f"{self.section}.precision")
 
 
 def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -63,13 +101,13 @@ def make_scheduler(optimizer, cfg: OptimConfig):
 
 
 def train_epoch(model, loader, optimizer, device, loss_fn: Optional[Callable] = None,
-                desc: str = "train", progress: bool = True, engine=None) -> float:
+                desc: str = "train", progress: bool = True, engine=None, precision: Precision = FP32) -> float:
     """One pass over `loader`; returns the mean training loss.
 
     `loss_fn(logits, x, y)` may replace cross-entropy; `engine` (see training.engines)
-    replaces the plain zero_grad / backward / step of `optimizer`. The loss is summed on
-    the device: the host waits for it once per epoch (and per step only while a progress
-    bar is on screen).
+    replaces the plain zero_grad / backward / step of `optimizer`; `precision` sets autocast
+    (and the fp16 grad scaler). The loss is summed on the device: the host waits for it once
+    per epoch (and per step only while a progress bar is on screen).
     """
     model.train()
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
@@ -78,16 +116,10 @@ def train_epoch(model, loader, optimizer, device, loss_fn: Optional[Callable] = 
     bar = tqdm(loader, desc=desc, leave=False, disable=not shown, dynamic_ncols=True)
     for x, y in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = model(x)
-        loss = loss_fn(logits, x, y) if loss_fn else F.cross_entropy(logits, y)
-        if engine is None:
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        else:
-            engine.zero_grad()
-            engine.backward(loss)
-            engine.step()
+        with precision.autocast():
+            logits = model(x)
+            loss = loss_fn(logits, x, y) if loss_fn else F.cross_entropy(logits, y)
+        precision.backward_step(loss, optimizer, engine)
         total += loss.detach().double() * len(y)
         count += len(y)
         if shown:
@@ -159,7 +191,7 @@ class ResumableEpochs:
         return self.history
 
     def record(self, epoch: int, record: dict) -> None:
-        """Add the epoch's record to the history and write the state (the model, optimizer and scheduler as they are)."""
+        """Add the epoch's record to the history and write the state (model, optimizer, scheduler as they are)."""
         self.history.append(record)
         if self.state_path:
             save_state(self.state_path, self.model, self.spec, self.optimizer, self.scheduler, epoch, self.history)

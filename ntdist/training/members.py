@@ -17,8 +17,8 @@ from ntdist.models import ModelSpec
 from ntdist.options import opt
 from ntdist.preempt import preempt_requested
 from ntdist.training.batches import eval_batches, train_batches
-from ntdist.training.loop import (OptimConfig, ResumableEpochs, check_finite, evaluate, make_optimizer, make_scheduler,
-                                  train_epoch)
+from ntdist.training.loop import (OptimConfig, Precision, ResumableEpochs, check_finite, evaluate, make_optimizer,
+                                  make_scheduler, train_epoch)
 from ntdist.training.vectorized import VECTORIZE, member_batches, probe, train_together, why_not
 
 if TYPE_CHECKING:   # the run context is defined by the pipeline, which imports this module
@@ -82,6 +82,8 @@ def train_member(r: "Run", index: int, group=None) -> Tuple[torch.nn.Module, Lis
     epochs = ResumableEpochs(f"training of member {index}", cfg.train.epochs, model, optimizer, scheduler, r.spec,
                              r.rundir.checkpoint(f"member{index}.state"), group_rank == 0, r.resume)
     wrapped = DistributedDataParallel(model, process_group=group) if group_size > 1 else model
+    wrapped = torch.compile(wrapped) if cfg.train.compile else wrapped
+    precision = Precision(cfg.train.precision, world.device)
     feed = dict(device=world.device, max_mb=cfg.data.resident_max_mb)
     loader = train_batches(r.splits.train, cfg.data.batch_size, seed, group_size, group_rank, **feed)
     val = eval_batches(r.splits.val, cfg.data.eval_batch_size, **feed)
@@ -89,7 +91,7 @@ def train_member(r: "Run", index: int, group=None) -> Tuple[torch.nn.Module, Lis
     def one_epoch(epoch: int) -> dict:
         loader.set_epoch(epoch)
         loss = train_epoch(wrapped, loader, optimizer, world.device, progress=world.is_main,
-                           desc=f"member {index} epoch {epoch}/{cfg.train.epochs}")
+                           desc=f"member {index} epoch {epoch}/{cfg.train.epochs}", precision=precision)
         check_finite(loss, f"member training of member {index}", epoch)
         scheduler.step()
         record = {"stage": "member", "member": index, "epoch": epoch, "loss": loss,

@@ -22,7 +22,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from ntdist.preempt import preempt_requested
 from ntdist.training.batches import TensorBatches, eval_batches, train_batches
-from ntdist.training.loop import (ResumableEpochs, check_finite, evaluate, make_optimizer, make_scheduler,
+from ntdist.training.loop import (Precision, ResumableEpochs, check_finite, evaluate, make_optimizer, make_scheduler,
                                   stop_if_requested)
 
 if TYPE_CHECKING:   # the run context is defined by the pipeline, which imports this module
@@ -42,6 +42,8 @@ def why_not(r: "Run", models: List[nn.Module], batches: list) -> Optional[str]:
         return "each member is trained by a group of ranks (DDP)"
     if not all(isinstance(b, TensorBatches) for b in batches):
         return f"the training data exceeds data.resident_max_mb={r.cfg.data.resident_max_mb}"
+    if r.cfg.train.compile:
+        return "train.compile is on (the vectorised step is not compiled)"
     if any(isinstance(m, RANDOM_MODULES) and m.p > 0 for m in models[0].modules()):
         return "the model uses dropout, whose random draws a vectorised model cannot reproduce per member"
     params = sum(p.numel() for p in models[0].parameters())
@@ -62,7 +64,8 @@ def probe(models: List[nn.Module], batches: List[TensorBatches]) -> Optional[str
     base = copy.deepcopy(models[0]).to("meta").train()
     x, y = next(iter(batches[0]))
     try:
-        out = vmap(lambda p, b, x: functional_call(base, (p, b), (x,)))(params, buffers, torch.stack([x[:2]] * len(models)))
+        forward = vmap(lambda p, b, x: functional_call(base, (p, b), (x,)))
+        out = forward(params, buffers, torch.stack([x[:2]] * len(models)))
         out.sum().backward()
     except Exception as err:  # noqa: BLE001 - any failure means: train this model the plain way
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -102,6 +105,7 @@ def train_together(r: "Run", indices: List[int], seeds: List[int], models: List[
         return F.cross_entropy(functional_call(base, (p, b), (x,)), y)
 
     step = vmap(losses)
+    precision = Precision(cfg.train.precision, world.device)
     val = eval_batches(r.splits.val, cfg.data.eval_batch_size, device=world.device, max_mb=cfg.data.resident_max_mb)
     for epoch in range(start, cfg.train.epochs + 1):
         base.train()
@@ -111,10 +115,9 @@ def train_together(r: "Run", indices: List[int], seeds: List[int], models: List[
         for pairs in zip(*batches):
             x = torch.stack([x for x, _ in pairs])
             y = torch.stack([y for _, y in pairs])
-            loss = step(params, buffers, x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.sum().backward()
-            optimizer.step()
+            with precision.autocast():
+                loss = step(params, buffers, x, y)
+            precision.backward_step(loss.sum(), optimizer)
             total += loss.detach().double() * y.shape[1]
             count += y.shape[1]
         scheduler.step()

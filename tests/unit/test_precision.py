@@ -1,0 +1,46 @@
+"""Mixed precision: bf16 autocast trains as well as fp32, fp16 trains through its grad scaler.
+
+Run: .venv/bin/python -m pytest tests/unit/test_precision.py
+"""
+
+import pytest
+import torch
+
+from helpers import make_run
+from ntdist.errors import UserError
+from ntdist.config import load_config
+from ntdist.training.batches import eval_batches
+from ntdist.training.loop import evaluate
+from ntdist.training.members import train_member, train_members
+
+QUICK = ["model.kwargs.width=32", "model.kwargs.depth=2", "train.epochs=6", "train.lr=0.05"]
+
+
+def _accuracy(run, model):
+    return evaluate(model, eval_batches(run.splits.test, 256), "cpu")["accuracy"]
+
+
+def test_bf16_trains_within_one_point_of_fp32(tmp_path):
+    fp32 = make_run(tmp_path / "fp32", *QUICK)
+    bf16 = make_run(tmp_path / "bf16", *QUICK, "train.precision=bf16")
+    a = _accuracy(fp32, train_member(fp32, 0)[0])
+    b = _accuracy(bf16, train_member(bf16, 0)[0])
+    assert a > 0.9 and abs(a - b) <= 0.01, (a, b)
+    vectorised = make_run(tmp_path / "vec", *QUICK, "train.precision=bf16", "train.vectorize=on")
+    together = train_members(vectorised, [0, 1], {})
+    assert abs(_accuracy(vectorised, together[0][0]) - a) <= 0.01
+
+
+def test_fp16_uses_a_grad_scaler_and_trains(tmp_path):
+    run = make_run(tmp_path, *QUICK, "train.epochs=2", "train.precision=fp16")
+    model, history = train_member(run, 0)
+    assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in model.parameters())
+    assert history[-1]["loss"] < history[0]["loss"]
+
+
+@pytest.mark.parametrize("override, words", [("train.precision=fp8", "train.precision"),
+                                             ("finetune.precision=fp16", "finetune.engine=ddp")])
+def test_bad_precision_settings_are_one_line(override, words):
+    extra = ["finetune.engine=accelerate"] if override.startswith("finetune") else []
+    with pytest.raises(UserError, match=words):
+        load_config(None, [override, *extra])
