@@ -30,7 +30,7 @@ from ntdist.records.files import remove_if_present
 from ntdist.records.results import RESULTS_FILE, ControlResult, MethodResult, RunResults
 from ntdist.records.rundir import RunDir
 from ntdist.training.finetune import evaluate_splits, finetune
-from ntdist.training.batches import eval_batches, train_batches
+from ntdist.training.batches import eval_batches, feed, train_batches
 from ntdist.training.loop import labels_of, predict
 from ntdist.training.members import CONTROL_SEED, FUSED_SEED, run_seed, train_members
 from ntdist.training.state import finished_history
@@ -135,8 +135,8 @@ def evaluate_members(r: Run, held: Dict[int, torch.nn.Module]) -> RunResults:
     k, world, splits, batch = r.cfg.fusion.k, r.world, r.splits, r.cfg.data.eval_batch_size
     val_logits = torch.zeros(k, len(splits.val), splits.num_classes, dtype=torch.float64)
     test_logits = torch.zeros(k, len(splits.test), splits.num_classes, dtype=torch.float64)
-    feed = dict(device=world.device, max_mb=r.cfg.data.resident_max_mb)
-    val, test = eval_batches(splits.val, batch, **feed), eval_batches(splits.test, batch, **feed)
+    data = feed(r.cfg.data, world.device)
+    val, test = eval_batches(splits.val, batch, **data), eval_batches(splits.test, batch, **data)
     for i, model in held.items():
         val_logits[i] = predict(model, val, world.device).double()
         test_logits[i] = predict(model, test, world.device).double()
@@ -216,8 +216,8 @@ def fuse_stage(r: Run, held: Dict[int, torch.nn.Module], method: str) -> Tuple[t
     seconds = time.perf_counter() - start
     if fc.bn_reestimate:
         torch.manual_seed(run_seed(r.cfg.train, FUSED_SEED))   # the passes run in train mode: dropout draws
-        batches = train_batches(r.splits.train, r.cfg.data.batch_size, r.cfg.train.seed, device=world.device,
-                                max_mb=r.cfg.data.resident_max_mb)
+        batches = train_batches(r.splits.train, r.cfg.data.batch_size, r.cfg.train.seed,
+                                **feed(r.cfg.data, world.device))
         reestimate_bn(fused.to(world.device), batches, fc.bn_batches)
     for model in held.values():
         model.to(world.device)

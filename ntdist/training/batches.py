@@ -71,13 +71,25 @@ class TensorBatches:
             yield self.x[take], self.y[take]
 
 
+def feed(cfg, device) -> dict:
+    """The keyword arguments of `train_batches` / `eval_batches` from a `DataConfig` and the training device."""
+    return {"device": device, "max_mb": cfg.resident_max_mb, "workers": cfg.loader_workers}
+
+
+def loader_options(device, workers: int) -> dict:
+    """DataLoader settings for the fallback path: pinned memory for CUDA, workers kept between epochs."""
+    return {"num_workers": workers, "pin_memory": torch.device(device).type == "cuda",
+            "persistent_workers": workers > 0}
+
+
 class LoaderBatches:
     """The DataLoader fallback for data that does not fit: the same order, batches copied per step."""
 
-    def __init__(self, data: Dataset, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0):
+    def __init__(self, data: Dataset, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0,
+                 options: Optional[dict] = None):
         self.sampler = DistributedSampler(data, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
                                           drop_last=False)
-        self.loader = DataLoader(data, batch_size=batch_size, sampler=self.sampler)
+        self.loader = DataLoader(data, batch_size=batch_size, sampler=self.sampler, **(options or {}))
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
@@ -90,7 +102,7 @@ class LoaderBatches:
 
 
 def train_batches(data: Dataset, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0, *,
-                  device="cpu", max_mb: float = 0):
+                  device="cpu", max_mb: float = 0, workers: int = 0):
     """Training batches whose order depends only on `seed` and the epoch (call `set_epoch` before each).
 
     With `num_replicas` ranks each rank sees every `num_replicas`-th sample of the same permutation, so
@@ -98,18 +110,18 @@ def train_batches(data: Dataset, batch_size: int, seed: int, num_replicas: int =
     """
     tensors = resident(data, device, max_mb)
     if tensors is None:
-        return LoaderBatches(data, batch_size, seed, num_replicas, rank)
+        return LoaderBatches(data, batch_size, seed, num_replicas, rank, loader_options(device, workers))
     return TensorBatches(*tensors, batch_size, seed, num_replicas, rank)
 
 
 def eval_batches(data: Dataset, batch_size: int, num_replicas: int = 1, rank: int = 0, *, device="cpu",
-                 max_mb: float = 0):
+                 max_mb: float = 0, workers: int = 0):
     """Rank r evaluates samples r, r+W, ... in order: every sample is counted exactly once across ranks."""
     tensors = resident(data, device, max_mb)
     if tensors is None:
         if num_replicas > 1:
             data = Subset(data, list(range(rank, len(data), num_replicas)))
-        return DataLoader(data, batch_size=batch_size, shuffle=False)
+        return DataLoader(data, batch_size=batch_size, shuffle=False, **loader_options(device, workers))
     x, y = tensors
     x, y = x[rank::num_replicas], y[rank::num_replicas]
     return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size)]

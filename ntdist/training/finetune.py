@@ -17,7 +17,7 @@ from ntdist.fusion import distillation_loss
 from ntdist.options import opt
 from ntdist.preempt import preempt_requested
 from ntdist.training.engines import ENGINES, ZERO_STAGES, make_engine
-from ntdist.training.batches import eval_batches, train_batches
+from ntdist.training.batches import eval_batches, feed, train_batches
 from ntdist.training.loop import (SCHEDULES, OptimConfig, Precision, ResumableEpochs, check_finite, evaluate,
                                   make_optimizer, make_scheduler, train_epoch)
 
@@ -55,8 +55,8 @@ def evaluate_splits(r: "Run", model) -> dict:
     """Validation and test accuracy, each sample counted once across ranks."""
     world, out = r.world, {}
     for name, data in (("val", r.splits.val), ("test", r.splits.test)):
-        loader = eval_batches(data, r.cfg.data.eval_batch_size, world.size, world.rank, device=world.device,
-                              max_mb=r.cfg.data.resident_max_mb)
+        loader = eval_batches(data, r.cfg.data.eval_batch_size, world.size, world.rank,
+                              **feed(r.cfg.data, world.device))
         out[name] = evaluate(model, loader, world.device, world.reduce_sum)["accuracy"]
     return out
 
@@ -84,8 +84,8 @@ def finetune(r: "Run", model: torch.nn.Module, label: str, seed: int,
     epochs = ResumableEpochs(f"fine-tuning ({label})", cfg.epochs, model, optimizer, scheduler, r.spec, state_path,
                              world.is_main, r.resume)
     engine = make_engine(cfg, model, optimizer, world, r.cfg.data.batch_size)
-    loader = train_batches(r.splits.train, r.cfg.data.batch_size, seed, world.size, world.rank, device=world.device,
-                           max_mb=r.cfg.data.resident_max_mb)
+    loader = train_batches(r.splits.train, r.cfg.data.batch_size, seed, world.size, world.rank,
+                           **feed(r.cfg.data, world.device))
     loss_fn = distill_loss_fn(teacher.to(world.device), cfg) if teacher is not None else None
     model_for_steps = torch.compile(engine.model) if cfg.compile else engine.model
     precision = Precision(cfg.precision, world.device)

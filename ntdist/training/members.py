@@ -16,7 +16,7 @@ from ntdist.errors import check_choice
 from ntdist.models import ModelSpec
 from ntdist.options import opt
 from ntdist.preempt import preempt_requested
-from ntdist.training.batches import eval_batches, train_batches
+from ntdist.training.batches import eval_batches, feed, train_batches
 from ntdist.training.loop import (OptimConfig, Precision, ResumableEpochs, check_finite, evaluate, make_optimizer,
                                   make_scheduler, train_epoch)
 from ntdist.training.vectorized import VECTORIZE, member_batches, probe, train_together, why_not
@@ -84,9 +84,9 @@ def train_member(r: "Run", index: int, group=None) -> Tuple[torch.nn.Module, Lis
     wrapped = DistributedDataParallel(model, process_group=group) if group_size > 1 else model
     wrapped = torch.compile(wrapped) if cfg.train.compile else wrapped
     precision = Precision(cfg.train.precision, world.device)
-    feed = dict(device=world.device, max_mb=cfg.data.resident_max_mb)
-    loader = train_batches(r.splits.train, cfg.data.batch_size, seed, group_size, group_rank, **feed)
-    val = eval_batches(r.splits.val, cfg.data.eval_batch_size, **feed)
+    loader = train_batches(r.splits.train, cfg.data.batch_size, seed, group_size, group_rank,
+                           **feed(cfg.data, world.device))
+    val = eval_batches(r.splits.val, cfg.data.eval_batch_size, **feed(cfg.data, world.device))
 
     def one_epoch(epoch: int) -> dict:
         loader.set_epoch(epoch)

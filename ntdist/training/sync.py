@@ -22,7 +22,7 @@ from ntdist.distributed.world import gather_world_info
 from ntdist.errors import UserError, check_choice
 from ntdist.options import opt
 from ntdist.records.results import SyncMethodResult, SyncResults
-from ntdist.training.batches import eval_batches, train_batches
+from ntdist.training.batches import eval_batches, feed, train_batches
 from ntdist.training.loop import check_finite, evaluate, make_optimizer, make_scheduler
 from ntdist.training.members import build_member, member_seed
 
@@ -76,8 +76,8 @@ def train_synced(r: "Run", method: str) -> List[dict]:
     replicas = {i: build_member(r.spec, member_seed(cfg.train, i)).to(world.device) for i in mine}
     optimizers = {i: make_optimizer(m, cfg.train) for i, m in replicas.items()}
     schedulers = {i: make_scheduler(o, cfg.train) for i, o in optimizers.items()}
-    feed = dict(device=world.device, max_mb=cfg.data.resident_max_mb)
-    loaders = {i: train_batches(r.splits.train, cfg.data.batch_size, member_seed(cfg.train, i), **feed) for i in mine}
+    loaders = {i: train_batches(r.splits.train, cfg.data.batch_size, member_seed(cfg.train, i),
+                                **feed(cfg.data, world.device)) for i in mine}
     every, steps, history = cfg.sync.every, 0, []
     for epoch in range(1, cfg.train.epochs + 1):
         iters = {i: iter(_epoch(loader, epoch)) for i, loader in loaders.items()}
@@ -129,9 +129,9 @@ def _evaluate(r: "Run", model, method: str, epoch: int, loss: float) -> dict:
     """Accuracy of replica 0 (all replicas are equal right after a merge), shared with every rank."""
     record, world = None, r.world
     if model is not None:
-        batch, feed = r.cfg.data.eval_batch_size, dict(device=world.device, max_mb=r.cfg.data.resident_max_mb)
-        val = evaluate(model, eval_batches(r.splits.val, batch, **feed), world.device)["accuracy"]
-        test = evaluate(model, eval_batches(r.splits.test, batch, **feed), world.device)["accuracy"]
+        batch, data = r.cfg.data.eval_batch_size, feed(r.cfg.data, world.device)
+        val = evaluate(model, eval_batches(r.splits.val, batch, **data), world.device)["accuracy"]
+        test = evaluate(model, eval_batches(r.splits.test, batch, **data), world.device)["accuracy"]
         record = {"stage": "sync", "method": method, "epoch": epoch, "loss": loss,
                   "val_accuracy": val, "test_accuracy": test}
         world.print0(f"sync {method} epoch {epoch}: loss {loss:.4f}, val {val:.4f}, test {test:.4f}")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
 from ntdist.preempt import preempt_requested
-from ntdist.training.batches import TensorBatches, eval_batches, train_batches
+from ntdist.training.batches import TensorBatches, eval_batches, feed, train_batches
 from ntdist.training.loop import (Precision, ResumableEpochs, check_finite, evaluate, make_optimizer, make_scheduler,
                                   stop_if_requested)
 
@@ -106,7 +106,7 @@ def train_together(r: "Run", indices: List[int], seeds: List[int], models: List[
 
     step = vmap(losses)
     precision = Precision(cfg.train.precision, world.device)
-    val = eval_batches(r.splits.val, cfg.data.eval_batch_size, device=world.device, max_mb=cfg.data.resident_max_mb)
+    val = eval_batches(r.splits.val, cfg.data.eval_batch_size, **feed(cfg.data, world.device))
     for epoch in range(start, cfg.train.epochs + 1):
         base.train()
         total, count = torch.zeros(len(models), dtype=torch.float64, device=world.device), 0
@@ -145,5 +145,5 @@ def train_together(r: "Run", indices: List[int], seeds: List[int], models: List[
 def member_batches(r: "Run", seeds: List[int]) -> list:
     """Each member's own training batches (its seed fixes its data order)."""
     cfg = r.cfg
-    return [train_batches(r.splits.train, cfg.data.batch_size, seed, device=r.world.device,
-                          max_mb=cfg.data.resident_max_mb) for seed in seeds]
+    return [train_batches(r.splits.train, cfg.data.batch_size, seed, **feed(cfg.data, r.world.device))
+            for seed in seeds]

@@ -55,3 +55,11 @@ def test_data_over_the_limit_uses_the_loader():
     data = TensorDataset(torch.zeros(2048, 256), torch.zeros(2048, dtype=torch.long))   # about 2 MiB
     assert isinstance(train_batches(data, 8, 0, max_mb=1), LoaderBatches)
     assert isinstance(train_batches(data, 8, 0, max_mb=4), TensorBatches)
+
+
+def test_fallback_loader_takes_the_worker_settings():
+    data = TensorDataset(torch.zeros(40, 3), torch.zeros(40, dtype=torch.long))
+    batches = train_batches(data, 8, 0, device="cpu", max_mb=0, workers=2)
+    assert batches.loader.num_workers == 2 and batches.loader.persistent_workers and not batches.loader.pin_memory
+    batches.set_epoch(1)
+    assert sum(len(y) for _, y in batches) == 40
