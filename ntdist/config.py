@@ -38,6 +38,11 @@ class OutputConfig:
     diversity: bool = opt(True, "measure member disagreement and near-duplicate units before fusing")
     duplicate_threshold: float = opt(0.95, "cosine similarity above which two units count as near-duplicates")
 
+    def __post_init__(self):
+        if not self.dir.strip():
+            raise UserError("output.dir is empty (an unset shell variable?); set it to the run's folder, "
+                            "e.g. output.dir=runs/my-run")
+
 
 @dataclass
 class Config:

@@ -2,6 +2,8 @@
 
 A config with top-level `seeds:` or `sweep:` keys expands into one run per
 point; finished points are skipped, so a sweep can be restarted at any time.
+An unfinished point follows the rules of a single run: it continues with
+--resume, starts again with --overwrite, and is refused otherwise.
 """
 
 import os
@@ -10,6 +12,7 @@ from ntdist.config import load_config, read_yaml
 from ntdist.distributed.comm import all_gather_records
 from ntdist.distributed.layout import MemberLayout
 from ntdist.distributed.world import init_world, shutdown
+from ntdist.errors import UserError
 from ntdist.pipeline import run
 from ntdist.preempt import install_sigterm_handler
 from ntdist.commands.report import report_command
@@ -18,6 +21,9 @@ from ntdist.sweep import SWEEP_KEYS, plan_sweep, run_sweep
 
 
 def run_command(config_path: str, overrides, resume: bool = False, overwrite: bool = False) -> int:
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other; pass --resume to continue the run "
+                        "or --overwrite to start it again")
     raw = read_yaml(config_path)
     plain = [o for o in overrides if not o.startswith("seeds=")]   # the sweep runner handles a seed list
     cfg = load_config(config_path, plain, extra_keys=SWEEP_KEYS)
@@ -44,8 +50,7 @@ def _run_sweep(config_path, overrides, cfg, world, resume, overwrite) -> None:
     """Every point of the sweep as one run; finished points are skipped unless --overwrite."""
     def run_point(path, point_overrides):
         point_cfg = load_config(path, point_overrides, extra_keys=SWEEP_KEYS)
-        # an unfinished point continues with --resume and starts again otherwise
-        run(point_cfg, world, resume=resume, overwrite=not resume)
+        run(point_cfg, world, resume=resume, overwrite=overwrite)
         world.barrier()   # rank 0 has written results.json before anyone checks for it
 
     def done(point_dir):   # rank 0 decides, so every rank skips (or runs) the same points
