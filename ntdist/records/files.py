@@ -16,9 +16,9 @@ def replacing(path: str):
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
                                suffix=os.path.basename(path))
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; give the file the mode any other new file gets
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; give the file the mode any other new file gets
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
