@@ -51,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="NT: concat then prune, or prune each member then concat")
     fuse.add_argument("--width", type=int, default=None, help="target width of the first hidden layer")
     fuse.add_argument("--keep-ratio", type=float, default=None, help="kept units relative to one member")
+    fuse.add_argument("--force", action="store_true", help="replace the output file if it exists")
 
     bench = sub.add_parser("bench", parents=[common], help="benchmarks")
     bench.add_argument("what", choices=["fusion"], help="fusion: time and memory of avg, nt, ot (paper Table 8)")
@@ -70,7 +71,8 @@ def cmd_run(args) -> int:
 
 def cmd_fuse(args) -> int:
     fuse_command(args.checkpoints, args.output, method=args.method, schedule=args.schedule,
-                 importance=args.importance, order=args.order, width=args.width, keep_ratio=args.keep_ratio)
+                 importance=args.importance, order=args.order, width=args.width, keep_ratio=args.keep_ratio,
+                 force=args.force)
     return 0
 
 

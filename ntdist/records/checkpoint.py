@@ -34,8 +34,11 @@ def save_checkpoint(path: str, model: torch.nn.Module, spec: ModelSpec, info: Op
 
 def read_checkpoint(path: str) -> Tuple[dict, Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
     """Return (metadata, model state dict, extra tensors) of a checkpoint, refusing anything else."""
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise UserError(f"checkpoint '{path}' does not exist")
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint '{path}' is not a regular file (a folder, device or FIFO); "
+                        "pass a .safetensors file written by ntdist")
     try:
         with safe_open(path, framework="pt") as f:
             raw = (f.metadata() or {}).get("ntdist")

@@ -63,7 +63,8 @@ def find_run_dirs(paths: List[str]) -> List[str]:
     found: List[str] = []
     for path in paths:
         if not os.path.isdir(path):
-            raise UserError(f"run directory '{path}' does not exist; pass a directory written by 'ntdist run'")
+            what = "is not a folder" if os.path.exists(path) else "does not exist"
+            raise UserError(f"run directory '{path}' {what}; pass a directory written by 'ntdist run'")
         if os.path.exists(os.path.join(path, RESULTS_FILE)):
             found.append(path)
             continue
