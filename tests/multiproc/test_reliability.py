@@ -135,6 +135,13 @@ def _cases(tmp, done):
                   f"output.dir={wide}").returncode == 0
     afile = tmp / "plainfile"
     afile.write_text("x")
+    binary, bomb, dup, foreign = tmp / "binary.yaml", tmp / "bomb.yaml", tmp / "dup.yaml", tmp / "foreign"
+    binary.write_bytes(bytes(range(256)))
+    bomb.write_text("model:\n  kwargs:\n    a: &a [x, x, x, x, x, x, x, x, x]\n    b: &b [*a, *a, *a, *a, *a, *a]\n")
+    dup.write_text("train:\n  epochs: 3\n  epochs: 5\n")
+    foreign.mkdir()
+    (foreign / "config.yaml").write_text("mine\n")
+    members = (str(ck / "member0.safetensors"), str(ck / "member1.safetensors"))
     def run(*a):
         new_dir = () if any(x.startswith("output.dir=") for x in a) else (f"output.dir={tmp / f'new{next(fresh)}'}",)
         return ("run", *QUICK, "train.epochs=1", "finetune.epochs=1", *new_dir, *a)
@@ -176,6 +183,22 @@ def _cases(tmp, done):
                                   str(ck / "member0.safetensors"), str(ck / "member1.safetensors")), None, "width"),
         ("fuse pickle", ("fuse", "-o", str(tmp / "f.safetensors"), str(evil), str(ck / "member0.safetensors")), None,
          "never loads pickles"),
+        ("config is a folder", ("run", str(tmp)), None, "is a folder"),
+        ("binary config", ("run", str(binary)), None, "UTF-8"),
+        ("endless config", ("run", "/dev/zero"), None, "not a regular file"),
+        ("alias bomb", ("run", str(bomb)), None, "alias"),
+        ("duplicate key", ("run", str(dup)), None, "appears twice"),
+        ("keep_ratio 0", run("fusion.keep_ratio=0"), None, "keep_ratio"),
+        ("width 0", run("fusion.width=0"), None, "fusion.width"),
+        ("missing deepspeed config", run("finetune.deepspeed_config=nothing.json"), None, "deepspeed_config"),
+        ("empty output.dir", run("output.dir="), None, "output.dir is empty"),
+        ("resume and overwrite", run(f"output.dir={done}", "--resume", "--overwrite"), None, "contradict"),
+        ("resume a foreign folder", run(f"output.dir={foreign}", "--resume"), None, "not written by ntdist"),
+        ("bench width 0", ("bench", "fusion", "--widths", "0", "--out", str(tmp / "b.csv")), None, "--widths"),
+        ("bench repeats 0", ("bench", "fusion", "--repeats", "0", "--out", str(tmp / "b.csv")), None, "--repeats"),
+        ("bench out a folder", ("bench", "fusion", "--widths", "8", "--out", str(tmp)), None, "is a folder"),
+        ("fuse over a file", ("fuse", "-o", str(afile), *members), None, "--force"),
+        ("fuse width 0", ("fuse", "--width", "0", "-o", str(tmp / "f.safetensors"), *members), None, "--width"),
         ("fuse into unwritable place", ("fuse", "-o", str(afile / "f.safetensors"), str(ck / "member0.safetensors"),
                                         str(ck / "member1.safetensors")), None, "cannot write"),
     ]
@@ -207,7 +230,7 @@ def test_bad_input_table_one_line_nonzero_nothing_lost(tmp_path, finished):
     for old, new in zip(before, after):
         assert {p: new.get(p) for p in old} == old   # every file that existed is still there, unchanged
     assert not (tmp_path / "pwned").exists()
-    assert not (tmp_path / "f.safetensors").exists()
+    assert not (tmp_path / "f.safetensors").exists() and not (tmp_path / "b.csv").exists()
 
 
 def test_debug_shows_the_traceback():
