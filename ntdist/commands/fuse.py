@@ -44,7 +44,7 @@ def fuse_command(paths, output: str, method: str = "nt", schedule: str = "recurs
         raise UserError(f"output '{output}' is one of the inputs; choose another file name")
     loaded = [load_model(p) for p in paths]
     models = [m.eval() for m, _ in loaded]
-    spec = ModelSpec.from_dict(loaded[0][1]["model"])
+    spec = ModelSpec.from_dict(loaded[0][1]["model"])   # checked by load_model
     resized = width is not None or keep_ratio is not None
     if resized and spec.name != "mlp":
         raise UserError(f"--width/--keep-ratio change the architecture, and a resized {spec.name} cannot be "

@@ -3,17 +3,20 @@
 Run: .venv/bin/python -m pytest tests/unit/test_validation.py
 """
 
+import json
 import os
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ntdist.cli import main
 from ntdist.commands.bench import check_bench_args
 from ntdist.config import MAX_CONFIG_BYTES, load_config, read_yaml
 from ntdist.errors import UserError
 from ntdist.models import ModelSpec
-from ntdist.records.checkpoint import read_checkpoint, save_checkpoint
+from ntdist.records.checkpoint import load_model, read_checkpoint, save_checkpoint
 from ntdist.training.loop import make_optimizer, make_scheduler
 from ntdist.training.members import TrainConfig
 from ntdist.training.state import finished_history, load_state, save_state
@@ -141,3 +144,39 @@ def test_a_fifo_in_place_of_a_checkpoint_is_named_as_such(tmp_path):
     os.mkfifo(tmp_path / "pipe.safetensors")
     with pytest.raises(UserError, match="not a regular file"):
         read_checkpoint(str(tmp_path / "pipe.safetensors"))
+
+
+def _crafted(tmp_path, spec_dict, retype=None):
+    """A checkpoint of a small MLP whose metadata says `spec_dict`, its first weight relabelled as `retype`."""
+    spec = ModelSpec("mlp", {"input_dim": 4, "width": 8, "depth": 1, "num_classes": 3})
+    path = str(tmp_path / "crafted.safetensors")
+    save_checkpoint(path, spec.build(), spec)
+    with safe_open(path, framework="pt") as f:
+        meta = json.loads(f.metadata()["ntdist"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if retype is not None:
+        key = next(k for k in tensors if k.endswith("weight"))
+        tensors[key] = tensors[key].view(retype)            # same bytes, another dtype in the header
+    meta["model"] = spec_dict or meta["model"]
+    save_file(tensors, path, metadata={"ntdist": json.dumps(meta)})
+    return path
+
+
+@pytest.mark.parametrize("spec_dict, retype, words", [
+    (None, torch.int32, "stores 'net.1.weight' as torch.int32"),
+    ({"name": "torchvision:resnet18", "kwargs": {"weights": "DEFAULT"}}, None, "would load or download"),
+    ({"name": "torchvision:fasterrcnn_resnet50_fpn", "kwargs": {"weights_backbone": "DEFAULT"}}, None, "download"),
+    ({"name": "mlp", "kwargs": {"input_dim": {"nested": 1}}}, None, "malformed model spec"),
+    ({"name": "torchvision:resnet18", "kwargs": {"num_classes": -3}}, None, "cannot be built"),
+])
+def test_crafted_checkpoints_are_refused_before_use(tmp_path, spec_dict, retype, words):
+    path = _crafted(tmp_path, spec_dict, retype)
+    with pytest.raises(UserError, match=words):
+        load_model(path)
+
+
+def test_torchvision_weights_in_the_config_are_a_user_error():
+    with pytest.raises(UserError, match="may not set"):
+        ModelSpec("torchvision:resnet18", {"weights": "DEFAULT"}).build()
+    with pytest.raises(UserError, match="do not fit"):
+        ModelSpec("torchvision:resnet18", {"no_such_argument": 1}).build()
