@@ -17,6 +17,8 @@ import datetime
 import os
 import re
 import socket
+import sys
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -24,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ntdist.distributed.heartbeat import Heartbeat
-from ntdist.errors import PeerLostError, UserError, check_choice
+from ntdist.errors import EXIT_USAGE, PeerLostError, UserError, check_choice
 from ntdist.options import opt
 
 
@@ -100,6 +102,8 @@ def guarded(fn, *args, **kwargs):
         raise PeerLostError(f"rank {rank}: a collective failed, so a peer rank died or timed out ({first}); "
                             "check the other ranks' logs, then restart with --resume") from err
 
+
+JOIN_GRACE_S = 10.0   # beyond distributed.timeout_s, before a rank that cannot join gives up
 
 def first_slurm_host(nodelist: str) -> str:
     """'gpu[03-05,09],cpu1' -> 'gpu03'."""
@@ -198,6 +202,7 @@ def init_world(cfg: Optional[DistributedConfig] = None, env=None, check_size=Non
         return World(device=device, launcher=launcher, restart=restart)
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=cfg.timeout_s)
+        joined = _rendezvous_watchdog(rank, addr, port, cfg.timeout_s)
         try:
             # torchrun's agent keeps one store for the whole job: a key space per elastic restart keeps a
             # restarted rank from reading the addresses of the ranks that died.
@@ -210,9 +215,30 @@ def init_world(cfg: Optional[DistributedConfig] = None, env=None, check_size=Non
             first = str(err).strip().splitlines()[0]
             raise UserError(f"rank {rank} could not join the process group at {addr}:{port} ({first}); "
                             "is the port in use or the master unreachable? set distributed.port or MASTER_PORT") from err
+        finally:
+            joined.set()
     Heartbeat.start(rank, cfg.timeout_s)
     return World(rank=rank, local_rank=local_rank, size=size, local_size=local_size, device=device,
                  backend=backend, launcher=launcher, restart=restart)
+
+
+def _rendezvous_watchdog(rank: int, addr, port, timeout_s: float) -> threading.Event:
+    """End the process (exit 2) if joining the group takes longer than the timeout allows.
+
+    torch's store client waits without a deadline when the port belongs to something that
+    accepts connections but is not a TCPStore; nothing in Python can interrupt that call.
+    """
+    joined = threading.Event()
+
+    def watch():
+        if not joined.wait(timeout_s + JOIN_GRACE_S):
+            print(f"ntdist: error: rank {rank} could not join the process group at {addr}:{port} within "
+                  f"distributed.timeout_s={timeout_s:g} s; is the port used by another program, or the master "
+                  "unreachable? set distributed.port or MASTER_PORT", file=sys.stderr, flush=True)
+            os._exit(EXIT_USAGE)
+
+    threading.Thread(target=watch, name="ntdist-rendezvous", daemon=True).start()
+    return joined
 
 
 def ensure_process_group(world: World) -> None:

@@ -14,7 +14,9 @@ import sys
 import time
 
 import pytest
+import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from helpers import ROOT, free_port, ntdist, torchrun_cmd
 from ntdist.records.results import read_results
@@ -142,6 +144,11 @@ def _cases(tmp, done):
     foreign.mkdir()
     (foreign / "config.yaml").write_text("mine\n")
     members = (str(ck / "member0.safetensors"), str(ck / "member1.safetensors"))
+    retyped = tmp / "retyped.safetensors"      # float32 weights relabelled int32: same bytes, another header
+    with safe_open(members[0], framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors = {k: v.view(torch.int32) if k.endswith("weight") else v for k, v in tensors.items()}
+    save_file(tensors, str(retyped), metadata=meta)
     def run(*a):
         new_dir = () if any(x.startswith("output.dir=") for x in a) else (f"output.dir={tmp / f'new{next(fresh)}'}",)
         return ("run", *QUICK, "train.epochs=1", "finetune.epochs=1", *new_dir, *a)
@@ -198,6 +205,8 @@ def _cases(tmp, done):
         ("bench repeats 0", ("bench", "fusion", "--repeats", "0", "--out", str(tmp / "b.csv")), None, "--repeats"),
         ("bench out a folder", ("bench", "fusion", "--widths", "8", "--out", str(tmp)), None, "is a folder"),
         ("fuse over a file", ("fuse", "-o", str(afile), *members), None, "--force"),
+        ("fuse relabelled dtypes", ("fuse", "-o", str(tmp / "f.safetensors"), str(retyped), members[1]), None,
+         "as torch.int32"),
         ("fuse width 0", ("fuse", "--width", "0", "-o", str(tmp / "f.safetensors"), *members), None, "--width"),
         ("fuse into unwritable place", ("fuse", "-o", str(afile / "f.safetensors"), str(ck / "member0.safetensors"),
                                         str(ck / "member1.safetensors")), None, "cannot write"),
@@ -264,3 +273,20 @@ def test_torchrun_restarts_a_dead_rank_and_the_job_resumes(tmp_path, reference):
     assert proc.returncode == 0, log[-3000:]
     assert "elastic restart 1: resuming" in log
     assert_same_run(out, ref)
+
+
+def test_a_rank_whose_port_is_held_by_another_program_exits_2_within_its_timeout(tmp_path):
+    blocker = socket.socket()          # accepts connections, never answers like a TCPStore would
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(blocker.getsockname()[1])}
+    start = time.time()
+    try:
+        proc = ntdist("run", *QUICK, "distributed.timeout_s=2", f"output.dir={tmp_path / 'run'}", env=env, timeout=90)
+    finally:
+        blocker.close()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "could not join the process group" in proc.stderr and "distributed.timeout_s=2" in proc.stderr
+    assert time.time() - start < 60
+    assert not (tmp_path / "run").exists()
