@@ -19,5 +19,11 @@ def install_sigterm_handler() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
 
 
+def request_stop() -> None:
+    """Stop at the next epoch boundary as if SIGTERM had arrived (a peer rank was preempted)."""
+    global _requested
+    _requested = True
+
+
 def preempt_requested() -> bool:
     return _requested

@@ -11,8 +11,8 @@ import os
 from ntdist.config import load_config, read_yaml
 from ntdist.distributed.comm import all_gather_records
 from ntdist.distributed.layout import MemberLayout
-from ntdist.distributed.world import init_world, shutdown
-from ntdist.errors import UserError
+from ntdist.distributed.world import init_world, is_peer_failure, peer_lost, shutdown
+from ntdist.errors import Preempted, UserError
 from ntdist.pipeline import run
 from ntdist.preempt import install_sigterm_handler
 from ntdist.commands.report import report_command
@@ -32,7 +32,7 @@ def run_command(config_path: str, overrides, resume: bool = False, overwrite: bo
     if world.restart > 0 and not overwrite:
         world.print0(f"elastic restart {world.restart}: resuming from the checkpoints in {cfg.output.dir}")
         resume = True
-    clean = False
+    outcome = "failed"
     try:
         if any(key in raw for key in SWEEP_KEYS):
             _run_sweep(config_path, list(overrides), cfg, world, resume, overwrite)
@@ -40,9 +40,16 @@ def run_command(config_path: str, overrides, resume: bool = False, overwrite: bo
             run(cfg, world, resume=resume, overwrite=overwrite)
             if cfg.mode == "fuse":
                 _report([cfg.output.dir], cfg.output.dir, world)
-        clean = True
+        outcome = "clean"
+    except Preempted:
+        outcome = "preempted"   # the state is on disk: the peers stop at their next epoch boundary too
+        raise
+    except RuntimeError as err:   # e.g. DDP's all-reduce in backward when a peer died: exit 4, not 1
+        if world.size > 1 and is_peer_failure(err):
+            raise peer_lost(err) from err
+        raise
     finally:
-        shutdown(world, clean)
+        shutdown(world, clean=outcome == "clean", failed=outcome == "failed")
     return 0
 
 

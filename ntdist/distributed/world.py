@@ -14,6 +14,7 @@ Everything else receives the `World` and never reads `os.environ`.
 """
 
 import datetime
+import json
 import os
 import re
 import socket
@@ -97,10 +98,23 @@ def guarded(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except (RuntimeError, dist.DistBackendError) as err:
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PeerLostError(f"rank {rank}: a collective failed, so a peer rank died or timed out ({first}); "
-                            "check the other ranks' logs, then restart with --resume") from err
+        raise peer_lost(err) from err
+
+
+_PEER_SIGNS = ("connection reset", "connection closed", "broken pipe", "gloo", "nccl", "timed out", "peer")
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """Whether an exception raised inside a collective (DDP's gradient all-reduce included) means a lost peer."""
+    return isinstance(err, dist.DistError) or (
+        isinstance(err, RuntimeError) and any(sign in str(err).lower() for sign in _PEER_SIGNS))
+
+
+def peer_lost(err: BaseException) -> PeerLostError:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return PeerLostError(f"rank {rank}: a collective failed, so a peer rank died or timed out ({first}); "
+                         "check the other ranks' logs, then restart with --resume")
 
 
 JOIN_GRACE_S = 10.0   # beyond distributed.timeout_s, before a rank that cannot join gives up
@@ -209,6 +223,7 @@ def init_world(cfg: Optional[DistributedConfig] = None, env=None, check_size=Non
             agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
             store = dist.TCPStore(addr, port, size, is_master=rank == 0 and not agent_store, timeout=timeout,
                                   wait_for_workers=False)
+            _check_same_job(store, rank, size, env, f"{addr}:{port}", f"ntdist/job{restart}")
             store = dist.PrefixStore(f"ntdist/attempt{restart}", store)
             dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
         except (RuntimeError, dist.DistNetworkError) as err:
@@ -220,6 +235,19 @@ def init_world(cfg: Optional[DistributedConfig] = None, env=None, check_size=Non
     Heartbeat.start(rank, cfg.timeout_s)
     return World(rank=rank, local_rank=local_rank, size=size, local_size=local_size, device=device,
                  backend=backend, launcher=launcher, restart=restart)
+
+
+def _check_same_job(store, rank: int, size: int, env, where: str, key: str) -> None:
+    """Refuse a store that belongs to another job (a port reused by a concurrent run)."""
+    job = env.get("TORCHELASTIC_RUN_ID") or env.get("SLURM_JOB_ID") or ""
+    mine = json.dumps({"size": size, "job": job}, sort_keys=True)
+    if rank == 0:
+        store.set(key, mine)
+        return
+    theirs = store.get(key).decode(errors="replace")
+    if theirs != mine:
+        raise UserError(f"rank {rank}: the process group at {where} belongs to another job ({theirs}, this rank "
+                        f"expects {mine}); give each job its own port with distributed.port or MASTER_PORT")
 
 
 def _rendezvous_watchdog(rank: int, addr, port, timeout_s: float) -> threading.Event:
@@ -251,13 +279,14 @@ def ensure_process_group(world: World) -> None:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
 
 
-def shutdown(world: World, clean: bool = True) -> None:
+def shutdown(world: World, clean: bool = True, failed: bool = False) -> None:
     """Stop the heartbeat and destroy the process group at exit (DeepSpeed and NCCL abort otherwise).
 
-    After an error (`clean=False`) there is no final barrier: the other ranks may never arrive.
+    After an error or a preemption (`clean=False`) there is no final barrier: the other ranks may
+    never arrive. `failed` tells the peers' heartbeats that this rank ended with an error.
     """
     if dist.is_initialized():
-        Heartbeat.stop()
+        Heartbeat.stop(failed)
         if clean:
             dist.barrier()   # DeepSpeed aborts at exit unless every rank gets here before the group goes
         dist.destroy_process_group()
