@@ -214,3 +214,16 @@ def test_an_interrupted_sweep_point_is_refused_without_a_flag_and_resumed_with_r
     assert (point / "results.json").exists()
     for name in ("checkpoints/member0.safetensors", "checkpoints/member1.safetensors", *mine):
         assert after[name] == trained[name], name         # resumed from the members, not retrained
+
+
+@pytest.mark.parametrize("sweep, words", [({"fusion.keep_ratio": [1.0, 0]}, "keep_ratio"),
+                                          ({"model.kwargs.width": [8, 16]}, "not empty")])
+def test_a_sweep_checks_every_point_before_training_any(tmp_path, capsys, sweep, words):
+    out = tmp_path / "out"
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({"sweep": sweep, "output": {"dir": str(out)}}))
+    (out / "model.kwargs.width=16").mkdir(parents=True)
+    (out / "model.kwargs.width=16" / "notes.txt").write_text("mine")
+    assert main(["run", str(config), "train.epochs=1", "finetune.epochs=0"]) == 2
+    assert words in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["model.kwargs.width=16"]     # no point was started
