@@ -8,13 +8,17 @@ import argparse
 import sys
 import traceback
 
-from ntdist.commands.bench import bench_fusion
-from ntdist.commands.fuse import fuse_command
-from ntdist.commands.report import report_command
-from ntdist.commands.run import run_command
-from ntdist.config import describe_keys
-from ntdist.errors import EXIT_FAILURE, NtdistError
-from ntdist.fusion import IMPORTANCES, METHODS, ORDERS, SCHEDULES
+from ntdist.preempt import default_sigterm, exit_on_sigterm
+
+exit_on_sigterm()   # before the slow imports below, so a SIGTERM during start-up exits 3 and not 143
+
+from ntdist.commands.bench import bench_fusion  # noqa: E402
+from ntdist.commands.fuse import fuse_command  # noqa: E402
+from ntdist.commands.report import report_command  # noqa: E402
+from ntdist.commands.run import run_command  # noqa: E402
+from ntdist.config import describe_keys  # noqa: E402
+from ntdist.errors import EXIT_FAILURE, NtdistError  # noqa: E402
+from ntdist.fusion import IMPORTANCES, METHODS, ORDERS, SCHEDULES  # noqa: E402
 
 RUN_EPILOG = """Overrides are dotted keys, e.g.:
   ntdist run configs/quickstart.yaml train.epochs=5 fusion.methods=[nt,avg] model.kwargs.width=64
@@ -101,6 +105,8 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     handler = {"run": cmd_run, "fuse": cmd_fuse, "bench": cmd_bench, "report": cmd_report}[args.command]
+    if args.command != "run":
+        default_sigterm()   # only runs are preempted and resumed; other commands end as usual
     try:
         return handler(args)
     except NtdistError as err:

@@ -7,8 +7,12 @@ Run: .venv/bin/python -m pytest tests/unit/test_rundir_safety.py
 import hashlib
 import json
 import os
+import signal
 import socket
 import stat
+import subprocess
+import sys
+import time
 
 import pytest
 import yaml
@@ -227,3 +231,14 @@ def test_a_sweep_checks_every_point_before_training_any(tmp_path, capsys, sweep,
     assert main(["run", str(config), "train.epochs=1", "finetune.epochs=0"]) == 2
     assert words in capsys.readouterr().err
     assert sorted(os.listdir(out)) == ["model.kwargs.width=16"]     # no point was started
+
+
+def test_sigterm_while_starting_exits_3_and_writes_nothing(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "ntdist", "run", "configs/quickstart.yaml",
+                             f"output.dir={tmp_path / 'run'}"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)                                     # still importing torch
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3, err[-1000:]
+    assert "preempted" in err and not (tmp_path / "run").exists()
