@@ -8,16 +8,20 @@ import argparse
 import sys
 import traceback
 
-import torch
+from ntdist.preempt import default_sigterm, exit_on_sigterm
 
-from ntdist.commands.bench import bench_fusion
-from ntdist.commands.bench_train import WORKLOADS as TRAIN_WORKLOADS, bench_train
-from ntdist.commands.fuse import fuse_command
-from ntdist.commands.report import report_command
-from ntdist.commands.run import run_command
-from ntdist.config import describe_keys
-from ntdist.errors import EXIT_FAILURE, NtdistError
-from ntdist.fusion import IMPORTANCES, METHODS, ORDERS, SCHEDULES
+exit_on_sigterm()   # before the slow imports below, so a SIGTERM during start-up exits 3 and not 143
+
+import torch  # noqa: E402
+
+from ntdist.commands.bench import bench_fusion  # noqa: E402
+from ntdist.commands.bench_train import WORKLOADS as TRAIN_WORKLOADS, bench_train  # noqa: E402
+from ntdist.commands.fuse import fuse_command  # noqa: E402
+from ntdist.commands.report import report_command  # noqa: E402
+from ntdist.commands.run import run_command  # noqa: E402
+from ntdist.config import describe_keys  # noqa: E402
+from ntdist.errors import EXIT_FAILURE, NtdistError  # noqa: E402
+from ntdist.fusion import IMPORTANCES, METHODS, ORDERS, SCHEDULES  # noqa: E402
 
 RUN_EPILOG = """Overrides are dotted keys, e.g.:
   ntdist run configs/quickstart.yaml train.epochs=5 fusion.methods=[nt,avg] model.kwargs.width=64
@@ -54,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="NT: concat then prune, or prune each member then concat")
     fuse.add_argument("--width", type=int, default=None, help="target width of the first hidden layer")
     fuse.add_argument("--keep-ratio", type=float, default=None, help="kept units relative to one member")
+    fuse.add_argument("--force", action="store_true", help="replace the output file if it exists")
 
     bench = sub.add_parser("bench", parents=[common], help="benchmarks")
     bench.add_argument("what", choices=["fusion", "train"],
@@ -83,7 +88,8 @@ def cmd_run(args) -> int:
 
 def cmd_fuse(args) -> int:
     fuse_command(args.checkpoints, args.output, method=args.method, schedule=args.schedule,
-                 importance=args.importance, order=args.order, width=args.width, keep_ratio=args.keep_ratio)
+                 importance=args.importance, order=args.order, width=args.width, keep_ratio=args.keep_ratio,
+                 force=args.force)
     return 0
 
 
@@ -117,6 +123,8 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     handler = {"run": cmd_run, "fuse": cmd_fuse, "bench": cmd_bench, "report": cmd_report}[args.command]
+    if args.command != "run":
+        default_sigterm()   # only runs are preempted and resumed; other commands end as usual
     try:
         return handler(args)
     except NtdistError as err:

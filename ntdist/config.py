@@ -9,11 +9,15 @@ suggest the closest valid one. YAML files hold only what differs from the defaul
 """
 
 import dataclasses
+import os
 import re
+import stat
 import typing
 from dataclasses import dataclass
 
 import yaml
+from yaml.composer import ComposerError
+from yaml.constructor import ConstructorError
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -38,6 +42,11 @@ class OutputConfig:
     diversity: bool = opt(True, "measure member disagreement and near-duplicate units before fusing")
     duplicate_threshold: float = opt(0.95, "cosine similarity above which two units count as near-duplicates")
 
+    def __post_init__(self):
+        if not self.dir.strip():
+            raise UserError("output.dir is empty (an unset shell variable?); set it to the run's folder, "
+                            "e.g. output.dir=runs/my-run")
+
 
 @dataclass
 class Config:
@@ -57,8 +66,30 @@ class Config:
         check_choice(self.mode, MODES, "mode")
 
 
+MAX_CONFIG_BYTES = 1 << 20   # a config is a few hundred bytes; anything near this is a mistake or an attack
+
+
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-4` as a string; accept the exponent notation everyone writes for learning rates."""
+    """Safe YAML, stricter: no duplicate keys, no aliases of lists or mappings (an alias bomb), and
+    `1e-4` read as a float (YAML 1.1 reads it as a string), the notation everyone writes for learning rates."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()
+            if not isinstance(self.anchors.get(event.anchor), (yaml.ScalarNode, type(None))):
+                raise ComposerError(None, None, f"the alias *{event.anchor} repeats a list or mapping, which ntdist "
+                                    "configs do not allow; write the values out", event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep) if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key != "<<" and key in seen:
+                raise ConstructorError(None, None, f"the key '{key}' appears twice in one mapping; keep one",
+                                       key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(
@@ -128,11 +159,28 @@ def parse_override(item: str) -> dict:
 
 
 def read_yaml(path: str) -> dict:
+    """The mapping in the YAML file `path`; anything but a small regular text file is refused first."""
     try:
-        with open(path) as f:
-            data = yaml_load(f.read()) or {}
+        info = os.stat(path)
     except FileNotFoundError:
         raise UserError(f"config file '{path}' not found; pass a YAML file such as configs/quickstart.yaml") from None
+    except OSError as err:
+        raise UserError(f"cannot read config file '{path}' ({err.strerror})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise UserError(f"config file '{path}' is a folder; pass a YAML file such as configs/quickstart.yaml")
+    if not stat.S_ISREG(info.st_mode):
+        raise UserError(f"config file '{path}' is not a regular file (a device, FIFO or socket); pass a YAML file")
+    if info.st_size > MAX_CONFIG_BYTES:
+        raise UserError(f"config file '{path}' has {info.st_size} bytes; an ntdist config is at most "
+                        f"{MAX_CONFIG_BYTES} bytes (is it the right file?)")
+    try:
+        with open(path, "rb") as f:
+            text = f.read(MAX_CONFIG_BYTES + 1).decode("utf-8")
+        data = yaml_load(text) or {}
+    except UnicodeDecodeError:
+        raise UserError(f"config file '{path}' is not a UTF-8 text file; pass a YAML file") from None
+    except OSError as err:
+        raise UserError(f"cannot read config file '{path}' ({err.strerror})") from None
     except yaml.YAMLError as err:
         raise UserError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):

@@ -22,6 +22,7 @@ from ntdist.distributed.comm import all_gather_records, broadcast_model, gather_
 from ntdist.distributed.layout import MemberLayout
 from ntdist.distributed.tree import gather_fuse, tree_fuse
 from ntdist.distributed.world import World, gather_world_info
+from ntdist.errors import UserError
 from ntdist.fusion import concat, reestimate_bn
 from ntdist.fusion.diversity import diversity_summary
 from ntdist.models import ModelSpec
@@ -72,6 +73,18 @@ def run(cfg: Config, world: World, resume: bool = False, overwrite: bool = False
     started = time.time()
     r = make_run(cfg, world, resume)
     prepare_rundir(r, overwrite)
+    try:
+        results = run_stages(r)
+        results.wall_seconds = time.time() - started
+        r.rundir.write_results(results)
+    finally:
+        r.rundir.release()
+    return results
+
+
+def run_stages(r: Run):
+    """Train, evaluate, fuse and fine-tune (or periodic-sync SGD); returns the results."""
+    cfg, world = r.cfg, r.world
     if cfg.mode == "sync":
         results = run_sync(r)
     else:
@@ -86,18 +99,31 @@ def run(cfg: Config, world: World, resume: bool = False, overwrite: bool = False
             fused, seconds = fuse_stage(r, held, method)
             results.fusion[method] = finetune_stage(r, held, fused, method, seconds)
         world.print0(summary_table(results, r.rundir.path))
-    results.wall_seconds = time.time() - started
-    r.rundir.write_results(results)
     return results
 
 
+def checkpoint_names(cfg: Config) -> List[str]:
+    """Every checkpoint a run of `cfg` may write (they go into the run directory's manifest first)."""
+    names = [f"member{i}{suffix}" for i in range(cfg.fusion.k) for suffix in ("", ".state")]
+    for label in ["best-member", *cfg.fusion.methods]:
+        names += [f"finetuned_{label}", f"finetune_{label}.state"]
+    return names
+
+
 def prepare_rundir(r: Run, overwrite: bool) -> None:
-    """Every rank checks the directory before rank 0 creates it, so all stop together on a mistake."""
+    """Every rank checks the directory before rank 0 creates and locks it, so all stop together on a mistake."""
     r.rundir.check(r.resume, overwrite)
     r.world.barrier()
-    r.rundir.prepare(r.resume, overwrite)
-    r.world.barrier()
-    r.rundir.write_config(to_yaml(r.cfg), r.resume)
+    problem = None
+    try:
+        r.rundir.prepare(r.resume, overwrite, checkpoint_names(r.cfg))
+        r.rundir.write_config(to_yaml(r.cfg), r.resume)
+    except UserError as err:   # rank 0 alone prepares; every rank raises its error
+        problem = str(err)
+    problem = all_gather_records(r.world, [problem])[0]
+    if problem is not None:
+        r.rundir.release()
+        raise UserError(problem)
 
 
 def train_stage(r: Run) -> Dict[int, torch.nn.Module]:

@@ -25,6 +25,7 @@ from ntdist.config import read_yaml, yaml_load
 from ntdist.options import format_value
 from ntdist.errors import UserError
 from ntdist.records.files import atomic_write_text
+from ntdist.records.manifest import add_to_manifest
 from ntdist.records.results import SyncResults, read_results
 from ntdist.records.stats import aggregate, aggregate_sync
 
@@ -158,5 +159,6 @@ def run_sweep(config_path: str, overrides: Sequence[str], run_point: Callable[[s
     summary = {"points": len(plan.points), "groups": {name: aggregate_sync(res) if isinstance(res[0], SyncResults)
                                                       else aggregate(res) for name, res in groups.items()}}
     os.makedirs(plan.base, exist_ok=True)
+    add_to_manifest(plan.base, [SUMMARY_FILE])
     atomic_write_text(os.path.join(plan.base, SUMMARY_FILE), json.dumps(summary, indent=2) + "\n")
     return summary

@@ -14,6 +14,7 @@ skipped, with a message, where its predicted memory exceeds the available memory
 import csv
 import ctypes
 import gc
+import io
 import os
 import statistics
 import threading
@@ -22,9 +23,11 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ntdist.errors import UserError
 from ntdist.fusion.baselines import average
 from ntdist.fusion.schedule import fuse
 from ntdist.models import build_model
+from ntdist.records.files import atomic_write_text
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MIB = 1024 * 1024
@@ -99,6 +102,7 @@ def bench_fusion(widths: Sequence[int] = (256, 512, 1024, 2048, 4096), repeats: 
 
     `threads` sets torch's intra-op thread count for the run (default: leave it as is).
     """
+    check_bench_args(widths, repeats, out_csv)
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -106,6 +110,22 @@ def bench_fusion(widths: Sequence[int] = (256, 512, 1024, 2048, 4096), repeats: 
         return _bench(widths, repeats, out_csv, methods, seed)
     finally:
         torch.set_num_threads(before)
+
+
+def check_bench_args(widths: Sequence[int], repeats: int, out_csv: Optional[str]) -> None:
+    """Every argument checked before any work, so a typo never costs a whole benchmark."""
+    if not widths or any(w < 1 for w in widths):
+        raise UserError(f"--widths must be positive numbers of units, e.g. --widths 256 512; got {list(widths)}")
+    if repeats < 1:
+        raise UserError(f"--repeats must be at least 1, got {repeats}")
+    if out_csv:
+        folder = os.path.dirname(os.path.abspath(out_csv))
+        if os.path.isdir(out_csv):
+            raise UserError(f"--out '{out_csv}' is a folder; give a CSV file name such as {out_csv}/bench.csv")
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise UserError(f"cannot write --out '{out_csv}': folder '{folder}' is missing or not writable")
+        if os.path.exists(out_csv):
+            print(f"note: replacing the existing {out_csv}")
 
 
 def _bench(widths, repeats, out_csv, methods, seed) -> List[Dict]:
@@ -142,11 +162,12 @@ def _bench(widths, repeats, out_csv, methods, seed) -> List[Dict]:
     fields = ["width", "method", "seconds", "time_vs_avg", "peak_extra_mib", "models_mib", "memory_vs_models",
               "skipped"]
     if out_csv:
-        with open(out_csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: row.get(k, "") for k in fields})
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in fields})
+        atomic_write_text(out_csv, text.getvalue())
     print(f"torch threads: {torch.get_num_threads()}")
     print(f"{'width':>6} {'method':>6} {'median s':>9} {'x avg':>6} {'peak extra MiB':>15} {'x models':>9}")
     for r in rows:

@@ -26,9 +26,17 @@ def example_input(spec: ModelSpec) -> torch.Tensor:
 
 
 def fuse_command(paths, output: str, method: str = "nt", schedule: str = "recursive", importance: str = "l2",
-                 order: str = "merge_prune", width=None, keep_ratio=None) -> str:
+                 order: str = "merge_prune", width=None, keep_ratio=None, force: bool = False) -> str:
     if len(paths) < 2:
         raise UserError(f"fusion needs at least 2 checkpoints, got {len(paths)}")
+    if width is not None and width < 1:
+        raise UserError(f"--width must be a positive number of units, got {width}")
+    if keep_ratio is not None and not 0 < keep_ratio <= len(paths):
+        raise UserError(f"--keep-ratio must be in (0, {len(paths)}] for {len(paths)} checkpoints, got {keep_ratio}")
+    if os.path.isdir(output):
+        raise UserError(f"-o '{output}' is a folder; give the file name of the fused checkpoint")
+    if os.path.exists(output) and not force:
+        raise UserError(f"'{output}' exists; pass --force to replace it, or choose another -o")
     out_dir = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
         raise UserError(f"cannot write '{output}': folder '{out_dir}' is missing or not writable")
@@ -36,7 +44,7 @@ def fuse_command(paths, output: str, method: str = "nt", schedule: str = "recurs
         raise UserError(f"output '{output}' is one of the inputs; choose another file name")
     loaded = [load_model(p) for p in paths]
     models = [m.eval() for m, _ in loaded]
-    spec = ModelSpec.from_dict(loaded[0][1]["model"])
+    spec = ModelSpec.from_dict(loaded[0][1]["model"])   # checked by load_model
     resized = width is not None or keep_ratio is not None
     if resized and spec.name != "mlp":
         raise UserError(f"--width/--keep-ratio change the architecture, and a resized {spec.name} cannot be "

@@ -2,6 +2,8 @@
 
 A config with top-level `seeds:` or `sweep:` keys expands into one run per
 point; finished points are skipped, so a sweep can be restarted at any time.
+An unfinished point follows the rules of a single run: it continues with
+--resume, starts again with --overwrite, and is refused otherwise.
 """
 
 import os
@@ -9,15 +11,20 @@ import os
 from ntdist.config import load_config, read_yaml
 from ntdist.distributed.comm import all_gather_records
 from ntdist.distributed.layout import MemberLayout
-from ntdist.distributed.world import init_world, shutdown
+from ntdist.distributed.world import init_world, is_peer_failure, peer_lost, shutdown
+from ntdist.errors import Preempted, UserError
 from ntdist.pipeline import run
 from ntdist.preempt import install_sigterm_handler
 from ntdist.commands.report import report_command
 from ntdist.records.results import read_results
+from ntdist.records.rundir import RunDir
 from ntdist.sweep import SWEEP_KEYS, plan_sweep, run_sweep
 
 
 def run_command(config_path: str, overrides, resume: bool = False, overwrite: bool = False) -> int:
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other; pass --resume to continue the run "
+                        "or --overwrite to start it again")
     raw = read_yaml(config_path)
     plain = [o for o in overrides if not o.startswith("seeds=")]   # the sweep runner handles a seed list
     cfg = load_config(config_path, plain, extra_keys=SWEEP_KEYS)
@@ -26,7 +33,7 @@ def run_command(config_path: str, overrides, resume: bool = False, overwrite: bo
     if world.restart > 0 and not overwrite:
         world.print0(f"elastic restart {world.restart}: resuming from the checkpoints in {cfg.output.dir}")
         resume = True
-    clean = False
+    outcome = "failed"
     try:
         if any(key in raw for key in SWEEP_KEYS):
             _run_sweep(config_path, list(overrides), cfg, world, resume, overwrite)
@@ -34,9 +41,16 @@ def run_command(config_path: str, overrides, resume: bool = False, overwrite: bo
             run(cfg, world, resume=resume, overwrite=overwrite)
             if cfg.mode == "fuse":
                 _report([cfg.output.dir], cfg.output.dir, world)
-        clean = True
+        outcome = "clean"
+    except Preempted:
+        outcome = "preempted"   # the state is on disk: the peers stop at their next epoch boundary too
+        raise
+    except RuntimeError as err:   # e.g. DDP's all-reduce in backward when a peer died: exit 4, not 1
+        if world.size > 1 and is_peer_failure(err):
+            raise peer_lost(err) from err
+        raise
     finally:
-        shutdown(world, clean)
+        shutdown(world, clean=outcome == "clean", failed=outcome == "failed")
     return 0
 
 
@@ -44,14 +58,19 @@ def _run_sweep(config_path, overrides, cfg, world, resume, overwrite) -> None:
     """Every point of the sweep as one run; finished points are skipped unless --overwrite."""
     def run_point(path, point_overrides):
         point_cfg = load_config(path, point_overrides, extra_keys=SWEEP_KEYS)
-        # an unfinished point continues with --resume and starts again otherwise
-        run(point_cfg, world, resume=resume, overwrite=not resume)
+        run(point_cfg, world, resume=resume, overwrite=overwrite)
         world.barrier()   # rank 0 has written results.json before anyone checks for it
 
     def done(point_dir):   # rank 0 decides, so every rank skips (or runs) the same points
         return not overwrite and all_gather_records(world, [read_results(point_dir) is not None])[0]
 
     plan = plan_sweep(config_path, overrides)
+    for point, point_dir in zip(plan.points, plan.dirs):   # every point's config and folder, before any training
+        point_cfg = load_config(config_path, plan.overrides + point.overrides + [f"output.dir={point_dir}"],
+                                extra_keys=SWEEP_KEYS)
+        MemberLayout(point_cfg.fusion.k, world.size)
+        if overwrite or read_results(point_dir) is None:
+            RunDir(point_dir, writer=False).check(resume, overwrite)
     world.print0(f"sweep: {len(plan.points)} runs under {cfg.output.dir}")
     run_sweep(config_path, overrides, run_point, done=done, summarise=world.is_main)
     if cfg.mode == "fuse":   # report on this sweep's points only, not on leftovers of an earlier grid

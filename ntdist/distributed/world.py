@@ -14,9 +14,12 @@ Everything else receives the `World` and never reads `os.environ`.
 """
 
 import datetime
+import json
 import os
 import re
 import socket
+import sys
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -24,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ntdist.distributed.heartbeat import Heartbeat
-from ntdist.errors import PeerLostError, UserError, check_choice
+from ntdist.errors import EXIT_USAGE, PeerLostError, UserError, check_choice
 from ntdist.options import opt
 
 BACKENDS = ("auto", "nccl", "gloo")
@@ -95,11 +98,26 @@ def guarded(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except (RuntimeError, dist.DistBackendError) as err:
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PeerLostError(f"rank {rank}: a collective failed, so a peer rank died or timed out ({first}); "
-                            "check the other ranks' logs, then restart with --resume") from err
+        raise peer_lost(err) from err
 
+
+_PEER_SIGNS = ("connection reset", "connection closed", "broken pipe", "gloo", "nccl", "timed out", "peer")
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """Whether an exception raised inside a collective (DDP's gradient all-reduce included) means a lost peer."""
+    return isinstance(err, dist.DistError) or (
+        isinstance(err, RuntimeError) and any(sign in str(err).lower() for sign in _PEER_SIGNS))
+
+
+def peer_lost(err: BaseException) -> PeerLostError:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return PeerLostError(f"rank {rank}: a collective failed, so a peer rank died or timed out ({first}); "
+                         "check the other ranks' logs, then restart with --resume")
+
+
+JOIN_GRACE_S = 10.0   # beyond distributed.timeout_s, before a rank that cannot join gives up
 
 def first_slurm_host(nodelist: str) -> str:
     """'gpu[03-05,09],cpu1' -> 'gpu03'."""
@@ -198,21 +216,57 @@ def init_world(cfg: Optional[DistributedConfig] = None, env=None, check_size=Non
         return World(device=device, launcher=launcher, restart=restart)
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=cfg.timeout_s)
+        joined = _rendezvous_watchdog(rank, addr, port, cfg.timeout_s)
         try:
             # torchrun's agent keeps one store for the whole job: a key space per elastic restart keeps a
             # restarted rank from reading the addresses of the ranks that died.
             agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
             store = dist.TCPStore(addr, port, size, is_master=rank == 0 and not agent_store, timeout=timeout,
                                   wait_for_workers=False)
+            _check_same_job(store, rank, size, env, f"{addr}:{port}", f"ntdist/job{restart}")
             store = dist.PrefixStore(f"ntdist/attempt{restart}", store)
             dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
         except (RuntimeError, dist.DistNetworkError) as err:
             first = str(err).strip().splitlines()[0]
             raise UserError(f"rank {rank} could not join the process group at {addr}:{port} ({first}); "
                             "is the port in use or the master unreachable? set distributed.port or MASTER_PORT") from err
+        finally:
+            joined.set()
     Heartbeat.start(rank, cfg.timeout_s)
     return World(rank=rank, local_rank=local_rank, size=size, local_size=local_size, device=device,
                  backend=backend, launcher=launcher, restart=restart)
+
+
+def _check_same_job(store, rank: int, size: int, env, where: str, key: str) -> None:
+    """Refuse a store that belongs to another job (a port reused by a concurrent run)."""
+    job = env.get("TORCHELASTIC_RUN_ID") or env.get("SLURM_JOB_ID") or ""
+    mine = json.dumps({"size": size, "job": job}, sort_keys=True)
+    if rank == 0:
+        store.set(key, mine)
+        return
+    theirs = store.get(key).decode(errors="replace")
+    if theirs != mine:
+        raise UserError(f"rank {rank}: the process group at {where} belongs to another job ({theirs}, this rank "
+                        f"expects {mine}); give each job its own port with distributed.port or MASTER_PORT")
+
+
+def _rendezvous_watchdog(rank: int, addr, port, timeout_s: float) -> threading.Event:
+    """End the process (exit 2) if joining the group takes longer than the timeout allows.
+
+    torch's store client waits without a deadline when the port belongs to something that
+    accepts connections but is not a TCPStore; nothing in Python can interrupt that call.
+    """
+    joined = threading.Event()
+
+    def watch():
+        if not joined.wait(timeout_s + JOIN_GRACE_S):
+            print(f"ntdist: error: rank {rank} could not join the process group at {addr}:{port} within "
+                  f"distributed.timeout_s={timeout_s:g} s; is the port used by another program, or the master "
+                  "unreachable? set distributed.port or MASTER_PORT", file=sys.stderr, flush=True)
+            os._exit(EXIT_USAGE)
+
+    threading.Thread(target=watch, name="ntdist-rendezvous", daemon=True).start()
+    return joined
 
 
 def ensure_process_group(world: World) -> None:
@@ -225,13 +279,14 @@ def ensure_process_group(world: World) -> None:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
 
 
-def shutdown(world: World, clean: bool = True) -> None:
+def shutdown(world: World, clean: bool = True, failed: bool = False) -> None:
     """Stop the heartbeat and destroy the process group at exit (DeepSpeed and NCCL abort otherwise).
 
-    After an error (`clean=False`) there is no final barrier: the other ranks may never arrive.
+    After an error or a preemption (`clean=False`) there is no final barrier: the other ranks may
+    never arrive. `failed` tells the peers' heartbeats that this rank ended with an error.
     """
     if dist.is_initialized():
-        Heartbeat.stop()
+        Heartbeat.stop(failed)
         if clean:
             dist.barrier()   # DeepSpeed aborts at exit unless every rank gets here before the group goes
         dist.destroy_process_group()

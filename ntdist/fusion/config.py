@@ -33,3 +33,11 @@ class FusionConfig:
         check_choice(self.schedule, SCHEDULES, "fusion.schedule")
         check_choice(self.order, ORDERS, "fusion.order")
         check_choice(self.importance, IMPORTANCES, "fusion.importance")
+        if self.keep_ratio is not None and not 0 < self.keep_ratio <= self.k:
+            raise UserError(f"fusion.keep_ratio must be in (0, k] = (0, {self.k}] (1 keeps one member's width), "
+                            f"got {self.keep_ratio}")
+        if self.width is not None and self.width < 1:
+            raise UserError(f"fusion.width must be a positive number of units, got {self.width}; "
+                            "leave it unset to keep the members' width")
+        if self.bn_batches < 1:
+            raise UserError(f"fusion.bn_batches must be at least 1, got {self.bn_batches}")

@@ -22,7 +22,8 @@ import yaml  # noqa: E402
 
 from ntdist.options import format_value  # noqa: E402
 from ntdist.errors import UserError  # noqa: E402
-from ntdist.records.files import atomic_write_text  # noqa: E402
+from ntdist.records.files import atomic_write_text, replacing  # noqa: E402
+from ntdist.records.manifest import add_to_manifest  # noqa: E402
 from ntdist.records.results import RESULTS_FILE, RunResults, from_dict  # noqa: E402
 from ntdist.records.stats import aggregate, mean_std  # noqa: E402
 
@@ -62,7 +63,8 @@ def find_run_dirs(paths: List[str]) -> List[str]:
     found: List[str] = []
     for path in paths:
         if not os.path.isdir(path):
-            raise UserError(f"run directory '{path}' does not exist; pass a directory written by 'ntdist run'")
+            what = "is not a folder" if os.path.exists(path) else "does not exist"
+            raise UserError(f"run directory '{path}' {what}; pass a directory written by 'ntdist run'")
         if os.path.exists(os.path.join(path, RESULTS_FILE)):
             found.append(path)
             continue
@@ -262,7 +264,9 @@ def plot_against(groups: List[Group], x_of, x_keys, xlabel: str, title: str, nt_
 
 
 def _save(fig, out_dir: str, name: str) -> str:
-    fig.savefig(os.path.join(out_dir, name), dpi=120, bbox_inches="tight")
+    add_to_manifest(out_dir, [name])
+    with replacing(os.path.join(out_dir, name)) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     return name
 
@@ -293,5 +297,6 @@ def write_report(run_dirs: List[str], out_dir: str) -> str:
             text += [f"## {title}", "", f"![{title.lower()}]({_save(fig, out_dir, fname)})", ""]
     text += ["## Run directories", ""] + [f"- {g.label}: " + ", ".join(f"`{d}`" for d in g.dirs) for g in groups]
     path = os.path.join(out_dir, REPORT_FILE)
+    add_to_manifest(out_dir, [REPORT_FILE])
     atomic_write_text(path, "\n".join(text) + "\n")
     return path

@@ -1,16 +1,22 @@
 """The run directory: resolved config, metrics.jsonl, checkpoints and results.json.
 
 Only rank 0 writes here. Every write of a whole file is atomic (temporary file,
-flush, rename), so a kill during a save leaves the previous version intact.
+flush, rename), so a kill during a save leaves the previous version intact;
+metrics.jsonl is appended, and a torn last line is dropped on resume. While a
+run is active rank 0 holds the directory's lock (`records.lock`); the manifest
+(`records.manifest`) lists what ntdist wrote, the only files --overwrite removes.
 """
 
 import json
 import os
+import sys
 
 import yaml
 
 from ntdist.errors import UserError
 from ntdist.records.files import atomic_write_text
+from ntdist.records.lock import RunLock, check_free
+from ntdist.records.manifest import MANIFEST_FILE, add_to_manifest, describe_foreign, read_manifest, remove_written
 from ntdist.records.results import RESULTS_FILE, Results, to_json
 
 CONFIG_FILE = "config.yaml"
@@ -24,6 +30,7 @@ class RunDir:
         self.path = path
         self.writer = writer
         self._logged: set = set()   # keys of metrics records already in metrics.jsonl (kept on resume)
+        self.lock = RunLock(path)
 
     def file(self, *parts: str) -> str:
         return os.path.join(self.path, *parts)
@@ -33,30 +40,38 @@ class RunDir:
         return self.file("checkpoints", f"{name}.safetensors")
 
     def check(self, resume: bool, overwrite: bool) -> None:
-        """Refuse a non-empty directory unless resuming or overwriting.
+        """Refuse what would lose files or mix runs, before any rank creates anything.
 
-        Called on every rank before any rank creates anything (the run directory is on a shared
-        file system), so all ranks stop together.
+        A non-empty directory needs --resume or --overwrite; --resume needs a directory ntdist
+        wrote (its manifest and config.yaml); a directory locked by a live run is refused.
+        Called on every rank (the run directory is on a shared file system), so all ranks stop together.
         """
-        if os.path.isdir(self.path) and os.listdir(self.path) and not (resume or overwrite):
+        if resume and overwrite:
+            raise UserError("--resume and --overwrite contradict each other; pass --resume to continue the run "
+                            "or --overwrite to start it again")
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise UserError(f"output.dir '{self.path}' is a file, not a folder; choose a folder for the run")
+        if not (os.path.isdir(self.path) and os.listdir(self.path)):
+            return
+        check_free(self.path)
+        if not (resume or overwrite):
             raise UserError(f"run directory '{self.path}' is not empty; pass --resume to continue it, "
                             "--overwrite to start again, or set output.dir to a new folder")
+        if resume and read_manifest(self.path) is None:
+            raise UserError(f"'{self.path}' was not written by ntdist (it has no {MANIFEST_FILE}), so there is no "
+                            "run to resume; set output.dir to the run's folder or to a new one")
+        if resume and not os.path.isfile(self.file(CONFIG_FILE)):
+            raise UserError(f"'{self.path}' has no {CONFIG_FILE}, so the config cannot be checked against the "
+                            "run's; restore the file, or pass --overwrite to start again")
 
-    def prepare(self, resume: bool, overwrite: bool) -> None:
-        """Create the directory (clearing old results with `overwrite`); rank 0 only."""
+    def prepare(self, resume: bool, overwrite: bool, checkpoints=()) -> None:
+        """Create and lock the directory (clearing ntdist's old files with `overwrite`); rank 0 only.
+
+        `checkpoints` names every checkpoint the run may write; they go into the manifest
+        before any rank writes one.
+        """
         if not self.writer:
             return
-        if overwrite and os.path.isdir(self.path):
-            for name in (METRICS_FILE, RESULTS_FILE):
-                if os.path.exists(self.file(name)):
-                    os.unlink(self.file(name))
-            ckpts = self.file("checkpoints")
-            for name in os.listdir(ckpts) if os.path.isdir(ckpts) else []:
-                if name.endswith(".safetensors"):
-                    os.unlink(os.path.join(ckpts, name))
-        if resume and os.path.exists(self.file(METRICS_FILE)):
-            with open(self.file(METRICS_FILE)) as f:
-                self._logged = {_key(json.loads(line)) for line in f if line.strip()}
         try:
             os.makedirs(self.file("checkpoints"), exist_ok=True)
             probe = self.file(".write-test")
@@ -66,15 +81,59 @@ class RunDir:
         except OSError as err:
             raise UserError(f"cannot write to run directory '{self.path}' ({err.strerror}); "
                             "choose a writable output.dir") from None
+        self.lock.acquire()
+        if self.lock.took_over:
+            print(f"ntdist: note: took over the stale lock of pid {self.lock.took_over.get('pid')} on host "
+                  f"{self.lock.took_over.get('host')} (that run has ended)", file=sys.stderr)
+        if overwrite:
+            foreign = remove_written(self.path)
+            if foreign:
+                print(describe_foreign(self.path, foreign), file=sys.stderr)
+            os.makedirs(self.file("checkpoints"), exist_ok=True)
+        if resume and os.path.exists(self.file(METRICS_FILE)):
+            self._logged = {_key(record) for record in self._read_metrics()}
+        add_to_manifest(self.path, [CONFIG_FILE, METRICS_FILE, RESULTS_FILE] +
+                        [os.path.join("checkpoints", f"{name}.safetensors") for name in checkpoints])
+
+    def release(self) -> None:
+        """Drop the lock (rank 0, at the end of the run however it ends)."""
+        self.lock.release()
+
+    def _read_metrics(self) -> list:
+        """The records in metrics.jsonl; a torn last line (a kill during an append) is dropped with a warning."""
+        path = self.file(METRICS_FILE)
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.read().split("\n")
+        records = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                if any(rest.strip() for rest in lines[number:]):
+                    raise UserError(f"{path} line {number} is not JSON; fix or delete that line, "
+                                    "or pass --overwrite to start again") from None
+                print(f"ntdist: warning: dropped a partial last line of {path} (a write was interrupted)",
+                      file=sys.stderr)
+                atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+        return records
 
     def write_config(self, text: str, resume: bool = False) -> None:
         """Write the resolved config; when resuming, refuse a config that differs from the run's."""
         if not self.writer:
             return
         if resume and os.path.exists(self.file(CONFIG_FILE)):
-            with open(self.file(CONFIG_FILE)) as f:
+            with open(self.file(CONFIG_FILE), encoding="utf-8", errors="replace") as f:
                 old = f.read()
-            key = _first_difference(_comparable(yaml.safe_load(old)), _comparable(yaml.safe_load(text)))
+            try:
+                old_cfg = yaml.safe_load(old)
+            except yaml.YAMLError as err:
+                old_cfg = f"unreadable ({str(err).splitlines()[0]})"
+            if not isinstance(old_cfg, dict) or not isinstance(old_cfg.get("output", {}), dict):
+                raise UserError(f"{self.file(CONFIG_FILE)} is damaged, so the config cannot be checked against the "
+                                "run's; restore it, or pass --overwrite to start again")
+            key = _first_difference(_comparable(old_cfg), _comparable(yaml.safe_load(text)))
             if key is not None:
                 raise UserError(f"the config differs from the one '{self.path}' was started with (at '{key}'); "
                                 "resume with the same config and overrides, or pass --overwrite to start again")

@@ -7,6 +7,8 @@ loss is the distillation loss against the concatenated wide model, which
 computes exactly the ensemble's output average.
 """
 
+import importlib.util
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, ClassVar, List, Optional
 
@@ -47,6 +49,16 @@ class FinetuneConfig(OptimConfig):
         if self.precision == "fp16" and self.engine != "ddp":
             raise UserError(f"finetune.precision=fp16 needs finetune.engine=ddp (its grad scaler); with "
                             f"{self.engine} use bf16 or the engine's own mixed-precision settings")
+        if self.engine != "ddp" and importlib.util.find_spec(self.engine) is None:
+            raise UserError(f"finetune.engine={self.engine} needs {self.engine}: pip install 'ntdist[{self.engine}]'")
+        if self.deepspeed_config is not None:
+            try:
+                with open(self.deepspeed_config, encoding="utf-8") as f:
+                    if not isinstance(json.loads(f.read(1 << 20)), dict):
+                        raise ValueError("not a JSON object")
+            except (OSError, ValueError) as err:
+                raise UserError(f"finetune.deepspeed_config '{self.deepspeed_config}' is not a readable JSON object "
+                                f"({err}); give a file such as launch/deepspeed.json, or leave it unset") from None
         if self.zero_stage not in ZERO_STAGES:
             raise UserError(f"finetune.zero_stage must be one of {list(ZERO_STAGES)}, got {self.zero_stage}")
 

@@ -181,7 +181,7 @@ class ResumableEpochs:
         self.state_path = state_path if writer else None
         self.start, self.history = 1, []
         if resume and state_path and os.path.exists(state_path):
-            done, self.history = load_state(state_path, model, optimizer, scheduler)
+            done, self.history = load_state(state_path, model, optimizer, scheduler, epochs)
             self.start = done + 1
 
     def run(self, one_epoch: Callable[[int], dict], should_stop: Callable[[], bool]) -> List[dict]:

@@ -30,27 +30,41 @@ def save_state(path: str, model, spec: ModelSpec, optimizer, scheduler, epoch: i
     save_checkpoint(path, model, spec, info=info, extra=extra)
 
 
-def load_state(path: str, model, optimizer, scheduler) -> Tuple[int, List[dict]]:
-    """Restore a state file into `model`, `optimizer` and `scheduler`; returns (epoch, history)."""
+def load_state(path: str, model, optimizer, scheduler, epochs: int) -> Tuple[int, List[dict]]:
+    """Restore a state file of a stage of `epochs` epochs into `model`, `optimizer` and `scheduler`.
+
+    Returns (epoch, history). The file's metadata is checked like any input: a state
+    claiming more epochs than the stage has, or missing a field, is refused.
+    """
     meta, state, extra = read_checkpoint(path)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise UserError(f"state file '{path}' does not fit the configured model ({str(err).splitlines()[0]}); "
                         "resume with the config the run started with, or start again with --overwrite") from None
-    info = meta["info"]
-    buffers: dict = {}
-    for key, value in extra.items():
-        if key.startswith("opt."):
-            _, index, name = key.split(".", 2)
-            buffers.setdefault(int(index), {})[name] = value
-    groups = optimizer.state_dict()["param_groups"]
-    for group, saved in zip(groups, info["optimizer_groups"]):
-        group.update(saved)
-    optimizer.load_state_dict({"state": buffers, "param_groups": groups})
-    scheduler.load_state_dict(info["scheduler"])
-    torch.set_rng_state(extra["rng"])
-    return info["epoch"], info["history"]
+    try:
+        info = meta["info"]
+        epoch, history = info["epoch"], info["history"]
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= epochs:
+            raise ValueError(f"epoch {epoch!r} is not one of 0..{epochs}")
+        if not _is_history(history, epoch):
+            raise ValueError(f"its history does not hold {epoch} epoch records")
+        buffers: dict = {}
+        for key, value in extra.items():
+            if key.startswith("opt."):
+                _, index, name = key.split(".", 2)
+                buffers.setdefault(int(index), {})[name] = value
+        groups = optimizer.state_dict()["param_groups"]
+        for group, saved in zip(groups, info["optimizer_groups"]):
+            group.update(saved)
+        optimizer.load_state_dict({"state": buffers, "param_groups": groups})
+        scheduler.load_state_dict(info["scheduler"])
+        torch.set_rng_state(extra["rng"])
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
+        raise UserError(f"state file '{path}' has damaged or forged metadata ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else 'missing field'}); delete it to redo that stage "
+                        "from its start, or pass --overwrite to start the run again") from None
+    return epoch, history
 
 
 def finished_history(path: str, epochs: int) -> Optional[List[dict]]:
@@ -58,7 +72,16 @@ def finished_history(path: str, epochs: int) -> Optional[List[dict]]:
     if not os.path.exists(path):
         return None
     info = read_checkpoint(path)[0]["info"]
-    return info.get("history") if info.get("epochs") == epochs and "history" in info else None
+    if not isinstance(info, dict) or info.get("epochs") != epochs or "history" not in info:
+        return None
+    if not _is_history(info["history"], epochs):
+        raise UserError(f"checkpoint '{path}' has damaged or forged metadata (its history does not hold {epochs} "
+                        "epoch records); delete it to redo that stage, or pass --overwrite to start again")
+    return info["history"]
+
+
+def _is_history(history, epochs: int) -> bool:
+    return isinstance(history, list) and len(history) == epochs and all(isinstance(h, dict) for h in history)
 
 
 def _jsonable(value):

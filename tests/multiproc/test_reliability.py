@@ -14,7 +14,9 @@ import sys
 import time
 
 import pytest
+import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from helpers import ROOT, free_port, ntdist, torchrun_cmd
 from ntdist.records.results import read_results
@@ -135,6 +137,18 @@ def _cases(tmp, done):
                   f"output.dir={wide}").returncode == 0
     afile = tmp / "plainfile"
     afile.write_text("x")
+    binary, bomb, dup, foreign = tmp / "binary.yaml", tmp / "bomb.yaml", tmp / "dup.yaml", tmp / "foreign"
+    binary.write_bytes(bytes(range(256)))
+    bomb.write_text("model:\n  kwargs:\n    a: &a [x, x, x, x, x, x, x, x, x]\n    b: &b [*a, *a, *a, *a, *a, *a]\n")
+    dup.write_text("train:\n  epochs: 3\n  epochs: 5\n")
+    foreign.mkdir()
+    (foreign / "config.yaml").write_text("mine\n")
+    members = (str(ck / "member0.safetensors"), str(ck / "member1.safetensors"))
+    retyped = tmp / "retyped.safetensors"      # float32 weights relabelled int32: same bytes, another header
+    with safe_open(members[0], framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors = {k: v.view(torch.int32) if k.endswith("weight") else v for k, v in tensors.items()}
+    save_file(tensors, str(retyped), metadata=meta)
     def run(*a):
         new_dir = () if any(x.startswith("output.dir=") for x in a) else (f"output.dir={tmp / f'new{next(fresh)}'}",)
         return ("run", *QUICK, "train.epochs=1", "finetune.epochs=1", *new_dir, *a)
@@ -176,6 +190,24 @@ def _cases(tmp, done):
                                   str(ck / "member0.safetensors"), str(ck / "member1.safetensors")), None, "width"),
         ("fuse pickle", ("fuse", "-o", str(tmp / "f.safetensors"), str(evil), str(ck / "member0.safetensors")), None,
          "never loads pickles"),
+        ("config is a folder", ("run", str(tmp)), None, "is a folder"),
+        ("binary config", ("run", str(binary)), None, "UTF-8"),
+        ("endless config", ("run", "/dev/zero"), None, "not a regular file"),
+        ("alias bomb", ("run", str(bomb)), None, "alias"),
+        ("duplicate key", ("run", str(dup)), None, "appears twice"),
+        ("keep_ratio 0", run("fusion.keep_ratio=0"), None, "keep_ratio"),
+        ("width 0", run("fusion.width=0"), None, "fusion.width"),
+        ("missing deepspeed config", run("finetune.deepspeed_config=nothing.json"), None, "deepspeed_config"),
+        ("empty output.dir", run("output.dir="), None, "output.dir is empty"),
+        ("resume and overwrite", run(f"output.dir={done}", "--resume", "--overwrite"), None, "contradict"),
+        ("resume a foreign folder", run(f"output.dir={foreign}", "--resume"), None, "not written by ntdist"),
+        ("bench width 0", ("bench", "fusion", "--widths", "0", "--out", str(tmp / "b.csv")), None, "--widths"),
+        ("bench repeats 0", ("bench", "fusion", "--repeats", "0", "--out", str(tmp / "b.csv")), None, "--repeats"),
+        ("bench out a folder", ("bench", "fusion", "--widths", "8", "--out", str(tmp)), None, "is a folder"),
+        ("fuse over a file", ("fuse", "-o", str(afile), *members), None, "--force"),
+        ("fuse relabelled dtypes", ("fuse", "-o", str(tmp / "f.safetensors"), str(retyped), members[1]), None,
+         "as torch.int32"),
+        ("fuse width 0", ("fuse", "--width", "0", "-o", str(tmp / "f.safetensors"), *members), None, "--width"),
         ("fuse into unwritable place", ("fuse", "-o", str(afile / "f.safetensors"), str(ck / "member0.safetensors"),
                                         str(ck / "member1.safetensors")), None, "cannot write"),
     ]
@@ -207,7 +239,7 @@ def test_bad_input_table_one_line_nonzero_nothing_lost(tmp_path, finished):
     for old, new in zip(before, after):
         assert {p: new.get(p) for p in old} == old   # every file that existed is still there, unchanged
     assert not (tmp_path / "pwned").exists()
-    assert not (tmp_path / "f.safetensors").exists()
+    assert not (tmp_path / "f.safetensors").exists() and not (tmp_path / "b.csv").exists()
 
 
 def test_debug_shows_the_traceback():
@@ -241,3 +273,57 @@ def test_torchrun_restarts_a_dead_rank_and_the_job_resumes(tmp_path, reference):
     assert proc.returncode == 0, log[-3000:]
     assert "elastic restart 1: resuming" in log
     assert_same_run(out, ref)
+
+
+def test_a_rank_whose_port_is_held_by_another_program_exits_2_within_its_timeout(tmp_path):
+    blocker = socket.socket()          # accepts connections, never answers like a TCPStore would
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(blocker.getsockname()[1])}
+    start = time.time()
+    try:
+        proc = ntdist("run", *QUICK, "distributed.timeout_s=2", f"output.dir={tmp_path / 'run'}", env=env, timeout=90)
+    finally:
+        blocker.close()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "could not join the process group" in proc.stderr and "distributed.timeout_s=2" in proc.stderr
+    assert time.time() - start < 60
+    assert not (tmp_path / "run").exists()
+
+
+def test_sigterm_to_one_rank_stops_its_peer_at_the_next_epoch_with_exit_3(tmp_path):
+    out, port = tmp_path / "run", free_port()
+    cmd = [sys.executable, "-m", "ntdist", "run", *QUICK, "train.epochs=3000", "fusion.methods=[nt]",
+           "distributed.timeout_s=15", f"output.dir={out}"]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), LOCAL_WORLD_SIZE="2",
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))) for r in (0, 1)]
+    try:
+        for name in ("member0.state.safetensors", "member1.state.safetensors"):
+            wait_for(out / "checkpoints" / name, procs[0])
+        procs[1].send_signal(signal.SIGTERM)           # only rank 1 is told to stop
+        start = time.time()
+        errs = [p.communicate(timeout=60)[1] for p in procs]
+        assert [p.returncode for p in procs] == [3, 3], [e[-1500:] for e in errs]
+        assert time.time() - start < 15                 # not the 3000 epochs, not the 15 s timeout on top
+        assert all("preempted" in e for e in errs)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_a_rank_that_reaches_another_jobs_store_is_refused(tmp_path):
+    import datetime
+
+    import torch.distributed as dist
+    port = free_port()
+    other = dist.TCPStore("127.0.0.1", port, 4, is_master=True, timeout=datetime.timedelta(seconds=30),
+                          wait_for_workers=False)
+    other.set("ntdist/job0", '{"job": "", "size": 4}')      # what rank 0 of a 4-rank job leaves there
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    proc = ntdist("run", *QUICK, "distributed.timeout_s=20", f"output.dir={tmp_path / 'run'}", env=env, timeout=90)
+    assert proc.returncode == 2 and "belongs to another job" in proc.stderr, proc.stderr[-2000:]
+    del other

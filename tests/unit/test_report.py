@@ -132,3 +132,20 @@ def test_missing_or_broken_results_name_the_directory(tmp_path):
         write_report([str(broken)], str(tmp_path))
     with pytest.raises(UserError):
         write_report([], str(tmp_path))
+
+
+def test_a_failed_plot_write_leaves_the_previous_report_intact(tmp_path, monkeypatch):
+    one = os.path.join(make_tree(tmp_path), "k=2,keep=0.5", "seed=0")
+    report_command(one)
+    before = {name: open(os.path.join(one, name), "rb").read() for name in ("curves_1.png", "report.md")}
+
+    def disk_full(fig, path, **kwargs):   # writes a little, then fails as a full disk or a size limit does
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", disk_full)
+    with pytest.raises(OSError):
+        report_command(one)
+    assert {name: open(os.path.join(one, name), "rb").read() for name in before} == before
+    assert not [n for n in os.listdir(one) if n.startswith(".tmp-")]

@@ -1,0 +1,84 @@
+"""The manifest of a run directory: the files ntdist wrote there, so that --overwrite removes only those.
+
+`.ntdist-manifest` lists paths relative to the directory, one per line. A run
+adds the names of every file it will write before it writes any of them (member
+checkpoints are written by ranks other than 0, which never touch the manifest),
+and reports and sweep summaries add theirs when they are written. `--overwrite`
+deletes the listed files that exist and nothing else; every other file is
+"foreign" and is left where it is. The manifest is also what marks a directory
+as written by ntdist, which `--resume` requires.
+"""
+
+import os
+from typing import Iterable, List, Optional, Set
+
+from ntdist.errors import UserError
+from ntdist.records.files import atomic_write_text
+
+MANIFEST_FILE = ".ntdist-manifest"
+LOCK_FILE = ".ntdist-lock"
+BOOKKEEPING = (MANIFEST_FILE, LOCK_FILE)   # ntdist's own files: neither listed nor foreign
+
+
+def read_manifest(run_dir: str) -> Optional[Set[str]]:
+    """The relative paths listed in `run_dir`'s manifest, or None when it has none."""
+    path = os.path.join(run_dir, MANIFEST_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = {line.rstrip("\n") for line in f if line.strip()}
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read '{path}' ({err}); delete it and clean the directory by hand") from None
+    return {name for name in names if _inside(run_dir, name)}
+
+
+def add_to_manifest(run_dir: str, names: Iterable[str]) -> None:
+    """Record that ntdist writes `names` (relative to `run_dir`); atomic, so the list is never torn."""
+    old = read_manifest(run_dir) or set()
+    new = old | {os.path.normpath(n) for n in names}
+    if new != old or not os.path.exists(os.path.join(run_dir, MANIFEST_FILE)):
+        atomic_write_text(os.path.join(run_dir, MANIFEST_FILE), "".join(f"{n}\n" for n in sorted(new)))
+
+
+def _inside(run_dir: str, name: str) -> bool:
+    """Whether `name` stays inside `run_dir` (a crafted manifest must not reach files elsewhere)."""
+    if os.path.isabs(name) or name.split(os.sep)[0] == ".." or os.path.normpath(name).startswith(".."):
+        return False
+    root = os.path.realpath(run_dir)
+    parent = os.path.realpath(os.path.dirname(os.path.join(run_dir, name)))
+    return parent == root or parent.startswith(root + os.sep)
+
+
+def all_files(run_dir: str) -> List[str]:
+    """Every file below `run_dir`, relative to it, sorted (ntdist's bookkeeping files excluded)."""
+    found = []
+    for folder, _, files in os.walk(run_dir):
+        for name in files:
+            rel = os.path.relpath(os.path.join(folder, name), run_dir)
+            if rel not in BOOKKEEPING:
+                found.append(rel)
+    return sorted(found)
+
+
+def remove_written(run_dir: str) -> List[str]:
+    """Delete the files the manifest lists, empty the manifest; returns the foreign files left behind."""
+    listed = read_manifest(run_dir) or set()
+    for name in sorted(listed):
+        path = os.path.join(run_dir, name)
+        if os.path.islink(path) or os.path.isfile(path):
+            os.unlink(path)
+    for name in all_files(run_dir):   # temporaries of listed files left by a kill during an atomic write
+        folder, base = os.path.split(name)
+        if base.startswith(".tmp-") and os.path.join(folder, base[len(".tmp-") + 8:]) in listed:
+            os.unlink(os.path.join(run_dir, name))
+    if os.path.exists(os.path.join(run_dir, MANIFEST_FILE)):
+        atomic_write_text(os.path.join(run_dir, MANIFEST_FILE), "")
+    return all_files(run_dir)
+
+
+def describe_foreign(run_dir: str, foreign: List[str], limit: int = 5) -> str:
+    """One line naming the files --overwrite kept because ntdist did not write them."""
+    shown = ", ".join(foreign[:limit]) + (f" and {len(foreign) - limit} more" if len(foreign) > limit else "")
+    return (f"ntdist: warning: --overwrite kept {len(foreign)} file(s) in '{run_dir}' that ntdist did not write: "
+            f"{shown}; move them away if they are not yours to keep")
