@@ -103,12 +103,30 @@ def test_depthwise_and_grouped_convolutions(k):
     assert_exact(wide, models, x)
 
 
-def test_pruning_a_grouped_conv_is_refused_by_name():
+@pytest.mark.parametrize("order", ["merge_prune", "prune_merge"])
+def test_pruning_a_grouped_conv_keeps_whole_groups(order):
     from ntdist.fusion import fuse
 
-    models = [Separable().eval() for _ in range(2)]
-    with pytest.raises(UserError, match="'group'"):
-        fuse(models)
+    torch.manual_seed(5)
+    models = [randomise_bn(Separable()).eval() for _ in range(3)]
+    fused = fuse(models, order=order)
+    assert fused.group.groups == 4 and tuple(fused.group.weight.shape) == (12, 2, 1, 1)
+    Separable().load_state_dict(fused.state_dict(), strict=True)
+    half = fuse(models, keep_ratio=0.5, order=order)        # 2 of the 4 groups: 4 inputs, 6 outputs
+    assert half.group.groups == 2 and tuple(half.group.weight.shape) == (6, 2, 1, 1)
+    assert half.dw.weight.shape[0] == 4 and torch.isfinite(half(torch.randn(2, 3, 6, 6))).all()
+
+
+def test_grouped_conv_pruning_takes_its_blocks_from_the_members():
+    from ntdist.fusion import fuse
+
+    torch.manual_seed(6)
+    a, b = Separable().eval(), Separable().eval()
+    with torch.no_grad():
+        b.group.weight[3:6].mul_(100.0)          # group 1 of member b (outputs 3..5) dominates
+    fused = fuse([a, b])
+    kept = [torch.equal(fused.group.weight[i:i + 3], b.group.weight[3:6]) for i in range(0, 12, 3)]
+    assert sum(kept) == 1
 
 
 class WithNorm(nn.Module):
@@ -127,10 +145,11 @@ class WithNorm(nn.Module):
             return self.fc2(self.norm(self.fc1(x)))
         if self.kind == "attention":
             return self.fc2(self.attn(x, x, x)[0])
-        return self.fc3(torch.cat([self.fc1(x), self.fc1(x)], dim=1))
+        first, second = self.fc1(x).chunk(2, dim=1)        # cuts one layer's output in two
+        return self.fc2(torch.cat([second, first], dim=1))
 
 
-@pytest.mark.parametrize("kind,name", [("layernorm", "norm"), ("attention", "attn"), ("cat", "cat")])
+@pytest.mark.parametrize("kind,name", [("layernorm", "norm"), ("attention", "attn"), ("split", "chunk")])
 def test_refuses_layers_it_cannot_widen_exactly(kind, name):
     models = [WithNorm(kind) for _ in range(2)]
     with pytest.raises(UserError, match=f"'{name}"):
