@@ -169,10 +169,12 @@ def _prod(xs):
 def _finish(model, sp, layers, nonlinear) -> Plan:
     fin, fout = sp.find(IN), sp.find(OUT)
     fixed = {fin, fout}
+    inexact = ""
     for name, lay in nonlinear:
-        if any(sp.find(d.space) == fout for d in lay):
-            refuse(name, "applies a non-linear operation to the model output; the average of members' "
-                         "outputs cannot be computed by one widened model")
+        if not inexact and any(sp.find(d.space) == fout for d in lay):
+            inexact = (f"cannot concatenate at layer '{name}': it applies a non-linear operation to the output "
+                       "layer's result, so no widened model of this class computes the members' average output; "
+                       "fuse(method='nt') still prunes it back to one model")
     if fin == fout:
         refuse("output", "is added to the model input; fusion needs hidden layers between input and output")
     sizes, order, probe, tensors = {}, [], {}, {}
@@ -220,7 +222,7 @@ def _finish(model, sp, layers, nonlinear) -> Plan:
     missing = [s for s in sizes if s not in probe]
     if missing:
         refuse("output", "has channels that only ever appear concatenated with others; cannot size them")
-    return Plan(sizes, order, layers, tensors, first, probe, coupled.sets(sizes))
+    return Plan(sizes, order, layers, tensors, first, probe, coupled.sets(sizes), inexact)
 
 
 class _Coupling:

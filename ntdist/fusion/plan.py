@@ -71,6 +71,7 @@ class Plan:
     probe: Dict[int, Tuple[str, int, int]] = field(default_factory=dict)  # space -> (tensor, dim, factor)
     coupled: List[Tuple[Tuple[int, ...], int, str]] = field(default_factory=list)
     """(spaces, groups, layer): spaces a grouped conv cuts into `groups` blocks per member, kept block by block."""
+    inexact: str = ""      # why concatenation cannot be exact (a non-linearity after the output layer), or ""
 
     def space_sizes(self, tensors: Dict[str, torch.Tensor]) -> Dict[int, int]:
         """Size of every hidden space in a model given its tensors (members may differ in width)."""

@@ -27,7 +27,10 @@ def concat(models: Sequence[nn.Module], weights: Optional[Sequence[float]] = Non
     """The wide model: hidden layers side by side, output layer averaging the members (weighted)."""
     models = check_models(models)
     w = normalized(check_weights(weights, len(models)))
-    return assemble(models, analyze(models[0], example_inputs), w)
+    plan = analyze(models[0], example_inputs)
+    if plan.inexact:
+        raise UserError(plan.inexact)
+    return assemble(models, plan, w)
 
 
 def nt_step(models: Sequence[nn.Module], weights: Sequence[float], plan: Plan, ratio: float,
