@@ -175,6 +175,8 @@ def assemble(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float],
 
 def _set_attributes(model: nn.Module, members, plan: Plan, sel: _Selection):
     for name, layer in plan.layers.items():
+        if layer.kind in ("param", "lnf"):
+            continue
         mod = model.get_submodule(name)
         out_n, in_n = sel.length(layer.out), sel.length(layer.inp)
         if layer.kind == "linear":
@@ -191,3 +193,5 @@ def _set_attributes(model: nn.Module, members, plan: Plan, sel: _Selection):
             mod.in_channels = in_n
         elif layer.kind == "bn" and out_n is not None:
             mod.num_features = out_n
+        elif layer.kind == "ln" and out_n is not None:
+            mod.normalized_shape = (out_n,)

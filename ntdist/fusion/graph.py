@@ -17,8 +17,9 @@ from torch.fx import symbolic_trace
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ntdist.errors import UserError
-from ntdist.fusion.ops import NeedShapes, one, propagate, refuse, tensor_args
-from ntdist.fusion.plan import IN, OUT, Dim, Layer, Plan, TensorSpec, Val
+from ntdist.fusion.ops import fetch, propagate, tensor_args
+from ntdist.fusion.shapes import NeedShapes, one, refuse
+from ntdist.fusion.plan import IN, OUT, Dim, Layer, Param, Plan, TensorSpec, Val
 
 
 class _Spaces:
@@ -139,7 +140,7 @@ def _walk(model, gm, shaped: bool, in_ndim) -> Plan:
         if node.op == "placeholder":
             val = Val(one(IN), len(shape) if shape else in_ndim, None)
         elif node.op == "get_attr":
-            refuse(node.target, "reads a parameter or buffer directly inside forward")
+            val = Param(node.target)
         elif node.op == "output":
             outs = [a for a in tensor_args(node, env)]
             if len(outs) != 1:
@@ -149,7 +150,9 @@ def _walk(model, gm, shaped: bool, in_ndim) -> Plan:
         else:
             val = propagate(node, gm, env, sp, layers, nonlinear, shape)
         if isinstance(val, Val) and shape is not None:
-            val = Val(val.lay, len(shape), _prod(shape[2:]) if len(shape) > 2 else None)
+            cdim = val.cdim % len(shape) if shape else 1
+            hw = _prod(s for d, s in enumerate(shape) if d not in (0, cdim)) if len(shape) > 2 else None
+            val = Val(val.lay, len(shape), hw, cdim)
         env[node] = val
     if out_val is None:
         refuse("output", "has no tensor output")
@@ -198,7 +201,7 @@ def _finish(model, sp, layers, nonlinear) -> Plan:
         if first is None and layer.kind in ("linear", "conv", "gconv") and inp is None and out is not None \
                 and sp.find(layer.inp[0].space) == fin:
             first = out[0].space
-        if out is None and layer.kind in ("dwconv", "gconv", "bn"):
+        if out is None and layer.kind in ("dwconv", "gconv", "bn", "ln", "lnf", "param"):
             refuse(name, f"({layer.kind}) acts on the model input or output channels; only Linear/Conv "
                          "layers may touch them")
         if layer.kind == "gconv":
@@ -209,7 +212,12 @@ def _finish(model, sp, layers, nonlinear) -> Plan:
             refuse(name, "writes into the model input's channels (a residual on the input); cannot widen exactly")
         role = "output" if out is None and sp.find(layer.out[0].space) == fout else "layer"
         layer.out, layer.inp = out, inp
-        _layer_tensors(model, name, layer, role, tensors)
+        if layer.kind == "param":
+            owner, _, attr = name.rpartition(".")
+            dims = tuple(out if d == layer.axis else None for d in range(fetch(model, name).dim()))
+            tensors[name] = TensorSpec(owner, attr, dims, role=role, part="param")
+        elif layer.kind != "lnf":
+            _layer_tensors(model, name, layer, role, tensors)
     for mname, mod in model.named_modules(remove_duplicate=False):
         for attr, t in list(mod._parameters.items()) + list(mod._buffers.items()):
             key = f"{mname}.{attr}" if mname else attr
@@ -222,7 +230,8 @@ def _finish(model, sp, layers, nonlinear) -> Plan:
     missing = [s for s in sizes if s not in probe]
     if missing:
         refuse("output", "has channels that only ever appear concatenated with others; cannot size them")
-    return Plan(sizes, order, layers, tensors, first, probe, coupled.sets(sizes), inexact)
+    norms = sum(1 for layer in layers.values() if layer.kind in ("ln", "lnf"))
+    return Plan(sizes, order, layers, tensors, first, probe, coupled.sets(sizes), inexact, norms)
 
 
 class _Coupling:

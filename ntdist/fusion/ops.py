@@ -17,24 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.node import Node, map_arg
 
-from ntdist.errors import UserError
-from ntdist.fusion.plan import IN, Dim, Layer, Tup, Val
-
-SUPPORTED = ("supported: Linear, Conv (plain, depthwise, grouped), BatchNorm, element-wise activations, "
-             "dropout, stochastic depth, pooling, flatten, residual additions, channel cat and split")
-
-
-class NeedShapes(Exception):
-    """Raised deep inside a walk when a spatial size is needed: `analyze` then measures shapes and walks again.
-
-    Not a user error: `analyze` turns it into one only when no input to measure with can be had.
-    """
-
-
-def refuse(name, why):
-    """Raise the UserError for a node or layer that cannot be fused exactly."""
-    raise UserError(f"cannot fuse layer '{name}': it {why}; {SUPPORTED}")
-
+from ntdist.fusion.plan import IN, Layer, Param, Tup, Val
+from ntdist.fusion.shapes import (adaptive_hw, arg, cat, flatten, is_input, mean, one, permute, refuse, reshape,
+                                  split, transpose)
 
 LINEAR_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
                   nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
@@ -43,6 +28,8 @@ NONLINEAR_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU,
                      nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 ADAPTIVE_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
                     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+CHANNELS_FIRST = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.modules.batchnorm._BatchNorm, nn.AvgPool1d, nn.AvgPool2d,
+                  nn.AvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d) + ADAPTIVE_MODULES
 KEEP_FUNCS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, operator.neg, torch.neg,
               F.avg_pool1d, F.avg_pool2d, F.avg_pool3d}
 # Functions by qualified name (so no model library is imported): each scales whole samples, never channels apart.
@@ -65,30 +52,14 @@ ADD_METHODS = {"add", "add_", "sub", "sub_"}
 MUL_METHODS = {"mul", "mul_", "div", "div_"}
 
 
-def _arg(node, i, key, default):
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(key, default)
-
-
 def tensor_args(node, env):
     """What the analysis knows about each tensor argument of `node` (in argument order, splits unpacked)."""
     found = []
     map_arg((node.args, node.kwargs), lambda n: found.append(env.get(n)) or n)
     out = []
     for v in found:
-        out.extend(v.items if isinstance(v, Tup) else [v] if v is not None else [])
+        out.extend(v.items if isinstance(v, Tup) else [v] if isinstance(v, Val) else [])
     return out
-
-
-def one(space, factor=1):
-    """The layout of a tensor whose channels are one space."""
-    return (Dim(space, factor),)
-
-
-def is_input(sp, lay):
-    """Whether a layout is the model input's (computed the same way in every member)."""
-    return len(lay) == 1 and sp.find(lay[0].space) == IN
 
 
 def _record(layers, sp, name, kind, out, inp):
@@ -102,35 +73,17 @@ def _record(layers, sp, name, kind, out, inp):
     return out
 
 
-def _adaptive_hw(size, x):
-    sizes = size if isinstance(size, (tuple, list)) else (size,)
-    if any(s is None for s in sizes):
-        return None
-    hw = 1
-    for s in sizes:
-        hw *= int(s)
-    return hw
-
-
-def _flatten(name, x, start, end, sp):
-    if x.ndim is not None and x.ndim <= 2 and start in (1, -1) and end in (-1, 1):
-        return x
-    if start != 1 or end not in (-1, (x.ndim or 0) - 1):
-        refuse(name, f"flattens dimensions {start}..{end}; only flattening from dimension 1 keeps channels apart")
-    if is_input(sp, x.lay):
-        return Val(one(x.lay[0].space), 2, None)
-    if x.hw is None:
-        raise NeedShapes(f"cannot fuse layer '{name}': it flattens a feature map of unknown spatial size; "
-                        "pass example_inputs (one input batch) so the fusion can measure it")
-    return Val(tuple(Dim(d.space, d.factor * x.hw) for d in x.lay), 2, None)
-
-
 def _module(name, mod, x, sp, layers, nonlinear):
     if isinstance(mod, nn.Linear):
-        if x.ndim is not None and x.ndim > 2:
-            refuse(name, f"(Linear) is applied to a {x.ndim}-d tensor; only [batch, features] inputs are supported")
+        if x.ndim is not None and x.ndim > 2 and x.cdim != x.ndim - 1:
+            refuse(name, f"(Linear) reads dimension {x.ndim - 1} of a tensor whose channels are dimension {x.cdim}")
         out = _record(layers, sp, name, "linear", None if name in layers else one(sp.new(mod.out_features)), x.lay)
-        return Val(out, 2, None)
+        nd = x.ndim if x.ndim and x.ndim > 2 else 2
+        return Val(out, nd, None, nd - 1 if nd > 2 else 1)
+    if isinstance(mod, nn.LayerNorm):
+        return layer_norm(name, x, tuple(mod.normalized_shape), name, sp, layers, nonlinear)
+    if x.cdim != 1 and isinstance(mod, CHANNELS_FIRST):
+        refuse(name, f"({type(mod).__name__}) reads channels-first input but the channels are dimension {x.cdim}")
     if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         if any(d.factor != 1 for d in x.lay):
             refuse(name, "(Conv) consumes flattened features")
@@ -147,7 +100,7 @@ def _module(name, mod, x, sp, layers, nonlinear):
         _record(layers, sp, name, "bn", x.lay, x.lay)
         return x
     if isinstance(mod, nn.Flatten):
-        return _flatten(name, x, mod.start_dim, mod.end_dim, sp)
+        return flatten(name, x, mod.start_dim, mod.end_dim, sp)
     if isinstance(mod, LINEAR_MODULES):
         return x
     if isinstance(mod, NONLINEAR_MODULES):
@@ -158,7 +111,7 @@ def _module(name, mod, x, sp, layers, nonlinear):
     if isinstance(mod, ADAPTIVE_MODULES):
         if "Max" in type(mod).__name__:
             nonlinear.append((name, x.lay))
-        return Val(x.lay, x.ndim, _adaptive_hw(mod.output_size, x))
+        return Val(x.lay, x.ndim, adaptive_hw(mod.output_size, x))
     refuse(name, f"({type(mod).__name__}) cannot be widened exactly")
 
 
@@ -173,73 +126,50 @@ def _binary(name, vals, sp, nonlinear, mul):
     return Val(lay, ndim, a.hw if a.hw is not None else b.hw)
 
 
-def _mean(name, node, x, dims, keep):
-    if dims is None:
-        refuse(name, "averages over all dimensions")
-    dims = tuple(dims) if isinstance(dims, (tuple, list)) else (dims,)
-    nd = x.ndim
-    if nd is None or any(d % nd in (0, 1) for d in dims):
-        refuse(name, "averages over the batch or channel dimension")
-    if keep:
-        return Val(x.lay, nd, 1)
-    return Val(x.lay, nd - len(dims), None if nd - len(dims) <= 2 else 1)
+def channels(sp, x):
+    """How many channels `x` has in one member."""
+    return sum(sp.size[d.space] * d.factor for d in x.lay)
 
 
-def _channel_dim(name, x, dim):
-    """Whether `dim` is the channel dimension (1) of `x`."""
-    if not isinstance(dim, int):
-        refuse(name, f"uses a dimension given as {dim!r}, which the fusion cannot read")
-    if x.ndim is not None:
-        return dim % x.ndim == 1
-    if dim >= 0:
-        return dim == 1
-    refuse(name, f"works along dimension {dim} of a tensor of unknown rank")
+def layer_norm(name, x, shape, owner, sp, layers, nonlinear):
+    """A LayerNorm over the channels: it keeps the layout; `owner` is the module holding its affine parameters."""
+    if x.ndim is None or x.cdim != x.ndim - 1 or shape != (channels(sp, x),):
+        refuse(name, f"normalises over {list(shape)}, not over the channels alone (dimension {x.cdim})")
+    if len(x.lay) != 1 or is_input(sp, x.lay):
+        refuse(name, "normalises concatenated or input channels together")
+    _record(layers, sp, owner or name, "ln" if owner else "lnf", x.lay, x.lay)
+    nonlinear.append((name, x.lay))
+    return x
 
 
-def _cat(name, node, vals, sp):
-    dim = _arg(node, 1, "dim", 0)
-    if not _channel_dim(name, vals[0], dim):
-        lay = vals[0].lay
-        for v in vals[1:]:
-            lay = sp.union_layouts(lay, v.lay, name)
-        return Val(lay, vals[0].ndim, None)
-    if any(sp.find(d.space) == IN for v in vals for d in v.lay):
-        refuse(name, "concatenates the model input with hidden channels")
-    if len({v.ndim for v in vals}) != 1:
-        refuse(name, "concatenates tensors of different ranks")
-    return Val(sum((v.lay for v in vals), ()), vals[0].ndim, vals[0].hw)
-
-
-def _split(name, node, x, sp, how):
-    dim = _arg(node, 2, "dim", 0)
-    if not _channel_dim(name, x, dim):
-        refuse(name, "splits a tensor along a non-channel dimension")
-    sizes = [sp.size[d.space] * d.factor for d in x.lay]
-    total = sum(sizes)
-    arg = _arg(node, 1, "split_size_or_sections" if how == "split" else "chunks", None)
-    if how == "chunk":
-        step = -(-total // arg)
-        cuts = list(range(0, total, step))[1:]
-    elif isinstance(arg, int):
-        cuts = list(range(arg, total, arg))
+def with_param(name, x, param, tensor, sp, layers):
+    """An element-wise op between `x` and a parameter read in forward: it must carry x's channels."""
+    p, n = tensor.dim(), x.ndim
+    axis = None if n is None else x.cdim - (n - p)
+    if axis is None or not 0 <= axis < p or tensor.shape[axis] != channels(sp, x) or tensor.shape[axis] == 1:
+        refuse(name, f"combines a feature tensor with parameter '{param.name}', which does not follow its channels")
+    if any(sp.find(d.space) == IN for d in x.lay):
+        refuse(name, f"combines the model input with parameter '{param.name}'")
+    old = layers.get(param.name)
+    if old is not None:
+        sp.union_layouts(old.inp, x.lay, name)
     else:
-        cuts = [sum(arg[:i + 1]) for i in range(len(arg) - 1)]
-    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
-    if any(c not in bounds for c in cuts):
-        refuse(name, f"splits channels at {cuts}, inside one layer's output (its parts end at {bounds[1:]}); "
-                     "only splits between concatenated parts can be widened exactly")
-    pieces, edges = [], [0] + cuts + [total]
-    for lo, hi in zip(edges, edges[1:]):
-        pieces.append(Val(tuple(d for d, b in zip(x.lay, bounds) if lo <= b < hi), x.ndim, x.hw))
-    return Tup(tuple(pieces))
+        layers[param.name] = Layer("param", x.lay, x.lay, axis)
+    return Val(x.lay, max(n, p), x.hw, x.cdim + max(0, p - n))
 
 
 def _function(node, target, vals, sp, layers, nonlinear):
     name = node.name
+    if target is F.layer_norm:
+        return layer_norm(name, vals[0], tuple(arg(node, 1, "normalized_shape", ())), None, sp, layers, nonlinear)
+    if target is torch.permute:
+        return permute(name, vals[0], node.args[1:] or [node.kwargs["dims"]])
+    if target is torch.transpose:
+        return transpose(name, vals[0], arg(node, 1, "dim0", None), arg(node, 2, "dim1", None))
     if target in CAT_FUNCS:
-        return _cat(name, node, vals, sp)
+        return cat(name, node, vals, sp)
     if target in (torch.split, torch.chunk):
-        return _split(name, node, vals[0], sp, target.__name__)
+        return split(name, node, vals[0], sp, target.__name__)
     if target in KEEP_FUNCS or f"{getattr(target, '__module__', '')}.{getattr(target, '__name__', '')}" in KEEP_NAMES:
         return vals[0]
     if target in NONLINEAR_FUNCS:
@@ -248,34 +178,18 @@ def _function(node, target, vals, sp, layers, nonlinear):
     if target in ADAPTIVE_FUNCS:
         if "max" in target.__name__:
             nonlinear.append((name, vals[0].lay))
-        return Val(vals[0].lay, vals[0].ndim, _adaptive_hw(_arg(node, 1, "output_size", None), vals[0]))
+        return Val(vals[0].lay, vals[0].ndim, adaptive_hw(arg(node, 1, "output_size", None), vals[0]))
     if target is torch.flatten:
-        return _flatten(name, vals[0], _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1), sp)
+        return flatten(name, vals[0], arg(node, 1, "start_dim", 0), arg(node, 2, "end_dim", -1), sp)
     if target in ADD_FUNCS:
         return _binary(name, vals, sp, nonlinear, False)
     if target in MUL_FUNCS:
         return _binary(name, vals, sp, nonlinear, True)
     if target is torch.mean:
-        return _mean(name, node, vals[0], _arg(node, 1, "dim", None), _arg(node, 2, "keepdim", False))
+        return mean(name, node, vals[0], arg(node, 1, "dim", None), arg(node, 2, "keepdim", False))
     if target in STACK_FUNCS:
         refuse(name, f"stacks tensors ({target.__name__}), adding a dimension the fusion does not follow")
     refuse(name, f"calls {getattr(target, '__name__', target)}, which the fusion does not know")
-
-
-def _reshape(node, first, sp, shape):
-    name = node.name
-    src = node.args[0].meta.get("tensor_meta")
-    if shape is not None and src is not None:
-        src = tuple(src.shape)
-        if src == shape:
-            return first
-        if len(shape) == 2 and shape[0] == src[0]:
-            return _flatten(name, first, 1, -1, sp)
-        refuse(name, f"reshapes {list(src)} to {list(shape)}, mixing channels")
-    if first.ndim == 2:
-        return first
-    raise NeedShapes(f"cannot fuse layer '{name}': it reshapes a feature map; pass example_inputs "
-                     "(one input batch) so the fusion can check the reshape")
 
 
 def _method(node, target, first, vals, sp, nonlinear, shape):
@@ -290,14 +204,38 @@ def _method(node, target, first, vals, sp, nonlinear, shape):
     if target in MUL_METHODS:
         return _binary(name, vals, sp, nonlinear, True)
     if target == "flatten":
-        return _flatten(name, first, _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1), sp)
+        return flatten(name, first, arg(node, 1, "start_dim", 0), arg(node, 2, "end_dim", -1), sp)
     if target == "mean":
-        return _mean(name, node, first, _arg(node, 1, "dim", None), _arg(node, 2, "keepdim", False))
+        return mean(name, node, first, arg(node, 1, "dim", None), arg(node, 2, "keepdim", False))
     if target in ("split", "chunk"):
-        return _split(name, node, first, sp, target)
+        return split(name, node, first, sp, target)
+    if target == "permute":
+        return permute(name, first, node.args[1:] or [node.kwargs["dims"]])
+    if target == "transpose":
+        return transpose(name, first, arg(node, 1, "dim0", None), arg(node, 2, "dim1", None))
     if target in ("view", "reshape"):
-        return _reshape(node, first, sp, shape)
+        return reshape(node, first, sp, shape)
     refuse(name, f"calls the tensor method .{target}(), which the fusion does not know")
+
+
+def _params(node, vals, params, gm, sp, layers, nonlinear):
+    """Nodes that read parameters directly: F.layer_norm, or an element-wise op with a per-channel parameter."""
+    target, name = node.target, node.name
+    if target is F.layer_norm and vals:
+        owners = {p.name.rpartition(".")[0] for p in params}
+        return layer_norm(name, vals[0], tuple(arg(node, 1, "normalized_shape", ())), owners.pop()
+                          if len(owners) == 1 else refuse(name, "normalises with parameters of two modules"),
+                          sp, layers, nonlinear)
+    binary = target in ADD_FUNCS | MUL_FUNCS or (node.op == "call_method" and target in ADD_METHODS | MUL_METHODS)
+    if binary and len(vals) == 1 and len(params) == 1:
+        return with_param(name, vals[0], params[0], fetch(gm, params[0].name), sp, layers)
+    refuse(params[0].name, "reads a parameter or buffer directly inside forward in a way the fusion does not "
+                           "know (only LayerNorm and element-wise ops with per-channel parameters)")
+
+
+def fetch(gm, name):
+    owner, _, attr = name.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, attr)
 
 
 def propagate(node: Node, gm, env, sp, layers, nonlinear, shape):
@@ -318,6 +256,9 @@ def propagate(node: Node, gm, env, sp, layers, nonlinear, shape):
     if node.op == "call_function" and (node.target in NONTENSOR_FUNCS or (
             node.target is operator.getitem and first is None)):
         return None
+    params = [v for v in (env.get(a) for a in node.all_input_nodes) if isinstance(v, Param)]
+    if params:
+        return _params(node, vals, params, gm, sp, layers, nonlinear)
     if node.op == "call_method" and (node.target in NONTENSOR_METHODS or first is None):
         return None
     if not vals:

@@ -54,9 +54,10 @@ class TensorSpec:
 class Layer:
     """A module whose parameters or attributes change with the width."""
 
-    kind: str             # linear | conv | dwconv | gconv | bn
+    kind: str             # linear | conv | dwconv | gconv | bn | ln | param
     out: Layout
     inp: Layout
+    axis: int = 0         # for a parameter read in forward (kind param): its dimension along the channels
 
 
 @dataclass
@@ -72,6 +73,7 @@ class Plan:
     coupled: List[Tuple[Tuple[int, ...], int, str]] = field(default_factory=list)
     """(spaces, groups, layer): spaces a grouped conv cuts into `groups` blocks per member, kept block by block."""
     inexact: str = ""      # why concatenation cannot be exact (a non-linearity after the output layer), or ""
+    norms: int = 0         # LayerNorms: the concatenated model normalises each member's block on its own
 
     def space_sizes(self, tensors: Dict[str, torch.Tensor]) -> Dict[int, int]:
         """Size of every hidden space in a model given its tensors (members may differ in width)."""
@@ -79,11 +81,18 @@ class Plan:
 
 
 class Val(NamedTuple):
-    """What the analysis knows about a tensor: channel layout, rank, spatial size."""
+    """What the analysis knows about a tensor: channel layout, rank, spatial size, channel dimension."""
 
     lay: Layout
     ndim: Optional[int]
     hw: Optional[int]
+    cdim: int = 1
+
+
+class Param(NamedTuple):
+    """A parameter or buffer that forward reads directly (a get_attr node), by its state-dict name."""
+
+    name: str
 
 
 class Tup(NamedTuple):

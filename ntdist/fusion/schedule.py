@@ -16,6 +16,7 @@ from ntdist.fusion.assemble import assemble, tensors_of
 from ntdist.fusion.checks import check_finite, check_models, check_weights, normalized
 from ntdist.fusion.graph import Plan, analyze
 from ntdist.fusion.importance import resolve
+from ntdist.fusion.norms import group_layer_norms
 from ntdist.fusion.prune import ratio_of, select, shares, targets, verify_finite
 
 METHODS = ("nt", "avg", "ot")
@@ -30,7 +31,8 @@ def concat(models: Sequence[nn.Module], weights: Optional[Sequence[float]] = Non
     plan = analyze(models[0], example_inputs)
     if plan.inexact:
         raise UserError(plan.inexact)
-    return assemble(models, plan, w)
+    wide = assemble(models, plan, w)
+    return group_layer_norms(wide, len(models)) if plan.norms else wide
 
 
 def nt_step(models: Sequence[nn.Module], weights: Sequence[float], plan: Plan, ratio: float,

@@ -149,11 +149,29 @@ class WithNorm(nn.Module):
         return self.fc2(torch.cat([second, first], dim=1))
 
 
-@pytest.mark.parametrize("kind,name", [("layernorm", "norm"), ("attention", "attn"), ("split", "chunk")])
+@pytest.mark.parametrize("kind,name", [("attention", "attn"), ("split", "chunk")])
 def test_refuses_layers_it_cannot_widen_exactly(kind, name):
     models = [WithNorm(kind) for _ in range(2)]
     with pytest.raises(UserError, match=f"'{name}"):
         concat(models)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_layernorm_normalises_each_member_block_in_the_concatenated_model(k):
+    from ntdist.fusion import fuse
+
+    torch.manual_seed(k)
+    models = [WithNorm("layernorm").eval() for _ in range(k)]
+    for m in models:
+        nn.init.normal_(m.norm.weight)
+        nn.init.normal_(m.norm.bias)
+    x = torch.randn(4, 6)
+    wide = concat(models)
+    assert_exact(wide, models, x)
+    fused = fuse(models)
+    fresh = WithNorm("layernorm")
+    fresh.load_state_dict(fused.state_dict(), strict=True)
+    assert fresh.norm.normalized_shape == (8,) and fresh(x).shape == (4, 3)
 
 
 def test_conv_model_with_flatten_asks_for_example_inputs():

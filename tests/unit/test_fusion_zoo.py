@@ -2,7 +2,8 @@
 
 Channel concatenation (DenseNet, GoogLeNet, Inception v3), grouped convolutions
 pruned by whole groups (ResNeXt, RegNet), stochastic depth and squeeze-excitation
-(EfficientNet v1 and v2 blocks), and SqueezeNet, whose ReLU after the output
+(EfficientNet v1 and v2 blocks), channels-last blocks with LayerNorm and layer
+scale (ConvNeXt, whose concatenation normalises each member's block on its own), and SqueezeNet, whose ReLU after the output
 layer makes concatenation impossible but not NT. Members are narrow where the
 builder allows it, inputs small, BatchNorm statistics random.
 
@@ -13,7 +14,8 @@ from functools import partial
 
 import pytest
 import torch
-from torchvision.models import DenseNet, EfficientNet, GoogLeNet, Inception3, RegNet, ResNet, SqueezeNet
+from torchvision.models import ConvNeXt, DenseNet, EfficientNet, GoogLeNet, Inception3, RegNet, ResNet, SqueezeNet
+from torchvision.models.convnext import CNBlockConfig
 from torchvision.models.efficientnet import FusedMBConvConfig, MBConvConfig
 from torchvision.models.regnet import BlockParams
 from torchvision.models.resnet import Bottleneck
@@ -34,7 +36,25 @@ def _regnet():
     return RegNet(params, num_classes=5, stem_width=8)
 
 
+def _convnext():
+    return ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], stochastic_depth_prob=0.1, num_classes=5)
+
+
+def _perturb(model):
+    """Random LayerNorm affine parameters and layer scales (their defaults are ones, zeros and 1e-6)."""
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.LayerNorm):
+                mod.weight.normal_()
+                mod.bias.normal_()
+        for name, p in model.named_parameters():
+            if name.endswith("layer_scale"):
+                p.normal_()
+    return model
+
+
 FAMILIES = {
+    "convnext": (_convnext, 32),
     "densenet": (partial(DenseNet, growth_rate=4, block_config=(2, 2, 2, 2), num_init_features=8,
                          bn_size=2, num_classes=5), 32),
     "googlenet": (partial(GoogLeNet, num_classes=5, aux_logits=False, init_weights=False), 32),
@@ -49,7 +69,7 @@ FAMILIES = {
 def members(family, k, seed=0):
     build, size = FAMILIES[family]
     torch.manual_seed(seed)
-    return [randomise_bn(build()).eval() for _ in range(k)], torch.randn(2, 3, size, size)
+    return [_perturb(randomise_bn(build())).eval() for _ in range(k)], torch.randn(2, 3, size, size)
 
 
 @pytest.mark.parametrize("k", [2, 3])
