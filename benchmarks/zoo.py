@@ -1,6 +1,7 @@
 """Does NT work on every torchvision classification model? Writes docs/ZOO.md.
 
     .venv/bin/python benchmarks/zoo.py [--k 2] [--timeout 600] [--max-gib 8] [--models resnet18 ...]
+                                       [--resume zoo.log] [--analyse-only]
 
 For every builder in `torchvision.models.list_models(module=torchvision.models)`
 (10 classes, random weights, random BatchNorm statistics, eval mode, one
@@ -16,7 +17,9 @@ For every builder in `torchvision.models.list_models(module=torchvision.models)`
 
 Each model runs in its own process with a time limit; a model whose k members,
 wide model and fused model would need more than `--max-gib` is analysed but not
-measured. Re-run whenever torchvision is upgraded.
+measured. Every row is printed as a JSON line; `--resume LOG` reuses the rows of
+such a log and runs only the models it lacks, and `--analyse-only` runs only the
+(meta-device) analysis for them. Re-run whenever torchvision is upgraded.
 """
 
 import argparse
@@ -61,7 +64,7 @@ def _reason(err: Exception) -> str:
     return str(err).split("; supported:")[0].splitlines()[0]
 
 
-def measure(name: str, k: int, max_bytes: float) -> dict:
+def measure(name: str, k: int, max_bytes: float, analyse_only: bool = False) -> dict:
     size = SIZES.get(name, 64)
     try:
         with torch.device("meta"):
@@ -78,6 +81,9 @@ def measure(name: str, k: int, max_bytes: float) -> dict:
         row["refused"] = _reason(err)
         return row
     need = params * 4 * (3 * k + 2)
+    if analyse_only:
+        row["refused"] = "accepted by the analysis; not measured (no time left in this run)"
+        return row
     if need > max_bytes:
         row["refused"] = f"accepted by the analysis; not measured here (needs about {need / 2**30:.0f} GiB)"
         return row
@@ -145,16 +151,25 @@ def main():
     parser.add_argument("--max-gib", type=float, default=8.0, help="memory a measured model may need")
     parser.add_argument("--models", nargs="*", help="default: every classification model")
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "ZOO.md"))
+    parser.add_argument("--resume", help="a log of JSON rows from an earlier run: reuse them")
+    parser.add_argument("--analyse-only", action="store_true", help="only analyse the models not yet measured")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one, args.k, args.max_gib * 2**30)))
+        print(json.dumps(measure(args.one, args.k, args.max_gib * 2**30, args.analyse_only)))
         return
     names = args.models or torchvision.models.list_models(module=torchvision.models)
+    done_rows = {}
+    if args.resume:
+        with open(args.resume) as f:
+            done_rows = {r["model"]: r for r in (json.loads(line) for line in f if line.startswith("{"))}
     rows, start = [], time.perf_counter()
     for name in names:
+        if name in done_rows:
+            rows.append(done_rows[name])
+            continue
         cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--k", str(args.k),
-               "--max-gib", str(args.max_gib)]
+               "--max-gib", str(args.max_gib)] + (["--analyse-only"] if args.analyse_only else [])
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
             lines = done.stdout.strip().splitlines()

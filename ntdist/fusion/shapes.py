@@ -56,6 +56,9 @@ def adaptive_hw(size, x):
 def flatten(name, x, start, end, sp):
     if x.ndim is not None and x.ndim <= 2 and start in (1, -1) and end in (-1, 1):
         return x
+    if x.ndim is not None and x.cdim == 1 and start % x.ndim >= 2:     # merges positions only (patch tokens)
+        merged = (end % x.ndim) - (start % x.ndim)
+        return Val(x.lay, x.ndim - merged, x.hw, 1)
     if start != 1 or end not in (-1, (x.ndim or 0) - 1) or x.cdim != 1:
         refuse(name, f"flattens dimensions {start}..{end} with channels in dimension {x.cdim}; only flattening "
                      "channels-first tensors from dimension 1 keeps channels apart")
@@ -140,13 +143,13 @@ def reshape(node, first, sp, shape):
             refuse(name, f"reshapes a tensor with channels in dimension {first.cdim}")
         if len(shape) == 2 and shape[0] == src[0]:
             return flatten(name, first, 1, -1, sp)
+        if len(shape) > 2 and shape[:2] == src[:2]:          # regroups positions, channels untouched
+            return Val(first.lay, len(shape), first.hw, 1)
         refuse(name, f"reshapes {list(src)} to {list(shape)}, mixing channels")
     if first.ndim == 2:
         return first
     raise NeedShapes(f"cannot fuse layer '{name}': it reshapes a feature map; pass example_inputs "
                      "(one input batch) so the fusion can check the reshape")
-
-
 
 
 def permute(name, x, dims):

@@ -184,3 +184,32 @@ def test_nonlinearity_after_the_output_layer_is_refused():
     models = [nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3), nn.Softmax(dim=1)) for _ in range(2)]
     with pytest.raises(UserError, match="'3'"):
         concat(models)
+
+
+class Tokens(nn.Module):
+    """A patch embedding written as in vision transformers: conv, flatten(2), transpose to tokens, per-channel
+    position embedding, Linear over channels-last tokens, then a mean over tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 6, 2, stride=2)
+        self.pos = nn.Parameter(torch.randn(1, 9, 6))
+        self.mlp = nn.Linear(6, 10)
+        self.head = nn.Linear(10, 4)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        return self.head(F.gelu(self.mlp(t)).mean(1))
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_patch_tokens_and_position_embedding_are_widened(k):
+    from ntdist.fusion import fuse
+
+    torch.manual_seed(k)
+    models = [Tokens().eval() for _ in range(k)]
+    x = torch.randn(2, 3, 6, 6)
+    wide = concat(models, example_inputs=x)
+    assert wide.pos.shape == (1, 9, 6 * k)
+    assert_exact(wide, models, x)
+    Tokens().load_state_dict(fuse(models, example_inputs=x).state_dict(), strict=True)
