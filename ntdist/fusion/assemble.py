@@ -83,34 +83,68 @@ class _Selection:
             self._cache[key] = (idx[:, None] * factor + torch.arange(factor)).reshape(-1)
         return self._cache[key], pos * factor, count * factor
 
+    def length(self, layout) -> Optional[int]:
+        """The result's size along a dimension with this layout (None for an unwidened one)."""
+        return None if layout is None else sum(self.new_size[d.space] * d.factor for d in layout)
+
+    def place(self, layout, member: int):
+        """(source indices or None, destination) of member's kept entries along a dimension with `layout`.
+
+        The destination is (start, count) for one part; for a concatenation it is
+        an index tensor, since each part puts every member's block in its own place.
+        """
+        if len(layout) == 1:
+            idx, start, count = self.index(layout[0].space, layout[0].factor, member)
+            return idx, (start, count)
+        key = (layout, member)
+        if key not in self._cache:
+            src, dst, whole, local, result = [], [], True, 0, 0
+            for d in layout:
+                idx, start, count = self.index(d.space, d.factor, member)
+                n = self.sizes[member][d.space] * d.factor
+                whole = whole and idx is None
+                src.append(local + (torch.arange(n) if idx is None else idx))
+                dst.append(torch.arange(result + start, result + start + count))
+                local += n
+                result += self.new_size[d.space] * d.factor
+            self._cache[key] = (None if whole else torch.cat(src), torch.cat(dst))
+        return self._cache[key]
+
 
 def _combine(ts: Sequence[torch.Tensor], dims, sel: _Selection, weights) -> torch.Tensor:
-    wide = [(d, dim) for d, dim in enumerate(dims) if dim is not None]
+    wide = [(d, lay) for d, lay in enumerate(dims) if lay is not None]
     if not wide:
         acc = ts[0] * weights[0]
         for t, w in zip(ts[1:], weights[1:]):
             acc.add_(t, alpha=w)
         return acc
     shape = list(ts[0].shape)
-    for d, dim in wide:
-        shape[d] = sel.new_size[dim.space] * dim.factor
+    for d, lay in wide:
+        shape[d] = sel.length(lay)
     make = torch.empty if len(wide) == 1 else torch.zeros
     out = make(shape, dtype=ts[0].dtype, device=ts[0].device)
     for m, t in enumerate(ts):
-        piece, target, empty = t, out, False
-        for d, dim in wide:
-            idx, start, count = sel.index(dim.space, dim.factor, m)
-            if count == 0:
-                empty = True
-                break
-            if idx is not None:
-                piece = piece.index_select(d, idx)
-            target = target.narrow(d, start, count)
-        if empty:
+        piece, target, scatter = t, out, []
+        for d, lay in wide:
+            src, dst = sel.place(lay, m)
+            if src is not None:
+                piece = piece.index_select(d, src)
+            if isinstance(dst, tuple):
+                target = target.narrow(d, *dst)
+            else:
+                scatter.append((d, dst))
+        if piece.numel() == 0:
             continue
-        target.copy_(piece)
         if weights is not None and weights[m] != 1.0:
-            target.mul_(weights[m])
+            piece = piece * weights[m]
+        if not scatter:
+            target.copy_(piece)
+            continue
+        for d, dst in scatter[:-1]:     # other members' entries in these slices are cross weights: zero
+            shape = list(piece.shape)
+            shape[d] = target.shape[d]
+            piece = piece.new_zeros(shape).index_copy_(d, dst, piece)
+        target.index_copy_(scatter[-1][0], scatter[-1][1], piece)
     return out
 
 
@@ -141,9 +175,10 @@ def assemble(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float],
 
 def _set_attributes(model: nn.Module, members, plan: Plan, sel: _Selection):
     for name, layer in plan.layers.items():
+        if layer.kind in ("param", "lnf"):
+            continue
         mod = model.get_submodule(name)
-        out_n = sel.new_size.get(layer.out)
-        in_n = sel.new_size.get(layer.inp)
+        out_n, in_n = sel.length(layer.out), sel.length(layer.inp)
         if layer.kind == "linear":
             mod.out_features = mod.weight.shape[0]
             mod.in_features = mod.weight.shape[1]
@@ -153,8 +188,10 @@ def _set_attributes(model: nn.Module, members, plan: Plan, sel: _Selection):
         elif layer.kind == "dwconv":
             mod.in_channels = mod.out_channels = mod.groups = out_n
         elif layer.kind == "gconv":
-            mod.groups = sum(m.get_submodule(name).groups for m in members)
+            mod.groups = in_n // mod.weight.shape[1]
             mod.out_channels = mod.weight.shape[0]
             mod.in_channels = in_n
         elif layer.kind == "bn" and out_n is not None:
             mod.num_features = out_n
+        elif layer.kind == "ln" and out_n is not None:
+            mod.normalized_shape = (out_n,)

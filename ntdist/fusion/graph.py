@@ -17,8 +17,9 @@ from torch.fx import symbolic_trace
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ntdist.errors import UserError
-from ntdist.fusion.ops import NeedShapes, propagate, refuse, tensor_args
-from ntdist.fusion.plan import IN, OUT, Dim, Layer, Plan, TensorSpec, Val
+from ntdist.fusion.ops import fetch, propagate, tensor_args
+from ntdist.fusion.shapes import NeedShapes, one, refuse
+from ntdist.fusion.plan import IN, OUT, Dim, Layer, Param, Plan, TensorSpec, Val
 
 
 class _Spaces:
@@ -38,6 +39,17 @@ class _Spaces:
             self.parent[s] = self.parent[self.parent[s]]
             s = self.parent[s]
         return s
+
+    def union_layouts(self, a, b, name):
+        """Merge two layouts part by part (a residual addition); refuse if they are cut differently."""
+        if len(a) != len(b) or any(x.factor != y.factor for x, y in zip(a, b)):
+            refuse(name, "combines tensors with different feature layouts (differently concatenated or flattened)")
+        for x, y in zip(a, b):
+            rx, ry = self.find(x.space), self.find(y.space)
+            if rx != ry and IN in (rx, ry):
+                refuse(name, "adds hidden channels to the model input; cannot widen exactly")
+            self.union(x.space, y.space)
+        return a
 
     def union(self, a: int, b: int) -> int:
         ra, rb = self.find(a), self.find(b)
@@ -126,9 +138,9 @@ def _walk(model, gm, shaped: bool, in_ndim) -> Plan:
         if shaped and "tensor_meta" in node.meta and hasattr(node.meta["tensor_meta"], "shape"):
             shape = tuple(node.meta["tensor_meta"].shape)
         if node.op == "placeholder":
-            val = Val(IN, 1, len(shape) if shape else in_ndim, None)
+            val = Val(one(IN), len(shape) if shape else in_ndim, None)
         elif node.op == "get_attr":
-            refuse(node.target, "reads a parameter or buffer directly inside forward")
+            val = Param(node.target)
         elif node.op == "output":
             outs = [a for a in tensor_args(node, env)]
             if len(outs) != 1:
@@ -137,12 +149,16 @@ def _walk(model, gm, shaped: bool, in_ndim) -> Plan:
             continue
         else:
             val = propagate(node, gm, env, sp, layers, nonlinear, shape)
-        if val is not None and shape is not None:
-            val = Val(val.space, val.factor, len(shape), _prod(shape[2:]) if len(shape) > 2 else None)
+        if isinstance(val, Val) and shape is not None:
+            cdim = val.cdim % len(shape) if shape else 1
+            hw = _prod(s for d, s in enumerate(shape) if d not in (0, cdim)) if len(shape) > 2 else None
+            val = Val(val.lay, len(shape), hw, cdim)
         env[node] = val
     if out_val is None:
         refuse("output", "has no tensor output")
-    sp.union(OUT, out_val.space)
+    if len(out_val.lay) != 1:
+        refuse("output", "is a concatenation of layers' outputs; fusion needs one output layer to average")
+    sp.union(OUT, out_val.lay[0].space)
     return _finish(model, sp, layers, nonlinear)
 
 
@@ -156,10 +172,12 @@ def _prod(xs):
 def _finish(model, sp, layers, nonlinear) -> Plan:
     fin, fout = sp.find(IN), sp.find(OUT)
     fixed = {fin, fout}
-    for name, space in nonlinear:
-        if sp.find(space) == fout:
-            refuse(name, "applies a non-linear operation to the model output; the average of members' "
-                         "outputs cannot be computed by one widened model")
+    inexact = ""
+    for name, lay in nonlinear:
+        if not inexact and any(sp.find(d.space) == fout for d in lay):
+            inexact = (f"cannot concatenate at layer '{name}': it applies a non-linear operation to the output "
+                       "layer's result, so no widened model of this class computes the members' average output; "
+                       "fuse(method='nt') still prunes it back to one model")
     if fin == fout:
         refuse("output", "is added to the model input; fusion needs hidden layers between input and output")
     sizes, order, probe, tensors = {}, [], {}, {}
@@ -168,49 +186,99 @@ def _finish(model, sp, layers, nonlinear) -> Plan:
         if r not in fixed and r not in sizes:
             sizes[r] = sp.size[s]
             order.append(r)
-    first = None
+    first, coupled = None, _Coupling()
+
+    def wide(lay, name):
+        lay = tuple(Dim(sp.find(d.space), d.factor) for d in lay)
+        if any(d.space in fixed for d in lay):
+            if len(lay) > 1:
+                refuse(name, "concatenates the model input or output channels with hidden ones")
+            return None
+        return lay
+
     for name, layer in layers.items():
-        layer.out, layer.inp = sp.find(layer.out), sp.find(layer.inp)
-        if first is None and layer.kind in ("linear", "conv", "gconv") and layer.inp == fin and layer.out not in fixed:
-            first = layer.out
-        if layer.out in fixed and layer.kind in ("dwconv", "gconv", "bn"):
+        out, inp = wide(layer.out, name), wide(layer.inp, name)
+        if first is None and layer.kind in ("linear", "conv", "gconv") and inp is None and out is not None \
+                and sp.find(layer.inp[0].space) == fin:
+            first = out[0].space
+        if out is None and layer.kind in ("dwconv", "gconv", "bn", "ln", "lnf", "param"):
             refuse(name, f"({layer.kind}) acts on the model input or output channels; only Linear/Conv "
                          "layers may touch them")
-        if layer.kind == "gconv" and layer.inp in fixed:
-            refuse(name, "is a grouped convolution on the model input; grouped layers must consume hidden channels")
-        if layer.out == fin and layer.kind in ("linear", "conv"):
+        if layer.kind == "gconv":
+            if inp is None:
+                refuse(name, "is a grouped convolution on the model input; grouped layers must consume hidden channels")
+            coupled.add(name, (inp[0].space, out[0].space), model.get_submodule(name).groups)
+        if layer.kind in ("linear", "conv") and sp.find(layer.out[0].space) == fin:
             refuse(name, "writes into the model input's channels (a residual on the input); cannot widen exactly")
-        _layer_tensors(model, name, layer, fixed, fout, tensors)
+        role = "output" if out is None and sp.find(layer.out[0].space) == fout else "layer"
+        layer.out, layer.inp = out, inp
+        if layer.kind == "param":
+            owner, _, attr = name.rpartition(".")
+            dims = tuple(out if d == layer.axis else None for d in range(fetch(model, name).dim()))
+            tensors[name] = TensorSpec(owner, attr, dims, role=role, part="param")
+        elif layer.kind != "lnf":
+            _layer_tensors(model, name, layer, role, tensors)
     for mname, mod in model.named_modules(remove_duplicate=False):
         for attr, t in list(mod._parameters.items()) + list(mod._buffers.items()):
             key = f"{mname}.{attr}" if mname else attr
             if t is not None and key not in tensors:
                 tensors[key] = TensorSpec(mname, attr, (None,) * t.dim(), role="shared")
     for key, spec in tensors.items():
-        for d, dim in enumerate(spec.dims):
-            if dim is not None and dim.space not in probe:
-                probe[dim.space] = (key, d, dim.factor)
-    return Plan(sizes, order, layers, tensors, first, probe)
+        for d, lay in enumerate(spec.dims):
+            if lay is not None and len(lay) == 1 and lay[0].space not in probe:
+                probe[lay[0].space] = (key, d, lay[0].factor)
+    missing = [s for s in sizes if s not in probe]
+    if missing:
+        refuse("output", "has channels that only ever appear concatenated with others; cannot size them")
+    norms = sum(1 for layer in layers.values() if layer.kind in ("ln", "lnf"))
+    return Plan(sizes, order, layers, tensors, first, probe, coupled.sets(sizes), inexact, norms)
 
 
-def _layer_tensors(model, name, layer, fixed, fout, tensors):
+class _Coupling:
+    """Spaces that grouped convolutions cut into blocks, merged into sets pruned block by block together."""
+
+    def __init__(self):
+        self.groups, self.layer, self.link = {}, {}, {}
+
+    def add(self, name, spaces, groups):
+        for s in spaces:
+            if self.groups.setdefault(s, groups) != groups:
+                refuse(name, f"cuts its channels into {groups} groups, but another grouped convolution cuts "
+                             f"them into {self.groups[s]}; cannot prune both exactly")
+            self.layer.setdefault(s, name)
+        a, b = (self._root(s) for s in spaces)
+        self.link[b] = a
+
+    def _root(self, s):
+        while self.link.get(s, s) != s:
+            s = self.link[s]
+        return s
+
+    def sets(self, sizes):
+        out = {}
+        for s in self.groups:
+            out.setdefault(self._root(s), []).append(s)
+        result = []
+        for members in out.values():
+            g = self.groups[members[0]]
+            for s in members:
+                if sizes[s] % g:
+                    refuse(self.layer[s], f"has {sizes[s]} channels, not a multiple of its {g} groups")
+            result.append((tuple(sorted(members)), g, self.layer[members[0]]))
+        return result
+
+
+def _layer_tensors(model, name, layer, role, tensors):
     mod = model.get_submodule(name)
-
-    def dim(space, factor=1):
-        return None if space in fixed else Dim(space, factor)
-
-    role = "output" if layer.out == fout else "layer"
+    out, inp = layer.out, layer.inp
     rest = (None,) * (mod.weight.dim() - 2) if getattr(mod, "weight", None) is not None else ()
-    if layer.kind == "linear":
-        specs = {"weight": ((dim(layer.out), dim(layer.inp, layer.factor)), "weight"),
-                 "bias": ((dim(layer.out),), "bias")}
-    elif layer.kind == "conv":
-        specs = {"weight": ((dim(layer.out), dim(layer.inp)) + rest, "weight"), "bias": ((dim(layer.out),), "bias")}
+    if layer.kind in ("linear", "conv"):
+        specs = {"weight": ((out, inp) + rest, "weight"), "bias": ((out,), "bias")}
     elif layer.kind in ("dwconv", "gconv"):
-        specs = {"weight": ((dim(layer.out), None) + rest, "weight"), "bias": ((dim(layer.out),), "bias")}
+        specs = {"weight": ((out, None) + rest, "weight"), "bias": ((out,), "bias")}
     else:
-        specs = {"weight": ((dim(layer.out),), "scale"), "bias": ((dim(layer.out),), "shift"),
-                 "running_mean": ((dim(layer.out),), "stat"), "running_var": ((dim(layer.out),), "stat")}
+        specs = {"weight": ((out,), "scale"), "bias": ((out,), "shift"),
+                 "running_mean": ((out,), "stat"), "running_var": ((out,), "stat")}
     for attr, t in list(mod._parameters.items()) + list(mod._buffers.items()):
         if t is None:
             continue

@@ -16,6 +16,7 @@ from typing import Callable, Dict, List
 import torch
 
 from ntdist.errors import UserError, suggest
+from ntdist.fusion.plan import parts_of
 
 
 @dataclass
@@ -83,8 +84,13 @@ def resolve(importance) -> Callable[[SpaceView], torch.Tensor]:
 
 
 def space_views(tensors: Dict[str, torch.Tensor], plan, weight: float = 1.0) -> Dict[int, SpaceView]:
-    """The SpaceView of every hidden space of one model; output-layer columns are scaled by `weight`."""
+    """The SpaceView of every hidden space of one model; output-layer columns are scaled by `weight`.
+
+    A dimension made of concatenated parts contributes each part to its own space.
+    """
     views = {s: SpaceView() for s in plan.sizes}
+    sizes = plan.space_sizes(tensors)
+    kinds = {"bias": "biases", "scale": "scales"}
     for name, spec in plan.tensors.items():
         if spec.role not in ("layer", "output") or not spec.dims:
             continue
@@ -92,14 +98,14 @@ def space_views(tensors: Dict[str, torch.Tensor], plan, weight: float = 1.0) -> 
         first = spec.dims[0]
         if spec.part == "weight":
             if first is not None:
-                views[first.space].producers.append(t)
+                for d, rows in parts_of(t, 0, first, sizes):
+                    views[d.space].producers.append(rows)
             if len(spec.dims) > 1 and spec.dims[1] is not None:
-                col, factor = t.transpose(0, 1), spec.dims[1].factor
-                if factor > 1:
-                    col = col.unflatten(0, (col.shape[0] // factor, factor))
-                views[spec.dims[1].space].consumers.append(col * weight if spec.role == "output" else col)
-        elif spec.part == "bias" and first is not None:
-            views[first.space].biases.append(t)
-        elif spec.part == "scale" and first is not None:
-            views[first.space].scales.append(t)
+                for d, col in parts_of(t.transpose(0, 1), 0, spec.dims[1], sizes):
+                    if d.factor > 1:
+                        col = col.unflatten(0, (col.shape[0] // d.factor, d.factor))
+                    views[d.space].consumers.append(col * weight if spec.role == "output" else col)
+        elif spec.part in kinds and first is not None:
+            for d, vals in parts_of(t, 0, first, sizes):
+                getattr(views[d.space], kinds[spec.part]).append(vals)
     return views

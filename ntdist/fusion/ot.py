@@ -20,6 +20,7 @@ from ntdist.fusion.assemble import clone_with, tensors_of
 from ntdist.fusion.baselines import average
 from ntdist.fusion.checks import check_models, check_weights
 from ntdist.fusion.graph import Plan, analyze
+from ntdist.fusion.plan import parts_of
 
 
 class _Transport:
@@ -44,15 +45,26 @@ class _Transport:
 
 
 def _producers(plan: Plan):
-    """space -> list of (weight name, bias name or None, [(dim, Dim) of its other channel dims])."""
+    """space -> list of (weight name, bias name or None, [(dim, Layout) of its other channel dims]).
+
+    Only layers whose output is the one space count (a depthwise conv or BatchNorm
+    over a concatenation follows the transports of the parts it reads).
+    """
     biases = {spec.module: name for name, spec in plan.tensors.items()
               if spec.part == "bias" and spec.dims and spec.dims[0] is not None}
     out: Dict[int, List] = {s: [] for s in plan.sizes}
     for name, spec in plan.tensors.items():
-        if spec.part == "weight" and spec.dims and spec.dims[0] is not None:
-            ins = [(d, dim) for d, dim in enumerate(spec.dims) if d > 0 and dim is not None]
-            out[spec.dims[0].space].append((name, biases.get(spec.module), ins))
+        if spec.part == "weight" and spec.dims and spec.dims[0] is not None and len(spec.dims[0]) == 1:
+            ins = [(d, lay) for d, lay in enumerate(spec.dims) if d > 0 and lay is not None]
+            out[spec.dims[0][0].space].append((name, biases.get(spec.module), ins))
     return out
+
+
+def _move(maps, t: torch.Tensor, d: int, layout, sizes) -> torch.Tensor:
+    """`t` with every part of `layout` along dimension d transported onto the anchor's units."""
+    if len(layout) == 1:
+        return maps[layout[0].space].apply(t, d, layout[0].factor)
+    return torch.cat([maps[p.space].apply(piece, d, p.factor) for p, piece in parts_of(t, d, layout, sizes)], d)
 
 
 def _solve(cost: torch.Tensor) -> _Transport:
@@ -68,18 +80,19 @@ def _solve(cost: torch.Tensor) -> _Transport:
 def align(member: Dict[str, torch.Tensor], anchor: Dict[str, torch.Tensor], plan: Plan) -> Dict[str, torch.Tensor]:
     """The member's tensors with every hidden space transported onto the anchor's units."""
     prods = _producers(plan)
+    sizes = plan.space_sizes(member)
     maps: Dict[int, _Transport] = {}
     deferred = set()
 
     def cost_of(s, use_all):
         total = None
         for wname, bname, ins in prods[s]:
-            if not use_all and any(dim.space not in maps for _, dim in ins):
+            if not use_all and any(p.space not in maps for _, lay in ins for p in lay):
                 deferred.add(s)
                 continue
             wm, wa = member[wname], anchor[wname]
-            for d, dim in ins:
-                wm = maps[dim.space].apply(wm, d, dim.factor)
+            for d, lay in ins:
+                wm = _move(maps, wm, d, lay, sizes)
             rows_m, rows_a = wm.reshape(wm.shape[0], -1), wa.reshape(wa.shape[0], -1)
             if bname is not None:
                 rows_m = torch.cat([rows_m, member[bname][:, None]], 1)
@@ -97,9 +110,9 @@ def align(member: Dict[str, torch.Tensor], anchor: Dict[str, torch.Tensor], plan
         for name, spec in plan.tensors.items():
             t = member[name]
             if spec.role in ("layer", "output"):
-                for d, dim in enumerate(spec.dims):
-                    if dim is not None:
-                        t = maps[dim.space].apply(t, d, dim.factor)
+                for d, lay in enumerate(spec.dims):
+                    if lay is not None:
+                        t = _move(maps, t, d, lay, sizes)
             out[name] = t.clone() if t is member[name] else t
     return out
 

@@ -1,9 +1,13 @@
 """The data types of the channel-space analysis: what `graph.analyze` produces and everything else reads.
 
 A `Plan` says, for every parameter and buffer of a model, which of its
-dimensions lie in which hidden channel space (`Dim`), so concatenation,
-pruning and OT alignment treat any architecture alike. Spaces are integers;
-`IN` and `OUT` are the model's input and output spaces, which are never widened.
+dimensions lie in which hidden channel spaces, so concatenation, pruning and OT
+alignment treat any architecture alike. A widened dimension is a `Layout`: the
+ordered parts (`Dim`) a channel concatenation made it of, usually just one.
+Each part is widened on its own (member-major), so the wide layout of
+`cat([a, b])` is `[a of every member, b of every member]`. Spaces are
+integers; `IN` and `OUT` are the model's input and output spaces, which are
+never widened.
 """
 
 from dataclasses import dataclass, field
@@ -22,13 +26,26 @@ class Dim:
     factor: int = 1
 
 
+Layout = Tuple[Dim, ...]
+
+
+def part_sizes(layout: Layout, sizes: Dict[int, int]) -> List[int]:
+    """The length of each part of `layout` along its dimension, given every space's size."""
+    return [sizes[d.space] * d.factor for d in layout]
+
+
+def parts_of(t: torch.Tensor, d: int, layout: Layout, sizes: Dict[int, int]):
+    """(Dim, slice of `t` along dimension d) for every part of `layout`."""
+    return list(zip(layout, t.split(part_sizes(layout, sizes), d)))
+
+
 @dataclass
 class TensorSpec:
-    """How one parameter or buffer is widened: `dims[d]` is a Dim or None (left alone)."""
+    """How one parameter or buffer is widened: `dims[d]` is a Layout or None (left alone)."""
 
     module: str
     attr: str
-    dims: Tuple[Optional[Dim], ...] = ()
+    dims: Tuple[Optional[Layout], ...] = ()
     role: str = "layer"   # layer | output (weighted by member) | counter (max) | shared (member 0)
     part: str = ""        # weight | bias | scale | stat: what importance scores look at
 
@@ -37,10 +54,10 @@ class TensorSpec:
 class Layer:
     """A module whose parameters or attributes change with the width."""
 
-    kind: str             # linear | conv | dwconv | gconv | bn
-    out: int
-    inp: int
-    factor: int = 1       # flatten factor on the input dimension (Linear after a conv)
+    kind: str             # linear | conv | dwconv | gconv | bn | ln | param
+    out: Layout
+    inp: Layout
+    axis: int = 0         # for a parameter read in forward (kind param): its dimension along the channels
 
 
 @dataclass
@@ -53,6 +70,10 @@ class Plan:
     tensors: Dict[str, TensorSpec]
     first_space: Optional[int] = None      # the first hidden layer's space (what `width` refers to)
     probe: Dict[int, Tuple[str, int, int]] = field(default_factory=dict)  # space -> (tensor, dim, factor)
+    coupled: List[Tuple[Tuple[int, ...], int, str]] = field(default_factory=list)
+    """(spaces, groups, layer): spaces a grouped conv cuts into `groups` blocks per member, kept block by block."""
+    inexact: str = ""      # why concatenation cannot be exact (a non-linearity after the output layer), or ""
+    norms: int = 0         # LayerNorms: the concatenated model normalises each member's block on its own
 
     def space_sizes(self, tensors: Dict[str, torch.Tensor]) -> Dict[int, int]:
         """Size of every hidden space in a model given its tensors (members may differ in width)."""
@@ -60,9 +81,21 @@ class Plan:
 
 
 class Val(NamedTuple):
-    """What the analysis knows about a tensor: channel space, flatten factor, rank, spatial size."""
+    """What the analysis knows about a tensor: channel layout, rank, spatial size, channel dimension."""
 
-    space: int
-    factor: int
+    lay: Layout
     ndim: Optional[int]
     hw: Optional[int]
+    cdim: int = 1
+
+
+class Param(NamedTuple):
+    """A parameter or buffer that forward reads directly (a get_attr node), by its state-dict name."""
+
+    name: str
+
+
+class Tup(NamedTuple):
+    """The tensors a channel split returns, in order."""
+
+    items: Tuple[Val, ...]

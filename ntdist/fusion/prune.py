@@ -5,6 +5,9 @@ space (round(original * ratio), never torch-pruning's off-by-one);
 `select` ranks the units of the (virtually) concatenated members with an
 importance function and keeps the best ones; `prune` applies that to a single
 model. Residually coupled channels share one space and are pruned together.
+Spaces a grouped convolution cuts into blocks (its input and output channel
+groups) are pruned block by block, the same blocks in every such space, so the
+result keeps whole groups: the original channels per group, fewer groups.
 """
 
 import math
@@ -40,14 +43,42 @@ def ratio_of(plan: Plan, ref_sizes: Dict[int, int], k: float, width=None, keep_r
     return 1.0
 
 
+def _round(n: int, ratio: float) -> int:
+    t = int(math.floor(n * ratio + 0.5))
+    if t < 1:
+        raise UserError(f"pruning to ratio {ratio:g} leaves no unit in a layer of width {n}; use a larger width")
+    return t
+
+
 def targets(plan: Plan, ref_sizes: Dict[int, int], ratio: float) -> Dict[int, int]:
-    """Exact number of units to keep in every hidden space: round(original * ratio), at least 1."""
+    """Exact number of units to keep in every hidden space: round(original * ratio), at least 1.
+
+    A space cut into groups keeps round(groups * ratio) whole blocks.
+    """
+    out = {s: _round(n, ratio) for s, n in ref_sizes.items()}
+    for spaces, groups, _ in plan.coupled:
+        for s in spaces:
+            out[s] = _round(ref_sizes[s] // block_size(plan, s, groups), ratio) * block_size(plan, s, groups)
+    return out
+
+
+def block_size(plan: Plan, space: int, groups: int) -> int:
+    """Units per group block of a space a grouped convolution cuts into `groups` blocks."""
+    return plan.sizes[space] // groups
+
+
+def shares(plan: Plan, want: Dict[int, int], sizes: List[Dict[int, int]], weights) -> Dict[int, List[int]]:
+    """Units of every space each member keeps before merging (prune_merge), whole blocks in grouped spaces."""
     out = {}
-    for s, n in ref_sizes.items():
-        t = int(math.floor(n * ratio + 0.5))
-        if t < 1:
-            raise UserError(f"pruning to ratio {ratio:g} leaves no unit in a layer of width {n}; use a larger width")
-        out[s] = t
+    for s in plan.sizes:
+        caps = [sz[s] for sz in sizes]
+        out[s] = split(min(want[s], sum(caps)), weights, caps)   # may be 0 for some members if want < k
+    for spaces, groups, _ in plan.coupled:
+        b = block_size(plan, spaces[0], groups)
+        caps = [sz[spaces[0]] // b for sz in sizes]
+        blocks = split(min(want[spaces[0]] // b, sum(caps)), weights, caps)
+        for s in spaces:
+            out[s] = [n * block_size(plan, s, groups) for n in blocks]
     return out
 
 
@@ -80,16 +111,18 @@ def verify_finite(models, plan: Plan, importance, keep) -> None:
     if resolve(importance) in (l1, l2):
         for name, spec in plan.tensors.items():
             first = spec.dims[0] if spec.dims else None
-            if spec.part in ("weight", "bias") and first is not None and keep.get(first.space) is not None:
+            if spec.part in ("weight", "bias") and first is not None and all(
+                    keep.get(d.space) is not None for d in first):
                 skip.add(name)
     check_finite(models, skip)
 
 
-def _check_grouped(plan: Plan, keep):
-    for name, layer in plan.layers.items():
-        if layer.kind == "gconv" and (keep.get(layer.out) is not None or keep.get(layer.inp) is not None):
-            raise UserError(f"cannot prune the grouped convolution '{name}' exactly; keep every unit "
-                            "(keep_ratio equal to the number of models) or use method='avg'")
+def _ranked(scores: List[torch.Tensor], count: int, models) -> torch.Tensor:
+    scores = torch.cat(scores)
+    if not torch.isfinite(scores).all():
+        check_finite(models)
+        raise UserError("importance scores are not finite; check the importance function")
+    return torch.sort(torch.sort(scores, descending=True, stable=True).indices[:count]).values
 
 
 def select(models: Sequence[nn.Module], plan: Plan, importance, want: Dict[int, int],
@@ -101,24 +134,30 @@ def select(models: Sequence[nn.Module], plan: Plan, importance, want: Dict[int, 
     if all(want[s] >= totals[s] for s in plan.sizes):
         return {}
     views = [space_views(tensors_of(m), plan, w) for m, w in zip(models, weights)]
-    keep = {}
-    for s in plan.order:
-        if want[s] >= totals[s]:
-            keep[s] = None
-            continue
-        scores = []
+
+    def unit_scores(s):
+        out = []
         for m, v in enumerate(views):
             score = fn(v[s]).reshape(-1)
             if score.shape[0] != sizes[m][s]:
                 raise UserError(f"importance returned {score.shape[0]} scores for a layer of {sizes[m][s]} units")
-            scores.append(score.double())
-        scores = torch.cat(scores)
-        if not torch.isfinite(scores).all():
-            check_finite(models)
-            raise UserError("importance scores are not finite; check the importance function")
-        best = torch.sort(scores, descending=True, stable=True).indices[:want[s]]
-        keep[s] = torch.sort(best).values
-    _check_grouped(plan, keep)
+            out.append(score.double())
+        return out
+
+    keep = {}
+    for spaces, groups, _ in plan.coupled:      # whole blocks, the same ones in every coupled space
+        blocks = {s: block_size(plan, s, groups) for s in spaces}
+        if want[spaces[0]] >= totals[spaces[0]]:
+            keep.update({s: None for s in spaces})
+            continue
+        per_block = [sum(sc.reshape(-1, blocks[s]).sum(1) for s, sc in zip(spaces, member))
+                     for member in zip(*(unit_scores(s) for s in spaces))]
+        best = _ranked(per_block, want[spaces[0]] // blocks[spaces[0]], models)
+        keep.update({s: (best[:, None] * b + torch.arange(b)).reshape(-1) for s, b in blocks.items()})
+    for s in plan.order:
+        if s in keep:
+            continue
+        keep[s] = None if want[s] >= totals[s] else _ranked(unit_scores(s), want[s], models)
     return keep
 
 

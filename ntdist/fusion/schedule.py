@@ -16,7 +16,8 @@ from ntdist.fusion.assemble import assemble, tensors_of
 from ntdist.fusion.checks import check_finite, check_models, check_weights, normalized
 from ntdist.fusion.graph import Plan, analyze
 from ntdist.fusion.importance import resolve
-from ntdist.fusion.prune import ratio_of, select, split, targets, verify_finite
+from ntdist.fusion.norms import group_layer_norms
+from ntdist.fusion.prune import ratio_of, select, shares, targets, verify_finite
 
 METHODS = ("nt", "avg", "ot")
 SCHEDULES = ("flat", "iterative", "recursive")
@@ -27,7 +28,11 @@ def concat(models: Sequence[nn.Module], weights: Optional[Sequence[float]] = Non
     """The wide model: hidden layers side by side, output layer averaging the members (weighted)."""
     models = check_models(models)
     w = normalized(check_weights(weights, len(models)))
-    return assemble(models, analyze(models[0], example_inputs), w)
+    plan = analyze(models[0], example_inputs)
+    if plan.inexact:
+        raise UserError(plan.inexact)
+    wide = assemble(models, plan, w)
+    return group_layer_norms(wide, len(models)) if plan.norms else wide
 
 
 def nt_step(models: Sequence[nn.Module], weights: Sequence[float], plan: Plan, ratio: float,
@@ -42,14 +47,10 @@ def nt_step(models: Sequence[nn.Module], weights: Sequence[float], plan: Plan, r
         verify_finite(models, plan, importance, keep)
         return assemble(models, plan, w, keep)
     check_finite(models)
-    sizes = [plan.space_sizes(tensors_of(m)) for m in models]
-    shares = {}
-    for s in plan.sizes:
-        caps = [sz[s] for sz in sizes]
-        shares[s] = split(min(want[s], sum(caps)), w, caps)   # may be 0 for some members if want < k
+    each = shares(plan, want, [plan.space_sizes(tensors_of(m)) for m in models], w)
     pruned = []
     for m, model in enumerate(models):
-        mine = {s: shares[s][m] for s in plan.sizes}
+        mine = {s: each[s][m] for s in plan.sizes}
         pruned.append(assemble([model], plan, [1.0], select([model], plan, importance, mine, [1.0])))
     return assemble(pruned, plan, w, None)
 

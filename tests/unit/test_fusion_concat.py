@@ -103,12 +103,30 @@ def test_depthwise_and_grouped_convolutions(k):
     assert_exact(wide, models, x)
 
 
-def test_pruning_a_grouped_conv_is_refused_by_name():
+@pytest.mark.parametrize("order", ["merge_prune", "prune_merge"])
+def test_pruning_a_grouped_conv_keeps_whole_groups(order):
     from ntdist.fusion import fuse
 
-    models = [Separable().eval() for _ in range(2)]
-    with pytest.raises(UserError, match="'group'"):
-        fuse(models)
+    torch.manual_seed(5)
+    models = [randomise_bn(Separable()).eval() for _ in range(3)]
+    fused = fuse(models, order=order)
+    assert fused.group.groups == 4 and tuple(fused.group.weight.shape) == (12, 2, 1, 1)
+    Separable().load_state_dict(fused.state_dict(), strict=True)
+    half = fuse(models, keep_ratio=0.5, order=order)        # 2 of the 4 groups: 4 inputs, 6 outputs
+    assert half.group.groups == 2 and tuple(half.group.weight.shape) == (6, 2, 1, 1)
+    assert half.dw.weight.shape[0] == 4 and torch.isfinite(half(torch.randn(2, 3, 6, 6))).all()
+
+
+def test_grouped_conv_pruning_takes_its_blocks_from_the_members():
+    from ntdist.fusion import fuse
+
+    torch.manual_seed(6)
+    a, b = Separable().eval(), Separable().eval()
+    with torch.no_grad():
+        b.group.weight[3:6].mul_(100.0)          # group 1 of member b (outputs 3..5) dominates
+    fused = fuse([a, b])
+    kept = [torch.equal(fused.group.weight[i:i + 3], b.group.weight[3:6]) for i in range(0, 12, 3)]
+    assert sum(kept) == 1
 
 
 class WithNorm(nn.Module):
@@ -127,14 +145,33 @@ class WithNorm(nn.Module):
             return self.fc2(self.norm(self.fc1(x)))
         if self.kind == "attention":
             return self.fc2(self.attn(x, x, x)[0])
-        return self.fc3(torch.cat([self.fc1(x), self.fc1(x)], dim=1))
+        first, second = self.fc1(x).chunk(2, dim=1)        # cuts one layer's output in two
+        return self.fc2(torch.cat([second, first], dim=1))
 
 
-@pytest.mark.parametrize("kind,name", [("layernorm", "norm"), ("attention", "attn"), ("cat", "cat")])
+@pytest.mark.parametrize("kind,name", [("attention", "attn"), ("split", "chunk")])
 def test_refuses_layers_it_cannot_widen_exactly(kind, name):
     models = [WithNorm(kind) for _ in range(2)]
     with pytest.raises(UserError, match=f"'{name}"):
         concat(models)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_layernorm_normalises_each_member_block_in_the_concatenated_model(k):
+    from ntdist.fusion import fuse
+
+    torch.manual_seed(k)
+    models = [WithNorm("layernorm").eval() for _ in range(k)]
+    for m in models:
+        nn.init.normal_(m.norm.weight)
+        nn.init.normal_(m.norm.bias)
+    x = torch.randn(4, 6)
+    wide = concat(models)
+    assert_exact(wide, models, x)
+    fused = fuse(models)
+    fresh = WithNorm("layernorm")
+    fresh.load_state_dict(fused.state_dict(), strict=True)
+    assert fresh.norm.normalized_shape == (8,) and fresh(x).shape == (4, 3)
 
 
 def test_conv_model_with_flatten_asks_for_example_inputs():
@@ -147,3 +184,32 @@ def test_nonlinearity_after_the_output_layer_is_refused():
     models = [nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3), nn.Softmax(dim=1)) for _ in range(2)]
     with pytest.raises(UserError, match="'3'"):
         concat(models)
+
+
+class Tokens(nn.Module):
+    """A patch embedding written as in vision transformers: conv, flatten(2), transpose to tokens, per-channel
+    position embedding, Linear over channels-last tokens, then a mean over tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 6, 2, stride=2)
+        self.pos = nn.Parameter(torch.randn(1, 9, 6))
+        self.mlp = nn.Linear(6, 10)
+        self.head = nn.Linear(10, 4)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        return self.head(F.gelu(self.mlp(t)).mean(1))
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_patch_tokens_and_position_embedding_are_widened(k):
+    from ntdist.fusion import fuse
+
+    torch.manual_seed(k)
+    models = [Tokens().eval() for _ in range(k)]
+    x = torch.randn(2, 3, 6, 6)
+    wide = concat(models, example_inputs=x)
+    assert wide.pos.shape == (1, 9, 6 * k)
+    assert_exact(wide, models, x)
+    Tokens().load_state_dict(fuse(models, example_inputs=x).state_dict(), strict=True)

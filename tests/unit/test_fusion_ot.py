@@ -17,17 +17,20 @@ from ntdist.models import build_model
 def permuted_copy(model, example_inputs=None):
     """`model` with every hidden space randomly permuted (same function, different unit order)."""
     from ntdist.fusion.graph import analyze
+    from ntdist.fusion.plan import parts_of
 
     plan = analyze(model, example_inputs)
     perms = {s: torch.randperm(n) for s, n in plan.sizes.items()}
     state = {}
     for name, t in model.state_dict().items():
         spec = plan.tensors[name]
-        for d, dim in enumerate(spec.dims):
-            if dim is not None:
-                p = perms[dim.space]
-                idx = (p[:, None] * dim.factor + torch.arange(dim.factor)).reshape(-1)
-                t = t.index_select(d, idx)
+        for d, layout in enumerate(spec.dims):
+            if layout is not None:
+                pieces = []
+                for dim, piece in parts_of(t, d, layout, plan.sizes):
+                    p = perms[dim.space]
+                    pieces.append(piece.index_select(d, (p[:, None] * dim.factor + torch.arange(dim.factor)).reshape(-1)))
+                t = torch.cat(pieces, d)
         state[name] = t.clone()
     twin = copy.deepcopy(model)
     twin.load_state_dict(state)

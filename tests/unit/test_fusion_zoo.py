@@ -1,0 +1,114 @@
+"""One small member of every torchvision family the channel analysis covers: concat exact, NT to the original shapes.
+
+Channel concatenation (DenseNet, GoogLeNet, Inception v3), grouped convolutions
+pruned by whole groups (ResNeXt, RegNet), stochastic depth and squeeze-excitation
+(EfficientNet v1 and v2 blocks), channels-last blocks with LayerNorm and layer
+scale (ConvNeXt, whose concatenation normalises each member's block on its own), and SqueezeNet, whose ReLU after the output
+layer makes concatenation impossible but not NT. Members are narrow where the
+builder allows it, inputs small, BatchNorm statistics random.
+
+Run: .venv/bin/python -m pytest tests/unit/test_fusion_zoo.py
+"""
+
+from functools import partial
+
+import pytest
+import torch
+from torchvision.models import ConvNeXt, DenseNet, EfficientNet, GoogLeNet, Inception3, RegNet, ResNet, SqueezeNet
+from torchvision.models.convnext import CNBlockConfig
+from torchvision.models.efficientnet import FusedMBConvConfig, MBConvConfig
+from torchvision.models.regnet import BlockParams
+from torchvision.models.resnet import Bottleneck
+
+from helpers import randomise_bn
+from ntdist.errors import UserError
+from ntdist.fusion import Ensemble, concat, fuse
+
+
+def _efficientnet():
+    blocks = [FusedMBConvConfig(1, 3, 1, 8, 8, 1), MBConvConfig(4, 3, 2, 8, 12, 2),
+              MBConvConfig(6, 5, 2, 12, 16, 1)]
+    return EfficientNet(blocks, dropout=0.2, stochastic_depth_prob=0.2, num_classes=5, last_channel=24)
+
+
+def _regnet():
+    params = BlockParams.from_init_params(depth=3, w_0=8, w_a=8.0, w_m=2.0, group_width=4, se_ratio=0.25)
+    return RegNet(params, num_classes=5, stem_width=8)
+
+
+def _convnext():
+    return ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], stochastic_depth_prob=0.1, num_classes=5)
+
+
+def _perturb(model):
+    """Random LayerNorm affine parameters and layer scales (their defaults are ones, zeros and 1e-6)."""
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.LayerNorm):
+                mod.weight.normal_()
+                mod.bias.normal_()
+        for name, p in model.named_parameters():
+            if name.endswith("layer_scale"):
+                p.normal_()
+    return model
+
+
+FAMILIES = {
+    "convnext": (_convnext, 32),
+    "densenet": (partial(DenseNet, growth_rate=4, block_config=(2, 2, 2, 2), num_init_features=8,
+                         bn_size=2, num_classes=5), 32),
+    "googlenet": (partial(GoogLeNet, num_classes=5, aux_logits=False, init_weights=False), 32),
+    "inception_v3": (partial(Inception3, num_classes=5, aux_logits=False, init_weights=False), 75),
+    "resnext": (partial(ResNet, Bottleneck, [1, 1, 1, 1], groups=4, width_per_group=4,
+                        num_classes=5), 32),
+    "regnet": (_regnet, 32),
+    "efficientnet": (_efficientnet, 32),
+}
+
+
+def members(family, k, seed=0):
+    build, size = FAMILIES[family]
+    torch.manual_seed(seed)
+    return [_perturb(randomise_bn(build())).eval() for _ in range(k)], torch.randn(2, 3, size, size)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_concat_is_exact(family, k):
+    models, x = members(family, k, seed=k)
+    wide = concat(models, example_inputs=x)
+    with torch.no_grad():
+        ref, out = Ensemble(models)(x), wide(x)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_nt_returns_the_original_architecture(family):
+    models, x = members(family, 2, seed=7)
+    fused = fuse(models, example_inputs=x)
+    fresh = FAMILIES[family][0]()
+    fresh.load_state_dict(fused.state_dict(), strict=True)
+    for name, mod in fresh.named_modules():
+        if isinstance(mod, torch.nn.Conv2d):
+            assert fused.get_submodule(name).groups == mod.groups, name
+    with torch.no_grad():
+        assert torch.isfinite(fresh.eval()(x)).all()
+
+
+def test_dense_block_keeps_every_part_of_its_concatenation_in_place():
+    models, x = members("densenet", 2)
+    fused = fuse(models, example_inputs=x)
+    layer = fused.features.denseblock1.denselayer2
+    # conv1 reads cat([stem (8), denselayer1 (4)]): each part pruned on its own, so both keep their widths
+    assert tuple(layer.norm1.weight.shape) == (12,) and tuple(layer.conv1.weight.shape) == (8, 12, 1, 1)
+
+
+def test_squeezenet_refuses_concat_with_the_reason_and_still_fuses():
+    torch.manual_seed(0)
+    models = [randomise_bn(SqueezeNet("1_1", num_classes=5)).eval() for _ in range(2)]
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(UserError, match=r"'classifier\.2'.*non-linear"):
+        concat(models, example_inputs=x)
+    fused = fuse(models, example_inputs=x)
+    SqueezeNet("1_1", num_classes=5).load_state_dict(fused.state_dict(), strict=True)
+    assert fused(x).shape == (2, 5)
