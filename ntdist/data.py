@@ -1,10 +1,11 @@
-"""Datasets: scikit-learn's bundled digits (the default), torchvision image sets, synthetic data.
+"""Datasets: scikit-learn's bundled digits (the default), MNIST-1D, torchvision image sets, synthetic data.
 
 Every dataset is returned as train / validation / test splits. Validation is
 always carved out of the training data with a fixed seed, so checkpoints are
 selected without looking at the test set.
 """
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ TORCHVISION_SETS = {
     "svhn": ("SVHN", (3, 32, 32), 10, "train_32x32.mat and test_32x32.mat",
              (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
 }
-DATASETS = ["digits", "synthetic", *TORCHVISION_SETS]
+DATASETS = ["digits", "mnist1d", "synthetic", *TORCHVISION_SETS]
 
 
 @dataclass
@@ -42,7 +43,7 @@ class DataConfig:
     batch_size: int = opt(32, "batch size per rank")
     eval_batch_size: int = opt(256, "batch size for evaluation")
     val_fraction: float = opt(0.1, "share of the training data held out for validation")
-    test_fraction: float = opt(0.2, "share held out for testing (digits and synthetic only)")
+    test_fraction: float = opt(0.2, "share held out for testing (digits and synthetic only; the others have a test set)")
     train_fraction: float = opt(1.0, "use only this share of the remaining training data")
     split_seed: int = opt(0, "seed of the train/validation/test split (fixed across members)")
     synthetic_samples: int = opt(4096, "synthetic: number of samples")
@@ -107,6 +108,39 @@ def load_digits_splits(cfg: DataConfig) -> Splits:
     return _tensor_splits(x, y, cfg, 10)
 
 
+@functools.lru_cache(maxsize=1)
+def _mnist1d_arrays():
+    """The published MNIST-1D split (Greydanus & Kobak), regenerated offline from its templates.
+
+    `make_dataset(get_dataset_args())` with the package's own arguments (seed 42, 5000 samples,
+    length 40) gives the 4000/1000 split of the published file; the downloader is never called.
+    The generator seeds Python's and NumPy's global RNGs: their states are put back afterwards.
+    """
+    import random
+
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError:
+        raise UserError("data.name=mnist1d needs the mnist1d package (a dependency of ntdist): "
+                        "pip install mnist1d, or reinstall ntdist") from None
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        data = make_dataset(get_dataset_args())
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    return data["x"], data["y"], data["x_test"], data["y_test"]
+
+
+def load_mnist1d_splits(cfg: DataConfig) -> Splits:
+    """MNIST-1D as [N, 1, 40] float signals; the published test set, validation carved from train."""
+    x, y, x_test, y_test = _mnist1d_arrays()
+    as_x = lambda a: torch.tensor(a, dtype=torch.float32).unsqueeze(1)  # noqa: E731
+    as_y = lambda a: torch.tensor(a, dtype=torch.long)  # noqa: E731
+    test = TensorDataset(as_x(x_test), as_y(y_test))
+    return _holdout(TensorDataset(as_x(x), as_y(y)), test, cfg, (1, x.shape[1]), 10)
+
+
 def load_synthetic_splits(cfg: DataConfig) -> Splits:
     """Gaussian class clusters in `synthetic_shape`: cheap data of any size for scale tests."""
     g = torch.Generator().manual_seed(cfg.split_seed)
@@ -145,6 +179,8 @@ def load_splits(cfg: DataConfig) -> Splits:
     check_choice(cfg.name, DATASETS, "dataset data.name")
     if cfg.name == "digits":
         splits = load_digits_splits(cfg)
+    elif cfg.name == "mnist1d":
+        splits = load_mnist1d_splits(cfg)
     elif cfg.name == "synthetic":
         splits = load_synthetic_splits(cfg)
     else:
