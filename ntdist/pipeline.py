@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -25,13 +25,14 @@ from ntdist.distributed.world import World, gather_world_info
 from ntdist.fusion import concat, reestimate_bn
 from ntdist.fusion.diversity import diversity_summary
 from ntdist.models import ModelSpec
+from ntdist.models.weights import initial_state
 from ntdist.records.checkpoint import load_model, save_checkpoint
 from ntdist.records.files import remove_if_present
 from ntdist.records.results import RESULTS_FILE, ControlResult, MethodResult, RunResults
 from ntdist.records.rundir import RunDir
 from ntdist.training.finetune import evaluate_splits, finetune
 from ntdist.training.loop import labels_of, predict, train_loader
-from ntdist.training.members import train_member
+from ntdist.training.members import build_member, train_member
 from ntdist.training.state import finished_history
 from ntdist.training.sync import run_sync
 
@@ -49,6 +50,7 @@ class Run:
     spec: ModelSpec
     rundir: RunDir
     resume: bool = False
+    initial: Optional[Dict[str, torch.Tensor]] = None   # model.weights, loaded into every member
 
     def template(self) -> torch.nn.Module:
         """A model of the members' architecture whose weights are about to be overwritten."""
@@ -67,9 +69,10 @@ def make_run(cfg: Config, world: World, resume: bool = False) -> Run:
     """Load the data and check the model: everything that can fail on bad input, before any file is written."""
     splits = load_splits(cfg.data)
     spec = ModelSpec.for_data(cfg.model, splits.in_shape, splits.num_classes)
-    spec.build()
+    initial = initial_state(cfg.model.name, cfg.model.weights)
+    build_member(spec, 0, initial, cfg.model.reinit)   # the model builds and the weights fit
     return Run(cfg, world, MemberLayout(cfg.fusion.k, world.size), splits, spec,
-               RunDir(cfg.output.dir, writer=world.is_main), resume)
+               RunDir(cfg.output.dir, writer=world.is_main), resume, initial)
 
 
 def run(cfg: Config, world: World, resume: bool = False, overwrite: bool = False):

@@ -6,12 +6,13 @@ one trained alone in a single process.
 """
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, List, Tuple
+from typing import TYPE_CHECKING, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ntdist.models import ModelSpec
+from ntdist.models.weights import load_initial
 from ntdist.options import opt
 from ntdist.preempt import preempt_requested
 from ntdist.training.loop import (OptimConfig, ResumableEpochs, check_finite, eval_loader, evaluate, make_optimizer,
@@ -40,10 +41,13 @@ def member_seed(cfg: TrainConfig, index: int) -> int:
     return 1000 * cfg.seed + (0 if cfg.identical_members else index)
 
 
-def build_member(spec: ModelSpec, seed: int) -> torch.nn.Module:
-    """A freshly initialised member; the seed fixes the initialisation."""
+def build_member(spec: ModelSpec, seed: int, initial: Optional[Dict[str, torch.Tensor]] = None,
+                 reinit: Sequence[str] = ()) -> torch.nn.Module:
+    """A freshly initialised member (the seed fixes the initialisation), loaded from `initial` when given,
+    except for the modules in `reinit`, which keep their seeded fresh weights."""
     torch.manual_seed(seed)
-    return spec.build()
+    model = spec.build()
+    return model if initial is None else load_initial(model, initial, list(reinit))
 
 
 def train_member(r: "Run", index: int, group=None) -> Tuple[torch.nn.Module, List[dict]]:
@@ -54,7 +58,7 @@ def train_member(r: "Run", index: int, group=None) -> Tuple[torch.nn.Module, Lis
     """
     cfg, world = r.cfg, r.world
     seed = member_seed(cfg.train, index)
-    model = build_member(r.spec, seed).to(world.device)
+    model = build_member(r.spec, seed, r.initial, r.cfg.model.reinit).to(world.device)
     torch.manual_seed(seed)
     optimizer = make_optimizer(model, cfg.train)
     scheduler = make_scheduler(optimizer, cfg.train)
