@@ -8,6 +8,7 @@ import argparse
 import sys
 import traceback
 
+from ntdist import __version__
 from ntdist.commands.bench import bench_fusion
 from ntdist.commands.fuse import fuse_command
 from ntdist.commands.report import report_command
@@ -30,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ntdist", parents=[common],
                                      description="Train ensembles in parallel, fuse them by Neuron Transplantation, "
                                                  "fine-tune the fused model.")
+    parser.add_argument("--version", action="version", version=f"ntdist {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", parents=[common], help="train members, fuse, fine-tune (the whole workflow)",
@@ -41,21 +43,34 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="start again in a non-empty output.dir")
 
     fuse = sub.add_parser("fuse", parents=[common], help="fuse checkpoints into one model of the same architecture")
-    fuse.add_argument("checkpoints", nargs="+", help="member checkpoints (.safetensors written by ntdist)")
-    fuse.add_argument("-o", "--output", required=True, help="where to write the fused checkpoint")
-    fuse.add_argument("--method", default="nt", choices=METHODS, help="nt (Neuron Transplantation), avg, ot")
+    fuse.add_argument("checkpoints", nargs="+",
+                      help="member checkpoints: ntdist's .safetensors, or plain state dicts (.safetensors or "
+                           "weights-only torch files) together with --model")
+    fuse.add_argument("-o", "--output", required=True, help="where to write the fused checkpoint (.safetensors)")
+    fuse.add_argument("--model", default=None,
+                      help="architecture of plain state dicts: a registry name (mlp, resnet18), torchvision:<name> "
+                           "or package.module:callable; default: the spec stored in ntdist's checkpoints")
+    fuse.add_argument("--model-kwargs", default=None, metavar="JSON",
+                      help="constructor arguments for --model as a JSON object, e.g. '{\"num_classes\": 10}'")
+    fuse.add_argument("--device", default="cpu", help="where fusion runs: cpu (default), cuda, cuda:1")
+    fuse.add_argument("--method", default="nt", choices=METHODS,
+                      help="nt (Neuron Transplantation, default), avg (weight averaging), ot (optimal transport)")
     fuse.add_argument("--schedule", default="recursive", choices=SCHEDULES,
-                      help="how k models are combined: flat, iterative, recursive (pairwise tree)")
-    fuse.add_argument("--importance", default="l2", choices=list(IMPORTANCES), help="NT unit importance")
+                      help="how k models are combined: flat (all at once), iterative (one after another), "
+                           "recursive (pairwise tree, default)")
+    fuse.add_argument("--importance", default="l2", choices=list(IMPORTANCES),
+                      help="NT: the score by which units are kept (default l2)")
     fuse.add_argument("--order", default="merge_prune", choices=ORDERS,
-                      help="NT: concat then prune, or prune each member then concat")
-    fuse.add_argument("--width", type=int, default=None, help="target width of the first hidden layer")
-    fuse.add_argument("--keep-ratio", type=float, default=None, help="kept units relative to one member")
+                      help="NT: concat then prune (merge_prune, default), or prune each member then concat")
+    fuse.add_argument("--width", type=int, default=None, help="NT: target width of the first hidden layer (mlp)")
+    fuse.add_argument("--keep-ratio", type=float, default=None,
+                      help="NT: kept units relative to one member (mlp; default 1: the members' width)")
 
     bench = sub.add_parser("bench", parents=[common], help="benchmarks")
     bench.add_argument("what", choices=["fusion"], help="fusion: time and memory of avg, nt, ot (paper Table 8)")
-    bench.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
-    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096],
+                       help="hidden widths W of the two MLPs 3072-W-W-10 (default 256 ... 4096)")
+    bench.add_argument("--repeats", type=int, default=5, help="timed repeats per width and method (median)")
     bench.add_argument("--out", default="bench_fusion.csv", help="CSV file to write")
 
     report = sub.add_parser("report", parents=[common], help="write report.md and plots for run directories")
@@ -70,7 +85,8 @@ def cmd_run(args) -> int:
 
 def cmd_fuse(args) -> int:
     fuse_command(args.checkpoints, args.output, method=args.method, schedule=args.schedule,
-                 importance=args.importance, order=args.order, width=args.width, keep_ratio=args.keep_ratio)
+                 importance=args.importance, order=args.order, width=args.width, keep_ratio=args.keep_ratio,
+                 model=args.model, model_kwargs=args.model_kwargs, device=args.device)
     return 0
 
 
