@@ -9,10 +9,7 @@ download: weights keyword arguments are refused (initial weights come from
 only built when the user names it too (see `records.checkpoint.load_model`).
 """
 
-import importlib
 import inspect
-import os
-import sys
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -23,7 +20,7 @@ from ntdist.models.lenet import LeNet
 from ntdist.models.mlp import MLP
 from ntdist.models.resnet import ResNet18
 from ntdist.models.vgg import VGG11
-from ntdist.options import opt
+from ntdist.options import import_callable, is_import_path, opt
 
 REGISTRY = {"mlp": MLP, "lenet": LeNet, "vgg11": VGG11, "resnet18": ResNet18}
 IMAGE_MODELS = ("lenet", "vgg11", "resnet18")   # registry models that take in_channels and image_size
@@ -45,33 +42,6 @@ class ModelConfig:
         if self.reinit and not self.weights:
             raise UserError(f"model.reinit={list(self.reinit)} needs model.weights (without it every module "
                             "is freshly initialised anyway); set model.weights or drop model.reinit")
-
-
-def is_import_path(name: str) -> bool:
-    """`package.module:callable` (a model or dataset of one's own), as opposed to `torchvision:<name>`."""
-    return ":" in name and not name.startswith("torchvision:")
-
-
-def import_callable(path: str, what: str):
-    """The callable named by `package.module:callable`, importable from the current directory or installed."""
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise UserError(f"{what} '{path}' is not of the form package.module:callable")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())   # as `python -m` would: a user's module beside the config
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise UserError(f"{what} '{path}': cannot import '{module_name}' ({err}); run from the folder that "
-                        "holds it or install its package") from None
-    target = module
-    for part in attr.split("."):
-        if not hasattr(target, part):
-            raise UserError(f"{what} '{path}': module '{module_name}' has no '{attr}'")
-        target = getattr(target, part)
-    if not callable(target):
-        raise UserError(f"{what} '{path}' is not callable")
-    return target
 
 
 def _torchvision_builder(name: str):
