@@ -72,7 +72,7 @@ def make_run(cfg: Config, world: World, resume: bool = False) -> Run:
     initial = initial_state(cfg.model.name, cfg.model.weights)
     build_member(spec, 0, initial, cfg.model.reinit)   # the model builds and the weights fit
     return Run(cfg, world, MemberLayout(cfg.fusion.k, world.size), splits, spec,
-               RunDir(cfg.output.dir, writer=world.is_main), resume, initial)
+               RunDir(cfg.output.dir, world.is_main, cfg.output.trackers), resume, initial)
 
 
 def run(cfg: Config, world: World, resume: bool = False, overwrite: bool = False):
@@ -96,6 +96,7 @@ def run(cfg: Config, world: World, resume: bool = False, overwrite: bool = False
         world.print0(summary_table(results, r.rundir.path))
     results.wall_seconds = time.time() - started
     r.rundir.write_results(results)
+    r.rundir.close()
     return results
 
 

@@ -132,5 +132,5 @@ class ModelSpec:
         return build_model(self.name, self.kwargs)
 
 
-__all__ = ["ModelConfig", "ModelSpec", "build_model", "complete_kwargs", "import_callable", "is_import_path", "REGISTRY", "MLP", "LeNet", "VGG11",
+__all__ = ["ModelConfig", "ModelSpec", "build_model", "complete_kwargs", "REGISTRY", "MLP", "LeNet", "VGG11",
            "ResNet18"]

@@ -1,4 +1,4 @@
-"""The run directory: resolved config, metrics.jsonl, checkpoints and results.json.
+"""The run directory: resolved config, metrics (metrics.jsonl and the other trackers), checkpoints and results.json.
 
 Only rank 0 writes here. Every write of a whole file is atomic (temporary file,
 flush, rename), so a kill during a save leaves the previous version intact.
@@ -6,23 +6,28 @@ flush, rename), so a kill during a save leaves the previous version intact.
 
 import json
 import os
+import shutil
+from typing import Sequence
 
 import yaml
 
 from ntdist.errors import UserError
 from ntdist.records.files import atomic_write_text
 from ntdist.records.results import RESULTS_FILE, Results, to_json
+from ntdist.records.trackers import LABELS, CsvTracker, JsonlTracker, TensorBoardTracker, open_trackers
 
 CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = JsonlTracker.FILE
 
 
 class RunDir:
     """Paths and writers for one run; methods are no-ops on ranks other than 0 (`writer=False`)."""
 
-    def __init__(self, path: str, writer: bool = True):
+    def __init__(self, path: str, writer: bool = True, trackers: Sequence[str] = ("jsonl",)):
         self.path = path
         self.writer = writer
+        self.tracker_names = list(trackers)
+        self.trackers: list = []    # opened by prepare(), once the directory exists
         self._logged: set = set()   # keys of metrics records already in metrics.jsonl (kept on resume)
 
     def file(self, *parts: str) -> str:
@@ -47,9 +52,10 @@ class RunDir:
         if not self.writer:
             return
         if overwrite and os.path.isdir(self.path):
-            for name in (METRICS_FILE, RESULTS_FILE):
+            for name in (METRICS_FILE, CsvTracker.FILE, RESULTS_FILE):
                 if os.path.exists(self.file(name)):
                     os.unlink(self.file(name))
+            shutil.rmtree(self.file(TensorBoardTracker.DIR), ignore_errors=True)
             ckpts = self.file("checkpoints")
             for name in os.listdir(ckpts) if os.path.isdir(ckpts) else []:
                 if name.endswith(".safetensors"):
@@ -66,6 +72,8 @@ class RunDir:
         except OSError as err:
             raise UserError(f"cannot write to run directory '{self.path}' ({err.strerror}); "
                             "choose a writable output.dir") from None
+        self.close()
+        self.trackers = open_trackers(self.tracker_names, self.path)
 
     def write_config(self, text: str, resume: bool = False) -> None:
         """Write the resolved config; when resuming, refuse a config that differs from the run's."""
@@ -82,12 +90,17 @@ class RunDir:
         atomic_write_text(self.file(CONFIG_FILE), text)
 
     def log(self, record: dict) -> None:
-        """Append one JSON object to metrics.jsonl (records already there from before a resume are skipped)."""
+        """Send one record to every tracker (records already logged before a resume are skipped)."""
         if self.writer and _key(record) not in self._logged:
             self._logged.add(_key(record))
-            with open(self.file(METRICS_FILE), "a") as f:
-                f.write(json.dumps(record) + "\n")
-                f.flush()
+            for tracker in self.trackers:
+                tracker.log(record)
+
+    def close(self) -> None:
+        """Flush and close the trackers (TensorBoard buffers its events)."""
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
     def write_results(self, results: Results) -> None:
         if self.writer:
@@ -95,7 +108,7 @@ class RunDir:
 
 
 def _key(record: dict) -> tuple:
-    return tuple(record.get(k) for k in ("stage", "member", "method", "epoch"))
+    return tuple(record.get(k) for k in LABELS)
 
 
 def _comparable(cfg: dict) -> dict:

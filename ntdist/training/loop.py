@@ -82,17 +82,19 @@ def eval_loader(data: Dataset, batch_size: int, num_replicas: int = 1, rank: int
 
 
 def train_epoch(model, loader, optimizer, device, loss_fn: Optional[Callable] = None,
-                desc: str = "train", progress: bool = True, engine=None) -> float:
+                desc: str = "train", progress: bool = True, engine=None,
+                on_step: Optional[Callable[[int, float], None]] = None) -> float:
     """One pass over `loader`; returns the mean training loss.
 
     `loss_fn(logits, x, y)` may replace cross-entropy; `engine` (see training.engines)
-    replaces the plain zero_grad / backward / step of `optimizer`.
+    replaces the plain zero_grad / backward / step of `optimizer`; `on_step(index, loss)`
+    is called after every batch (see `step_logger`).
     """
     model.train()
     total, count = 0.0, 0
     # Bars only on a terminal: in batch logs (SLURM, CI) they would print a line per update.
     bar = tqdm(loader, desc=desc, leave=False, disable=not (progress and sys.stderr.isatty()), dynamic_ncols=True)
-    for x, y in bar:
+    for index, (x, y) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = model(x)
         loss = loss_fn(logits, x, y) if loss_fn else F.cross_entropy(logits, y)
@@ -104,10 +106,37 @@ def train_epoch(model, loader, optimizer, device, loss_fn: Optional[Callable] = 
             engine.zero_grad()
             engine.backward(loss)
             engine.step()
-        total += loss.item() * len(y)
+        value = loss.item()
+        total += value * len(y)
         count += len(y)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{value:.4f}")
+        if on_step is not None:
+            on_step(index, value)
     return total / max(count, 1)
+
+
+def step_logger(log: Callable[[dict], None], every: int, labels: dict, epoch: int, steps_per_epoch: int,
+                optimizer) -> Optional[Callable[[int, float], None]]:
+    """An `on_step` for `train_epoch` that logs this rank's batch loss and the lr every `every` steps
+    (counted from the stage's start), or None when `every` is 0."""
+    if every <= 0:
+        return None
+
+    def on_step(index: int, loss: float) -> None:
+        step = (epoch - 1) * steps_per_epoch + index + 1
+        if step % every == 0:
+            log({**labels, "epoch": epoch, "step": step, "loss": loss, "lr": optimizer.param_groups[0]["lr"]})
+    return on_step
+
+
+def epoch_stats(optimizer, samples: int, seconds: float, device) -> dict:
+    """The lr of the epoch just trained (read before the scheduler steps), samples per second and, on CUDA,
+    the peak memory allocated since the last call."""
+    stats = {"lr": optimizer.param_groups[0]["lr"], "samples_per_s": samples / max(seconds, 1e-9)}
+    if torch.device(device).type == "cuda":
+        stats["peak_device_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+        torch.cuda.reset_peak_memory_stats(device)
+    return stats
 
 
 @torch.no_grad()

@@ -5,6 +5,7 @@ are diverse and a member trained by any rank layout has the same weights as the
 one trained alone in a single process.
 """
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Dict, List, Optional, Sequence, Tuple
 
@@ -15,8 +16,8 @@ from ntdist.models import ModelSpec
 from ntdist.models.weights import load_initial
 from ntdist.options import opt
 from ntdist.preempt import preempt_requested
-from ntdist.training.loop import (OptimConfig, ResumableEpochs, check_finite, eval_loader, evaluate, make_optimizer,
-                                  make_scheduler, train_epoch, train_loader)
+from ntdist.training.loop import (OptimConfig, ResumableEpochs, check_finite, epoch_stats, eval_loader, evaluate,
+                                  make_optimizer, make_scheduler, step_logger, train_epoch, train_loader)
 
 if TYPE_CHECKING:   # the run context is defined by the pipeline, which imports this module
     from ntdist.pipeline import Run
@@ -72,12 +73,16 @@ def train_member(r: "Run", index: int, group=None) -> Tuple[torch.nn.Module, Lis
 
     def one_epoch(epoch: int) -> dict:
         loader.sampler.set_epoch(epoch)
+        start = time.perf_counter()
         loss = train_epoch(wrapped, loader, optimizer, world.device, progress=world.is_main,
-                           desc=f"member {index} epoch {epoch}/{cfg.train.epochs}")
+                           desc=f"member {index} epoch {epoch}/{cfg.train.epochs}",
+                           on_step=step_logger(r.rundir.log, cfg.output.log_every_steps,
+                                               {"stage": "member", "member": index}, epoch, len(loader), optimizer))
+        stats = epoch_stats(optimizer, len(r.splits.train), time.perf_counter() - start, world.device)
         check_finite(loss, f"member training of member {index}", epoch)
         scheduler.step()
         record = {"stage": "member", "member": index, "epoch": epoch, "loss": loss,
-                  "val_accuracy": evaluate(model, val, world.device)["accuracy"]}
+                  "val_accuracy": evaluate(model, val, world.device)["accuracy"], **stats}
         world.print0(f"member {index} epoch {epoch}/{cfg.train.epochs}: loss {loss:.4f}, "
                      f"val accuracy {record['val_accuracy']:.4f}")
         return record
