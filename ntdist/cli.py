@@ -14,6 +14,7 @@ exit_on_sigterm()   # before the slow imports below, so a SIGTERM during start-u
 
 import torch  # noqa: E402
 
+from ntdist import __version__  # noqa: E402
 from ntdist.commands.bench import bench_fusion  # noqa: E402
 from ntdist.commands.bench_train import WORKLOADS as TRAIN_WORKLOADS, bench_train  # noqa: E402
 from ntdist.commands.fuse import fuse_command  # noqa: E402
@@ -37,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ntdist", parents=[common],
                                      description="Train ensembles in parallel, fuse them by Neuron Transplantation, "
                                                  "fine-tune the fused model.")
+    parser.add_argument("--version", action="version", version=f"ntdist {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", parents=[common], help="train members, fuse, fine-tune (the whole workflow)",
@@ -48,16 +50,29 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="start again in a non-empty output.dir")
 
     fuse = sub.add_parser("fuse", parents=[common], help="fuse checkpoints into one model of the same architecture")
-    fuse.add_argument("checkpoints", nargs="+", help="member checkpoints (.safetensors written by ntdist)")
-    fuse.add_argument("-o", "--output", required=True, help="where to write the fused checkpoint")
-    fuse.add_argument("--method", default="nt", choices=METHODS, help="nt (Neuron Transplantation), avg, ot")
+    fuse.add_argument("checkpoints", nargs="+",
+                      help="member checkpoints: ntdist's .safetensors, or plain state dicts (.safetensors or "
+                           "weights-only torch files) together with --model")
+    fuse.add_argument("-o", "--output", required=True, help="where to write the fused checkpoint (.safetensors)")
+    fuse.add_argument("--model", default=None,
+                      help="architecture of plain state dicts: a registry name (mlp, resnet18), torchvision:<name> "
+                           "or package.module:callable; default: the spec stored in ntdist's checkpoints")
+    fuse.add_argument("--model-kwargs", default=None, metavar="JSON",
+                      help="constructor arguments for --model as a JSON object, e.g. '{\"num_classes\": 10}'")
+    fuse.add_argument("--device", default="cpu", help="where fusion runs: cpu (default), cuda, cuda:1")
+    fuse.add_argument("--method", default="nt", choices=METHODS,
+                      help="nt (Neuron Transplantation, default), avg (weight averaging), ot (optimal transport)")
     fuse.add_argument("--schedule", default="recursive", choices=SCHEDULES,
-                      help="how k models are combined: flat, iterative, recursive (pairwise tree)")
-    fuse.add_argument("--importance", default="l2", choices=list(IMPORTANCES), help="NT unit importance")
+                      help="how k models are combined: flat (all at once), iterative (one after another), "
+                           "recursive (pairwise tree, default)")
+    fuse.add_argument("--importance", default="l2", choices=list(IMPORTANCES),
+                      help="NT: the score by which units are kept (default l2)")
     fuse.add_argument("--order", default="merge_prune", choices=ORDERS,
-                      help="NT: concat then prune, or prune each member then concat")
-    fuse.add_argument("--width", type=int, default=None, help="target width of the first hidden layer")
-    fuse.add_argument("--keep-ratio", type=float, default=None, help="kept units relative to one member")
+                      help="NT: concat then prune (merge_prune, default), or prune each member then concat")
+    fuse.add_argument("--width", type=int, default=None, help="NT: target width of the first hidden layer (mlp)")
+    fuse.add_argument("--keep-ratio", type=float, default=None,
+                      help="NT: kept units relative to one member (mlp; default 1: the members' width)")
+
     fuse.add_argument("--force", action="store_true", help="replace the output file if it exists")
 
     bench = sub.add_parser("bench", parents=[common], help="benchmarks")
@@ -65,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="fusion: time and memory of avg, nt, ot (paper Table 8); "
                             "train: member training samples/s against a tight loop")
     bench.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096],
-                       help="fusion: MLP widths")
+                       help="fusion: hidden widths W of the two MLPs 3072-W-W-10 (default 256 ... 4096)")
     bench.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median; "
                                                                   "default 5 for fusion, 3 for train)")
     bench.add_argument("--workloads", nargs="+", default=list(TRAIN_WORKLOADS), choices=list(TRAIN_WORKLOADS),
@@ -89,7 +104,7 @@ def cmd_run(args) -> int:
 def cmd_fuse(args) -> int:
     fuse_command(args.checkpoints, args.output, method=args.method, schedule=args.schedule,
                  importance=args.importance, order=args.order, width=args.width, keep_ratio=args.keep_ratio,
-                 force=args.force)
+                 force=args.force, model=args.model, model_kwargs=args.model_kwargs, device=args.device)
     return 0
 
 

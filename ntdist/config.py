@@ -14,6 +14,7 @@ import re
 import stat
 import typing
 from dataclasses import dataclass
+from typing import List
 
 import yaml
 from yaml.composer import ComposerError
@@ -27,6 +28,7 @@ from ntdist.errors import UserError, check_choice, suggest
 from ntdist.fusion.config import FusionConfig
 from ntdist.models import ModelConfig
 from ntdist.options import opt
+from ntdist.records.trackers import TRACKERS, check_trackers
 from ntdist.training.finetune import FinetuneConfig
 from ntdist.training.members import TrainConfig
 from ntdist.training.sync import SyncConfig
@@ -41,8 +43,14 @@ class OutputConfig:
     dir: str = opt("runs/default", "run directory (config, metrics.jsonl, checkpoints, results.json)")
     diversity: bool = opt(True, "measure member disagreement and near-duplicate units before fusing")
     duplicate_threshold: float = opt(0.95, "cosine similarity above which two units count as near-duplicates")
+    trackers: List[str] = opt(["jsonl"], "where rank 0 sends metrics: " + " | ".join(TRACKERS)
+                              + " (jsonl is always needed; tensorboard needs pip install 'ntdist[tensorboard]')")
+    log_every_steps: int = opt(0, "also log rank 0's batch loss and the lr every this many steps (0: per epoch only)")
 
     def __post_init__(self):
+        check_trackers(self.trackers)
+        if self.log_every_steps < 0:
+            raise UserError(f"output.log_every_steps must be >= 0 (0: per epoch only), got {self.log_every_steps}")
         if not self.dir.strip():
             raise UserError("output.dir is empty (an unset shell variable?); set it to the run's folder, "
                             "e.g. output.dir=runs/my-run")

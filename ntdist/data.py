@@ -1,19 +1,22 @@
-"""Datasets: scikit-learn's bundled digits (the default), torchvision image sets, synthetic data.
+"""Datasets: scikit-learn's bundled digits (the default), MNIST-1D, torchvision image sets, an image
+folder tree, synthetic data, or a dataset of one's own (`data.name: package.module:callable`).
 
 Every dataset is returned as train / validation / test splits. Validation is
-always carved out of the training data with a fixed seed, so checkpoints are
-selected without looking at the test set.
+carved out of the training data with a fixed seed (unless the data brings its
+own validation set), so checkpoints are selected without looking at the test set.
 """
 
+import functools
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from ntdist.errors import UserError, check_choice
-from ntdist.options import opt
+from ntdist.options import import_callable, is_import_path, opt
 
 TORCHVISION_SETS = {
     # name: (class name, in_shape, classes, files expected under root, normalisation mean/std)
@@ -29,20 +32,25 @@ TORCHVISION_SETS = {
     "svhn": ("SVHN", (3, 32, 32), 10, "train_32x32.mat and test_32x32.mat",
              (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
 }
-DATASETS = ["digits", "synthetic", *TORCHVISION_SETS]
+DATASETS = ["digits", "mnist1d", "synthetic", "imagefolder", *TORCHVISION_SETS]
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # imagefolder normalisation
 
 
 @dataclass
 class DataConfig:
     """Which data the members train on and how it is split and batched."""
 
-    name: str = opt("digits", " | ".join(DATASETS))
-    root: str = opt("data", "directory holding torchvision datasets (not used by digits/synthetic)")
+    name: str = opt("digits", " | ".join(DATASETS) + " | package.module:callable")
+    root: str = opt("data", "directory of torchvision datasets, or of an imagefolder tree: root/train/<class>/*.png, "
+                            "optional root/val and root/test")
+    kwargs: dict = opt({}, "package.module:callable datasets: keyword arguments of the callable")
+    image_size: int = opt(224, "imagefolder: side of the square images the model sees")
+    augment: bool = opt(True, "imagefolder: random resized crop and horizontal flip of training images")
     download: bool = opt(False, "let torchvision download missing datasets (needs internet)")
     batch_size: int = opt(32, "batch size per rank")
     eval_batch_size: int = opt(256, "batch size for evaluation")
     val_fraction: float = opt(0.1, "share of the training data held out for validation")
-    test_fraction: float = opt(0.2, "share held out for testing (digits and synthetic only)")
+    test_fraction: float = opt(0.2, "share held out for testing (digits and synthetic only; the others have a test set)")
     train_fraction: float = opt(1.0, "use only this share of the remaining training data")
     split_seed: int = opt(0, "seed of the train/validation/test split (fixed across members)")
     resident_max_mb: float = opt(2048.0, "keep a split up to this size (MiB) as tensors on the training device; "
@@ -57,6 +65,10 @@ class DataConfig:
         check_choice(self.name, DATASETS, "dataset data.name")
         if self.loader_workers < 0:
             raise UserError(f"data.loader_workers must be >= 0, got {self.loader_workers}")
+        if not is_import_path(self.name):
+            check_choice(self.name, DATASETS, "dataset data.name")
+        if self.image_size < 1:
+            raise UserError(f"data.image_size must be >= 1, got {self.image_size}")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise UserError(f"data.batch_size and data.eval_batch_size must be >= 1, got {self.batch_size} "
                             f"and {self.eval_batch_size}")
@@ -89,12 +101,16 @@ def _split_indices(n: int, fractions, seed: int):
     return out
 
 
-def _holdout(full: Dataset, test: Dataset, cfg: DataConfig, in_shape, classes) -> Splits:
-    """Split `full` into train/val (seeded) and subsample train by `train_fraction`."""
-    val_idx, train_idx = _split_indices(len(full), [cfg.val_fraction], cfg.split_seed)
+def _holdout(full: Dataset, test: Dataset, cfg: DataConfig, in_shape, classes, val: Optional[Dataset] = None,
+             eval_view: Optional[Dataset] = None) -> Splits:
+    """Split `full` into train/val (seeded; a given `val` is used as it is) and subsample train by
+    `train_fraction`. Carved validation samples are read through `eval_view` (the same samples without
+    training augmentation) when given."""
+    val_idx, train_idx = _split_indices(len(full), [cfg.val_fraction if val is None else 0.0], cfg.split_seed)
     train_idx = np.sort(train_idx[:max(1, int(round(len(train_idx) * cfg.train_fraction)))])
-    return Splits(Subset(full, train_idx.tolist()), Subset(full, np.sort(val_idx).tolist()), test,
-                  tuple(in_shape), classes)
+    if val is None:
+        val = Subset(full if eval_view is None else eval_view, np.sort(val_idx).tolist())
+    return Splits(Subset(full, train_idx.tolist()), val, test, tuple(in_shape), classes)
 
 
 def _tensor_splits(x: torch.Tensor, y: torch.Tensor, cfg: DataConfig, classes: int) -> Splits:
@@ -111,6 +127,39 @@ def load_digits_splits(cfg: DataConfig) -> Splits:
     x = (x - 0.3) / 0.4
     y = torch.tensor(digits.target, dtype=torch.long)
     return _tensor_splits(x, y, cfg, 10)
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist1d_arrays():
+    """The published MNIST-1D split (Greydanus & Kobak), regenerated offline from its templates.
+
+    `make_dataset(get_dataset_args())` with the package's own arguments (seed 42, 5000 samples,
+    length 40) gives the 4000/1000 split of the published file; the downloader is never called.
+    The generator seeds Python's and NumPy's global RNGs: their states are put back afterwards.
+    """
+    import random
+
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError:
+        raise UserError("data.name=mnist1d needs the mnist1d package (a dependency of ntdist): "
+                        "pip install mnist1d, or reinstall ntdist") from None
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        data = make_dataset(get_dataset_args())
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    return data["x"], data["y"], data["x_test"], data["y_test"]
+
+
+def load_mnist1d_splits(cfg: DataConfig) -> Splits:
+    """MNIST-1D as [N, 1, 40] float signals; the published test set, validation carved from train."""
+    x, y, x_test, y_test = _mnist1d_arrays()
+    as_x = lambda a: torch.tensor(a, dtype=torch.float32).unsqueeze(1)  # noqa: E731
+    as_y = lambda a: torch.tensor(a, dtype=torch.long)  # noqa: E731
+    test = TensorDataset(as_x(x_test), as_y(y_test))
+    return _holdout(TensorDataset(as_x(x), as_y(y)), test, cfg, (1, x.shape[1]), 10)
 
 
 def load_synthetic_splits(cfg: DataConfig) -> Splits:
@@ -146,14 +195,74 @@ def load_torchvision_splits(cfg: DataConfig) -> Splits:
     return _holdout(full, test, cfg, in_shape, classes)
 
 
+def load_imagefolder_splits(cfg: DataConfig) -> Splits:
+    """root/train/<class>/<image> (any format PIL reads), optional root/val and root/test with the same classes;
+    what is missing is carved out of train (data.val_fraction, data.test_fraction)."""
+    from torchvision import datasets, transforms
+
+    root = os.path.expanduser(cfg.root)
+    folders = {part: os.path.join(root, part) for part in ("train", "val", "test")}
+    if not os.path.isdir(folders["train"]):
+        raise UserError(f"data.name=imagefolder needs '{folders['train']}' with one folder of images per class "
+                        "(optionally val/ and test/ beside it); set data.root to the folder that holds train/")
+    size, norm = cfg.image_size, transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    eval_tf = transforms.Compose([transforms.Resize(round(size * 8 / 7)), transforms.CenterCrop(size),
+                                  transforms.ToTensor(), norm])
+    train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+                                   transforms.ToTensor(), norm]) if cfg.augment else eval_tf
+    try:
+        full, plain = datasets.ImageFolder(folders["train"], train_tf), datasets.ImageFolder(folders["train"], eval_tf)
+        given = {part: datasets.ImageFolder(folders[part], eval_tf) for part in ("val", "test")
+                 if os.path.isdir(folders[part])}
+    except (FileNotFoundError, OSError) as err:
+        raise UserError(f"imagefolder under '{root}': {str(err).splitlines()[0]}") from None
+    for part, data in given.items():
+        if data.classes != full.classes:
+            raise UserError(f"'{folders[part]}' has classes {data.classes}, but train/ has {full.classes}; "
+                            "every split needs the same class folders")
+    classes, test = len(full.classes), given.get("test")
+    if test is None:
+        test_idx, rest = _split_indices(len(full), [cfg.test_fraction], cfg.split_seed)
+        test = Subset(plain, np.sort(test_idx).tolist())
+        full, plain = Subset(full, rest.tolist()), Subset(plain, rest.tolist())
+    return _holdout(full, test, cfg, (3, size, size), classes, val=given.get("val"), eval_view=plain)
+
+
+def load_callable_splits(cfg: DataConfig) -> Splits:
+    """`package.module:callable(**data.kwargs)` returns (train, val, test) datasets of (input, label) pairs;
+    val and test may be None (then they are carved out of train). The class count is the train set's
+    `classes` attribute when it has one, else the largest label + 1."""
+    parts = import_callable(cfg.name, "data.name")(**cfg.kwargs)
+    if not isinstance(parts, (tuple, list)) or len(parts) != 3 or parts[0] is None:
+        raise UserError(f"data.name '{cfg.name}' must return (train, val, test) datasets (val and test may be "
+                        f"None), got {type(parts).__name__}")
+    train, val, test = parts
+    if hasattr(train, "classes"):
+        classes = len(train.classes)
+    else:
+        labels = torch.cat([torch.as_tensor(y).flatten() for _, y in DataLoader(train, batch_size=1024)])
+        classes = int(labels.max()) + 1
+    in_shape = tuple(torch.as_tensor(train[0][0]).shape)
+    if test is None:
+        test_idx, rest = _split_indices(len(train), [cfg.test_fraction], cfg.split_seed)
+        train, test = Subset(train, rest.tolist()), Subset(train, np.sort(test_idx).tolist())
+    return _holdout(train, test, cfg, in_shape, classes, val=val)
+
+
 def load_splits(cfg: DataConfig) -> Splits:
     """Load the dataset named in `cfg` and return its seeded train/val/test splits."""
-    check_choice(cfg.name, DATASETS, "dataset data.name")
-    if cfg.name == "digits":
+    if is_import_path(cfg.name):
+        splits = load_callable_splits(cfg)
+    elif cfg.name == "imagefolder":
+        splits = load_imagefolder_splits(cfg)
+    elif cfg.name == "digits":
         splits = load_digits_splits(cfg)
+    elif cfg.name == "mnist1d":
+        splits = load_mnist1d_splits(cfg)
     elif cfg.name == "synthetic":
         splits = load_synthetic_splits(cfg)
     else:
+        check_choice(cfg.name, DATASETS, "dataset data.name")
         splits = load_torchvision_splits(cfg)
     if len(splits.train) == 0 or len(splits.test) == 0:
         raise UserError(f"dataset '{cfg.name}' has an empty split (train={len(splits.train)}, "

@@ -1,14 +1,21 @@
-"""Building blocks of config values: `opt()` fields and `format_value`.
+"""Building blocks of config values: `opt()` fields, `format_value` and import paths.
 
 Every config dataclass declares its fields with `opt` (a default and a one-line
 help text), so `ntdist run --help` can list each key with its type, default and
 meaning. `format_value` writes a value back the way a dotted override reads it.
+`import_callable` resolves the `package.module:callable` values of `model.name`
+and `data.name` (a model or dataset of one's own).
 """
 
 import copy
+import importlib
+import os
+import sys
 from dataclasses import field
 
 import yaml
+
+from ntdist.errors import UserError
 
 
 def opt(default, help: str):
@@ -29,3 +36,30 @@ def format_value(value) -> str:
     if value is None:
         return "null"
     return str(value)
+
+
+def is_import_path(name: str) -> bool:
+    """`package.module:callable` (a model or dataset of one's own), as opposed to `torchvision:<name>`."""
+    return ":" in name and not name.startswith("torchvision:")
+
+
+def import_callable(path: str, what: str):
+    """The callable named by `package.module:callable`, importable from the current directory or installed."""
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise UserError(f"{what} '{path}' is not of the form package.module:callable")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())   # as `python -m` would: a user's module beside the config
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise UserError(f"{what} '{path}': cannot import '{module_name}' ({err}); run from the folder that "
+                        "holds it or install its package") from None
+    target = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise UserError(f"{what} '{path}': module '{module_name}' has no '{attr}'")
+        target = getattr(target, part)
+    if not callable(target):
+        raise UserError(f"{what} '{path}' is not callable")
+    return target

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -26,6 +26,7 @@ from ntdist.errors import UserError
 from ntdist.fusion import concat, reestimate_bn
 from ntdist.fusion.diversity import diversity_summary
 from ntdist.models import ModelSpec
+from ntdist.models.weights import initial_state
 from ntdist.records.checkpoint import load_model, save_checkpoint
 from ntdist.records.files import remove_if_present
 from ntdist.records.results import RESULTS_FILE, ControlResult, MethodResult, RunResults
@@ -33,7 +34,7 @@ from ntdist.records.rundir import RunDir
 from ntdist.training.finetune import evaluate_splits, finetune
 from ntdist.training.batches import eval_batches, feed, train_batches
 from ntdist.training.loop import labels_of, predict
-from ntdist.training.members import CONTROL_SEED, FUSED_SEED, run_seed, train_members
+from ntdist.training.members import CONTROL_SEED, FUSED_SEED, build_member, run_seed, train_members
 from ntdist.training.state import finished_history
 from ntdist.training.sync import run_sync
 
@@ -48,6 +49,7 @@ class Run:
     spec: ModelSpec
     rundir: RunDir
     resume: bool = False
+    initial: Optional[Dict[str, torch.Tensor]] = None   # model.weights, loaded into every member
 
     def template(self) -> torch.nn.Module:
         """A model of the members' architecture whose weights are about to be overwritten."""
@@ -63,9 +65,10 @@ def make_run(cfg: Config, world: World, resume: bool = False) -> Run:
     """Load the data and check the model: everything that can fail on bad input, before any file is written."""
     splits = load_splits(cfg.data)
     spec = ModelSpec.for_data(cfg.model, splits.in_shape, splits.num_classes)
-    spec.build()
+    initial = initial_state(cfg.model.name, cfg.model.weights)
+    build_member(spec, 0, initial, cfg.model.reinit)   # the model builds and the weights fit
     return Run(cfg, world, MemberLayout(cfg.fusion.k, world.size), splits, spec,
-               RunDir(cfg.output.dir, writer=world.is_main), resume)
+               RunDir(cfg.output.dir, world.is_main, cfg.output.trackers), resume, initial)
 
 
 def run(cfg: Config, world: World, resume: bool = False, overwrite: bool = False):
@@ -78,7 +81,8 @@ def run(cfg: Config, world: World, resume: bool = False, overwrite: bool = False
         results.wall_seconds = time.time() - started
         r.rundir.write_results(results)
     finally:
-        r.rundir.release()
+        r.rundir.close()     # the trackers' files
+        r.rundir.release()   # the run directory's lock
     return results
 
 

@@ -41,7 +41,7 @@ def _tight_loop(r, k: int, epochs: int) -> None:
     x, y = resident(r.splits.train, r.world.device, 1e9)
     batch = r.cfg.data.batch_size
     for i in range(k):
-        model = build_member(r.spec, member_seed(r.cfg.train, i)).to(r.world.device).train()
+        model = build_member(r.spec, member_seed(r.cfg.train, i), r.initial).to(r.world.device).train()
         optimizer = make_optimizer(model, r.cfg.train)
         g = torch.Generator().manual_seed(i)
         for _ in range(epochs):

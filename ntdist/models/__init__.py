@@ -1,12 +1,17 @@
 """Model registry: build any supported network from a `{name, kwargs}` spec.
 
 Specs are stored inside checkpoints, so a model can be rebuilt from the file
-alone. Names: `mlp`, `lenet`, `vgg11`, `resnet18`, or `torchvision:<name>` for
-any torchvision classification model (e.g. `torchvision:resnet18`).
+alone. Names: `mlp`, `lenet`, `vgg11`, `resnet18`, `torchvision:<name>` for
+any torchvision classification model (e.g. `torchvision:resnet18`), or an
+import path `package.module:callable` for a model of one's own. Builders never
+download: weights keyword arguments are refused (initial weights come from
+`model.weights`, see `models.weights`), and an import path named by a file is
+only built when the user names it too (see `records.checkpoint.load_model`).
 """
 
+import inspect
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 import torch.nn as nn
 
@@ -15,18 +20,28 @@ from ntdist.models.lenet import LeNet
 from ntdist.models.mlp import MLP
 from ntdist.models.resnet import ResNet18
 from ntdist.models.vgg import VGG11
-from ntdist.options import opt
+from ntdist.options import import_callable, is_import_path, opt
 
 REGISTRY = {"mlp": MLP, "lenet": LeNet, "vgg11": VGG11, "resnet18": ResNet18}
 IMAGE_MODELS = ("lenet", "vgg11", "resnet18")   # registry models that take in_channels and image_size
+DATA_HINTS = ("num_classes", "input_dim", "in_channels", "image_size")   # filled in from the dataset
+DOWNLOAD_KWARGS = ("weights", "weights_backbone", "pretrained", "progress")   # never passed to a builder
 
 
 @dataclass
 class ModelConfig:
-    """Which network every ensemble member uses."""
+    """Which network every ensemble member uses, and where its initial weights come from."""
 
-    name: str = opt("mlp", "mlp | lenet | vgg11 | resnet18 | torchvision:<name>")
+    name: str = opt("mlp", "mlp | lenet | vgg11 | resnet18 | torchvision:<name> | package.module:callable")
     kwargs: Dict[str, Any] = opt({}, "constructor arguments (width, depth, bias, ...); input shape and classes come from the data")
+    weights: Optional[str] = opt(None, "initial weights of every member: a .safetensors or weights-only torch file, "
+                                       "or a torchvision weights name (DEFAULT, IMAGENET1K_V1) from the local hub cache")
+    reinit: List[str] = opt([], "modules (e.g. fc) left freshly initialised per member instead of loaded from model.weights")
+
+    def __post_init__(self):
+        if self.reinit and not self.weights:
+            raise UserError(f"model.reinit={list(self.reinit)} needs model.weights (without it every module "
+                            "is freshly initialised anyway); set model.weights or drop model.reinit")
 
 
 def _torchvision_builder(name: str):
@@ -43,6 +58,19 @@ def _torchvision_builder(name: str):
 def build_model(name: str, kwargs: Dict[str, Any] | None = None) -> nn.Module:
     """Instantiate the model `name` with `kwargs` (randomly initialised)."""
     kwargs = dict(kwargs or {})
+    refused = sorted(set(kwargs) & set(DOWNLOAD_KWARGS))
+    if refused:
+        raise UserError(f"model.kwargs may not set {refused}: builders never download; give initial weights "
+                        "with model.weights (a local file or a torchvision weights name)")
+    if is_import_path(name):
+        builder = import_callable(name, "model.name")
+        try:
+            model = builder(**kwargs)
+        except TypeError as err:
+            raise UserError(f"model.kwargs do not fit '{name}': {err}") from None
+        if not isinstance(model, nn.Module):
+            raise UserError(f"model.name '{name}' returned {type(model).__name__}, not a torch.nn.Module")
+        return model
     if name.startswith("torchvision:"):
         builder = _torchvision_builder(name.split(":", 1)[1])
         for key in ("in_channels", "image_size", "input_dim"):
@@ -56,7 +84,7 @@ def build_model(name: str, kwargs: Dict[str, Any] | None = None) -> nn.Module:
             raise UserError(f"model.kwargs do not fit '{name}': {err}") from None
     if name not in REGISTRY:
         raise UserError(f"unknown model '{name}'{suggest(name, REGISTRY)}; "
-                        f"choose one of {sorted(REGISTRY)} or torchvision:<name>")
+                        f"choose one of {sorted(REGISTRY)}, torchvision:<name> or package.module:callable")
     try:
         return REGISTRY[name](**kwargs)
     except TypeError as err:
@@ -66,11 +94,16 @@ def build_model(name: str, kwargs: Dict[str, Any] | None = None) -> nn.Module:
 def complete_kwargs(name: str, kwargs: Dict[str, Any], in_shape, num_classes: int) -> Dict[str, Any]:
     """Fill in the input shape and class count a model needs from the dataset, unless given."""
     out = dict(kwargs)
+    n = 1
+    for d in in_shape:
+        n *= d
+    hints = {"num_classes": num_classes, "input_dim": n, "in_channels": in_shape[0], "image_size": in_shape[-1]}
+    if is_import_path(name):
+        # a callable of one's own gets the hints its signature names, and nothing else
+        params = inspect.signature(import_callable(name, "model.name")).parameters
+        return {**{k: hints[k] for k in DATA_HINTS if k in params}, **out}
     out.setdefault("num_classes", num_classes)
     if name == "mlp":
-        n = 1
-        for d in in_shape:
-            n *= d
         out.setdefault("input_dim", n)
     elif name in IMAGE_MODELS:
         out.setdefault("in_channels", in_shape[0])

@@ -3,8 +3,10 @@
 A checkpoint holds the model's state dict (keys prefixed `model.`), optional
 extra tensors (optimizer state, RNG states; prefixed `extra.`) and JSON metadata
 with the `ModelSpec`, so `load_model` rebuilds the module from the file alone.
-Nothing here unpickles: a file that is not safetensors is refused. Writes are
-atomic (see `records.files`).
+Nothing here unpickles: a file that is not safetensors is refused, and a spec
+that names an import path (code of one's own) is built only when the caller
+names the same spec, so a crafted file never chooses which code runs. Writes
+are atomic (see `records.files`).
 """
 
 import json
@@ -16,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ntdist.errors import UserError
-from ntdist.models import ModelSpec
+from ntdist.models import ModelSpec, is_import_path
 from ntdist.records.files import replacing
 
 FORMAT = 1
@@ -87,6 +89,9 @@ def load_model(path: str, expect_spec: Optional[ModelSpec] = None) -> Tuple[torc
     if expect_spec is not None and spec != expect_spec:
         raise UserError(f"checkpoint '{path}' holds {spec.name} {spec.kwargs}, but the config asks for "
                         f"{expect_spec.name} {expect_spec.kwargs}; use a matching config or a new run directory")
+    if expect_spec is None and is_import_path(spec.name):
+        raise UserError(f"checkpoint '{path}' names the model '{spec.name}', code that ntdist runs only when you "
+                        f"name it yourself: pass --model {spec.name} (and --model-kwargs) if you trust it")
     try:
         model = spec.build()
     except (TypeError, ValueError, RuntimeError) as err:

@@ -1,4 +1,4 @@
-"""The run directory: resolved config, metrics.jsonl, checkpoints and results.json.
+"""The run directory: resolved config, metrics (metrics.jsonl and the other trackers), checkpoints and results.json.
 
 Only rank 0 writes here. Every write of a whole file is atomic (temporary file,
 flush, rename), so a kill during a save leaves the previous version intact;
@@ -10,6 +10,7 @@ run is active rank 0 holds the directory's lock (`records.lock`); the manifest
 import json
 import os
 import sys
+from typing import Sequence
 
 import yaml
 
@@ -18,17 +19,20 @@ from ntdist.records.files import atomic_write_text
 from ntdist.records.lock import RunLock, check_free
 from ntdist.records.manifest import MANIFEST_FILE, add_to_manifest, describe_foreign, read_manifest, remove_written
 from ntdist.records.results import RESULTS_FILE, Results, to_json
+from ntdist.records.trackers import LABELS, CsvTracker, JsonlTracker, TensorBoardTracker, open_trackers
 
 CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = JsonlTracker.FILE
 
 
 class RunDir:
     """Paths and writers for one run; methods are no-ops on ranks other than 0 (`writer=False`)."""
 
-    def __init__(self, path: str, writer: bool = True):
+    def __init__(self, path: str, writer: bool = True, trackers: Sequence[str] = ("jsonl",)):
         self.path = path
         self.writer = writer
+        self.tracker_names = list(trackers)
+        self.trackers: list = []    # opened by prepare(), once the directory exists
         self._logged: set = set()   # keys of metrics records already in metrics.jsonl (kept on resume)
         self.lock = RunLock(path)
 
@@ -92,8 +96,10 @@ class RunDir:
             os.makedirs(self.file("checkpoints"), exist_ok=True)
         if resume and os.path.exists(self.file(METRICS_FILE)):
             self._logged = {_key(record) for record in self._read_metrics()}
-        add_to_manifest(self.path, [CONFIG_FILE, METRICS_FILE, RESULTS_FILE] +
+        add_to_manifest(self.path, [CONFIG_FILE, METRICS_FILE, CsvTracker.FILE, RESULTS_FILE] +
                         [os.path.join("checkpoints", f"{name}.safetensors") for name in checkpoints])
+        self.close()
+        self.trackers = open_trackers(self.tracker_names, self.path)
 
     def release(self) -> None:
         """Drop the lock (rank 0, at the end of the run however it ends)."""
@@ -141,12 +147,20 @@ class RunDir:
         atomic_write_text(self.file(CONFIG_FILE), text)
 
     def log(self, record: dict) -> None:
-        """Append one JSON object to metrics.jsonl (records already there from before a resume are skipped)."""
+        """Send one record to every tracker (records already logged before a resume are skipped)."""
         if self.writer and _key(record) not in self._logged:
             self._logged.add(_key(record))
-            with open(self.file(METRICS_FILE), "a") as f:
-                f.write(json.dumps(record) + "\n")
-                f.flush()
+            for tracker in self.trackers:
+                tracker.log(record)
+
+    def close(self) -> None:
+        """Flush and close the trackers (TensorBoard buffers its events); list TensorBoard's files in the manifest."""
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
+        events = self.file(TensorBoardTracker.DIR)
+        if self.writer and os.path.isdir(events):
+            add_to_manifest(self.path, [os.path.join(TensorBoardTracker.DIR, n) for n in os.listdir(events)])
 
     def write_results(self, results: Results) -> None:
         if self.writer:
@@ -154,7 +168,7 @@ class RunDir:
 
 
 def _key(record: dict) -> tuple:
-    return tuple(record.get(k) for k in ("stage", "member", "method", "epoch"))
+    return tuple(record.get(k) for k in LABELS)
 
 
 def _comparable(cfg: dict) -> dict:

@@ -9,6 +9,7 @@ computes exactly the ensemble's output average.
 
 import importlib.util
 import json
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, ClassVar, List, Optional
 
@@ -20,8 +21,8 @@ from ntdist.options import opt
 from ntdist.preempt import preempt_requested
 from ntdist.training.engines import ENGINES, ZERO_STAGES, make_engine
 from ntdist.training.batches import eval_batches, feed, train_batches
-from ntdist.training.loop import (SCHEDULES, OptimConfig, Precision, ResumableEpochs, check_finite, evaluate,
-                                  make_optimizer, make_scheduler, train_epoch)
+from ntdist.training.loop import (SCHEDULES, OptimConfig, Precision, ResumableEpochs, check_finite, epoch_stats,
+                                  evaluate, make_optimizer, make_scheduler, step_logger, train_epoch)
 
 if TYPE_CHECKING:   # the run context is defined by the pipeline, which imports this module
     from ntdist.pipeline import Run
@@ -104,15 +105,19 @@ def finetune(r: "Run", model: torch.nn.Module, label: str, seed: int,
 
     def one_epoch(epoch: int) -> dict:
         loader.set_epoch(epoch)
+        start = time.perf_counter()
+        on_step = step_logger(r.rundir.log, r.cfg.output.log_every_steps, {"stage": "finetune", "method": label},
+                              epoch, len(loader), optimizer)
         loss = train_epoch(model_for_steps, loader, optimizer, world.device, loss_fn, engine=engine,
                            desc=f"finetune {label} epoch {epoch}/{cfg.epochs}", progress=world.is_main,
-                           precision=precision)
+                           precision=precision, on_step=on_step)
         loss = world.reduce_sum(torch.tensor([loss], dtype=torch.float64)).item() / world.size
+        stats = epoch_stats(optimizer, len(r.splits.train), time.perf_counter() - start, world.device)
         check_finite(loss, f"fine-tuning ({label})", epoch)
         scheduler.step()
         acc = evaluate_splits(r, model)
         world.print0(f"finetune {label} epoch {epoch}: loss {loss:.4f}, val {acc['val']:.4f}, test {acc['test']:.4f}")
         return {"stage": "finetune", "method": label, "epoch": epoch, "loss": loss,
-                "val_accuracy": acc["val"], "test_accuracy": acc["test"]}
+                "val_accuracy": acc["val"], "test_accuracy": acc["test"], **stats}
 
     return epochs.run(one_epoch, lambda: world.any(preempt_requested()))

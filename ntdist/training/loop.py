@@ -101,20 +101,23 @@ def make_scheduler(optimizer, cfg: OptimConfig):
 
 
 def train_epoch(model, loader, optimizer, device, loss_fn: Optional[Callable] = None,
-                desc: str = "train", progress: bool = True, engine=None, precision: Precision = FP32) -> float:
+                desc: str = "train", progress: bool = True, engine=None, precision: Precision = FP32,
+                on_step: Optional[Callable[[int, torch.Tensor], None]] = None) -> float:
     """One pass over `loader`; returns the mean training loss.
 
     `loss_fn(logits, x, y)` may replace cross-entropy; `engine` (see training.engines)
     replaces the plain zero_grad / backward / step of `optimizer`; `precision` sets autocast
-    (and the fp16 grad scaler). The loss is summed on the device: the host waits for it once
-    per epoch (and per step only while a progress bar is on screen).
+    (and the fp16 grad scaler); `on_step(index, loss)` is called after every batch with the
+    loss still on the device (see `step_logger`). The loss is summed on the device: the host
+    waits for it once per epoch, and per step only while a progress bar is on screen or a
+    step is logged.
     """
     model.train()
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     # Bars only on a terminal: in batch logs (SLURM, CI) they would print a line per update.
     shown = progress and sys.stderr.isatty()
     bar = tqdm(loader, desc=desc, leave=False, disable=not shown, dynamic_ncols=True)
-    for x, y in bar:
+    for index, (x, y) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with precision.autocast():
             logits = model(x)
@@ -124,7 +127,33 @@ def train_epoch(model, loader, optimizer, device, loss_fn: Optional[Callable] = 
         count += len(y)
         if shown:
             bar.set_postfix(loss=f"{loss.item():.4f}")
+        if on_step is not None:
+            on_step(index, loss.detach())
     return total.item() / max(count, 1)
+
+
+def step_logger(log: Callable[[dict], None], every: int, labels: dict, epoch: int, steps_per_epoch: int,
+                optimizer) -> Optional[Callable[[int, torch.Tensor], None]]:
+    """An `on_step` for `train_epoch` that logs this rank's batch loss and the lr every `every` steps
+    (counted from the stage's start), or None when `every` is 0. Only logged steps wait for the device."""
+    if every <= 0:
+        return None
+
+    def on_step(index: int, loss: torch.Tensor) -> None:
+        step = (epoch - 1) * steps_per_epoch + index + 1
+        if step % every == 0:
+            log({**labels, "epoch": epoch, "step": step, "loss": float(loss), "lr": optimizer.param_groups[0]["lr"]})
+    return on_step
+
+
+def epoch_stats(optimizer, samples: int, seconds: float, device) -> dict:
+    """The lr of the epoch just trained (read before the scheduler steps), samples per second and, on CUDA,
+    the peak memory allocated since the last call."""
+    stats = {"lr": optimizer.param_groups[0]["lr"], "samples_per_s": samples / max(seconds, 1e-9)}
+    if torch.device(device).type == "cuda":
+        stats["peak_device_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+        torch.cuda.reset_peak_memory_stats(device)
+    return stats
 
 
 @torch.no_grad()

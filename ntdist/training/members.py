@@ -6,19 +6,21 @@ one trained alone in a single process.
 """
 
 import sys
+import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Dict, List, Tuple
+from typing import TYPE_CHECKING, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ntdist.errors import check_choice
 from ntdist.models import ModelSpec
+from ntdist.models.weights import load_initial
 from ntdist.options import opt
 from ntdist.preempt import preempt_requested
 from ntdist.training.batches import eval_batches, feed, train_batches
-from ntdist.training.loop import (OptimConfig, Precision, ResumableEpochs, check_finite, evaluate, make_optimizer,
-                                  make_scheduler, train_epoch)
+from ntdist.training.loop import (OptimConfig, Precision, ResumableEpochs, check_finite, epoch_stats, evaluate,
+                                  make_optimizer, make_scheduler, step_logger, train_epoch)
 from ntdist.training.vectorized import VECTORIZE, member_batches, probe, train_together, why_not
 
 if TYPE_CHECKING:   # the run context is defined by the pipeline, which imports this module
@@ -59,10 +61,13 @@ def member_seed(cfg: TrainConfig, index: int) -> int:
     return run_seed(cfg, 0 if cfg.identical_members else index)
 
 
-def build_member(spec: ModelSpec, seed: int) -> torch.nn.Module:
-    """A freshly initialised member; the seed fixes the initialisation."""
+def build_member(spec: ModelSpec, seed: int, initial: Optional[Dict[str, torch.Tensor]] = None,
+                 reinit: Sequence[str] = ()) -> torch.nn.Module:
+    """A freshly initialised member (the seed fixes the initialisation), loaded from `initial` when given,
+    except for the modules in `reinit`, which keep their seeded fresh weights."""
     torch.manual_seed(seed)
-    return spec.build()
+    model = spec.build()
+    return model if initial is None else load_initial(model, initial, list(reinit))
 
 
 def train_member(r: "Run", index: int, group=None) -> Tuple[torch.nn.Module, List[dict]]:
@@ -73,7 +78,7 @@ def train_member(r: "Run", index: int, group=None) -> Tuple[torch.nn.Module, Lis
     """
     cfg, world = r.cfg, r.world
     seed = member_seed(cfg.train, index)
-    model = build_member(r.spec, seed).to(world.device)
+    model = build_member(r.spec, seed, r.initial, r.cfg.model.reinit).to(world.device)
     torch.manual_seed(seed)
     optimizer = make_optimizer(model, cfg.train)
     scheduler = make_scheduler(optimizer, cfg.train)
@@ -90,12 +95,16 @@ def train_member(r: "Run", index: int, group=None) -> Tuple[torch.nn.Module, Lis
 
     def one_epoch(epoch: int) -> dict:
         loader.set_epoch(epoch)
+        start = time.perf_counter()
         loss = train_epoch(wrapped, loader, optimizer, world.device, progress=world.is_main,
-                           desc=f"member {index} epoch {epoch}/{cfg.train.epochs}", precision=precision)
+                           desc=f"member {index} epoch {epoch}/{cfg.train.epochs}", precision=precision,
+                           on_step=step_logger(r.rundir.log, cfg.output.log_every_steps,
+                                               {"stage": "member", "member": index}, epoch, len(loader), optimizer))
+        stats = epoch_stats(optimizer, len(r.splits.train), time.perf_counter() - start, world.device)
         check_finite(loss, f"member training of member {index}", epoch)
         scheduler.step()
         record = {"stage": "member", "member": index, "epoch": epoch, "loss": loss,
-                  "val_accuracy": evaluate(model, val, world.device)["accuracy"]}
+                  "val_accuracy": evaluate(model, val, world.device)["accuracy"], **stats}
         world.print0(f"member {index} epoch {epoch}/{cfg.train.epochs}: loss {loss:.4f}, "
                      f"val accuracy {record['val_accuracy']:.4f}")
         return record
@@ -108,7 +117,7 @@ def train_members(r: "Run", indices: List[int], groups: dict) -> Dict[int, Tuple
     """Train members `indices` on this rank: all at once when `train.vectorize` allows, else one after another."""
     if len(indices) > 1 and r.cfg.train.vectorize != "off":
         seeds = [member_seed(r.cfg.train, i) for i in indices]
-        models = [build_member(r.spec, seed).to(r.world.device) for seed in seeds]
+        models = [build_member(r.spec, seed, r.initial, r.cfg.model.reinit).to(r.world.device) for seed in seeds]
         batches = member_batches(r, seeds)
         reason = why_not(r, models, batches) or probe(models, batches)
         if reason is None:

@@ -73,7 +73,8 @@ def train_synced(r: "Run", method: str) -> List[dict]:
     """One periodic-sync training run; every rank steps its replicas in lockstep with the others."""
     cfg, world = r.cfg, r.world
     mine = r.layout.held_by(world.rank) if method != "none" else ([0] if world.rank == 0 else [])
-    replicas = {i: build_member(r.spec, member_seed(cfg.train, i)).to(world.device) for i in mine}
+    replicas = {i: build_member(r.spec, member_seed(cfg.train, i), r.initial, cfg.model.reinit).to(world.device)
+                for i in mine}
     optimizers = {i: make_optimizer(m, cfg.train) for i, m in replicas.items()}
     schedulers = {i: make_scheduler(o, cfg.train) for i, o in optimizers.items()}
     loaders = {i: train_batches(r.splits.train, cfg.data.batch_size, member_seed(cfg.train, i),

@@ -12,6 +12,7 @@ floating-point summation order (tested to 1e-5 in float64).
 """
 
 import copy
+import time
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
@@ -22,8 +23,8 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from ntdist.preempt import preempt_requested
 from ntdist.training.batches import TensorBatches, eval_batches, feed, train_batches
-from ntdist.training.loop import (Precision, ResumableEpochs, check_finite, evaluate, make_optimizer, make_scheduler,
-                                  stop_if_requested)
+from ntdist.training.loop import (Precision, ResumableEpochs, check_finite, epoch_stats, evaluate, make_optimizer,
+                                  make_scheduler, step_logger, stop_if_requested)
 
 if TYPE_CHECKING:   # the run context is defined by the pipeline, which imports this module
     from ntdist.pipeline import Run
@@ -112,7 +113,10 @@ def train_together(r: "Run", indices: List[int], seeds: List[int], models: List[
         total, count = torch.zeros(len(models), dtype=torch.float64, device=world.device), 0
         for b in batches:
             b.set_epoch(epoch)
-        for pairs in zip(*batches):
+        loggers = [step_logger(r.rundir.log, cfg.output.log_every_steps, {"stage": "member", "member": i}, epoch,
+                               len(batches[0]), optimizer) for i in indices]
+        start_time = time.perf_counter()
+        for step_index, pairs in enumerate(zip(*batches)):
             x = torch.stack([x for x, _ in pairs])
             y = torch.stack([y for _, y in pairs])
             with precision.autocast():
@@ -120,6 +124,10 @@ def train_together(r: "Run", indices: List[int], seeds: List[int], models: List[
             precision.backward_step(loss.sum(), optimizer)
             total += loss.detach().double() * y.shape[1]
             count += y.shape[1]
+            for n, on_step in enumerate(loggers):
+                if on_step is not None:
+                    on_step(step_index, loss.detach()[n])
+        stats = epoch_stats(optimizer, len(r.splits.train), time.perf_counter() - start_time, world.device)
         scheduler.step()
         for member_scheduler, member_optimizer in zip(schedulers, optimizers):   # what each member's state file holds
             member_scheduler.load_state_dict(scheduler.state_dict())
@@ -133,7 +141,7 @@ def train_together(r: "Run", indices: List[int], seeds: List[int], models: List[
                 if "momentum_buffer" in optimizer.state[p]:
                     opt.state[q]["momentum_buffer"] = optimizer.state[p]["momentum_buffer"][n].clone()
             record = {"stage": "member", "member": i, "epoch": epoch, "loss": mean[n],
-                      "val_accuracy": evaluate(model, val, world.device)["accuracy"]}
+                      "val_accuracy": evaluate(model, val, world.device)["accuracy"], **stats}
             world.print0(f"member {i} epoch {epoch}/{cfg.train.epochs}: loss {mean[n]:.4f}, "
                          f"val accuracy {record['val_accuracy']:.4f}")
             torch.manual_seed(seed)   # the RNG state the sequential loop would save

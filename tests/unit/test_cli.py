@@ -4,6 +4,7 @@ Run: .venv/bin/python -m pytest tests/unit/test_cli.py
 """
 
 import csv
+import json
 import os
 
 import pytest
@@ -84,3 +85,65 @@ def test_bench_train_compares_with_the_tight_loop(tmp_path):
     for r in rows:
         assert float(r["floor samples/s"]) > 0 and float(r["ntdist samples/s"]) > 0
         assert float(r["ntdist / floor"]) > 0
+def save_plain(path, model):
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def test_fuse_plain_torchvision_state_dicts_and_refuse_a_mismatched_one(tmp_path, capsys):
+    from ntdist.cli import main
+    from ntdist.models import build_model
+    members = []
+    for seed, name in ((0, "a"), (1, "b")):
+        torch.manual_seed(seed)
+        members.append(build_model("torchvision:resnet18", {}).eval())
+        save_plain(tmp_path / f"{name}.safetensors", members[-1])
+    out = tmp_path / "fused.safetensors"
+    plain = [str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")]
+    assert main(["fuse", "--model", "torchvision:resnet18", "-o", str(out), *plain]) == 0
+    fused, meta = load_model(str(out))   # the output carries its spec: no --model needed any more
+    assert meta["model"] == {"name": "torchvision:resnet18", "kwargs": {}}
+    expected = fuse(members, method="nt", schedule="recursive", example_inputs=torch.zeros(2, 3, 32, 32))
+    assert all(torch.equal(fused.state_dict()[k], v) for k, v in expected.state_dict().items())
+    save_plain(tmp_path / "c.safetensors", build_model("torchvision:resnet18", {"num_classes": 10}))
+    capsys.readouterr()
+    assert main(["fuse", "--model", "torchvision:resnet18", "-o", str(tmp_path / "x.safetensors"),
+                 plain[0], str(tmp_path / "c.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "c.safetensors' does not fit torchvision:resnet18" in err and "fc.weight" in err
+    assert not (tmp_path / "x.safetensors").exists()
+    assert main(["fuse", "-o", str(tmp_path / "x.safetensors"), *plain]) == 2
+    assert "pass --model NAME" in capsys.readouterr().err
+
+
+def test_fuse_weights_only_torch_files_on_a_device(tmp_path, capsys):
+    from ntdist.cli import main
+    from ntdist.models import build_model
+    kwargs = {"input_dim": 64, "num_classes": 10, "width": 8}
+    for name in ("a", "b"):
+        torch.save(build_model("mlp", kwargs).state_dict(), tmp_path / f"{name}.pt")
+    inputs = [str(tmp_path / "a.pt"), str(tmp_path / "b.pt")]
+    out = str(tmp_path / "fused.safetensors")
+    args = ["fuse", "--model", "mlp", "--model-kwargs", json.dumps(kwargs), "-o", out, *inputs]
+    assert main(args + ["--device", "cpu"]) == 0
+    assert load_model(out)[0].net[1].out_features == 8
+    assert main(args + ["--device", "nonsense"]) == 2
+    assert "--device nonsense is not usable here" in capsys.readouterr().err
+    assert main(["fuse", "--model", "mlp", "--model-kwargs", "{width: 8}", "-o", out, *inputs]) == 2
+    assert "--model-kwargs is not valid JSON" in capsys.readouterr().err
+
+
+def test_every_option_has_help_and_version_prints(capsys):
+    import argparse
+
+    from ntdist import __version__
+    from ntdist.cli import _parser, main
+    parser = _parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in [("ntdist", parser), *subparsers.choices.items()]:
+        for action in sub._actions:
+            if not isinstance(action, argparse._SubParsersAction):
+                assert action.help and action.help != argparse.SUPPRESS, (name, action.dest)
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"ntdist {__version__}"

@@ -105,3 +105,25 @@ def test_cifar_and_svhn_format_files_written_here_load(tmp_path, monkeypatch, na
     x, y = splits.test[0]
     assert x.shape == (3, 32, 32) and splits.in_shape == (3, 32, 32)
     assert 0 <= int(y) < splits.num_classes == (100 if name == "cifar100" else 10)
+
+
+def test_mnist1d_regenerates_the_published_split_offline(monkeypatch):
+    import mnist1d.data
+    import numpy as np
+    import requests
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("MNIST-1D must be regenerated offline, never downloaded")
+    monkeypatch.setattr(requests, "get", no_network)
+    monkeypatch.setattr(mnist1d.data, "get_dataset", no_network)
+    np.random.seed(7)
+    expected_next = np.random.get_state()[1].copy()
+    splits = load_splits(DataConfig(name="mnist1d"))
+    assert np.array_equal(np.random.get_state()[1], expected_next)   # the global RNG is left as it was
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (3600, 400, 1000)   # published 4000 / 1000
+    assert splits.in_shape == (1, 40) and splits.num_classes == 10
+    counts = lambda ds: torch.bincount(torch.stack([ds[i][1] for i in range(len(ds))]), minlength=10)  # noqa: E731
+    assert (counts(splits.train) + counts(splits.val) + counts(splits.test)).tolist() == [500] * 10
+    assert counts(splits.test).tolist() == [102, 104, 89, 106, 106, 98, 99, 96, 98, 102]
+    x = as_tensor(splits.test)
+    assert x.shape == (1000, 1, 40) and abs(x.mean().item()) < 0.1
