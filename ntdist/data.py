@@ -62,7 +62,6 @@ class DataConfig:
     synthetic_classes: int = opt(10, "synthetic: number of classes")
 
     def __post_init__(self):
-        check_choice(self.name, DATASETS, "dataset data.name")
         if self.loader_workers < 0:
             raise UserError(f"data.loader_workers must be >= 0, got {self.loader_workers}")
         if not is_import_path(self.name):

@@ -127,9 +127,9 @@ def test_fuse_weights_only_torch_files_on_a_device(tmp_path, capsys):
     args = ["fuse", "--model", "mlp", "--model-kwargs", json.dumps(kwargs), "-o", out, *inputs]
     assert main(args + ["--device", "cpu"]) == 0
     assert load_model(out)[0].net[1].out_features == 8
-    assert main(args + ["--device", "nonsense"]) == 2
+    assert main(args + ["--device", "nonsense", "--force"]) == 2   # --force: the output exists now
     assert "--device nonsense is not usable here" in capsys.readouterr().err
-    assert main(["fuse", "--model", "mlp", "--model-kwargs", "{width: 8}", "-o", out, *inputs]) == 2
+    assert main(["fuse", "--model", "mlp", "--model-kwargs", "{width: 8}", "-o", out, "--force", *inputs]) == 2
     assert "--model-kwargs is not valid JSON" in capsys.readouterr().err
 
 
