@@ -1,4 +1,4 @@
-# Entry points: `make demo` (install, run the quickstart), `make test` (install everything, run every test
+# Entry points: `make demo` (install, run configs/demo_mnist1d.yaml), `make test` (install everything, run every test
 # tier), `make test-unit` (the unit tier alone: Python packages only, no system packages, under 2 minutes).
 PYTHON ?= python3
 VENV := .venv
@@ -36,7 +36,7 @@ $(UNIT): $(CORE)
 install: $(CORE)
 
 demo: $(CORE)
-	$(PY) -m ntdist run configs/quickstart.yaml --overwrite
+	$(PY) -m ntdist run configs/demo_mnist1d.yaml --overwrite
 
 test: $(FULL)
 	$(PY) -m pytest -q -ra tests
