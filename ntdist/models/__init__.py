@@ -60,7 +60,7 @@ def build_model(name: str, kwargs: Dict[str, Any] | None = None) -> nn.Module:
                         f"choose one of {sorted(REGISTRY)} or torchvision:<name>")
     try:
         return REGISTRY[name](**kwargs)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:   # an unknown argument, or a width or depth out of range
         raise UserError(f"model.kwargs do not fit '{name}': {err}") from None
 
 

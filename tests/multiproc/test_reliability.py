@@ -197,6 +197,7 @@ def _cases(tmp, done):
         ("duplicate key", ("run", str(dup)), None, "appears twice"),
         ("keep_ratio 0", run("fusion.keep_ratio=0"), None, "keep_ratio"),
         ("width 0", run("fusion.width=0"), None, "fusion.width"),
+        ("model width 0", run("model.kwargs.width=0"), None, "width >= 1"),
         ("missing deepspeed config", run("finetune.deepspeed_config=nothing.json"), None, "deepspeed_config"),
         ("empty output.dir", run("output.dir="), None, "output.dir is empty"),
         ("resume and overwrite", run(f"output.dir={done}", "--resume", "--overwrite"), None, "contradict"),

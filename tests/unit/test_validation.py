@@ -175,6 +175,12 @@ def test_crafted_checkpoints_are_refused_before_use(tmp_path, spec_dict, retype,
         load_model(path)
 
 
+@pytest.mark.parametrize("kwargs", [{"width": 0}, {"width": -3}, {"depth": 0}])
+def test_a_model_width_or_depth_out_of_range_is_a_user_error(kwargs):
+    with pytest.raises(UserError, match="model.kwargs do not fit 'mlp'.*width >= 1"):
+        ModelSpec("mlp", kwargs).build()
+
+
 def test_torchvision_weights_in_the_config_are_a_user_error():
     with pytest.raises(UserError, match="may not set"):
         ModelSpec("torchvision:resnet18", {"weights": "DEFAULT"}).build()
