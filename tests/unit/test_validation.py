@@ -30,6 +30,7 @@ from ntdist.training.state import finished_history, load_state, save_state
     (["fusion.bn_batches=0"], "bn_batches"),
     (["finetune.deepspeed_config=/nonexistent/ds.json"], "deepspeed_config"),
     (["output.dir="], "output.dir is empty"),
+    (["output.duplicate_threshold=5"], "duplicate_threshold"),
     (["output.dir=  "], "output.dir is empty"),
 ])
 def test_config_values_that_would_fail_after_training_fail_at_load(overrides, words):
