@@ -31,6 +31,9 @@ from ntdist.training.state import finished_history, load_state, save_state
     (["finetune.deepspeed_config=/nonexistent/ds.json"], "deepspeed_config"),
     (["output.dir="], "output.dir is empty"),
     (["output.duplicate_threshold=5"], "duplicate_threshold"),
+    (["train.momentum=-1"], "momentum"),
+    (["finetune.weight_decay=-0.1"], "weight_decay"),
+    (["finetune.temperature=0"], "temperature"),
     (["output.dir=  "], "output.dir is empty"),
 ])
 def test_config_values_that_would_fail_after_training_fail_at_load(overrides, words):
