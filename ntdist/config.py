@@ -54,6 +54,8 @@ class OutputConfig:
         if not self.dir.strip():
             raise UserError("output.dir is empty (an unset shell variable?); set it to the run's folder, "
                             "e.g. output.dir=runs/my-run")
+        if not 0 < self.duplicate_threshold <= 1:
+            raise UserError(f"output.duplicate_threshold is a cosine similarity in (0, 1], got {self.duplicate_threshold}")
 
 
 @dataclass

@@ -9,6 +9,7 @@ import multiprocessing as mp
 import os
 import subprocess
 import sys
+import time
 import traceback
 
 import torch
@@ -17,12 +18,22 @@ import torch.nn as nn
 from ntdist.distributed.world import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = ["configs/quickstart.yaml", "distributed.threads_per_rank=1", "finetune.control=false"]   # a short run
 
 
 def ntdist(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
     """Run `python -m ntdist ARGS` from the repository root; returns the finished process."""
     return subprocess.run([sys.executable, "-m", "ntdist", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=None if env is None else dict(os.environ, **env))
+
+
+def wait_for(path, proc, timeout=120):
+    """Wait until `path` exists; fail if `proc` ends first or `timeout` seconds pass."""
+    start = time.time()
+    while not os.path.exists(path):
+        assert proc.poll() is None, f"run ended before {path} appeared"
+        assert time.time() - start < timeout, f"{path} did not appear"
+        time.sleep(0.05)
 
 
 def torchrun_cmd(*args, nproc: int = 2) -> list:

@@ -251,11 +251,8 @@ def _check_same_job(store, rank: int, size: int, env, where: str, key: str) -> N
 
 
 def _rendezvous_watchdog(rank: int, addr, port, timeout_s: float) -> threading.Event:
-    """End the process (exit 2) if joining the group takes longer than the timeout allows.
-
-    torch's store client waits without a deadline when the port belongs to something that
-    accepts connections but is not a TCPStore; nothing in Python can interrupt that call.
-    """
+    """Exit 2 if joining takes longer than the timeout: torch's store client waits without a deadline
+    on a port held by a program that is not a TCPStore, and Python cannot interrupt that call."""
     joined = threading.Event()
 
     def watch():

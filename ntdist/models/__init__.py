@@ -75,9 +75,10 @@ def build_model(name: str, kwargs: Dict[str, Any] | None = None) -> nn.Module:
         builder = _torchvision_builder(name.split(":", 1)[1])
         for key in ("in_channels", "image_size", "input_dim"):
             kwargs.pop(key, None)   # dataset hints that torchvision constructors do not take
-        if any(key.startswith("weights") for key in kwargs):
-            raise UserError(f"model.kwargs of '{name}' may not set {sorted(k for k in kwargs if k.startswith('weights'))}: "
-                            "ntdist trains members from scratch (each from its own seed); remove them")
+        weights = sorted(key for key in kwargs if key.startswith("weights"))
+        if weights:
+            raise UserError(f"model.kwargs of '{name}' may not set {weights}: ntdist trains members from scratch "
+                            "(each from its own seed); remove them")
         try:
             return builder(weights=None, **kwargs)
         except (TypeError, ValueError) as err:
@@ -87,7 +88,7 @@ def build_model(name: str, kwargs: Dict[str, Any] | None = None) -> nn.Module:
                         f"choose one of {sorted(REGISTRY)}, torchvision:<name> or package.module:callable")
     try:
         return REGISTRY[name](**kwargs)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:   # an unknown argument, or a width or depth out of range
         raise UserError(f"model.kwargs do not fit '{name}': {err}") from None
 
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 import matplotlib
-
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
@@ -27,7 +26,7 @@ from ntdist.records.manifest import add_to_manifest  # noqa: E402
 from ntdist.records.results import RESULTS_FILE, RunResults, from_dict  # noqa: E402
 from ntdist.records.stats import aggregate, mean_std  # noqa: E402
 
-REPORT_FILE = "report.md"
+REPORT_FILE, PLOTS = "report.md", ("accuracy_vs_k.png", "accuracy_vs_sparsity.png")
 METHOD_NAMES = {"avg": "Avg", "ot": "OT", "nt": "NT"}
 COLORS = {"avg": "C0", "ot": "C1", "nt": "C2", "control": "C3"}
 IGNORED_KEYS = ("train.seed", "output.", "seeds", "sweep", "distributed.port", "data.root")
@@ -264,8 +263,7 @@ def plot_against(groups: List[Group], x_of, x_keys, xlabel: str, title: str, nt_
 
 
 def _save(fig, out_dir: str, name: str) -> str:
-    add_to_manifest(out_dir, [name])
-    with replacing(os.path.join(out_dir, name)) as tmp:
+    with replacing(os.path.join(out_dir, name)) as tmp:   # atomic: a full disk never cuts an old plot short
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     return name
@@ -277,6 +275,7 @@ def write_report(run_dirs: List[str], out_dir: str) -> str:
         raise UserError("no run directories given; pass at least one directory written by 'ntdist run'")
     groups = group_runs(run_dirs)
     os.makedirs(out_dir, exist_ok=True)
+    add_to_manifest(out_dir, [REPORT_FILE, *PLOTS, *(f"curves_{i}.png" for i in range(1, len(groups) + 1))])
     runs = sum(len(g.dirs) for g in groups)
     text = ["# ntdist report", "", f"{runs} runs in {len(groups)} group(s); accuracies are test accuracy in "
             "percent, mean ± sample std over seeds.", "", BEST_NOTE, ""]
@@ -288,15 +287,14 @@ def write_report(run_dirs: List[str], out_dir: str) -> str:
         name = _save(plot_curves(group), out_dir, f"curves_{i}.png")
         text += [f"![accuracy against fine-tuning epoch]({name})", ""]
     extra = [(lambda g: g.config.get("fusion.k") or g.results[0].k, ("fusion.k",), "number of members k",
-              "Accuracy against ensemble size", False, "accuracy_vs_k.png"),
+              "Accuracy against ensemble size", False, PLOTS[0]),
              (_sparsity, ("fusion.keep_ratio",), "sparsity of the NT fusion (1 - kept width / (k × width))",
-              "Accuracy against sparsity", True, "accuracy_vs_sparsity.png")]
+              "Accuracy against sparsity", True, PLOTS[1])]
     for x_of, keys, xlabel, title, after, fname in extra:
         fig = plot_against(groups, x_of, keys, xlabel, title, after)
         if fig is not None:
             text += [f"## {title}", "", f"![{title.lower()}]({_save(fig, out_dir, fname)})", ""]
     text += ["## Run directories", ""] + [f"- {g.label}: " + ", ".join(f"`{d}`" for d in g.dirs) for g in groups]
     path = os.path.join(out_dir, REPORT_FILE)
-    add_to_manifest(out_dir, [REPORT_FILE])
     atomic_write_text(path, "\n".join(text) + "\n")
     return path

@@ -9,6 +9,7 @@ run is active rank 0 holds the directory's lock (`records.lock`); the manifest
 
 import json
 import os
+import re
 import sys
 from typing import Sequence
 
@@ -17,12 +18,14 @@ import yaml
 from ntdist.errors import UserError
 from ntdist.records.files import atomic_write_text
 from ntdist.records.lock import RunLock, check_free
-from ntdist.records.manifest import MANIFEST_FILE, add_to_manifest, describe_foreign, read_manifest, remove_written
+from ntdist.records.manifest import (MANIFEST_FILE, add_to_manifest, all_files, describe_foreign, read_manifest,
+                                     remove_written)
 from ntdist.records.results import RESULTS_FILE, Results, to_json
 from ntdist.records.trackers import LABELS, CsvTracker, JsonlTracker, TensorBoardTracker, open_trackers
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = JsonlTracker.FILE
+REPORT_NAMES = re.compile(r"report\.md|sweep\.json|curves_\d+\.png|accuracy_vs_\w+\.png")   # written after a run
 
 
 class RunDir:
@@ -89,15 +92,22 @@ class RunDir:
         if self.lock.took_over:
             print(f"ntdist: note: took over the stale lock of pid {self.lock.took_over.get('pid')} on host "
                   f"{self.lock.took_over.get('host')} (that run has ended)", file=sys.stderr)
+        planned = [CONFIG_FILE, METRICS_FILE, CsvTracker.FILE, RESULTS_FILE] + \
+            [os.path.join("checkpoints", f"{name}.safetensors") for name in checkpoints]
         if overwrite:
+            listed = read_manifest(self.path) or set()
+            clash = [name for name in all_files(self.path) if name not in listed and
+                     (name in planned or REPORT_NAMES.fullmatch(name))]
+            if clash:
+                raise UserError(f"--overwrite would replace {', '.join(clash[:3])} in '{self.path}', which ntdist did "
+                                "not write; move those files away, or choose another output.dir")
             foreign = remove_written(self.path)
             if foreign:
                 print(describe_foreign(self.path, foreign), file=sys.stderr)
             os.makedirs(self.file("checkpoints"), exist_ok=True)
         if resume and os.path.exists(self.file(METRICS_FILE)):
             self._logged = {_key(record) for record in self._read_metrics()}
-        add_to_manifest(self.path, [CONFIG_FILE, METRICS_FILE, CsvTracker.FILE, RESULTS_FILE] +
-                        [os.path.join("checkpoints", f"{name}.safetensors") for name in checkpoints])
+        add_to_manifest(self.path, planned)
         self.close()
         self.trackers = open_trackers(self.tracker_names, self.path)
 
@@ -116,6 +126,9 @@ class RunDir:
                 continue
             try:
                 records.append(json.loads(line))
+                if not isinstance(records[-1], dict):
+                    records.pop()
+                    raise ValueError("not a JSON object")
             except ValueError:
                 if any(rest.strip() for rest in lines[number:]):
                     raise UserError(f"{path} line {number} is not JSON; fix or delete that line, "

@@ -60,6 +60,8 @@ class FinetuneConfig(OptimConfig):
             except (OSError, ValueError) as err:
                 raise UserError(f"finetune.deepspeed_config '{self.deepspeed_config}' is not a readable JSON object "
                                 f"({err}); give a file such as launch/deepspeed.json, or leave it unset") from None
+        if not self.temperature > 0:
+            raise UserError(f"finetune.temperature must be > 0 (it divides the logits), got {self.temperature}")
         if self.zero_stage not in ZERO_STAGES:
             raise UserError(f"finetune.zero_stage must be one of {list(ZERO_STAGES)}, got {self.zero_stage}")
 

@@ -87,6 +87,9 @@ class OptimConfig:
             raise UserError(f"{self.section}.epochs must be >= 0, got {self.epochs}")
         if not self.lr > 0:
             raise UserError(f"{self.section}.lr must be > 0, got {self.lr}")
+        if self.momentum < 0 or self.weight_decay < 0:
+            raise UserError(f"{self.section}.momentum and {self.section}.weight_decay must be >= 0, "
+                            f"got {self.momentum} and {self.weight_decay}")
         check_choice(self.schedule, SCHEDULES, f"{self.section}.schedule")
         check_choice(self.precision, PRECISIONS, f"{self.section}.precision")
 

@@ -242,3 +242,16 @@ def test_sigterm_while_starting_exits_3_and_writes_nothing(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 3, err[-1000:]
     assert "preempted" in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "report.md", "checkpoints/member1.safetensors"])
+def test_overwrite_refuses_to_replace_a_foreign_file_of_the_same_name(tmp_path, name):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / name).write_text("the user's own file\n")
+    before = hashes(tmp_path)
+    rd = RunDir(str(tmp_path))
+    rd.check(resume=False, overwrite=True)
+    with pytest.raises(UserError, match=f"would replace {name}"):
+        rd.prepare(resume=False, overwrite=True, checkpoints=NAMES)
+    rd.release()
+    assert hashes(tmp_path) == before

@@ -30,6 +30,10 @@ from ntdist.training.state import finished_history, load_state, save_state
     (["fusion.bn_batches=0"], "bn_batches"),
     (["finetune.deepspeed_config=/nonexistent/ds.json"], "deepspeed_config"),
     (["output.dir="], "output.dir is empty"),
+    (["output.duplicate_threshold=5"], "duplicate_threshold"),
+    (["train.momentum=-1"], "momentum"),
+    (["finetune.weight_decay=-0.1"], "weight_decay"),
+    (["finetune.temperature=0"], "temperature"),
     (["output.dir=  "], "output.dir is empty"),
 ])
 def test_config_values_that_would_fail_after_training_fail_at_load(overrides, words):
@@ -173,6 +177,12 @@ def test_crafted_checkpoints_are_refused_before_use(tmp_path, spec_dict, retype,
     path = _crafted(tmp_path, spec_dict, retype)
     with pytest.raises(UserError, match=words):
         load_model(path)
+
+
+@pytest.mark.parametrize("kwargs", [{"width": 0}, {"width": -3}, {"depth": 0}])
+def test_a_model_width_or_depth_out_of_range_is_a_user_error(kwargs):
+    with pytest.raises(UserError, match="model.kwargs do not fit 'mlp'.*width >= 1"):
+        ModelSpec("mlp", kwargs).build()
 
 
 def test_torchvision_weights_in_the_config_are_a_user_error():
