@@ -73,7 +73,8 @@ def _has_spec(path: str) -> bool:
         with safe_open(path, framework="pt") as f:
             return "ntdist" in (f.metadata() or {})
     except (SafetensorError, OSError, ValueError):
-        return False
+        # a torch file is a plain state dict; anything else gets load_model's "not a readable checkpoint"
+        return not path.endswith((".pt", ".pth", ".bin"))
 
 
 def load_members(paths, model: Optional[str], model_kwargs: dict):
