@@ -110,10 +110,11 @@ def cmd_fuse(args) -> int:
 
 def cmd_bench(args) -> int:
     if args.what == "fusion":
-        bench_fusion(widths=tuple(args.widths), repeats=args.repeats or 5, out_csv=args.out or "bench_fusion.csv")
+        bench_fusion(widths=tuple(args.widths), repeats=5 if args.repeats is None else args.repeats,
+                     out_csv=args.out or "bench_fusion.csv")
         return 0
     torch.set_num_threads(args.threads)
-    bench_train(args.workloads, args.ks, args.batches, args.epochs, args.repeats or 3,
+    bench_train(args.workloads, args.ks, args.batches, args.epochs, 3 if args.repeats is None else args.repeats,
                 args.out or "bench_train.csv")
     return 0
 

@@ -118,6 +118,21 @@ def check_bench_args(widths: Sequence[int], repeats: int, out_csv: Optional[str]
         raise UserError(f"--widths must be positive numbers of units, e.g. --widths 256 512; got {list(widths)}")
     if repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {repeats}")
+    check_out_csv(out_csv)
+
+
+def write_csv(path: str, rows: List[Dict], fields: Sequence[str]) -> None:
+    """The rows as CSV, written atomically (an interrupted write keeps the previous file)."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(fields))
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row.get(k, "") for k in fields})
+    atomic_write_text(path, text.getvalue())
+
+
+def check_out_csv(out_csv: Optional[str]) -> None:
+    """A benchmark's --out: a file in a writable folder (checked before the benchmark runs)."""
     if out_csv:
         folder = os.path.dirname(os.path.abspath(out_csv))
         if os.path.isdir(out_csv):
@@ -162,12 +177,7 @@ def _bench(widths, repeats, out_csv, methods, seed) -> List[Dict]:
     fields = ["width", "method", "seconds", "time_vs_avg", "peak_extra_mib", "models_mib", "memory_vs_models",
               "skipped"]
     if out_csv:
-        text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, fieldnames=fields)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row.get(k, "") for k in fields})
-        atomic_write_text(out_csv, text.getvalue())
+        write_csv(out_csv, rows, fields)
     print(f"torch threads: {torch.get_num_threads()}")
     print(f"{'width':>6} {'method':>6} {'median s':>9} {'x avg':>6} {'peak extra MiB':>15} {'x models':>9}")
     for r in rows:

@@ -13,7 +13,6 @@ Every side first trains one epoch untimed (the process's one-off warm-up). Figur
 `repeats`; the ratios are the floor's seconds over the other side's (above 1: faster than the floor).
 """
 
-import csv
 import statistics
 import tempfile
 import time
@@ -22,6 +21,7 @@ from typing import Dict, List, Sequence
 import torch
 import torch.nn.functional as F
 
+from ntdist.commands.bench import check_out_csv, write_csv
 from ntdist.config import load_config
 from ntdist.distributed.world import World
 from ntdist.errors import UserError
@@ -31,6 +31,7 @@ from ntdist.training.members import build_member, member_seed, train_members
 
 WORKLOADS = {   # name -> config overrides
     "mlp-digits": ["data.name=digits", "model.name=mlp", "model.kwargs.width=32"],
+    "mlp-mnist1d": ["data.name=mnist1d", "model.name=mlp", "model.kwargs.width=32"],
     "lenet-synthetic32": ["data.name=synthetic", "data.synthetic_shape=[3,32,32]", "data.synthetic_samples=2048",
                           "model.name=lenet"],
 }
@@ -81,7 +82,9 @@ def bench_train(workloads: Sequence[str] = tuple(WORKLOADS), ks: Sequence[int] =
         if name not in WORKLOADS:
             raise UserError(f"unknown workload '{name}'; choose from {list(WORKLOADS)}")
     if epochs < 1 or repeats < 1 or min(ks) < 1 or min(batches) < 1:
-        raise UserError("epochs, repeats, every k and every batch size must be at least 1")
+        raise UserError(f"--epochs, --repeats, every --ks and every --batches value must be at least 1; got "
+                        f"epochs {epochs}, repeats {repeats}, ks {list(ks)}, batches {list(batches)}")
+    check_out_csv(out_csv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in workloads:
@@ -106,10 +109,7 @@ def bench_train(workloads: Sequence[str] = tuple(WORKLOADS), ks: Sequence[int] =
                     row["one by one / floor"] = round(row["one by one samples/s"] / row["floor samples/s"], 2)
                     rows.append(row)
                     print(", ".join(f"{key} {value}" for key, value in row.items()), flush=True)
-    with open(out_csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out_csv, rows, list(rows[0]))
     return rows
 
 
