@@ -55,15 +55,16 @@ def randomise_bn(model: nn.Module) -> nn.Module:
     return model
 
 
-def make_run(out_dir, *overrides, world=None):
-    """A `Run` of the default config (digits, MLP) with `overrides`, its run directory prepared."""
+def make_run(out_dir, *overrides, world=None, resume=False):
+    """A `Run` of the default config (digits, MLP) with `overrides`, its run directory prepared (and locked
+    until `run.rundir.release()`)."""
     from ntdist.config import load_config
     from ntdist.distributed.world import World
     from ntdist.pipeline import make_run as make
 
     cfg = load_config(None, [f"output.dir={out_dir}", *overrides])
-    run = make(cfg, world or World())
-    run.rundir.prepare(resume=False, overwrite=True)
+    run = make(cfg, world or World(), resume)
+    run.rundir.prepare(resume=resume, overwrite=not resume)
     run.world.barrier()   # rank 0 has created the directory before any rank writes into it
     return run
 

@@ -31,6 +31,7 @@ if TYPE_CHECKING:   # the run context is defined by the pipeline, which imports 
 
 VECTORIZE = ("auto", "on", "off")
 AUTO_MAX_PARAMS_CPU = 100_000   # on a CPU, vmap loses to the plain loop for wider members (docs/PERFORMANCE.md)
+AUTO_MIN_MEMBERS_CPU = 4        # ... and for 2 members (k=2: 0.6-0.8x, k=8: 1.4-2.4x of one after another)
 RANDOM_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
@@ -50,6 +51,8 @@ def why_not(r: "Run", models: List[nn.Module], batches: list) -> Optional[str]:
     params = sum(p.numel() for p in models[0].parameters())
     if mode == "auto" and r.world.device.type == "cpu" and params > AUTO_MAX_PARAMS_CPU:
         return f"on a CPU members of {params} parameters train faster one after another (auto)"
+    if mode == "auto" and r.world.device.type == "cpu" and len(models) < AUTO_MIN_MEMBERS_CPU:
+        return f"on a CPU fewer than {AUTO_MIN_MEMBERS_CPU} members train faster one after another (auto)"
     return None
 
 

@@ -64,4 +64,26 @@ def test_reasons_to_train_one_after_another(tmp_path):
     run = make_run(tmp_path / "c", *MODELS["mlp"], "fusion.k=2", "model.kwargs.width=512")
     wide = [build_member(run.spec, s) for s in seeds]
     assert "faster one after another" in why_not(run, wide, member_batches(run, seeds))
+    run = make_run(tmp_path / "d", *MODELS["mlp"], "fusion.k=2")
+    assert "fewer than 4 members" in why_not(run, models, member_batches(run, seeds))
     assert isinstance(member_batches(run, seeds)[0], TensorBatches)
+
+
+def test_vectorised_training_resumes_bit_identically(tmp_path, monkeypatch):
+    import ntdist.training.vectorized as vectorized
+    from ntdist.errors import Preempted
+    from ntdist.training.members import train_members
+
+    args = [*MODELS["mlp"], "fusion.k=4", "train.epochs=2", "train.vectorize=on", "data.train_fraction=0.3"]
+    whole = train_members(make_run(tmp_path / "whole", *args), [0, 1, 2, 3], {})
+    monkeypatch.setattr(vectorized, "preempt_requested", lambda: True)
+    cut = make_run(tmp_path / "cut", *args)
+    with pytest.raises(Preempted, match="after epoch 1"):
+        train_members(cut, [0, 1, 2, 3], {})
+    cut.rundir.release()
+    monkeypatch.setattr(vectorized, "preempt_requested", lambda: False)
+    resumed = train_members(make_run(tmp_path / "cut", *args, resume=True), [0, 1, 2, 3], {})
+    for i in range(4):
+        assert [h["epoch"] for h in resumed[i][1]] == [1, 2]
+        for a, b in zip(whole[i][0].state_dict().values(), resumed[i][0].state_dict().values()):
+            assert torch.equal(a, b)
