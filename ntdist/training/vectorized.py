@@ -31,7 +31,7 @@ if TYPE_CHECKING:   # the run context is defined by the pipeline, which imports 
 
 VECTORIZE = ("auto", "on", "off")
 AUTO_MAX_PARAMS_CPU = 100_000   # on a CPU, vmap loses to the plain loop for wider members (docs/PERFORMANCE.md)
-AUTO_MIN_MEMBERS_CPU = 4        # ... and for 2 members (k=2: 0.6-0.8x, k=8: 1.4-2.4x of one after another)
+AUTO_MIN_MEMBERS_CPU = 4        # ... and for 2 members (k=2: 0.78-0.80x, k=8: 1.4-2.4x of one after another)
 RANDOM_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
