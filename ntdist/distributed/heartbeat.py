@@ -27,7 +27,10 @@ class Heartbeat:
     A rank that sees a peer's flag without stopping itself follows it: after
     STOPPED it stops at its next epoch boundary (state saved, exit 3), after FAILED
     it ends with EXIT_PEER_LOST. A peer that vanishes without a flag is lost (exit 4),
-    even when SIGTERM arrived too (torchrun's agent sends it to the survivors).
+    even when SIGTERM arrived too (torchrun's agent sends it to the survivors): a
+    rank that stops after success or preemption still needs one round with every
+    peer, and peers only leave the loop together, after such a round, so a failed
+    last round means a peer vanished and this rank exits 4, not 0 or 3.
     """
 
     STOPPED, FAILED = 1.0, 2.0
@@ -53,8 +56,8 @@ class Heartbeat:
             try:
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
             except Exception as err:  # noqa: BLE001 - any failure here means a peer is gone
-                if self.stopping.is_set():
-                    return   # this rank is shutting down itself
+                if self.stopping.is_set() and self.flag >= self.FAILED:
+                    return   # this rank failed itself: its own error is the one to report
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 self._exit(f"lost contact with a peer rank ({first})")
             if flag[0] > 0:

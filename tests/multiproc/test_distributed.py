@@ -13,7 +13,7 @@ import time
 import torch
 from torch.utils.data import Subset
 
-from helpers import ROOT, free_port, make_run, spawn, torchrun_cmd
+from helpers import ROOT, free_port, make_run, spawn, torchrun_cmd, wait_for
 from ntdist.distributed.layout import MemberLayout
 from ntdist.distributed.world import DistributedConfig, init_world, shutdown
 from ntdist.errors import UserError
@@ -148,3 +148,27 @@ def test_killed_peer_ends_the_job_within_the_timeout(tmp_path):
     assert time.time() - start < 25   # the heartbeat notices within seconds, the timeout is 20 s
     assert procs[0].returncode == 4, err[-2000:]   # EXIT_PEER_LOST
     assert "rank 0" in err and "peer" in err, err[-2000:]
+
+
+def test_sigterm_after_a_peer_died_is_a_lost_peer_not_a_preemption(tmp_path):
+    """torchrun's agent SIGTERMs the survivors when a worker dies: that must not read as a preemption (exit 3,
+    which tells SLURM to requeue) but as a lost peer (exit 4), however fast the survivor reaches its boundary."""
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        cmd = [sys.executable, "-m", "ntdist", "run", "configs/quickstart.yaml", f"output.dir={tmp_path / 'run'}",
+               "train.epochs=400", "distributed.timeout_s=20", "distributed.threads_per_rank=1"]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    wait_for(tmp_path / "run" / "checkpoints" / "member0.state.safetensors", procs[0])
+    procs[1].send_signal(signal.SIGKILL)
+    procs[0].send_signal(signal.SIGTERM)   # at once, as torchrun does
+    try:
+        _, err = procs[0].communicate(timeout=60)
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode == 4, err[-2000:]   # EXIT_PEER_LOST
+    assert "peer" in err and "preempted" not in err, err[-2000:]
