@@ -35,7 +35,7 @@ def run_command(config_path: str, overrides, resume: bool = False, overwrite: bo
         resume = True
     outcome = "failed"
     try:
-        if any(key in raw for key in SWEEP_KEYS):
+        if any(key in raw for key in SWEEP_KEYS) or len(plain) < len(overrides):   # a file's or a given seed list
             _run_sweep(config_path, list(overrides), cfg, world, resume, overwrite)
         else:
             run(cfg, world, resume=resume, overwrite=overwrite)

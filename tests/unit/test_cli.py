@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from helpers import ntdist
+from helpers import QUICK, ntdist
 from ntdist.commands.fuse import example_input
 from ntdist.fusion import fuse
 from ntdist.models import ModelSpec
@@ -147,3 +147,13 @@ def test_every_option_has_help_and_version_prints(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--version"])
     assert info.value.code == 0 and capsys.readouterr().out.strip() == f"ntdist {__version__}"
+
+
+def test_a_seed_list_on_the_command_line_runs_a_sweep(tmp_path):
+    out = tmp_path / "seeds"
+    proc = ntdist("run", *QUICK, "train.epochs=1", "finetune.epochs=0", "fusion.methods=[nt]", "seeds=[0,1]",
+                  f"output.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "sweep.json").read_text())
+    assert len(list(out.glob("*/results.json"))) == 2, sorted(p.name for p in out.iterdir())
+    assert summary
