@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from helpers import ROOT, free_port
-from ntdist.distributed.world import slurm_port
+from ntdist.distributed.launchers import slurm_port
 
 REPO = Path(ROOT)
 HERE = Path(__file__).resolve().parent
