@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ntdist.distributed.world import World, ensure_process_group
+from ntdist.distributed.world import World, ensure_process_group, export_engine_variables
 from ntdist.errors import UserError
 
 ZERO_STAGES = (0, 1, 2)
@@ -44,10 +44,8 @@ class AccelerateEngine(Engine):
             from accelerate import Accelerator
         except ImportError:
             raise UserError("finetune.engine=accelerate needs accelerate: pip install 'ntdist[accelerate]'") from None
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
-        if self.accelerator.num_processes != world.size:
-            raise UserError(f"accelerate sees {self.accelerator.num_processes} processes but the job has {world.size}; "
-                            "without a GPU start it with ACCELERATE_USE_CPU=true (see launch/README.md)")
+        self.accelerator = Accelerator(cpu=world.device.type == "cpu")
+        _check_accelerate(self.accelerator.num_processes, self.accelerator.process_index, world)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
 
     def backward(self, loss):
@@ -92,6 +90,25 @@ class DeepSpeedEngine(Engine):
 
 
 ENGINES = {"ddp": Engine, "accelerate": AccelerateEngine, "deepspeed": DeepSpeedEngine}
+
+
+def _check_accelerate(processes: int, index: int, world: World) -> None:
+    if (processes, index) != (world.size, world.rank):
+        raise UserError(f"accelerate sees this process as {index} of {processes}, but the {world.launcher} launcher "
+                        f"made it rank {world.rank} of {world.size}; start the job with torchrun, srun or mpirun "
+                        "and leave RANK, WORLD_SIZE and LOCAL_RANK to ntdist (see launch/README.md)")
+
+
+def check_engine(cfg, world: World) -> None:
+    """Before any training: export the variables the engine of `cfg` (a FinetuneConfig) reads and check
+    that it sees the job's ranks, so that a mismatch stops the run now, not after training and fusion."""
+    if cfg.engine == "ddp" or cfg.epochs == 0:
+        return
+    export_engine_variables(world)
+    if cfg.engine == "accelerate":
+        from accelerate import PartialState   # the state the Accelerator of the fine-tuning stage will share
+        state = PartialState(cpu=world.device.type == "cpu")
+        _check_accelerate(state.num_processes, state.process_index, world)
 
 
 def make_engine(cfg, model, optimizer, world: World, micro_batch: int) -> Engine:
