@@ -22,7 +22,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch.distributed.distributed_c10d import _set_pg_timeout
 
 from ntdist.distributed.heartbeat import Heartbeat
 from ntdist.distributed.launchers import cpu_threads, detect, engine_variables, free_port
@@ -216,8 +215,8 @@ def _join(cfg: DistributedConfig, env, backend: str, device, rank: int, size: in
                         "use, the master unreachable or a rank not started? set distributed.port or MASTER_PORT") from err
     finally:
         joined.set()
-    _set_pg_timeout(datetime.timedelta(seconds=cfg.timeout_s))          # collectives of the default group
-    _set_pg_timeout(datetime.timedelta(seconds=cfg.wait_timeout_s), waits)
+    dist.set_timeout(datetime.timedelta(seconds=cfg.timeout_s))          # collectives of the default group
+    dist.set_timeout(datetime.timedelta(seconds=cfg.wait_timeout_s), waits)
     return waits
 
 
