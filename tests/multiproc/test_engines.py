@@ -1,9 +1,11 @@
 """The three fine-tuning engines (ddp, accelerate, deepspeed) follow the same trajectory on 2 ranks,
-and accelerate finds the job's ranks under srun, which sets none of torchrun's variables.
+accelerate finds the job's ranks under srun, which sets none of torchrun's variables, and DeepSpeed
+with bf16 in its config gets bf16 inputs.
 
 Run: .venv/bin/python -m pytest tests/multiproc/test_engines.py
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -53,7 +55,7 @@ def srun_env(rank: int, port: int) -> dict:
 def test_accelerate_under_srun_sees_both_ranks(tmp_path):
     out, port = tmp_path / "run", free_port()
     cmd = [sys.executable, "-m", "ntdist", "run", *ARGS, "train.epochs=1", "finetune.epochs=1", "fusion.methods=[avg]",
-           "finetune.engine=accelerate", f"output.dir={out}"]
+           "finetune.engine=accelerate", "finetune.lr=0.01", "finetune.lr_scaling=linear", f"output.dir={out}"]
     procs = [subprocess.Popen(cmd, cwd=ROOT, env=srun_env(r, port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True) for r in (0, 1)]
     try:
@@ -67,3 +69,20 @@ def test_accelerate_under_srun_sees_both_ranks(tmp_path):
     got = read_results(str(out))
     assert got.world["launcher"] == "slurm" and got.world["size"] == 2
     assert len(got.fusion["avg"].finetune) == 1
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["lr"] for r in records if r.get("stage") == "finetune" and "lr" in r}
+    assert lrs == {0.02}, lrs   # finetune.lr_scaling=linear on 2 ranks
+
+
+def test_deepspeed_with_bf16_in_its_config_fine_tunes_on_the_cpu(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"bf16": {"enabled": true}, "zero_optimization": {"stage": 1}}')
+    extensions = os.environ.get("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".torch_extensions"))
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=extensions)
+    cmd = [sys.executable, "-m", "ntdist", "run", *ARGS, "fusion.methods=[avg]", "finetune.engine=deepspeed",
+           f"finetune.deepspeed_config={ds}", "finetune.precision=bf16", "finetune.epochs=2",
+           f"output.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]   # was: mat1 and mat2 must have the same dtype
+    avg = read_results(str(tmp_path / "run")).fusion["avg"]
+    assert len(avg.finetune) == 2 and avg.finetune[-1] > avg.post_fusion   # bf16 steps still learn
