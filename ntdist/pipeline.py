@@ -18,7 +18,7 @@ import torch
 
 from ntdist.config import Config, to_yaml
 from ntdist.data import Splits, load_splits
-from ntdist.distributed.comm import all_gather_records, broadcast_model, gather_models, new_groups
+from ntdist.distributed.comm import all_gather_records, broadcast_model, destroy_groups, gather_models, new_groups
 from ntdist.distributed.layout import MemberLayout
 from ntdist.distributed.tree import gather_fuse, tree_fuse
 from ntdist.distributed.world import World, gather_world_info
@@ -145,6 +145,7 @@ def train_stage(r: Run) -> Dict[int, torch.nn.Module]:
         if history is not None:
             finished[i] = (load_model(final, expect_spec=r.spec)[0].to(world.device), history)
     trained = train_members(r, [i for i in layout.members_of(world.rank) if i not in finished], groups)
+    destroy_groups(groups)
     for i in layout.members_of(world.rank):
         model, history = finished[i] if i in finished else trained[i]
         if world.rank == layout.holder(i) and i in trained:
