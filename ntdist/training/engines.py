@@ -140,7 +140,7 @@ def _check_accelerate(processes: int, index: int, world: World) -> None:
 def check_engine(cfg, world: World) -> None:
     """Before any training: export the variables the engine of `cfg` (a FinetuneConfig) reads and check
     that it sees the job's ranks, so that a mismatch stops the run now, not after training and fusion."""
-    if cfg.engine == "ddp" or cfg.epochs == 0:
+    if cfg.engine == "ddp" or cfg.epochs == 0 or world.size == 1:   # alone, accelerate needs no variables
         return
     export_engine_variables(world)
     if cfg.engine == "accelerate":
