@@ -1,16 +1,12 @@
 """Joining torch.distributed: the frozen `World` every other module receives, and its timeouts.
 
-`init_world(cfg)` asks `launchers.detect()` how ntdist was started (torchrun, srun, mpirun or one
-process), joins the process group and returns a `World`. Backend nccl where CUDA is present, gloo
-otherwise; device cuda:LOCAL_RANK or cpu. Everything else receives the `World` and never reads
-`os.environ`.
-
-Four timeouts, because ranks wait for different reasons (see `DistributedConfig`): joining and the
-first barrier (`rendezvous_timeout_s`), a collective once the ranks are in step (`timeout_s`), a
-rank waiting while another works alone (`wait_timeout_s`, through `World.wait_for`), and the
-heartbeat that notices a lost peer (`heartbeat_timeout_s`).
+`init_world(cfg)` asks `launchers.detect()` how ntdist was started, joins the process group (nccl with
+CUDA, else gloo; device cuda:LOCAL_RANK or cpu) and returns a `World`, which everything else receives.
+Four timeouts, as ranks wait for different reasons: joining and the first barrier, a collective once
+the ranks are in step, a rank waiting while another works alone (`World.wait_for`), the heartbeat.
 """
 
+import dataclasses
 import datetime
 import json
 import os
@@ -175,20 +171,21 @@ def init_world(cfg: Optional[DistributedConfig] = None, env=None, check_size=Non
     restart = int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
     if size == 1:
         return World(device=device, launcher=launcher, restart=restart, threads=threads)
-    waits = _join(cfg, env, backend, device, rank, size, addr, port, restart)
+    world = World(rank=rank, local_rank=local_rank, size=size, local_size=local_size, device=device,
+                  backend=backend, launcher=launcher, restart=restart, master_addr=addr, master_port=port,
+                  threads=threads, wait_timeout_s=cfg.wait_timeout_s)
+    world = dataclasses.replace(world, waits=_join(cfg, env, world))
     Heartbeat.start(rank, cfg.heartbeat_timeout_s)
-    return World(rank=rank, local_rank=local_rank, size=size, local_size=local_size, device=device,
-                 backend=backend, launcher=launcher, restart=restart, master_addr=addr, master_port=port,
-                 threads=threads, wait_timeout_s=cfg.wait_timeout_s, waits=waits)
+    return world
 
 
-def _join(cfg: DistributedConfig, env, backend: str, device, rank: int, size: int, addr: str, port: int,
-          restart: int):
+def _join(cfg: DistributedConfig, env, world: World):
     """Join the process group and pass the first barrier within distributed.rendezvous_timeout_s, then give
     the collectives distributed.timeout_s; returns the gloo group of `World.wait_for`."""
+    rank, size, addr, port = world.rank, world.size, world.master_addr, world.master_port
     if dist.is_initialized():   # a library or a test joined already; only the wait group is missing
         return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=cfg.wait_timeout_s))
-    if backend == "nccl":
+    if world.backend == "nccl":
         # On a collective timeout abort the communicator and raise in the calling thread (exit 4 with
         # ntdist's message) instead of tearing the process down from NCCL's watchdog.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
@@ -200,12 +197,12 @@ def _join(cfg: DistributedConfig, env, backend: str, device, rank: int, size: in
         agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
         store = dist.TCPStore(addr, port, size, is_master=rank == 0 and not agent_store, timeout=rendezvous,
                               wait_for_workers=False)
-        _check_same_job(store, rank, size, env, f"{addr}:{port}", f"ntdist/job{restart}")
-        store = dist.PrefixStore(f"ntdist/attempt{restart}", store)
+        _check_same_job(store, rank, size, env, f"{addr}:{port}", f"ntdist/job{world.restart}")
+        store = dist.PrefixStore(f"ntdist/attempt{world.restart}", store)
         # device_id: NCCL creates its communicator now (every rank must arrive, within the rendezvous
         # timeout) and reuses it for point-to-point sends instead of building one per pair later.
-        dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=rendezvous,
-                                device_id=device if backend == "nccl" else None)
+        dist.init_process_group(world.backend, store=store, rank=rank, world_size=size, timeout=rendezvous,
+                                device_id=world.device if world.backend == "nccl" else None)
         waits = dist.new_group(backend="gloo", timeout=rendezvous)
         dist.barrier(group=waits)   # the first barrier: every rank has started and joined
     except (RuntimeError, dist.DistNetworkError) as err:
