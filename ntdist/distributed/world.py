@@ -249,21 +249,23 @@ def _rendezvous_watchdog(rank: int, addr, port, timeout_s: float) -> threading.E
 RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
-def export_engine_variables(world: World) -> None:
-    """Set the torchrun-style variables that Accelerate and DeepSpeed read, whichever launcher started
-    the job (srun and mpirun set none of them). A rank variable that the job already set to something
-    else than ntdist found is a mistake in the job script; OMP_NUM_THREADS is only filled in."""
+def export_engine_variables(world: World, environ=None) -> None:
+    """Set the torchrun-style variables that Accelerate and DeepSpeed read in `environ` (os.environ),
+    whichever launcher started the job (srun and mpirun set none of them). A rank variable that the job
+    already set to something else than ntdist found is a mistake in the job script; OMP_NUM_THREADS is
+    only filled in."""
+    environ = os.environ if environ is None else environ
     wanted = engine_variables(world.rank, world.size, world.local_rank, world.local_size, world.master_addr,
                               world.master_port, world.threads)
     for key, value in wanted.items():
-        have = os.environ.get(key)
+        have = environ.get(key)
         if key in RANK_VARIABLES and have not in (None, value):
             raise UserError(f"{key}={have} in the environment, but the {world.launcher} launcher makes this process "
                             f"{key}={value}; unset {key} in the job script")
         if key == "OMP_NUM_THREADS":
-            os.environ.setdefault(key, value)
+            environ.setdefault(key, value)
         else:
-            os.environ[key] = value
+            environ[key] = value
 
 
 def ensure_process_group(world: World) -> None:

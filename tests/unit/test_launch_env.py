@@ -3,8 +3,6 @@
 Run: .venv/bin/python -m pytest tests/unit/test_launch_env.py
 """
 
-import os
-
 import pytest
 import torch
 
@@ -35,22 +33,22 @@ def test_a_slurm_job_sets_torchs_thread_count():
         torch.set_num_threads(before)
 
 
-def test_engine_variables_are_exported_for_a_launcher_that_sets_none(monkeypatch):
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS"):
-        monkeypatch.delenv(key, raising=False)
+def test_engine_variables_are_exported_for_a_launcher_that_sets_none():
+    environ = {"OMPI_COMM_WORLD_RANK": "3"}   # what mpirun gives: none of torchrun's names
     world = World(rank=3, local_rank=1, size=4, local_size=2, launcher="mpi", master_addr="node07",
                   master_port=29511, threads=6)
-    export_engine_variables(world)
-    assert [os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")] == ["3", "4", "1", "2"]
-    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], os.environ["OMP_NUM_THREADS"]) == \
-        ("node07", "29511", "6")
+    export_engine_variables(world, environ)
+    assert [environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")] == ["3", "4", "1", "2"]
+    assert (environ["MASTER_ADDR"], environ["MASTER_PORT"], environ["OMP_NUM_THREADS"]) == ("node07", "29511", "6")
+    kept = {"OMP_NUM_THREADS": "2"}   # the job's own thread count stays
+    export_engine_variables(world, kept)
+    assert kept["OMP_NUM_THREADS"] == "2" and kept["RANK"] == "3"
 
 
-def test_a_rank_variable_that_contradicts_the_launcher_is_refused(monkeypatch):
-    monkeypatch.setenv("RANK", "5")
+def test_a_rank_variable_that_contradicts_the_launcher_is_refused():
     world = World(rank=1, size=2, launcher="slurm", master_addr="node07", master_port=29511)
     with pytest.raises(UserError, match="RANK=5 in the environment, but the slurm launcher makes this process RANK=1"):
-        export_engine_variables(world)
+        export_engine_variables(world, {"RANK": "5"})
 
 
 def test_timeouts_must_be_positive():
