@@ -18,7 +18,7 @@ import torch
 
 from ntdist.config import Config, to_yaml
 from ntdist.data import Splits, load_splits
-from ntdist.distributed.comm import all_gather_records, broadcast_model, gather_models, new_groups
+from ntdist.distributed.comm import all_gather_records, broadcast_model, destroy_groups, gather_models, new_groups
 from ntdist.distributed.layout import MemberLayout
 from ntdist.distributed.tree import gather_fuse, tree_fuse
 from ntdist.distributed.world import World, gather_world_info
@@ -117,7 +117,7 @@ def checkpoint_names(cfg: Config) -> List[str]:
 def prepare_rundir(r: Run, overwrite: bool) -> None:
     """Every rank checks the directory before rank 0 creates and locks it, so all stop together on a mistake."""
     r.rundir.check(r.resume, overwrite)
-    r.world.barrier()
+    r.world.wait_for("loading the data")
     problem = None
     try:
         r.rundir.prepare(r.resume, overwrite, checkpoint_names(r.cfg))
@@ -145,6 +145,7 @@ def train_stage(r: Run) -> Dict[int, torch.nn.Module]:
         if history is not None:
             finished[i] = (load_model(final, expect_spec=r.spec)[0].to(world.device), history)
     trained = train_members(r, [i for i in layout.members_of(world.rank) if i not in finished], groups)
+    destroy_groups(groups)
     for i in layout.members_of(world.rank):
         model, history = finished[i] if i in finished else trained[i]
         if world.rank == layout.holder(i) and i in trained:
@@ -154,6 +155,7 @@ def train_stage(r: Run) -> Dict[int, torch.nn.Module]:
         if world.rank == layout.holder(i):
             held[i] = model
             histories.append(history)
+    world.wait_for("training their members")   # k % W != 0, or members loaded instantly on --resume
     for history in sorted(all_gather_records(world, histories), key=lambda h: h[0]["member"] if h else -1):
         for record in history:
             r.rundir.log(record)
@@ -171,6 +173,7 @@ def evaluate_members(r: Run, held: Dict[int, torch.nn.Module]) -> RunResults:
         val_logits[i] = predict(model, val, world.device).double()
         test_logits[i] = predict(model, test, world.device).double()
     # Each member's logits live on its holder; one sum gives every rank all of them.
+    world.wait_for("evaluating their members")
     val_logits, test_logits = world.reduce_sum(val_logits), world.reduce_sum(test_logits)
     val_y, test_y = labels_of(val), labels_of(test)
     members_val = (val_logits.argmax(2) == val_y).double().mean(1)
@@ -196,6 +199,7 @@ def diversity_stage(r: Run, held: Dict[int, torch.nn.Module], test_logits: torch
         summary = diversity_summary([members[i] for i in range(k)], list(test_logits), r.cfg.output.duplicate_threshold)
         if summary["warning"]:
             world.print0(f"ntdist: warning: {summary['warning']}", file=sys.stderr)
+    world.wait_for("the diversity check on rank 0")
     for model in held.values():
         model.to(world.device)
     return all_gather_records(world, [summary])[0]
@@ -224,7 +228,7 @@ def resumable_finetune(r: Run, model: torch.nn.Module, label: str, seed: int, te
             save_checkpoint(final, model.cpu(), r.spec, info={"stage": "finetune", "method": label,
                                                               "epochs": r.cfg.finetune.epochs, "history": history})
             remove_if_present(r.rundir.checkpoint(f"finetune_{label}.state"))
-        r.world.barrier()
+        r.world.wait_for(f"writing the checkpoint finetuned_{label} on rank 0")
     for record in history:
         r.rundir.log(record)
     return history

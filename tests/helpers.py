@@ -15,7 +15,7 @@ import traceback
 import torch
 import torch.nn as nn
 
-from ntdist.distributed.world import free_port
+from ntdist.distributed.launchers import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = ["configs/quickstart.yaml", "distributed.threads_per_rank=1", "finetune.control=false"]   # a short run

@@ -19,6 +19,7 @@ from ntdist.commands.report import report_command
 from ntdist.records.results import read_results
 from ntdist.records.rundir import RunDir
 from ntdist.sweep import SWEEP_KEYS, plan_sweep, run_sweep
+from ntdist.training.engines import check_engine
 
 
 def run_command(config_path: str, overrides, resume: bool = False, overwrite: bool = False) -> int:
@@ -35,6 +36,8 @@ def run_command(config_path: str, overrides, resume: bool = False, overwrite: bo
         resume = True
     outcome = "failed"
     try:
+        if cfg.mode != "sync":
+            check_engine(cfg.finetune, world)   # before training: the engine sees the job's ranks
         if any(key in raw for key in SWEEP_KEYS) or len(plain) < len(overrides):   # a file's or a given seed list
             _run_sweep(config_path, list(overrides), cfg, world, resume, overwrite)
         else:
@@ -59,7 +62,7 @@ def _run_sweep(config_path, overrides, cfg, world, resume, overwrite) -> None:
     def run_point(path, point_overrides):
         point_cfg = load_config(path, point_overrides, extra_keys=SWEEP_KEYS)
         run(point_cfg, world, resume=resume, overwrite=overwrite)
-        world.barrier()   # rank 0 has written results.json before anyone checks for it
+        world.wait_for("writing results.json on rank 0")   # before anyone checks for it
 
     def done(point_dir):   # rank 0 decides, so every rank skips (or runs) the same points
         return not overwrite and all_gather_records(world, [read_results(point_dir) is not None])[0]

@@ -93,10 +93,22 @@ def gather_models(world: World, held: Dict[int, torch.nn.Module], holders: List[
 
 
 def new_groups(world: World, rank_lists: List[List[int]]) -> Dict[int, object]:
-    """One process group per rank list, created by every rank in the same order (index -> group)."""
+    """One process group per rank list, created by every rank in the same order (index -> group).
+
+    Every rank calls `dist.new_group` for every list, also for lists it is not in: torch requires
+    it, and the groups' internal names come from that shared order. Destroy them with `destroy_groups`.
+    """
     if world.size == 1:
         return {}
     return {i: dist.new_group(ranks) for i, ranks in enumerate(rank_lists)}
+
+
+def destroy_groups(groups: Dict[int, object]) -> None:
+    """Destroy the groups of `new_groups` that this rank belongs to (a sweep would otherwise keep one
+    set per point, each with its sockets or NCCL communicators)."""
+    for group in groups.values():
+        if group is not None and group != dist.GroupMember.NON_GROUP_MEMBER:
+            dist.destroy_process_group(group)
 
 
 def all_gather_records(world: World, records: list) -> list:

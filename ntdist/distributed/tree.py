@@ -45,6 +45,7 @@ def tree_fuse(world: World, held: Dict[int, torch.nn.Module], holders: List[int]
                                          plan=plan, **options)
         if sent is not None:
             sent.append(sends)
+        world.wait_for("a round of the fusion tree")   # the next round's receivers wait for this round's fusions
     root = holders[0]
     result = models[0] if world.rank == root else make_template()
     return broadcast_model(world, result, root)
@@ -58,4 +59,5 @@ def gather_fuse(world: World, held: Dict[int, torch.nn.Module], holders: List[in
         fused = fuse([gathered[i] for i in range(len(holders))], **fuse_args)
     else:
         fused = make_template()
+    world.wait_for(f"fusing {len(holders)} members on rank 0")
     return broadcast_model(world, fused, 0)

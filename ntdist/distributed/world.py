@@ -1,36 +1,31 @@
-"""The one place that reads launcher environment variables and sets up torch.distributed.
+"""Joining torch.distributed: the frozen `World` every other module receives, and its timeouts.
 
-`init_world(cfg)` detects how ntdist was started and returns a frozen `World`:
-
-1. torchrun / torchelastic / accelerate: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT all set;
-2. SLURM `srun` without torchrun: SLURM_PROCID, SLURM_STEP_NUM_TASKS (or SLURM_NTASKS), SLURM_LOCALID,
-   master address from the first host of SLURM_STEP_NODELIST / SLURM_NODELIST;
-3. MPI: OMPI_COMM_WORLD_* (checked before SLURM, whose variables mpirun's daemons inherit on a
-   cluster) or PMI_*; rank 0 shares its address and a free port through mpi4py;
-4. otherwise one process.
-
-Backend nccl where CUDA is present, gloo otherwise; device cuda:LOCAL_RANK or cpu.
-Everything else receives the `World` and never reads `os.environ`.
+`init_world(cfg)` asks `launchers.detect()` how ntdist was started, joins the process group (nccl with
+CUDA, else gloo; device cuda:LOCAL_RANK or cpu) and returns a `World`, which everything else receives.
+Four timeouts, as ranks wait for different reasons: joining and the first barrier, a collective once
+the ranks are in step, a rank waiting while another works alone (`World.wait_for`), the heartbeat.
 """
 
+import dataclasses
 import datetime
 import json
 import os
-import re
 import socket
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from ntdist.distributed.heartbeat import Heartbeat
+from ntdist.distributed.launchers import cpu_threads, detect, engine_variables, free_port
 from ntdist.errors import EXIT_USAGE, PeerLostError, UserError, check_choice
 from ntdist.options import opt
 
 BACKENDS = ("auto", "nccl", "gloo")
+TIMEOUTS = ("timeout_s", "rendezvous_timeout_s", "wait_timeout_s", "heartbeat_timeout_s")
 
 
 @dataclass
@@ -38,14 +33,26 @@ class DistributedConfig:
     """Process-group settings."""
 
     backend: str = opt("auto", "auto (nccl with CUDA, else gloo) | nccl | gloo")
-    timeout_s: float = opt(300.0, "seconds a collective may wait for a peer before the job fails")
+    timeout_s: float = opt(300.0, "seconds one collective may wait for a peer once the ranks are in step "
+                                  "(DDP's gradient all-reduce, broadcasts, sends)")
+    rendezvous_timeout_s: float = opt(600.0, "seconds for all ranks to start, join the process group and pass "
+                                             "the first barrier")
+    wait_timeout_s: float = opt(7200.0, "seconds a rank may wait while another works alone: uneven member "
+                                        "training, the diversity check and fusion on rank 0, sync method none")
+    heartbeat_timeout_s: float = opt(120.0, "seconds without a heartbeat from a peer before the job ends with exit 4 "
+                                            "(a dead peer is noticed within seconds)")
     port: Optional[int] = opt(None, "rendezvous port for SLURM/MPI launches (default: derived from the job id / a free port)")
-    threads_per_rank: Optional[int] = opt(None, "torch CPU threads per rank (default: cores / local ranks)")
+    threads_per_rank: Optional[int] = opt(None, "torch CPU threads per rank (default: OMP_NUM_THREADS, else "
+                                                "SLURM_CPUS_PER_TASK, else usable cores / local ranks)")
 
     def __post_init__(self):
         check_choice(self.backend, BACKENDS, "distributed.backend")
-        if not self.timeout_s > 0:
-            raise UserError(f"distributed.timeout_s must be > 0, got {self.timeout_s}")
+        for name in TIMEOUTS:
+            if not getattr(self, name) > 0:
+                raise UserError(f"distributed.{name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.threads_per_rank is not None and self.threads_per_rank < 1:
+            raise UserError(f"distributed.threads_per_rank must be >= 1, got {self.threads_per_rank}; "
+                            "leave it unset to follow OMP_NUM_THREADS / SLURM_CPUS_PER_TASK")
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,13 @@ class World:
     host: str = socket.gethostname()
     restart: int = 0
     """how often an elastic launcher (torchrun --max-restarts) has restarted this job"""
+    master_addr: Optional[str] = None
+    master_port: Optional[int] = None
+    threads: int = 1
+    """torch CPU threads of this rank"""
+    wait_timeout_s: float = 0.0
+    waits: object = field(default=None, compare=False, repr=False)
+    """the gloo group of `wait_for`, whose timeout is distributed.wait_timeout_s"""
 
     @property
     def is_main(self) -> bool:
@@ -86,6 +100,21 @@ class World:
     def barrier(self) -> None:
         if self.size > 1:
             guarded(dist.barrier)
+
+    def wait_for(self, what: str) -> None:
+        """Wait until every rank gets here, for up to distributed.wait_timeout_s: called after work that
+        some ranks do alone or longer than others (`what`), before the next collective, which then
+        needs only distributed.timeout_s. A gloo barrier, so NCCL's watchdog never sees the wait."""
+        if self.size == 1:
+            return
+        try:
+            dist.barrier(group=self.waits)
+        except (RuntimeError, dist.DistBackendError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise PeerLostError(
+                f"rank {self.rank}: the other ranks did not finish {what} within distributed.wait_timeout_s="
+                f"{self.wait_timeout_s:g} s, or one of them died ({first}); raise distributed.wait_timeout_s if that "
+                "step is this slow, else check the other ranks' logs; then restart with --resume") from err
 
     def print0(self, *args, **kwargs) -> None:
         """ntdist's one rank-0 logger: `print` (flushed) on rank 0, nothing elsewhere."""
@@ -117,79 +146,7 @@ def peer_lost(err: BaseException) -> PeerLostError:
                          "check the other ranks' logs, then restart with --resume")
 
 
-JOIN_GRACE_S = 10.0   # beyond distributed.timeout_s, before a rank that cannot join gives up
-
-def first_slurm_host(nodelist: str) -> str:
-    """'gpu[03-05,09],cpu1' -> 'gpu03'."""
-    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
-    if not match:
-        raise UserError(f"cannot parse SLURM node list '{nodelist}'; set MASTER_ADDR explicitly")
-    prefix, _, ranges = match.groups()
-    if not ranges:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
-
-
-def slurm_port(job_id: int) -> int:
-    """The rendezvous port of a SLURM job without MASTER_PORT or distributed.port: 20000 + job id % 20000."""
-    return 20000 + job_id % 20000
-
-
-def free_port() -> int:
-    """A TCP port that is free on this host right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-def _from_torchrun(env):
-    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    if not all(k in env for k in keys):
-        return None
-    local_size = int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"]))
-    return "torchrun", int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]), local_size, \
-        env["MASTER_ADDR"], int(env["MASTER_PORT"])
-
-
-def _from_slurm(env, cfg: DistributedConfig):
-    if "SLURM_PROCID" not in env or "SLURM_STEP_ID" not in env:   # srun sets a step id; the batch script does not
-        return None
-    size = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")))
-    nodelist = env.get("SLURM_STEP_NODELIST", env.get("SLURM_NODELIST", "localhost"))
-    addr = env.get("MASTER_ADDR") or first_slurm_host(nodelist)
-    port = cfg.port or int(env.get("MASTER_PORT", 0)) or slurm_port(int(env.get("SLURM_JOB_ID", "0")))
-    tasks_per_node = env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", "1"))
-    local_size = int(re.match(r"\d+", tasks_per_node).group())
-    return "slurm", int(env["SLURM_PROCID"]), size, int(env.get("SLURM_LOCALID", 0)), local_size, addr, port
-
-
-def _from_mpi(env, cfg: DistributedConfig):
-    if "OMPI_COMM_WORLD_RANK" in env:
-        rank, size = int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"])
-        local, local_size = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)), int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", 1))
-    elif "PMI_RANK" in env and "PMI_SIZE" in env:
-        rank, size = int(env["PMI_RANK"]), int(env["PMI_SIZE"])
-        local, local_size = int(env.get("MPI_LOCALRANKID", 0)), int(env.get("MPI_LOCALNRANKS", 1))
-    else:
-        return None
-    try:
-        from mpi4py import MPI
-    except ImportError:
-        raise UserError("launched under MPI but mpi4py is missing; install it with: pip install 'ntdist[mpi]'") from None
-    comm = MPI.COMM_WORLD
-    addr, port = comm.bcast((socket.gethostname(), cfg.port or free_port()) if comm.Get_rank() == 0 else None, root=0)
-    return "mpi", rank, size, local, local_size, addr, port
-
-
-def detect(env=None, cfg: Optional[DistributedConfig] = None):
-    """(launcher, rank, size, local_rank, local_size, master_addr, master_port) of this process."""
-    env = os.environ if env is None else env
-    cfg = cfg or DistributedConfig()
-    # Open MPI's own variables come before SLURM's: on several nodes mpirun starts its daemons with
-    # srun, so its ranks also see SLURM_PROCID. PMI_* (which srun --mpi=pmi2 sets too) comes after.
-    ompi = _from_mpi(env, cfg) if "OMPI_COMM_WORLD_RANK" in env else None
-    return _from_torchrun(env) or ompi or _from_slurm(env, cfg) or _from_mpi(env, cfg) or \
-        ("single", 0, 1, 0, 1, None, None)
+JOIN_GRACE_S = 10.0   # beyond distributed.rendezvous_timeout_s, before a rank that cannot join gives up
 
 
 def init_world(cfg: Optional[DistributedConfig] = None, env=None, check_size=None) -> World:
@@ -198,7 +155,8 @@ def init_world(cfg: Optional[DistributedConfig] = None, env=None, check_size=Non
     `check_size(world_size)` may refuse the layout before any rank waits for the others.
     """
     cfg = cfg or DistributedConfig()
-    launcher, rank, size, local_rank, local_size, addr, port = detect(env, cfg)
+    env = os.environ if env is None else env
+    launcher, rank, size, local_rank, local_size, addr, port = detect(env, cfg.port)
     if check_size:
         check_size(size)
     cuda = torch.cuda.is_available()
@@ -208,33 +166,55 @@ def init_world(cfg: Optional[DistributedConfig] = None, env=None, check_size=Non
     device = torch.device(f"cuda:{local_rank % torch.cuda.device_count()}") if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    threads = cfg.threads_per_rank or max(1, (os.cpu_count() or 1) // max(local_size, 1))
+    threads = cpu_threads(env, local_size, cfg.threads_per_rank)
     torch.set_num_threads(threads)
-    env = os.environ if env is None else env
     restart = int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
     if size == 1:
-        return World(device=device, launcher=launcher, restart=restart)
-    if not dist.is_initialized():
-        timeout = datetime.timedelta(seconds=cfg.timeout_s)
-        joined = _rendezvous_watchdog(rank, addr, port, cfg.timeout_s)
-        try:
-            # torchrun's agent keeps one store for the whole job: a key space per elastic restart keeps a
-            # restarted rank from reading the addresses of the ranks that died.
-            agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-            store = dist.TCPStore(addr, port, size, is_master=rank == 0 and not agent_store, timeout=timeout,
-                                  wait_for_workers=False)
-            _check_same_job(store, rank, size, env, f"{addr}:{port}", f"ntdist/job{restart}")
-            store = dist.PrefixStore(f"ntdist/attempt{restart}", store)
-            dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
-        except (RuntimeError, dist.DistNetworkError) as err:
-            first = str(err).strip().splitlines()[0]
-            raise UserError(f"rank {rank} could not join the process group at {addr}:{port} ({first}); "
-                            "is the port in use or the master unreachable? set distributed.port or MASTER_PORT") from err
-        finally:
-            joined.set()
-    Heartbeat.start(rank, cfg.timeout_s)
-    return World(rank=rank, local_rank=local_rank, size=size, local_size=local_size, device=device,
-                 backend=backend, launcher=launcher, restart=restart)
+        return World(device=device, launcher=launcher, restart=restart, threads=threads)
+    world = World(rank=rank, local_rank=local_rank, size=size, local_size=local_size, device=device,
+                  backend=backend, launcher=launcher, restart=restart, master_addr=addr, master_port=port,
+                  threads=threads, wait_timeout_s=cfg.wait_timeout_s)
+    world = dataclasses.replace(world, waits=_join(cfg, env, world))
+    Heartbeat.start(rank, cfg.heartbeat_timeout_s)
+    return world
+
+
+def _join(cfg: DistributedConfig, env, world: World):
+    """Join the process group and pass the first barrier within distributed.rendezvous_timeout_s, then give
+    the collectives distributed.timeout_s; returns the gloo group of `World.wait_for`."""
+    rank, size, addr, port = world.rank, world.size, world.master_addr, world.master_port
+    if dist.is_initialized():   # a library or a test joined already; only the wait group is missing
+        return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=cfg.wait_timeout_s))
+    if world.backend == "nccl":
+        # On a collective timeout abort the communicator and raise in the calling thread (exit 4 with
+        # ntdist's message) instead of tearing the process down from NCCL's watchdog.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+    rendezvous = datetime.timedelta(seconds=cfg.rendezvous_timeout_s)
+    joined = _rendezvous_watchdog(rank, addr, port, cfg.rendezvous_timeout_s)
+    try:
+        # torchrun's agent keeps one store for the whole job: a key space per elastic restart keeps a
+        # restarted rank from reading the addresses of the ranks that died.
+        agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+        store = dist.TCPStore(addr, port, size, is_master=rank == 0 and not agent_store, timeout=rendezvous,
+                              wait_for_workers=False)
+        _check_same_job(store, rank, size, env, f"{addr}:{port}", f"ntdist/job{world.restart}")
+        store = dist.PrefixStore(f"ntdist/attempt{world.restart}", store)
+        # device_id: NCCL creates its communicator now (every rank must arrive, within the rendezvous
+        # timeout) and reuses it for point-to-point sends instead of building one per pair later.
+        dist.init_process_group(world.backend, store=store, rank=rank, world_size=size, timeout=rendezvous,
+                                device_id=world.device if world.backend == "nccl" else None)
+        waits = dist.new_group(backend="gloo", timeout=rendezvous)
+        dist.barrier(group=waits)   # the first barrier: every rank has started and joined
+    except (RuntimeError, dist.DistNetworkError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise UserError(f"rank {rank} could not join the process group at {addr}:{port} within "
+                        f"distributed.rendezvous_timeout_s={cfg.rendezvous_timeout_s:g} s ({first}); is the port in "
+                        "use, the master unreachable or a rank not started? set distributed.port or MASTER_PORT") from err
+    finally:
+        joined.set()
+    dist.set_timeout(datetime.timedelta(seconds=cfg.timeout_s))          # collectives of the default group
+    dist.set_timeout(datetime.timedelta(seconds=cfg.wait_timeout_s), waits)
+    return waits
 
 
 def _check_same_job(store, rank: int, size: int, env, where: str, key: str) -> None:
@@ -258,7 +238,7 @@ def _rendezvous_watchdog(rank: int, addr, port, timeout_s: float) -> threading.E
     def watch():
         if not joined.wait(timeout_s + JOIN_GRACE_S):
             print(f"ntdist: error: rank {rank} could not join the process group at {addr}:{port} within "
-                  f"distributed.timeout_s={timeout_s:g} s; is the port used by another program, or the master "
+                  f"distributed.rendezvous_timeout_s={timeout_s:g} s; is the port used by another program, or the master "
                   "unreachable? set distributed.port or MASTER_PORT", file=sys.stderr, flush=True)
             os._exit(EXIT_USAGE)
 
@@ -266,12 +246,32 @@ def _rendezvous_watchdog(rank: int, addr, port, timeout_s: float) -> threading.E
     return joined
 
 
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def export_engine_variables(world: World, environ=None) -> None:
+    """Set the torchrun-style variables that Accelerate and DeepSpeed read in `environ` (os.environ),
+    whichever launcher started the job (srun and mpirun set none of them). A rank variable that the job
+    already set to something else than ntdist found is a mistake in the job script; OMP_NUM_THREADS is
+    only filled in."""
+    environ = os.environ if environ is None else environ
+    wanted = engine_variables(world.rank, world.size, world.local_rank, world.local_size, world.master_addr,
+                              world.master_port, world.threads)
+    for key, value in wanted.items():
+        have = environ.get(key)
+        if key in RANK_VARIABLES and have not in (None, value):
+            raise UserError(f"{key}={have} in the environment, but the {world.launcher} launcher makes this process "
+                            f"{key}={value}; unset {key} in the job script")
+        if key == "OMP_NUM_THREADS":
+            environ.setdefault(key, value)
+        else:
+            environ[key] = value
+
+
 def ensure_process_group(world: World) -> None:
     """Give libraries (DeepSpeed) what they expect: a process group even for one process, and the
     torchrun-style variables, whichever launcher actually started the job."""
-    for key, value in (("RANK", world.rank), ("LOCAL_RANK", world.local_rank), ("WORLD_SIZE", world.size),
-                       ("LOCAL_WORLD_SIZE", world.local_size)):
-        os.environ.setdefault(key, str(value))
+    export_engine_variables(world)
     if world.size == 1 and not dist.is_initialized():
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
 
@@ -284,8 +284,8 @@ def shutdown(world: World, clean: bool = True, failed: bool = False) -> None:
     """
     if dist.is_initialized():
         Heartbeat.stop(failed)
-        if clean:
-            dist.barrier()   # DeepSpeed aborts at exit unless every rank gets here before the group goes
+        if clean:   # DeepSpeed aborts at exit unless every rank gets here before the group goes; rank 0 may
+            dist.barrier(group=world.waits)   # still be writing the report, hence the wait group's timeout
         dist.destroy_process_group()
 
 

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ntdist.distributed.world import World, ensure_process_group
+from ntdist.distributed.world import World, ensure_process_group, export_engine_variables
 from ntdist.errors import UserError
 
 ZERO_STAGES = (0, 1, 2)
@@ -35,6 +35,10 @@ class Engine:
     def step(self) -> None:
         self.optimizer.step()
 
+    def loop_precision(self, precision: str) -> str:
+        """The precision the training loop applies itself (autocast, grad scaler) for `finetune.precision`."""
+        return precision
+
 
 class AccelerateEngine(Engine):
     """`accelerate.Accelerator` (on the CPU when there is no CUDA) prepares the model and optimizer."""
@@ -44,10 +48,8 @@ class AccelerateEngine(Engine):
             from accelerate import Accelerator
         except ImportError:
             raise UserError("finetune.engine=accelerate needs accelerate: pip install 'ntdist[accelerate]'") from None
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
-        if self.accelerator.num_processes != world.size:
-            raise UserError(f"accelerate sees {self.accelerator.num_processes} processes but the job has {world.size}; "
-                            "without a GPU start it with ACCELERATE_USE_CPU=true (see launch/README.md)")
+        self.accelerator = Accelerator(cpu=world.device.type == "cpu")
+        _check_accelerate(self.accelerator.num_processes, self.accelerator.process_index, world)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
 
     def backward(self, loss):
@@ -55,10 +57,16 @@ class AccelerateEngine(Engine):
 
 
 class DeepSpeedEngine(Engine):
-    """`deepspeed.initialize` with our SGD optimizer and ZeRO stage `finetune.zero_stage` (0, 1 or 2)."""
+    """`deepspeed.initialize` with our SGD optimizer and ZeRO stage `finetune.zero_stage` (0, 1 or 2).
+
+    With `finetune.precision` bf16 or fp16 DeepSpeed does the mixed precision itself: it casts the
+    module to that dtype (fp16 with its own loss scaler) and keeps fp32 master weights in the
+    optimizer. The inputs are cast to the module's dtype here and the logits back to fp32, so the
+    loss is computed in fp32 as with the other engines.
+    """
 
     def __init__(self, model, optimizer, world: World, micro_batch: int, zero_stage: int,
-                 config_file: Optional[str] = None):
+                 config_file: Optional[str] = None, precision: str = "fp32"):
         try:
             import deepspeed
         except ImportError:
@@ -76,10 +84,18 @@ class DeepSpeedEngine(Engine):
         config.setdefault("zero_optimization", {})["stage"] = zero_stage
         config.setdefault("steps_per_print", 10 ** 9)
         config.setdefault("zero_allow_untested_optimizer", True)   # ZeRO 1-2 shard plain torch SGD correctly
+        if precision != "fp32":   # FinetuneConfig refused a file that enables the other one
+            config.setdefault(precision, {})["enabled"] = True
         ensure_process_group(world)
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.abspath(".torch_extensions"))
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                                                 dist_init_required=False)
+        if precision != "fp32":   # on the module itself, so that evaluation between epochs casts too
+            model.register_forward_pre_hook(lambda module, args: _cast_floats(args, _dtype_of(module)))
+            model.register_forward_hook(lambda module, args, out: _cast_floats(out, torch.float32))
+
+    def loop_precision(self, precision: str) -> str:
+        return "fp32"   # DeepSpeed's own bf16/fp16: no autocast or grad scaler on top
 
     def zero_grad(self):
         pass   # DeepSpeed clears gradients inside step()
@@ -91,11 +107,51 @@ class DeepSpeedEngine(Engine):
         self.model.step()
 
 
+def _dtype_of(module: torch.nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def _cast_floats(value, dtype):
+    """`value` (a tensor or a tuple of them) with its floating tensors in `dtype`; integer labels stay."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, tuple):
+        return tuple(_cast_floats(v, dtype) for v in value)
+    return value
+
+
+def deepspeed_precision(config: dict) -> str:
+    """fp16, bf16 or fp32: what a DeepSpeed config enables (its `bfloat16` section is an alias of `bf16`)."""
+    enabled = [name for name, key in (("fp16", "fp16"), ("bf16", "bf16"), ("bf16", "bfloat16"))
+               if isinstance(config.get(key), dict) and config[key].get("enabled") is True]
+    return enabled[0] if enabled else "fp32"
+
+
 ENGINES = {"ddp": Engine, "accelerate": AccelerateEngine, "deepspeed": DeepSpeedEngine}
+
+
+def _check_accelerate(processes: int, index: int, world: World) -> None:
+    if (processes, index) != (world.size, world.rank):
+        raise UserError(f"accelerate sees this process as {index} of {processes}, but the {world.launcher} launcher "
+                        f"made it rank {world.rank} of {world.size}; start the job with torchrun, srun or mpirun "
+                        "and leave RANK, WORLD_SIZE and LOCAL_RANK to ntdist (see launch/README.md)")
+
+
+def check_engine(cfg, world: World) -> None:
+    """Before any training: export the variables the engine of `cfg` (a FinetuneConfig) reads and check
+    that it sees the job's ranks, so that a mismatch stops the run now, not after training and fusion."""
+    if cfg.engine == "ddp" or cfg.epochs == 0 or world.size == 1:   # alone, accelerate needs no variables
+        return
+    export_engine_variables(world)
+    if cfg.engine == "accelerate":
+        from accelerate import PartialState   # the state the Accelerator of the fine-tuning stage will share
+        state = PartialState(cpu=world.device.type == "cpu")
+        _check_accelerate(state.num_processes, state.process_index, world)
 
 
 def make_engine(cfg, model, optimizer, world: World, micro_batch: int) -> Engine:
     """The engine `cfg.engine` (a validated FinetuneConfig) around `model` and `optimizer`."""
     if cfg.engine == "deepspeed":
-        return DeepSpeedEngine(model, optimizer, world, micro_batch, cfg.zero_stage, cfg.deepspeed_config)
+        return DeepSpeedEngine(model, optimizer, world, micro_batch, cfg.zero_stage, cfg.deepspeed_config,
+                               cfg.precision)
     return ENGINES[cfg.engine](model, optimizer, world)

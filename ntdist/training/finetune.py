@@ -9,6 +9,7 @@ computes exactly the ensemble's output average.
 
 import importlib.util
 import json
+import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, ClassVar, List, Optional
@@ -19,7 +20,7 @@ from ntdist.errors import UserError, check_choice
 from ntdist.fusion import distillation_loss
 from ntdist.options import opt
 from ntdist.preempt import preempt_requested
-from ntdist.training.engines import ENGINES, ZERO_STAGES, make_engine
+from ntdist.training.engines import ENGINES, ZERO_STAGES, deepspeed_precision, make_engine
 from ntdist.training.batches import eval_batches, feed, train_batches
 from ntdist.training.loop import (SCHEDULES, OptimConfig, Precision, ResumableEpochs, check_finite, epoch_stats,
                                   evaluate, make_optimizer, make_scheduler, step_logger, train_epoch)
@@ -28,13 +29,22 @@ if TYPE_CHECKING:   # the run context is defined by the pipeline, which imports 
     from ntdist.pipeline import Run
 
 
+LR_SCALING = {   # name -> factor on finetune.lr for W ranks, each with data.batch_size samples per step
+    "none": lambda ranks: 1.0,
+    "linear": lambda ranks: float(ranks),
+    "sqrt": lambda ranks: math.sqrt(ranks),
+}
+
+
 @dataclass
 class FinetuneConfig(OptimConfig):
     """How the fused model is fine-tuned (or distilled from the ensemble)."""
 
     section: ClassVar[str] = "finetune"
     epochs: int = opt(3, "fine-tuning epochs after fusion")
-    lr: float = opt(0.01, "learning rate")
+    lr: float = opt(0.01, "learning rate (for one rank's batch; see lr_scaling)")
+    lr_scaling: str = opt("none", "how the LR follows the global batch of W ranks x data.batch_size: none (the same "
+                                  "LR at any W) | linear (lr x W) | sqrt (lr x sqrt(W))")
     schedule: str = opt("none", "LR schedule: " + " | ".join(SCHEDULES))
     engine: str = opt("ddp", " | ".join(ENGINES))
     zero_stage: int = opt(0, "deepspeed engine: ZeRO stage 0, 1 or 2")
@@ -47,23 +57,35 @@ class FinetuneConfig(OptimConfig):
     def __post_init__(self):
         super().__post_init__()
         check_choice(self.engine, ENGINES, "finetune.engine")
-        if self.precision == "fp16" and self.engine != "ddp":
-            raise UserError(f"finetune.precision=fp16 needs finetune.engine=ddp (its grad scaler); with "
-                            f"{self.engine} use bf16 or the engine's own mixed-precision settings")
+        check_choice(self.lr_scaling, LR_SCALING, "finetune.lr_scaling")
+        if self.precision == "fp16" and self.engine == "accelerate":
+            raise UserError("finetune.precision=fp16 needs finetune.engine=ddp (its grad scaler) or deepspeed (its "
+                            "loss scaler); with accelerate use bf16")
         if self.engine != "ddp" and importlib.util.find_spec(self.engine) is None:
             raise UserError(f"finetune.engine={self.engine} needs {self.engine}: pip install 'ntdist[{self.engine}]'")
         if self.deepspeed_config is not None:
             try:
                 with open(self.deepspeed_config, encoding="utf-8") as f:
-                    if not isinstance(json.loads(f.read(1 << 20)), dict):
-                        raise ValueError("not a JSON object")
+                    ds_config = json.loads(f.read(1 << 20))
+                if not isinstance(ds_config, dict):
+                    raise ValueError("not a JSON object")
             except (OSError, ValueError) as err:
                 raise UserError(f"finetune.deepspeed_config '{self.deepspeed_config}' is not a readable JSON object "
                                 f"({err}); give a file such as launch/deepspeed.json, or leave it unset") from None
+            in_file = deepspeed_precision(ds_config)
+            if self.engine == "deepspeed" and in_file not in ("fp32", self.precision):
+                raise UserError(f"finetune.deepspeed_config '{self.deepspeed_config}' enables {in_file} but "
+                                f"finetune.precision={self.precision}; set finetune.precision={in_file} (DeepSpeed then "
+                                "casts the inputs too), or disable it in the file")
         if not self.temperature > 0:
             raise UserError(f"finetune.temperature must be > 0 (it divides the logits), got {self.temperature}")
         if self.zero_stage not in ZERO_STAGES:
             raise UserError(f"finetune.zero_stage must be one of {list(ZERO_STAGES)}, got {self.zero_stage}")
+
+
+def scaled_lr(cfg: FinetuneConfig, ranks: int) -> float:
+    """finetune.lr for data-parallel steps on `ranks` ranks, by finetune.lr_scaling."""
+    return cfg.lr * LR_SCALING[cfg.lr_scaling](ranks)
 
 
 def evaluate_splits(r: "Run", model) -> dict:
@@ -92,6 +114,8 @@ def finetune(r: "Run", model: torch.nn.Module, label: str, seed: int,
     cfg, world = r.cfg.finetune, r.world
     model.to(world.device)
     optimizer = make_optimizer(model, cfg)
+    for group in optimizer.param_groups:   # before the scheduler, which starts from this LR
+        group["lr"] = scaled_lr(cfg, world.size)
     scheduler = make_scheduler(optimizer, cfg)
     torch.manual_seed(seed)
     # ZeRO shards the optimizer state: with deepspeed a resumed run restarts this stage instead
@@ -103,7 +127,7 @@ def finetune(r: "Run", model: torch.nn.Module, label: str, seed: int,
                            **feed(r.cfg.data, world.device))
     loss_fn = distill_loss_fn(teacher.to(world.device), cfg) if teacher is not None else None
     model_for_steps = torch.compile(engine.model) if cfg.compile else engine.model
-    precision = Precision(cfg.precision, world.device)
+    precision = Precision(engine.loop_precision(cfg.precision), world.device)
 
     def one_epoch(epoch: int) -> dict:
         loader.set_epoch(epoch)

@@ -136,4 +136,5 @@ def _evaluate(r: "Run", model, method: str, epoch: int, loss: float) -> dict:
         record = {"stage": "sync", "method": method, "epoch": epoch, "loss": loss,
                   "val_accuracy": val, "test_accuracy": test}
         world.print0(f"sync {method} epoch {epoch}: loss {loss:.4f}, val {val:.4f}, test {test:.4f}")
+    world.wait_for(f"the epoch of sync method {method}")   # with method none, rank 0 trains alone
     return [h for h in all_gather_records(world, [record]) if h is not None][0]

@@ -28,7 +28,8 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from ntdist.distributed.world import detect, init_world, shutdown  # noqa: E402
+from ntdist.distributed.launchers import detect  # noqa: E402
+from ntdist.distributed.world import init_world, shutdown  # noqa: E402
 
 
 def deepspeed_step(world) -> float:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from helpers import ROOT, free_port
-from ntdist.distributed.world import slurm_port
+from ntdist.distributed.launchers import slurm_port
 
 REPO = Path(ROOT)
 HERE = Path(__file__).resolve().parent
@@ -32,6 +32,7 @@ CLUSTER = HERE / "slurm_cluster.sh"
 BIN = Path(sys.executable).parent          # the environment's bin/: torchrun, accelerate, mpirun
 TIMEOUT = 120                              # seconds one launch may take
 QUICK = ["train.epochs=2", "finetune.epochs=1"]
+ACCELERATE = ["finetune.engine=accelerate"]   # on the CPU its Accelerator must still see every rank
 
 INSTALL = {
     "accelerate": "pip install 'ntdist[accelerate]'   (or: pip install accelerate)",
@@ -325,19 +326,21 @@ def test_slurm_preempted_job_is_requeued_and_resumed(slurm, tmp_path):
 # ---------------------------------------------------------------- the real pipeline
 
 
-@pytest.mark.parametrize("script, size_env, launcher", [("torchrun.sh", "NPROC", "torchrun"),
-                                                      ("accelerate.sh", "NPROC", "torchrun"),
-                                                      ("mpirun.sh", "NP", "mpi")])
-def test_quickstart_under_launcher(tmp_path, script, size_env, launcher):
+@pytest.mark.parametrize("script, size_env, launcher, extra", [("torchrun.sh", "NPROC", "torchrun", []),
+                                                             ("accelerate.sh", "NPROC", "torchrun", []),
+                                                             ("mpirun.sh", "NP", "mpi", []),
+                                                             ("mpirun.sh", "NP", "mpi", ACCELERATE)])
+def test_quickstart_under_launcher(tmp_path, script, size_env, launcher, extra):
     if script == "accelerate.sh":
         require_program("accelerate", "accelerate")
     if script == "mpirun.sh":
         require_mpi()
     out = tmp_path / "run"
-    result = launch([LAUNCH / script, REPO / "configs/quickstart.yaml", *QUICK, f"output.dir={out}"],
+    result = launch([LAUNCH / script, REPO / "configs/quickstart.yaml", *QUICK, *extra, f"output.dir={out}"],
                     ntdist_env(**{size_env: 2}), timeout=180)
     check_ok(result)
-    read_results(out, launcher)
+    results = read_results(out, launcher)
+    assert all(len(m["finetune"]) == 1 for m in results["fusion"].values()), results["fusion"]
 
 
 def test_wrapper_help_exits_0_and_a_missing_config_exits_2():
@@ -348,10 +351,11 @@ def test_wrapper_help_exits_0_and_a_missing_config_exits_2():
         assert bare.returncode == 2 and "ntdist run CONFIG" in bare.stdout, (script, bare.returncode)
 
 
-def test_quickstart_under_sbatch(slurm, tmp_path):
+@pytest.mark.parametrize("extra", [[], ACCELERATE], ids=["ddp", "accelerate"])
+def test_quickstart_under_sbatch(slurm, tmp_path, extra):
     out = tmp_path / "run"
     env = dict(slurm, NTDIST=f"{sys.executable} -m ntdist")
-    job = sbatch(env, tmp_path, str(REPO / "configs/quickstart.yaml"), *QUICK, f"output.dir={out}")
+    job = sbatch(env, tmp_path, str(REPO / "configs/quickstart.yaml"), *QUICK, *extra, f"output.dir={out}")
     state = wait_job(env, job, timeout=180)
     assert state["JobState"] == "COMPLETED", f"job {state['JobState']} {state.get('ExitCode')}:\n{job_log(tmp_path)}"
     read_results(out, "slurm")

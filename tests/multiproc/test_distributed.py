@@ -133,10 +133,11 @@ def test_killed_peer_ends_the_job_within_the_timeout(tmp_path):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         cmd = [sys.executable, "-m", "ntdist", "run", "configs/quickstart.yaml", f"output.dir={tmp_path / 'run'}",
-               "train.epochs=400", "distributed.timeout_s=20", "distributed.threads_per_rank=1"]
+               "train.epochs=400", "distributed.timeout_s=20", "distributed.heartbeat_timeout_s=20",
+               "distributed.rendezvous_timeout_s=60", "distributed.threads_per_rank=1"]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
-    time.sleep(8)
+    wait_for(tmp_path / "run" / "checkpoints" / "member1.state.safetensors", procs[1])   # rank 1 is training
     procs[1].send_signal(signal.SIGKILL)
     start = time.time()
     try:

@@ -24,11 +24,12 @@ def test_a_rank_whose_port_is_held_by_another_program_exits_2_within_its_timeout
            "MASTER_PORT": str(blocker.getsockname()[1])}
     start = time.time()
     try:
-        proc = ntdist("run", *QUICK, "distributed.timeout_s=2", f"output.dir={tmp_path / 'run'}", env=env, timeout=90)
+        proc = ntdist("run", *QUICK, "distributed.rendezvous_timeout_s=2", f"output.dir={tmp_path / 'run'}", env=env,
+                      timeout=90)
     finally:
         blocker.close()
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "could not join the process group" in proc.stderr and "distributed.timeout_s=2" in proc.stderr
+    assert "could not join the process group" in proc.stderr and "distributed.rendezvous_timeout_s=2" in proc.stderr
     assert time.time() - start < 60
     assert not (tmp_path / "run").exists()
 

@@ -1,7 +1,10 @@
-"""Mixed precision: bf16 autocast trains as well as fp32, fp16 trains through its grad scaler.
+"""Mixed precision: bf16 autocast trains as well as fp32, fp16 trains through its grad scaler, and a DeepSpeed
+config must agree with finetune.precision.
 
 Run: .venv/bin/python -m pytest tests/unit/test_precision.py
 """
+
+import json
 
 import pytest
 import torch
@@ -44,3 +47,12 @@ def test_bad_precision_settings_are_one_line(override, words):
     extra = ["finetune.engine=accelerate"] if override.startswith("finetune") else []
     with pytest.raises(UserError, match=words):
         load_config(None, [override, *extra])
+
+
+def test_a_deepspeed_config_that_enables_another_precision_is_refused(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"bf16": {"enabled": True}, "fp16": {"enabled": False}}))
+    with pytest.raises(UserError, match="enables bf16 but finetune.precision=fp32; set finetune.precision=bf16"):
+        load_config(None, ["finetune.engine=deepspeed", f"finetune.deepspeed_config={ds}"])
+    cfg = load_config(None, ["finetune.engine=deepspeed", f"finetune.deepspeed_config={ds}", "finetune.precision=bf16"])
+    assert cfg.finetune.precision == "bf16"
