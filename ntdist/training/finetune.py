@@ -21,8 +21,8 @@ from ntdist.options import opt
 from ntdist.preempt import preempt_requested
 from ntdist.training.engines import ENGINES, ZERO_STAGES, make_engine
 from ntdist.training.batches import eval_batches, feed, train_batches
-from ntdist.training.loop import (SCHEDULES, OptimConfig, Precision, ResumableEpochs, check_finite, epoch_stats,
-                                  evaluate, make_optimizer, make_scheduler, step_logger, train_epoch)
+from ntdist.training.loop import (SCHEDULES, EpochPosition, OptimConfig, Precision, ResumableEpochs, check_finite,
+                                  epoch_stats, evaluate, make_optimizer, make_scheduler, step_logger, train_epoch)
 
 if TYPE_CHECKING:   # the run context is defined by the pipeline, which imports this module
     from ntdist.pipeline import Run
@@ -97,7 +97,7 @@ def finetune(r: "Run", model: torch.nn.Module, label: str, seed: int,
     # ZeRO shards the optimizer state: with deepspeed a resumed run restarts this stage instead
     state_path = None if cfg.engine == "deepspeed" else r.rundir.checkpoint(f"finetune_{label}.state")
     epochs = ResumableEpochs(f"fine-tuning ({label})", cfg.epochs, model, optimizer, scheduler, r.spec, state_path,
-                             world.is_main, r.resume)
+                             world.is_main, r.resume, cfg.checkpoint_every_steps)
     engine = make_engine(cfg, model, optimizer, world, r.cfg.data.batch_size)
     loader = train_batches(r.splits.train, r.cfg.data.batch_size, seed, world.size, world.rank,
                            **feed(r.cfg.data, world.device))
@@ -105,14 +105,13 @@ def finetune(r: "Run", model: torch.nn.Module, label: str, seed: int,
     model_for_steps = torch.compile(engine.model) if cfg.compile else engine.model
     precision = Precision(cfg.precision, world.device)
 
-    def one_epoch(epoch: int) -> dict:
-        loader.set_epoch(epoch)
+    def one_epoch(epoch: int, position: EpochPosition) -> dict:
         start = time.perf_counter()
         on_step = step_logger(r.rundir.log, r.cfg.output.log_every_steps, {"stage": "finetune", "method": label},
                               epoch, len(loader), optimizer)
         loss = train_epoch(model_for_steps, loader, optimizer, world.device, loss_fn, engine=engine,
                            desc=f"finetune {label} epoch {epoch}/{cfg.epochs}", progress=world.is_main,
-                           precision=precision, on_step=on_step)
+                           precision=precision, on_step=on_step, position=position)
         loss = world.reduce_sum(torch.tensor([loss], dtype=torch.float64)).item() / world.size
         stats = epoch_stats(optimizer, len(r.splits.train), time.perf_counter() - start, world.device)
         check_finite(loss, f"fine-tuning ({label})", epoch)
@@ -122,4 +121,4 @@ def finetune(r: "Run", model: torch.nn.Module, label: str, seed: int,
         return {"stage": "finetune", "method": label, "epoch": epoch, "loss": loss,
                 "val_accuracy": acc["val"], "test_accuracy": acc["test"], **stats}
 
-    return epochs.run(one_epoch, lambda: world.any(preempt_requested()))
+    return epochs.run(one_epoch, lambda: world.any(preempt_requested()), loader, world.reduce_sum)

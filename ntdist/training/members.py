@@ -19,8 +19,8 @@ from ntdist.models.weights import load_initial
 from ntdist.options import opt
 from ntdist.preempt import preempt_requested
 from ntdist.training.batches import eval_batches, feed, train_batches
-from ntdist.training.loop import (OptimConfig, Precision, ResumableEpochs, check_finite, epoch_stats, evaluate,
-                                  make_optimizer, make_scheduler, step_logger, train_epoch)
+from ntdist.training.loop import (EpochPosition, OptimConfig, Precision, ResumableEpochs, check_finite,
+                                  epoch_stats, evaluate, make_optimizer, make_scheduler, step_logger, train_epoch)
 from ntdist.training.vectorized import VECTORIZE, member_batches, probe, train_together, why_not
 
 if TYPE_CHECKING:   # the run context is defined by the pipeline, which imports this module
@@ -85,7 +85,8 @@ def train_member(r: "Run", index: int, group=None) -> Tuple[torch.nn.Module, Lis
     group_size = r.layout.group_size
     group_rank = world.rank % group_size
     epochs = ResumableEpochs(f"training of member {index}", cfg.train.epochs, model, optimizer, scheduler, r.spec,
-                             r.rundir.checkpoint(f"member{index}.state"), group_rank == 0, r.resume)
+                             r.rundir.checkpoint(f"member{index}.state"), group_rank == 0, r.resume,
+                             cfg.train.checkpoint_every_steps)
     wrapped = DistributedDataParallel(model, process_group=group) if group_size > 1 else model
     wrapped = torch.compile(wrapped) if cfg.train.compile else wrapped
     precision = Precision(cfg.train.precision, world.device)
@@ -93,13 +94,13 @@ def train_member(r: "Run", index: int, group=None) -> Tuple[torch.nn.Module, Lis
                            **feed(cfg.data, world.device))
     val = eval_batches(r.splits.val, cfg.data.eval_batch_size, **feed(cfg.data, world.device))
 
-    def one_epoch(epoch: int) -> dict:
-        loader.set_epoch(epoch)
+    def one_epoch(epoch: int, position: EpochPosition) -> dict:
         start = time.perf_counter()
         loss = train_epoch(wrapped, loader, optimizer, world.device, progress=world.is_main,
                            desc=f"member {index} epoch {epoch}/{cfg.train.epochs}", precision=precision,
                            on_step=step_logger(r.rundir.log, cfg.output.log_every_steps,
-                                               {"stage": "member", "member": index}, epoch, len(loader), optimizer))
+                                               {"stage": "member", "member": index}, epoch, len(loader), optimizer),
+                           position=position)
         stats = epoch_stats(optimizer, len(r.splits.train), time.perf_counter() - start, world.device)
         check_finite(loss, f"member training of member {index}", epoch)
         scheduler.step()
@@ -109,8 +110,10 @@ def train_member(r: "Run", index: int, group=None) -> Tuple[torch.nn.Module, Lis
                      f"val accuracy {record['val_accuracy']:.4f}")
         return record
 
-    stop = (lambda: world.any(preempt_requested(), group)) if group is not None else preempt_requested
-    return model, epochs.run(one_epoch, stop)
+    if group is None:
+        return model, epochs.run(one_epoch, preempt_requested, loader)
+    return model, epochs.run(one_epoch, lambda: world.any(preempt_requested(), group), loader,
+                             lambda t: world.reduce_sum(t, group))
 
 
 def train_members(r: "Run", indices: List[int], groups: dict) -> Dict[int, Tuple[torch.nn.Module, List[dict]]]:
@@ -124,7 +127,7 @@ def train_members(r: "Run", indices: List[int], groups: dict) -> Dict[int, Tuple
             together = train_together(r, indices, seeds, models, batches)
             if together is not None:
                 return together
-            reason = "their state files stand at different epochs"
+            reason = "their state files stand at different epochs or inside an epoch"
         if r.cfg.train.vectorize == "on" or reason.startswith("torch.func"):
             r.world.print0(f"ntdist: training members {indices} one after another: {reason}", file=sys.stderr)
     return {i: train_member(r, i, groups.get(i)) for i in indices}
