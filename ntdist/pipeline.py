@@ -33,7 +33,7 @@ from ntdist.records.results import RESULTS_FILE, ControlResult, MethodResult, Ru
 from ntdist.records.rundir import RunDir
 from ntdist.training.finetune import evaluate_splits, finetune
 from ntdist.training.batches import eval_batches, feed, train_batches
-from ntdist.training.loop import labels_of, predict
+from ntdist.training.loop import labels_of, predict, set_deterministic
 from ntdist.training.members import CONTROL_SEED, FUSED_SEED, build_member, run_seed, train_members
 from ntdist.training.state import finished_history
 from ntdist.training.sync import run_sync
@@ -89,6 +89,7 @@ def run(cfg: Config, world: World, resume: bool = False, overwrite: bool = False
 def run_stages(r: Run):
     """Train, evaluate, fuse and fine-tune (or periodic-sync SGD); returns the results."""
     cfg, world = r.cfg, r.world
+    set_deterministic(cfg.train.deterministic)
     if cfg.mode == "sync":
         results = run_sync(r)
     else:

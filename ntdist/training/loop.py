@@ -102,6 +102,17 @@ class OptimConfig:
                             f"got {self.checkpoint_every_steps}")
 
 
+def set_deterministic(on: bool) -> None:
+    """torch's deterministic mode for this process (`train.deterministic`): deterministic kernels only (an error
+    where an operation has none), cuDNN without autotuning, and the cuBLAS workspace setting its reproducible
+    matmuls need. The variable is read when cuBLAS starts, so this runs before any training."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # the setting torch's docs name
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = False
+
+
 def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 

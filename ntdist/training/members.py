@@ -8,9 +8,10 @@ one trained alone in a single process.
 import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
 from ntdist.errors import check_choice
@@ -37,6 +38,9 @@ class TrainConfig(OptimConfig):
     identical_members: bool = opt(False, "train every member with member 0's seed: the paper's self-fusion failure case")
     vectorize: str = opt("auto", "train all members of a rank at once as one vectorised model: auto (where faster) "
                                  "| on | off")
+    deterministic: bool = opt(False, "deterministic kernels for the whole run (torch.use_deterministic_algorithms, "
+                                     "cuDNN without autotuning, CUBLAS_WORKSPACE_CONFIG): what bit-identical resume "
+                                     "needs on a GPU; slower, and an error where an operation has no such kernel")
 
     def __post_init__(self):
         super().__post_init__()
@@ -70,6 +74,22 @@ def build_member(spec: ModelSpec, seed: int, initial: Optional[Dict[str, torch.T
     return model if initial is None else load_initial(model, initial, list(reinit))
 
 
+def use_sync_batchnorm(model: torch.nn.Module, group) -> Callable[[], None]:
+    """Replace the BatchNorm layers of `model` in place by SyncBatchNorm over `group`, so that W ranks with batch
+    B normalise with the statistics of all W*B samples, as one process would; returns the function that puts
+    the original layers back (they share their tensors with the synchronised ones, so they hold what was
+    trained). torch synchronises only CUDA (and XPU, HPU) tensors: the caller uses it on those devices."""
+    originals = [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm) and name]
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model, group)
+    assert converted is model, "a model that is a BatchNorm layer itself"
+
+    def restore() -> None:
+        for name, module in originals:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module)
+    return restore
+
+
 def train_member(r: "Run", index: int, group=None) -> Tuple[torch.nn.Module, List[dict]]:
     """Train member `index` (with DDP inside `group` when its group has several ranks); returns (model, history).
 
@@ -87,6 +107,9 @@ def train_member(r: "Run", index: int, group=None) -> Tuple[torch.nn.Module, Lis
     epochs = ResumableEpochs(f"training of member {index}", cfg.train.epochs, model, optimizer, scheduler, r.spec,
                              r.rundir.checkpoint(f"member{index}.state"), group_rank == 0, r.resume,
                              cfg.train.checkpoint_every_steps)
+    # CPU ranks keep per-rank BatchNorm statistics: torch cannot synchronise them there (docs/PERFORMANCE.md)
+    synced = group_size > 1 and world.device.type == "cuda"
+    restore = use_sync_batchnorm(model, group) if synced else (lambda: None)
     wrapped = DistributedDataParallel(model, process_group=group) if group_size > 1 else model
     wrapped = torch.compile(wrapped) if cfg.train.compile else wrapped
     precision = Precision(cfg.train.precision, world.device)
@@ -112,8 +135,11 @@ def train_member(r: "Run", index: int, group=None) -> Tuple[torch.nn.Module, Lis
 
     if group is None:
         return model, epochs.run(one_epoch, preempt_requested, loader)
-    return model, epochs.run(one_epoch, lambda: world.any(preempt_requested(), group), loader,
-                             lambda t: world.reduce_sum(t, group))
+    try:
+        return model, epochs.run(one_epoch, lambda: world.any(preempt_requested(), group), loader,
+                                 lambda t: world.reduce_sum(t, group))
+    finally:
+        restore()
 
 
 def train_members(r: "Run", indices: List[int], groups: dict) -> Dict[int, Tuple[torch.nn.Module, List[dict]]]:
