@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ntdist.distributed.comm import broadcast_model, gather_models, recv_model, send_model
+from ntdist.distributed.comm import broadcast_model, gather_models, meta_template, recv_model, send_model
 from ntdist.distributed.world import World
 from ntdist.fusion import fuse, fuse_pair
 from ntdist.fusion.graph import analyze
@@ -40,13 +40,13 @@ def tree_fuse(world: World, held: Dict[int, torch.nn.Module], holders: List[int]
                 send_model(world, models.pop(right), dst)
                 sends += 1
             if world.rank == dst:
-                other = models.pop(right) if src == dst else recv_model(world, make_template(), src)
+                other = models.pop(right) if src == dst else recv_model(world, meta_template(make_template), src)
                 models[left] = fuse_pair(models[left], other, leaves_left, leaves_right, reference=reference,
                                          plan=plan, **options)
         if sent is not None:
             sent.append(sends)
     root = holders[0]
-    result = models[0] if world.rank == root else make_template()
+    result = models[0] if world.rank == root else meta_template(make_template)
     return broadcast_model(world, result, root)
 
 
@@ -57,5 +57,5 @@ def gather_fuse(world: World, held: Dict[int, torch.nn.Module], holders: List[in
     if world.is_main:
         fused = fuse([gathered[i] for i in range(len(holders))], **fuse_args)
     else:
-        fused = make_template()
+        fused = meta_template(make_template)
     return broadcast_model(world, fused, 0)
