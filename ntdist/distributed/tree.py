@@ -29,8 +29,8 @@ def tree_fuse(world: World, held: Dict[int, torch.nn.Module], holders: List[int]
     A subtree is named by its leftmost member and stays with that member's holder.
     `sent`, when given, receives the number of models this rank sent in each round.
     """
-    reference = make_template()                     # original width: the target the pruning aims at
-    plan = analyze(reference, example_inputs)       # the same data-flow plan the single-process fuse uses
+    reference = meta_template(make_template)   # original width, the pruning's target: its shapes only, no memory
+    plan = None                                # the same data-flow plan the single-process fuse uses
     models = dict(held)
     for steps in recursive_plan(len(holders)):
         sends = 0
@@ -41,6 +41,7 @@ def tree_fuse(world: World, held: Dict[int, torch.nn.Module], holders: List[int]
                 sends += 1
             if world.rank == dst:
                 other = models.pop(right) if src == dst else recv_model(world, meta_template(make_template), src)
+                plan = plan or analyze(models[left], example_inputs)   # traced on a member: same architecture
                 models[left] = fuse_pair(models[left], other, leaves_left, leaves_right, reference=reference,
                                          plan=plan, **options)
         if sent is not None:
