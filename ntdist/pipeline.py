@@ -23,7 +23,7 @@ from ntdist.distributed.layout import MemberLayout
 from ntdist.distributed.tree import gather_fuse, tree_fuse
 from ntdist.distributed.world import World, gather_world_info
 from ntdist.errors import UserError
-from ntdist.fusion import concat, reestimate_bn
+from ntdist.fusion import Ensemble, reestimate_bn
 from ntdist.fusion.diversity import diversity_summary
 from ntdist.models import ModelSpec
 from ntdist.models.weights import initial_state
@@ -262,15 +262,20 @@ def finetune_stage(r: Run, held: Dict[int, torch.nn.Module], fused: torch.nn.Mod
     r.world.print0(f"{method}: right after fusion val {post['val']:.4f}, test {post['test']:.4f}")
     r.rundir.log({"stage": "fusion", "method": method, "epoch": 0, "val_accuracy": post["val"],
                   "test_accuracy": post["test"], "fuse_seconds": seconds})
-    teacher = None
-    if r.cfg.finetune.distill:
-        members = gather_models(r.world, {i: m.cpu() for i, m in held.items()}, r.layout.holders, r.template, root=None)
-        teacher = concat([members[i] for i in range(r.cfg.fusion.k)], example_inputs=r.example_inputs())
+    teacher = distill_teacher(r, held) if r.cfg.finetune.distill else None
     history = resumable_finetune(r, fused, method, run_seed(r.cfg.train, FUSED_SEED), teacher)
     return MethodResult(post_fusion=post["test"], post_fusion_val=post["val"],
                         finetune=[h["test_accuracy"] for h in history],
                         finetune_val=[h["val_accuracy"] for h in history], fuse_seconds=seconds,
                         sparsity=sparsity(r, held, fused) if method == "nt" else None)
+
+
+def distill_teacher(r: Run, held: Dict[int, torch.nn.Module]) -> torch.nn.Module:
+    """The ensemble as distillation teacher: the k members as they are, their outputs averaged, on every rank
+    (each rank runs it on its own batch). The concatenated model computes the same, but its dense layers hold
+    k^2 blocks of which k are non-zero: k times the members' parameters and FLOPs."""
+    members = gather_models(r.world, {i: m.cpu() for i, m in held.items()}, r.layout.holders, r.template, root=None)
+    return Ensemble([members[i] for i in range(r.cfg.fusion.k)])
 
 
 def _first_layer(model: torch.nn.Module) -> torch.nn.Module:

@@ -3,8 +3,8 @@
 Every rank holds the same fused model; the engine (DDP by default) averages
 gradients, a DistributedSampler (reshuffled each epoch) splits the data, and
 evaluation counts every sample once across ranks. With `finetune.distill` the
-loss is the distillation loss against the concatenated wide model, which
-computes exactly the ensemble's output average.
+loss is the distillation loss against the ensemble's output average, computed
+on each rank for its own batch by the k members as they are (`pipeline.distill_teacher`).
 """
 
 import importlib.util
