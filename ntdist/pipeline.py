@@ -194,7 +194,10 @@ def diversity_stage(r: Run, held: Dict[int, torch.nn.Module], test_logits: torch
     members = gather_models(world, {i: m.cpu() for i, m in held.items()}, r.layout.holders, r.template, root=0)
     summary = None
     if world.is_main:
-        summary = diversity_summary([members[i] for i in range(k)], list(test_logits), r.cfg.output.duplicate_threshold)
+        out = r.cfg.output
+        on_device = [members[i].to(world.device) for i in range(k)]   # the similarities run on the training device
+        summary = diversity_summary(on_device, list(test_logits), out.duplicate_threshold,
+                                    out.duplicate_max_units or None)
         if summary["warning"]:
             world.print0(f"ntdist: warning: {summary['warning']}", file=sys.stderr)
     for model in held.values():
