@@ -20,7 +20,7 @@ from ntdist.config import Config, to_yaml
 from ntdist.data import Splits, load_splits
 from ntdist.distributed.comm import all_gather_records, broadcast_model, gather_models, new_groups
 from ntdist.distributed.layout import MemberLayout
-from ntdist.distributed.tree import gather_fuse, tree_fuse
+from ntdist.distributed.tree import gather_fuse, reduce_average, tree_fuse
 from ntdist.distributed.world import World, gather_world_info
 from ntdist.errors import UserError
 from ntdist.fusion import Ensemble, reestimate_bn
@@ -244,6 +244,8 @@ def fuse_stage(r: Run, held: Dict[int, torch.nn.Module], method: str) -> Tuple[t
     cpu_held = {i: m.cpu() for i, m in held.items()}
     if method == "nt" and fc.schedule == "recursive":
         fused = tree_fuse(world, cpu_held, r.layout.holders, r.template, **options)
+    elif method == "avg" and fc.schedule == "flat":
+        fused = reduce_average(world, cpu_held, r.layout.holders, r.template)
     else:
         fused = gather_fuse(world, cpu_held, r.layout.holders, r.template, method=method, schedule=fc.schedule,
                             **options)

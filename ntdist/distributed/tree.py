@@ -11,10 +11,11 @@ other method gathers the members on rank 0, fuses there and broadcasts.
 from typing import Callable, Dict, List, Optional
 
 import torch
+import torch.distributed as dist
 
 from ntdist.distributed.comm import broadcast_model, gather_models, meta_template, recv_model, send_model
-from ntdist.distributed.world import World
-from ntdist.fusion import fuse, fuse_pair
+from ntdist.distributed.world import World, guarded
+from ntdist.fusion import average, fuse, fuse_pair
 from ntdist.fusion.graph import analyze
 from ntdist.fusion.schedule import recursive_plan
 
@@ -60,3 +61,38 @@ def gather_fuse(world: World, held: Dict[int, torch.nn.Module], holders: List[in
     else:
         fused = meta_template(make_template)
     return broadcast_model(world, fused, 0)
+
+
+@torch.no_grad()
+def reduce_average(world: World, held: Dict[int, torch.nn.Module], holders: List[int],
+                   make_template: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """Uniform weight averaging of all members as one all-reduce; the average on every rank (on its device).
+
+    What `average` computes for all k members: each float tensor is the sum of member / k (each rank adds
+    its own members, then the ranks add their sums), step counters take the maximum, other integer tensors
+    are member 0's. Sums over ranks may round differently from one process's sum, by an ulp.
+    """
+    k = len(holders)
+    if world.size == 1:
+        return average([held[i] for i in range(k)])
+    result = meta_template(make_template)
+    result = result.to_empty(device=world.device) if any(t.is_meta for t in result.state_dict().values()) \
+        else result.to(world.device)
+    mine = [held[i].state_dict() for i in sorted(held)]
+    for name, out in result.state_dict().items():
+        if out.is_floating_point():
+            out.zero_()
+            for state in mine:
+                out.add_(state[name].to(out.device), alpha=1.0 / k)
+            op = dist.ReduceOp.SUM
+        elif name.endswith("num_batches_tracked"):
+            out.copy_(max((state[name] for state in mine), default=torch.zeros_like(out, device="cpu")))
+            op = dist.ReduceOp.MAX
+        else:
+            out.copy_(held[0].state_dict()[name] if 0 in held else torch.zeros_like(out))
+            op = dist.ReduceOp.SUM
+        wire = out if out.device == world.device else out.to(world.device)
+        guarded(dist.all_reduce, wire, op=op)
+        if wire is not out:
+            out.copy_(wire)
+    return result

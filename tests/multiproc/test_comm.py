@@ -1,5 +1,6 @@
 """Models move between ranks in their own dtype, through one small bucket, into templates built on `meta`:
 exact copies, and the extra memory of a send or a receive is bounded (peak RSS, reset before each step).
+Weight averaging across ranks is one all-reduce that equals averaging all members in one process.
 
 Run: .venv/bin/python -m pytest tests/multiproc/test_comm.py
 """
@@ -83,3 +84,46 @@ def test_extra_memory_of_a_send_and_a_receive_is_bounded(tmp_path):
     # a flat float32 copy of the model (the old pack) alone would add model_bytes on each side
     assert sender < 0.25 * model_bytes, sender / MIB
     assert receiver < 1.25 * model_bytes, receiver / MIB   # the received model itself, plus at most one bucket
+
+
+class Normed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 5)
+        self.bn = nn.BatchNorm1d(5)
+
+
+def _members(k: int):
+    members = []
+    for i in range(k):
+        torch.manual_seed(i)
+        m = Normed()
+        with torch.no_grad():
+            m.bn.running_mean.normal_()
+            m.bn.num_batches_tracked.fill_(10 * i + 1)
+        members.append(m)
+    return members
+
+
+def _average(rank, out_dir, k):
+    from ntdist.distributed.layout import MemberLayout
+    from ntdist.distributed.tree import reduce_average
+    from ntdist.distributed.world import DistributedConfig, init_world, shutdown
+    world = init_world(DistributedConfig(threads_per_rank=1, timeout_s=60))
+    layout = MemberLayout(k, world.size)
+    members = _members(k)
+    averaged = reduce_average(world, {i: members[i] for i in layout.held_by(rank)}, layout.holders, Normed)
+    torch.save(averaged.state_dict(), os.path.join(out_dir, f"avg{rank}.pt"))
+    shutdown(world)
+
+
+def test_averaging_is_one_all_reduce_equal_to_the_average_of_all_members(tmp_path):
+    from ntdist.fusion import average
+    spawn(_average, 2, str(tmp_path), 3)   # rank 0 holds members 0 and 1, rank 1 member 2
+    expected = average(_members(3)).state_dict()
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"avg{rank}.pt", weights_only=True)
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key], value, rtol=0, atol=1e-6)
+        assert int(got["bn.num_batches_tracked"]) == 21
