@@ -23,7 +23,7 @@ from ntdist.distributed.layout import MemberLayout
 from ntdist.distributed.tree import gather_fuse, reduce_average, tree_fuse
 from ntdist.distributed.world import World, gather_world_info
 from ntdist.errors import UserError
-from ntdist.fusion import Ensemble, reestimate_bn
+from ntdist.fusion import reestimate_bn
 from ntdist.fusion.diversity import diversity_summary
 from ntdist.models import ModelSpec
 from ntdist.models.weights import initial_state
@@ -31,7 +31,7 @@ from ntdist.records.checkpoint import load_model, save_checkpoint
 from ntdist.records.files import remove_if_present
 from ntdist.records.results import RESULTS_FILE, ControlResult, MethodResult, RunResults
 from ntdist.records.rundir import RunDir
-from ntdist.training.finetune import evaluate_splits, finetune
+from ntdist.training.finetune import distill_teacher, evaluate_splits, finetune
 from ntdist.training.batches import eval_batches, feed, train_batches
 from ntdist.training.loop import labels_of, predict, set_deterministic
 from ntdist.training.members import CONTROL_SEED, FUSED_SEED, build_member, run_seed, train_members
@@ -194,10 +194,9 @@ def diversity_stage(r: Run, held: Dict[int, torch.nn.Module], test_logits: torch
     members = gather_models(world, {i: m.cpu() for i, m in held.items()}, r.layout.holders, r.template, root=0)
     summary = None
     if world.is_main:
-        out = r.cfg.output
         on_device = [members[i].to(world.device) for i in range(k)]   # the similarities run on the training device
-        summary = diversity_summary(on_device, list(test_logits), out.duplicate_threshold,
-                                    out.duplicate_max_units or None)
+        summary = diversity_summary(on_device, list(test_logits), r.cfg.output.duplicate_threshold,
+                                    r.cfg.output.duplicate_max_units or None)
         if summary["warning"]:
             world.print0(f"ntdist: warning: {summary['warning']}", file=sys.stderr)
     for model in held.values():
@@ -273,14 +272,6 @@ def finetune_stage(r: Run, held: Dict[int, torch.nn.Module], fused: torch.nn.Mod
                         finetune=[h["test_accuracy"] for h in history],
                         finetune_val=[h["val_accuracy"] for h in history], fuse_seconds=seconds,
                         sparsity=sparsity(r, held, fused) if method == "nt" else None)
-
-
-def distill_teacher(r: Run, held: Dict[int, torch.nn.Module]) -> torch.nn.Module:
-    """The ensemble as distillation teacher: the k members as they are, their outputs averaged, on every rank
-    (each rank runs it on its own batch). The concatenated model computes the same, but its dense layers hold
-    k^2 blocks of which k are non-zero: k times the members' parameters and FLOPs."""
-    members = gather_models(r.world, {i: m.cpu() for i, m in held.items()}, r.layout.holders, r.template, root=None)
-    return Ensemble([members[i] for i in range(r.cfg.fusion.k)])
 
 
 def _first_layer(model: torch.nn.Module) -> torch.nn.Module:

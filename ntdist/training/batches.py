@@ -110,7 +110,8 @@ class LoaderBatches:
                  options: Optional[dict] = None):
         self.sampler = _SkippingSampler(data, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
                                         drop_last=False)
-        self.batch_size, self.seed, self.num_replicas, self.rank, self.start_step = batch_size, seed, num_replicas, rank, 0
+        self.batch_size, self.seed, self.start_step = batch_size, seed, 0
+        self.num_replicas, self.rank = num_replicas, rank
         self.generator = torch.Generator()   # the workers' base seed: drawn from here, not from torch's global RNG
         self.loader = DataLoader(data, batch_size=batch_size, sampler=self.sampler, generator=self.generator,
                                  **(options or {}))

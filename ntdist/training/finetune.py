@@ -4,25 +4,27 @@ Every rank holds the same fused model; the engine (DDP by default) averages
 gradients, a DistributedSampler (reshuffled each epoch) splits the data, and
 evaluation counts every sample once across ranks. With `finetune.distill` the
 loss is the distillation loss against the ensemble's output average, computed
-on each rank for its own batch by the k members as they are (`pipeline.distill_teacher`).
+on each rank for its own batch by the k members as they are (`distill_teacher`).
 """
 
 import importlib.util
 import json
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ClassVar, List, Optional
+from typing import TYPE_CHECKING, Callable, ClassVar, Dict, List, Optional
 
 import torch
 
 from ntdist.errors import UserError, check_choice
-from ntdist.fusion import distillation_loss
+from ntdist.distributed.comm import gather_models
+from ntdist.fusion import Ensemble, distillation_loss
 from ntdist.options import opt
 from ntdist.preempt import preempt_requested
 from ntdist.training.engines import ENGINES, ZERO_STAGES, make_engine
 from ntdist.training.batches import eval_batches, feed, train_batches
-from ntdist.training.loop import (SCHEDULES, EpochPosition, OptimConfig, Precision, ResumableEpochs, check_finite,
-                                  epoch_stats, evaluate, make_optimizer, make_scheduler, step_logger, train_epoch)
+from ntdist.training.loop import (SCHEDULES, EpochPosition, OptimConfig, Precision, check_finite, epoch_stats,
+                                  evaluate, make_optimizer, make_scheduler, step_logger, train_epoch)
+from ntdist.training.resume import ResumableEpochs
 
 if TYPE_CHECKING:   # the run context is defined by the pipeline, which imports this module
     from ntdist.pipeline import Run
@@ -74,6 +76,13 @@ def evaluate_splits(r: "Run", model) -> dict:
                               **feed(r.cfg.data, world.device))
         out[name] = evaluate(model, loader, world.device, world.reduce_sum)["accuracy"]
     return out
+
+
+def distill_teacher(r: "Run", held: Dict[int, torch.nn.Module]) -> torch.nn.Module:
+    """The distillation teacher on every rank: the k members as they are, outputs averaged (the concatenated
+    model computes the same with k^2 blocks in its dense layers, k times the parameters and FLOPs)."""
+    members = gather_models(r.world, {i: m.cpu() for i, m in held.items()}, r.layout.holders, r.template, root=None)
+    return Ensemble([members[i] for i in range(r.cfg.fusion.k)])
 
 
 def distill_loss_fn(teacher: torch.nn.Module, cfg: FinetuneConfig) -> Callable:

@@ -20,8 +20,9 @@ from ntdist.models.weights import load_initial
 from ntdist.options import opt
 from ntdist.preempt import preempt_requested
 from ntdist.training.batches import eval_batches, feed, train_batches
-from ntdist.training.loop import (EpochPosition, OptimConfig, Precision, ResumableEpochs, check_finite,
-                                  epoch_stats, evaluate, make_optimizer, make_scheduler, step_logger, train_epoch)
+from ntdist.training.loop import (EpochPosition, OptimConfig, Precision, check_finite, epoch_stats, evaluate,
+                                  make_optimizer, make_scheduler, step_logger, train_epoch)
+from ntdist.training.resume import ResumableEpochs
 from ntdist.training.vectorized import VECTORIZE, member_batches, probe, train_together, why_not
 
 if TYPE_CHECKING:   # the run context is defined by the pipeline, which imports this module

@@ -37,7 +37,8 @@ def save_state(path: str, model, spec: ModelSpec, optimizer, scheduler, epoch: i
             if torch.is_tensor(value):
                 extra[f"opt.{index}.{key}"] = value
     groups = [{k: v for k, v in g.items() if k != "params"} for g in opt_state["param_groups"]]
-    info = {"epoch": epoch, "history": history, "optimizer_groups": groups, "scheduler": _jsonable(scheduler.state_dict())}
+    info = {"epoch": epoch, "history": history, "optimizer_groups": groups,
+            "scheduler": _jsonable(scheduler.state_dict())}
     if position is not None:
         info["position"] = position
     save_checkpoint(path, model, spec, info=info, extra=extra)

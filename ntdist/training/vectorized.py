@@ -23,8 +23,9 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from ntdist.preempt import preempt_requested
 from ntdist.training.batches import TensorBatches, eval_batches, feed, train_batches
-from ntdist.training.loop import (Precision, ResumableEpochs, check_finite, epoch_stats, evaluate, make_optimizer,
-                                  make_scheduler, step_logger, stop_if_requested)
+from ntdist.training.loop import (Precision, check_finite, epoch_stats, evaluate, make_optimizer, make_scheduler,
+                                  step_logger)
+from ntdist.training.resume import ResumableEpochs, stop_if_requested
 
 if TYPE_CHECKING:   # the run context is defined by the pipeline, which imports this module
     from ntdist.pipeline import Run

@@ -8,7 +8,7 @@ import torch
 
 from helpers import make_run, randomise_bn
 from ntdist.fusion import Ensemble, concat
-from ntdist.pipeline import distill_teacher
+from ntdist.training.finetune import distill_teacher
 from ntdist.training.members import build_member
 
 
