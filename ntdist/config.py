@@ -43,6 +43,8 @@ class OutputConfig:
     dir: str = opt("runs/default", "run directory (config, metrics.jsonl, checkpoints, results.json)")
     diversity: bool = opt(True, "measure member disagreement and near-duplicate units before fusing")
     duplicate_threshold: float = opt(0.95, "cosine similarity above which two units count as near-duplicates")
+    duplicate_max_units: int = opt(512, "near-duplicate check: units sampled per member and layer (0: all; the cost "
+                                        "grows as k^2 x this x the layer's parameters)")
     trackers: List[str] = opt(["jsonl"], "where rank 0 sends metrics: " + " | ".join(TRACKERS)
                               + " (jsonl is always needed; tensorboard needs pip install 'ntdist[tensorboard]')")
     log_every_steps: int = opt(0, "also log rank 0's batch loss and the lr every this many steps (0: per epoch only)")
@@ -54,6 +56,8 @@ class OutputConfig:
         if not self.dir.strip():
             raise UserError("output.dir is empty (an unset shell variable?); set it to the run's folder, "
                             "e.g. output.dir=runs/my-run")
+        if self.duplicate_max_units < 0:
+            raise UserError(f"output.duplicate_max_units must be >= 0 (0: every unit), got {self.duplicate_max_units}")
         if not 0 < self.duplicate_threshold <= 1:
             raise UserError(f"output.duplicate_threshold is a cosine similarity in (0, 1], got {self.duplicate_threshold}")
 

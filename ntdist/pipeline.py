@@ -20,10 +20,10 @@ from ntdist.config import Config, to_yaml
 from ntdist.data import Splits, load_splits
 from ntdist.distributed.comm import all_gather_records, broadcast_model, destroy_groups, gather_models, new_groups
 from ntdist.distributed.layout import MemberLayout
-from ntdist.distributed.tree import gather_fuse, tree_fuse
+from ntdist.distributed.tree import gather_fuse, reduce_average, tree_fuse
 from ntdist.distributed.world import World, gather_world_info
 from ntdist.errors import UserError
-from ntdist.fusion import concat, reestimate_bn
+from ntdist.fusion import reestimate_bn
 from ntdist.fusion.diversity import diversity_summary
 from ntdist.models import ModelSpec
 from ntdist.models.weights import initial_state
@@ -31,9 +31,9 @@ from ntdist.records.checkpoint import load_model, save_checkpoint
 from ntdist.records.files import remove_if_present
 from ntdist.records.results import RESULTS_FILE, ControlResult, MethodResult, RunResults
 from ntdist.records.rundir import RunDir
-from ntdist.training.finetune import evaluate_splits, finetune
+from ntdist.training.finetune import distill_teacher, evaluate_splits, finetune
 from ntdist.training.batches import eval_batches, feed, train_batches
-from ntdist.training.loop import labels_of, predict
+from ntdist.training.loop import labels_of, predict, set_deterministic
 from ntdist.training.members import CONTROL_SEED, FUSED_SEED, build_member, run_seed, train_members
 from ntdist.training.state import finished_history
 from ntdist.training.sync import run_sync
@@ -89,6 +89,7 @@ def run(cfg: Config, world: World, resume: bool = False, overwrite: bool = False
 def run_stages(r: Run):
     """Train, evaluate, fuse and fine-tune (or periodic-sync SGD); returns the results."""
     cfg, world = r.cfg, r.world
+    set_deterministic(cfg.train.deterministic)
     if cfg.mode == "sync":
         results = run_sync(r)
     else:
@@ -196,7 +197,9 @@ def diversity_stage(r: Run, held: Dict[int, torch.nn.Module], test_logits: torch
     members = gather_models(world, {i: m.cpu() for i, m in held.items()}, r.layout.holders, r.template, root=0)
     summary = None
     if world.is_main:
-        summary = diversity_summary([members[i] for i in range(k)], list(test_logits), r.cfg.output.duplicate_threshold)
+        on_device = [members[i].to(world.device) for i in range(k)]   # the similarities run on the training device
+        summary = diversity_summary(on_device, list(test_logits), r.cfg.output.duplicate_threshold,
+                                    r.cfg.output.duplicate_max_units or None)
         if summary["warning"]:
             world.print0(f"ntdist: warning: {summary['warning']}", file=sys.stderr)
     world.wait_for("the diversity check on rank 0")
@@ -244,6 +247,8 @@ def fuse_stage(r: Run, held: Dict[int, torch.nn.Module], method: str) -> Tuple[t
     cpu_held = {i: m.cpu() for i, m in held.items()}
     if method == "nt" and fc.schedule == "recursive":
         fused = tree_fuse(world, cpu_held, r.layout.holders, r.template, **options)
+    elif method == "avg" and fc.schedule == "flat":
+        fused = reduce_average(world, cpu_held, r.layout.holders, r.template)
     else:
         fused = gather_fuse(world, cpu_held, r.layout.holders, r.template, method=method, schedule=fc.schedule,
                             **options)
@@ -265,10 +270,7 @@ def finetune_stage(r: Run, held: Dict[int, torch.nn.Module], fused: torch.nn.Mod
     r.world.print0(f"{method}: right after fusion val {post['val']:.4f}, test {post['test']:.4f}")
     r.rundir.log({"stage": "fusion", "method": method, "epoch": 0, "val_accuracy": post["val"],
                   "test_accuracy": post["test"], "fuse_seconds": seconds})
-    teacher = None
-    if r.cfg.finetune.distill:
-        members = gather_models(r.world, {i: m.cpu() for i, m in held.items()}, r.layout.holders, r.template, root=None)
-        teacher = concat([members[i] for i in range(r.cfg.fusion.k)], example_inputs=r.example_inputs())
+    teacher = distill_teacher(r, held) if r.cfg.finetune.distill else None
     history = resumable_finetune(r, fused, method, run_seed(r.cfg.train, FUSED_SEED), teacher)
     return MethodResult(post_fusion=post["test"], post_fusion_val=post["val"],
                         finetune=[h["test_accuracy"] for h in history],

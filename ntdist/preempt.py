@@ -2,7 +2,8 @@
 
 SLURM (and most schedulers) send SIGTERM some time before they kill a job.
 Training asks `preempt_requested()` at each epoch boundary, after its state is
-on disk, and stops with `Preempted` (exit code 3); `--resume` continues.
+on disk, and with `checkpoint_every_steps` also at those batches inside an epoch,
+and stops with `Preempted` (exit code 3); `--resume` continues.
 """
 
 import os

@@ -1,72 +1,143 @@
-"""Moving whole models between ranks as flat tensors (never pickled objects).
+"""Moving whole models between ranks as tensors in their own dtype (never pickled objects).
 
-A model's state dict is packed into one float tensor and one int64 tensor; the
-receiver unpacks into a module of the same architecture that it builds itself.
+Sender and receiver hold models of the same architecture, so the state dict's order and shapes are
+known on both sides; a header of one dtype code per tensor comes first (a bf16 model travels as bf16).
+Small tensors travel together through one reused bucket (`BUCKET_BYTES`), and a tensor at least that
+large goes as it is, straight from and into the model's own memory. A send therefore needs at most
+one bucket of extra memory (plus one tensor's copy when the model is not on the communication
+device, e.g. a CPU model under NCCL), where a flat float32 copy of the whole model took 2-4x the
+model before (docs/PERFORMANCE.md, "Memory of the fusion tree"). A receiver builds its template on
+the `meta` device (`meta_template`: no initialisation, no memory) and allocates it once, uninitialised,
+before the weights arrive.
 """
 
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from ntdist.distributed.world import World, guarded
 
-
-def pack(model: torch.nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(all floating tensors concatenated as float32, all integer tensors as int64)."""
-    floats, ints = [], []
-    for value in model.state_dict().values():
-        (floats if value.is_floating_point() else ints).append(value.detach().reshape(-1))
-    flat_f = torch.cat([v.float() for v in floats]) if floats else torch.zeros(0)
-    flat_i = torch.cat([v.long() for v in ints]) if ints else torch.zeros(0, dtype=torch.long)
-    return flat_f, flat_i
+BUCKET_BYTES = 16 * 2 ** 20   # small tensors are sent in groups of up to this size; larger ones alone
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+          torch.int8, torch.uint8, torch.bool)   # the dtype codes of the header
 
 
-def unpack(model: torch.nn.Module, flat_f: torch.Tensor, flat_i: torch.Tensor) -> torch.nn.Module:
-    """Load tensors produced by `pack` into `model` (same architecture) in place."""
+def meta_template(make_template: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """`make_template()` built on the meta device (no weights initialised or allocated); built normally when
+    the model's code needs real tensors to construct itself or it holds buffers that a state dict leaves out."""
+    try:
+        with torch.device("meta"):
+            model = make_template()
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return make_template()
     state = model.state_dict()
-    fo = io = 0
-    new: Dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        n = value.numel()
-        if value.is_floating_point():
-            new[key] = flat_f[fo:fo + n].view_as(value).to(value.dtype)
-            fo += n
-        else:
-            new[key] = flat_i[io:io + n].view_as(value).to(value.dtype)
-            io += n
-    assert fo == flat_f.numel() and io == flat_i.numel(), "packed model does not match the receiving architecture"
-    model.load_state_dict(new, strict=True)
+    if any(name not in state for name, _ in model.named_buffers()):   # non-persistent buffers are never sent
+        return make_template()
     return model
 
 
-def _buffers_like(model: torch.nn.Module, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    flat_f, flat_i = pack(model)
-    return torch.empty_like(flat_f, device=device), torch.empty_like(flat_i, device=device)
+def _tensors(model: torch.nn.Module) -> List[torch.Tensor]:
+    """The model's state tensors, in state-dict order, as the module's own storage (no copies)."""
+    return [t.detach() for t in model.state_dict().values()]
+
+
+def _materialise(model: torch.nn.Module, dtypes: List[torch.dtype]) -> List[torch.Tensor]:
+    """Give a meta template real (uninitialised) CPU memory in the sender's dtypes; returns its state tensors."""
+    if any(t.is_meta for t in _tensors(model)):
+        model.to_empty(device="cpu")
+    names = list(model.state_dict().keys())
+    for name, tensor, dtype in zip(names, _tensors(model), dtypes):
+        if tensor.dtype != dtype:   # e.g. a bf16 member received into a template built in float32
+            owner, _, attr = name.rpartition(".")
+            module = model.get_submodule(owner)
+            getattr(module, attr).data = torch.empty(tensor.shape, dtype=dtype)
+    return _tensors(model)
+
+
+def _buckets(tensors: List[torch.Tensor], limit: int) -> List[List[int]]:
+    """Consecutive tensors of one dtype grouped up to `limit` bytes; a tensor of `limit` bytes or more alone."""
+    groups: List[List[int]] = []
+    size = 0
+    for i, t in enumerate(tensors):
+        nbytes = t.numel() * t.element_size()
+        fits = groups and tensors[groups[-1][0]].dtype == t.dtype and size + nbytes <= limit and nbytes < limit
+        if fits:
+            groups[-1].append(i)
+            size += nbytes
+        else:
+            groups.append([i])
+            size = nbytes
+    return groups
+
+
+class _Wire:
+    """One rank's side of moving a model: the header, then every group through `move(tensor)` (send, recv or
+    broadcast), small ones through a bucket allocated once on the communication device."""
+
+    def __init__(self, world: World, move: Callable[[torch.Tensor], None], bucket_bytes: int = BUCKET_BYTES):
+        self.device, self.move, self.bucket_bytes = world.device, move, bucket_bytes
+        self.bucket: Optional[torch.Tensor] = None
+
+    def header(self, tensors: Optional[List[torch.Tensor]], count: int) -> List[torch.dtype]:
+        codes = torch.tensor([DTYPES.index(t.dtype) for t in tensors] if tensors is not None else [0] * count,
+                             dtype=torch.int64, device=self.device)
+        self.move(codes)
+        return [DTYPES[c] for c in codes.tolist()]
+
+    def tensors(self, tensors: List[torch.Tensor], sending: bool) -> None:
+        for group in _buckets(tensors, self.bucket_bytes):
+            if len(group) == 1 and tensors[group[0]].numel() * tensors[group[0]].element_size() >= self.bucket_bytes:
+                self._direct(tensors[group[0]], sending)
+            else:
+                self._bucketed([tensors[i] for i in group], sending)
+
+    def _direct(self, tensor: torch.Tensor, sending: bool) -> None:
+        here = tensor.device == self.device and tensor.is_contiguous()
+        wire = tensor if here else tensor.to(self.device).contiguous()
+        self.move(wire)
+        if not sending and not here:
+            tensor.copy_(wire)
+
+    def _bucketed(self, group: List[torch.Tensor], sending: bool) -> None:
+        if self.bucket is None:
+            self.bucket = torch.empty(self.bucket_bytes, dtype=torch.uint8, device=self.device)
+        dtype, sizes = group[0].dtype, [t.numel() for t in group]
+        flat = self.bucket[:sum(sizes) * group[0].element_size()].view(dtype)
+        parts = flat.split(sizes)
+        if sending:
+            for part, t in zip(parts, group):
+                part.copy_(t.reshape(-1))
+        self.move(flat)
+        if not sending:
+            for part, t in zip(parts, group):
+                t.copy_(part.view_as(t))
 
 
 def send_model(world: World, model: torch.nn.Module, dst: int) -> None:
-    for t in pack(model):
-        guarded(dist.send, t.to(world.device).contiguous(), dst)
+    wire, tensors = _Wire(world, lambda t: guarded(dist.send, t, dst)), _tensors(model)
+    wire.header(tensors, len(tensors))
+    wire.tensors(tensors, sending=True)
 
 
 def recv_model(world: World, template: torch.nn.Module, src: int) -> torch.nn.Module:
-    """Receive into `template` (a module of the right architecture, overwritten)."""
-    flat_f, flat_i = _buffers_like(template, world.device)
-    guarded(dist.recv, flat_f, src)
-    guarded(dist.recv, flat_i, src)
-    return unpack(template, flat_f.cpu(), flat_i.cpu())
+    """Receive into `template` (a module of the right architecture, on `meta` or real; overwritten)."""
+    wire = _Wire(world, lambda t: guarded(dist.recv, t, src))
+    dtypes = wire.header(None, len(template.state_dict()))
+    wire.tensors(_materialise(template, dtypes), sending=False)
+    return template
 
 
 def broadcast_model(world: World, model: torch.nn.Module, src: int) -> torch.nn.Module:
-    """After the call every rank's `model` holds the weights of rank `src`'s."""
+    """After the call every rank's `model` (on the other ranks a template, on `meta` or real) holds rank `src`'s
+    weights."""
     if world.size == 1:
         return model
-    flat_f, flat_i = pack(model)
-    flat_f, flat_i = flat_f.to(world.device), flat_i.to(world.device)
-    guarded(dist.broadcast, flat_f, src)
-    guarded(dist.broadcast, flat_i, src)
-    return unpack(model, flat_f.cpu(), flat_i.cpu())
+    wire = _Wire(world, lambda t: guarded(dist.broadcast, t, src))
+    mine = world.rank == src
+    dtypes = wire.header(_tensors(model) if mine else None, len(model.state_dict()))
+    wire.tensors(_tensors(model) if mine else _materialise(model, dtypes), sending=mine)
+    return model
 
 
 def gather_models(world: World, held: Dict[int, torch.nn.Module], holders: List[int], make_template,
@@ -80,7 +151,7 @@ def gather_models(world: World, held: Dict[int, torch.nn.Module], holders: List[
     out: Dict[int, torch.nn.Module] = {}
     for member, holder in enumerate(holders):
         if root is None:
-            model = held[member] if world.rank == holder else make_template()
+            model = held[member] if world.rank == holder else meta_template(make_template)
             out[member] = broadcast_model(world, model, holder)
         elif holder == root:
             if world.rank == root:
@@ -88,7 +159,7 @@ def gather_models(world: World, held: Dict[int, torch.nn.Module], holders: List[
         elif world.rank == holder:
             send_model(world, held[member], root)
         elif world.rank == root:
-            out[member] = recv_model(world, make_template(), holder)
+            out[member] = recv_model(world, meta_template(make_template), holder)
     return out
 
 

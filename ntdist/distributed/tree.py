@@ -11,10 +11,11 @@ other method gathers the members on rank 0, fuses there and broadcasts.
 from typing import Callable, Dict, List, Optional
 
 import torch
+import torch.distributed as dist
 
-from ntdist.distributed.comm import broadcast_model, gather_models, recv_model, send_model
-from ntdist.distributed.world import World
-from ntdist.fusion import fuse, fuse_pair
+from ntdist.distributed.comm import broadcast_model, gather_models, meta_template, recv_model, send_model
+from ntdist.distributed.world import World, guarded
+from ntdist.fusion import average, fuse, fuse_pair
 from ntdist.fusion.graph import analyze
 from ntdist.fusion.schedule import recursive_plan
 
@@ -29,8 +30,8 @@ def tree_fuse(world: World, held: Dict[int, torch.nn.Module], holders: List[int]
     A subtree is named by its leftmost member and stays with that member's holder.
     `sent`, when given, receives the number of models this rank sent in each round.
     """
-    reference = make_template()                     # original width: the target the pruning aims at
-    plan = analyze(reference, example_inputs)       # the same data-flow plan the single-process fuse uses
+    reference = meta_template(make_template)   # original width, the pruning's target: its shapes only, no memory
+    plan = None                                # the same data-flow plan the single-process fuse uses
     models = dict(held)
     for steps in recursive_plan(len(holders)):
         sends = 0
@@ -40,14 +41,15 @@ def tree_fuse(world: World, held: Dict[int, torch.nn.Module], holders: List[int]
                 send_model(world, models.pop(right), dst)
                 sends += 1
             if world.rank == dst:
-                other = models.pop(right) if src == dst else recv_model(world, make_template(), src)
+                other = models.pop(right) if src == dst else recv_model(world, meta_template(make_template), src)
+                plan = plan or analyze(models[left], example_inputs)   # traced on a member: same architecture
                 models[left] = fuse_pair(models[left], other, leaves_left, leaves_right, reference=reference,
                                          plan=plan, **options)
         if sent is not None:
             sent.append(sends)
         world.wait_for("a round of the fusion tree")   # the next round's receivers wait for this round's fusions
     root = holders[0]
-    result = models[0] if world.rank == root else make_template()
+    result = models[0] if world.rank == root else meta_template(make_template)
     return broadcast_model(world, result, root)
 
 
@@ -58,6 +60,41 @@ def gather_fuse(world: World, held: Dict[int, torch.nn.Module], holders: List[in
     if world.is_main:
         fused = fuse([gathered[i] for i in range(len(holders))], **fuse_args)
     else:
-        fused = make_template()
+        fused = meta_template(make_template)
     world.wait_for(f"fusing {len(holders)} members on rank 0")
     return broadcast_model(world, fused, 0)
+
+
+@torch.no_grad()
+def reduce_average(world: World, held: Dict[int, torch.nn.Module], holders: List[int],
+                   make_template: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """Uniform weight averaging of all members as one all-reduce; the average on every rank (on its device).
+
+    What `average` computes for all k members: each float tensor is the sum of member / k (each rank adds
+    its own members, then the ranks add their sums), step counters take the maximum, other integer tensors
+    are member 0's. Sums over ranks may round differently from one process's sum, by an ulp.
+    """
+    k = len(holders)
+    if world.size == 1:
+        return average([held[i] for i in range(k)])
+    result = meta_template(make_template)
+    result = result.to_empty(device=world.device) if any(t.is_meta for t in result.state_dict().values()) \
+        else result.to(world.device)
+    mine = [held[i].state_dict() for i in sorted(held)]
+    for name, out in result.state_dict().items():
+        if out.is_floating_point():
+            out.zero_()
+            for state in mine:
+                out.add_(state[name].to(out.device), alpha=1.0 / k)
+            op = dist.ReduceOp.SUM
+        elif name.endswith("num_batches_tracked"):
+            out.copy_(max((state[name] for state in mine), default=torch.zeros_like(out, device="cpu")))
+            op = dist.ReduceOp.MAX
+        else:
+            out.copy_(held[0].state_dict()[name] if 0 in held else torch.zeros_like(out))
+            op = dist.ReduceOp.SUM
+        wire = out if out.device == world.device else out.to(world.device)
+        guarded(dist.all_reduce, wire, op=op)
+        if wire is not out:
+            out.copy_(wire)
+    return result

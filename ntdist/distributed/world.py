@@ -81,12 +81,12 @@ class World:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum a CPU tensor over all ranks (a no-op for one process)."""
+    def reduce_sum(self, tensor: torch.Tensor, group=None) -> torch.Tensor:
+        """Sum a CPU tensor over all ranks (of `group`, default all; a no-op for one process)."""
         if self.size == 1:
             return tensor
         moved = tensor.to(self.device)
-        guarded(dist.all_reduce, moved, op=dist.ReduceOp.SUM)
+        guarded(dist.all_reduce, moved, op=dist.ReduceOp.SUM, group=group)
         return moved.cpu()
 
     def any(self, flag: bool, group=None) -> bool:

@@ -8,9 +8,14 @@ model with itself. Two cheap checks flag that case:
 
 - `prediction_disagreement`: how often two members predict different classes;
 - `duplicate_units`: per layer, how many units have a near-copy (cosine
-  similarity above a threshold) in another member.
+  similarity above a threshold) in another member. Its cost per layer is
+  k * s * (k - 1) * W * fan_in multiply-adds for k members of W units with
+  `fan_in` inputs each, where s = min(W, max_units): with `max_units` each
+  member's units are a seeded sample of s of them (every other member's units
+  stay in the pool a near-copy is looked for in), so the fraction is an
+  estimate from k * s units per layer.
 
-Everything here is plain torch on one process.
+Everything here is plain torch on one process, on the device the models are on.
 """
 
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -71,7 +76,7 @@ def _unit_rows(layer: nn.Module) -> torch.Tensor:
 
 def _has_near_copy(rows: torch.Tensor, others: torch.Tensor, threshold: float) -> torch.Tensor:
     """For each row of `rows`, whether a row of `others` has cosine similarity above threshold."""
-    found = torch.zeros(rows.shape[0], dtype=torch.bool)
+    found = torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
     if others.shape[0] == 0:
         return found
     step = max(1, _CHUNK_ELEMENTS // others.shape[0])
@@ -82,10 +87,13 @@ def _has_near_copy(rows: torch.Tensor, others: torch.Tensor, threshold: float) -
 
 
 @torch.no_grad()
-def duplicate_units(models: Sequence[nn.Module], threshold: float = 0.95) -> Dict[str, float]:
-    """Per layer, the fraction of all members' units that have a near-copy in another member."""
+def duplicate_units(models: Sequence[nn.Module], threshold: float = 0.95,
+                    max_units: Optional[int] = None) -> Dict[str, float]:
+    """Per layer, the fraction of all members' units that have a near-copy in another member (estimated from a
+    seeded sample of `max_units` units per member and layer when a layer is wider)."""
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    sample = torch.Generator().manual_seed(0)
     per_model = [fusable_layers(m) for m in models]
     names = [[name for name, _ in layers] for layers in per_model]
     if any(n != names[0] for n in names[1:]):
@@ -99,16 +107,19 @@ def duplicate_units(models: Sequence[nn.Module], threshold: float = 0.95) -> Dic
         for i, mine in enumerate(rows):
             others = [r for j, r in enumerate(rows) if j != i]
             pool = torch.cat(others) if others else mine[:0]
+            if max_units is not None and mine.shape[0] > max_units:
+                mine = mine[torch.randperm(mine.shape[0], generator=sample)[:max_units].to(mine.device)]
             dup += int(_has_near_copy(mine, pool, threshold).sum())
             total += mine.shape[0]
         out[name] = dup / total if total else 0.0
     return out
 
 
-def diversity_summary(models: Sequence[nn.Module], logits_list: Sequence, threshold: float = 0.95) -> dict:
+def diversity_summary(models: Sequence[nn.Module], logits_list: Sequence, threshold: float = 0.95,
+                      max_units: Optional[int] = None) -> dict:
     """A JSON-serialisable summary of both checks, with a warning when members are near-identical."""
     matrix, mean = prediction_disagreement(logits_list)
-    dup = duplicate_units(models, threshold)
+    dup = duplicate_units(models, threshold, max_units)
     dup_mean = sum(dup.values()) / len(dup) if dup else None
     warning = None
     if (mean is not None and mean < DISAGREEMENT_FLOOR) or (dup_mean is not None and dup_mean > DUPLICATE_CEILING):

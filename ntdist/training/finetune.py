@@ -3,8 +3,8 @@
 Every rank holds the same fused model; the engine (DDP by default) averages
 gradients, a DistributedSampler (reshuffled each epoch) splits the data, and
 evaluation counts every sample once across ranks. With `finetune.distill` the
-loss is the distillation loss against the concatenated wide model, which
-computes exactly the ensemble's output average.
+loss is the distillation loss against the ensemble's output average, computed
+on each rank for its own batch by the k members as they are (`distill_teacher`).
 """
 
 import importlib.util
@@ -12,18 +12,20 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ClassVar, List, Optional
+from typing import TYPE_CHECKING, Callable, ClassVar, Dict, List, Optional
 
 import torch
 
 from ntdist.errors import UserError, check_choice
-from ntdist.fusion import distillation_loss
+from ntdist.distributed.comm import gather_models
+from ntdist.fusion import Ensemble, distillation_loss
 from ntdist.options import opt
 from ntdist.preempt import preempt_requested
 from ntdist.training.engines import ENGINES, ZERO_STAGES, deepspeed_precision, make_engine
 from ntdist.training.batches import eval_batches, feed, train_batches
-from ntdist.training.loop import (SCHEDULES, OptimConfig, Precision, ResumableEpochs, check_finite, epoch_stats,
+from ntdist.training.loop import (SCHEDULES, EpochPosition, OptimConfig, Precision, check_finite, epoch_stats,
                                   evaluate, make_optimizer, make_scheduler, step_logger, train_epoch)
+from ntdist.training.resume import ResumableEpochs
 
 if TYPE_CHECKING:   # the run context is defined by the pipeline, which imports this module
     from ntdist.pipeline import Run
@@ -98,6 +100,13 @@ def evaluate_splits(r: "Run", model) -> dict:
     return out
 
 
+def distill_teacher(r: "Run", held: Dict[int, torch.nn.Module]) -> torch.nn.Module:
+    """The distillation teacher on every rank: the k members as they are, outputs averaged (the concatenated
+    model computes the same with k^2 blocks in its dense layers, k times the parameters and FLOPs)."""
+    members = gather_models(r.world, {i: m.cpu() for i, m in held.items()}, r.layout.holders, r.template, root=None)
+    return Ensemble([members[i] for i in range(r.cfg.fusion.k)])
+
+
 def distill_loss_fn(teacher: torch.nn.Module, cfg: FinetuneConfig) -> Callable:
     teacher.eval()
 
@@ -121,7 +130,7 @@ def finetune(r: "Run", model: torch.nn.Module, label: str, seed: int,
     # ZeRO shards the optimizer state: with deepspeed a resumed run restarts this stage instead
     state_path = None if cfg.engine == "deepspeed" else r.rundir.checkpoint(f"finetune_{label}.state")
     epochs = ResumableEpochs(f"fine-tuning ({label})", cfg.epochs, model, optimizer, scheduler, r.spec, state_path,
-                             world.is_main, r.resume)
+                             world.is_main, r.resume, cfg.checkpoint_every_steps)
     engine = make_engine(cfg, model, optimizer, world, r.cfg.data.batch_size)
     loader = train_batches(r.splits.train, r.cfg.data.batch_size, seed, world.size, world.rank,
                            **feed(r.cfg.data, world.device))
@@ -129,14 +138,13 @@ def finetune(r: "Run", model: torch.nn.Module, label: str, seed: int,
     model_for_steps = torch.compile(engine.model) if cfg.compile else engine.model
     precision = Precision(engine.loop_precision(cfg.precision), world.device)
 
-    def one_epoch(epoch: int) -> dict:
-        loader.set_epoch(epoch)
+    def one_epoch(epoch: int, position: EpochPosition) -> dict:
         start = time.perf_counter()
         on_step = step_logger(r.rundir.log, r.cfg.output.log_every_steps, {"stage": "finetune", "method": label},
                               epoch, len(loader), optimizer)
         loss = train_epoch(model_for_steps, loader, optimizer, world.device, loss_fn, engine=engine,
                            desc=f"finetune {label} epoch {epoch}/{cfg.epochs}", progress=world.is_main,
-                           precision=precision, on_step=on_step)
+                           precision=precision, on_step=on_step, position=position)
         loss = world.reduce_sum(torch.tensor([loss], dtype=torch.float64)).item() / world.size
         stats = epoch_stats(optimizer, len(r.splits.train), time.perf_counter() - start, world.device)
         check_finite(loss, f"fine-tuning ({label})", epoch)
@@ -146,4 +154,4 @@ def finetune(r: "Run", model: torch.nn.Module, label: str, seed: int,
         return {"stage": "finetune", "method": label, "epoch": epoch, "loss": loss,
                 "val_accuracy": acc["val"], "test_accuracy": acc["test"], **stats}
 
-    return epochs.run(one_epoch, lambda: world.any(preempt_requested()))
+    return epochs.run(one_epoch, lambda: world.any(preempt_requested()), loader, world.reduce_sum)

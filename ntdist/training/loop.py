@@ -3,24 +3,22 @@
 The loops take a model, batches (`training.batches`) and a device and know nothing
 about launchers; data parallelism enters only through the batches (`num_replicas`,
 `rank`) and a `reduce_sum` callable that the distributed code passes in for evaluation.
-`ResumableEpochs` is the one per-epoch loop that member training and
-fine-tuning share: restore the state, run the epochs, write the state after
-each, stop cleanly when preempted.
+`EpochPosition` is how far an epoch got; `training.resume.ResumableEpochs`
+runs the epochs around `train_epoch` and writes the states.
 """
 
 import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable, ClassVar, List, Optional
+from typing import Any, Callable, ClassVar, List, Optional
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ntdist.errors import Preempted, UserError, check_choice
+from ntdist.errors import UserError, check_choice
 from ntdist.options import opt
-from ntdist.training.state import load_state, save_state
 
 SCHEDULES = {   # name -> epoch-wise LR scheduler (stepped once per epoch)
     "none": lambda optimizer, cfg, epochs: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0),
@@ -81,6 +79,9 @@ class OptimConfig:
     precision: str = opt("fp32", "fp32 | bf16 | fp16: autocast of forward and loss (fp16 with a grad scaler); "
                                  "weights and optimizer stay fp32")
     compile: bool = opt(False, "torch.compile the model for training (the first steps pay the compilation)")
+    checkpoint_every_steps: int = opt(0, "also write the state every this many batches inside an epoch, where a "
+                                         "SIGTERM is honoured too (0: at epoch ends only); pick it so that these "
+                                         "batches and one write fit in the scheduler's warning time")
 
     def __post_init__(self):
         if self.epochs < 0:
@@ -92,6 +93,20 @@ class OptimConfig:
                             f"got {self.momentum} and {self.weight_decay}")
         check_choice(self.schedule, SCHEDULES, f"{self.section}.schedule")
         check_choice(self.precision, PRECISIONS, f"{self.section}.precision")
+        if self.checkpoint_every_steps < 0:
+            raise UserError(f"{self.section}.checkpoint_every_steps must be >= 0 (0: at epoch ends only), "
+                            f"got {self.checkpoint_every_steps}")
+
+
+def set_deterministic(on: bool) -> None:
+    """torch's deterministic mode for this process (`train.deterministic`): deterministic kernels only (an error
+    where an operation has none), cuDNN without autotuning, and the cuBLAS workspace setting its reproducible
+    matmuls need. The variable is read when cuBLAS starts, so this runs before any training."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # the setting torch's docs name
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = False
 
 
 def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -103,24 +118,37 @@ def make_scheduler(optimizer, cfg: OptimConfig):
     return SCHEDULES[cfg.schedule](optimizer, cfg, cfg.epochs)
 
 
+@dataclass
+class EpochPosition:
+    """How far an epoch got: what a state written inside it holds, and what `train_epoch` continues from."""
+
+    step: int = 0             # batches of the epoch already trained
+    loss_sum: Any = 0.0       # their summed loss x batch size (float64; a device tensor while training)
+    count: int = 0            # their samples
+    at_step: Optional[Callable[["EpochPosition"], None]] = None   # called after every batch (mid-epoch states)
+
+
 def train_epoch(model, loader, optimizer, device, loss_fn: Optional[Callable] = None,
                 desc: str = "train", progress: bool = True, engine=None, precision: Precision = FP32,
-                on_step: Optional[Callable[[int, torch.Tensor], None]] = None) -> float:
-    """One pass over `loader`; returns the mean training loss.
+                on_step: Optional[Callable[[int, torch.Tensor], None]] = None,
+                position: Optional[EpochPosition] = None) -> float:
+    """One pass over `loader` (from `position` on, when given); returns the mean training loss.
 
     `loss_fn(logits, x, y)` may replace cross-entropy; `engine` (see training.engines)
     replaces the plain zero_grad / backward / step of `optimizer`; `precision` sets autocast
     (and the fp16 grad scaler); `on_step(index, loss)` is called after every batch with the
-    loss still on the device (see `step_logger`). The loss is summed on the device: the host
-    waits for it once per epoch, and per step only while a progress bar is on screen or a
-    step is logged.
+    loss still on the device (see `step_logger`), then `position.at_step(position)`. The loss
+    is summed on the device: the host waits for it once per epoch, and per step only while a
+    progress bar is on screen or a step is logged.
     """
     model.train()
-    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    position = position or EpochPosition()
+    total = torch.tensor(position.loss_sum, dtype=torch.float64, device=device)
+    count = position.count
     # Bars only on a terminal: in batch logs (SLURM, CI) they would print a line per update.
     shown = progress and sys.stderr.isatty()
     bar = tqdm(loader, desc=desc, leave=False, disable=not shown, dynamic_ncols=True)
-    for index, (x, y) in enumerate(bar):
+    for index, (x, y) in enumerate(bar, start=position.step):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with precision.autocast():
             logits = model(x)
@@ -132,6 +160,9 @@ def train_epoch(model, loader, optimizer, device, loss_fn: Optional[Callable] = 
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if on_step is not None:
             on_step(index, loss.detach())
+        if position.at_step is not None:
+            position.step, position.loss_sum, position.count = index + 1, total, count
+            position.at_step(position)
     return total.item() / max(count, 1)
 
 
@@ -194,43 +225,3 @@ def predict(model, batches, device) -> torch.Tensor:
 def labels_of(batches) -> torch.Tensor:
     """The labels of `batches` (from `eval_batches`), in order, on the CPU."""
     return torch.cat([torch.as_tensor(y).cpu() for _, y in batches])
-
-
-class ResumableEpochs:
-    """Epochs 1..`epochs` of one model, resumable after any of them.
-
-    Construct it before wrapping the model (DDP, an engine): with `resume` and an
-    existing state file the model, optimizer, scheduler and RNG are restored here.
-    `run(one_epoch, should_stop)` calls `one_epoch(epoch) -> record` for each
-    remaining epoch, writes the state after each (when `writer`), and raises
-    `Preempted` at an epoch boundary once `should_stop()` is true.
-    """
-
-    def __init__(self, what: str, epochs: int, model, optimizer, scheduler, spec, state_path: Optional[str],
-                 writer: bool, resume: bool):
-        self.what, self.epochs, self.spec = what, epochs, spec
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.state_path = state_path if writer else None
-        self.start, self.history = 1, []
-        if resume and state_path and os.path.exists(state_path):
-            done, self.history = load_state(state_path, model, optimizer, scheduler, epochs)
-            self.start = done + 1
-
-    def run(self, one_epoch: Callable[[int], dict], should_stop: Callable[[], bool]) -> List[dict]:
-        for epoch in range(self.start, self.epochs + 1):
-            self.record(epoch, one_epoch(epoch))
-            stop_if_requested(self.what, epoch, self.epochs, should_stop)
-        return self.history
-
-    def record(self, epoch: int, record: dict) -> None:
-        """Add the epoch's record to the history and write the state (model, optimizer, scheduler as they are)."""
-        self.history.append(record)
-        if self.state_path:
-            save_state(self.state_path, self.model, self.spec, self.optimizer, self.scheduler, epoch, self.history)
-
-
-def stop_if_requested(what: str, epoch: int, epochs: int, should_stop: Callable[[], bool]) -> None:
-    """At an epoch boundary, once every state is on disk: raise `Preempted` if `should_stop()`."""
-    if epoch < epochs and should_stop():
-        raise Preempted(f"preempted during {what} after epoch {epoch}; "
-                        "the state is saved: rerun the same command with --resume")

@@ -8,9 +8,10 @@ one trained alone in a single process.
 import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
 from ntdist.errors import check_choice
@@ -19,8 +20,9 @@ from ntdist.models.weights import load_initial
 from ntdist.options import opt
 from ntdist.preempt import preempt_requested
 from ntdist.training.batches import eval_batches, feed, train_batches
-from ntdist.training.loop import (OptimConfig, Precision, ResumableEpochs, check_finite, epoch_stats, evaluate,
+from ntdist.training.loop import (EpochPosition, OptimConfig, Precision, check_finite, epoch_stats, evaluate,
                                   make_optimizer, make_scheduler, step_logger, train_epoch)
+from ntdist.training.resume import ResumableEpochs
 from ntdist.training.vectorized import VECTORIZE, member_batches, probe, train_together, why_not
 
 if TYPE_CHECKING:   # the run context is defined by the pipeline, which imports this module
@@ -37,6 +39,9 @@ class TrainConfig(OptimConfig):
     identical_members: bool = opt(False, "train every member with member 0's seed: the paper's self-fusion failure case")
     vectorize: str = opt("auto", "train all members of a rank at once as one vectorised model: auto (where faster) "
                                  "| on | off")
+    deterministic: bool = opt(False, "deterministic kernels for the whole run (torch.use_deterministic_algorithms, "
+                                     "cuDNN without autotuning, CUBLAS_WORKSPACE_CONFIG): what bit-identical resume "
+                                     "needs on a GPU; slower, and an error where an operation has no such kernel")
 
     def __post_init__(self):
         super().__post_init__()
@@ -70,6 +75,22 @@ def build_member(spec: ModelSpec, seed: int, initial: Optional[Dict[str, torch.T
     return model if initial is None else load_initial(model, initial, list(reinit))
 
 
+def use_sync_batchnorm(model: torch.nn.Module, group) -> Callable[[], None]:
+    """Replace the BatchNorm layers of `model` in place by SyncBatchNorm over `group`, so that W ranks with batch
+    B normalise with the statistics of all W*B samples, as one process would; returns the function that puts
+    the original layers back (they share their tensors with the synchronised ones, so they hold what was
+    trained). torch synchronises only CUDA (and XPU, HPU) tensors: the caller uses it on those devices."""
+    originals = [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm) and name]
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model, group)
+    assert converted is model, "a model that is a BatchNorm layer itself"
+
+    def restore() -> None:
+        for name, module in originals:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module)
+    return restore
+
+
 def train_member(r: "Run", index: int, group=None) -> Tuple[torch.nn.Module, List[dict]]:
     """Train member `index` (with DDP inside `group` when its group has several ranks); returns (model, history).
 
@@ -85,7 +106,11 @@ def train_member(r: "Run", index: int, group=None) -> Tuple[torch.nn.Module, Lis
     group_size = r.layout.group_size
     group_rank = world.rank % group_size
     epochs = ResumableEpochs(f"training of member {index}", cfg.train.epochs, model, optimizer, scheduler, r.spec,
-                             r.rundir.checkpoint(f"member{index}.state"), group_rank == 0, r.resume)
+                             r.rundir.checkpoint(f"member{index}.state"), group_rank == 0, r.resume,
+                             cfg.train.checkpoint_every_steps)
+    # CPU ranks keep per-rank BatchNorm statistics: torch cannot synchronise them there (docs/PERFORMANCE.md)
+    synced = group_size > 1 and world.device.type == "cuda"
+    restore = use_sync_batchnorm(model, group) if synced else (lambda: None)
     wrapped = DistributedDataParallel(model, process_group=group) if group_size > 1 else model
     wrapped = torch.compile(wrapped) if cfg.train.compile else wrapped
     precision = Precision(cfg.train.precision, world.device)
@@ -93,13 +118,13 @@ def train_member(r: "Run", index: int, group=None) -> Tuple[torch.nn.Module, Lis
                            **feed(cfg.data, world.device))
     val = eval_batches(r.splits.val, cfg.data.eval_batch_size, **feed(cfg.data, world.device))
 
-    def one_epoch(epoch: int) -> dict:
-        loader.set_epoch(epoch)
+    def one_epoch(epoch: int, position: EpochPosition) -> dict:
         start = time.perf_counter()
         loss = train_epoch(wrapped, loader, optimizer, world.device, progress=world.is_main,
                            desc=f"member {index} epoch {epoch}/{cfg.train.epochs}", precision=precision,
                            on_step=step_logger(r.rundir.log, cfg.output.log_every_steps,
-                                               {"stage": "member", "member": index}, epoch, len(loader), optimizer))
+                                               {"stage": "member", "member": index}, epoch, len(loader), optimizer),
+                           position=position)
         stats = epoch_stats(optimizer, len(r.splits.train), time.perf_counter() - start, world.device)
         check_finite(loss, f"member training of member {index}", epoch)
         scheduler.step()
@@ -109,8 +134,13 @@ def train_member(r: "Run", index: int, group=None) -> Tuple[torch.nn.Module, Lis
                      f"val accuracy {record['val_accuracy']:.4f}")
         return record
 
-    stop = (lambda: world.any(preempt_requested(), group)) if group is not None else preempt_requested
-    return model, epochs.run(one_epoch, stop)
+    if group is None:
+        return model, epochs.run(one_epoch, preempt_requested, loader)
+    try:
+        return model, epochs.run(one_epoch, lambda: world.any(preempt_requested(), group), loader,
+                                 lambda t: world.reduce_sum(t, group))
+    finally:
+        restore()
 
 
 def train_members(r: "Run", indices: List[int], groups: dict) -> Dict[int, Tuple[torch.nn.Module, List[dict]]]:
@@ -124,7 +154,7 @@ def train_members(r: "Run", indices: List[int], groups: dict) -> Dict[int, Tuple
             together = train_together(r, indices, seeds, models, batches)
             if together is not None:
                 return together
-            reason = "their state files stand at different epochs"
+            reason = "their state files stand at different epochs or inside an epoch"
         if r.cfg.train.vectorize == "on" or reason.startswith("torch.func"):
             r.world.print0(f"ntdist: training members {indices} one after another: {reason}", file=sys.stderr)
     return {i: train_member(r, i, groups.get(i)) for i in indices}

@@ -1,10 +1,15 @@
-"""Per-epoch training state for `--resume`.
+"""Training state for `--resume`, written at epoch ends and (with `checkpoint_every_steps`) inside epochs.
 
 A state file is a safetensors checkpoint holding the model, the optimizer's
-buffers, the torch RNG state, and in its JSON metadata the epoch, the scheduler
-state and the history so far. Restoring it and replaying the remaining epochs
-gives the same weights, bit for bit, as a run that was never interrupted,
-because the data order depends only on the seed and the epoch.
+buffers, the torch RNG states (the CPU one and, where CUDA is available, every
+GPU's), and in its JSON metadata the epochs done, the scheduler state and the
+history so far. A state written inside an epoch also holds its `position`: the
+epoch, the batches done, their loss sum and sample count, the batch size and
+rank count, and (as a tensor) the epoch's data order, which a resume checks
+before it continues with the next batch. Restoring a state and replaying the
+rest gives the same weights, bit for bit, as a run that was never interrupted
+(on a GPU only with `train.deterministic`, see docs/PERFORMANCE.md), because
+the data order depends only on the seed and the epoch.
 """
 
 import os
@@ -17,24 +22,34 @@ from ntdist.models import ModelSpec
 from ntdist.records.checkpoint import read_checkpoint, save_checkpoint
 
 
-def save_state(path: str, model, spec: ModelSpec, optimizer, scheduler, epoch: int, history: List[dict]) -> None:
-    """Atomically write everything needed to continue after `epoch`."""
+def save_state(path: str, model, spec: ModelSpec, optimizer, scheduler, epoch: int, history: List[dict],
+               position: Optional[dict] = None, order: Optional[torch.Tensor] = None) -> None:
+    """Atomically write everything needed to continue after `epoch`, or inside epoch `epoch + 1` at `position`
+    (a JSON-able dict, see the module docstring) with that epoch's data `order`."""
     extra = {"rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        extra.update({f"cuda_rng.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
+    if order is not None:
+        extra["order"] = order
     opt_state = optimizer.state_dict()
     for index, buffers in opt_state["state"].items():
         for key, value in buffers.items():
             if torch.is_tensor(value):
                 extra[f"opt.{index}.{key}"] = value
     groups = [{k: v for k, v in g.items() if k != "params"} for g in opt_state["param_groups"]]
-    info = {"epoch": epoch, "history": history, "optimizer_groups": groups, "scheduler": _jsonable(scheduler.state_dict())}
+    info = {"epoch": epoch, "history": history, "optimizer_groups": groups,
+            "scheduler": _jsonable(scheduler.state_dict())}
+    if position is not None:
+        info["position"] = position
     save_checkpoint(path, model, spec, info=info, extra=extra)
 
 
-def load_state(path: str, model, optimizer, scheduler, epochs: int) -> Tuple[int, List[dict]]:
+def load_state(path: str, model, optimizer, scheduler, epochs: int) -> Tuple[int, List[dict], Optional[dict]]:
     """Restore a state file of a stage of `epochs` epochs into `model`, `optimizer` and `scheduler`.
 
-    Returns (epoch, history). The file's metadata is checked like any input: a state
-    claiming more epochs than the stage has, or missing a field, is refused.
+    Returns (epoch, history, position): `position` is None for a state written at an epoch end, else the
+    dict `save_state` was given with its data order under "order". The file's metadata is checked like
+    any input: a state claiming more epochs than the stage has, or missing a field, is refused.
     """
     meta, state, extra = read_checkpoint(path)
     try:
@@ -60,11 +75,38 @@ def load_state(path: str, model, optimizer, scheduler, epochs: int) -> Tuple[int
         optimizer.load_state_dict({"state": buffers, "param_groups": groups})
         scheduler.load_state_dict(info["scheduler"])
         torch.set_rng_state(extra["rng"])
+        _restore_cuda_rng(extra)
+        position = info.get("position")
+        if position is not None:
+            position = _checked_position(position, epoch, extra["order"])
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
         raise UserError(f"state file '{path}' has damaged or forged metadata ({type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else 'missing field'}); delete it to redo that stage "
                         "from its start, or pass --overwrite to start the run again") from None
-    return epoch, history
+    return epoch, history, position
+
+
+def _checked_position(position, epoch: int, order: torch.Tensor) -> dict:
+    """The position of a state written inside epoch `epoch + 1`, its fields checked; ValueError if one is wrong."""
+    counts = [position[key] for key in ("epoch", "step", "count", "batch_size", "replicas")]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+        raise ValueError(f"its position holds {counts}, not counts")
+    if position["epoch"] != epoch + 1 or position["batch_size"] < 1 or position["replicas"] < 1:
+        raise ValueError(f"its position (epoch {position['epoch']}) does not follow epoch {epoch}")
+    sums = position["loss_sums"]
+    if not isinstance(sums, list) or len(sums) != position["replicas"] or not all(
+            isinstance(x, (int, float)) for x in sums):
+        raise ValueError("its position's loss sums do not match its rank count")
+    if order.dtype != torch.int64 or order.dim() != 1:
+        raise ValueError("its data order is not a list of sample indices")
+    return {**position, "order": order}
+
+
+def _restore_cuda_rng(extra: dict) -> None:
+    """Restore the saved GPU RNG states where this process sees the same number of GPUs (else they stay seeded)."""
+    saved = [extra[key] for key in sorted((k for k in extra if k.startswith("cuda_rng.")), key=lambda k: int(k[9:]))]
+    if saved and torch.cuda.is_available() and torch.cuda.device_count() == len(saved):
+        torch.cuda.set_rng_state_all(saved)
 
 
 def finished_history(path: str, epochs: int) -> Optional[List[dict]]:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ntdist.distributed.comm import all_gather_records
-from ntdist.distributed.tree import gather_fuse, tree_fuse
+from ntdist.distributed.tree import reduce_average, tree_fuse
 from ntdist.distributed.world import gather_world_info
 from ntdist.errors import UserError, check_choice
 from ntdist.options import opt
@@ -119,7 +119,7 @@ def _merge(r: "Run", replicas: Dict[int, torch.nn.Module], method: str) -> None:
     if method == "nt":
         merged = tree_fuse(r.world, held, r.layout.holders, r.template, example_inputs=r.example_inputs())
     else:
-        merged = gather_fuse(r.world, held, r.layout.holders, r.template, method="avg", schedule="flat")
+        merged = reduce_average(r.world, held, r.layout.holders, r.template)
     with torch.no_grad():
         for model in replicas.values():
             model.load_state_dict(merged.state_dict())

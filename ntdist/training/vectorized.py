@@ -23,8 +23,9 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from ntdist.preempt import preempt_requested
 from ntdist.training.batches import TensorBatches, eval_batches, feed, train_batches
-from ntdist.training.loop import (Precision, ResumableEpochs, check_finite, epoch_stats, evaluate, make_optimizer,
-                                  make_scheduler, step_logger, stop_if_requested)
+from ntdist.training.loop import (Precision, check_finite, epoch_stats, evaluate, make_optimizer, make_scheduler,
+                                  step_logger)
+from ntdist.training.resume import ResumableEpochs, stop_if_requested
 
 if TYPE_CHECKING:   # the run context is defined by the pipeline, which imports this module
     from ntdist.pipeline import Run
@@ -46,6 +47,8 @@ def why_not(r: "Run", models: List[nn.Module], batches: list) -> Optional[str]:
         return f"the training data exceeds data.resident_max_mb={r.cfg.data.resident_max_mb}"
     if r.cfg.train.compile:
         return "train.compile is on (the vectorised step is not compiled)"
+    if r.cfg.train.checkpoint_every_steps > 0:
+        return "train.checkpoint_every_steps is set (vectorised training writes its states at epoch ends only)"
     if any(isinstance(m, RANDOM_MODULES) and m.p > 0 for m in models[0].modules()):
         return "the model uses dropout, whose random draws a vectorised model cannot reproduce per member"
     params = sum(p.numel() for p in models[0].parameters())
@@ -81,7 +84,8 @@ def train_together(r: "Run", indices: List[int], seeds: List[int], models: List[
                    batches: List[TensorBatches]) -> Optional[Dict[int, Tuple[nn.Module, List[dict]]]]:
     """Train `models` (members `indices`, freshly built from `seeds`) in lockstep; {index: (model, history)}.
 
-    None, before any training, when their state files stand at different epochs (resume them one by one).
+    None, before any training, when their state files stand at different epochs or inside an epoch (resume
+    them one by one).
     """
     cfg, world = r.cfg, r.world
     optimizers = [make_optimizer(m, cfg.train) for m in models]
@@ -90,7 +94,7 @@ def train_together(r: "Run", indices: List[int], seeds: List[int], models: List[
                             r.rundir.checkpoint(f"member{i}.state"), True, r.resume)
             for i, m, o, s in zip(indices, models, optimizers, schedulers)]
     start = runs[0].start
-    if any(run.start != start for run in runs):   # e.g. a run started one after another, resumed vectorised
+    if any(run.start != start or run.resumed for run in runs):   # e.g. started one after another, resumed here
         return None
     params, buffers = stack_module_state(models)
     stacked = {**params, **buffers}

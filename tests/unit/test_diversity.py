@@ -108,3 +108,22 @@ def test_single_member_and_bad_threshold():
     assert summary["disagreement_mean"] is None and summary["warning"] is None
     with pytest.raises(ValueError):
         duplicate_units([model, model], threshold=1.5)
+
+
+def test_sampled_duplicate_check_is_bounded_and_estimates_the_fraction(monkeypatch):
+    model = _mlp(0, width=256)
+    half = copy.deepcopy(model)
+    with torch.no_grad():   # the second half of each hidden layer's units: fresh, no longer copies
+        for index in (0, 2):
+            half[index].weight[128:].normal_()
+            half[index].bias[128:].normal_()
+    exact = duplicate_units([model, half])
+    assert exact == {"0": 0.5, "2": 0.5}
+    rows_checked = []
+    near_copy = diversity._has_near_copy
+    monkeypatch.setattr(diversity, "_has_near_copy", lambda rows, others, t: rows_checked.append(rows.shape[0])
+                        or near_copy(rows, others, t))
+    sampled = duplicate_units([model, half], max_units=64)
+    assert max(rows_checked) == 64 and len(rows_checked) == 4   # 2 members x 2 layers, 64 units each
+    assert all(abs(sampled[name] - 0.5) < 0.15 for name in exact)
+    assert duplicate_units([model, copy.deepcopy(model)], max_units=64) == {"0": 1.0, "2": 1.0}

@@ -98,7 +98,20 @@ def test_forged_state_metadata_is_refused(tmp_path, epoch, history):
 
 def test_an_honest_state_loads(tmp_path):
     path, model, optimizer, scheduler = _state(tmp_path, 2, [{"epoch": 1}, {"epoch": 2}])
-    assert load_state(path, model, optimizer, scheduler, 3) == (2, [{"epoch": 1}, {"epoch": 2}])
+    assert load_state(path, model, optimizer, scheduler, 3) == (2, [{"epoch": 1}, {"epoch": 2}], None)
+
+
+@pytest.mark.parametrize("change", [{"step": "3"}, {"epoch": 2}, {"loss_sums": [0.5, 1.0]}, {"replicas": 0}])
+def test_a_forged_position_inside_an_epoch_is_refused(tmp_path, change):
+    path, model, optimizer, scheduler = _state(tmp_path, 0, [])
+    where = {"epoch": 1, "step": 3, "loss_sums": [6.5], "count": 12, "batch_size": 4, "replicas": 1}
+    save_state(path, model, ModelSpec("mlp", {"input_dim": 4, "num_classes": 3}), optimizer, scheduler, 0, [],
+               where, torch.arange(20))
+    assert load_state(path, model, optimizer, scheduler, 3)[2]["step"] == 3
+    save_state(path, model, ModelSpec("mlp", {"input_dim": 4, "num_classes": 3}), optimizer, scheduler, 0, [],
+               {**where, **change}, torch.arange(20))
+    with pytest.raises(UserError, match="damaged or forged"):
+        load_state(path, model, optimizer, scheduler, 3)
 
 
 def test_a_final_checkpoint_with_a_forged_history_is_refused(tmp_path):

@@ -1,0 +1,101 @@
+"""The resumable epoch loop that member training and fine-tuning share.
+
+`ResumableEpochs` restores a state file, runs the remaining epochs, writes the
+state after each (and every `checkpoint_every_steps` batches inside them) and
+stops cleanly when preempted: at an epoch end, or inside an epoch at the next
+checkpoint batch, with every rank of the group stopping at the same batch.
+"""
+
+import os
+from typing import Callable, List, Optional
+
+import torch
+
+from ntdist.errors import Preempted, UserError
+from ntdist.preempt import preempt_requested
+from ntdist.training.loop import EpochPosition
+from ntdist.training.state import load_state, save_state
+
+
+class ResumableEpochs:
+    """Epochs 1..`epochs` of one model, resumable after any of them and, with `every_steps`, inside them.
+
+    Construct it before wrapping the model (DDP, an engine): with `resume` and an
+    existing state file the model, optimizer, scheduler and RNG are restored here.
+    `run(one_epoch, should_stop, loader, reduce)` positions `loader` (`set_epoch`)
+    and calls `one_epoch(epoch, position) -> record` for each remaining epoch, which
+    passes `position` on to `train_epoch`. The state is written after each epoch (when
+    `writer`) and every `every_steps` batches inside one. Preemption is honoured at
+    these points: at an epoch end when `should_stop()` (where the ranks agree), inside
+    an epoch when any rank's SIGTERM flag is up, which the ranks learn from the same
+    single `reduce` (a sum over the ranks sharing `loader`) that gathers their loss sums.
+    """
+
+    def __init__(self, what: str, epochs: int, model, optimizer, scheduler, spec, state_path: Optional[str],
+                 writer: bool, resume: bool, every_steps: int = 0):
+        self.what, self.epochs, self.spec, self.every_steps = what, epochs, spec, every_steps
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.state_path = state_path if writer else None
+        self.start, self.history, self.resumed = 1, [], None
+        if resume and state_path and os.path.exists(state_path):
+            done, self.history, self.resumed = load_state(state_path, model, optimizer, scheduler, epochs)
+            self.start = done + 1
+
+    def run(self, one_epoch: Callable[[int, EpochPosition], dict], should_stop: Callable[[], bool],
+            loader, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> List[dict]:
+        for epoch in range(self.start, self.epochs + 1):
+            position = self._position(epoch, loader)
+            if self.every_steps > 0:
+                position.at_step = self._at_step(epoch, loader, reduce or (lambda t: t))
+            self.record(epoch, one_epoch(epoch, position))
+            stop_if_requested(self.what, epoch, self.epochs, should_stop)
+        return self.history
+
+    def _position(self, epoch: int, loader) -> EpochPosition:
+        """Where `epoch` starts: at its first batch, or where the restored state left it (checked against `loader`)."""
+        saved = self.resumed if epoch == self.start else None
+        loader.set_epoch(epoch)
+        if saved is None:
+            return EpochPosition()
+        layout = (len(saved["order"]), saved["batch_size"], saved["replicas"])
+        here = (len(loader.order()), loader.batch_size, loader.num_replicas)
+        if layout != here or not torch.equal(saved["order"], loader.order()):
+            raise UserError(f"the state of {self.what} was written inside epoch {epoch} with another data order "
+                            f"(samples, batch size, ranks: {layout} there, {here} now); resume with the config "
+                            "and world size the run started with")
+        loader.set_epoch(epoch, saved["step"])
+        return EpochPosition(saved["step"], saved["loss_sums"][loader.rank], saved["count"])
+
+    def _at_step(self, epoch: int, loader, reduce: Callable[[torch.Tensor], torch.Tensor]
+                 ) -> Callable[[EpochPosition], None]:
+        steps = len(loader)
+
+        def at_step(position: EpochPosition) -> None:
+            if position.step % self.every_steps or position.step >= steps:   # the epoch's end writes its own state
+                return
+            shared = torch.zeros(loader.num_replicas + 1, dtype=torch.float64)   # loss sum per rank, then the flag
+            shared[loader.rank] = position.loss_sum.item()
+            shared[-1] = float(preempt_requested())
+            shared = reduce(shared)
+            if self.state_path:
+                where = {"epoch": epoch, "step": position.step, "loss_sums": shared[:-1].tolist(),
+                         "count": position.count, "batch_size": loader.batch_size, "replicas": loader.num_replicas}
+                save_state(self.state_path, self.model, self.spec, self.optimizer, self.scheduler, epoch - 1,
+                           self.history, where, loader.order())
+            if shared[-1] > 0:
+                raise Preempted(f"preempted during {self.what} at batch {position.step} of epoch {epoch}; "
+                                "the state is saved: rerun the same command with --resume")
+        return at_step
+
+    def record(self, epoch: int, record: dict) -> None:
+        """Add the epoch's record to the history and write the state (model, optimizer, scheduler as they are)."""
+        self.history.append(record)
+        if self.state_path:
+            save_state(self.state_path, self.model, self.spec, self.optimizer, self.scheduler, epoch, self.history)
+
+
+def stop_if_requested(what: str, epoch: int, epochs: int, should_stop: Callable[[], bool]) -> None:
+    """At an epoch boundary, once every state is on disk: raise `Preempted` if `should_stop()`."""
+    if epoch < epochs and should_stop():
+        raise Preempted(f"preempted during {what} after epoch {epoch}; "
+                        "the state is saved: rerun the same command with --resume")

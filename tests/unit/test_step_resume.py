@@ -1,0 +1,112 @@
+"""A SIGTERM inside an epoch: the state is written at the next checkpoint step, and the resumed run is bit-identical.
+
+Run: .venv/bin/python -m pytest tests/unit/test_step_resume.py
+"""
+
+import os
+import signal
+
+import pytest
+import torch
+
+import ntdist.preempt as preempt
+import ntdist.training.members as members
+from helpers import make_run
+from ntdist.errors import Preempted, UserError
+from ntdist.records.checkpoint import read_checkpoint
+from ntdist.training.batches import LoaderBatches, TensorBatches, train_batches
+
+ARGS = ["model.kwargs.width=16", "train.epochs=2", "data.batch_size=16", "data.train_fraction=0.2",
+        "train.checkpoint_every_steps=4"]
+TIMING = ("samples_per_s", "peak_device_mib")   # wall-clock figures differ between any two runs
+
+
+def _without_timing(history):
+    return [{k: v for k, v in record.items() if k not in TIMING} for record in history]
+
+
+def _sigterm_at_forward(monkeypatch, call: int) -> None:
+    """Make member 0 send this process a real SIGTERM during its `call`-th training forward pass."""
+    build = members.build_member
+    calls = []
+
+    def build_and_arm(*args, **kwargs):
+        model = build(*args, **kwargs)
+
+        def hook(module, inputs):
+            calls.append(1)
+            if len(calls) == call:
+                os.kill(os.getpid(), signal.SIGTERM)
+        model.register_forward_pre_hook(hook)
+        return model
+    monkeypatch.setattr(members, "build_member", build_and_arm)
+
+
+def _state(run):
+    meta, state, extra = read_checkpoint(run.rundir.checkpoint("member0.state"))
+    return meta["info"], {**state, **{f"extra.{k}": v for k, v in extra.items()}}
+
+
+@pytest.mark.parametrize("resident", ["data.resident_max_mb=64", "data.resident_max_mb=0"])
+def test_sigterm_mid_epoch_then_resume_is_bit_identical(tmp_path, monkeypatch, resident):
+    whole_run = make_run(tmp_path / "whole", *ARGS, resident)
+    whole, whole_history = members.train_member(whole_run, 0)
+    steps = len(train_batches(whole_run.splits.train, 16, 0))
+    assert steps > 12   # the SIGTERM below lands in the middle of epoch 1
+
+    cut = make_run(tmp_path / "cut", *ARGS, resident)
+    with monkeypatch.context() as patch:
+        _sigterm_at_forward(patch, 6)
+        preempt.install_sigterm_handler()
+        try:
+            with pytest.raises(Preempted, match="at batch 8 of epoch 1"):
+                members.train_member(cut, 0)
+        finally:
+            preempt.default_sigterm()
+            preempt._requested = False
+    info, _ = _state(cut)
+    assert info["epoch"] == 0 and info["history"] == []
+    assert {k: info["position"][k] for k in ("epoch", "step", "count", "batch_size")} == \
+        {"epoch": 1, "step": 8, "count": 8 * 16, "batch_size": 16}
+    cut.rundir.release()
+
+    resumed_run = make_run(tmp_path / "cut", *ARGS, resident, resume=True)
+    resumed, resumed_history = members.train_member(resumed_run, 0)
+    assert [h["epoch"] for h in resumed_history] == [1, 2]
+    assert _without_timing(resumed_history) == _without_timing(whole_history)   # loss of epoch 1 included
+    for key, value in whole.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    (info_a, tensors_a), (info_b, tensors_b) = _state(whole_run), _state(resumed_run)
+    assert tensors_a.keys() == tensors_b.keys() and "extra.rng" in tensors_a
+    assert [k for k in tensors_a if not torch.equal(tensors_a[k], tensors_b[k])] == []   # weights, momentum, RNG
+    assert "position" not in info_b and _without_timing(info_a["history"]) == _without_timing(info_b["history"])
+
+
+def test_resume_inside_an_epoch_refuses_another_data_order(tmp_path, monkeypatch):
+    cut = make_run(tmp_path / "run", *ARGS)
+    with monkeypatch.context() as patch:
+        _sigterm_at_forward(patch, 2)
+        preempt.install_sigterm_handler()
+        try:
+            with pytest.raises(Preempted, match="at batch 4 of epoch 1"):
+                members.train_member(cut, 0)
+        finally:
+            preempt.default_sigterm()
+            preempt._requested = False
+    cut.rundir.release()
+    changed = make_run(tmp_path / "run", *ARGS, "data.batch_size=8", resume=True)
+    with pytest.raises(UserError, match="another data order"):
+        members.train_member(changed, 0)
+
+
+def test_batches_start_at_a_step_in_the_same_order(tmp_path):
+    run = make_run(tmp_path, "data.train_fraction=0.2")
+    for max_mb in (64, 0):
+        batches = train_batches(run.splits.train, 16, 5, num_replicas=2, rank=1, max_mb=max_mb)
+        assert isinstance(batches, TensorBatches if max_mb else LoaderBatches)
+        batches.set_epoch(3)
+        full = [y for _, y in batches]
+        batches.set_epoch(3, start_step=5)
+        assert len(batches) == len(full) and len(full) > 6
+        assert all(torch.equal(a, b) for a, b in zip(full[5:], [y for _, y in batches], strict=True))
+        assert sorted(batches.order().tolist()) == list(range(len(run.splits.train)))
