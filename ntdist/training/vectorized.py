@@ -46,6 +46,8 @@ def why_not(r: "Run", models: List[nn.Module], batches: list) -> Optional[str]:
         return f"the training data exceeds data.resident_max_mb={r.cfg.data.resident_max_mb}"
     if r.cfg.train.compile:
         return "train.compile is on (the vectorised step is not compiled)"
+    if r.cfg.train.channels_last:
+        return "train.channels_last is on (stacked weights keep the default memory format)"
     if any(isinstance(m, RANDOM_MODULES) and m.p > 0 for m in models[0].modules()):
         return "the model uses dropout, whose random draws a vectorised model cannot reproduce per member"
     params = sum(p.numel() for p in models[0].parameters())
