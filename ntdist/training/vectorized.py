@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
 from ntdist.preempt import preempt_requested
-from ntdist.training.batches import TensorBatches, eval_batches, feed, train_batches
+from ntdist.training.batches import TensorBatches, eval_batches, feed, stacked_batches, train_batches
 from ntdist.training.loop import (Precision, ResumableEpochs, check_finite, epoch_stats, evaluate, make_optimizer,
                                   make_scheduler, step_logger, stop_if_requested)
 
@@ -64,14 +64,20 @@ def _copy_back(stacked: Dict[str, torch.Tensor], model: nn.Module, i: int) -> No
             t.copy_(stacked[name][i])
 
 
+def stacked_forward(base: nn.Module):
+    """forward(params, buffers, x [k, B, ...]) -> [k, B, ...]: `base` (on the meta device) run with each member's
+    stacked tensors on its own inputs. Without re-tying weights (a per-step cost): a tied alias that
+    `stack_module_state` dropped stays a meta tensor, fails the `probe` and sends the model to the plain loop."""
+    return vmap(lambda p, b, x: functional_call(base, (p, b), (x,), tie_weights=False))
+
+
 def probe(models: List[nn.Module], batches: List[TensorBatches]) -> Optional[str]:
     """None when one vectorised training step of these models runs, else why it does not (one line)."""
     params, buffers = stack_module_state([copy.deepcopy(m) for m in models])
     base = copy.deepcopy(models[0]).to("meta").train()
     x, y = next(iter(batches[0]))
     try:
-        forward = vmap(lambda p, b, x: functional_call(base, (p, b), (x,)))
-        out = forward(params, buffers, torch.stack([x[:2]] * len(models)))
+        out = stacked_forward(base)(params, buffers, torch.stack([x[:2]] * len(models)))
         out.sum().backward()
     except Exception as err:  # noqa: BLE001 - any failure means: train this model the plain way
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -107,10 +113,7 @@ def train_together(r: "Run", indices: List[int], seeds: List[int], models: List[
             optimizer.state[p]["momentum_buffer"] = torch.stack(bufs)
     base = copy.deepcopy(models[0]).to("meta")
 
-    def losses(p, b, x, y):
-        return F.cross_entropy(functional_call(base, (p, b), (x,)), y)
-
-    step = vmap(losses)
+    forward = stacked_forward(base)
     precision = Precision(cfg.train.precision, world.device)
     val = eval_batches(r.splits.val, cfg.data.eval_batch_size, **feed(cfg.data, world.device))
     for epoch in range(start, cfg.train.epochs + 1):
@@ -121,11 +124,12 @@ def train_together(r: "Run", indices: List[int], seeds: List[int], models: List[
         loggers = [step_logger(r.rundir.log, cfg.output.log_every_steps, {"stage": "member", "member": i}, epoch,
                                len(batches[0]), optimizer) for i in indices]
         start_time = time.perf_counter()
-        for step_index, pairs in enumerate(zip(*batches)):
-            x = torch.stack([x for x, _ in pairs])
-            y = torch.stack([y for _, y in pairs])
+        for step_index, (x, y) in enumerate(stacked_batches(batches)):
             with precision.autocast():
-                loss = step(params, buffers, x, y)
+                logits = forward(params, buffers, x)   # [k, B, classes]
+                # the loss outside vmap: one cross-entropy kernel instead of its batched decomposition
+                loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(0, 1), reduction="none").view(len(y), -1)
+                loss = loss.mean(1)
             precision.backward_step(loss.sum(), optimizer)
             total += loss.detach().double() * y.shape[1]
             count += y.shape[1]

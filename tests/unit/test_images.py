@@ -12,7 +12,8 @@ from helpers import make_run, write_cifar
 from ntdist.data import DataConfig, load_splits
 from ntdist.errors import UserError
 from ntdist.images import Augment, ImageTensors, augment_batch
-from ntdist.training.batches import LoaderBatches, TensorBatches, eval_batches, image_source, train_batches
+from ntdist.training.batches import (LoaderBatches, TensorBatches, eval_batches, image_source, stacked_batches,
+                                     train_batches)
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 
@@ -85,6 +86,19 @@ def test_augmentation_depends_only_on_seed_and_epoch_on_every_path_and_layout():
         r.set_epoch(1)
     for whole, (x0, _), (x1, _) in zip(one, *ranks):
         assert torch.equal(whole[0::2], x0) and torch.equal(whole[1::2], x1)
+
+
+def test_stacked_batches_are_each_members_own_batches():
+    data = Subset(_images(augment=Augment(2, True)), list(range(75)))
+    members = [train_batches(data, 8, seed, max_mb=10) for seed in (3, 4, 5)]
+    for m in members:
+        m.set_epoch(2)
+    alone = [list(m) for m in members]
+    stacked = list(stacked_batches(members))
+    assert len(stacked) == len(alone[0]) == 10 and stacked[-1][0].shape == (3, 3, 3, 6, 5)
+    for step, (x, y) in enumerate(stacked):
+        for i in range(3):
+            assert torch.equal(x[i], alone[i][step][0]) and torch.equal(y[i], alone[i][step][1])
 
 
 def test_image_tensors_refuse_what_they_cannot_hold():
