@@ -23,8 +23,8 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from ntdist.preempt import preempt_requested
 from ntdist.training.batches import TensorBatches, eval_batches, feed, stacked_batches, train_batches
-from ntdist.training.loop import (Precision, ResumableEpochs, check_finite, epoch_stats, evaluate, make_optimizer,
-                                  make_scheduler, step_logger, stop_if_requested)
+from ntdist.training.loop import (Precision, ResumableEpochs, check_finite, epoch_stats, make_optimizer, make_scheduler,
+                                  step_logger, stop_if_requested)
 
 if TYPE_CHECKING:   # the run context is defined by the pipeline, which imports this module
     from ntdist.pipeline import Run
@@ -69,6 +69,21 @@ def stacked_forward(base: nn.Module):
     stacked tensors on its own inputs. Without re-tying weights (a per-step cost): a tied alias that
     `stack_module_state` dropped stays a meta tensor, fails the `probe` and sends the model to the plain loop."""
     return vmap(lambda p, b, x: functional_call(base, (p, b), (x,), tie_weights=False))
+
+
+@torch.no_grad()
+def stacked_accuracy(base: nn.Module, params: dict, buffers: dict, val) -> List[float]:
+    """Every member's accuracy on the batches `val`, from one vectorised forward per batch (evaluation mode:
+    BatchNorm reads its running statistics and updates nothing), as `loop.evaluate` counts it."""
+    base.eval()
+    forward = vmap(lambda p, b, x: functional_call(base, (p, b), (x,), tie_weights=False), in_dims=(0, 0, None))
+    device = next(iter(params.values())).device
+    correct, count = torch.zeros(len(next(iter(params.values()))), dtype=torch.float64, device=device), 0
+    for x, y in val:
+        y = y.to(device)
+        correct += (forward(params, buffers, x.to(device)).argmax(2) == y).sum(1)
+        count += len(y)
+    return (correct / max(count, 1)).tolist()
 
 
 def probe(models: List[nn.Module], batches: List[TensorBatches]) -> Optional[str]:
@@ -143,6 +158,7 @@ def train_together(r: "Run", indices: List[int], seeds: List[int], models: List[
             for group, stacked_group in zip(member_optimizer.param_groups, optimizer.param_groups):
                 group["lr"] = stacked_group["lr"]
         mean = (total / max(count, 1)).tolist()
+        accuracy = stacked_accuracy(base, params, buffers, val)
         for n, (i, seed, model, opt, run) in enumerate(zip(indices, seeds, models, optimizers, runs)):
             check_finite(mean[n], f"member training of member {i}", epoch)
             _copy_back(stacked, model, n)
@@ -150,7 +166,7 @@ def train_together(r: "Run", indices: List[int], seeds: List[int], models: List[
                 if "momentum_buffer" in optimizer.state[p]:
                     opt.state[q]["momentum_buffer"] = optimizer.state[p]["momentum_buffer"][n].clone()
             record = {"stage": "member", "member": i, "epoch": epoch, "loss": mean[n],
-                      "val_accuracy": evaluate(model, val, world.device)["accuracy"], **stats}
+                      "val_accuracy": accuracy[n], **stats}
             world.print0(f"member {i} epoch {epoch}/{cfg.train.epochs}: loss {mean[n]:.4f}, "
                          f"val accuracy {record['val_accuracy']:.4f}")
             torch.manual_seed(seed)   # the RNG state the sequential loop would save
