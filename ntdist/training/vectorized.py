@@ -3,10 +3,11 @@
 When a rank trains several members (fewer ranks than members: the laptop and single-GPU case),
 their parameters and buffers are stacked (`stack_module_state`) and one `vmap` over
 `functional_call` runs all k forward passes per step, each member on its own batch from its own
-data order. The summed loss gives each member exactly its own gradient, and one SGD over the
-stacked tensors is element-wise the k separate optimizers (momentum and weight decay included).
-Each member keeps its seed, initialisation, data order, LR schedule, state file and checkpoint:
-after every epoch the stacked tensors are copied back into the members, which are evaluated and
+data order (one gather for all k: `batches.stacked_batches`). The summed loss gives each member
+exactly its own gradient, and one SGD over the stacked tensors is element-wise the k separate
+optimizers (momentum and weight decay included). Each member keeps its seed, initialisation, data
+order, LR schedule, state file and checkpoint: after every epoch one vectorised pass gives every
+member's validation accuracy, and the stacked tensors are copied back into the members, which are
 saved as the sequential loop would. The result equals training them one after another up to
 floating-point summation order (tested to 1e-5 in float64).
 """
