@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from ntdist.errors import UserError, check_choice
+from ntdist.images import Augment, ImageTensors
 from ntdist.options import import_callable, is_import_path, opt
 
 TORCHVISION_SETS = {
@@ -32,6 +33,7 @@ TORCHVISION_SETS = {
     "svhn": ("SVHN", (3, 32, 32), 10, "train_32x32.mat and test_32x32.mat",
              (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
 }
+CROP_AND_FLIP = {"cifar10": True, "cifar100": True, "svhn": False}   # sets with a random crop: flip too?
 DATASETS = ["digits", "mnist1d", "synthetic", "imagefolder", *TORCHVISION_SETS]
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # imagefolder normalisation
 
@@ -45,7 +47,10 @@ class DataConfig:
                             "optional root/val and root/test")
     kwargs: dict = opt({}, "package.module:callable datasets: keyword arguments of the callable")
     image_size: int = opt(224, "imagefolder: side of the square images the model sees")
-    augment: bool = opt(True, "imagefolder: random resized crop and horizontal flip of training images")
+    augment: bool = opt(True, "augment training images: imagefolder a random resized crop and horizontal flip; "
+                              "cifar10/cifar100 a random crop after zero padding (data.crop_padding) and "
+                              "horizontal flip, svhn the crop only (batched on the device); the others none")
+    crop_padding: int = opt(4, "cifar10/cifar100/svhn with data.augment: pixels of padding before the random crop")
     download: bool = opt(False, "let torchvision download missing datasets (needs internet)")
     batch_size: int = opt(32, "batch size per rank")
     eval_batch_size: int = opt(256, "batch size for evaluation")
@@ -66,6 +71,8 @@ class DataConfig:
             raise UserError(f"data.loader_workers must be >= 0, got {self.loader_workers}")
         if not is_import_path(self.name):
             check_choice(self.name, DATASETS, "dataset data.name")
+        if self.crop_padding < 0:
+            raise UserError(f"data.crop_padding must be >= 0, got {self.crop_padding}")
         if self.image_size < 1:
             raise UserError(f"data.image_size must be >= 1, got {self.image_size}")
         if self.batch_size < 1 or self.eval_batch_size < 1:
@@ -172,26 +179,38 @@ def load_synthetic_splits(cfg: DataConfig) -> Splits:
     return _tensor_splits(x.view(-1, *shape), y, cfg, cfg.synthetic_classes)
 
 
+def _image_tensors(data, in_shape, mean, std, augment: Augment = Augment()) -> ImageTensors:
+    """A torchvision set's decoded uint8 `data` ([N, H, W], [N, H, W, C] or [N, C, H, W]) as `ImageTensors`."""
+    images = torch.as_tensor(data.data)
+    if tuple(images.shape[1:]) != tuple(in_shape):   # channels last (CIFAR) or none (MNIST)
+        images = images.reshape(len(images), in_shape[1], in_shape[2], in_shape[0]).permute(0, 3, 1, 2)
+    labels = torch.as_tensor(np.asarray(data.labels if hasattr(data, "labels") else data.targets))
+    return ImageTensors(images.contiguous(), labels, mean, std, augment)
+
+
 def load_torchvision_splits(cfg: DataConfig) -> Splits:
+    """A torchvision set decoded once into uint8 `ImageTensors` (normalised per batch, augmented in batches)."""
     import torchvision
-    from torchvision import transforms
 
     cls_name, in_shape, classes, expected, mean, std = TORCHVISION_SETS[cfg.name]
     cls = getattr(torchvision.datasets, cls_name)
-    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
     root = os.path.expanduser(cfg.root)
     try:
         if cfg.name == "svhn":
-            full = cls(root, split="train", download=cfg.download, transform=tf)
-            test = cls(root, split="test", download=cfg.download, transform=tf)
+            full = cls(root, split="train", download=cfg.download)
+            test = cls(root, split="test", download=cfg.download)
         else:
-            full = cls(root, train=True, download=cfg.download, transform=tf)
-            test = cls(root, train=False, download=cfg.download, transform=tf)
+            full = cls(root, train=True, download=cfg.download)
+            test = cls(root, train=False, download=cfg.download)
     except (RuntimeError, FileNotFoundError, OSError) as err:
         raise UserError(
             f"{cls_name} not found under '{root}' ({str(err).splitlines()[0]}): expected {expected} there; "
             f"set data.root to the folder that holds them, or data.download=true on a machine with internet") from None
-    return _holdout(full, test, cfg, in_shape, classes)
+    augment = Augment(cfg.crop_padding, CROP_AND_FLIP[cfg.name]) if cfg.augment and cfg.name in CROP_AND_FLIP \
+        else Augment()
+    full = _image_tensors(full, in_shape, mean, std, augment)
+    return _holdout(full, _image_tensors(test, in_shape, mean, std), cfg, in_shape, classes,
+                    eval_view=full.without_augment())
 
 
 def load_imagefolder_splits(cfg: DataConfig) -> Splits:
@@ -211,6 +230,7 @@ def load_imagefolder_splits(cfg: DataConfig) -> Splits:
                                    transforms.ToTensor(), norm]) if cfg.augment else eval_tf
     try:
         full, plain = datasets.ImageFolder(folders["train"], train_tf), datasets.ImageFolder(folders["train"], eval_tf)
+        full.varies_per_read = cfg.augment   # random transforms: never decoded once and kept (training.batches)
         given = {part: datasets.ImageFolder(folders[part], eval_tf) for part in ("val", "test")
                  if os.path.isdir(folders[part])}
     except (FileNotFoundError, OSError) as err:

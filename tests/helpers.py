@@ -42,6 +42,21 @@ def torchrun_cmd(*args, nproc: int = 2) -> list:
             "-m", "ntdist", *args]
 
 
+def write_cifar(root, folder, files, meta_name, meta_key, label_key, classes):
+    """CIFAR-format pickles under root/folder: `files` are (name, samples) pairs of random images."""
+    import pickle
+
+    import numpy as np
+    base = root / folder
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, n in files:
+        batch = {"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),
+                 label_key: rng.integers(0, classes, n).tolist()}
+        (base / name).write_bytes(pickle.dumps(batch))
+    (base / meta_name).write_bytes(pickle.dumps({meta_key: [f"c{i}" for i in range(classes)]}))
+
+
 def randomise_bn(model: nn.Module) -> nn.Module:
     """Random running statistics and affine parameters in every BatchNorm layer (in place), so that
     exactness tests mean something."""

@@ -10,9 +10,12 @@ epochs, interleaved so that every side sees the same background load:
 - `one by one`: the same with `train.vectorize=off`.
 
 Every side first trains one epoch untimed (the process's one-off warm-up). Figures are medians of
-`repeats`; the ratios are the floor's seconds over the other side's (above 1: faster than the floor).
+`repeats`; the ratios are the floor's seconds over the other side's (above 1: faster than the floor),
+and `ntdist / one by one` is what training the k members at once gains. Each row carries the
+machine's 1-minute load average when it was taken: on a shared machine, compare rows of similar load.
 """
 
+import os
 import statistics
 import tempfile
 import time
@@ -107,6 +110,8 @@ def bench_train(workloads: Sequence[str] = tuple(WORKLOADS), ks: Sequence[int] =
                         row[f"{s} samples/s"] = round(samples / statistics.median(times[s]))
                     row["ntdist / floor"] = round(row["ntdist samples/s"] / row["floor samples/s"], 2)
                     row["one by one / floor"] = round(row["one by one samples/s"] / row["floor samples/s"], 2)
+                    row["ntdist / one by one"] = round(row["ntdist samples/s"] / row["one by one samples/s"], 2)
+                    row["load average"] = round(os.getloadavg()[0], 2)
                     rows.append(row)
                     print(", ".join(f"{key} {value}" for key, value in row.items()), flush=True)
     write_csv(out_csv, rows, list(rows[0]))

@@ -10,58 +10,112 @@ falls back to that DataLoader, with the same interface (`set_epoch`, `len`, iter
 state written inside an epoch continues with exactly the batches it had not yet trained on. Every
 DataLoader here has a generator of its own, so loading data never draws from torch's global RNG,
 which stays the model's (dropout), is saved in the state files and is restored bit for bit.
+
+Images of an `ImageTensors` dataset (`ntdist.images`: CIFAR, SVHN, MNIST, ...) stay uint8 on the device
+and are normalised per batch, after the training augmentation of the dataset (random crop and flip) is
+applied to the whole batch. The augmentation is drawn per epoch for every position of the epoch's order
+from the generator of the permutation, so it depends only on (seed, epoch): the same on any device, on
+any rank layout, on both paths (the DataLoader's batches are augmented the same way) and after a resume.
 """
 
 import itertools
 import math
 import weakref
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from ntdist.images import ImageTensors, augment_batch
 
 _HOST = weakref.WeakKeyDictionary()    # dataset -> (inputs, labels) on the CPU
 _DEVICE = weakref.WeakKeyDictionary()  # dataset -> {device: (inputs, labels)}
 
 
+def _unwrap(data: Dataset) -> Tuple[Dataset, Optional[torch.Tensor]]:
+    """(the dataset under any Subsets of `data`, the indices of `data` in it, or None when not a Subset)."""
+    index = None
+    while isinstance(data, Subset):
+        inner = torch.as_tensor(data.indices, dtype=torch.long)
+        index = inner if index is None else inner[index]
+        data = data.dataset
+    return data, index
+
+
+def image_source(data: Dataset) -> Tuple[Optional[ImageTensors], Optional[torch.Tensor]]:
+    """(the `ImageTensors` under `data`, the indices of `data` in it), or (None, None) when `data` is not a
+    view of one."""
+    base, index = _unwrap(data)
+    if not isinstance(base, ImageTensors):
+        return None, None
+    return base, torch.arange(len(base)) if index is None else index
+
+
 def _sample_bytes(data: Dataset) -> int:
+    images, _ = image_source(data)
+    if images is not None:
+        return images.images[0].numel() + 8
     x, _ = data[0]
     return torch.as_tensor(x).numel() * torch.as_tensor(x).element_size() + 8
 
 
 def resident(data: Dataset, device, max_mb: float) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """(inputs, labels) of all of `data` on `device`, or None when it is empty or over `max_mb` MiB."""
+    """(inputs, labels) of all of `data` on `device` (uint8 images for an `ImageTensors` view), or None when
+    it is empty, over `max_mb` MiB, or reads differently each time (`varies_per_read`: random transforms)."""
     if len(data) == 0 or max_mb <= 0 or len(data) * _sample_bytes(data) > max_mb * 2 ** 20:
+        return None
+    if getattr(_unwrap(data)[0], "varies_per_read", False):
         return None
     device = torch.device(device)
     on_device = _DEVICE.setdefault(data, {})
     if device not in on_device:
         if data not in _HOST:
-            parts = list(DataLoader(data, batch_size=1024, shuffle=False, generator=torch.Generator()))
-            _HOST[data] = (torch.cat([x for x, _ in parts]), torch.cat([torch.as_tensor(y) for _, y in parts]))
+            images, index = image_source(data)
+            if images is not None:
+                _HOST[data] = (images.images[index], images.labels[index])
+            else:
+                parts = list(DataLoader(data, batch_size=1024, shuffle=False, generator=torch.Generator()))
+                _HOST[data] = (torch.cat([x for x, _ in parts]), torch.cat([torch.as_tensor(y) for _, y in parts]))
         x, y = _HOST[data]
         on_device[device] = (x.to(device), y.to(device))
     return on_device[device]
 
 
-def sampler_indices(n: int, seed: int, epoch: int, num_replicas: int = 1, rank: int = 0) -> torch.Tensor:
-    """The indices `DistributedSampler(shuffle=True, seed=seed, drop_last=False)` yields on `rank` in `epoch`."""
+def _permutation(n: int, seed: int, epoch: int) -> Tuple[torch.Tensor, torch.Generator]:
     g = torch.Generator()
     g.manual_seed(seed + epoch)
-    order = torch.randperm(n, generator=g)
+    return torch.randperm(n, generator=g), g
+
+
+def _rank_share(per_sample: torch.Tensor, n: int, num_replicas: int, rank: int) -> torch.Tensor:
+    """Rows of this rank: every W-th of the epoch's order, padded by wrapping around as DistributedSampler does."""
     total = math.ceil(n / num_replicas) * num_replicas
     if total > n:
-        order = torch.cat([order] * math.ceil(total / n))[:total]
-    return order[rank:total:num_replicas]
+        per_sample = torch.cat([per_sample] * math.ceil(total / n))[:total]
+    return per_sample[rank:total:num_replicas]
+
+
+def sampler_indices(n: int, seed: int, epoch: int, num_replicas: int = 1, rank: int = 0) -> torch.Tensor:
+    """The indices `DistributedSampler(shuffle=True, seed=seed, drop_last=False)` yields on `rank` in `epoch`."""
+    return _rank_share(_permutation(n, seed, epoch)[0], n, num_replicas, rank)
+
+
+def augment_draws(images: ImageTensors, n: int, seed: int, epoch: int, num_replicas: int = 1,
+                  rank: int = 0) -> torch.Tensor:
+    """The augmentation of each sample this rank takes in `epoch` (rows in the order of `sampler_indices`):
+    drawn for the n positions of the epoch's order right after its permutation, from the same generator."""
+    _, g = _permutation(n, seed, epoch)
+    return _rank_share(images.augment.draw(g, n), n, num_replicas, rank)
 
 
 class TensorBatches:
-    """Shuffled training batches gathered from resident tensors (see the module docstring)."""
+    """Shuffled training batches gathered from resident tensors (see the module docstring); `images` is the
+    `ImageTensors` the tensors come from (uint8: augmented and normalised per batch), or None."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, num_replicas: int = 1,
-                 rank: int = 0):
+                 rank: int = 0, images: Optional[ImageTensors] = None):
         self.x, self.y, self.batch_size, self.seed = x, y, batch_size, seed
-        self.num_replicas, self.rank, self.epoch, self.start_step = num_replicas, rank, 0, 0
+        self.num_replicas, self.rank, self.epoch, self.start_step, self.images = num_replicas, rank, 0, 0, images
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.start_step = epoch, start_step
@@ -73,11 +127,59 @@ class TensorBatches:
     def __len__(self) -> int:
         return math.ceil(math.ceil(len(self.y) / self.num_replicas) / self.batch_size)
 
+    def plan(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """This epoch's indices on the device and, with augmentation, their draws ([len, 3]), else None."""
+        n = len(self.y)
+        idx = sampler_indices(n, self.seed, self.epoch, self.num_replicas, self.rank).to(self.y.device)
+        if self.images is None or not self.images.augment:
+            return idx, None
+        return idx, augment_draws(self.images, n, self.seed, self.epoch, self.num_replicas, self.rank).to(idx.device)
+
+    def gather(self, take: torch.Tensor, draws: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The batch of indices `take` (any shape, e.g. [k, B] for k members) with its `draws` applied."""
+        x = self.x[take]
+        if self.images is None:
+            return x, self.y[take]
+        if draws is not None:
+            flat = augment_batch(x.flatten(0, take.dim() - 1), draws.flatten(0, take.dim() - 1),
+                                 self.images.augment.padding, 0)
+            x = flat.view(x.shape)
+        return self.images.normalise(x), self.y[take]
+
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        idx = sampler_indices(len(self.y), self.seed, self.epoch, self.num_replicas, self.rank).to(self.y.device)
+        idx, draws = self.plan()
         for start in range(self.start_step * self.batch_size, len(idx), self.batch_size):
-            take = idx[start:start + self.batch_size]
-            yield self.x[take], self.y[take]
+            end = start + self.batch_size
+            yield self.gather(idx[start:end], None if draws is None else draws[start:end])
+
+
+def stacked_batches(members: List[TensorBatches]) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """The batches of k members over the same resident tensors as one gather per step: ([k, B, ...], [k, B]),
+    row i being exactly what `members[i]` yields (each member's own order and augmentation)."""
+    first = members[0]
+    assert all(m.start_step == 0 for m in members), "vectorised members resume at epoch ends only"
+    assert all(m.x is first.x and m.batch_size == first.batch_size for m in members), "members share one dataset"
+    plans = [m.plan() for m in members]
+    idx = torch.stack([i for i, _ in plans])
+    draws = None if plans[0][1] is None else torch.stack([d for _, d in plans])
+    for start in range(0, idx.shape[1], first.batch_size):
+        end = start + first.batch_size
+        yield first.gather(idx[:, start:end], None if draws is None else draws[:, start:end])
+
+
+class EvalBatches:
+    """Evaluation batches of resident tensors in order (uint8 images normalised per batch)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, images: Optional[ImageTensors] = None):
+        self.x, self.y, self.batch_size, self.images = x, y, batch_size, images
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.y) / self.batch_size)
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self.y), self.batch_size):
+            x = self.x[start:start + self.batch_size]
+            yield (x if self.images is None else self.images.normalise(x)), self.y[start:start + self.batch_size]
 
 
 def feed(cfg, device) -> dict:
@@ -104,17 +206,20 @@ class _SkippingSampler(DistributedSampler):
 
 
 class LoaderBatches:
-    """The DataLoader fallback for data that does not fit: the same order, batches copied per step."""
+    """The DataLoader fallback for data that does not fit: the same order and augmentation, batches copied
+    per step."""
 
     def __init__(self, data: Dataset, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0,
                  options: Optional[dict] = None):
         self.sampler = _SkippingSampler(data, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
                                         drop_last=False)
         self.batch_size, self.seed, self.start_step = batch_size, seed, 0
-        self.num_replicas, self.rank = num_replicas, rank
+        self.num_replicas, self.rank, self.n = num_replicas, rank, len(data)
         self.generator = torch.Generator()   # the workers' base seed: drawn from here, not from torch's global RNG
         self.loader = DataLoader(data, batch_size=batch_size, sampler=self.sampler, generator=self.generator,
                                  **(options or {}))
+        images, _ = image_source(data)
+        self.images = images if images is not None and images.augment else None
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.sampler.set_epoch(epoch)
@@ -130,12 +235,21 @@ class LoaderBatches:
         return math.ceil(self.sampler.num_samples / self.batch_size)
 
     def __iter__(self):
-        return iter(self.loader)
+        if self.images is None:
+            yield from self.loader
+            return
+        draws = augment_draws(self.images, self.n, self.seed, self.sampler.epoch, self.num_replicas, self.rank)
+        start = self.sampler.skip   # the draws belong to positions of the whole epoch
+        for x, y in self.loader:
+            fill = self.images.fill(x.device)
+            yield augment_batch(x, draws[start:start + len(y)], self.images.augment.padding, fill), y
+            start += len(y)
 
 
 def train_batches(data: Dataset, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0, *,
                   device="cpu", max_mb: float = 0, workers: int = 0):
-    """Training batches whose order depends only on `seed` and the epoch (call `set_epoch` before each).
+    """Training batches whose order and augmentation depend only on `seed` and the epoch (call `set_epoch`
+    before each).
 
     With `num_replicas` ranks each rank sees every `num_replicas`-th sample of the same permutation, so
     W ranks with batch B see the same samples per step as one process with batch W*B.
@@ -143,7 +257,7 @@ def train_batches(data: Dataset, batch_size: int, seed: int, num_replicas: int =
     tensors = resident(data, device, max_mb)
     if tensors is None:
         return LoaderBatches(data, batch_size, seed, num_replicas, rank, loader_options(device, workers))
-    return TensorBatches(*tensors, batch_size, seed, num_replicas, rank)
+    return TensorBatches(*tensors, batch_size, seed, num_replicas, rank, image_source(data)[0])
 
 
 def eval_batches(data: Dataset, batch_size: int, num_replicas: int = 1, rank: int = 0, *, device="cpu",
@@ -156,5 +270,4 @@ def eval_batches(data: Dataset, batch_size: int, num_replicas: int = 1, rank: in
         return DataLoader(data, batch_size=batch_size, shuffle=False, generator=torch.Generator(),
                           **loader_options(device, workers))
     x, y = tensors
-    x, y = x[rank::num_replicas], y[rank::num_replicas]
-    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size)]
+    return EvalBatches(x[rank::num_replicas], y[rank::num_replicas], batch_size, image_source(data)[0])

@@ -14,12 +14,13 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
-from ntdist.errors import check_choice
+from ntdist.errors import UserError, check_choice
 from ntdist.models import ModelSpec
 from ntdist.models.weights import load_initial
 from ntdist.options import opt
 from ntdist.preempt import preempt_requested
 from ntdist.training.batches import eval_batches, feed, train_batches
+from ntdist.training.hardware import tf32, use_channels_last
 from ntdist.training.loop import (EpochPosition, OptimConfig, Precision, check_finite, epoch_stats, evaluate,
                                   make_optimizer, make_scheduler, step_logger, train_epoch)
 from ntdist.training.resume import ResumableEpochs
@@ -42,12 +43,19 @@ class TrainConfig(OptimConfig):
     deterministic: bool = opt(False, "deterministic kernels for the whole run (torch.use_deterministic_algorithms, "
                                      "cuDNN without autotuning, CUBLAS_WORKSPACE_CONFIG): what bit-identical resume "
                                      "needs on a GPU; slower, and an error where an operation has no such kernel")
+    tf32: bool = opt(True, "CUDA: float32 matmuls and convolutions of member training on TF32 tensor cores "
+                           "(no effect on a CPU)")
+    channels_last: bool = opt(False, "CUDA: conv nets' weights in channels_last memory format (members trained "
+                                     "one after another; no effect on a CPU)")
 
     def __post_init__(self):
         super().__post_init__()
         # YAML reads a bare on/off as a boolean, which the str field then holds as 'True'/'False'
         self.vectorize = {"True": "on", "False": "off"}.get(self.vectorize, self.vectorize)
         check_choice(self.vectorize, VECTORIZE, "train.vectorize")
+        if self.channels_last and self.vectorize == "on":
+            raise UserError("train.channels_last=true trains members one after another, but train.vectorize=on; "
+                            "set train.vectorize=auto or off, or train.channels_last=false")
 
 
 CONTROL_SEED, FUSED_SEED = 998, 999   # offsets of the fine-tuning seeds; members use 0 .. k-1
@@ -100,6 +108,9 @@ def train_member(r: "Run", index: int, group=None) -> Tuple[torch.nn.Module, Lis
     cfg, world = r.cfg, r.world
     seed = member_seed(cfg.train, index)
     model = build_member(r.spec, seed, r.initial, r.cfg.model.reinit).to(world.device)
+    note = use_channels_last(model, cfg.train.channels_last, world.device)
+    if note:
+        world.print0(f"ntdist: member {index}: {note}", file=sys.stderr)
     torch.manual_seed(seed)
     optimizer = make_optimizer(model, cfg.train)
     scheduler = make_scheduler(optimizer, cfg.train)
@@ -144,7 +155,13 @@ def train_member(r: "Run", index: int, group=None) -> Tuple[torch.nn.Module, Lis
 
 
 def train_members(r: "Run", indices: List[int], groups: dict) -> Dict[int, Tuple[torch.nn.Module, List[dict]]]:
-    """Train members `indices` on this rank: all at once when `train.vectorize` allows, else one after another."""
+    """Train members `indices` on this rank: all at once when `train.vectorize` allows, else one after another;
+    with TF32 on CUDA when `train.tf32`."""
+    with tf32(r.cfg.train.tf32, r.world.device):
+        return _train_members(r, indices, groups)
+
+
+def _train_members(r: "Run", indices: List[int], groups: dict) -> Dict[int, Tuple[torch.nn.Module, List[dict]]]:
     if len(indices) > 1 and r.cfg.train.vectorize != "off":
         seeds = [member_seed(r.cfg.train, i) for i in indices]
         models = [build_member(r.spec, seed, r.initial, r.cfg.model.reinit).to(r.world.device) for seed in seeds]

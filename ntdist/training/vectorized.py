@@ -3,10 +3,11 @@
 When a rank trains several members (fewer ranks than members: the laptop and single-GPU case),
 their parameters and buffers are stacked (`stack_module_state`) and one `vmap` over
 `functional_call` runs all k forward passes per step, each member on its own batch from its own
-data order. The summed loss gives each member exactly its own gradient, and one SGD over the
-stacked tensors is element-wise the k separate optimizers (momentum and weight decay included).
-Each member keeps its seed, initialisation, data order, LR schedule, state file and checkpoint:
-after every epoch the stacked tensors are copied back into the members, which are evaluated and
+data order (one gather for all k: `batches.stacked_batches`). The summed loss gives each member
+exactly its own gradient, and one SGD over the stacked tensors is element-wise the k separate
+optimizers (momentum and weight decay included). Each member keeps its seed, initialisation, data
+order, LR schedule, state file and checkpoint: after every epoch one vectorised pass gives every
+member's validation accuracy, and the stacked tensors are copied back into the members, which are
 saved as the sequential loop would. The result equals training them one after another up to
 floating-point summation order (tested to 1e-5 in float64).
 """
@@ -22,9 +23,8 @@ import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
 from ntdist.preempt import preempt_requested
-from ntdist.training.batches import TensorBatches, eval_batches, feed, train_batches
-from ntdist.training.loop import (Precision, check_finite, epoch_stats, evaluate, make_optimizer, make_scheduler,
-                                  step_logger)
+from ntdist.training.batches import TensorBatches, eval_batches, feed, stacked_batches, train_batches
+from ntdist.training.loop import Precision, check_finite, epoch_stats, make_optimizer, make_scheduler, step_logger
 from ntdist.training.resume import ResumableEpochs, stop_if_requested
 
 if TYPE_CHECKING:   # the run context is defined by the pipeline, which imports this module
@@ -49,6 +49,8 @@ def why_not(r: "Run", models: List[nn.Module], batches: list) -> Optional[str]:
         return "train.compile is on (the vectorised step is not compiled)"
     if r.cfg.train.checkpoint_every_steps > 0:
         return "train.checkpoint_every_steps is set (vectorised training writes its states at epoch ends only)"
+    if r.cfg.train.channels_last:
+        return "train.channels_last is on (stacked weights keep the default memory format)"
     if any(isinstance(m, RANDOM_MODULES) and m.p > 0 for m in models[0].modules()):
         return "the model uses dropout, whose random draws a vectorised model cannot reproduce per member"
     params = sum(p.numel() for p in models[0].parameters())
@@ -65,14 +67,35 @@ def _copy_back(stacked: Dict[str, torch.Tensor], model: nn.Module, i: int) -> No
             t.copy_(stacked[name][i])
 
 
+def stacked_forward(base: nn.Module):
+    """forward(params, buffers, x [k, B, ...]) -> [k, B, ...]: `base` (on the meta device) run with each member's
+    stacked tensors on its own inputs. Without re-tying weights (a per-step cost): a tied alias that
+    `stack_module_state` dropped stays a meta tensor, fails the `probe` and sends the model to the plain loop."""
+    return vmap(lambda p, b, x: functional_call(base, (p, b), (x,), tie_weights=False))
+
+
+@torch.no_grad()
+def stacked_accuracy(base: nn.Module, params: dict, buffers: dict, val) -> List[float]:
+    """Every member's accuracy on the batches `val`, from one vectorised forward per batch (evaluation mode:
+    BatchNorm reads its running statistics and updates nothing), as `loop.evaluate` counts it."""
+    base.eval()
+    forward = vmap(lambda p, b, x: functional_call(base, (p, b), (x,), tie_weights=False), in_dims=(0, 0, None))
+    device = next(iter(params.values())).device
+    correct, count = torch.zeros(len(next(iter(params.values()))), dtype=torch.float64, device=device), 0
+    for x, y in val:
+        y = y.to(device)
+        correct += (forward(params, buffers, x.to(device)).argmax(2) == y).sum(1)
+        count += len(y)
+    return (correct / max(count, 1)).tolist()
+
+
 def probe(models: List[nn.Module], batches: List[TensorBatches]) -> Optional[str]:
     """None when one vectorised training step of these models runs, else why it does not (one line)."""
     params, buffers = stack_module_state([copy.deepcopy(m) for m in models])
     base = copy.deepcopy(models[0]).to("meta").train()
     x, y = next(iter(batches[0]))
     try:
-        forward = vmap(lambda p, b, x: functional_call(base, (p, b), (x,)))
-        out = forward(params, buffers, torch.stack([x[:2]] * len(models)))
+        out = stacked_forward(base)(params, buffers, torch.stack([x[:2]] * len(models)))
         out.sum().backward()
     except Exception as err:  # noqa: BLE001 - any failure means: train this model the plain way
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -109,10 +132,7 @@ def train_together(r: "Run", indices: List[int], seeds: List[int], models: List[
             optimizer.state[p]["momentum_buffer"] = torch.stack(bufs)
     base = copy.deepcopy(models[0]).to("meta")
 
-    def losses(p, b, x, y):
-        return F.cross_entropy(functional_call(base, (p, b), (x,)), y)
-
-    step = vmap(losses)
+    forward = stacked_forward(base)
     precision = Precision(cfg.train.precision, world.device)
     val = eval_batches(r.splits.val, cfg.data.eval_batch_size, **feed(cfg.data, world.device))
     for epoch in range(start, cfg.train.epochs + 1):
@@ -123,11 +143,12 @@ def train_together(r: "Run", indices: List[int], seeds: List[int], models: List[
         loggers = [step_logger(r.rundir.log, cfg.output.log_every_steps, {"stage": "member", "member": i}, epoch,
                                len(batches[0]), optimizer) for i in indices]
         start_time = time.perf_counter()
-        for step_index, pairs in enumerate(zip(*batches)):
-            x = torch.stack([x for x, _ in pairs])
-            y = torch.stack([y for _, y in pairs])
+        for step_index, (x, y) in enumerate(stacked_batches(batches)):
             with precision.autocast():
-                loss = step(params, buffers, x, y)
+                logits = forward(params, buffers, x)   # [k, B, classes]
+                # the loss outside vmap: one cross-entropy kernel instead of its batched decomposition
+                loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(0, 1), reduction="none").view(len(y), -1)
+                loss = loss.mean(1)
             precision.backward_step(loss.sum(), optimizer)
             total += loss.detach().double() * y.shape[1]
             count += y.shape[1]
@@ -141,6 +162,7 @@ def train_together(r: "Run", indices: List[int], seeds: List[int], models: List[
             for group, stacked_group in zip(member_optimizer.param_groups, optimizer.param_groups):
                 group["lr"] = stacked_group["lr"]
         mean = (total / max(count, 1)).tolist()
+        accuracy = stacked_accuracy(base, params, buffers, val)
         for n, (i, seed, model, opt, run) in enumerate(zip(indices, seeds, models, optimizers, runs)):
             check_finite(mean[n], f"member training of member {i}", epoch)
             _copy_back(stacked, model, n)
@@ -148,7 +170,7 @@ def train_together(r: "Run", indices: List[int], seeds: List[int], models: List[
                 if "momentum_buffer" in optimizer.state[p]:
                     opt.state[q]["momentum_buffer"] = optimizer.state[p]["momentum_buffer"][n].clone()
             record = {"stage": "member", "member": i, "epoch": epoch, "loss": mean[n],
-                      "val_accuracy": evaluate(model, val, world.device)["accuracy"], **stats}
+                      "val_accuracy": accuracy[n], **stats}
             world.print0(f"member {i} epoch {epoch}/{cfg.train.epochs}: loss {mean[n]:.4f}, "
                          f"val accuracy {record['val_accuracy']:.4f}")
             torch.manual_seed(seed)   # the RNG state the sequential loop would save

@@ -12,7 +12,7 @@ from helpers import ROOT
 
 PACKAGE = os.path.join(ROOT, "ntdist")
 # bottom up, as in docs/ARCHITECTURE.md: a module may import from its own layer and the ones before it
-LAYERS = [{"errors", "options", "preempt"}, {"fusion"}, {"models"}, {"data"}, {"records"}, {"distributed"},
+LAYERS = [{"errors", "options", "preempt"}, {"fusion"}, {"models"}, {"images", "data"}, {"records"}, {"distributed"},
           {"training"}, {"config"}, {"pipeline"}, {"sweep"}, {"commands", "cli", "__main__"}]
 
 

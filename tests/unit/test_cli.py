@@ -84,7 +84,8 @@ def test_bench_train_compares_with_the_tight_loop(tmp_path):
     assert [(r["k"], r["batch"]) for r in rows] == [("1", "256"), ("2", "256")]
     for r in rows:
         assert float(r["floor samples/s"]) > 0 and float(r["ntdist samples/s"]) > 0
-        assert float(r["ntdist / floor"]) > 0
+        assert float(r["ntdist / floor"]) > 0 and float(r["ntdist / one by one"]) > 0
+        assert float(r["load average"]) >= 0
 def save_plain(path, model):
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))

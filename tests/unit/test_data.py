@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from helpers import write_cifar
 from ntdist.data import DataConfig, load_splits
 from ntdist.errors import UserError
 
@@ -65,20 +66,6 @@ def test_mnist_format_files_written_here_load(tmp_path, name, folder):
     assert x.shape == (1, 28, 28) and x.dtype == torch.float32 and 0 <= int(y) < 10
 
 
-def _write_cifar(root, folder, files, meta_name, meta_key, label_key, classes):
-    import pickle
-
-    import numpy as np
-    base = root / folder
-    base.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name, n in files:
-        batch = {"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),
-                 label_key: rng.integers(0, classes, n).tolist()}
-        (base / name).write_bytes(pickle.dumps(batch))
-    (base / meta_name).write_bytes(pickle.dumps({meta_key: [f"c{i}" for i in range(classes)]}))
-
-
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "svhn"])
 def test_cifar_and_svhn_format_files_written_here_load(tmp_path, monkeypatch, name):
     """torchvision checks these files' md5 sums against the official ones; the check is bypassed here
@@ -86,11 +73,11 @@ def test_cifar_and_svhn_format_files_written_here_load(tmp_path, monkeypatch, na
     import numpy as np
     import torchvision
     if name == "cifar10":
-        _write_cifar(tmp_path, "cifar-10-batches-py", [(f"data_batch_{i}", 10) for i in range(1, 6)] +
+        write_cifar(tmp_path, "cifar-10-batches-py", [(f"data_batch_{i}", 10) for i in range(1, 6)] +
                      [("test_batch", 20)], "batches.meta", "label_names", "labels", 10)
         monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
     elif name == "cifar100":
-        _write_cifar(tmp_path, "cifar-100-python", [("train", 50), ("test", 20)], "meta", "fine_label_names",
+        write_cifar(tmp_path, "cifar-100-python", [("train", 50), ("test", 20)], "meta", "fine_label_names",
                      "fine_labels", 100)
         monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
     else:

@@ -12,6 +12,7 @@ from ntdist.cli import main
 from ntdist.data import DataConfig, load_splits
 from ntdist.errors import UserError
 from ntdist.records.results import read_results
+from ntdist.training.batches import LoaderBatches, TensorBatches, train_batches
 
 COLOURS = {"blue": (20, 40, 220), "red": (220, 30, 30)}
 
@@ -50,6 +51,9 @@ def test_image_folder_splits_transforms_and_mistakes(tmp_path):
     assert not torch.equal(splits.train[0][0], splits.train[0][0])   # random crop and flip while training
     fixed = load_splits(DataConfig(name="imagefolder", root=str(tmp_path), image_size=8, augment=False))
     assert torch.equal(fixed.train[0][0], fixed.train[0][0])   # data.augment=false
+    # randomly transformed images are read anew each epoch, never decoded once and kept on the device
+    assert isinstance(train_batches(splits.train, 8, 0, max_mb=100), LoaderBatches)
+    assert isinstance(train_batches(fixed.train, 8, 0, max_mb=100), TensorBatches)
     with pytest.raises(UserError, match="needs '.*train' with one folder of images per class"):
         load_splits(DataConfig(name="imagefolder", root=str(tmp_path / "missing")))
     (tmp_path / "test" / "green").mkdir()

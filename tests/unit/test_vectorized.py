@@ -47,6 +47,7 @@ def test_vectorised_equals_sequential_in_float64(tmp_path, name, k):
                 torch.testing.assert_close(b, a, rtol=0, atol=1e-5, msg=f"member {i} {key}")
             assert any("running_mean" in key for key in alone.state_dict()) == (name != "mlp")
             assert abs(history[-1]["loss"] - vector_history[-1]["loss"]) < 1e-6
+            assert [h["val_accuracy"] for h in history] == [h["val_accuracy"] for h in vector_history]
         first = dict(together[0][0].named_parameters())
         second = dict(together[1][0].named_parameters())
         assert not torch.equal(next(iter(first.values())), next(iter(second.values())))   # own seeds
