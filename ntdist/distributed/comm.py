@@ -99,6 +99,15 @@ def new_groups(world: World, rank_lists: List[List[int]]) -> Dict[int, object]:
     return {i: dist.new_group(ranks) for i, ranks in enumerate(rank_lists)}
 
 
+def sum_counts(world: World, counts: Dict[str, int]) -> Dict[str, int]:
+    """Per-key sums of every rank's counts (e.g. units merged by the fusions each rank ran), on every rank."""
+    total: Dict[str, int] = {}
+    for part in all_gather_records(world, [counts]):
+        for key, value in part.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
 def all_gather_records(world: World, records: list) -> list:
     """Gather small JSON-able records (metrics, host names) from every rank, flattened in rank order."""
     if world.size == 1:

@@ -52,3 +52,7 @@ class FusionConfig:
                             f"members at once), got {self.order}")
         if self.bn_batches < 1:
             raise UserError(f"fusion.bn_batches must be at least 1, got {self.bn_batches}")
+
+    def dedup_args(self, merged: Optional[dict] = None) -> dict:
+        """The dedup keyword arguments of `fuse` / `fuse_pair`; `merged` receives the merge counts."""
+        return dict(dedup=self.dedup, dedup_threshold=self.dedup_threshold, merged=merged)

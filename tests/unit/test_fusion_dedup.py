@@ -15,10 +15,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import randomise_bn
+from helpers import QUICK, ntdist, randomise_bn
 from ntdist.errors import UserError
 from ntdist.fusion import FusionConfig, fuse, fuse_pair
 from ntdist.models import build_model
+from ntdist.records.results import read_results
 
 CASES = {
     "mlp": ({"input_dim": 16, "width": 12, "depth": 3}, (16,)),
@@ -142,3 +143,18 @@ def test_bad_settings_are_user_errors():
     with pytest.raises(UserError, match="needs fusion.order merge_prune"):
         FusionConfig(dedup=True, order="prune_merge")
     assert FusionConfig(dedup=True).dedup_threshold == 0.99
+
+
+def test_a_run_with_dedup_records_merges_per_layer(tmp_path):
+    out = tmp_path / "run"
+    proc = ntdist("run", *QUICK, "train.epochs=1", "finetune.epochs=1", "fusion.methods=[nt,avg]", "fusion.k=3",
+                  "fusion.dedup=on", "fusion.dedup_threshold=0.5", f"output.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = read_results(str(out))
+    merged = results.fusion["nt"].merged
+    assert list(merged) == ["net.1", "net.3"] and all(0 <= n <= 64 for n in merged.values())
+    assert sum(merged.values()) > 0 and results.fusion["avg"].merged is None
+    assert "NT dedup merged units per layer" in (out / "report.md").read_text()
+    bad = ntdist("run", *QUICK, "fusion.dedup=on", "fusion.order=prune_merge", f"output.dir={tmp_path / 'bad'}")
+    assert bad.returncode == 2 and "fusion.dedup needs fusion.order merge_prune" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
