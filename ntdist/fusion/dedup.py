@@ -10,7 +10,9 @@ in descending importance:
   unit's, part by part, is merged into that unit: its outgoing weights (the
   columns of every layer reading the space, the output layer's included) are
   added to the kept unit's, and it takes no slot. For a true duplicate this is
-  exact: both compute the same values, so the consumers see the same sum;
+  exact: both compute the same values, so the consumers see the same sum. The
+  kept unit's incoming parameters become the mean over its class, weighted by
+  the members' output weights (the same values for true duplicates);
 - otherwise it takes a free slot, or is dropped once the slots are full;
 - if only duplicates are left while slots are free, the most important of them
   fill those slots, each kept beside its twin with its own outgoing weights.
@@ -210,6 +212,37 @@ def _fold(ts, plan: Plan, sizes, classes: Dict[int, Choice]) -> None:
             offset += length
 
 
+def _average_incoming(ts, plan: Plan, sizes, classes: Dict[int, Choice], unit_weights) -> None:
+    """Give every kept unit the weighted mean of its own and its merged units' incoming parameters.
+
+    Identical for exact duplicates; for near-duplicates the mean (over aligned units, as
+    weight averaging does) represents the class better than any single member's unit.
+    """
+    for name, spec in plan.tensors.items():
+        if spec.role not in ("layer", "output"):
+            continue
+        for d, lay in enumerate(spec.dims):
+            if lay is None or (spec.part == "weight" and d == 1):
+                continue
+            offset = 0
+            for dim in lay:
+                length = sizes[dim.space] * dim.factor
+                choice = classes.get(dim.space)
+                if choice is not None and dim.space in unit_weights:
+                    into, w = choice.into, unit_weights[dim.space]
+                    live = (into >= 0).nonzero().squeeze(1)
+                    kept = (into == torch.arange(len(into))).nonzero().squeeze(1)
+                    if len(live) > len(kept):
+                        target = ts[name].narrow(d, offset, length)
+                        rows = target.movedim(d, 0).unflatten(0, (-1, dim.factor)).clone()
+                        scale = w.to(rows.dtype).reshape((-1,) + (1,) * (rows.dim() - 1))
+                        total = torch.zeros_like(rows).index_add_(0, into[live], rows[live] * scale[live])
+                        norm = torch.zeros_like(w).index_add_(0, into[live], w[live])
+                        rows[kept] = total[kept] / norm[kept].to(rows.dtype).reshape(scale[kept].shape)
+                        target.copy_(rows.flatten(0, 1).movedim(0, d))
+                offset += length
+
+
 def dedup_fuse(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float], want: Dict[int, int],
                importance, threshold: float, merged: Optional[Dict[str, int]] = None) -> nn.Module:
     """NT of `models` (output weights `weights`, summing to one) keeping `want[s]` units per space, with merging.
@@ -233,6 +266,10 @@ def dedup_fuse(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float]
                 break
             dedup = dedup - bad
         _fold(ts, plan, sizes, classes)
+        member_sizes = [plan.space_sizes(tensors_of(m)) for m in models]
+        unit_weights = {s: torch.cat([torch.full((sz[s],), float(w), dtype=torch.float64)
+                                      for sz, w in zip(member_sizes, weights)]) for s in dedup}
+        _average_incoming(ts, plan, sizes, classes, unit_weights)
     keep = {}
     for s, choice in classes.items():
         kept = (choice.into == torch.arange(len(choice.into))).nonzero().squeeze(1)

@@ -98,6 +98,20 @@ def test_near_duplicates_are_merged_and_stay_close():
     assert max_error(fuse([model, twin]), model, x) > 0.05
 
 
+def test_a_kept_unit_takes_the_mean_incoming_weights_of_its_class():
+    model, _ = member("mlp")
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)
+    fused = fuse([model, twin], weights=[3, 1], dedup=True)
+    first = torch.cat([fused.net[1].weight, fused.net[1].bias[:, None]], 1)
+    mean = [torch.cat([m.net[1].weight, m.net[1].bias[:, None]], 1) for m in (model, twin)]
+    mean = 0.75 * mean[0] + 0.25 * mean[1]            # weighted by the members' output weights
+    assert torch.cdist(first, mean).min(1).values.max() < 1e-6
+    assert torch.cdist(first, torch.cat([model.net[1].weight, model.net[1].bias[:, None]], 1)).min(1).values.min() > 1e-5
+
+
 def test_residual_merge_without_matching_block_rows_is_undone():
     model, x = member("resnet18")
     twin = copy.deepcopy(model)
