@@ -45,7 +45,7 @@ class FusionConfig:
             raise UserError(f"fusion.width must be a positive number of units, got {self.width}; "
                             "leave it unset to keep the members' width")
         if not 0 < self.dedup_threshold < 1:
-            raise UserError(f"fusion.dedup_threshold must be in (0, 1) (a cosine similarity, e.g. 0.99), "
+            raise UserError(f"fusion.dedup_threshold must be in (0, 1) (a cosine similarity, e.g. 0.9), "
                             f"got {self.dedup_threshold}")
         if self.dedup and self.order != "merge_prune":
             raise UserError(f"fusion.dedup needs fusion.order merge_prune (it merges while selecting from all "

@@ -45,7 +45,7 @@ from ntdist.fusion.plan import Plan, parts_of
 from ntdist.fusion.prune import ranked_scores, scorer, select
 
 _TINY = 1e-30
-DEDUP_THRESHOLD = 0.99   # default cosine similarity above which a unit counts as a duplicate
+DEDUP_THRESHOLD = 0.9    # default cosine similarity above which a unit counts as a duplicate (docs/RESULTS.md, "Dedup")
 
 
 class Choice(NamedTuple):

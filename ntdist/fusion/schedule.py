@@ -41,7 +41,7 @@ def check_dedup(dedup: bool, threshold: float, order: str) -> None:
     if not isinstance(dedup, bool):
         raise UserError(f"dedup must be true or false (on | off), got {dedup!r}")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
-        raise UserError(f"dedup_threshold must be a cosine similarity in (0, 1), e.g. 0.99, got {threshold!r}")
+        raise UserError(f"dedup_threshold must be a cosine similarity in (0, 1), e.g. 0.9, got {threshold!r}")
     if dedup and order != "merge_prune":
         raise UserError(f"dedup merges duplicates while selecting from all members at once; it needs "
                         f"order merge_prune, got {order!r}")

@@ -156,7 +156,7 @@ def test_bad_settings_are_user_errors():
         FusionConfig(dedup=True, dedup_threshold=1.0)
     with pytest.raises(UserError, match="needs fusion.order merge_prune"):
         FusionConfig(dedup=True, order="prune_merge")
-    assert FusionConfig(dedup=True).dedup_threshold == 0.99
+    assert FusionConfig(dedup=True).dedup_threshold == 0.9
 
 
 def test_a_run_with_dedup_records_merges_per_layer(tmp_path):
