@@ -109,7 +109,8 @@ def test_a_kept_unit_takes_the_mean_incoming_weights_of_its_class():
     mean = [torch.cat([m.net[1].weight, m.net[1].bias[:, None]], 1) for m in (model, twin)]
     mean = 0.75 * mean[0] + 0.25 * mean[1]            # weighted by the members' output weights
     assert torch.cdist(first, mean).min(1).values.max() < 1e-6
-    assert torch.cdist(first, torch.cat([model.net[1].weight, model.net[1].bias[:, None]], 1)).min(1).values.min() > 1e-5
+    own = torch.cat([model.net[1].weight, model.net[1].bias[:, None]], 1)
+    assert torch.cdist(first, own).min(1).values.min() > 1e-5      # not member 0's rows kept as they were
 
 
 def test_residual_merge_without_matching_block_rows_is_undone():
@@ -141,6 +142,8 @@ def test_spaces_with_a_layer_norm_use_plain_nt():
     assert merged == {"fc2": 0}    # fc1's space is normalised across units: plain NT, so fc2's copies read
     #                                different units of it and are not provably duplicates
     assert fused.fc1.out_features == 8 and fused.norm.normalized_shape == (8,)
+    with torch.no_grad():
+        assert fused(x).shape == (4, 3) and torch.isfinite(fused(x)).all()
 
 
 def test_bad_settings_are_user_errors():
