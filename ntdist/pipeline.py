@@ -18,7 +18,8 @@ import torch
 
 from ntdist.config import Config, to_yaml
 from ntdist.data import Splits, load_splits
-from ntdist.distributed.comm import all_gather_records, broadcast_model, destroy_groups, gather_models, new_groups
+from ntdist.distributed.comm import (all_gather_records, broadcast_model, destroy_groups, gather_models, new_groups,
+                                     sum_counts)
 from ntdist.distributed.layout import MemberLayout
 from ntdist.distributed.tree import gather_fuse, reduce_average, tree_fuse
 from ntdist.distributed.world import World, gather_world_info
@@ -101,8 +102,9 @@ def run_stages(r: Run):
         results.train_seconds = train_seconds
         results.control = control_stage(r, held, results.best_member_index)
         for method in cfg.fusion.methods:
-            fused, seconds = fuse_stage(r, held, method)
+            fused, seconds, merged = fuse_stage(r, held, method)
             results.fusion[method] = finetune_stage(r, held, fused, method, seconds)
+            results.fusion[method].merged = merged
         world.print0(summary_table(results, r.rundir.path))
     return results
 
@@ -237,11 +239,12 @@ def resumable_finetune(r: Run, model: torch.nn.Module, label: str, seed: int, te
     return history
 
 
-def fuse_stage(r: Run, held: Dict[int, torch.nn.Module], method: str) -> Tuple[torch.nn.Module, float]:
-    """Fuse the members with `method`; every rank ends with the same fused model (and the seconds it took)."""
+def fuse_stage(r: Run, held: Dict[int, torch.nn.Module], method: str) -> Tuple[torch.nn.Module, float, Optional[dict]]:
+    """Fuse with `method`; every rank gets the fused model, the seconds taken, NT dedup's merges (or None)."""
     fc, world = r.cfg.fusion, r.world
+    merged = {}
     options = dict(importance=fc.importance, order=fc.order, width=fc.width, keep_ratio=fc.keep_ratio,
-                   example_inputs=r.example_inputs())
+                   example_inputs=r.example_inputs(), **fc.dedup_args(merged))
     world.barrier()
     start = time.perf_counter()
     cpu_held = {i: m.cpu() for i, m in held.items()}
@@ -260,7 +263,7 @@ def fuse_stage(r: Run, held: Dict[int, torch.nn.Module], method: str) -> Tuple[t
         reestimate_bn(fused.to(world.device), batches, fc.bn_batches)
     for model in held.values():
         model.to(world.device)
-    return fused, seconds
+    return fused, seconds, (sum_counts(world, merged) if method == "nt" and fc.dedup else None)
 
 
 def finetune_stage(r: Run, held: Dict[int, torch.nn.Module], fused: torch.nn.Module, method: str,

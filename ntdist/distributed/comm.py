@@ -182,6 +182,15 @@ def destroy_groups(groups: Dict[int, object]) -> None:
             dist.destroy_process_group(group)
 
 
+def sum_counts(world: World, counts: Dict[str, int]) -> Dict[str, int]:
+    """Per-key sums of every rank's counts (e.g. units merged by the fusions each rank ran), on every rank."""
+    total: Dict[str, int] = {}
+    for part in all_gather_records(world, [counts]):
+        for key, value in part.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
 def all_gather_records(world: World, records: list) -> list:
     """Gather small JSON-able records (metrics, host names) from every rank, flattened in rank order."""
     if world.size == 1:

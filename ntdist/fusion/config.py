@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from ntdist.errors import UserError, check_choice
+from ntdist.fusion.dedup import DEDUP_THRESHOLD
 from ntdist.fusion.importance import IMPORTANCES
 from ntdist.fusion.schedule import METHODS, ORDERS, SCHEDULES
 from ntdist.options import opt
@@ -22,6 +23,10 @@ class FusionConfig:
     width: Optional[int] = opt(None, "fused width of the first hidden layer (others scaled alike); overrides the default")
     bn_reestimate: bool = opt(False, "re-estimate BatchNorm statistics of the fused model on training batches")
     bn_batches: int = opt(10, "training batches used to re-estimate BatchNorm statistics")
+    dedup: bool = opt(False, "NT: off | on. On merges a unit whose incoming weights nearly duplicate a kept "
+                             "unit's into it (outgoing weights added) instead of keeping both")
+    dedup_threshold: float = opt(DEDUP_THRESHOLD, "cosine similarity of incoming weights, in (0, 1), above which "
+                                                  "fusion.dedup merges two units")
 
     def __post_init__(self):
         if self.k < 2:
@@ -39,5 +44,15 @@ class FusionConfig:
         if self.width is not None and self.width < 1:
             raise UserError(f"fusion.width must be a positive number of units, got {self.width}; "
                             "leave it unset to keep the members' width")
+        if not 0 < self.dedup_threshold < 1:
+            raise UserError(f"fusion.dedup_threshold must be in (0, 1) (a cosine similarity, e.g. 0.9), "
+                            f"got {self.dedup_threshold}")
+        if self.dedup and self.order != "merge_prune":
+            raise UserError(f"fusion.dedup needs fusion.order merge_prune (it merges while selecting from all "
+                            f"members at once), got {self.order}")
         if self.bn_batches < 1:
             raise UserError(f"fusion.bn_batches must be at least 1, got {self.bn_batches}")
+
+    def dedup_args(self, merged: Optional[dict] = None) -> dict:
+        """The dedup keyword arguments of `fuse` / `fuse_pair`; `merged` receives the merge counts."""
+        return dict(dedup=self.dedup, dedup_threshold=self.dedup_threshold, merged=merged)

@@ -118,21 +118,14 @@ def verify_finite(models, plan: Plan, importance, keep) -> None:
 
 
 def _ranked(scores: List[torch.Tensor], count: int, models) -> torch.Tensor:
-    scores = torch.cat(scores)
-    if not torch.isfinite(scores).all():
-        check_finite(models)
-        raise UserError("importance scores are not finite; check the importance function")
+    scores = ranked_scores(scores, models)
     return torch.sort(torch.sort(scores, descending=True, stable=True).indices[:count]).values
 
 
-def select(models: Sequence[nn.Module], plan: Plan, importance, want: Dict[int, int],
-           weights: Sequence[float]) -> Dict[int, Optional[torch.Tensor]]:
-    """Sorted indices into the concatenated space of the `want[s]` most important units of each space."""
+def scorer(models: Sequence[nn.Module], plan: Plan, importance, weights: Sequence[float]):
+    """A function space -> [each member's unit scores (float64)] for the given importance."""
     fn = resolve(importance)
     sizes = [plan.space_sizes(tensors_of(m)) for m in models]
-    totals = {s: sum(sz[s] for sz in sizes) for s in plan.sizes}
-    if all(want[s] >= totals[s] for s in plan.sizes):
-        return {}
     views = [space_views(tensors_of(m), plan, w) for m, w in zip(models, weights)]
 
     def unit_scores(s):
@@ -143,7 +136,26 @@ def select(models: Sequence[nn.Module], plan: Plan, importance, want: Dict[int, 
                 raise UserError(f"importance returned {score.shape[0]} scores for a layer of {sizes[m][s]} units")
             out.append(score.double())
         return out
+    return unit_scores
 
+
+def ranked_scores(scores: List[torch.Tensor], models) -> torch.Tensor:
+    """The concatenated scores; UserError if any is not finite."""
+    scores = torch.cat(scores)
+    if not torch.isfinite(scores).all():
+        check_finite(models)
+        raise UserError("importance scores are not finite; check the importance function")
+    return scores
+
+
+def select(models: Sequence[nn.Module], plan: Plan, importance, want: Dict[int, int],
+           weights: Sequence[float]) -> Dict[int, Optional[torch.Tensor]]:
+    """Sorted indices into the concatenated space of the `want[s]` most important units of each space."""
+    sizes = [plan.space_sizes(tensors_of(m)) for m in models]
+    totals = {s: sum(sz[s] for sz in sizes) for s in plan.sizes}
+    if all(want[s] >= totals[s] for s in plan.sizes):
+        return {}
+    unit_scores = scorer(models, plan, importance, weights)
     keep = {}
     for spaces, groups, _ in plan.coupled:      # whole blocks, the same ones in every coupled space
         blocks = {s: block_size(plan, s, groups) for s in spaces}

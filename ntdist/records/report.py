@@ -24,7 +24,7 @@ from ntdist.errors import UserError  # noqa: E402
 from ntdist.records.files import atomic_write_text, replacing  # noqa: E402
 from ntdist.records.manifest import add_to_manifest  # noqa: E402
 from ntdist.records.results import RESULTS_FILE, RunResults, from_dict  # noqa: E402
-from ntdist.records.stats import aggregate, mean_std  # noqa: E402
+from ntdist.records.stats import aggregate, mean_std, merged_summary  # noqa: E402
 
 REPORT_FILE, PLOTS = "report.md", ("accuracy_vs_k.png", "accuracy_vs_sparsity.png")
 METHOD_NAMES = {"avg": "Avg", "ot": "OT", "nt": "NT"}
@@ -281,9 +281,8 @@ def write_report(run_dirs: List[str], out_dir: str) -> str:
             "percent, mean ± sample std over seeds.", "", BEST_NOTE, ""]
     for i, group in enumerate(groups, 1):
         text += [f"## {group.label} ({group.stats['runs']} seeds)", "", table(group), ""]
-        div = diversity_text(group)
-        if div:
-            text += [div, ""]
+        for extra in (diversity_text(group), merged_summary(group.results)):
+            text += [extra, ""] if extra else []
         name = _save(plot_curves(group), out_dir, f"curves_{i}.png")
         text += [f"![accuracy against fine-tuning epoch]({name})", ""]
     extra = [(lambda g: g.config.get("fusion.k") or g.results[0].k, ("fusion.k",), "number of members k",

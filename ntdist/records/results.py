@@ -26,6 +26,7 @@ class MethodResult:
     finetune_val: List[float] = field(default_factory=list)
     fuse_seconds: Optional[float] = None
     sparsity: Optional[float] = None     # NT only: 1 - kept units / (k x member units) of the first hidden layer
+    merged: Optional[Dict[str, int]] = None  # NT with fusion.dedup: units merged into a kept twin, per layer
 
 
 @dataclass(kw_only=True)
@@ -65,6 +66,7 @@ class SyncMethodResult:
     test: List[float]
     val: List[float]
     final: Optional[float]
+    merged: Optional[Dict[str, int]] = None  # nt with fusion.dedup: units merged per layer, summed over the syncs
 
 
 @dataclass(kw_only=True)
@@ -80,7 +82,7 @@ class SyncResults:
 
 
 Results = Union[RunResults, SyncResults]
-OPTIONAL_KEYS = ("diversity", "sparsity")   # left out of the file when absent, not written as null
+OPTIONAL_KEYS = ("diversity", "sparsity", "merged")   # left out of the file when absent, not written as null
 
 
 def to_dict(results: Results) -> dict:

@@ -86,3 +86,14 @@ def aggregate_sync(results: List[SyncResults]) -> dict:
         for name, entry in r.sync.items():
             methods.setdefault(name, []).append(entry.final)
     return {"runs": len(results), "sync": {name: _stat(finals) for name, finals in methods.items()}}
+
+
+def merged_summary(results: List[RunResults]) -> Optional[str]:
+    """One line: the units NT dedup merged into a kept twin per layer, mean over the runs (None without dedup)."""
+    counts = [r.fusion["nt"].merged for r in results if "nt" in r.fusion and r.fusion["nt"].merged is not None]
+    if not counts:
+        return None
+    layers = sorted({layer for c in counts for layer in c}, key=lambda layer: list(counts[0]).index(layer)
+                    if layer in counts[0] else len(counts[0]))
+    means = ", ".join(f"{layer} {sum(c.get(layer, 0) for c in counts) / len(counts):g}" for layer in layers)
+    return f"NT dedup merged units per layer (mean over {len(counts)} runs): {means}."

@@ -8,6 +8,8 @@ After a sync every replica continues from the merged weights with its own optimi
 seed and data order. The paper reports that NT as the sync step fails: once the replicas
 have been merged they are near-identical, so every later fusion keeps duplicate copies of the
 strongest units and throws away the rest, and accuracy collapses while averaging trains well.
+With `fusion.dedup: on`, NT merges a replica's unit into its near-copy in another replica
+(outgoing weights added) instead of keeping both, so the slots go to units that differ.
 """
 
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING, Dict, List
 import torch
 import torch.nn.functional as F
 
-from ntdist.distributed.comm import all_gather_records
+from ntdist.distributed.comm import all_gather_records, sum_counts
 from ntdist.distributed.tree import reduce_average, tree_fuse
 from ntdist.distributed.world import gather_world_info
 from ntdist.errors import UserError, check_choice
@@ -57,20 +59,26 @@ def run_sync(r: "Run") -> SyncResults:
                         f"{cfg.fusion.k} replicas; use at most {cfg.fusion.k} ranks or raise fusion.k")
     results = SyncResults(k=cfg.fusion.k, seed=cfg.train.seed, world=gather_world_info(world))
     for method in cfg.sync.methods:
-        history = train_synced(r, method)
+        merged = {}
+        history = train_synced(r, method, merged)
         for record in history:
             r.rundir.log(record)
+        dedup = method == "nt" and cfg.fusion.dedup
         results.sync[method] = SyncMethodResult(test=[h["test_accuracy"] for h in history],
                                                 val=[h["val_accuracy"] for h in history],
-                                                final=history[-1]["test_accuracy"] if history else None)
+                                                final=history[-1]["test_accuracy"] if history else None,
+                                                merged=sum_counts(world, merged) if dedup else None)
         world.print0(f"sync {method}: final test accuracy {results.sync[method].final:.4f}")
     rows = [f"{m:6s} {s.final * 100:6.2f}%" for m, s in results.sync.items() if s.final is not None]
     world.print0("sync method, final test accuracy:\n" + "\n".join(rows))
     return results
 
 
-def train_synced(r: "Run", method: str) -> List[dict]:
-    """One periodic-sync training run; every rank steps its replicas in lockstep with the others."""
+def train_synced(r: "Run", method: str, merged: Dict[str, int]) -> List[dict]:
+    """One periodic-sync training run; every rank steps its replicas in lockstep with the others.
+
+    `merged` receives the units NT dedup merged on this rank, per layer, summed over the syncs.
+    """
     cfg, world = r.cfg, r.world
     mine = r.layout.held_by(world.rank) if method != "none" else ([0] if world.rank == 0 else [])
     replicas = {i: build_member(r.spec, member_seed(cfg.train, i), r.initial, cfg.model.reinit).to(world.device)
@@ -88,11 +96,11 @@ def train_synced(r: "Run", method: str) -> List[dict]:
                 losses.append(_step(replicas[i], optimizers[i], x, y, world.device))
             steps += 1
             if method != "none" and cfg.sync.unit == "step" and steps % every == 0:
-                _merge(r, replicas, method)
+                _merge(r, replicas, method, merged)
         for scheduler in schedulers.values():
             scheduler.step()
         if method != "none" and cfg.sync.unit == "epoch" and epoch % every == 0:
-            _merge(r, replicas, method)
+            _merge(r, replicas, method, merged)
         loss = sum(losses) / max(len(losses), 1)
         check_finite(loss, f"sync training ({method})", epoch)
         history.append(_evaluate(r, replicas.get(0), method, epoch, loss))
@@ -113,11 +121,12 @@ def _step(model, optimizer, x, y, device) -> float:
     return loss.item()
 
 
-def _merge(r: "Run", replicas: Dict[int, torch.nn.Module], method: str) -> None:
+def _merge(r: "Run", replicas: Dict[int, torch.nn.Module], method: str, counts: Dict[str, int]) -> None:
     """Replace every replica's weights by the merged model, in place (optimizer state is kept)."""
     held = {i: m.cpu() for i, m in replicas.items()}
-    if method == "nt":
-        merged = tree_fuse(r.world, held, r.layout.holders, r.template, example_inputs=r.example_inputs())
+    if method == "nt":      # with fusion.dedup, near-identical replicas' units are merged, not kept twice
+        merged = tree_fuse(r.world, held, r.layout.holders, r.template, example_inputs=r.example_inputs(),
+                           **r.cfg.fusion.dedup_args(counts))
     else:
         merged = reduce_average(r.world, held, r.layout.holders, r.template)
     with torch.no_grad():

@@ -1,10 +1,13 @@
-"""Periodic-sync SGD: averaging trains, NT as the sync step collapses (the paper's failure case).
+"""Periodic-sync SGD: averaging trains, plain NT as the sync step collapses (the paper's failure case),
+NT with duplicate merging (fusion.dedup) trains.
 
 Run: .venv/bin/python -m pytest tests/multiproc/test_sync.py
 """
 
 import subprocess
 import sys
+
+import pytest
 
 from helpers import ROOT, torchrun_cmd
 from ntdist.records.results import read_results
@@ -19,7 +22,7 @@ def run(cmd, out):
 def test_four_replicas_avg_trains_nt_collapses(tmp_path):
     out = tmp_path / "sync"
     results = run([sys.executable, "-m", "ntdist", "run", "configs/sync_sgd.yaml", f"output.dir={out}",
-                   "distributed.threads_per_rank=1"], out)
+                   "distributed.threads_per_rank=1", "fusion.dedup=off"], out)
     sync = results.sync
     assert results.k == 4 and len(sync["avg"].test) == 10
     assert sync["avg"].final >= sync["none"].final - 0.01       # local SGD is as good as one replica
@@ -27,9 +30,19 @@ def test_four_replicas_avg_trains_nt_collapses(tmp_path):
     assert max(sync["nt"].test[3:]) < sync["avg"].final - 0.15  # and never recovers
 
 
-def test_sync_on_two_ranks_equals_one_process(tmp_path):
+def test_nt_with_dedup_trains_as_a_sync_step(tmp_path):
+    out = tmp_path / "sync"
+    results = run([sys.executable, "-m", "ntdist", "run", "configs/sync_sgd.yaml", f"output.dir={out}",
+                   "distributed.threads_per_rank=1", "sync.methods=[nt]", "fusion.dedup=on"], out)
+    nt = results.sync["nt"]
+    assert nt.final > 0.93                  # plain NT: about 40 %, averaging about 98 %
+    assert nt.merged["net.1"] > 0 and nt.merged["net.3"] > 0
+
+
+@pytest.mark.parametrize("dedup", ["off", "on"])
+def test_sync_on_two_ranks_equals_one_process(tmp_path, dedup):
     args = ["configs/sync_sgd.yaml", "fusion.k=2", "train.epochs=3", "sync.methods=[avg,nt]",
-            "sync.unit=step", "sync.every=20", "distributed.threads_per_rank=1"]
+            "sync.unit=step", "sync.every=20", "distributed.threads_per_rank=1", f"fusion.dedup={dedup}"]
     one = run([sys.executable, "-m", "ntdist", "run", *args, f"output.dir={tmp_path / 'one'}"], tmp_path / "one")
     two = run(torchrun_cmd("run", *args, f"output.dir={tmp_path / 'two'}"), tmp_path / "two")
     assert two.world["size"] == 2

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from ntdist.errors import UserError
-from ntdist.records.results import ControlResult, MethodResult, RunResults, to_json
+from ntdist.records.results import ControlResult, MethodResult, RunResults, SyncMethodResult, SyncResults, \
+    from_dict, to_dict, to_json
 from ntdist.commands.report import report_command
 from ntdist.records.report import find_run_dirs, group_runs, plot_against, plot_curves, write_report
 
@@ -29,7 +30,8 @@ def _results(k: int, keep: float, seed: int) -> dict:
         test = curve(start)
         fusion[name] = MethodResult(post_fusion=start + noise(), post_fusion_val=start, finetune=test,
                                     finetune_val=[t + noise() for t in test], fuse_seconds=0.01,
-                                    sparsity=1 - keep if name == "nt" else None)
+                                    sparsity=1 - keep if name == "nt" else None,
+                                    merged={"net.1": 2 * seed, "net.3": 4} if name == "nt" and k == 4 else None)
     return RunResults(k=k, seed=seed, world={"size": 1, "launcher": "none", "ranks": []},
                       members=members, members_val=members, best_member=max(members),
                       best_member_index=members.index(max(members)), ensemble=base + noise(),
@@ -78,6 +80,7 @@ def test_report_renders_tables_and_plots(tmp_path):
         assert row in text
     assert "±" in text and "(3 seeds)" in text
     assert "validation accuracy" in text and "Diversity over 3 seeds" in text
+    assert text.count("NT dedup merged units per layer (mean over 3 runs): net.1 2, net.3 4.") == 2   # k=4 groups
     pngs = ["curves_1.png", "curves_4.png", "accuracy_vs_k.png", "accuracy_vs_sparsity.png"]
     for name in pngs:
         assert f"({name})" in text
@@ -149,3 +152,17 @@ def test_a_failed_plot_write_leaves_the_previous_report_intact(tmp_path, monkeyp
         report_command(one)
     assert {name: open(os.path.join(one, name), "rb").read() for name in before} == before
     assert not [n for n in os.listdir(one) if n.startswith(".tmp-")]
+
+
+def test_merge_counts_round_trip_and_older_files_still_read():
+    results = _results(4, 0.5, 1)
+    data = to_dict(results)
+    assert data["fusion"]["nt"]["merged"] == {"net.1": 2, "net.3": 4}
+    assert "merged" not in data["fusion"]["avg"]              # absent, not null
+    assert from_dict(data).fusion["nt"].merged == {"net.1": 2, "net.3": 4}
+    del data["fusion"]["nt"]["merged"]                         # a file written before dedup existed
+    assert from_dict(data).fusion["nt"].merged is None
+    sync = SyncResults(k=4, seed=0, sync={"nt": SyncMethodResult(test=[0.9], val=[0.9], final=0.9, merged={"a": 3}),
+                                          "avg": SyncMethodResult(test=[0.9], val=[0.9], final=0.9)})
+    data = to_dict(sync)
+    assert "merged" not in data["sync"]["avg"] and from_dict(data).sync["nt"].merged == {"a": 3}
