@@ -46,6 +46,7 @@ CAT_FUNCS = {torch.cat, torch.concat, torch.concatenate}
 STACK_FUNCS = {torch.stack, torch.hstack, torch.vstack}
 NONTENSOR_FUNCS = {getattr, len}
 KEEP_METHODS = {"contiguous", "clone", "detach", "dropout"}
+GRID_METHODS = {"contiguous", "transpose", "view", "reshape"}
 NONLINEAR_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
 NONTENSOR_METHODS = {"size", "dim", "numel"}
 ADD_METHODS = {"add", "add_", "sub", "sub_"}
@@ -77,7 +78,7 @@ def _module(name, mod, x, sp, layers, nonlinear):
     if isinstance(mod, nn.Linear):
         if x.ndim is not None and x.ndim > 2 and x.cdim != x.ndim - 1:
             refuse(name, f"(Linear) reads dimension {x.ndim - 1} of a tensor whose channels are dimension {x.cdim}")
-        out = _record(layers, sp, name, "linear", None if name in layers else one(sp.new(mod.out_features)), x.lay)
+        out = _record(layers, sp, name, "linear", None if name in layers else sp.open(name, mod.out_features), x.lay)
         nd = x.ndim if x.ndim and x.ndim > 2 else 2
         return Val(out, nd, None, nd - 1 if nd > 2 else 1)
     if isinstance(mod, nn.LayerNorm):
@@ -88,13 +89,13 @@ def _module(name, mod, x, sp, layers, nonlinear):
         if any(d.factor != 1 for d in x.lay):
             refuse(name, "(Conv) consumes flattened features")
         if mod.groups == 1:
-            out = _record(layers, sp, name, "conv", None if name in layers else one(sp.new(mod.out_channels)), x.lay)
+            out = _record(layers, sp, name, "conv", None if name in layers else sp.open(name, mod.out_channels), x.lay)
         elif mod.groups == mod.in_channels == mod.out_channels:
             out = _record(layers, sp, name, "dwconv", x.lay, x.lay)
         else:
-            if len(x.lay) != 1:
-                refuse(name, "is a grouped convolution over concatenated channels")
-            out = _record(layers, sp, name, "gconv", None if name in layers else one(sp.new(mod.out_channels)), x.lay)
+            if len(x.lay) != 1 or name in sp.atomize:
+                refuse(name, "is a grouped convolution over concatenated or permuted channels")
+            out = _record(layers, sp, name, "gconv", None if name in layers else sp.open(name, mod.out_channels), x.lay)
         return Val(out, x.ndim or mod.weight.dim(), None)
     if isinstance(mod, nn.modules.batchnorm._BatchNorm):
         _record(layers, sp, name, "bn", x.lay, x.lay)
@@ -242,6 +243,10 @@ def propagate(node: Node, gm, env, sp, layers, nonlinear, shape):
     """Channel-space value of `node`'s result, or None for non-tensor results (sizes, shapes)."""
     vals = tensor_args(node, env)
     first = env.get(node.args[0]) if node.args and isinstance(node.args[0], Node) else None
+    if any(v.grid for v in vals) and not (node.op == "call_method" and node.target in GRID_METHODS or
+                                          node.target is torch.transpose):
+        refuse(node.name, "works on channels held as a grid by a view (only transpose and a view back, "
+                          "as in a channel shuffle, are followed)")
     if node.op == "call_function" and node.target is operator.getitem and isinstance(first, Tup):
         return first.items[node.args[1]] if isinstance(node.args[1], int) else refuse(
             node.name, "slices the parts of a channel split")

@@ -1,6 +1,7 @@
 """One small member of every torchvision family the channel analysis covers: concat exact, NT to the original shapes.
 
-Channel concatenation (DenseNet, GoogLeNet, Inception v3), grouped convolutions
+Channel concatenation (DenseNet, GoogLeNet, Inception v3), channel shuffles
+followed channel by channel (ShuffleNet v2), grouped convolutions
 pruned by whole groups (ResNeXt, RegNet), stochastic depth and squeeze-excitation
 (EfficientNet v1 and v2 blocks), channels-last blocks with LayerNorm and layer
 scale (ConvNeXt, whose concatenation normalises each member's block on its own), and SqueezeNet, whose ReLU after the output
@@ -10,11 +11,14 @@ builder allows it, inputs small, BatchNorm statistics random.
 Run: .venv/bin/python -m pytest tests/unit/test_fusion_zoo.py
 """
 
+import copy
+import itertools
 from functools import partial
 
 import pytest
 import torch
-from torchvision.models import ConvNeXt, DenseNet, EfficientNet, GoogLeNet, Inception3, RegNet, ResNet, SqueezeNet
+from torchvision.models import (ConvNeXt, DenseNet, EfficientNet, GoogLeNet, Inception3, RegNet, ResNet,
+                                ShuffleNetV2, SqueezeNet)
 from torchvision.models.convnext import CNBlockConfig
 from torchvision.models.efficientnet import FusedMBConvConfig, MBConvConfig
 from torchvision.models.regnet import BlockParams
@@ -63,6 +67,8 @@ FAMILIES = {
                         num_classes=5), 32),
     "regnet": (_regnet, 32),
     "efficientnet": (_efficientnet, 32),
+    # odd branch widths (6, 10, 14): the chunks after each shuffle split the routed channels unevenly
+    "shufflenet": (partial(ShuffleNetV2, [2, 3, 2], [8, 12, 20, 28, 16], num_classes=5), 32),
 }
 
 
@@ -112,3 +118,25 @@ def test_squeezenet_refuses_concat_with_the_reason_and_still_fuses():
     fused = fuse(models, example_inputs=x)
     SqueezeNet("1_1", num_classes=5).load_state_dict(fused.state_dict(), strict=True)
     assert fused(x).shape == (2, 5)
+
+
+def test_shufflenet_fused_with_its_own_copy_keeps_member_0_and_its_routing():
+    # an importance that ranks member 0's units first: NT keeps exactly member 0's units, so the fused model's
+    # shuffles must route them exactly as member 0 does; only the output layer halves its weight (weight 1/2)
+    models, x = members("shufflenet", 1)
+    calls = itertools.count()
+
+    def member_0_first(view):
+        return torch.full((view.size,), 2.0 if next(calls) % 2 == 0 else 1.0)
+
+    fused = fuse([models[0], copy.deepcopy(models[0])], importance=member_0_first, example_inputs=x)
+    with torch.no_grad():
+        expected = 0.5 * models[0](x) + 0.5 * models[0].fc.bias
+        assert torch.allclose(fused(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("options", [{"keep_ratio": 0.5}, {"order": "prune_merge"}])
+def test_shufflenet_refuses_other_widths_with_the_reason(options):
+    models, x = members("shufflenet", 2)
+    with pytest.raises(UserError, match="routes channels by position"):
+        fuse(models, example_inputs=x, **options)
