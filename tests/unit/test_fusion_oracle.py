@@ -6,6 +6,9 @@ depthwise convs, which only follow their input, left out) are exactly the
 layers whose outputs share one channel space in ntdist's analysis (the output
 layer forms its own set). Residual coupling, channel concatenation, grouped and
 depthwise convs, squeeze-excitation and channels-last blocks are all exercised.
+ShuffleNet v2 is left out: Torch-Pruning's dependency graph raises on its
+channel shuffle (ZeroDivisionError in its index mapping, torch-pruning 1.6.1),
+and ntdist routes those channels one by one, so there is no group to compare.
 
 Run: .venv/bin/python -m pytest tests/unit/test_fusion_oracle.py
 """
@@ -54,7 +57,7 @@ def channel_spaces(model, x):
     return {frozenset(v) for v in spaces.values()}
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES) + ["resnet18"])
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"shufflenet"}) + ["resnet18"])
 def test_dependency_groups_coincide_with_channel_spaces(family):
     torch.manual_seed(0)
     if family == "resnet18":
