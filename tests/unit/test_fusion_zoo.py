@@ -140,3 +140,12 @@ def test_shufflenet_refuses_other_widths_with_the_reason(options):
     models, x = members("shufflenet", 2)
     with pytest.raises(UserError, match="routes channels by position"):
         fuse(models, example_inputs=x, **options)
+
+
+def test_ot_fuses_shufflenet_to_the_original_architecture():
+    # one-channel spaces have nothing to align (identity transport); the branches' own spaces are aligned
+    models, x = members("shufflenet", 2)
+    fused = fuse(models, method="ot", example_inputs=x)
+    ShuffleNetV2([2, 3, 2], [8, 12, 20, 28, 16], num_classes=5).load_state_dict(fused.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.isfinite(fused(x)).all()
