@@ -28,6 +28,7 @@ class _Spaces:
     def __init__(self, atomize=frozenset()):
         self.parent, self.size, self.born = [IN, OUT], [None, None], []
         self.creator, self.atomize, self.pending, self.atoms, self.shuffles = {}, atomize, set(), set(), []
+        self.widths = []
 
     def new(self, size: int, creator: str = "") -> int:
         self.parent.append(len(self.parent))
@@ -267,7 +268,8 @@ def _finish(model, sp, layers, nonlinear) -> Plan:
     norms = sum(1 for layer in layers.values() if layer.kind in ("ln", "lnf"))
     shuffles = [(a, b, tuple(sp.find(d.space) for d in x), tuple(sp.find(d.space) for d in y))
                 for a, b, x, y in sp.shuffles]
-    return Plan(sizes, order, layers, tensors, first, probe, coupled.sets(sizes), inexact, norms, atoms, shuffles)
+    return Plan(sizes, order, layers, tensors, first, probe, coupled.sets(sizes), inexact, norms, atoms, shuffles,
+                sp.widths)
 
 
 class _Coupling:
@@ -310,6 +312,8 @@ def _layer_tensors(model, name, layer, role, tensors):
     rest = (None,) * (mod.weight.dim() - 2) if getattr(mod, "weight", None) is not None else ()
     if layer.kind in ("linear", "conv"):
         specs = {"weight": ((out, inp) + rest, "weight"), "bias": ((out,), "bias")}
+    elif layer.kind == "mha":
+        specs = {"in_proj_weight": ((out, inp), "weight"), "in_proj_bias": ((out,), "bias")}
     elif layer.kind in ("dwconv", "gconv"):
         specs = {"weight": ((out, None) + rest, "weight"), "bias": ((out,), "bias")}
     else:

@@ -17,9 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.node import Node, map_arg
 
+from ntdist.fusion.attention import index, multi_head_attention
 from ntdist.fusion.plan import IN, Layer, Param, Tup, Val
-from ntdist.fusion.shapes import (adaptive_hw, arg, cat, flatten, is_input, mean, one, permute, refuse, reshape,
-                                  split, transpose)
+from ntdist.fusion.shapes import (adaptive_hw, arg, cat, channel_dim, flatten, is_input, mean, one, permute, refuse,
+                                  reshape, split, transpose)
 
 LINEAR_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
                   nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
@@ -59,7 +60,7 @@ def tensor_args(node, env):
     map_arg((node.args, node.kwargs), lambda n: found.append(env.get(n)) or n)
     out = []
     for v in found:
-        out.extend(v.items if isinstance(v, Tup) else [v] if isinstance(v, Val) else [])
+        out.extend([i for i in v.items if i is not None] if isinstance(v, Tup) else [v] if isinstance(v, Val) else [])
     return out
 
 
@@ -124,7 +125,8 @@ def _binary(name, vals, sp, nonlinear, mul):
     if mul:
         nonlinear.append((name, lay))
     ndim = max(a.ndim or 0, b.ndim or 0) or None
-    return Val(lay, ndim, a.hw if a.hw is not None else b.hw)
+    wider = a if (a.ndim or 0) >= (b.ndim or 0) else b
+    return Val(lay, ndim, a.hw if a.hw is not None else b.hw, wider.cdim)
 
 
 def channels(sp, x):
@@ -227,6 +229,10 @@ def _params(node, vals, params, gm, sp, layers, nonlinear):
         return layer_norm(name, vals[0], tuple(arg(node, 1, "normalized_shape", ())), owners.pop()
                           if len(owners) == 1 else refuse(name, "normalises with parameters of two modules"),
                           sp, layers, nonlinear)
+    if target in CAT_FUNCS and len(vals) == 1 and len(params) == 1:     # a class token joins the tokens
+        if channel_dim(name, vals[0], arg(node, 1, "dim", 0)):
+            refuse(name, f"concatenates parameter '{params[0].name}' to the channels")
+        return with_param(name, vals[0], params[0], fetch(gm, params[0].name), sp, layers)
     binary = target in ADD_FUNCS | MUL_FUNCS or (node.op == "call_method" and target in ADD_METHODS | MUL_METHODS)
     if binary and len(vals) == 1 and len(params) == 1:
         return with_param(name, vals[0], params[0], fetch(gm, params[0].name), sp, layers)
@@ -257,10 +263,14 @@ def propagate(node: Node, gm, env, sp, layers, nonlinear, shape):
         if all(is_input(sp, v.lay) for v in vals) and not isinstance(mod, nn.Flatten) and not any(
                 True for _ in mod.parameters()):      # a parameter-free module on the input: same in every member
             return Val(one(IN), len(shape) if shape else vals[0].ndim, None)
+        if isinstance(mod, nn.MultiheadAttention):
+            return multi_head_attention(node.target, mod, vals, sp, layers)
         return _module(node.target, mod, vals[0], sp, layers, nonlinear)
     if node.op == "call_function" and (node.target in NONTENSOR_FUNCS or (
             node.target is operator.getitem and first is None)):
         return None
+    if node.op == "call_method" and node.target == "expand" and isinstance(first, Param):
+        return first                # broadcasting a parameter (a class token to the batch) keeps its channels
     params = [v for v in (env.get(a) for a in node.all_input_nodes) if isinstance(v, Param)]
     if params:
         return _params(node, vals, params, gm, sp, layers, nonlinear)
@@ -272,7 +282,7 @@ def propagate(node: Node, gm, env, sp, layers, nonlinear, shape):
         return Val(one(IN), len(shape) if shape else None, None)
     if node.op == "call_function":
         if node.target is operator.getitem:
-            refuse(node.name, "indexes or slices a feature tensor")
+            return index(node.name, first, node.args[1])
         return _function(node, node.target, vals, sp, layers, nonlinear)
     if node.op == "call_method":
         return _method(node, node.target, first, vals, sp, nonlinear, shape)

@@ -78,6 +78,8 @@ class Plan:
     """Spaces of one channel each, made where a fixed permutation or split routes a layer's channels one by one."""
     shuffles: List[Tuple[str, str, Tuple[int, ...], Tuple[int, ...]]] = field(default_factory=list)
     """(input node, output node, input atoms, output atoms): channel shuffles, gathered in the concatenated model."""
+    widths: List[Tuple[str, int]] = field(default_factory=list)
+    """(reshape node, argument index): a channel count written as a constant, multiplied by k when concatenating."""
 
     def space_sizes(self, tensors: Dict[str, torch.Tensor]) -> Dict[int, int]:
         """Size of every hidden space in a model given its tensors (members may differ in width)."""

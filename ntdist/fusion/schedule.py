@@ -18,7 +18,7 @@ from ntdist.fusion.graph import Plan, analyze
 from ntdist.fusion.importance import resolve
 from ntdist.fusion.norms import group_layer_norms
 from ntdist.fusion.prune import ratio_of, select, shares, targets, verify_finite
-from ntdist.fusion.shuffle import gather_shuffles
+from ntdist.fusion.widegraph import widen_graph
 
 METHODS = ("nt", "avg", "ot")
 SCHEDULES = ("flat", "iterative", "recursive")
@@ -33,8 +33,8 @@ def concat(models: Sequence[nn.Module], weights: Optional[Sequence[float]] = Non
     if plan.inexact:
         raise UserError(plan.inexact)
     wide = assemble(models, plan, w)
-    if plan.shuffles:
-        wide = gather_shuffles(wide, plan.shuffles, len(models))
+    if plan.shuffles or plan.widths:
+        wide = widen_graph(wide, plan.shuffles, plan.widths, len(models))
     return group_layer_norms(wide, len(models)) if plan.norms else wide
 
 

@@ -150,6 +150,8 @@ def reshape(node, first, sp, shape):
         if len(shape) == 2 and shape[0] == src[0]:
             return flatten(name, first, 1, -1, sp)
         if len(shape) > 2 and shape[:2] == src[:2]:          # regroups positions, channels untouched
+            if len(node.args) > 2 and isinstance(node.args[2], int):
+                sp.widths.append((name, 2))                # the channel count as a constant: k times when wide
             return Val(first.lay, len(shape), first.hw, 1)
         refuse(name, f"reshapes {list(src)} to {list(shape)}, mixing channels")
     if first.ndim == 2:

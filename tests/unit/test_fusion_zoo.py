@@ -2,7 +2,8 @@
 
 Channel concatenation (DenseNet, GoogLeNet, Inception v3), channel shuffles
 followed channel by channel (ShuffleNet v2), grouped convolutions
-pruned by whole groups (ResNeXt, RegNet), stochastic depth and squeeze-excitation
+pruned by whole groups (ResNeXt, RegNet), attention heads as units with a class
+token, position embedding and LayerNorms (ViT), stochastic depth and squeeze-excitation
 (EfficientNet v1 and v2 blocks), channels-last blocks with LayerNorm and layer
 scale (ConvNeXt, whose concatenation normalises each member's block on its own), and SqueezeNet, whose ReLU after the output
 layer makes concatenation impossible but not NT. Members are narrow where the
@@ -18,7 +19,7 @@ from functools import partial
 import pytest
 import torch
 from torchvision.models import (ConvNeXt, DenseNet, EfficientNet, GoogLeNet, Inception3, RegNet, ResNet,
-                                ShuffleNetV2, SqueezeNet)
+                                ShuffleNetV2, SqueezeNet, VisionTransformer)
 from torchvision.models.convnext import CNBlockConfig
 from torchvision.models.efficientnet import FusedMBConvConfig, MBConvConfig
 from torchvision.models.regnet import BlockParams
@@ -52,7 +53,7 @@ def _perturb(model):
                 mod.weight.normal_()
                 mod.bias.normal_()
         for name, p in model.named_parameters():
-            if name.endswith("layer_scale"):
+            if name.endswith(("layer_scale", "class_token")):
                 p.normal_()
     return model
 
@@ -69,6 +70,8 @@ FAMILIES = {
     "efficientnet": (_efficientnet, 32),
     # odd branch widths (6, 10, 14): the chunks after each shuffle split the routed channels unevenly
     "shufflenet": (partial(ShuffleNetV2, [2, 3, 2], [8, 12, 20, 28, 16], num_classes=5), 32),
+    "vit": (partial(VisionTransformer, image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=16,
+                    mlp_dim=32, num_classes=5), 16),
 }
 
 
@@ -149,3 +152,22 @@ def test_ot_fuses_shufflenet_to_the_original_architecture():
     ShuffleNetV2([2, 3, 2], [8, 12, 20, 28, 16], num_classes=5).load_state_dict(fused.state_dict(), strict=True)
     with torch.no_grad():
         assert torch.isfinite(fused(x)).all()
+
+
+def test_vit_keeps_whole_heads_of_the_members():
+    models, x = members("vit", 3, seed=4)
+    fused = fuse(models, example_inputs=x)
+    attention = fused.encoder.layers.encoder_layer_0.self_attention
+    assert attention.num_heads == 2 and attention.head_dim == 8
+    queries = attention.in_proj_weight[:16]
+    # every kept head's query rows are one member's head, restricted to the kept stream channels
+    for head in queries.split(8):
+        assert any(all(torch.equal(row[row != 0], ref_row[torch.isin(ref_row, row[row != 0])])
+                       for row, ref_row in zip(head, ref)) for m in models
+                   for ref in m.encoder.layers.encoder_layer_0.self_attention.in_proj_weight[:16].split(8))
+
+
+def test_vit_refuses_other_widths_with_the_reason():
+    models, x = members("vit", 2)
+    with pytest.raises(UserError, match="channel count as a constant"):
+        fuse(models, example_inputs=x, keep_ratio=0.5)

@@ -1,4 +1,12 @@
-"""Channel shuffles in the concatenated model: each becomes one gather with a fixed index.
+"""The concatenated model as a GraphModule, where the class's own forward cannot run at k times the width.
+
+Two rewrites, both on the traced graph of the wide model (node names as the
+analysis saw them): channel shuffles become gathers, and channel counts that a
+forward writes into a `reshape`/`view` as constants (`x.reshape(n, hidden_dim,
+-1)`) are multiplied by k. NT's fused model keeps the members' width there, so
+it stays a plain instance of the class.
+
+Channel shuffles: each becomes one gather with a fixed index.
 
 A channel shuffle (`view` to [N, g, C/g, ...], `transpose`, `view` back, as in
 ShuffleNet v2) is a fixed permutation of a member's channels. The analysis
@@ -24,11 +32,15 @@ def wide_permutation(inputs: Sequence[int], outputs: Sequence[int], k: int) -> t
     return torch.tensor([where[space] * k + m for space in outputs for m in range(k)], dtype=torch.long)
 
 
-def gather_shuffles(wide: nn.Module, shuffles: Sequence[Tuple[str, str, Tuple[int, ...], Tuple[int, ...]]],
-                    k: int) -> GraphModule:
-    """`wide` (k members concatenated) with every recorded shuffle replaced by a gather along the channels."""
+def widen_graph(wide: nn.Module, shuffles: Sequence[Tuple[str, str, Tuple[int, ...], Tuple[int, ...]]],
+                widths: Sequence[Tuple[str, int]], k: int) -> GraphModule:
+    """`wide` (k members concatenated) with every shuffle gathered and every constant channel count widened."""
     gm = symbolic_trace(wide)
     nodes = {node.name: node for node in gm.graph.nodes}
+    for name, position in widths:
+        args = list(nodes[name].args)
+        args[position] = args[position] * k
+        nodes[name].args = tuple(args)
     for i, (source, out, inputs, outputs) in enumerate(shuffles):
         gm.register_buffer(f"channel_shuffle_{i}", wide_permutation(inputs, outputs, k), persistent=False)
         with gm.graph.inserting_after(nodes[out]):
