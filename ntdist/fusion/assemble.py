@@ -185,7 +185,7 @@ def _set_attributes(model: nn.Module, members, plan: Plan, sel: _Selection):
             mod.in_features = mod.weight.shape[1]
         elif layer.kind == "conv":
             mod.out_channels = mod.weight.shape[0]
-            mod.in_channels = mod.weight.shape[1] * mod.groups
+            mod.in_channels = mod.weight.shape[1] * getattr(mod, "groups", 1)
         elif layer.kind == "dwconv":
             mod.in_channels = mod.out_channels = mod.groups = out_n
         elif layer.kind == "gconv":
