@@ -123,18 +123,20 @@ def test_squeezenet_refuses_concat_with_the_reason_and_still_fuses():
     assert fused(x).shape == (2, 5)
 
 
-def test_shufflenet_fused_with_its_own_copy_keeps_member_0_and_its_routing():
-    # an importance that ranks member 0's units first: NT keeps exactly member 0's units, so the fused model's
-    # shuffles must route them exactly as member 0 does; only the output layer halves its weight (weight 1/2)
-    models, x = members("shufflenet", 1)
+@pytest.mark.parametrize("family", ["shufflenet", "vit"])
+def test_fused_with_its_own_copy_keeps_member_0_and_its_routing(family):
+    # an importance that ranks member 0's units first: NT keeps exactly member 0's units (channels, heads, tokens'
+    # channels), so the fused model must compute member 0's features; only the output layer halves (weight 1/2)
+    models, x = members(family, 1)
     calls = itertools.count()
 
     def member_0_first(view):
         return torch.full((view.size,), 2.0 if next(calls) % 2 == 0 else 1.0)
 
     fused = fuse([models[0], copy.deepcopy(models[0])], importance=member_0_first, example_inputs=x)
+    output = [m for m in models[0].modules() if isinstance(m, torch.nn.Linear)][-1]
     with torch.no_grad():
-        expected = 0.5 * models[0](x) + 0.5 * models[0].fc.bias
+        expected = 0.5 * models[0](x) + 0.5 * output.bias
         assert torch.allclose(fused(x), expected, atol=1e-5, rtol=1e-5)
 
 
