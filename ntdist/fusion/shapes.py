@@ -11,8 +11,9 @@ would take different units from the wide model than from each member.
 from ntdist.errors import UserError
 from ntdist.fusion.plan import IN, Dim, Tup, Val
 
-SUPPORTED = ("supported: Linear, Conv (plain, depthwise, grouped), BatchNorm, element-wise activations, "
-             "dropout, stochastic depth, pooling, flatten, residual additions, channel cat and split")
+SUPPORTED = ("supported: Linear, Conv (plain, depthwise, grouped), BatchNorm, LayerNorm (also as F.* on a module's "
+             "own parameters), nn.MultiheadAttention, element-wise activations, dropout, stochastic depth, pooling, "
+             "resizing, flatten, residual additions, channel cat, split and shuffle")
 
 
 class NeedShapes(Exception):
