@@ -4,7 +4,8 @@
                                        [--resume zoo.log] [--analyse-only]
 
 For every builder in `torchvision.models.list_models(module=torchvision.models)`
-(10 classes, random weights, random BatchNorm statistics, eval mode, one
+(10 classes, random weights, random BatchNorm statistics, zero-initialised weight matrices
+given small random values, eval mode, one
 [2, 3, S, S] input with S = 64, or 75 for Inception v3, 224 for MaxViT):
 
 * the channel analysis first runs on a copy on the meta device (no memory), so a
@@ -50,6 +51,10 @@ def build(name: str) -> torch.nn.Module:
 
 
 def _random_bn(model):
+    with torch.no_grad():      # zero-initialised weight matrices (ViT's head) would make every output zero
+        for p in model.parameters():
+            if p.dim() > 1 and not p.any():
+                p.normal_(0.0, 0.02)
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             with torch.no_grad():

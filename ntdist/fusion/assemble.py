@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ntdist.errors import UserError
 from ntdist.fusion.plan import Plan
 
 
@@ -184,7 +185,7 @@ def _set_attributes(model: nn.Module, members, plan: Plan, sel: _Selection):
             mod.in_features = mod.weight.shape[1]
         elif layer.kind == "conv":
             mod.out_channels = mod.weight.shape[0]
-            mod.in_channels = mod.weight.shape[1] * mod.groups
+            mod.in_channels = mod.weight.shape[1] * getattr(mod, "groups", 1)
         elif layer.kind == "dwconv":
             mod.in_channels = mod.out_channels = mod.groups = out_n
         elif layer.kind == "gconv":
@@ -195,3 +196,9 @@ def _set_attributes(model: nn.Module, members, plan: Plan, sel: _Selection):
             mod.num_features = out_n
         elif layer.kind == "ln" and out_n is not None:
             mod.normalized_shape = (out_n,)
+        elif layer.kind == "mha":
+            mod.embed_dim = mod.kdim = mod.vdim = in_n
+            mod.num_heads = out_n // (3 * mod.head_dim)
+            if mod.num_heads * mod.head_dim != in_n:
+                raise UserError(f"cannot prune attention '{name}' to {mod.num_heads} heads of {mod.head_dim} "
+                                f"features with {in_n} channels in its input; keep the members' width")

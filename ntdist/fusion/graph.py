@@ -20,45 +20,7 @@ from ntdist.errors import UserError
 from ntdist.fusion.ops import fetch, propagate, tensor_args
 from ntdist.fusion.shapes import NeedShapes, one, refuse
 from ntdist.fusion.plan import IN, OUT, Dim, Layer, Param, Plan, TensorSpec, Val
-
-
-class _Spaces:
-    """Union-find over channel spaces."""
-
-    def __init__(self):
-        self.parent, self.size, self.born = [IN, OUT], [None, None], []
-
-    def new(self, size: int) -> int:
-        self.parent.append(len(self.parent))
-        self.size.append(size)
-        self.born.append(len(self.parent) - 1)
-        return len(self.parent) - 1
-
-    def find(self, s: int) -> int:
-        while self.parent[s] != s:
-            self.parent[s] = self.parent[self.parent[s]]
-            s = self.parent[s]
-        return s
-
-    def union_layouts(self, a, b, name):
-        """Merge two layouts part by part (a residual addition); refuse if they are cut differently."""
-        if len(a) != len(b) or any(x.factor != y.factor for x, y in zip(a, b)):
-            refuse(name, "combines tensors with different feature layouts (differently concatenated or flattened)")
-        for x, y in zip(a, b):
-            rx, ry = self.find(x.space), self.find(y.space)
-            if rx != ry and IN in (rx, ry):
-                refuse(name, "adds hidden channels to the model input; cannot widen exactly")
-            self.union(x.space, y.space)
-        return a
-
-    def union(self, a: int, b: int) -> int:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return ra
-        if rb in (IN, OUT) or (ra not in (IN, OUT) and rb < ra):
-            ra, rb = rb, ra
-        self.parent[rb] = ra
-        return ra
+from ntdist.fusion.spaces import Spaces
 
 
 def _batch_slice(x):
@@ -118,17 +80,32 @@ def analyze(model: nn.Module, example_inputs=None) -> Plan:
     first = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
     in_ndim = first.dim() if isinstance(first, torch.Tensor) else None
     try:
-        return _walk(model, gm, False, in_ndim)
+        return _refined_walk(model, gm, False, in_ndim)
     except NeedShapes as need:
         given = example_inputs is not None
         inputs = example_inputs if given else _dummy_input(gm)
         if inputs is None or not _shape_prop(gm, model, inputs, given):
             raise UserError(str(need)) from None
-    return _walk(model, gm, True, in_ndim)
+    return _refined_walk(model, gm, True, in_ndim)
 
 
-def _walk(model, gm, shaped: bool, in_ndim) -> Plan:
-    sp = _Spaces()
+def _refined_walk(model, gm, shaped: bool, in_ndim) -> Plan:
+    """Walk until no permutation or split asks for more layers to route their channels one by one."""
+    atomize = frozenset()
+    while True:
+        sp = Spaces(atomize)
+        try:
+            plan = _walk(model, gm, shaped, in_ndim, sp)
+        except UserError:
+            if not sp.pending - atomize:
+                raise
+            plan = None
+        if not sp.pending - atomize:
+            return plan
+        atomize = atomize | sp.pending
+
+
+def _walk(model, gm, shaped: bool, in_ndim, sp) -> Plan:
     layers: Dict[str, Layer] = {}
     nonlinear: List[Tuple[str, int]] = []
     env: Dict[object, Optional[Val]] = {}
@@ -152,7 +129,7 @@ def _walk(model, gm, shaped: bool, in_ndim) -> Plan:
         if isinstance(val, Val) and shape is not None:
             cdim = val.cdim % len(shape) if shape else 1
             hw = _prod(s for d, s in enumerate(shape) if d not in (0, cdim)) if len(shape) > 2 else None
-            val = Val(val.lay, len(shape), hw, cdim)
+            val = val._replace(ndim=len(shape), hw=hw, cdim=cdim)
         env[node] = val
     if out_val is None:
         refuse("output", "has no tensor output")
@@ -227,11 +204,15 @@ def _finish(model, sp, layers, nonlinear) -> Plan:
         for d, lay in enumerate(spec.dims):
             if lay is not None and len(lay) == 1 and lay[0].space not in probe:
                 probe[lay[0].space] = (key, d, lay[0].factor)
-    missing = [s for s in sizes if s not in probe]
+    atoms = frozenset(sp.find(a) for a in sp.atoms) & set(sizes)
+    missing = [s for s in sizes if s not in probe and s not in atoms]
     if missing:
         refuse("output", "has channels that only ever appear concatenated with others; cannot size them")
     norms = sum(1 for layer in layers.values() if layer.kind in ("ln", "lnf"))
-    return Plan(sizes, order, layers, tensors, first, probe, coupled.sets(sizes), inexact, norms)
+    shuffles = [(a, b, tuple(sp.find(d.space) for d in x), tuple(sp.find(d.space) for d in y))
+                for a, b, x, y in sp.shuffles]
+    return Plan(sizes, order, layers, tensors, first, probe, coupled.sets(sizes), inexact, norms, atoms, shuffles,
+                sp.widths)
 
 
 class _Coupling:
@@ -274,6 +255,8 @@ def _layer_tensors(model, name, layer, role, tensors):
     rest = (None,) * (mod.weight.dim() - 2) if getattr(mod, "weight", None) is not None else ()
     if layer.kind in ("linear", "conv"):
         specs = {"weight": ((out, inp) + rest, "weight"), "bias": ((out,), "bias")}
+    elif layer.kind == "mha":
+        specs = {"in_proj_weight": ((out, inp), "weight"), "in_proj_bias": ((out,), "bias")}
     elif layer.kind in ("dwconv", "gconv"):
         specs = {"weight": ((out, None) + rest, "weight"), "bias": ((out,), "bias")}
     else:

@@ -99,7 +99,7 @@ def space_views(tensors: Dict[str, torch.Tensor], plan, weight: float = 1.0) -> 
         if spec.part == "weight":
             if first is not None:
                 for d, rows in parts_of(t, 0, first, sizes):
-                    views[d.space].producers.append(rows)
+                    views[d.space].producers.append(rows.unflatten(0, (-1, d.factor)) if d.factor > 1 else rows)
             if len(spec.dims) > 1 and spec.dims[1] is not None:
                 for d, col in parts_of(t.transpose(0, 1), 0, spec.dims[1], sizes):
                     if d.factor > 1:
@@ -107,5 +107,6 @@ def space_views(tensors: Dict[str, torch.Tensor], plan, weight: float = 1.0) -> 
                     views[d.space].consumers.append(col * weight if spec.role == "output" else col)
         elif spec.part in kinds and first is not None:
             for d, vals in parts_of(t, 0, first, sizes):
-                getattr(views[d.space], kinds[spec.part]).append(vals)
+                getattr(views[d.space], kinds[spec.part]).append(vals.unflatten(0, (-1, d.factor))
+                                                                 if d.factor > 1 else vals)
     return views

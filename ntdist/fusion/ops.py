@@ -17,10 +17,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.node import Node, map_arg
 
+from ntdist.fusion.attention import index, multi_head_attention
+from ntdist.fusion.functional import LAYER_FUNCS, functional_layer, record
 from ntdist.fusion.plan import IN, Layer, Param, Tup, Val
-from ntdist.fusion.shapes import (adaptive_hw, arg, cat, flatten, is_input, mean, one, permute, refuse, reshape,
-                                  split, transpose)
+from ntdist.fusion.shapes import (adaptive_hw, arg, cat, channel_dim, flatten, is_input, mean, one, permute, refuse,
+                                  reshape, split, transpose)
 
+RESIZE_MODULES = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
+RESIZE_FUNCS = {F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear}
 LINEAR_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
                   nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 NONLINEAR_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
@@ -46,6 +50,7 @@ CAT_FUNCS = {torch.cat, torch.concat, torch.concatenate}
 STACK_FUNCS = {torch.stack, torch.hstack, torch.vstack}
 NONTENSOR_FUNCS = {getattr, len}
 KEEP_METHODS = {"contiguous", "clone", "detach", "dropout"}
+GRID_METHODS = {"contiguous", "transpose", "view", "reshape"}
 NONLINEAR_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
 NONTENSOR_METHODS = {"size", "dim", "numel"}
 ADD_METHODS = {"add", "add_", "sub", "sub_"}
@@ -58,18 +63,7 @@ def tensor_args(node, env):
     map_arg((node.args, node.kwargs), lambda n: found.append(env.get(n)) or n)
     out = []
     for v in found:
-        out.extend(v.items if isinstance(v, Tup) else [v] if isinstance(v, Val) else [])
-    return out
-
-
-def _record(layers, sp, name, kind, out, inp):
-    if name in layers:
-        old = layers[name]
-        sp.union_layouts(old.inp, inp, name)
-        return old.out
-    if out is None:
-        return None
-    layers[name] = Layer(kind, out, inp)
+        out.extend([i for i in v.items if i is not None] if isinstance(v, Tup) else [v] if isinstance(v, Val) else [])
     return out
 
 
@@ -77,7 +71,7 @@ def _module(name, mod, x, sp, layers, nonlinear):
     if isinstance(mod, nn.Linear):
         if x.ndim is not None and x.ndim > 2 and x.cdim != x.ndim - 1:
             refuse(name, f"(Linear) reads dimension {x.ndim - 1} of a tensor whose channels are dimension {x.cdim}")
-        out = _record(layers, sp, name, "linear", None if name in layers else one(sp.new(mod.out_features)), x.lay)
+        out = record(layers, sp, name, "linear", None if name in layers else sp.open(name, mod.out_features), x.lay)
         nd = x.ndim if x.ndim and x.ndim > 2 else 2
         return Val(out, nd, None, nd - 1 if nd > 2 else 1)
     if isinstance(mod, nn.LayerNorm):
@@ -88,21 +82,25 @@ def _module(name, mod, x, sp, layers, nonlinear):
         if any(d.factor != 1 for d in x.lay):
             refuse(name, "(Conv) consumes flattened features")
         if mod.groups == 1:
-            out = _record(layers, sp, name, "conv", None if name in layers else one(sp.new(mod.out_channels)), x.lay)
+            out = record(layers, sp, name, "conv", None if name in layers else sp.open(name, mod.out_channels), x.lay)
         elif mod.groups == mod.in_channels == mod.out_channels:
-            out = _record(layers, sp, name, "dwconv", x.lay, x.lay)
+            out = record(layers, sp, name, "dwconv", x.lay, x.lay)
         else:
-            if len(x.lay) != 1:
-                refuse(name, "is a grouped convolution over concatenated channels")
-            out = _record(layers, sp, name, "gconv", None if name in layers else one(sp.new(mod.out_channels)), x.lay)
+            if len(x.lay) != 1 or name in sp.atomize:
+                refuse(name, "is a grouped convolution over concatenated or permuted channels")
+            out = record(layers, sp, name, "gconv", None if name in layers else sp.open(name, mod.out_channels), x.lay)
         return Val(out, x.ndim or mod.weight.dim(), None)
     if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-        _record(layers, sp, name, "bn", x.lay, x.lay)
+        record(layers, sp, name, "bn", x.lay, x.lay)
         return x
     if isinstance(mod, nn.Flatten):
         return flatten(name, x, mod.start_dim, mod.end_dim, sp)
     if isinstance(mod, LINEAR_MODULES):
         return x
+    if isinstance(mod, RESIZE_MODULES):    # resizes every channel on its own: the channels stay, positions change
+        if x.cdim != 1:
+            refuse(name, f"({type(mod).__name__}) resizes channels-first input but the channels are dimension {x.cdim}")
+        return x._replace(hw=None)
     if isinstance(mod, NONLINEAR_MODULES):
         if isinstance(mod, nn.PReLU) and mod.num_parameters != 1:
             refuse(name, "(PReLU) has one slope per channel")
@@ -123,7 +121,8 @@ def _binary(name, vals, sp, nonlinear, mul):
     if mul:
         nonlinear.append((name, lay))
     ndim = max(a.ndim or 0, b.ndim or 0) or None
-    return Val(lay, ndim, a.hw if a.hw is not None else b.hw)
+    wider = a if (a.ndim or 0) >= (b.ndim or 0) else b
+    return Val(lay, ndim, a.hw if a.hw is not None else b.hw, wider.cdim)
 
 
 def channels(sp, x):
@@ -137,7 +136,7 @@ def layer_norm(name, x, shape, owner, sp, layers, nonlinear):
         refuse(name, f"normalises over {list(shape)}, not over the channels alone (dimension {x.cdim})")
     if len(x.lay) != 1 or is_input(sp, x.lay):
         refuse(name, "normalises concatenated or input channels together")
-    _record(layers, sp, owner or name, "ln" if owner else "lnf", x.lay, x.lay)
+    record(layers, sp, owner or name, "ln" if owner else "lnf", x.lay, x.lay)
     nonlinear.append((name, x.lay))
     return x
 
@@ -170,6 +169,10 @@ def _function(node, target, vals, sp, layers, nonlinear):
         return cat(name, node, vals, sp)
     if target in (torch.split, torch.chunk):
         return split(name, node, vals[0], sp, target.__name__)
+    if target in RESIZE_FUNCS:
+        if vals[0].cdim != 1:
+            refuse(name, f"resizes channels-first input but the channels are dimension {vals[0].cdim}")
+        return vals[0]._replace(hw=None)
     if target in KEEP_FUNCS or f"{getattr(target, '__module__', '')}.{getattr(target, '__name__', '')}" in KEEP_NAMES:
         return vals[0]
     if target in NONLINEAR_FUNCS:
@@ -226,11 +229,18 @@ def _params(node, vals, params, gm, sp, layers, nonlinear):
         return layer_norm(name, vals[0], tuple(arg(node, 1, "normalized_shape", ())), owners.pop()
                           if len(owners) == 1 else refuse(name, "normalises with parameters of two modules"),
                           sp, layers, nonlinear)
+    if target in LAYER_FUNCS:
+        return functional_layer(node, vals, params, lambda p: fetch(gm, p), sp, layers)
+    if target in CAT_FUNCS and len(vals) == 1 and len(params) == 1:     # a class token joins the tokens
+        if channel_dim(name, vals[0], arg(node, 1, "dim", 0)):
+            refuse(name, f"concatenates parameter '{params[0].name}' to the channels")
+        return with_param(name, vals[0], params[0], fetch(gm, params[0].name), sp, layers)
     binary = target in ADD_FUNCS | MUL_FUNCS or (node.op == "call_method" and target in ADD_METHODS | MUL_METHODS)
     if binary and len(vals) == 1 and len(params) == 1:
         return with_param(name, vals[0], params[0], fetch(gm, params[0].name), sp, layers)
     refuse(params[0].name, "reads a parameter or buffer directly inside forward in a way the fusion does not "
-                           "know (only LayerNorm and element-wise ops with per-channel parameters)")
+                           "know (only F.linear, F.conv*, F.batch_norm, F.layer_norm on a module's own parameters, "
+                           "and element-wise ops with per-channel parameters)")
 
 
 def fetch(gm, name):
@@ -242,6 +252,10 @@ def propagate(node: Node, gm, env, sp, layers, nonlinear, shape):
     """Channel-space value of `node`'s result, or None for non-tensor results (sizes, shapes)."""
     vals = tensor_args(node, env)
     first = env.get(node.args[0]) if node.args and isinstance(node.args[0], Node) else None
+    if any(v.grid for v in vals) and not (node.op == "call_method" and node.target in GRID_METHODS or
+                                          node.target is torch.transpose):
+        refuse(node.name, "works on channels held as a grid by a view (only transpose and a view back, "
+                          "as in a channel shuffle, are followed)")
     if node.op == "call_function" and node.target is operator.getitem and isinstance(first, Tup):
         return first.items[node.args[1]] if isinstance(node.args[1], int) else refuse(
             node.name, "slices the parts of a channel split")
@@ -252,10 +266,14 @@ def propagate(node: Node, gm, env, sp, layers, nonlinear, shape):
         if all(is_input(sp, v.lay) for v in vals) and not isinstance(mod, nn.Flatten) and not any(
                 True for _ in mod.parameters()):      # a parameter-free module on the input: same in every member
             return Val(one(IN), len(shape) if shape else vals[0].ndim, None)
+        if isinstance(mod, nn.MultiheadAttention):
+            return multi_head_attention(node.target, mod, vals, sp, layers)
         return _module(node.target, mod, vals[0], sp, layers, nonlinear)
     if node.op == "call_function" and (node.target in NONTENSOR_FUNCS or (
             node.target is operator.getitem and first is None)):
         return None
+    if node.op == "call_method" and node.target == "expand" and isinstance(first, Param):
+        return first                # broadcasting a parameter (a class token to the batch) keeps its channels
     params = [v for v in (env.get(a) for a in node.all_input_nodes) if isinstance(v, Param)]
     if params:
         return _params(node, vals, params, gm, sp, layers, nonlinear)
@@ -267,7 +285,7 @@ def propagate(node: Node, gm, env, sp, layers, nonlinear, shape):
         return Val(one(IN), len(shape) if shape else None, None)
     if node.op == "call_function":
         if node.target is operator.getitem:
-            refuse(node.name, "indexes or slices a feature tensor")
+            return index(node.name, first, node.args[1])
         return _function(node, node.target, vals, sp, layers, nonlinear)
     if node.op == "call_method":
         return _method(node, node.target, first, vals, sp, nonlinear, shape)

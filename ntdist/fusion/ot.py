@@ -67,9 +67,12 @@ def _move(maps, t: torch.Tensor, d: int, layout, sizes) -> torch.Tensor:
     return torch.cat([maps[p.space].apply(piece, d, p.factor) for p, piece in parts_of(t, d, layout, sizes)], d)
 
 
-def _solve(cost: torch.Tensor) -> _Transport:
+def _solve(cost: Optional[torch.Tensor], n: int) -> _Transport:
+    """Exact OT on the cost matrix; the identity for a space no single layer produces alone (nothing to compare)."""
     import ot
 
+    if cost is None:
+        return _Transport(np.eye(n))
     n_a, n_m = cost.shape
     a = np.full(n_a, 1.0 / n_a)
     b = np.full(n_m, 1.0 / n_m)
@@ -103,9 +106,9 @@ def align(member: Dict[str, torch.Tensor], anchor: Dict[str, torch.Tensor], plan
 
     with torch.no_grad():
         for s in plan.order:
-            maps[s] = _solve(cost_of(s, False))
+            maps[s] = _solve(cost_of(s, False), sizes[s])
         for s in [s for s in plan.order if s in deferred]:
-            maps[s] = _solve(cost_of(s, True))
+            maps[s] = _solve(cost_of(s, True), sizes[s])
         out = {}
         for name, spec in plan.tensors.items():
             t = member[name]

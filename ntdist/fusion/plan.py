@@ -74,19 +74,33 @@ class Plan:
     """(spaces, groups, layer): spaces a grouped conv cuts into `groups` blocks per member, kept block by block."""
     inexact: str = ""      # why concatenation cannot be exact (a non-linearity after the output layer), or ""
     norms: int = 0         # LayerNorms: the concatenated model normalises each member's block on its own
+    atoms: frozenset = frozenset()
+    """Spaces of one channel each, made where a fixed permutation or split routes a layer's channels one by one."""
+    shuffles: List[Tuple[str, str, Tuple[int, ...], Tuple[int, ...]]] = field(default_factory=list)
+    """(input node, output node, input atoms, output atoms): channel shuffles, gathered in the concatenated model."""
+    widths: List[Tuple[str, int]] = field(default_factory=list)
+    """(reshape node, argument index): a channel count written as a constant, multiplied by k when concatenating."""
 
     def space_sizes(self, tensors: Dict[str, torch.Tensor]) -> Dict[int, int]:
         """Size of every hidden space in a model given its tensors (members may differ in width)."""
-        return {s: tensors[n].shape[d] // f for s, (n, d, f) in self.probe.items()}
+        sizes = {s: tensors[n].shape[d] // f for s, (n, d, f) in self.probe.items()}
+        sizes.update((s, 1) for s in self.atoms)
+        return sizes
 
 
 class Val(NamedTuple):
-    """What the analysis knows about a tensor: channel layout, rank, spatial size, channel dimension."""
+    """What the analysis knows about a tensor: channel layout, rank, spatial size, channel dimension.
+
+    `grid` is (a, b, swapped, source node) while a view holds the channels of
+    `source` as an [a, b] grid in dimensions cdim and cdim + 1 (swapped: transposed
+    to [b, a]), as a channel shuffle does.
+    """
 
     lay: Layout
     ndim: Optional[int]
     hw: Optional[int]
     cdim: int = 1
+    grid: Tuple = ()
 
 
 class Param(NamedTuple):

@@ -34,13 +34,20 @@ def ratio_of(plan: Plan, ref_sizes: Dict[int, int], k: float, width=None, keep_r
         if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= k * orig:
             raise UserError(f"width must be an integer between 1 and {k * orig:g} ({k:g} models of "
                             f"width {orig}), got {width!r}")
-        return width / orig
-    if keep_ratio is not None:
+        r = width / orig
+    elif keep_ratio is not None:
         r = float(keep_ratio)
         if not math.isfinite(r) or not 0 < r <= k:
             raise UserError(f"keep_ratio must lie in (0, {k:g}] for k={k:g} models, got {keep_ratio!r}")
-        return r
-    return 1.0
+    else:
+        return 1.0
+    if plan.atoms and r != 1.0:
+        raise UserError(f"this model routes channels by position (a channel shuffle or a split inside a layer's "
+                        f"output), so NT keeps its width: use the members' width, not ratio {r:g}")
+    if plan.widths and r != 1.0:
+        raise UserError(f"this model's forward writes its channel count as a constant (layer "
+                        f"'{plan.widths[0][0]}'), so NT keeps its width: use the members' width, not ratio {r:g}")
+    return r
 
 
 def _round(n: int, ratio: float) -> int:

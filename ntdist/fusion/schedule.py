@@ -19,6 +19,7 @@ from ntdist.fusion.graph import Plan, analyze
 from ntdist.fusion.importance import resolve
 from ntdist.fusion.norms import group_layer_norms
 from ntdist.fusion.prune import ratio_of, select, shares, targets, verify_finite
+from ntdist.fusion.widegraph import widen_graph
 
 METHODS = ("nt", "avg", "ot")
 SCHEDULES = ("flat", "iterative", "recursive")
@@ -33,6 +34,8 @@ def concat(models: Sequence[nn.Module], weights: Optional[Sequence[float]] = Non
     if plan.inexact:
         raise UserError(plan.inexact)
     wide = assemble(models, plan, w)
+    if plan.shuffles or plan.widths:
+        wide = widen_graph(wide, plan.shuffles, plan.widths, len(models))
     return group_layer_norms(wide, len(models)) if plan.norms else wide
 
 
@@ -65,6 +68,10 @@ def nt_step(models: Sequence[nn.Module], weights: Sequence[float], plan: Plan, r
         keep = select(models, plan, importance, want, w)
         verify_finite(models, plan, importance, keep)
         return assemble(models, plan, w, keep)
+    if plan.atoms:
+        raise UserError("order='prune_merge' cannot fuse this model: it routes channels by position (a channel "
+                        "shuffle or a split inside a layer's output), so each member must keep its width; "
+                        "use order='merge_prune'")
     check_finite(models)
     each = shares(plan, want, [plan.space_sizes(tensors_of(m)) for m in models], w)
     pruned = []

@@ -11,8 +11,9 @@ would take different units from the wide model than from each member.
 from ntdist.errors import UserError
 from ntdist.fusion.plan import IN, Dim, Tup, Val
 
-SUPPORTED = ("supported: Linear, Conv (plain, depthwise, grouped), BatchNorm, element-wise activations, "
-             "dropout, stochastic depth, pooling, flatten, residual additions, channel cat and split")
+SUPPORTED = ("supported: Linear, Conv (plain, depthwise, grouped), BatchNorm, LayerNorm (also as F.* on a module's "
+             "own parameters), nn.MultiheadAttention, element-wise activations, dropout, stochastic depth, pooling, "
+             "resizing, flatten, residual additions, channel cat, split and shuffle")
 
 
 class NeedShapes(Exception):
@@ -123,6 +124,8 @@ def split(name, node, x, sp, how):
     else:
         cuts = [sum(count[:i + 1]) for i in range(len(count) - 1)]
     bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    if any(c not in bounds for c in cuts) and all(d.factor == 1 for d in x.lay) and not is_input(sp, x.lay):
+        sp.refine([d for d, lo, hi in zip(x.lay, bounds, bounds[1:]) if any(lo < c < hi for c in cuts)])
     if any(c not in bounds for c in cuts):
         refuse(name, f"splits channels at {cuts}, inside one layer's output (its parts end at {bounds[1:]}); "
                      "only splits between concatenated parts can be widened exactly")
@@ -139,11 +142,17 @@ def reshape(node, first, sp, shape):
         src = tuple(src.shape)
         if src == shape:
             return first
+        if first.grid:
+            return _merge_grid(node, first, sp, src, shape)
         if first.cdim != 1:
             refuse(name, f"reshapes a tensor with channels in dimension {first.cdim}")
+        if len(shape) == len(src) + 1 and shape[0] == src[0] and shape[3:] == src[2:] and shape[1] * shape[2] == src[1]:
+            return Val(first.lay, len(shape), first.hw, 1, (shape[1], shape[2], False, node.args[0].name))
         if len(shape) == 2 and shape[0] == src[0]:
             return flatten(name, first, 1, -1, sp)
         if len(shape) > 2 and shape[:2] == src[:2]:          # regroups positions, channels untouched
+            if len(node.args) > 2 and isinstance(node.args[2], int):
+                sp.widths.append((name, 2))                # the channel count as a constant: k times when wide
             return Val(first.lay, len(shape), first.hw, 1)
         refuse(name, f"reshapes {list(src)} to {list(shape)}, mixing channels")
     if first.ndim == 2:
@@ -166,5 +175,31 @@ def transpose(name, x, a, b):
     if not isinstance(a, int) or not isinstance(b, int) or x.ndim is None:
         refuse(name, "transposes dimensions the fusion cannot place")
     a, b = a % x.ndim, b % x.ndim
+    if x.grid:
+        if {a, b} != {x.cdim, x.cdim + 1}:
+            refuse(name, "moves channels held as a grid by a view")
+        return x._replace(grid=(x.grid[0], x.grid[1], not x.grid[2], x.grid[3]))
     cdim = b if x.cdim == a else a if x.cdim == b else x.cdim
     return Val(x.lay, x.ndim, x.hw, cdim)
+
+
+def _merge_grid(node, x, sp, src, shape):
+    """The view that flattens a channel grid back: a transposed grid is a fixed permutation of the channels.
+
+    A permutation moves single channels, so every layer whose output it reads
+    must open one space per channel (another walk is asked for if not yet).
+    """
+    a, b, swapped, source = x.grid
+    if len(shape) != len(src) - 1 or shape[x.cdim] != a * b or tuple(shape[:x.cdim]) != tuple(src[:x.cdim]):
+        refuse(node.name, f"reshapes a channel grid {list(src)} to {list(shape)}; only merging it back is followed")
+    if not swapped:
+        return Val(x.lay, len(shape), x.hw, x.cdim)
+    coarse = [d for d in x.lay if d.factor != 1 or sp.size[d.space] != 1]
+    if any(d.factor != 1 or is_input(sp, (d,)) for d in coarse):
+        refuse(node.name, "permutes flattened or input channels")
+    if coarse:
+        sp.refine(coarse)
+        return Val(x.lay, len(shape), x.hw, x.cdim)     # placeholder until the next walk
+    lay = tuple(x.lay[i * b + j] for j in range(b) for i in range(a))
+    sp.shuffles.append((source, node.name, x.lay, lay))
+    return Val(lay, len(shape), x.hw, x.cdim)

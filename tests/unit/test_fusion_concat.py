@@ -149,11 +149,24 @@ class WithNorm(nn.Module):
         return self.fc2(torch.cat([second, first], dim=1))
 
 
-@pytest.mark.parametrize("kind,name", [("attention", "attn"), ("split", "chunk")])
+@pytest.mark.parametrize("kind,name", [("attention", "attn")])
 def test_refuses_layers_it_cannot_widen_exactly(kind, name):
     models = [WithNorm(kind) for _ in range(2)]
     with pytest.raises(UserError, match=f"'{name}"):
         concat(models)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_a_split_inside_one_layers_output_routes_its_channels_apart(k):
+    from ntdist.fusion import fuse
+
+    torch.manual_seed(k)
+    models = [WithNorm("split") for _ in range(k)]
+    x = torch.randn(5, 6)
+    assert_exact(concat(models), models, x)
+    fused = fuse(models)
+    WithNorm("split").load_state_dict(fused.state_dict(), strict=True)
+    assert fused(x).shape == (5, 3)
 
 
 @pytest.mark.parametrize("k", [2, 3])

@@ -5,7 +5,11 @@ Torch-Pruning's `DependencyGraph` prunes together (one group per coupled set;
 depthwise convs, which only follow their input, left out) are exactly the
 layers whose outputs share one channel space in ntdist's analysis (the output
 layer forms its own set). Residual coupling, channel concatenation, grouped and
-depthwise convs, squeeze-excitation and channels-last blocks are all exercised.
+depthwise convs, squeeze-excitation, channels-last blocks and attention (Torch-Pruning
+prunes a MultiheadAttention's embedding as one module; its output is `out_proj`'s) are all exercised.
+ShuffleNet v2 is left out: Torch-Pruning's dependency graph raises on its
+channel shuffle (ZeroDivisionError in its index mapping, torch-pruning 1.6.1),
+and ntdist routes those channels one by one, so there is no group to compare.
 
 Run: .venv/bin/python -m pytest tests/unit/test_fusion_oracle.py
 """
@@ -34,6 +38,9 @@ def pruning_groups(model, x):
         layers = set()
         for dep, _ in group:
             mod = dep.target.module
+            if dep.handler == tp.prune_multihead_attention_out_channels:     # prunes in_proj rows and out_proj
+                layers.add(names[mod] + ".out_proj")
+                continue
             if dep.handler not in (tp.prune_conv_out_channels, tp.prune_linear_out_channels):
                 continue
             if isinstance(mod, nn.Conv2d) and mod.groups == mod.in_channels == mod.out_channels:
@@ -54,7 +61,7 @@ def channel_spaces(model, x):
     return {frozenset(v) for v in spaces.values()}
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES) + ["resnet18"])
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"shufflenet"}) + ["resnet18"])
 def test_dependency_groups_coincide_with_channel_spaces(family):
     torch.manual_seed(0)
     if family == "resnet18":

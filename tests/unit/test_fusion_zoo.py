@@ -1,7 +1,9 @@
 """One small member of every torchvision family the channel analysis covers: concat exact, NT to the original shapes.
 
-Channel concatenation (DenseNet, GoogLeNet, Inception v3), grouped convolutions
-pruned by whole groups (ResNeXt, RegNet), stochastic depth and squeeze-excitation
+Channel concatenation (DenseNet, GoogLeNet, Inception v3), channel shuffles
+followed channel by channel (ShuffleNet v2), grouped convolutions
+pruned by whole groups (ResNeXt, RegNet), attention heads as units with a class
+token, position embedding and LayerNorms (ViT), stochastic depth and squeeze-excitation
 (EfficientNet v1 and v2 blocks), channels-last blocks with LayerNorm and layer
 scale (ConvNeXt, whose concatenation normalises each member's block on its own), and SqueezeNet, whose ReLU after the output
 layer makes concatenation impossible but not NT. Members are narrow where the
@@ -10,11 +12,14 @@ builder allows it, inputs small, BatchNorm statistics random.
 Run: .venv/bin/python -m pytest tests/unit/test_fusion_zoo.py
 """
 
+import copy
+import itertools
 from functools import partial
 
 import pytest
 import torch
-from torchvision.models import ConvNeXt, DenseNet, EfficientNet, GoogLeNet, Inception3, RegNet, ResNet, SqueezeNet
+from torchvision.models import (ConvNeXt, DenseNet, EfficientNet, GoogLeNet, Inception3, RegNet, ResNet,
+                                ShuffleNetV2, SqueezeNet, VisionTransformer)
 from torchvision.models.convnext import CNBlockConfig
 from torchvision.models.efficientnet import FusedMBConvConfig, MBConvConfig
 from torchvision.models.regnet import BlockParams
@@ -48,7 +53,7 @@ def _perturb(model):
                 mod.weight.normal_()
                 mod.bias.normal_()
         for name, p in model.named_parameters():
-            if name.endswith("layer_scale"):
+            if name.endswith(("layer_scale", "class_token")):
                 p.normal_()
     return model
 
@@ -63,6 +68,10 @@ FAMILIES = {
                         num_classes=5), 32),
     "regnet": (_regnet, 32),
     "efficientnet": (_efficientnet, 32),
+    # odd branch widths (6, 10, 14): the chunks after each shuffle split the routed channels unevenly
+    "shufflenet": (partial(ShuffleNetV2, [2, 3, 2], [8, 12, 20, 28, 16], num_classes=5), 32),
+    "vit": (partial(VisionTransformer, image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=16,
+                    mlp_dim=32, num_classes=5), 16),
 }
 
 
@@ -112,3 +121,55 @@ def test_squeezenet_refuses_concat_with_the_reason_and_still_fuses():
     fused = fuse(models, example_inputs=x)
     SqueezeNet("1_1", num_classes=5).load_state_dict(fused.state_dict(), strict=True)
     assert fused(x).shape == (2, 5)
+
+
+@pytest.mark.parametrize("family", ["shufflenet", "vit"])
+def test_fused_with_its_own_copy_keeps_member_0_and_its_routing(family):
+    # an importance that ranks member 0's units first: NT keeps exactly member 0's units (channels, heads, tokens'
+    # channels), so the fused model must compute member 0's features; only the output layer halves (weight 1/2)
+    models, x = members(family, 1)
+    calls = itertools.count()
+
+    def member_0_first(view):
+        return torch.full((view.size,), 2.0 if next(calls) % 2 == 0 else 1.0)
+
+    fused = fuse([models[0], copy.deepcopy(models[0])], importance=member_0_first, example_inputs=x)
+    output = [m for m in models[0].modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        expected = 0.5 * models[0](x) + 0.5 * output.bias
+        assert torch.allclose(fused(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("options", [{"keep_ratio": 0.5}, {"order": "prune_merge"}])
+def test_shufflenet_refuses_other_widths_with_the_reason(options):
+    models, x = members("shufflenet", 2)
+    with pytest.raises(UserError, match="routes channels by position"):
+        fuse(models, example_inputs=x, **options)
+
+
+def test_ot_fuses_shufflenet_to_the_original_architecture():
+    # one-channel spaces have nothing to align (identity transport); the branches' own spaces are aligned
+    models, x = members("shufflenet", 2)
+    fused = fuse(models, method="ot", example_inputs=x)
+    ShuffleNetV2([2, 3, 2], [8, 12, 20, 28, 16], num_classes=5).load_state_dict(fused.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.isfinite(fused(x)).all()
+
+
+def test_vit_keeps_whole_heads_of_the_members():
+    models, x = members("vit", 3, seed=4)
+    fused = fuse(models, example_inputs=x)
+    attention = fused.encoder.layers.encoder_layer_0.self_attention
+    assert attention.num_heads == 2 and attention.head_dim == 8
+    queries = attention.in_proj_weight[:16]
+    # every kept head's query rows are one member's head, restricted to the kept stream channels
+    for head in queries.split(8):
+        assert any(all(torch.equal(row[row != 0], ref_row[torch.isin(ref_row, row[row != 0])])
+                       for row, ref_row in zip(head, ref)) for m in models
+                   for ref in m.encoder.layers.encoder_layer_0.self_attention.in_proj_weight[:16].split(8))
+
+
+def test_vit_refuses_other_widths_with_the_reason():
+    models, x = members("vit", 2)
+    with pytest.raises(UserError, match="channel count as a constant"):
+        fuse(models, example_inputs=x, keep_ratio=0.5)

@@ -1,0 +1,70 @@
+"""Union-find over channel spaces, as the analysis walk builds them.
+
+A space is born when a layer opens its output channels (`open`), normally as
+one space, or one space per channel when a permutation or a split routes that
+layer's channels apart (the layers named in `atomize`). Residual additions
+merge spaces part by part (`union_layouts`). When a walk meets channels that
+must be routed apart but were opened whole, `refine` records their layers in
+`pending`, and the analysis walks again with them atomized.
+"""
+
+from ntdist.fusion.plan import IN, OUT, Dim
+from ntdist.fusion.shapes import refuse
+
+
+class Spaces:
+    """Union-find over channel spaces."""
+
+    def __init__(self, atomize=frozenset()):
+        self.parent, self.size, self.born = [IN, OUT], [None, None], []
+        self.creator, self.atomize, self.pending, self.atoms, self.shuffles = {}, atomize, set(), set(), []
+        self.widths = []
+
+    def new(self, size: int, creator: str = "") -> int:
+        self.parent.append(len(self.parent))
+        self.size.append(size)
+        self.born.append(len(self.parent) - 1)
+        self.creator[len(self.parent) - 1] = creator
+        return len(self.parent) - 1
+
+    def open(self, name: str, size: int):
+        """The layout of layer `name`'s output: one new space, or one per channel if it must be routed apart."""
+        if name not in self.atomize:
+            return (Dim(self.new(size, name)),)
+        spaces = tuple(Dim(self.new(1, name)) for _ in range(size))
+        self.atoms.update(d.space for d in spaces)
+        return spaces
+
+    def refine(self, lay):
+        """Ask for another walk in which the layers producing `lay`'s parts open one space per channel."""
+        for d in lay:
+            root = self.find(d.space)
+            self.pending.update(self.creator[s] for s in self.born if self.find(s) == root and self.creator[s])
+
+    def find(self, s: int) -> int:
+        while self.parent[s] != s:
+            self.parent[s] = self.parent[self.parent[s]]
+            s = self.parent[s]
+        return s
+
+    def union_layouts(self, a, b, name):
+        """Merge two layouts part by part (a residual addition); refuse if they are cut differently."""
+        if len(a) != len(b) or any(x.factor != y.factor for x, y in zip(a, b)):
+            if all(d.factor == 1 for d in a + b):
+                self.refine(a + b)     # cut differently: both sides routed channel by channel may still match
+            refuse(name, "combines tensors with different feature layouts (differently concatenated or flattened)")
+        for x, y in zip(a, b):
+            rx, ry = self.find(x.space), self.find(y.space)
+            if rx != ry and IN in (rx, ry):
+                refuse(name, "adds hidden channels to the model input; cannot widen exactly")
+            self.union(x.space, y.space)
+        return a
+
+    def union(self, a: int, b: int) -> int:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return ra
+        if rb in (IN, OUT) or (ra not in (IN, OUT) and rb < ra):
+            ra, rb = rb, ra
+        self.parent[rb] = ra
+        return ra
