@@ -15,7 +15,7 @@ from ntdist.errors import UserError, check_choice
 from ntdist.fusion.assemble import assemble, tensors_of
 from ntdist.fusion.checks import check_finite, check_models, check_weights, normalized
 from ntdist.fusion.graph import Plan, analyze
-from ntdist.fusion.importance import resolve
+from ntdist.fusion.importance import DEFAULT_IMPORTANCE, resolve
 from ntdist.fusion.norms import group_layer_norms
 from ntdist.fusion.prune import ratio_of, select, shares, targets, verify_finite
 
@@ -36,7 +36,7 @@ def concat(models: Sequence[nn.Module], weights: Optional[Sequence[float]] = Non
 
 
 def nt_step(models: Sequence[nn.Module], weights: Sequence[float], plan: Plan, ratio: float,
-            reference: nn.Module, importance="l2", order="merge_prune") -> nn.Module:
+            reference: nn.Module, importance=DEFAULT_IMPORTANCE, order="merge_prune") -> nn.Module:
     """Concatenate `models` and prune back to `ratio` x the reference width, in the given order."""
     w = normalized(weights)
     ref_sizes = plan.space_sizes(tensors_of(reference))
@@ -55,8 +55,9 @@ def nt_step(models: Sequence[nn.Module], weights: Sequence[float], plan: Plan, r
     return assemble(pruned, plan, w, None)
 
 
-def fuse_pair(a: nn.Module, b: nn.Module, weight_a: float = 1.0, weight_b: float = 1.0, *, importance="l2",
-              order: str = "merge_prune", width: Optional[int] = None, keep_ratio: Optional[float] = None,
+def fuse_pair(a: nn.Module, b: nn.Module, weight_a: float = 1.0, weight_b: float = 1.0, *,
+              importance=DEFAULT_IMPORTANCE, order: str = "merge_prune", width: Optional[int] = None,
+              keep_ratio: Optional[float] = None,
               example_inputs=None, reference: Optional[nn.Module] = None, plan: Optional[Plan] = None) -> nn.Module:
     """Fuse two models with NT; `weight_a`/`weight_b` are the leaf counts (or weights) each stands for.
 
@@ -111,7 +112,7 @@ def _pairwise(models, weights, schedule, pair):
     return held[0]
 
 
-def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = "flat", importance="l2",
+def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = "flat", importance=DEFAULT_IMPORTANCE,
          order: str = "merge_prune", width: Optional[int] = None, keep_ratio: Optional[float] = None,
          example_inputs=None, weights: Optional[Sequence[float]] = None) -> nn.Module:
     """Fuse k models of one architecture into one (of the original width unless `width`/`keep_ratio`).
