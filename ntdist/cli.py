@@ -22,7 +22,7 @@ from ntdist.commands.report import report_command  # noqa: E402
 from ntdist.commands.run import run_command  # noqa: E402
 from ntdist.config import describe_keys  # noqa: E402
 from ntdist.errors import EXIT_FAILURE, NtdistError  # noqa: E402
-from ntdist.fusion import IMPORTANCES, METHODS, ORDERS, SCHEDULES  # noqa: E402
+from ntdist.fusion import DEFAULT_IMPORTANCE, IMPORTANCES, METHODS, ORDERS, SCHEDULES  # noqa: E402
 
 RUN_EPILOG = """Overrides are dotted keys, e.g.:
   ntdist run configs/quickstart.yaml train.epochs=5 fusion.methods=[nt,avg] model.kwargs.width=64
@@ -65,8 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     fuse.add_argument("--schedule", default="recursive", choices=SCHEDULES,
                       help="how k models are combined: flat (all at once), iterative (one after another), "
                            "recursive (pairwise tree, default)")
-    fuse.add_argument("--importance", default="l2", choices=list(IMPORTANCES),
-                      help="NT: the score by which units are kept (default l2)")
+    fuse.add_argument("--importance", default=DEFAULT_IMPORTANCE, choices=list(IMPORTANCES),
+                      help=f"NT: the score by which units are kept (default {DEFAULT_IMPORTANCE})")
     fuse.add_argument("--order", default="merge_prune", choices=ORDERS,
                       help="NT: concat then prune (merge_prune, default), or prune each member then concat")
     fuse.add_argument("--width", type=int, default=None, help="NT: target width of the first hidden layer (mlp)")

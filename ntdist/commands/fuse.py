@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ntdist.errors import UserError
-from ntdist.fusion import fuse
+from ntdist.fusion import DEFAULT_IMPORTANCE, fuse
 from ntdist.models import ModelSpec
 from ntdist.models.weights import read_state_dict
 from ntdist.records.checkpoint import load_model, save_checkpoint
@@ -92,8 +92,9 @@ def load_members(paths, model: Optional[str], model_kwargs: dict):
     return [loaded[0][0]] + [load_with_spec(p, spec) for p in paths[1:]], spec
 
 
-def fuse_command(paths, output: str, method: str = "nt", schedule: str = "recursive", importance: str = "l2",
-                 order: str = "merge_prune", width=None, keep_ratio=None, force: bool = False,
+def fuse_command(paths, output: str, method: str = "nt", schedule: str = "recursive",
+                 importance: str = DEFAULT_IMPORTANCE, order: str = "merge_prune", width=None, keep_ratio=None,
+                 force: bool = False,
                  model: Optional[str] = None, model_kwargs: Optional[str] = None, device: str = "cpu") -> str:
     if len(paths) < 2:
         raise UserError(f"fusion needs at least 2 checkpoints, got {len(paths)}")

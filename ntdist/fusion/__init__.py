@@ -9,7 +9,7 @@ schedule="recursive")` bit for bit. This package never uses torch.distributed.
 from ntdist.fusion.baselines import Ensemble, average, distillation_loss, reestimate_bn
 from ntdist.fusion.config import FusionConfig
 from ntdist.fusion.graph import Plan, analyze
-from ntdist.fusion.importance import IMPORTANCES, SpaceView, group_l2, l1, l2
+from ntdist.fusion.importance import DEFAULT_IMPORTANCE, IMPORTANCES, SpaceView, group_l2, l1, l2
 from ntdist.fusion.ot import ot_fuse
 from ntdist.fusion.prune import prune
 from ntdist.fusion.schedule import (METHODS, ORDERS, SCHEDULES, concat, fuse, fuse_pair, recursive_pairs,
@@ -17,4 +17,4 @@ from ntdist.fusion.schedule import (METHODS, ORDERS, SCHEDULES, concat, fuse, fu
 
 __all__ = ["concat", "fuse", "fuse_pair", "recursive_pairs", "recursive_plan", "prune", "average", "ot_fuse",
            "Ensemble", "distillation_loss", "reestimate_bn", "FusionConfig", "IMPORTANCES", "SpaceView",
-           "l2", "l1", "group_l2", "analyze", "Plan", "METHODS", "SCHEDULES", "ORDERS"]
+           "l2", "l1", "group_l2", "DEFAULT_IMPORTANCE", "analyze", "Plan", "METHODS", "SCHEDULES", "ORDERS"]

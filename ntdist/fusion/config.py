@@ -5,7 +5,7 @@ from typing import List, Optional
 
 from ntdist.errors import UserError, check_choice
 from ntdist.fusion.dedup import DEDUP_THRESHOLD
-from ntdist.fusion.importance import IMPORTANCES
+from ntdist.fusion.importance import DEFAULT_IMPORTANCE, IMPORTANCES
 from ntdist.fusion.schedule import METHODS, ORDERS, SCHEDULES
 from ntdist.options import opt
 
@@ -18,7 +18,7 @@ class FusionConfig:
     methods: List[str] = opt(["nt"], "fusion methods to run and compare: " + " | ".join(METHODS))
     schedule: str = opt("recursive", "how k models are combined: flat (all at once) | iterative | recursive (pairwise tree)")
     order: str = opt("merge_prune", "NT order: merge_prune (concat then prune) | prune_merge (prune members, then concat)")
-    importance: str = opt("l2", "NT unit importance for pruning: " + " | ".join(IMPORTANCES))
+    importance: str = opt(DEFAULT_IMPORTANCE, "NT unit importance for pruning: " + " | ".join(IMPORTANCES))
     keep_ratio: Optional[float] = opt(None, "fused width relative to one member's, in (0, k]; default 1")
     width: Optional[int] = opt(None, "fused width of the first hidden layer (others scaled alike); overrides the default")
     bn_reestimate: bool = opt(False, "re-estimate BatchNorm statistics of the fused model on training batches")

@@ -20,7 +20,7 @@ from ntdist.errors import UserError
 from ntdist.fusion.assemble import assemble, tensors_of
 from ntdist.fusion.checks import check_finite
 from ntdist.fusion.graph import Plan, analyze
-from ntdist.fusion.importance import l1, l2, resolve, space_views
+from ntdist.fusion.importance import DEFAULT_IMPORTANCE, l1, l2, resolve, space_views
 
 
 def ratio_of(plan: Plan, ref_sizes: Dict[int, int], k: float, width=None, keep_ratio=None) -> float:
@@ -181,7 +181,7 @@ def select(models: Sequence[nn.Module], plan: Plan, importance, want: Dict[int, 
 
 
 def prune(model: nn.Module, width: Optional[int] = None, keep_ratio: Optional[float] = None,
-          importance="l2", example_inputs=None, reference: Optional[nn.Module] = None,
+          importance=DEFAULT_IMPORTANCE, example_inputs=None, reference: Optional[nn.Module] = None,
           plan: Optional[Plan] = None, want: Optional[Dict[int, int]] = None) -> nn.Module:
     """Prune one model to `width` / `keep_ratio` (relative to `reference`, default the model itself)."""
     plan = plan if plan is not None else analyze(model, example_inputs)

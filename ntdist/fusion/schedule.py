@@ -16,7 +16,7 @@ from ntdist.fusion.assemble import assemble, tensors_of
 from ntdist.fusion.checks import check_finite, check_models, check_weights, normalized
 from ntdist.fusion.dedup import DEDUP_THRESHOLD, dedup_fuse
 from ntdist.fusion.graph import Plan, analyze
-from ntdist.fusion.importance import resolve
+from ntdist.fusion.importance import DEFAULT_IMPORTANCE, resolve
 from ntdist.fusion.norms import group_layer_norms
 from ntdist.fusion.prune import ratio_of, select, shares, targets, verify_finite
 from ntdist.fusion.widegraph import widen_graph
@@ -51,7 +51,7 @@ def check_dedup(dedup: bool, threshold: float, order: str) -> None:
 
 
 def nt_step(models: Sequence[nn.Module], weights: Sequence[float], plan: Plan, ratio: float,
-            reference: nn.Module, importance="l2", order="merge_prune", dedup: bool = False,
+            reference: nn.Module, importance=DEFAULT_IMPORTANCE, order="merge_prune", dedup: bool = False,
             dedup_threshold: float = DEDUP_THRESHOLD, merged: Optional[dict] = None) -> nn.Module:
     """Concatenate `models` and prune back to `ratio` x the reference width, in the given order.
 
@@ -81,10 +81,10 @@ def nt_step(models: Sequence[nn.Module], weights: Sequence[float], plan: Plan, r
     return assemble(pruned, plan, w, None)
 
 
-def fuse_pair(a: nn.Module, b: nn.Module, weight_a: float = 1.0, weight_b: float = 1.0, *, importance="l2",
-              order: str = "merge_prune", width: Optional[int] = None, keep_ratio: Optional[float] = None,
-              example_inputs=None, reference: Optional[nn.Module] = None, plan: Optional[Plan] = None,
-              dedup: bool = False, dedup_threshold: float = DEDUP_THRESHOLD,
+def fuse_pair(a: nn.Module, b: nn.Module, weight_a: float = 1.0, weight_b: float = 1.0, *,
+              importance=DEFAULT_IMPORTANCE, order: str = "merge_prune", width: Optional[int] = None,
+              keep_ratio: Optional[float] = None, example_inputs=None, reference: Optional[nn.Module] = None,
+              plan: Optional[Plan] = None, dedup: bool = False, dedup_threshold: float = DEDUP_THRESHOLD,
               merged: Optional[dict] = None) -> nn.Module:
     """Fuse two models with NT; `weight_a`/`weight_b` are the leaf counts (or weights) each stands for.
 
@@ -140,7 +140,7 @@ def _pairwise(models, weights, schedule, pair):
     return held[0]
 
 
-def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = "flat", importance="l2",
+def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = "flat", importance=DEFAULT_IMPORTANCE,
          order: str = "merge_prune", width: Optional[int] = None, keep_ratio: Optional[float] = None,
          example_inputs=None, weights: Optional[Sequence[float]] = None, dedup: bool = False,
          dedup_threshold: float = DEDUP_THRESHOLD, merged: Optional[dict] = None) -> nn.Module:

@@ -1,7 +1,7 @@
 """Model registry: build any supported network from a `{name, kwargs}` spec.
 
 Specs are stored inside checkpoints, so a model can be rebuilt from the file
-alone. Names: `mlp`, `lenet`, `vgg11`, `resnet18`, `torchvision:<name>` for
+alone. Names: `mlp`, `cnn1d` (1-D signals), `lenet`, `vgg11`, `resnet18`, `torchvision:<name>` for
 any torchvision classification model (e.g. `torchvision:resnet18`), or an
 import path `package.module:callable` for a model of one's own. Builders never
 download: weights keyword arguments are refused (initial weights come from
@@ -16,13 +16,14 @@ from typing import Any, Dict, List, Optional
 import torch.nn as nn
 
 from ntdist.errors import UserError, suggest
+from ntdist.models.cnn1d import CNN1D
 from ntdist.models.lenet import LeNet
 from ntdist.models.mlp import MLP
 from ntdist.models.resnet import ResNet18
 from ntdist.models.vgg import VGG11
 from ntdist.options import import_callable, is_import_path, opt
 
-REGISTRY = {"mlp": MLP, "lenet": LeNet, "vgg11": VGG11, "resnet18": ResNet18}
+REGISTRY = {"mlp": MLP, "cnn1d": CNN1D, "lenet": LeNet, "vgg11": VGG11, "resnet18": ResNet18}
 IMAGE_MODELS = ("lenet", "vgg11", "resnet18")   # registry models that take in_channels and image_size
 DATA_HINTS = ("num_classes", "input_dim", "in_channels", "image_size")   # filled in from the dataset
 DOWNLOAD_KWARGS = ("weights", "weights_backbone", "pretrained", "progress")   # never passed to a builder
@@ -32,7 +33,7 @@ DOWNLOAD_KWARGS = ("weights", "weights_backbone", "pretrained", "progress")   # 
 class ModelConfig:
     """Which network every ensemble member uses, and where its initial weights come from."""
 
-    name: str = opt("mlp", "mlp | lenet | vgg11 | resnet18 | torchvision:<name> | package.module:callable")
+    name: str = opt("mlp", "mlp | cnn1d | lenet | vgg11 | resnet18 | torchvision:<name> | package.module:callable")
     kwargs: Dict[str, Any] = opt({}, "constructor arguments (width, depth, bias, ...); input shape and classes come from the data")
     weights: Optional[str] = opt(None, "initial weights of every member: a .safetensors or weights-only torch file, "
                                        "or a torchvision weights name (DEFAULT, IMAGENET1K_V1) from the local hub cache")
@@ -106,6 +107,9 @@ def complete_kwargs(name: str, kwargs: Dict[str, Any], in_shape, num_classes: in
     out.setdefault("num_classes", num_classes)
     if name == "mlp":
         out.setdefault("input_dim", n)
+    elif name == "cnn1d":
+        out.setdefault("in_channels", in_shape[0])
+        out.setdefault("length", in_shape[-1])
     elif name in IMAGE_MODELS:
         out.setdefault("in_channels", in_shape[0])
         out.setdefault("image_size", in_shape[-1])
@@ -139,5 +143,5 @@ class ModelSpec:
         return build_model(self.name, self.kwargs)
 
 
-__all__ = ["ModelConfig", "ModelSpec", "build_model", "complete_kwargs", "REGISTRY", "MLP", "LeNet", "VGG11",
+__all__ = ["ModelConfig", "ModelSpec", "build_model", "complete_kwargs", "REGISTRY", "MLP", "CNN1D", "LeNet", "VGG11",
            "ResNet18"]

@@ -4,8 +4,9 @@
 
 Runs whose configs are equal apart from train.seed form one group (a sweep
 point); each group gets a table in the layout of the NT paper (mean ± std over
-seeds, in percent) and a plot of accuracy against fine-tuning epoch. When the
-groups differ in fusion.k or in sparsity, accuracy is also plotted against them.
+seeds, in percent), a plot of accuracy against fine-tuning epoch and NT's paired
+differences per seed (`records.paired`); when the groups differ in fusion.k or in
+sparsity, accuracy is also plotted against them.
 """
 
 import json
@@ -23,6 +24,7 @@ from ntdist.options import format_value  # noqa: E402
 from ntdist.errors import UserError  # noqa: E402
 from ntdist.records.files import atomic_write_text, replacing  # noqa: E402
 from ntdist.records.manifest import add_to_manifest  # noqa: E402
+from ntdist.records.paired import paired_section  # noqa: E402
 from ntdist.records.results import RESULTS_FILE, RunResults, from_dict  # noqa: E402
 from ntdist.records.stats import aggregate, mean_std, merged_summary  # noqa: E402
 
@@ -275,7 +277,8 @@ def write_report(run_dirs: List[str], out_dir: str) -> str:
         raise UserError("no run directories given; pass at least one directory written by 'ntdist run'")
     groups = group_runs(run_dirs)
     os.makedirs(out_dir, exist_ok=True)
-    add_to_manifest(out_dir, [REPORT_FILE, *PLOTS, *(f"curves_{i}.png" for i in range(1, len(groups) + 1))])
+    figures = [f"{kind}_{i}.png" for i in range(1, len(groups) + 1) for kind in ("curves", "paired")]
+    add_to_manifest(out_dir, [REPORT_FILE, *PLOTS, *figures])
     runs = sum(len(g.dirs) for g in groups)
     text = ["# ntdist report", "", f"{runs} runs in {len(groups)} group(s); accuracies are test accuracy in "
             "percent, mean ± sample std over seeds.", "", BEST_NOTE, ""]
@@ -285,6 +288,7 @@ def write_report(run_dirs: List[str], out_dir: str) -> str:
             text += [extra, ""] if extra else []
         name = _save(plot_curves(group), out_dir, f"curves_{i}.png")
         text += [f"![accuracy against fine-tuning epoch]({name})", ""]
+        text += paired_section(group.stats, group.label, lambda fig, i=i: _save(fig, out_dir, f"paired_{i}.png"))
     extra = [(lambda g: g.config.get("fusion.k") or g.results[0].k, ("fusion.k",), "number of members k",
               "Accuracy against ensemble size", False, PLOTS[0]),
              (_sparsity, ("fusion.keep_ratio",), "sparsity of the NT fusion (1 - kept width / (k × width))",

@@ -1,14 +1,26 @@
-"""Statistics over seeds: mean ± sample std of every accuracy in a list of results.
+"""Statistics over seeds: mean ± sample std of every accuracy, and paired differences.
 
 `aggregate` is what sweep.json and the report's tables are made of; `best_by_val`
 picks a fine-tuning epoch by validation accuracy, never by test accuracy.
+
+Every seed trains one set of members; NT, the other fusion methods and the control
+(the best member fine-tuned for the same extra epochs) all start from that set, so
+their accuracies pair up seed by seed. `paired` reduces the per-seed differences
+a - b to mean ± sample std, a two-sided paired t-test p-value and a sign count;
+`paired_block` does it for NT against the control, OT and Avg at every checkpoint:
+right after fusion (the control's value there is the best member itself), after
+each fine-tuning epoch, and at the epoch chosen by validation accuracy ("best").
 """
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from scipy.stats import t as student_t
 
 from ntdist.errors import UserError
 from ntdist.records.results import RunResults, SyncResults
+
+BASELINES = ("control", "ot", "avg")   # what NT is compared with, in the report's order
 
 
 def mean_std(values: Sequence[float]) -> Tuple[float, float]:
@@ -58,6 +70,88 @@ def _curve_block(entries: list, post_fusion: bool) -> dict:
     return out
 
 
+def t_test_p(differences: Sequence[float]) -> Optional[float]:
+    """Two-sided p-value of a one-sample t-test of mean 0 on `differences` (a paired t-test).
+
+    None with fewer than two values. With no spread at all the test statistic is 0/0 or
+    infinite: p is 1.0 when every difference is 0, else 0.0.
+    """
+    n = len(differences)
+    if n < 2:
+        return None
+    mean, std = mean_std(differences)
+    if std == 0.0:
+        return 1.0 if mean == 0.0 else 0.0
+    statistic = mean / (std / math.sqrt(n))
+    return float(2.0 * student_t.sf(abs(statistic), n - 1))
+
+
+def paired(a: Sequence[Optional[float]], b: Sequence[Optional[float]]) -> Optional[dict]:
+    """Statistics of a - b over the positions where both are known.
+
+    {"mean", "std", "n", "p", "wins", "losses", "ties", "diffs"}: wins counts a > b;
+    `diffs` keeps the per-seed differences for plots. None when no pair is complete.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired needs equally long sequences, got {len(a)} and {len(b)}")
+    diffs = [float(x) - float(y) for x, y in zip(a, b) if x is not None and y is not None]
+    if not diffs:
+        return None
+    mean, std = mean_std(diffs)
+    return {"mean": mean, "std": std, "n": len(diffs), "p": t_test_p(diffs),
+            "wins": sum(d > 0 for d in diffs), "losses": sum(d < 0 for d in diffs),
+            "ties": sum(d == 0 for d in diffs), "diffs": diffs}
+
+
+def _epoch(curve: List[float], index: int) -> Optional[float]:
+    return curve[index] if len(curve) > index else None
+
+
+def _checkpoints(results: RunResults, name: str) -> Optional[Dict[str, Callable[[int], Optional[float]]]]:
+    """Accessors of one method's (or the control's) accuracy at each checkpoint of one run."""
+    if name == "control":
+        entry = results.control
+        if entry is None:
+            return None
+        first = results.best_member
+    else:
+        entry = results.fusion.get(name)
+        if entry is None:
+            return None
+        first = entry.post_fusion
+    return {"post_fusion": lambda _i: first,
+            "finetune": lambda i: _epoch(entry.finetune, i),
+            "best": lambda _i: best_by_val(entry.finetune, entry.finetune_val)}
+
+
+def paired_block(results: List[RunResults], method: str = "nt",
+                 baselines: Sequence[str] = BASELINES) -> Dict[str, dict]:
+    """`method` minus each baseline, per checkpoint, over the runs of one sweep point.
+
+    {baseline: {"post_fusion": stat, "finetune": [stat per epoch], "best": stat}}, each
+    stat as returned by `paired` (None where no run holds both). Baselines that no run
+    holds are left out; an empty dict when no run holds `method`.
+    """
+    out: Dict[str, dict] = {}
+    mine = [_checkpoints(r, method) for r in results]
+    if not any(mine):
+        return out
+    epochs = max((len(r.fusion[method].finetune) for r in results if method in r.fusion), default=0)
+    for baseline in baselines:
+        theirs = [_checkpoints(r, baseline) for r in results]
+        pairs = [(m, t) for m, t in zip(mine, theirs) if m and t]
+        if not pairs:
+            continue
+
+        def at(key, index=0):
+            return paired([m[key](index) for m, _ in pairs], [t[key](index) for _, t in pairs])
+
+        out[baseline] = {"post_fusion": at("post_fusion"),
+                         "finetune": [at("finetune", i) for i in range(epochs)],
+                         "best": at("best")}
+    return out
+
+
 def aggregate(results: List[RunResults]) -> dict:
     """Mean and std over seeds of every accuracy in a list of results.
 
@@ -76,6 +170,7 @@ def aggregate(results: List[RunResults]) -> dict:
         for name, entry in r.fusion.items():
             methods.setdefault(name, []).append(entry)
     out["methods"] = {name: _curve_block(entries, True) for name, entries in methods.items()}
+    out["paired"] = {"nt": paired_block(results, "nt")}
     return out
 
 

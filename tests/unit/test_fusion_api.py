@@ -11,7 +11,7 @@ from ntdist.fusion.config import FusionConfig
 
 def test_fusion_config_fields_have_defaults_and_help():
     cfg = FusionConfig()
-    assert (cfg.k, cfg.methods, cfg.schedule, cfg.order, cfg.importance) == (2, ["nt"], "recursive", "merge_prune", "l2")
+    assert (cfg.k, cfg.methods, cfg.schedule, cfg.order, cfg.importance) == (2, ["nt"], "recursive", "merge_prune", "group_l2")
     assert cfg.keep_ratio is None and cfg.width is None and cfg.bn_reestimate is False and cfg.bn_batches == 10
     for f in dataclasses.fields(FusionConfig):
         assert f.metadata["help"] and "\n" not in f.metadata["help"], f.name

@@ -1,6 +1,6 @@
 """NT concat is exact: the wide model computes the (weighted) average of the members' outputs.
 
-Covers MLP, LeNet, VGG11 (with and without BN / bias), the CIFAR ResNet18,
+Covers MLP, the 1-D CNN of MNIST-1D, LeNet, VGG11 (with and without BN / bias), the CIFAR ResNet18,
 torchvision's resnet18, depthwise and grouped convolutions, and the refusals
 for layers that cannot be widened exactly.
 
@@ -34,6 +34,8 @@ def assert_exact(wide, models, x, weights=None):
 CASES = [
     ("mlp", {"input_dim": 64, "width": 12, "depth": 2, "bias": True}, (64,)),
     ("mlp", {"input_dim": 64, "width": 12, "depth": 3, "bias": False}, (1, 8, 8)),
+    ("cnn1d", {"in_channels": 1, "length": 40, "bias": True}, (1, 40)),
+    ("cnn1d", {"in_channels": 2, "length": 23, "channels": 6, "bias": False}, (2, 23)),
     ("lenet", {"in_channels": 1, "image_size": 8, "bias": True}, (1, 8, 8)),
     ("lenet", {"in_channels": 1, "image_size": 8, "bias": False}, (1, 8, 8)),
     ("vgg11", {"in_channels": 3, "image_size": 16, "width": 0.125, "batch_norm": True, "bias": True}, (3, 16, 16)),
