@@ -3,7 +3,7 @@ uninterrupted run's weights and metrics bit for bit. Member training (one member
 a scheduler signals every task), then data-parallel fine-tuning (SIGTERM on rank 1 only: rank 0 learns it
 from the one all-reduce at the checkpoint step and stops at the same batch).
 
-Run: .venv/bin/python -m pytest tests/multiproc/test_step_resume.py
+Run: .venv/bin/python -m pytest tests/multiproc/test_step_resume_ranks.py
 """
 
 import json
