@@ -158,6 +158,24 @@ def _classes(rep: torch.Tensor, into: torch.Tensor) -> Choice:
     return Choice(rep, into, classes, len(reps))
 
 
+def _first_slots(choice: Choice) -> Choice:
+    """The same classes, each kept in the slot of its first unit in member order instead of its most important.
+
+    The function is the same (a class's incoming parameters become its mean, its outgoing
+    weights the sum), but the fused units keep member 0's order wherever member 0 has a unit in
+    the class: merging aligned replicas (periodic sync) then leaves every unit where it was, so
+    an optimizer's per-unit state (momentum) still belongs to it.
+    """
+    n = len(choice.into)
+    live = (choice.into >= 0).nonzero().squeeze(1)
+    first = torch.full((n,), n, dtype=torch.long).scatter_reduce(0, choice.into[live], live, "amin")
+    into, rep = choice.into.clone(), choice.rep.clone()
+    into[live] = first[choice.into[live]]
+    merged = rep >= 0
+    rep[merged] = first[choice.into[rep[merged]]]
+    return Choice(rep, into, choice.classes, choice.count)
+
+
 def _plain(keep: Optional[torch.Tensor], n: int) -> Choice:
     """Plain NT's choice for a space: the kept units, each its own class."""
     rep = torch.arange(n)
@@ -265,6 +283,7 @@ def dedup_fuse(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float]
             if not bad:
                 break
             dedup = dedup - bad
+        classes = {s: _first_slots(c) for s, c in classes.items()}
         _fold(ts, plan, sizes, classes)
         member_sizes = [plan.space_sizes(tensors_of(m)) for m in models]
         unit_weights = {s: torch.cat([torch.full((sz[s],), float(w), dtype=torch.float64)

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from helpers import QUICK, ntdist, randomise_bn
 from ntdist.errors import UserError
-from ntdist.fusion import FusionConfig, fuse, fuse_pair
+from ntdist.fusion import FusionConfig, average, fuse, fuse_pair
 from ntdist.models import build_model
 from ntdist.records.results import read_results
 
@@ -111,6 +111,25 @@ def test_a_kept_unit_takes_the_mean_incoming_weights_of_its_class():
     assert torch.cdist(first, mean).min(1).values.max() < 1e-6
     own = torch.cat([model.net[1].weight, model.net[1].bias[:, None]], 1)
     assert torch.cdist(first, own).min(1).values.min() > 1e-5      # not member 0's rows kept as they were
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_aligned_near_copies_fuse_to_their_average_in_member_0s_unit_order(k):
+    """Replicas of periodic sync: every unit has its twins at the same index, so NT with dedup is weight
+    averaging, unit for unit (what keeps the optimizer's momentum attached to the right units)."""
+    model, _ = member("mlp")
+    copies = [model]
+    for i in range(1, k):
+        twin = copy.deepcopy(model)
+        torch.manual_seed(100 + i)
+        with torch.no_grad():
+            for p in twin.parameters():
+                p.add_(torch.randn_like(p) * 1e-3)
+        copies.append(twin)
+    fused, mean = fuse(copies, dedup=True).state_dict(), average(copies).state_dict()
+    assert fused.keys() == mean.keys()
+    for key in mean:
+        torch.testing.assert_close(fused[key], mean[key], rtol=0, atol=1e-6)
 
 
 def test_residual_merge_without_matching_block_rows_is_undone():
