@@ -15,8 +15,6 @@ each fine-tuning epoch, and at the epoch chosen by validation accuracy ("best").
 import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from scipy.stats import t as student_t
-
 from ntdist.errors import UserError
 from ntdist.records.results import RunResults, SyncResults
 
@@ -83,6 +81,7 @@ def t_test_p(differences: Sequence[float]) -> Optional[float]:
     if std == 0.0:
         return 1.0 if mean == 0.0 else 0.0
     statistic = mean / (std / math.sqrt(n))
+    from scipy.stats import t as student_t   # here: scipy.stats takes half a second to import
     return float(2.0 * student_t.sf(abs(statistic), n - 1))
 
 
