@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -207,7 +208,9 @@ def test_bad_input_table_one_line_nonzero_nothing_lost(tmp_path, finished):
     cases = _cases(tmp_path, finished)
     assert len(cases) >= 20
     before = snapshot(tmp_path), snapshot(finished)
-    for name, args, env, words in cases:
+
+    def attempt(case):
+        name, args, env, words = case
         blocker = None
         if env == "PORT_IN_USE":
             blocker = socket.socket()
@@ -216,10 +219,14 @@ def test_bad_input_table_one_line_nonzero_nothing_lost(tmp_path, finished):
             env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                    "MASTER_PORT": str(blocker.getsockname()[1])}
         try:
-            proc = ntdist(*args, env=env, timeout=120)
+            return ntdist(*args, env=env, timeout=120)
         finally:
             if blocker:
                 blocker.close()
+
+    with ThreadPoolExecutor(max_workers=2) as pool:     # two at a time: each case is mostly a process start
+        procs = list(pool.map(attempt, cases))
+    for (name, _, _, words), proc in zip(cases, procs):
         err = proc.stderr.strip()
         assert proc.returncode != 0, name
         assert "Traceback" not in err, (name, err[-1500:])
