@@ -17,30 +17,12 @@ import torch.nn.functional as F
 from ntdist.data import DataConfig, load_splits
 from ntdist.fusion import fuse
 from ntdist.models import build_model
+from tiny_training import accuracy, sgd, train
 
 
 def tensors(dataset):
     xs, ys = zip(*(dataset[i] for i in range(len(dataset))))
     return torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in xs]), torch.as_tensor(ys)
-
-
-def train(model, x, y, epochs, seed, lr, batch=32):
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), batch):
-            idx = order[i:i + batch]
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval()
-
-
-@torch.no_grad()
-def accuracy(model, x, y):
-    return (model.eval()(x).argmax(1) == y).float().mean().item()
 
 
 def main():
@@ -64,7 +46,7 @@ def main():
         members = []
         for i in range(args.k):
             torch.manual_seed(1000 * seed + i)
-            members.append(train(build_model("mlp", spec), xtr, ytr, args.epochs, 1000 * seed + i, 0.05))
+            members.append(train(build_model("mlp", spec), xtr, ytr, args.epochs, 1000 * seed + i, sgd(0.05), batch=32))
         members_acc.append(statistics.mean(accuracy(m, xte, yte) for m in members))
         with torch.no_grad():
             ensemble_acc.append((sum(F.softmax(m(xte), 1) for m in members).argmax(1) == yte).float().mean().item())
@@ -72,7 +54,8 @@ def main():
             merged = {}
             fused = fuse(members, method="nt", schedule="flat", merged=merged, **extra)
             rows[name]["fused"].append(accuracy(fused, xte, yte))
-            rows[name]["tuned"].append(accuracy(train(fused, xtr, ytr, args.finetune, 7 + seed, 0.01), xte, yte))
+            tuned = train(fused, xtr, ytr, args.finetune, 7 + seed, sgd(0.01), batch=32)
+            rows[name]["tuned"].append(accuracy(tuned, xte, yte))
             rows[name]["merged"].append(sum(merged.values()))
         print(f"seed {seed}: " + ", ".join(f"{n} {100 * r['fused'][-1]:.1f}/{100 * r['tuned'][-1]:.1f}"
                                           for n, r in rows.items()), flush=True)

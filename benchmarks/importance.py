@@ -15,36 +15,17 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 
 from ntdist.data import DataConfig, load_splits
 from ntdist.fusion import IMPORTANCES, fuse
 from ntdist.models import build_model, complete_kwargs
 from ntdist.records.stats import mean_std, paired
+from tiny_training import accuracy, sgd, train
 
 
 def tensors(dataset):
     xs, ys = zip(*(dataset[i] for i in range(len(dataset))))
     return torch.stack(xs), torch.as_tensor(ys)
-
-
-def train(model, x, y, epochs, seed, lr, batch=64):
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), batch):
-            idx = order[i:i + batch]
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval()
-
-
-@torch.no_grad()
-def accuracy(model, x, y):
-    return (model.eval()(x).argmax(1) == y).float().mean().item()
 
 
 def main():
@@ -72,12 +53,12 @@ def main():
         models = []
         for m in range(args.k):
             torch.manual_seed(1000 * seed + m)
-            models.append(train(build_model(args.model, kwargs), xtr, ytr, args.epochs, 1000 * seed + m, args.lr))
+            models.append(train(build_model(args.model, kwargs), xtr, ytr, args.epochs, 1000 * seed + m, sgd(args.lr)))
         members.append(max(accuracy(m, xte, yte) for m in models))
         for imp in IMPORTANCES:
             fused = fuse(models, method="nt", schedule="flat", importance=imp, example_inputs=xtr[:8])
             post[imp].append(accuracy(fused, xte, yte))
-            tuned[imp].append(accuracy(train(fused, xtr, ytr, args.finetune, 999 + seed, 0.01), xte, yte))
+            tuned[imp].append(accuracy(train(fused, xtr, ytr, args.finetune, 999 + seed, sgd(0.01)), xte, yte))
     pct = lambda v: "{:.1f} ± {:.1f}".format(*(100 * s for s in mean_std(v)))  # noqa: E731
     print(f"{args.data} {args.model} {kwargs} k={args.k} seeds={args.seeds} member epochs={args.epochs}: "
           f"best member (test) {pct(members)}; {time.perf_counter() - start:.0f} s")

@@ -17,12 +17,13 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torchvision.models import VisionTransformer
 
 from ntdist.fusion import Ensemble, fuse
+from tiny_training import accuracy as fraction_correct
+from tiny_training import adam, train
 
 CONFIG = dict(image_size=8, patch_size=2, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=10)
 
@@ -35,32 +36,14 @@ def digits(seed=0):
     return image(xtr), torch.tensor(ytr), image(xte), torch.tensor(yte)
 
 
-def train(model, x, y, epochs, seed, lr, batch=64, each=None):
-    """Adam on shuffled batches; `each(model)` is called after every epoch (for fine-tuning curves)."""
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for _ in range(epochs):
-        model.train()
-        order = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), batch):
-            idx = order[i:i + batch]
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-        if each is not None:
-            each(model.eval())
-    return model.eval()
-
-
-@torch.no_grad()
 def accuracy(model, x, y):
-    return 100.0 * (model.eval()(x).argmax(1) == y).float().mean().item()
+    return 100.0 * fraction_correct(model, x, y)
 
 
 def curve(model, x, y, xte, yte, epochs, seed, lr):
     """Accuracy right after fusion, then after each fine-tuning epoch."""
     accs = [accuracy(model, xte, yte)]
-    train(model, x, y, epochs, seed, lr, each=lambda m: accs.append(accuracy(m, xte, yte)))
+    train(model, x, y, epochs, seed, adam(lr), each=lambda m: accs.append(accuracy(m, xte, yte)))
     return accs
 
 
@@ -84,7 +67,7 @@ def main():
         models = []
         for m in range(args.k):
             torch.manual_seed(1000 * seed + m)
-            models.append(train(VisionTransformer(**CONFIG), xtr, ytr, args.epochs, 1000 * seed + m, args.lr))
+            models.append(train(VisionTransformer(**CONFIG), xtr, ytr, args.epochs, 1000 * seed + m, adam(args.lr)))
         accs = [accuracy(m, xte, yte) for m in models]
         rows["member"].append(statistics.mean(accs))
         rows["best member"].append(max(accs))
