@@ -126,18 +126,24 @@ def test_torchrun_quickstart_nt_beats_averaging(tmp_path):
     assert (out / "checkpoints" / "finetuned_nt.safetensors").exists()
 
 
-def test_killed_peer_ends_the_job_within_the_timeout(tmp_path):
+def two_training_ranks(out):
+    """A long quickstart run on two ranks started by hand (20 s timeouts); returns once rank 1 is training."""
     port = free_port()
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        cmd = [sys.executable, "-m", "ntdist", "run", "configs/quickstart.yaml", f"output.dir={tmp_path / 'run'}",
+        cmd = [sys.executable, "-m", "ntdist", "run", "configs/quickstart.yaml", f"output.dir={out}",
                "train.epochs=400", "distributed.timeout_s=20", "distributed.heartbeat_timeout_s=20",
                "distributed.rendezvous_timeout_s=60", "distributed.threads_per_rank=1"]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
-    wait_for(tmp_path / "run" / "checkpoints" / "member1.state.safetensors", procs[1])   # rank 1 is training
+    wait_for(out / "checkpoints" / "member1.state.safetensors", procs[1])
+    return procs
+
+
+def test_killed_peer_ends_the_job_within_the_timeout(tmp_path):
+    procs = two_training_ranks(tmp_path / "run")
     procs[1].send_signal(signal.SIGKILL)
     start = time.time()
     try:
@@ -154,16 +160,7 @@ def test_killed_peer_ends_the_job_within_the_timeout(tmp_path):
 def test_sigterm_after_a_peer_died_is_a_lost_peer_not_a_preemption(tmp_path):
     """torchrun's agent SIGTERMs the survivors when a worker dies: that must not read as a preemption (exit 3,
     which tells SLURM to requeue) but as a lost peer (exit 4), however fast the survivor reaches its boundary."""
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        cmd = [sys.executable, "-m", "ntdist", "run", "configs/quickstart.yaml", f"output.dir={tmp_path / 'run'}",
-               "train.epochs=400", "distributed.timeout_s=20", "distributed.threads_per_rank=1"]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
-    wait_for(tmp_path / "run" / "checkpoints" / "member0.state.safetensors", procs[0])
+    procs = two_training_ranks(tmp_path / "run")
     procs[1].send_signal(signal.SIGKILL)
     procs[0].send_signal(signal.SIGTERM)   # at once, as torchrun does
     try:
