@@ -42,6 +42,15 @@ def member(name, seed=0):
     return randomise_bn(build_model(name, kwargs)).eval(), torch.randn(6, *shape)
 
 
+def near_copy(model):
+    """A copy of `model` with every parameter moved by noise of scale 1e-3 (from torch's global RNG)."""
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)
+    return twin
+
+
 def max_error(fused, model, x):
     with torch.no_grad():
         return (fused.eval()(x) - model(x)).abs().max().item()
@@ -87,10 +96,7 @@ def test_diverse_members_fuse_as_plain_nt(name):
 
 def test_near_duplicates_are_merged_and_stay_close():
     model, x = member("mlp")
-    twin = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in twin.parameters():
-            p.add_(torch.randn_like(p) * 1e-3)
+    twin = near_copy(model)
     merged = {}
     fused = fuse([model, twin], dedup=True, dedup_threshold=0.99, merged=merged)
     assert merged == {"net.1": 12, "net.3": 12, "net.5": 12}
@@ -100,10 +106,7 @@ def test_near_duplicates_are_merged_and_stay_close():
 
 def test_a_kept_unit_takes_the_mean_incoming_weights_of_its_class():
     model, _ = member("mlp")
-    twin = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in twin.parameters():
-            p.add_(torch.randn_like(p) * 1e-3)
+    twin = near_copy(model)
     fused = fuse([model, twin], weights=[3, 1], dedup=True)
     first = torch.cat([fused.net[1].weight, fused.net[1].bias[:, None]], 1)
     mean = [torch.cat([m.net[1].weight, m.net[1].bias[:, None]], 1) for m in (model, twin)]
@@ -120,12 +123,8 @@ def test_aligned_near_copies_fuse_to_their_average_in_member_0s_unit_order(k):
     model, _ = member("mlp")
     copies = [model]
     for i in range(1, k):
-        twin = copy.deepcopy(model)
         torch.manual_seed(100 + i)
-        with torch.no_grad():
-            for p in twin.parameters():
-                p.add_(torch.randn_like(p) * 1e-3)
-        copies.append(twin)
+        copies.append(near_copy(model))
     fused, mean = fuse(copies, dedup=True).state_dict(), average(copies).state_dict()
     assert fused.keys() == mean.keys()
     for key in mean:

@@ -47,6 +47,19 @@ def _state(run):
     return meta["info"], {**state, **{f"extra.{k}": v for k, v in extra.items()}}
 
 
+def _preempted_in_epoch_1(run, monkeypatch, forward, batch):
+    """Train member 0 of `run` with a real SIGTERM at the `forward`-th forward pass; it stops at `batch` of epoch 1."""
+    with monkeypatch.context() as patch:
+        _sigterm_at_forward(patch, forward)
+        preempt.install_sigterm_handler()
+        try:
+            with pytest.raises(Preempted, match=f"at batch {batch} of epoch 1"):
+                members.train_member(run, 0)
+        finally:
+            preempt.default_sigterm()
+            preempt._requested = False
+
+
 @pytest.mark.parametrize("resident", ["data.resident_max_mb=64", "data.resident_max_mb=0"])
 def test_sigterm_mid_epoch_then_resume_is_bit_identical(tmp_path, monkeypatch, resident):
     whole_run = make_run(tmp_path / "whole", *ARGS, resident)
@@ -55,15 +68,7 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(tmp_path, monkeypatch, r
     assert steps > 12   # the SIGTERM below lands in the middle of epoch 1
 
     cut = make_run(tmp_path / "cut", *ARGS, resident)
-    with monkeypatch.context() as patch:
-        _sigterm_at_forward(patch, 6)
-        preempt.install_sigterm_handler()
-        try:
-            with pytest.raises(Preempted, match="at batch 8 of epoch 1"):
-                members.train_member(cut, 0)
-        finally:
-            preempt.default_sigterm()
-            preempt._requested = False
+    _preempted_in_epoch_1(cut, monkeypatch, forward=6, batch=8)
     info, _ = _state(cut)
     assert info["epoch"] == 0 and info["history"] == []
     assert {k: info["position"][k] for k in ("epoch", "step", "count", "batch_size")} == \
@@ -84,15 +89,7 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(tmp_path, monkeypatch, r
 
 def test_resume_inside_an_epoch_refuses_another_data_order(tmp_path, monkeypatch):
     cut = make_run(tmp_path / "run", *ARGS)
-    with monkeypatch.context() as patch:
-        _sigterm_at_forward(patch, 2)
-        preempt.install_sigterm_handler()
-        try:
-            with pytest.raises(Preempted, match="at batch 4 of epoch 1"):
-                members.train_member(cut, 0)
-        finally:
-            preempt.default_sigterm()
-            preempt._requested = False
+    _preempted_in_epoch_1(cut, monkeypatch, forward=2, batch=4)
     cut.rundir.release()
     changed = make_run(tmp_path / "run", *ARGS, "data.batch_size=8", resume=True)
     with pytest.raises(UserError, match="another data order"):
