@@ -7,11 +7,17 @@ epochs, interleaved so that every side sees the same background load:
   same model, SGD, batch and steps; no evaluation, no state files);
 - `ntdist`: ntdist's member training as `ntdist run` calls it (`train.vectorize=auto`), including its
   per-epoch validation and state files;
-- `one by one`: the same with `train.vectorize=off`.
+- `one by one`: the same with `train.vectorize=off`;
+- `epoch loop`: ntdist's epoch function alone (`train_epoch` over its resident batches, the k models one
+  after another): the same work as the floor, without validation and state files;
+- `DataLoader`: `one by one` with the data kept off the device (`data.resident_max_mb=0`), the loop ntdist
+  had before its data became tensor-resident (which also synced with the host at every step: this side
+  is, if anything, faster than that old loop).
 
 Every side first trains one epoch untimed (the process's one-off warm-up). Figures are medians of
 `repeats`; the ratios are the floor's seconds over the other side's (above 1: faster than the floor),
-and `ntdist / one by one` is what training the k members at once gains. Each row carries the
+`ntdist / one by one` is what training the k members at once gains, and `ntdist / DataLoader` what it
+gains over a DataLoader loop. Each row carries the
 machine's 1-minute load average when it was taken: on a shared machine, compare rows of similar load.
 """
 
@@ -28,8 +34,8 @@ from ntdist.commands.bench import check_out_csv, write_csv
 from ntdist.config import load_config
 from ntdist.distributed.world import World
 from ntdist.errors import UserError
-from ntdist.training.batches import resident
-from ntdist.training.loop import make_optimizer
+from ntdist.training.batches import feed, resident, train_batches
+from ntdist.training.loop import make_optimizer, train_epoch
 from ntdist.training.members import build_member, member_seed, train_members
 
 WORKLOADS = {   # name -> config overrides
@@ -60,12 +66,26 @@ def _tight_loop(r, k: int, epochs: int) -> None:
         torch.cuda.synchronize()
 
 
-def _make_run(workload: str, k: int, batch: int, epochs: int, vectorize: str, out: str):
+def _epoch_loop(r, k: int, epochs: int) -> None:
+    """ntdist's `train_epoch` over its tensor-resident batches, k models one after another (no validation,
+    no state files): what separates ntdist's epoch from the floor's."""
+    loader = train_batches(r.splits.train, r.cfg.data.batch_size, r.cfg.train.seed, **feed(r.cfg.data, r.world.device))
+    for i in range(k):
+        model = build_member(r.spec, member_seed(r.cfg.train, i), r.initial).to(r.world.device)
+        optimizer = make_optimizer(model, r.cfg.train)
+        for epoch in range(1, epochs + 1):
+            loader.set_epoch(epoch)
+            train_epoch(model, loader, optimizer, r.world.device, progress=False)
+    if r.world.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _make_run(workload: str, k: int, batch: int, epochs: int, vectorize: str, out: str, extra=()):
     from ntdist.pipeline import make_run
 
     cfg = load_config(None, WORKLOADS[workload] + [f"fusion.k={max(k, 2)}", f"data.batch_size={batch}",
                                                   f"train.epochs={epochs}", f"train.vectorize={vectorize}",
-                                                  "train.schedule=none", f"output.dir={out}"])
+                                                  "train.schedule=none", f"output.dir={out}", *extra])
     run = make_run(cfg, World(device=torch.device("cuda" if torch.cuda.is_available() else "cpu")))
     run.rundir.prepare(resume=False, overwrite=True)
     return run
@@ -95,9 +115,13 @@ def bench_train(workloads: Sequence[str] = tuple(WORKLOADS), ks: Sequence[int] =
                 for k in ks:
                     runs = {v: _make_run(name, k, batch, epochs, v, f"{tmp}/{name}-{batch}-{k}-{v}")
                             for v in ("auto", "off")}
+                    runs["loader"] = _make_run(name, k, batch, epochs, "off", f"{tmp}/{name}-{batch}-{k}-loader",
+                                               ["data.resident_max_mb=0"])
                     sides = {"floor": lambda e: _tight_loop(runs["off"], k, e),
+                             "epoch loop": lambda e: _epoch_loop(runs["off"], k, e),
                              "ntdist": lambda e: train_members(_epochs(runs["auto"], e), list(range(k)), {}),
-                             "one by one": lambda e: train_members(_epochs(runs["off"], e), list(range(k)), {})}
+                             "one by one": lambda e: train_members(_epochs(runs["off"], e), list(range(k)), {}),
+                             "DataLoader": lambda e: train_members(_epochs(runs["loader"], e), list(range(k)), {})}
                     for side in sides.values():
                         side(1)   # warm-up
                     times = {s: [] for s in sides}
@@ -108,9 +132,10 @@ def bench_train(workloads: Sequence[str] = tuple(WORKLOADS), ks: Sequence[int] =
                     row = {"workload": name, "batch": batch, "k": k}
                     for s in sides:
                         row[f"{s} samples/s"] = round(samples / statistics.median(times[s]))
-                    row["ntdist / floor"] = round(row["ntdist samples/s"] / row["floor samples/s"], 2)
-                    row["one by one / floor"] = round(row["one by one samples/s"] / row["floor samples/s"], 2)
-                    row["ntdist / one by one"] = round(row["ntdist samples/s"] / row["one by one samples/s"], 2)
+                    for s in ("epoch loop", "ntdist", "one by one", "DataLoader"):
+                        row[f"{s} / floor"] = round(row[f"{s} samples/s"] / row["floor samples/s"], 2)
+                    for s in ("one by one", "DataLoader"):
+                        row[f"ntdist / {s}"] = round(row["ntdist samples/s"] / row[f"{s} samples/s"], 2)
                     row["load average"] = round(os.getloadavg()[0], 2)
                     rows.append(row)
                     print(", ".join(f"{key} {value}" for key, value in row.items()), flush=True)

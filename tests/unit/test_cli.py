@@ -85,6 +85,7 @@ def test_bench_train_compares_with_the_tight_loop(tmp_path):
     for r in rows:
         assert float(r["floor samples/s"]) > 0 and float(r["ntdist samples/s"]) > 0
         assert float(r["ntdist / floor"]) > 0 and float(r["ntdist / one by one"]) > 0
+        assert float(r["epoch loop / floor"]) > 0 and float(r["ntdist / DataLoader"]) > 0
         assert float(r["load average"]) >= 0
 def save_plain(path, model):
     from safetensors.torch import save_file
