@@ -27,7 +27,7 @@ from ntdist.fusion.plan import OUT, Plan
 
 PRUNERS = ("ntdist", "torch_pruning")
 DEFAULT_PRUNER = "ntdist"
-INSTALL_HINT = "pip install torch-pruning (or pip install -e '.[test]')"
+INSTALL_HINT = "pip install torch-pruning (or pip install 'ntdist[pruning]')"
 # Layer kinds whose widening Torch-Pruning's dependency graph follows the same way ntdist does; the
 # rest (grouped convs, LayerNorm, attention, parameters read in forward) it prunes differently or not at all.
 SUPPORTED_KINDS = ("linear", "conv", "dwconv", "bn")

@@ -141,3 +141,25 @@ def test_refuses_models_it_would_prune_differently():
     x = torch.randn(2, 3, 6, 6)
     with pytest.raises(UserError, match="grouped convolutions.*pruner 'ntdist'"):
         fuse([Grouped(), Grouped()], example_inputs=x, pruner="torch_pruning")
+
+
+def test_fuse_command_takes_the_pruner(tmp_path, capsys):
+    from ntdist.cli import main
+    from ntdist.records.checkpoint import load_model
+    kwargs = {"input_dim": 16, "num_classes": 4, "width": 8}
+    torch.manual_seed(0)
+    inputs = []
+    for name in ("a", "b", "c"):
+        torch.save(build_model("mlp", kwargs).state_dict(), tmp_path / f"{name}.pt")
+        inputs.append(str(tmp_path / f"{name}.pt"))
+    common = ["fuse", "--model", "mlp", "--model-kwargs", '{"input_dim": 16, "num_classes": 4, "width": 8}']
+    outs = {p: str(tmp_path / f"{p}.safetensors") for p in ("ntdist", "torch_pruning")}
+    for pruner, out in outs.items():
+        assert main(common + ["--pruner", pruner, "-o", out, *inputs]) == 0
+    ours, theirs = (load_model(out)[0].state_dict() for out in outs.values())
+    assert all(torch.equal(ours[n], theirs[n]) for n in ours)
+    capsys.readouterr()
+    assert main(common + ["--pruner", "torch_pruning", "--method", "avg", "-o", str(tmp_path / "x.pt"),
+                          *inputs]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "method 'avg' does not prune" in err
