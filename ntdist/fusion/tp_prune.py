@@ -104,7 +104,8 @@ def tp_prune_wide(wide: nn.Module, plan: Plan, want: Dict[int, int], example_inp
     if ratios:
         was_training = wide.training
         wide.eval()         # tracing runs forward once; BatchNorm statistics must not move
-        with warnings.catch_warnings():
+        # Torch-Pruning traces through autograd, so it must run with gradients on even inside no_grad
+        with warnings.catch_warnings(), torch.enable_grad():
             warnings.simplefilter("ignore")     # Torch-Pruning warns about unwrapped parameters and versions
             pruner = tp.pruner.MetaPruner(
                 wide, example, importance=tp.importance.GroupMagnitudeImportance(p=2),

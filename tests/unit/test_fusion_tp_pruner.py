@@ -55,6 +55,8 @@ def test_torch_pruning_keeps_the_units_ntdist_keeps(name, schedule, k):
         assert torch.equal(a[key], b[key]), key
     with torch.no_grad():
         assert torch.equal(ours(x), theirs(x))
+        assert torch.equal(fuse(models, schedule=schedule, example_inputs=example, pruner="torch_pruning")(x),
+                           theirs(x))       # Torch-Pruning traces with autograd: it must work under no_grad too
     assert models[0].state_dict().keys() == b.keys() and all(      # members untouched
         t.data_ptr() != b[n].data_ptr() for n, t in models[0].state_dict().items())
 
