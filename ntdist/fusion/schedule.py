@@ -34,6 +34,10 @@ def concat(models: Sequence[nn.Module], weights: Optional[Sequence[float]] = Non
     plan = analyze(models[0], example_inputs)
     if plan.inexact:
         raise UserError(plan.inexact)
+    if plan.captured and (plan.shuffles or plan.widths or plan.norms):
+        raise UserError(f"{type(models[0]).__name__} branches on shapes in forward, and its concatenation would be "
+                        "rebuilt from a traced graph (LayerNorm, channel shuffle or constant width); concat refuses "
+                        "it, fuse(method='nt') still returns the original class")
     wide = assemble(models, plan, w)
     if plan.shuffles or plan.widths:
         wide = widen_graph(wide, plan.shuffles, plan.widths, len(models))
