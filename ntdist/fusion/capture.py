@@ -119,8 +119,10 @@ class ShapeTracer(fx.Tracer):
     def iter(self, obj: fx.Proxy) -> Iterator:
         value = self.values[obj.node]
         if isinstance(value, (tuple, list, torch.Size)):       # `n, c, h, w = x.shape`
+            self._check(obj.node)       # the loop's length is a branch too
             return iter([obj[i] for i in range(len(value))])
-        return super().iter(obj)
+        raise UserError(f"{self.where()} iterates over '{obj.node.name}', a {type(value).__name__}; the fusion "
+                        f"follows loops over the model input's shape only")
 
 
 def _fetch(root: nn.Module, target: str):

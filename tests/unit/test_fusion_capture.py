@@ -88,6 +88,32 @@ def test_captured_model_concatenates_exactly_and_fuses(k):
         assert all(torch.equal(t, theirs.state_dict()[n]) for n, t in ours.state_dict().items())
 
 
+class Loops(nn.Module):
+    def __init__(self, over_values=False):
+        super().__init__()
+        self.a, self.b, self.over_values = nn.Linear(4, 6), nn.Linear(6, 3), over_values
+
+    def forward(self, x):
+        size = 1
+        for d in x.shape[1:]:
+            size = size * d
+        h = torch.relu(self.a(x.reshape(-1, size)))
+        if self.over_values:
+            for row in h:
+                h = h + row
+        return self.b(h)
+
+
+def test_loops_over_the_input_shape_are_captured_and_over_values_refused():
+    torch.manual_seed(0)
+    x, models = torch.randn(5, 2, 2), [Loops(), Loops()]
+    with torch.no_grad():
+        assert torch.allclose(concat(models, example_inputs=x)(x), Ensemble(models)(x), atol=1e-5)
+    with pytest.raises(UserError, match=r"the forward of Loops iterates over 'relu', a Tensor") as err:
+        fuse([Loops(True), Loops(True)], example_inputs=x)
+    assert "\n" not in str(err.value)
+
+
 def test_members_are_left_in_their_mode():
     models = members(2)
     models[0].train()
