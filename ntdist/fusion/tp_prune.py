@@ -55,7 +55,7 @@ def check_supported(plan: Plan) -> None:
             break
         if layer.kind not in SUPPORTED_KINDS:
             reason = f"layer '{name}' is of kind '{layer.kind}'"
-        elif layer.out is not None and len(layer.out) > 1 or layer.inp is not None and len(layer.inp) > 1:
+        elif (layer.out is not None and len(layer.out) > 1) or (layer.inp is not None and len(layer.inp) > 1):
             reason = f"layer '{name}' reads or writes concatenated channels"
     if reason:
         raise UserError(f"pruner 'torch_pruning' supports Linear/Conv/BatchNorm models without channel "
@@ -134,7 +134,10 @@ def tp_nt_step(models: Sequence[nn.Module], weights: Sequence[float], plan: Plan
     wide = tp_prune_wide(assemble(models, plan, list(weights)), plan, want, example_inputs)
     if want != plan.space_sizes(tensors_of(reference)):
         return wide
-    fused = clone_with(reference, {n: torch.empty_like(t) for n, t in tensors_of(reference).items()})
+    # the reference may live on the meta device (the distributed tree's template): allocate beside the members
+    device = next(iter(tensors_of(models[0]).values())).device
+    fused = clone_with(reference, {n: torch.empty(t.shape, dtype=t.dtype, device=device)
+                                   for n, t in tensors_of(reference).items()})
     fused.load_state_dict(wide.state_dict(), strict=True)
     return fused
 

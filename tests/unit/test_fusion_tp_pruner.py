@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ntdist.errors import UserError
-from ntdist.fusion import FusionConfig, fuse, fuse_pair
+from ntdist.fusion import FusionConfig, analyze, fuse, fuse_pair
 from ntdist.models import build_model
 
 MEMBERS = {
@@ -78,6 +78,16 @@ def test_k3_at_width_512_keeps_512_not_511():
     models = [build_model("mlp", {"input_dim": 8, "width": 512, "depth": 2}) for _ in range(3)]
     fused = fuse(models, pruner="torch_pruning")        # int(1536 * (1 - 2/3)) would be 511
     assert fused.net[1].out_features == 512 and fused.net[3].weight.shape == (512, 512)
+
+
+def test_fuse_pair_as_the_distributed_tree_calls_it():
+    models, kwargs, example, x = members("resnet18", 2, seed=2)
+    with torch.device("meta"):
+        reference = build_model("resnet18", kwargs)      # the tree's template: shapes only
+    plan = analyze(models[0], example)
+    theirs = fuse_pair(*models, reference=reference, plan=plan, example_inputs=example, pruner="torch_pruning")
+    ours = fuse_pair(*models, reference=reference, plan=plan, example_inputs=example)
+    assert all(t.device.type == "cpu" and torch.equal(t, ours.state_dict()[n]) for n, t in theirs.state_dict().items())
 
 
 def test_fuse_pair_and_training_mode():
