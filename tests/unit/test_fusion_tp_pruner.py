@@ -2,8 +2,9 @@
 
 Torch-Pruning's `GroupMagnitudeImportance(p=2)` with local ranking is ntdist's `group_l2`
 (both score all layers on the unpruned wide model), so the two pruners keep the same
-units and their fused models agree bit for bit; the test also checks strict loading into
-the original class, forward, training mode, exact widths and the refusals.
+units and their fused models agree bit for bit, except that Torch-Pruning leaves depthwise
+filters out of its score (tested too); the tests also check strict loading into the original
+class, forward, training mode, exact widths, the CLI and the refusals.
 
 Run: .venv/bin/python -m pytest tests/unit/test_fusion_tp_pruner.py
 """
@@ -175,3 +176,44 @@ def test_fuse_command_takes_the_pruner(tmp_path, capsys):
                           *inputs]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "method 'avg' does not prune" in err
+
+
+class Depthwise(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Conv2d(8, 12, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+def without_depthwise_filters(view):
+    """group_l2 leaving out producers with one input channel: in `Depthwise` exactly its depthwise filters."""
+    parts = [t.flatten(1).square().sum(1).double() for t in view.producers if t.shape[1] != 1]
+    parts += [t.flatten(1).square().sum(1).double() for t in view.consumers]
+    parts += [t.square().double() for t in view.scales]
+    return torch.stack(parts).mean(0)
+
+
+def test_depthwise_convs_rank_as_group_l2_without_their_filters():
+    """Torch-Pruning's group magnitude leaves depthwise filters out (their pruning handler is not the conv one
+    it reads); ntdist's group_l2 counts them as producers, so the two can keep different units."""
+    x = torch.randn(2, 3, 8, 8)
+    same = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        models = [Depthwise().eval() for _ in range(3)]
+        for model in models:
+            for bn in (model.features[1], model.features[4]):
+                bn.weight.data.normal_()
+        theirs = fuse(models, example_inputs=x, pruner="torch_pruning")
+        assert type(theirs) is Depthwise and torch.isfinite(theirs(x)).all()
+        Depthwise().load_state_dict(theirs.state_dict(), strict=True)
+        matched = fuse(models, example_inputs=x, importance=without_depthwise_filters).state_dict()
+        assert all(torch.equal(t, matched[n]) for n, t in theirs.state_dict().items())
+        ours = fuse(models, example_inputs=x).state_dict()
+        same.append(all(torch.equal(t, ours[n]) for n, t in theirs.state_dict().items()))
+    assert not all(same)        # with group_l2 itself the kept units differ on some seeds
