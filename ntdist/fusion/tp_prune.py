@@ -68,7 +68,7 @@ def _example(plan: Plan, wide: nn.Module, example_inputs):
         return example_inputs
     first = next((m for m in wide.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))), None)
     if isinstance(first, nn.Linear):
-        return torch.randn(2, first.in_features)
+        return torch.randn(2, first.in_features, device=first.weight.device, dtype=first.weight.dtype)
     raise UserError("pruner 'torch_pruning' runs the model to trace it; pass example_inputs (one input batch)")
 
 
