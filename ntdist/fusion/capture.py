@@ -13,9 +13,10 @@ channel analysis does not read).
 
 Specialising is exact for fusion only if the wide model takes the same branch as
 every member. The wide model has the members' input and spatial sizes but k times
-their hidden channels, so a condition may read the model input's shape (never
-widened) and any tensor's rank, and nothing else: a branch on a hidden tensor's
-shape or on tensor values is refused, naming the module whose forward branches.
+their hidden channels, so a condition may read the shape of the model input (or of
+anything computed from it alone, never widened) and any tensor's rank, and nothing
+else: a branch on a hidden tensor's shape or on tensor values is refused, naming
+the module whose forward branches.
 """
 
 from typing import Dict, Iterator
@@ -101,7 +102,7 @@ class ShapeTracer(fx.Tracer):
         read = _read(node)
         if read is not None:
             kind, source = read
-            if kind == "shape" and source.op != "placeholder":
+            if kind == "shape" and not self._input_only(source):
                 raise UserError(f"{self.where()} branches on the shape of '{source.name}', a hidden tensor; the "
                                 f"concatenated model's channel counts differ from the members', so the fusion "
                                 f"cannot fix the branch (branch on the model input's shape instead)")
@@ -111,6 +112,14 @@ class ShapeTracer(fx.Tracer):
                             f"branches on the model input's shape and tensors' ranks only")
         for arg in node.all_input_nodes:
             self._check(arg)
+
+    def _input_only(self, node: fx.Node) -> bool:
+        """Whether `node` is computed from the model input alone (no parameter or module): never widened."""
+        if node.op == "placeholder":
+            return True
+        if node.op in ("get_attr", "call_module"):
+            return False
+        return all(self._input_only(arg) for arg in node.all_input_nodes)
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         self._check(obj.node)

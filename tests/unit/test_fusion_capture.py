@@ -86,6 +86,8 @@ def test_captured_model_concatenates_exactly_and_fuses(k):
         theirs = fuse(models, example_inputs=x, pruner="torch_pruning")
         ours = fuse(models, example_inputs=x)
         assert all(torch.equal(t, theirs.state_dict()[n]) for n, t in ours.state_dict().items())
+        # an unbatched example: the shape read is of x.unsqueeze(0), computed from the input alone
+        assert torch.allclose(concat(models, example_inputs=x[0])(x[0]), Ensemble(models)(x[0]), atol=1e-5)
 
 
 class Loops(nn.Module):
