@@ -22,7 +22,8 @@ from ntdist.commands.report import report_command  # noqa: E402
 from ntdist.commands.run import run_command  # noqa: E402
 from ntdist.config import describe_keys  # noqa: E402
 from ntdist.errors import EXIT_FAILURE, NtdistError  # noqa: E402
-from ntdist.fusion import DEFAULT_IMPORTANCE, IMPORTANCES, METHODS, ORDERS, SCHEDULES  # noqa: E402
+from ntdist.fusion import (DEFAULT_IMPORTANCE, DEFAULT_PRUNER, IMPORTANCES, METHODS, ORDERS, PRUNERS,  # noqa: E402
+                           SCHEDULES)
 
 RUN_EPILOG = """Overrides are dotted keys, e.g.:
   ntdist run configs/quickstart.yaml train.epochs=5 fusion.methods=[nt,avg] model.kwargs.width=64
@@ -67,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
                            "recursive (pairwise tree, default)")
     fuse.add_argument("--importance", default=DEFAULT_IMPORTANCE, choices=list(IMPORTANCES),
                       help=f"NT: the score by which units are kept (default {DEFAULT_IMPORTANCE})")
+    fuse.add_argument("--pruner", default=DEFAULT_PRUNER, choices=PRUNERS,
+                      help="NT: ntdist (default; never builds the wide model) or torch_pruning (the authors' "
+                           "pipeline: the wide model pruned by Torch-Pruning; needs the torch-pruning package)")
     fuse.add_argument("--order", default="merge_prune", choices=ORDERS,
                       help="NT: concat then prune (merge_prune, default), or prune each member then concat")
     fuse.add_argument("--width", type=int, default=None, help="NT: target width of the first hidden layer (mlp)")
@@ -103,7 +107,7 @@ def cmd_run(args) -> int:
 
 def cmd_fuse(args) -> int:
     fuse_command(args.checkpoints, args.output, method=args.method, schedule=args.schedule,
-                 importance=args.importance, order=args.order, width=args.width, keep_ratio=args.keep_ratio,
+                 importance=args.importance, pruner=args.pruner, order=args.order, width=args.width, keep_ratio=args.keep_ratio,
                  force=args.force, model=args.model, model_kwargs=args.model_kwargs, device=args.device)
     return 0
 

@@ -243,8 +243,9 @@ def fuse_stage(r: Run, held: Dict[int, torch.nn.Module], method: str) -> Tuple[t
     """Fuse with `method`; every rank gets the fused model, the seconds taken, NT dedup's merges (or None)."""
     fc, world = r.cfg.fusion, r.world
     merged = {}
+    nt_only = fc.nt_args(merged) if method == "nt" else fc.dedup_args(merged)     # avg and OT take no pruner
     options = dict(importance=fc.importance, order=fc.order, width=fc.width, keep_ratio=fc.keep_ratio,
-                   example_inputs=r.example_inputs(), **fc.dedup_args(merged))
+                   example_inputs=r.example_inputs(), **nt_only)
     world.barrier()
     start = time.perf_counter()
     cpu_held = {i: m.cpu() for i, m in held.items()}

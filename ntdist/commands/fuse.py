@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ntdist.errors import UserError
-from ntdist.fusion import DEFAULT_IMPORTANCE, fuse
+from ntdist.fusion import DEFAULT_IMPORTANCE, DEFAULT_PRUNER, fuse
 from ntdist.models import ModelSpec
 from ntdist.models.weights import read_state_dict
 from ntdist.records.checkpoint import load_model, save_checkpoint
@@ -94,7 +94,7 @@ def load_members(paths, model: Optional[str], model_kwargs: dict):
 
 def fuse_command(paths, output: str, method: str = "nt", schedule: str = "recursive",
                  importance: str = DEFAULT_IMPORTANCE, order: str = "merge_prune", width=None, keep_ratio=None,
-                 force: bool = False,
+                 force: bool = False, pruner: str = DEFAULT_PRUNER,
                  model: Optional[str] = None, model_kwargs: Optional[str] = None, device: str = "cpu") -> str:
     if len(paths) < 2:
         raise UserError(f"fusion needs at least 2 checkpoints, got {len(paths)}")
@@ -124,7 +124,7 @@ def fuse_command(paths, output: str, method: str = "nt", schedule: str = "recurs
                         "rebuilt from its spec; use the Python API fuse(models, width=...) for it")
     start = time.perf_counter()
     fused = fuse(models, method=method, schedule=schedule, importance=importance, order=order, width=width,
-                 keep_ratio=keep_ratio, example_inputs=example_input(spec).to(dev))
+                 keep_ratio=keep_ratio, example_inputs=example_input(spec).to(dev), pruner=pruner)
     seconds = time.perf_counter() - start
     if resized:
         first = next(m for m in fused.modules() if isinstance(m, torch.nn.Linear))

@@ -14,7 +14,9 @@ from ntdist.fusion.ot import ot_fuse
 from ntdist.fusion.prune import prune
 from ntdist.fusion.schedule import (METHODS, ORDERS, SCHEDULES, concat, fuse, fuse_pair, recursive_pairs,
                                     recursive_plan)
+from ntdist.fusion.tp_prune import DEFAULT_PRUNER, PRUNERS
 
 __all__ = ["concat", "fuse", "fuse_pair", "recursive_pairs", "recursive_plan", "prune", "average", "ot_fuse",
            "Ensemble", "distillation_loss", "reestimate_bn", "FusionConfig", "IMPORTANCES", "SpaceView",
-           "l2", "l1", "group_l2", "DEFAULT_IMPORTANCE", "analyze", "Plan", "METHODS", "SCHEDULES", "ORDERS"]
+           "l2", "l1", "group_l2", "DEFAULT_IMPORTANCE", "analyze", "Plan", "METHODS", "SCHEDULES", "ORDERS",
+           "PRUNERS", "DEFAULT_PRUNER"]

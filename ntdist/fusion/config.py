@@ -7,6 +7,7 @@ from ntdist.errors import UserError, check_choice
 from ntdist.fusion.dedup import DEDUP_THRESHOLD
 from ntdist.fusion.importance import DEFAULT_IMPORTANCE, IMPORTANCES
 from ntdist.fusion.schedule import METHODS, ORDERS, SCHEDULES
+from ntdist.fusion.tp_prune import DEFAULT_PRUNER, PRUNERS, check_pruner
 from ntdist.options import opt
 
 
@@ -19,6 +20,9 @@ class FusionConfig:
     schedule: str = opt("recursive", "how k models are combined: flat (all at once) | iterative | recursive (pairwise tree)")
     order: str = opt("merge_prune", "NT order: merge_prune (concat then prune) | prune_merge (prune members, then concat)")
     importance: str = opt(DEFAULT_IMPORTANCE, "NT unit importance for pruning: " + " | ".join(IMPORTANCES))
+    pruner: str = opt(DEFAULT_PRUNER, "NT pruner: " + " | ".join(PRUNERS) + ". ntdist never builds the wide "
+                                      "model; torch_pruning builds it and prunes it with Torch-Pruning, as the "
+                                      "authors' code does (needs the torch-pruning package, importance group_l2)")
     keep_ratio: Optional[float] = opt(None, "fused width relative to one member's, in (0, k]; default 1")
     width: Optional[int] = opt(None, "fused width of the first hidden layer (others scaled alike); overrides the default")
     bn_reestimate: bool = opt(False, "re-estimate BatchNorm statistics of the fused model on training batches")
@@ -50,9 +54,17 @@ class FusionConfig:
         if self.dedup and self.order != "merge_prune":
             raise UserError(f"fusion.dedup needs fusion.order merge_prune (it merges while selecting from all "
                             f"members at once), got {self.order}")
+        check_pruner(self.pruner, "nt", self.order, self.dedup, self.importance, where="fusion.pruner")
+        if self.pruner != DEFAULT_PRUNER and "nt" not in self.methods:
+            raise UserError(f"fusion.pruner '{self.pruner}' only prunes for method nt, which fusion.methods "
+                            f"{self.methods} does not list; leave fusion.pruner at '{DEFAULT_PRUNER}'")
         if self.bn_batches < 1:
             raise UserError(f"fusion.bn_batches must be at least 1, got {self.bn_batches}")
 
     def dedup_args(self, merged: Optional[dict] = None) -> dict:
         """The dedup keyword arguments of `fuse` / `fuse_pair`; `merged` receives the merge counts."""
         return dict(dedup=self.dedup, dedup_threshold=self.dedup_threshold, merged=merged)
+
+    def nt_args(self, merged: Optional[dict] = None) -> dict:
+        """The NT-only keyword arguments of `fuse` / `fuse_pair`: dedup's and the pruner."""
+        return dict(self.dedup_args(merged), pruner=self.pruner)

@@ -17,6 +17,7 @@ from torch.fx import symbolic_trace
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ntdist.errors import UserError
+from ntdist.fusion.capture import capture
 from ntdist.fusion.ops import fetch, propagate, tensor_args
 from ntdist.fusion.shapes import NeedShapes, one, refuse
 from ntdist.fusion.plan import IN, OUT, Dim, Layer, Param, Plan, TensorSpec, Val
@@ -31,13 +32,26 @@ def _batch_slice(x):
     return x
 
 
-def trace(model: nn.Module):
-    """Symbolically trace `model` with torch.fx; UserError if its forward is not traceable."""
+def trace(model: nn.Module, example_inputs=None):
+    """Trace `model` with torch.fx, else with its shape branches decided on `example_inputs` (`capture`).
+
+    Returns (graph module, captured): `captured` says the graph is specialised to the example's shapes.
+    """
     try:
-        return symbolic_trace(model)
+        return symbolic_trace(model), False
     except Exception as err:  # noqa: BLE001 - any tracing failure is a model the user must adapt
-        raise UserError(f"cannot trace {type(model).__name__} with torch.fx ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''}); fusion needs a traceable forward") from None
+        why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    if example_inputs is None:
+        raise UserError(f"cannot trace {type(model).__name__} with torch.fx ({why}); if its forward branches on "
+                        f"the input's shape, pass example_inputs so the branch can be decided") from None
+    try:
+        return capture(model, example_inputs), True
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise UserError(f"cannot trace {type(model).__name__} with torch.fx ({why}), nor by running it on "
+                        f"example_inputs ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                        "fusion needs a traceable forward") from None
 
 
 def _shape_prop(gm, model, example_inputs, given: bool) -> bool:
@@ -76,17 +90,19 @@ def analyze(model: nn.Module, example_inputs=None) -> Plan:
     Shapes are propagated (one sample through the model) only when the plan
     needs a spatial size, e.g. at a flatten after a convolution.
     """
-    gm = trace(model)
+    gm, captured = trace(model, example_inputs)
     first = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
     in_ndim = first.dim() if isinstance(first, torch.Tensor) else None
     try:
-        return _refined_walk(model, gm, False, in_ndim)
+        plan = _refined_walk(model, gm, False, in_ndim)
     except NeedShapes as need:
         given = example_inputs is not None
         inputs = example_inputs if given else _dummy_input(gm)
         if inputs is None or not _shape_prop(gm, model, inputs, given):
             raise UserError(str(need)) from None
-    return _refined_walk(model, gm, True, in_ndim)
+        plan = _refined_walk(model, gm, True, in_ndim)
+    plan.captured = captured
+    return plan
 
 
 def _refined_walk(model, gm, shaped: bool, in_ndim) -> Plan:

@@ -80,6 +80,8 @@ class Plan:
     """(input node, output node, input atoms, output atoms): channel shuffles, gathered in the concatenated model."""
     widths: List[Tuple[str, int]] = field(default_factory=list)
     """(reshape node, argument index): a channel count written as a constant, multiplied by k when concatenating."""
+    captured: bool = False
+    """Traced with shape branches decided on the example input (`capture`): symbolic_trace failed on it."""
 
     def space_sizes(self, tensors: Dict[str, torch.Tensor]) -> Dict[int, int]:
         """Size of every hidden space in a model given its tensors (members may differ in width)."""

@@ -19,6 +19,7 @@ from ntdist.fusion.graph import Plan, analyze
 from ntdist.fusion.importance import DEFAULT_IMPORTANCE, resolve
 from ntdist.fusion.norms import group_layer_norms
 from ntdist.fusion.prune import ratio_of, select, shares, targets, verify_finite
+from ntdist.fusion.tp_prune import DEFAULT_PRUNER, check_pruner, tp_nt_step
 from ntdist.fusion.widegraph import widen_graph
 
 METHODS = ("nt", "avg", "ot")
@@ -33,6 +34,10 @@ def concat(models: Sequence[nn.Module], weights: Optional[Sequence[float]] = Non
     plan = analyze(models[0], example_inputs)
     if plan.inexact:
         raise UserError(plan.inexact)
+    if plan.captured and (plan.shuffles or plan.widths or plan.norms):
+        raise UserError(f"{type(models[0]).__name__} branches on shapes in forward, and its concatenation would be "
+                        "rebuilt from a traced graph (LayerNorm, channel shuffle or constant width); concat refuses "
+                        "it, fuse(method='nt') still returns the original class")
     wide = assemble(models, plan, w)
     if plan.shuffles or plan.widths:
         wide = widen_graph(wide, plan.shuffles, plan.widths, len(models))
@@ -52,16 +57,21 @@ def check_dedup(dedup: bool, threshold: float, order: str) -> None:
 
 def nt_step(models: Sequence[nn.Module], weights: Sequence[float], plan: Plan, ratio: float,
             reference: nn.Module, importance=DEFAULT_IMPORTANCE, order="merge_prune", dedup: bool = False,
-            dedup_threshold: float = DEDUP_THRESHOLD, merged: Optional[dict] = None) -> nn.Module:
+            dedup_threshold: float = DEDUP_THRESHOLD, merged: Optional[dict] = None,
+            pruner: str = DEFAULT_PRUNER, example_inputs=None) -> nn.Module:
     """Concatenate `models` and prune back to `ratio` x the reference width, in the given order.
 
     With `dedup`, near-duplicate units are merged instead of taking slots (`fusion.dedup`).
+    `pruner="torch_pruning"` builds the wide model and prunes it with Torch-Pruning (`tp_prune`).
     """
     w = normalized(weights)
     ref_sizes = plan.space_sizes(tensors_of(reference))
     want = targets(plan, ref_sizes, ratio)
     check_choice(order, ORDERS, "order")
     check_dedup(dedup, dedup_threshold, order)
+    check_pruner(pruner, "nt", order, dedup, importance)
+    if pruner != DEFAULT_PRUNER:
+        return tp_nt_step(models, w, plan, want, reference, example_inputs)
     if dedup:
         return dedup_fuse(models, plan, w, want, importance, dedup_threshold, merged)
     if order == "merge_prune":
@@ -85,19 +95,20 @@ def fuse_pair(a: nn.Module, b: nn.Module, weight_a: float = 1.0, weight_b: float
               importance=DEFAULT_IMPORTANCE, order: str = "merge_prune", width: Optional[int] = None,
               keep_ratio: Optional[float] = None, example_inputs=None, reference: Optional[nn.Module] = None,
               plan: Optional[Plan] = None, dedup: bool = False, dedup_threshold: float = DEDUP_THRESHOLD,
-              merged: Optional[dict] = None) -> nn.Module:
+              merged: Optional[dict] = None, pruner: str = DEFAULT_PRUNER) -> nn.Module:
     """Fuse two models with NT; `weight_a`/`weight_b` are the leaf counts (or weights) each stands for.
 
     The result has `width` (or `keep_ratio` x) the width of `reference` (default
     `a`, which must then have the original width), capped at what the pair has.
-    `dedup`, `dedup_threshold` and `merged` are those of `fuse`.
+    `dedup`, `dedup_threshold`, `merged` and `pruner` are those of `fuse`.
     """
     check_models([a, b], shapes=False, finite=False)
     wa, wb = check_weights([weight_a, weight_b], 2)
     plan = plan if plan is not None else analyze(a, example_inputs)
     reference = reference if reference is not None else a
     ratio = ratio_of(plan, plan.space_sizes(tensors_of(reference)), float("inf"), width, keep_ratio)
-    return nt_step([a, b], [wa, wb], plan, ratio, reference, importance, order, dedup, dedup_threshold, merged)
+    return nt_step([a, b], [wa, wb], plan, ratio, reference, importance, order, dedup, dedup_threshold, merged,
+                   pruner, example_inputs)
 
 
 def recursive_plan(k: int) -> List[List[Tuple[int, int, int, int]]]:
@@ -143,7 +154,8 @@ def _pairwise(models, weights, schedule, pair):
 def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = "flat", importance=DEFAULT_IMPORTANCE,
          order: str = "merge_prune", width: Optional[int] = None, keep_ratio: Optional[float] = None,
          example_inputs=None, weights: Optional[Sequence[float]] = None, dedup: bool = False,
-         dedup_threshold: float = DEDUP_THRESHOLD, merged: Optional[dict] = None) -> nn.Module:
+         dedup_threshold: float = DEDUP_THRESHOLD, merged: Optional[dict] = None,
+         pruner: str = DEFAULT_PRUNER) -> nn.Module:
     """Fuse k models of one architecture into one (of the original width unless `width`/`keep_ratio`).
 
     `weights` are the members' output weights (default equal). For method
@@ -152,6 +164,8 @@ def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = "flat"
     `dedup` merges a unit into a kept one when their incoming weights have cosine
     similarity above `dedup_threshold` (see `ntdist.fusion.dedup`); `merged`, when
     given, receives the number of merged units per layer, summed over the pairwise steps.
+    `pruner` is 'ntdist' (never builds the wide model) or 'torch_pruning' (the authors'
+    pipeline: concat, then Torch-Pruning's group L2 pruner; `ntdist.fusion.tp_prune`), NT only.
     """
     from ntdist.fusion.baselines import average
     from ntdist.fusion.ot import ot_fuse
@@ -161,6 +175,7 @@ def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = "flat"
     check_choice(schedule, SCHEDULES, "schedule")
     check_choice(order, ORDERS, "order")
     w = check_weights(weights, len(models))
+    check_pruner(pruner, method, order, dedup, importance)
     if method != "nt":      # avg and OT keep the members' width: width, keep_ratio, importance, order unused
         if method == "avg":
             return average(models, w) if schedule == "flat" else _pairwise(
@@ -173,7 +188,9 @@ def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = "flat"
     plan = analyze(models[0], example_inputs)
     ratio = ratio_of(plan, plan.space_sizes(tensors_of(models[0])), len(models), width, keep_ratio)
     if schedule == "flat":
-        return nt_step(models, w, plan, ratio, models[0], importance, order, dedup, dedup_threshold, merged)
+        return nt_step(models, w, plan, ratio, models[0], importance, order, dedup, dedup_threshold, merged,
+                       pruner, example_inputs)
     return _pairwise(models, w, schedule, lambda a, b, wa, wb: fuse_pair(
         a, b, wa, wb, importance=importance, order=order, width=width, keep_ratio=keep_ratio,
-        reference=models[0], plan=plan, dedup=dedup, dedup_threshold=dedup_threshold, merged=merged))
+        example_inputs=example_inputs, reference=models[0], plan=plan, dedup=dedup,
+        dedup_threshold=dedup_threshold, merged=merged, pruner=pruner))

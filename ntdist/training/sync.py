@@ -126,7 +126,7 @@ def _merge(r: "Run", replicas: Dict[int, torch.nn.Module], method: str, counts: 
     held = {i: m.cpu() for i, m in replicas.items()}
     if method == "nt":      # with fusion.dedup, near-identical replicas' units are merged, not kept twice
         merged = tree_fuse(r.world, held, r.layout.holders, r.template, example_inputs=r.example_inputs(),
-                           **r.cfg.fusion.dedup_args(counts))
+                           **r.cfg.fusion.nt_args(counts))
     else:
         merged = reduce_average(r.world, held, r.layout.holders, r.template)
     with torch.no_grad():

@@ -64,7 +64,7 @@ def _members(n):
     return [build_member(SPEC, 100 + i) for i in range(n)]
 
 
-def _tree(rank, out_dir, k):
+def _tree(rank, out_dir, k, pruner="ntdist"):
     from ntdist.distributed.tree import tree_fuse
     world = _world()
     layout = MemberLayout(k, world.size)
@@ -72,7 +72,7 @@ def _tree(rank, out_dir, k):
     held = {i: members[i] for i in layout.held_by(rank)}
     x = torch.zeros(2, 64)
     sent = []
-    fused = tree_fuse(world, held, layout.holders, SPEC.build, example_inputs=x, sent=sent)
+    fused = tree_fuse(world, held, layout.holders, SPEC.build, example_inputs=x, sent=sent, pruner=pruner)
     assert max(sent) <= 1, sent   # at most one model per rank per round
     torch.save(fused.state_dict(), os.path.join(out_dir, f"fused{rank}.pt"))
     shutdown(world)
@@ -80,8 +80,8 @@ def _tree(rank, out_dir, k):
 
 def test_tree_fusion_on_four_ranks_equals_single_process_recursive(tmp_path):
     from ntdist.fusion import fuse
-    for k, nprocs in ((4, 4), (5, 2)):
-        spawn(_tree, nprocs, str(tmp_path), k)
+    for k, nprocs, pruner in ((4, 4, "ntdist"), (5, 2, "ntdist"), (3, 2, "torch_pruning")):
+        spawn(_tree, nprocs, str(tmp_path), k, pruner)
         expected = fuse(_members(k), method="nt", schedule="recursive", example_inputs=torch.zeros(2, 64))
         for rank in range(nprocs):
             got = torch.load(tmp_path / f"fused{rank}.pt", weights_only=True)

@@ -1,0 +1,133 @@
+"""Models torch.fx cannot trace because forward branches on shapes: captured on example_inputs, or refused.
+
+`if x.dim() == 3`, `if c == 1` after `n, c, h, w = x.shape`: `symbolic_trace` fails on
+both, `capture` decides them on the example and the fusion is exact; a branch on a hidden
+tensor's shape or on tensor values is refused with one line naming the module.
+
+Run: .venv/bin/python -m pytest tests/unit/test_fusion_capture.py
+"""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx import symbolic_trace
+
+from ntdist.errors import UserError
+from ntdist.fusion import Ensemble, analyze, concat, fuse
+
+
+class Block(nn.Module):
+    def __init__(self, channels, branch_on_hidden=False):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels)
+        self.branch_on_hidden = branch_on_hidden
+
+    def forward(self, x):
+        h = self.bn(self.conv(x))
+        if self.branch_on_hidden and h.shape[1] > 4:        # the wide model would take another path
+            h = h * 2
+        return F.relu(h + x)
+
+
+class Branchy(nn.Module):
+    """Grey or colour images, batched or not: forward branches on the input's rank and channels."""
+
+    def __init__(self, branch_on_hidden=False, branch_on_values=False):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.block = Block(6, branch_on_hidden)
+        self.fc = nn.Linear(6 * 4 * 4, 5)
+        self.branch_on_values = branch_on_values
+
+    def forward(self, x):
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        n, c, h, w = x.shape
+        if c == 1:
+            x = x.expand(-1, 3, -1, -1)
+        y = F.max_pool2d(self.block(F.relu(self.bn(self.stem(x)))), 2)
+        if self.branch_on_values and y.mean() > 0:
+            y = -y
+        return self.fc(y.reshape(n, -1))
+
+
+def members(k, **kw):
+    torch.manual_seed(0)
+    models = [Branchy(**kw).eval() for _ in range(k)]
+    for m in models:
+        for bn in (m.bn, m.block.bn):
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+    return models
+
+
+def test_fx_alone_cannot_trace_it():
+    with pytest.raises(Exception):
+        symbolic_trace(Branchy())
+    with pytest.raises(UserError, match="pass example_inputs"):
+        analyze(Branchy())
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_captured_model_concatenates_exactly_and_fuses(k):
+    x = torch.randn(4, 1, 8, 8)
+    models = members(k)
+    plan = analyze(models[0], x)
+    assert plan.captured and len(plan.sizes) == 1       # the residual makes stem and block one stream
+    assert {"stem", "bn", "block.conv", "block.bn", "fc"} <= set(plan.layers)
+    with torch.no_grad():
+        assert torch.allclose(concat(models, example_inputs=x)(x), Ensemble(models)(x), atol=1e-5)
+        for schedule in ("flat", "recursive"):
+            fused = fuse(models, schedule=schedule, example_inputs=x)
+            assert type(fused) is Branchy
+            Branchy().load_state_dict(fused.state_dict(), strict=True)
+            assert fused(x[0]).shape == (1, 5)             # the other branches still run
+        theirs = fuse(models, example_inputs=x, pruner="torch_pruning")
+        ours = fuse(models, example_inputs=x)
+        assert all(torch.equal(t, theirs.state_dict()[n]) for n, t in ours.state_dict().items())
+        # an unbatched example: the shape read is of x.unsqueeze(0), computed from the input alone
+        assert torch.allclose(concat(models, example_inputs=x[0])(x[0]), Ensemble(models)(x[0]), atol=1e-5)
+
+
+class Loops(nn.Module):
+    def __init__(self, over_values=False):
+        super().__init__()
+        self.a, self.b, self.over_values = nn.Linear(4, 6), nn.Linear(6, 3), over_values
+
+    def forward(self, x):
+        size = 1
+        for d in x.shape[1:]:
+            size = size * d
+        h = torch.relu(self.a(x.reshape(-1, size)))
+        if self.over_values:
+            for row in h:
+                h = h + row
+        return self.b(h)
+
+
+def test_loops_over_the_input_shape_are_captured_and_over_values_refused():
+    torch.manual_seed(0)
+    x, models = torch.randn(5, 2, 2), [Loops(), Loops()]
+    with torch.no_grad():
+        assert torch.allclose(concat(models, example_inputs=x)(x), Ensemble(models)(x), atol=1e-5)
+    with pytest.raises(UserError, match=r"the forward of Loops iterates over 'relu', a Tensor") as err:
+        fuse([Loops(True), Loops(True)], example_inputs=x)
+    assert "\n" not in str(err.value)
+
+
+def test_members_are_left_in_their_mode():
+    models = members(2)
+    models[0].train()
+    analyze(models[0], torch.randn(4, 1, 8, 8))
+    assert models[0].training and models[0].block.bn.training
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(branch_on_hidden=True), r"module 'block' \(Block\) branches on the shape of 'block_bn', a hidden tensor"),
+    (dict(branch_on_values=True), r"the forward of Branchy branches on tensor values"),
+])
+def test_branches_the_wide_model_could_take_differently_are_refused(kw, message):
+    with pytest.raises(UserError, match=message) as err:
+        fuse(members(2, **kw), example_inputs=torch.randn(4, 1, 8, 8))
+    assert "\n" not in str(err.value)
