@@ -21,7 +21,7 @@ from ntdist.data import Splits, load_splits
 from ntdist.distributed.comm import (all_gather_records, broadcast_model, destroy_groups, gather_models, new_groups,
                                      sum_counts)
 from ntdist.distributed.layout import MemberLayout
-from ntdist.distributed.tree import gather_fuse, reduce_average, tree_fuse
+from ntdist.distributed.tree import fusion_device, gather_fuse, reduce_average, tree_fuse
 from ntdist.distributed.world import World, gather_world_info
 from ntdist.errors import UserError
 from ntdist.fusion import reestimate_bn
@@ -247,13 +247,13 @@ def fuse_stage(r: Run, held: Dict[int, torch.nn.Module], method: str) -> Tuple[t
                    example_inputs=r.example_inputs(), **fc.dedup_args(merged))
     world.barrier()
     start = time.perf_counter()
-    cpu_held = {i: m.cpu() for i, m in held.items()}
+    fusing = {i: m.to(fusion_device(world)) for i, m in held.items()}   # on a GPU with NCCL: where they are
     if method == "nt" and fc.schedule == "recursive":
-        fused = tree_fuse(world, cpu_held, r.layout.holders, r.template, **options)
+        fused = tree_fuse(world, fusing, r.layout.holders, r.template, **options)
     elif method == "avg" and fc.schedule == "flat":
-        fused = reduce_average(world, cpu_held, r.layout.holders, r.template)
+        fused = reduce_average(world, fusing, r.layout.holders, r.template)
     else:
-        fused = gather_fuse(world, cpu_held, r.layout.holders, r.template, method=method, schedule=fc.schedule,
+        fused = gather_fuse(world, fusing, r.layout.holders, r.template, method=method, schedule=fc.schedule,
                             **options)
     seconds = time.perf_counter() - start
     if fc.bn_reestimate:

@@ -20,6 +20,12 @@ from ntdist.fusion.graph import analyze
 from ntdist.fusion.schedule import recursive_plan
 
 
+def fusion_device(world: World) -> torch.device:
+    """Where members are fused: the training device, except under gloo, which gets CPU tensors (a GPU run
+    that chose gloo fuses on the CPU as before)."""
+    return world.device if world.size == 1 or world.backend == "nccl" else torch.device("cpu")
+
+
 def tree_fuse(world: World, held: Dict[int, torch.nn.Module], holders: List[int],
               make_template: Callable[[], torch.nn.Module], example_inputs=None, sent: Optional[List[int]] = None,
               **options) -> torch.nn.Module:
@@ -41,7 +47,8 @@ def tree_fuse(world: World, held: Dict[int, torch.nn.Module], holders: List[int]
                 send_model(world, models.pop(right), dst)
                 sends += 1
             if world.rank == dst:
-                other = models.pop(right) if src == dst else recv_model(world, meta_template(make_template), src)
+                other = models.pop(right) if src == dst else \
+                    recv_model(world, meta_template(make_template), src).to(fusion_device(world))
                 plan = plan or analyze(models[left], example_inputs)   # traced on a member: same architecture
                 models[left] = fuse_pair(models[left], other, leaves_left, leaves_right, reference=reference,
                                          plan=plan, **options)
@@ -58,7 +65,7 @@ def gather_fuse(world: World, held: Dict[int, torch.nn.Module], holders: List[in
     """Gather all members on rank 0, `fuse(...)` there, broadcast the result."""
     gathered = gather_models(world, held, holders, make_template, root=0)
     if world.is_main:
-        fused = fuse([gathered[i] for i in range(len(holders))], **fuse_args)
+        fused = fuse([gathered[i].to(fusion_device(world)) for i in range(len(holders))], **fuse_args)
     else:
         fused = meta_template(make_template)
     world.wait_for(f"fusing {len(holders)} members on rank 0")
