@@ -4,8 +4,11 @@ NT-recursive follows the same pairwise tree as the single-process
 `fuse(models, schedule="recursive")`: in each round the holders of a pair meet
 (the right holder sends its model as flat tensors to the left holder, who fuses
 with `fuse_pair`), an odd model out passes up unchanged, and the root's result is
-broadcast to every rank. Each rank sends at most one model per round. Every
-other method gathers the members on rank 0, fuses there and broadcasts.
+broadcast to every rank. Each rank sends at most one model per round. Weight
+averaging is one all-reduce (`reduce_average`); OT broadcasts its anchor (member
+0), each holder aligns its own members to it, and the same all-reduce averages
+(`ot_reduce`). Every other method gathers the members on rank 0, fuses there and
+broadcasts.
 """
 
 from typing import Callable, Dict, List, Optional
@@ -16,7 +19,10 @@ import torch.distributed as dist
 from ntdist.distributed.comm import broadcast_model, gather_models, meta_template, recv_model, send_model
 from ntdist.distributed.world import World, guarded
 from ntdist.fusion import average, fuse, fuse_pair
+from ntdist.fusion.assemble import clone_with, tensors_of
+from ntdist.fusion.checks import check_models
 from ntdist.fusion.graph import analyze
+from ntdist.fusion.ot import align
 from ntdist.fusion.schedule import recursive_plan
 
 
@@ -105,3 +111,20 @@ def reduce_average(world: World, held: Dict[int, torch.nn.Module], holders: List
         if wire is not out:
             out.copy_(wire)
     return result
+
+
+@torch.no_grad()
+def ot_reduce(world: World, held: Dict[int, torch.nn.Module], holders: List[int],
+              make_template: Callable[[], torch.nn.Module], example_inputs=None) -> torch.nn.Module:
+    """What `fuse(members, method="ot")` computes, without gathering the members: member 0 (the anchor) is
+    broadcast, each rank aligns the members it holds to it, and `reduce_average` sums the aligned weights
+    over the ranks in one all-reduce. Every rank holds its members, the anchor and one aligned copy at a time."""
+    anchor = held[0] if 0 in held else meta_template(make_template)
+    anchor = broadcast_model(world, anchor, holders[0]).to(fusion_device(world))
+    aligned = {}
+    if held:   # a rank that holds no member only joins the broadcast and the sum
+        check_models([anchor, *held.values()], min_count=1)
+        plan, reference = analyze(anchor, example_inputs), tensors_of(anchor)
+        aligned = {i: model if i == 0 else clone_with(anchor, align(tensors_of(model), reference, plan))
+                   for i, model in held.items()}
+    return reduce_average(world, aligned, holders, make_template)
