@@ -55,6 +55,7 @@ def duplicate_units_across_ranks(world: World, held: Dict[int, nn.Module], holde
                 if i != j:
                     found[i] |= has_near_copy(sampled[i], rows, threshold).to(torch.uint8)
         if world.size > 1:
+            world.wait_for("the duplicate check of their members")   # ranks hold different numbers of members
             guarded(dist.all_reduce, found, op=dist.ReduceOp.MAX)
         out[name] = int(found.sum()) / (k * s) if s else 0.0
     return out

@@ -118,7 +118,7 @@ def ot_reduce(world: World, held: Dict[int, torch.nn.Module], holders: List[int]
               make_template: Callable[[], torch.nn.Module], example_inputs=None) -> torch.nn.Module:
     """What `fuse(members, method="ot")` computes, without gathering the members: member 0 (the anchor) is
     broadcast, each rank aligns the members it holds to it, and `reduce_average` sums the aligned weights
-    over the ranks in one all-reduce. Every rank holds its members, the anchor and one aligned copy at a time."""
+    over the ranks in one all-reduce. A rank holds its members, the anchor and its members' aligned copies."""
     anchor = held[0] if 0 in held else meta_template(make_template)
     anchor = broadcast_model(world, anchor, holders[0]).to(fusion_device(world))
     aligned = {}

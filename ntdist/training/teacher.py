@@ -54,7 +54,7 @@ class ShardedTeacher(nn.Module):
         padded[:n] = x
         gathered = padded.new_empty((size * self.capacity,) + tuple(x.shape[1:]))
         if size > 1:
-            guarded(dist.all_gather_into_tensor, gathered, padded)
+            guarded(dist.all_gather_single, gathered, padded)
         else:
             gathered.copy_(padded)
         mine = gathered.view(size, self.capacity, *x.shape[1:])[self.chunks].flatten(0, 1)
