@@ -67,3 +67,13 @@ def test_fusion_creates_no_tensor_without_a_device(model, options):
         else:
             fuse(members, example_inputs=x, **options)
     assert not mode.sites, sorted(mode.sites)
+
+
+@pytest.mark.parametrize("family", ["resnext", "shufflenet", "vit", "convnext"])
+def test_fusion_of_grouped_shuffled_and_attention_models_creates_no_tensor_without_a_device(family):
+    from test_fusion_zoo import members
+    models, x = members(family, 2)
+    with DevicelessCreations() as mode:
+        concat(models, example_inputs=x)
+        fuse(models, method="nt", example_inputs=x)
+    assert not mode.sites, sorted(mode.sites)
