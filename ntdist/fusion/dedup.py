@@ -121,7 +121,8 @@ def _similarity(parts: List[torch.Tensor]) -> Optional[torch.Tensor]:
         norms = part.norm(dim=1)
         unit = part / norms.clamp_min(_TINY)[:, None]
         zero = norms <= _TINY
-        cos = torch.where(zero[:, None] & zero[None, :], torch.ones((), dtype=part.dtype, device=part.device), unit @ unit.T)
+        one = torch.ones((), dtype=part.dtype, device=part.device)
+        cos = torch.where(zero[:, None] & zero[None, :], one, unit @ unit.T)
         sim = cos if sim is None else torch.minimum(sim, cos)
     return sim
 
@@ -224,7 +225,8 @@ def _fold(ts, plan: Plan, sizes, classes: Dict[int, Choice]) -> None:
             length = sizes[dim.space] * dim.factor
             choice = classes.get(dim.space)
             if choice is not None:
-                moved = ((choice.into >= 0) & (choice.into != torch.arange(len(choice.into), device=choice.into.device))).nonzero().squeeze(1)
+                into = choice.into
+                moved = ((into >= 0) & (into != torch.arange(len(into), device=into.device))).nonzero().squeeze(1)
                 if len(moved):
                     cols = ts[name].narrow(1, offset, length).unflatten(1, (sizes[dim.space], dim.factor))
                     cols.index_add_(1, choice.into[moved], cols.index_select(1, moved))

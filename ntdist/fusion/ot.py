@@ -35,7 +35,8 @@ class _Transport:
 
     def apply(self, t: torch.Tensor, d: int, factor: int) -> torch.Tensor:
         if self.perm is not None:
-            idx = self.perm if factor == 1 else (self.perm[:, None] * factor + torch.arange(factor, device=self.perm.device)).reshape(-1)
+            steps = torch.arange(factor, device=self.perm.device)
+            idx = self.perm if factor == 1 else (self.perm[:, None] * factor + steps).reshape(-1)
             return t.index_select(d, idx)
         x = t.movedim(d, 0)
         rest = x.shape[1:]

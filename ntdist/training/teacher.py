@@ -72,7 +72,8 @@ class ShardedTeacher(nn.Module):
         return own[:n] / self.num_members
 
 
-def share_members(world: World, layout: MemberLayout, held: Dict[int, nn.Module], make_template) -> Dict[int, nn.Module]:
+def share_members(world: World, layout: MemberLayout, held: Dict[int, nn.Module],
+                  make_template) -> Dict[int, nn.Module]:
     """The members `world.rank` trained, as models on this rank: its own held ones, and when g ranks trained a
     member, that member sent by its holder to the g-1 other ranks of its group (in the same order on all ranks)."""
     mine: Dict[int, nn.Module] = {i: held[i] for i in layout.held_by(world.rank)}
