@@ -18,14 +18,15 @@ import torch
 
 from ntdist.config import Config, to_yaml
 from ntdist.data import Splits, load_splits
-from ntdist.distributed.comm import (all_gather_records, broadcast_model, destroy_groups, gather_models, new_groups,
+from ntdist.distributed.comm import (all_gather_records, broadcast_model, destroy_groups, new_groups,
                                      sum_counts)
+from ntdist.distributed.diagnostics import duplicate_units_across_ranks
 from ntdist.distributed.layout import MemberLayout
-from ntdist.distributed.tree import gather_fuse, reduce_average, tree_fuse
+from ntdist.distributed.tree import fusion_device, gather_fuse, ot_reduce, reduce_average, tree_fuse
 from ntdist.distributed.world import World, gather_world_info
 from ntdist.errors import UserError
 from ntdist.fusion import reestimate_bn
-from ntdist.fusion.diversity import diversity_summary
+from ntdist.fusion.diversity import summarize
 from ntdist.models import ModelSpec
 from ntdist.models.weights import initial_state
 from ntdist.records.checkpoint import load_model, save_checkpoint
@@ -195,19 +196,13 @@ def evaluate_members(r: Run, held: Dict[int, torch.nn.Module]) -> RunResults:
 
 def diversity_stage(r: Run, held: Dict[int, torch.nn.Module], test_logits: torch.Tensor) -> dict:
     """Disagreement and near-duplicate units of the members; warns when NT would lose information."""
-    world, k = r.world, r.cfg.fusion.k
-    members = gather_models(world, {i: m.cpu() for i, m in held.items()}, r.layout.holders, r.template, root=0)
-    summary = None
-    if world.is_main:
-        on_device = [members[i].to(world.device) for i in range(k)]   # the similarities run on the training device
-        summary = diversity_summary(on_device, list(test_logits), r.cfg.output.duplicate_threshold,
-                                    r.cfg.output.duplicate_max_units or None)
-        if summary["warning"]:
-            world.print0(f"ntdist: warning: {summary['warning']}", file=sys.stderr)
-    world.wait_for("the diversity check on rank 0")
-    for model in held.values():
-        model.to(world.device)
-    return all_gather_records(world, [summary])[0]
+    out = r.cfg.output
+    duplicates = duplicate_units_across_ranks(r.world, held, r.layout.holders, r.template, out.duplicate_threshold,
+                                              out.duplicate_max_units or None)   # sampled rows only travel
+    summary = summarize(list(test_logits), duplicates, out.duplicate_threshold)   # the same on every rank
+    if summary["warning"]:
+        r.world.print0(f"ntdist: warning: {summary['warning']}", file=sys.stderr)
+    return summary
 
 
 def control_stage(r: Run, held: Dict[int, torch.nn.Module], best: int):
@@ -248,13 +243,15 @@ def fuse_stage(r: Run, held: Dict[int, torch.nn.Module], method: str) -> Tuple[t
                    example_inputs=r.example_inputs(), **nt_only)
     world.barrier()
     start = time.perf_counter()
-    cpu_held = {i: m.cpu() for i, m in held.items()}
+    fusing = {i: m.to(fusion_device(world)) for i, m in held.items()}   # on a GPU with NCCL: where they are
     if method == "nt" and fc.schedule == "recursive":
-        fused = tree_fuse(world, cpu_held, r.layout.holders, r.template, **options)
+        fused = tree_fuse(world, fusing, r.layout.holders, r.template, **options)
     elif method == "avg" and fc.schedule == "flat":
-        fused = reduce_average(world, cpu_held, r.layout.holders, r.template)
+        fused = reduce_average(world, fusing, r.layout.holders, r.template)
+    elif method == "ot" and fc.schedule == "flat":
+        fused = ot_reduce(world, fusing, r.layout.holders, r.template, options["example_inputs"])
     else:
-        fused = gather_fuse(world, cpu_held, r.layout.holders, r.template, method=method, schedule=fc.schedule,
+        fused = gather_fuse(world, fusing, r.layout.holders, r.template, method=method, schedule=fc.schedule,
                             **options)
     seconds = time.perf_counter() - start
     if fc.bn_reestimate:

@@ -4,8 +4,11 @@ NT-recursive follows the same pairwise tree as the single-process
 `fuse(models, schedule="recursive")`: in each round the holders of a pair meet
 (the right holder sends its model as flat tensors to the left holder, who fuses
 with `fuse_pair`), an odd model out passes up unchanged, and the root's result is
-broadcast to every rank. Each rank sends at most one model per round. Every
-other method gathers the members on rank 0, fuses there and broadcasts.
+broadcast to every rank. Each rank sends at most one model per round. Weight
+averaging is one all-reduce (`reduce_average`); OT broadcasts its anchor (member
+0), each holder aligns its own members to it, and the same all-reduce averages
+(`ot_reduce`). Every other method gathers the members on rank 0, fuses there and
+broadcasts.
 """
 
 from typing import Callable, Dict, List, Optional
@@ -16,8 +19,17 @@ import torch.distributed as dist
 from ntdist.distributed.comm import broadcast_model, gather_models, meta_template, recv_model, send_model
 from ntdist.distributed.world import World, guarded
 from ntdist.fusion import average, fuse, fuse_pair
+from ntdist.fusion.assemble import clone_with, tensors_of
+from ntdist.fusion.checks import check_models
 from ntdist.fusion.graph import analyze
+from ntdist.fusion.ot import align
 from ntdist.fusion.schedule import recursive_plan
+
+
+def fusion_device(world: World) -> torch.device:
+    """Where members are fused: the training device, except under gloo, which gets CPU tensors (a GPU run
+    that chose gloo fuses on the CPU as before)."""
+    return world.device if world.size == 1 or world.backend == "nccl" else torch.device("cpu")
 
 
 def tree_fuse(world: World, held: Dict[int, torch.nn.Module], holders: List[int],
@@ -41,7 +53,8 @@ def tree_fuse(world: World, held: Dict[int, torch.nn.Module], holders: List[int]
                 send_model(world, models.pop(right), dst)
                 sends += 1
             if world.rank == dst:
-                other = models.pop(right) if src == dst else recv_model(world, meta_template(make_template), src)
+                other = models.pop(right) if src == dst else \
+                    recv_model(world, meta_template(make_template), src).to(fusion_device(world))
                 plan = plan or analyze(models[left], example_inputs)   # traced on a member: same architecture
                 models[left] = fuse_pair(models[left], other, leaves_left, leaves_right, reference=reference,
                                          plan=plan, example_inputs=example_inputs, **options)
@@ -58,7 +71,7 @@ def gather_fuse(world: World, held: Dict[int, torch.nn.Module], holders: List[in
     """Gather all members on rank 0, `fuse(...)` there, broadcast the result."""
     gathered = gather_models(world, held, holders, make_template, root=0)
     if world.is_main:
-        fused = fuse([gathered[i] for i in range(len(holders))], **fuse_args)
+        fused = fuse([gathered[i].to(fusion_device(world)) for i in range(len(holders))], **fuse_args)
     else:
         fused = meta_template(make_template)
     world.wait_for(f"fusing {len(holders)} members on rank 0")
@@ -98,3 +111,20 @@ def reduce_average(world: World, held: Dict[int, torch.nn.Module], holders: List
         if wire is not out:
             out.copy_(wire)
     return result
+
+
+@torch.no_grad()
+def ot_reduce(world: World, held: Dict[int, torch.nn.Module], holders: List[int],
+              make_template: Callable[[], torch.nn.Module], example_inputs=None) -> torch.nn.Module:
+    """What `fuse(members, method="ot")` computes, without gathering the members: member 0 (the anchor) is
+    broadcast, each rank aligns the members it holds to it, and `reduce_average` sums the aligned weights
+    over the ranks in one all-reduce. A rank holds its members, the anchor and its members' aligned copies."""
+    anchor = held[0] if 0 in held else meta_template(make_template)
+    anchor = broadcast_model(world, anchor, holders[0]).to(fusion_device(world))
+    aligned = {}
+    if held:   # a rank that holds no member only joins the broadcast and the sum
+        check_models([anchor, *held.values()], min_count=1)
+        plan, reference = analyze(anchor, example_inputs), tensors_of(anchor)
+        aligned = {i: model if i == 0 else clone_with(anchor, align(tensors_of(model), reference, plan))
+                   for i, model in held.items()}
+    return reduce_average(world, aligned, holders, make_template)

@@ -36,10 +36,10 @@ def clone_with(template: nn.Module, new: Dict[str, torch.Tensor]) -> nn.Module:
     for mod in template.modules():
         for p in mod._parameters.values():
             if p is not None:
-                memo[id(p)] = nn.Parameter(torch.empty(0), requires_grad=p.requires_grad)
+                memo[id(p)] = nn.Parameter(torch.empty(0, device=p.device), requires_grad=p.requires_grad)
         for b in mod._buffers.values():
             if b is not None:
-                memo[id(b)] = torch.empty(0)
+                memo[id(b)] = torch.empty(0, device=b.device)
     model = copy.deepcopy(template, memo)
     for mname, mod in model.named_modules(remove_duplicate=False):
         for attr in list(mod._parameters):
@@ -56,8 +56,9 @@ def clone_with(template: nn.Module, new: Dict[str, torch.Tensor]) -> nn.Module:
 class _Selection:
     """Where each member's kept units of every space come from and where they go."""
 
-    def __init__(self, sizes: List[Dict[int, int]], keep: Optional[Dict[int, Optional[torch.Tensor]]]):
+    def __init__(self, sizes: List[Dict[int, int]], keep: Optional[Dict[int, Optional[torch.Tensor]]], device):
         self.sizes, self.parts, self.new_size, self._cache = sizes, {}, {}, {}
+        self.device = device   # of the weights: every index tensor made here lives there
         for s in sizes[0]:
             offset, pos, parts = 0, 0, []
             chosen = keep.get(s) if keep else None
@@ -81,7 +82,7 @@ class _Selection:
             return idx, pos * factor, count * factor
         key = (space, factor, member)
         if key not in self._cache:
-            self._cache[key] = (idx[:, None] * factor + torch.arange(factor)).reshape(-1)
+            self._cache[key] = (idx[:, None] * factor + torch.arange(factor, device=idx.device)).reshape(-1)
         return self._cache[key], pos * factor, count * factor
 
     def length(self, layout) -> Optional[int]:
@@ -104,8 +105,8 @@ class _Selection:
                 idx, start, count = self.index(d.space, d.factor, member)
                 n = self.sizes[member][d.space] * d.factor
                 whole = whole and idx is None
-                src.append(local + (torch.arange(n) if idx is None else idx))
-                dst.append(torch.arange(result + start, result + start + count))
+                src.append(local + (torch.arange(n, device=self.device) if idx is None else idx))
+                dst.append(torch.arange(result + start, result + start + count, device=self.device))
                 local += n
                 result += self.new_size[d.space] * d.factor
             self._cache[key] = (None if whole else torch.cat(src), torch.cat(dst))
@@ -158,7 +159,7 @@ def assemble(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float],
     """
     all_ts = [tensors_of(m) for m in models]
     sizes = [plan.space_sizes(ts) for ts in all_ts]
-    sel = _Selection(sizes, keep)
+    sel = _Selection(sizes, keep, next(iter(all_ts[0].values())).device)
     new = {}
     with torch.no_grad():
         for name, spec in plan.tensors.items():

@@ -82,7 +82,7 @@ def _aggregate(t: torch.Tensor, d: int, layout, sizes, classes: Dict[int, Choice
     for dim, piece in parts_of(t, d, layout, sizes):
         choice = classes[dim.space]
         live = choice.classes >= 0
-        onehot = torch.zeros(len(live), choice.count, dtype=t.dtype)
+        onehot = torch.zeros(len(live), choice.count, dtype=t.dtype, device=t.device)
         onehot[live.nonzero().squeeze(1), choice.classes[live]] = 1.0
         piece = piece.movedim(d, -1).unflatten(-1, (-1, dim.factor)).transpose(-1, -2)   # [..., factor, units]
         pieces.append((piece @ onehot).transpose(-1, -2).flatten(-2).movedim(-1, d))
@@ -121,7 +121,8 @@ def _similarity(parts: List[torch.Tensor]) -> Optional[torch.Tensor]:
         norms = part.norm(dim=1)
         unit = part / norms.clamp_min(_TINY)[:, None]
         zero = norms <= _TINY
-        cos = torch.where(zero[:, None] & zero[None, :], torch.ones((), dtype=part.dtype), unit @ unit.T)
+        one = torch.ones((), dtype=part.dtype, device=part.device)
+        cos = torch.where(zero[:, None] & zero[None, :], one, unit @ unit.T)
         sim = cos if sim is None else torch.minimum(sim, cos)
     return sim
 
@@ -129,8 +130,9 @@ def _similarity(parts: List[torch.Tensor]) -> Optional[torch.Tensor]:
 def _choose(sim: Optional[torch.Tensor], scores: torch.Tensor, want: int, threshold: float) -> Choice:
     n = scores.shape[0]
     order = torch.sort(scores, descending=True, stable=True).indices.tolist()
-    rep = torch.full((n,), -1, dtype=torch.long)
-    best, best_of = torch.full((n,), -float("inf")), torch.full((n,), -1, dtype=torch.long)
+    rep = torch.full((n,), -1, dtype=torch.long, device=scores.device)
+    best = torch.full((n,), -float("inf"), device=scores.device)
+    best_of = torch.full((n,), -1, dtype=torch.long, device=scores.device)
     kept, twins = 0, []
     for c in order:
         if sim is not None and best[c] > threshold:
@@ -153,7 +155,7 @@ def _classes(rep: torch.Tensor, into: torch.Tensor) -> Choice:
     live = rep >= 0
     reps = rep[live].unique()
     lookup = torch.full_like(rep, -1)
-    lookup[reps] = torch.arange(len(reps))
+    lookup[reps] = torch.arange(len(reps), device=rep.device)
     classes = torch.where(live, lookup[rep.clamp_min(0)], rep)
     return Choice(rep, into, classes, len(reps))
 
@@ -168,7 +170,7 @@ def _first_slots(choice: Choice) -> Choice:
     """
     n = len(choice.into)
     live = (choice.into >= 0).nonzero().squeeze(1)
-    first = torch.full((n,), n, dtype=torch.long).scatter_reduce(0, choice.into[live], live, "amin")
+    first = torch.full((n,), n, dtype=torch.long, device=live.device).scatter_reduce(0, choice.into[live], live, "amin")
     into, rep = choice.into.clone(), choice.rep.clone()
     into[live] = first[choice.into[live]]
     merged = rep >= 0
@@ -176,11 +178,11 @@ def _first_slots(choice: Choice) -> Choice:
     return Choice(rep, into, choice.classes, choice.count)
 
 
-def _plain(keep: Optional[torch.Tensor], n: int) -> Choice:
+def _plain(keep: Optional[torch.Tensor], n: int, device) -> Choice:
     """Plain NT's choice for a space: the kept units, each its own class."""
-    rep = torch.arange(n)
+    rep = torch.arange(n, device=device)
     if keep is not None:
-        rep = torch.full((n,), -1, dtype=torch.long)
+        rep = torch.full((n,), -1, dtype=torch.long, device=device)
         rep[keep] = keep
     return _classes(rep, rep.clone())
 
@@ -190,7 +192,7 @@ def _walk(ts, plan, sizes, scores, want, threshold, base, dedup: Set[int]):
     classes, partial = {}, set()
     for s in plan.order:
         if s not in dedup:
-            classes[s] = _plain(base.get(s), sizes[s])
+            classes[s] = _plain(base.get(s), sizes[s], next(iter(ts.values())).device)
             continue
         parts, complete = _signature(ts, plan, s, sizes, classes)
         classes[s] = _choose(_similarity(parts), scores[s], want[s], threshold)
@@ -204,7 +206,7 @@ def _failing(ts, plan, sizes, classes: Dict[int, Choice], threshold: float, part
     bad = set()
     for s in partial:
         rep = classes[s].rep
-        twins = ((rep >= 0) & (rep != torch.arange(len(rep)))).nonzero().squeeze(1)
+        twins = ((rep >= 0) & (rep != torch.arange(len(rep), device=rep.device))).nonzero().squeeze(1)
         if len(twins) == 0:
             continue
         sim = _similarity(_signature(ts, plan, s, sizes, classes)[0])
@@ -223,7 +225,8 @@ def _fold(ts, plan: Plan, sizes, classes: Dict[int, Choice]) -> None:
             length = sizes[dim.space] * dim.factor
             choice = classes.get(dim.space)
             if choice is not None:
-                moved = ((choice.into >= 0) & (choice.into != torch.arange(len(choice.into)))).nonzero().squeeze(1)
+                into = choice.into
+                moved = ((into >= 0) & (into != torch.arange(len(into), device=into.device))).nonzero().squeeze(1)
                 if len(moved):
                     cols = ts[name].narrow(1, offset, length).unflatten(1, (sizes[dim.space], dim.factor))
                     cols.index_add_(1, choice.into[moved], cols.index_select(1, moved))
@@ -249,7 +252,7 @@ def _average_incoming(ts, plan: Plan, sizes, classes: Dict[int, Choice], unit_we
                 if choice is not None and dim.space in unit_weights:
                     into, w = choice.into, unit_weights[dim.space]
                     live = (into >= 0).nonzero().squeeze(1)
-                    kept = (into == torch.arange(len(into))).nonzero().squeeze(1)
+                    kept = (into == torch.arange(len(into), device=into.device)).nonzero().squeeze(1)
                     if len(live) > len(kept):
                         target = ts[name].narrow(d, offset, length)
                         rows = target.movedim(d, 0).unflatten(0, (-1, dim.factor)).clone()
@@ -276,7 +279,7 @@ def dedup_fuse(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float]
     with torch.no_grad():
         wide = assemble(models, plan, weights)
         ts = tensors_of(wide)
-        sizes = plan.space_sizes(ts)
+        sizes, device = plan.space_sizes(ts), next(iter(ts.values())).device
         while True:
             classes, partial = _walk(ts, plan, sizes, scores, want, threshold, base, dedup)
             bad = _failing(ts, plan, sizes, classes, threshold, partial)
@@ -286,17 +289,17 @@ def dedup_fuse(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float]
         classes = {s: _first_slots(c) for s, c in classes.items()}
         _fold(ts, plan, sizes, classes)
         member_sizes = [plan.space_sizes(tensors_of(m)) for m in models]
-        unit_weights = {s: torch.cat([torch.full((sz[s],), float(w), dtype=torch.float64)
+        unit_weights = {s: torch.cat([torch.full((sz[s],), float(w), dtype=torch.float64, device=device)
                                       for sz, w in zip(member_sizes, weights)]) for s in dedup}
         _average_incoming(ts, plan, sizes, classes, unit_weights)
     keep = {}
     for s, choice in classes.items():
-        kept = (choice.into == torch.arange(len(choice.into))).nonzero().squeeze(1)
+        kept = (choice.into == torch.arange(len(choice.into), device=choice.into.device)).nonzero().squeeze(1)
         keep[s] = None if len(kept) == len(choice.into) else kept
     if merged is not None:
         names = space_names(plan)
         for s in sorted(eligible):       # a space that fell back to plain NT counts 0
             into = classes[s].into
-            count = int(((into >= 0) & (into != torch.arange(len(into)))).sum())
+            count = int(((into >= 0) & (into != torch.arange(len(into), device=into.device))).sum())
             merged[names.get(s, str(s))] = merged.get(names.get(s, str(s)), 0) + count
     return assemble([wide], plan, [1.0], keep)

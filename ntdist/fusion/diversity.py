@@ -15,7 +15,10 @@ model with itself. Two cheap checks flag that case:
   stay in the pool a near-copy is looked for in), so the fraction is an
   estimate from k * s units per layer.
 
-Everything here is plain torch on one process, on the device the models are on.
+Everything here is plain torch on one process, on the device the models are on; the
+distributed pipeline runs `duplicate_units` across ranks with the same sample
+(`sample_rows`) and the same test (`unit_rows`, `has_near_copy`), see
+`distributed.diagnostics`.
 """
 
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -65,7 +68,7 @@ def fusable_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     return layers[:-1]
 
 
-def _unit_rows(layer: nn.Module) -> torch.Tensor:
+def unit_rows(layer: nn.Module) -> torch.Tensor:
     """One unit per row: the flattened incoming weights, with the bias appended; rows normalised."""
     weight = layer.weight.detach().float()
     rows = weight.reshape(weight.shape[0], -1)
@@ -74,7 +77,7 @@ def _unit_rows(layer: nn.Module) -> torch.Tensor:
     return nn.functional.normalize(rows, dim=1)
 
 
-def _has_near_copy(rows: torch.Tensor, others: torch.Tensor, threshold: float) -> torch.Tensor:
+def has_near_copy(rows: torch.Tensor, others: torch.Tensor, threshold: float) -> torch.Tensor:
     """For each row of `rows`, whether a row of `others` has cosine similarity above threshold."""
     found = torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
     if others.shape[0] == 0:
@@ -86,6 +89,19 @@ def _has_near_copy(rows: torch.Tensor, others: torch.Tensor, threshold: float) -
     return found
 
 
+def sample_generator() -> torch.Generator:
+    """The seeded generator of the unit sample (one per check, drawn from layer by layer, member by member)."""
+    return torch.Generator().manual_seed(0)
+
+
+def sample_rows(units: int, max_units: Optional[int], generator: torch.Generator) -> Optional[torch.Tensor]:
+    """The sampled units of one member's layer of `units` (None: all of them). It draws only when it samples,
+    so whoever walks the layers, and in each the members, in order gets the same sample."""
+    if max_units is None or units <= max_units:
+        return None
+    return torch.randperm(units, generator=generator)[:max_units]
+
+
 @torch.no_grad()
 def duplicate_units(models: Sequence[nn.Module], threshold: float = 0.95,
                     max_units: Optional[int] = None) -> Dict[str, float]:
@@ -93,23 +109,24 @@ def duplicate_units(models: Sequence[nn.Module], threshold: float = 0.95,
     seeded sample of `max_units` units per member and layer when a layer is wider)."""
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    sample = torch.Generator().manual_seed(0)
+    sample = sample_generator()
     per_model = [fusable_layers(m) for m in models]
     names = [[name for name, _ in layers] for layers in per_model]
     if any(n != names[0] for n in names[1:]):
         raise ValueError("all members must share one architecture to compare their units")
     out = {}
     for index, name in enumerate(names[0] if names else []):
-        rows = [_unit_rows(layers[index][1]) for layers in per_model]
+        rows = [unit_rows(layers[index][1]) for layers in per_model]
         if len({r.shape[1] for r in rows}) != 1:
             raise ValueError(f"layer '{name}' has different shapes across members")
         total = dup = 0
         for i, mine in enumerate(rows):
             others = [r for j, r in enumerate(rows) if j != i]
             pool = torch.cat(others) if others else mine[:0]
-            if max_units is not None and mine.shape[0] > max_units:
-                mine = mine[torch.randperm(mine.shape[0], generator=sample)[:max_units].to(mine.device)]
-            dup += int(_has_near_copy(mine, pool, threshold).sum())
+            picked = sample_rows(mine.shape[0], max_units, sample)
+            if picked is not None:
+                mine = mine[picked.to(mine.device)]
+            dup += int(has_near_copy(mine, pool, threshold).sum())
             total += mine.shape[0]
         out[name] = dup / total if total else 0.0
     return out
@@ -118,8 +135,12 @@ def duplicate_units(models: Sequence[nn.Module], threshold: float = 0.95,
 def diversity_summary(models: Sequence[nn.Module], logits_list: Sequence, threshold: float = 0.95,
                       max_units: Optional[int] = None) -> dict:
     """A JSON-serialisable summary of both checks, with a warning when members are near-identical."""
+    return summarize(logits_list, duplicate_units(models, threshold, max_units), threshold)
+
+
+def summarize(logits_list: Sequence, dup: Dict[str, float], threshold: float) -> dict:
+    """`diversity_summary` from the members' logits and their `duplicate_units` (computed however)."""
     matrix, mean = prediction_disagreement(logits_list)
-    dup = duplicate_units(models, threshold, max_units)
     dup_mean = sum(dup.values()) / len(dup) if dup else None
     warning = None
     if (mean is not None and mean < DISAGREEMENT_FLOOR) or (dup_mean is not None and dup_mean > DUPLICATE_CEILING):

@@ -57,6 +57,8 @@ def trace(model: nn.Module, example_inputs=None):
 def _shape_prop(gm, model, example_inputs, given: bool) -> bool:
     """Record every node's output shape from a one-sample forward pass in eval mode."""
     args = _batch_slice(example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,))
+    device = next((t.device for t in model.state_dict().values()), None)   # inputs given on the CPU, weights maybe not
+    args = tuple(a.to(device) if isinstance(a, torch.Tensor) and device is not None else a for a in args)
     flags = {name: m.training for name, m in gm.named_modules()}
     try:
         gm.eval()

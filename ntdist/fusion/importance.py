@@ -45,7 +45,7 @@ def _sq(t: torch.Tensor) -> torch.Tensor:
 
 def l2(view: SpaceView) -> torch.Tensor:
     """L2 norm of each unit's incoming weights (rows of the producing layers, biases included)."""
-    total = torch.zeros(view.size, dtype=torch.float64)
+    total = torch.zeros(view.size, dtype=torch.float64, device=view.producers[0].device)
     for t in view.producers + view.biases:
         total += _sq(t).double()
     return total.sqrt()
@@ -53,7 +53,7 @@ def l2(view: SpaceView) -> torch.Tensor:
 
 def l1(view: SpaceView) -> torch.Tensor:
     """L1 norm of each unit's incoming weights (rows of the producing layers, biases included)."""
-    total = torch.zeros(view.size, dtype=torch.float64)
+    total = torch.zeros(view.size, dtype=torch.float64, device=view.producers[0].device)
     for t in view.producers + view.biases:
         total += _norm(t, 1).double()
     return total

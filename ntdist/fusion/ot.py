@@ -26,16 +26,17 @@ from ntdist.fusion.plan import parts_of
 class _Transport:
     """A row-stochastic n_anchor x n_member map, kept as an index vector when it is a permutation."""
 
-    def __init__(self, plan: np.ndarray):
+    def __init__(self, plan: np.ndarray, device):
         n_a = plan.shape[0]
-        nz = (plan > 0).sum(axis=1)
-        self.perm = torch.from_numpy(plan.argmax(axis=1)) if (nz == 1).all() else None
-        self.matrix = None if self.perm is not None else torch.from_numpy(plan * n_a)
+        nz = (plan > 0).sum(axis=1)   # the solver works on the host; the map lives beside the weights
+        self.perm = torch.as_tensor(plan.argmax(axis=1), device=device) if (nz == 1).all() else None
+        self.matrix = None if self.perm is not None else torch.as_tensor(plan * n_a, device=device)
         self.n = n_a
 
     def apply(self, t: torch.Tensor, d: int, factor: int) -> torch.Tensor:
         if self.perm is not None:
-            idx = self.perm if factor == 1 else (self.perm[:, None] * factor + torch.arange(factor)).reshape(-1)
+            steps = torch.arange(factor, device=self.perm.device)
+            idx = self.perm if factor == 1 else (self.perm[:, None] * factor + steps).reshape(-1)
             return t.index_select(d, idx)
         x = t.movedim(d, 0)
         rest = x.shape[1:]
@@ -67,23 +68,23 @@ def _move(maps, t: torch.Tensor, d: int, layout, sizes) -> torch.Tensor:
     return torch.cat([maps[p.space].apply(piece, d, p.factor) for p, piece in parts_of(t, d, layout, sizes)], d)
 
 
-def _solve(cost: Optional[torch.Tensor], n: int) -> _Transport:
+def _solve(cost: Optional[torch.Tensor], n: int, device) -> _Transport:
     """Exact OT on the cost matrix; the identity for a space no single layer produces alone (nothing to compare)."""
     import ot
 
     if cost is None:
-        return _Transport(np.eye(n))
+        return _Transport(np.eye(n), device)
     n_a, n_m = cost.shape
     a = np.full(n_a, 1.0 / n_a)
     b = np.full(n_m, 1.0 / n_m)
-    m = np.ascontiguousarray(cost.detach().double().numpy())
-    return _Transport(ot.emd(a, b, m, numItermax=max(100000, 50 * n_a * n_m)))
+    m = np.ascontiguousarray(cost.detach().double().cpu().numpy())
+    return _Transport(ot.emd(a, b, m, numItermax=max(100000, 50 * n_a * n_m)), device)
 
 
 def align(member: Dict[str, torch.Tensor], anchor: Dict[str, torch.Tensor], plan: Plan) -> Dict[str, torch.Tensor]:
     """The member's tensors with every hidden space transported onto the anchor's units."""
     prods = _producers(plan)
-    sizes = plan.space_sizes(member)
+    sizes, device = plan.space_sizes(member), next(iter(member.values())).device
     maps: Dict[int, _Transport] = {}
     deferred = set()
 
@@ -106,9 +107,9 @@ def align(member: Dict[str, torch.Tensor], anchor: Dict[str, torch.Tensor], plan
 
     with torch.no_grad():
         for s in plan.order:
-            maps[s] = _solve(cost_of(s, False), sizes[s])
+            maps[s] = _solve(cost_of(s, False), sizes[s], device)
         for s in [s for s in plan.order if s in deferred]:
-            maps[s] = _solve(cost_of(s, True), sizes[s])
+            maps[s] = _solve(cost_of(s, True), sizes[s], device)
         out = {}
         for name, spec in plan.tensors.items():
             t = member[name]

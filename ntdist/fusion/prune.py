@@ -172,7 +172,8 @@ def select(models: Sequence[nn.Module], plan: Plan, importance, want: Dict[int, 
         per_block = [sum(sc.reshape(-1, blocks[s]).sum(1) for s, sc in zip(spaces, member))
                      for member in zip(*(unit_scores(s) for s in spaces))]
         best = _ranked(per_block, want[spaces[0]] // blocks[spaces[0]], models)
-        keep.update({s: (best[:, None] * b + torch.arange(b)).reshape(-1) for s, b in blocks.items()})
+        keep.update({s: (best[:, None] * b + torch.arange(b, device=best.device)).reshape(-1)
+                     for s, b in blocks.items()})
     for s in plan.order:
         if s in keep:
             continue

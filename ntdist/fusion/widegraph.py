@@ -26,10 +26,11 @@ import torch.nn as nn
 from torch.fx import GraphModule, symbolic_trace
 
 
-def wide_permutation(inputs: Sequence[int], outputs: Sequence[int], k: int) -> torch.Tensor:
+def wide_permutation(inputs: Sequence[int], outputs: Sequence[int], k: int, device=None) -> torch.Tensor:
     """Index into the wide input of each wide output channel: output channel j of member m reads its input."""
     where: Dict[int, int] = {space: i for i, space in enumerate(inputs)}
-    return torch.tensor([where[space] * k + m for space in outputs for m in range(k)], dtype=torch.long)
+    return torch.tensor([where[space] * k + m for space in outputs for m in range(k)], dtype=torch.long,
+                        device=device)
 
 
 def widen_graph(wide: nn.Module, shuffles: Sequence[Tuple[str, str, Tuple[int, ...], Tuple[int, ...]]],
@@ -41,8 +42,9 @@ def widen_graph(wide: nn.Module, shuffles: Sequence[Tuple[str, str, Tuple[int, .
         args = list(nodes[name].args)
         args[position] = args[position] * k
         nodes[name].args = tuple(args)
+    device = next((t.device for t in wide.state_dict().values()), None)   # the index beside the weights
     for i, (source, out, inputs, outputs) in enumerate(shuffles):
-        gm.register_buffer(f"channel_shuffle_{i}", wide_permutation(inputs, outputs, k), persistent=False)
+        gm.register_buffer(f"channel_shuffle_{i}", wide_permutation(inputs, outputs, k, device), persistent=False)
         with gm.graph.inserting_after(nodes[out]):
             index = gm.graph.get_attr(f"channel_shuffle_{i}")
         with gm.graph.inserting_after(index):

@@ -4,7 +4,8 @@ Every rank holds the same fused model; the engine (DDP by default) averages
 gradients, a DistributedSampler (reshuffled each epoch) splits the data, and
 evaluation counts every sample once across ranks. With `finetune.distill` the
 loss is the distillation loss against the ensemble's output average, computed
-on each rank for its own batch by the k members as they are (`distill_teacher`).
+for each rank's batch by the k members as they are (`distill_teacher`): sharded over the ranks, or whole on
+each (`finetune.teacher_shard`, see `training.teacher`).
 """
 
 import importlib.util
@@ -17,8 +18,7 @@ from typing import TYPE_CHECKING, Callable, ClassVar, Dict, List, Optional
 import torch
 
 from ntdist.errors import UserError, check_choice
-from ntdist.distributed.comm import gather_models
-from ntdist.fusion import Ensemble, distillation_loss
+from ntdist.fusion import distillation_loss
 from ntdist.options import opt
 from ntdist.preempt import preempt_requested
 from ntdist.training.engines import ENGINES, ZERO_STAGES, deepspeed_precision, make_engine
@@ -26,6 +26,7 @@ from ntdist.training.batches import eval_batches, feed, train_batches
 from ntdist.training.loop import (SCHEDULES, EpochPosition, OptimConfig, Precision, check_finite, epoch_stats,
                                   evaluate, make_optimizer, make_scheduler, step_logger, train_epoch)
 from ntdist.training.resume import ResumableEpochs
+from ntdist.training.teacher import TEACHER_SHARD, ShardedTeacher, share_members, use_sharded, whole_teacher
 
 if TYPE_CHECKING:   # the run context is defined by the pipeline, which imports this module
     from ntdist.pipeline import Run
@@ -54,12 +55,18 @@ class FinetuneConfig(OptimConfig):
     distill: bool = opt(False, "distil the ensemble into the fused model instead of plain fine-tuning")
     temperature: float = opt(2.0, "distillation temperature")
     soft_weight: float = opt(1.0, "weight of the soft-target loss in distillation")
+    teacher_shard: str = opt("auto", "distillation teacher: on (each rank keeps at most ceil(k/W) members; per "
+                                     "batch one all-gather of the inputs, one reduce-scatter of the logits) | off "
+                                     "(all k members on every rank) | auto (on with several ranks)")
     control: bool = opt(True, "also fine-tune the best member for the same epochs (a fair baseline)")
 
     def __post_init__(self):
         super().__post_init__()
         check_choice(self.engine, ENGINES, "finetune.engine")
         check_choice(self.lr_scaling, LR_SCALING, "finetune.lr_scaling")
+        # YAML reads a bare on / off as a boolean, which reaches this string field as "True" / "False"
+        self.teacher_shard = {"True": "on", "False": "off"}.get(str(self.teacher_shard), self.teacher_shard)
+        check_choice(self.teacher_shard, TEACHER_SHARD, "finetune.teacher_shard")
         if self.precision == "fp16" and self.engine == "accelerate":
             raise UserError("finetune.precision=fp16 needs finetune.engine=ddp (its grad scaler) or deepspeed (its "
                             "loss scaler); with accelerate use bf16")
@@ -101,10 +108,13 @@ def evaluate_splits(r: "Run", model) -> dict:
 
 
 def distill_teacher(r: "Run", held: Dict[int, torch.nn.Module]) -> torch.nn.Module:
-    """The distillation teacher on every rank: the k members as they are, outputs averaged (the concatenated
-    model computes the same with k^2 blocks in its dense layers, k times the parameters and FLOPs)."""
-    members = gather_models(r.world, {i: m.cpu() for i, m in held.items()}, r.layout.holders, r.template, root=None)
-    return Ensemble([members[i] for i in range(r.cfg.fusion.k)])
+    """This rank's distillation teacher: the k members as they are, outputs averaged (the concatenated model
+    computes the same with k^2 blocks in its dense layers, k times the parameters and FLOPs); sharded over
+    the ranks or all k members on every rank, by `finetune.teacher_shard`."""
+    if use_sharded(r.cfg.finetune.teacher_shard, r.world.size):
+        mine = share_members(r.world, r.layout, held, r.template)
+        return ShardedTeacher(r.world, r.layout, mine, capacity=r.cfg.data.batch_size)
+    return whole_teacher(r.world, r.layout, held, r.template)
 
 
 def distill_loss_fn(teacher: torch.nn.Module, cfg: FinetuneConfig) -> Callable:

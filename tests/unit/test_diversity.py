@@ -120,8 +120,8 @@ def test_sampled_duplicate_check_is_bounded_and_estimates_the_fraction(monkeypat
     exact = duplicate_units([model, half])
     assert exact == {"0": 0.5, "2": 0.5}
     rows_checked = []
-    near_copy = diversity._has_near_copy
-    monkeypatch.setattr(diversity, "_has_near_copy", lambda rows, others, t: rows_checked.append(rows.shape[0])
+    near_copy = diversity.has_near_copy
+    monkeypatch.setattr(diversity, "has_near_copy", lambda rows, others, t: rows_checked.append(rows.shape[0])
                         or near_copy(rows, others, t))
     sampled = duplicate_units([model, half], max_units=64)
     assert max(rows_checked) == 64 and len(rows_checked) == 4   # 2 members x 2 layers, 64 units each
