@@ -212,7 +212,7 @@ def _finish(model, sp, layers, nonlinear) -> Plan:
     shuffles = [(a, b, tuple(sp.find(d.space) for d in x), tuple(sp.find(d.space) for d in y))
                 for a, b, x, y in sp.shuffles]
     return Plan(sizes, order, layers, tensors, first, probe, coupled.sets(sizes), inexact, norms, atoms, shuffles,
-                sp.widths)
+                sp.widths, sp.norm_parts)
 
 
 class _Coupling:

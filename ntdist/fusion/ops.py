@@ -22,6 +22,7 @@ from ntdist.fusion.functional import LAYER_FUNCS, functional_layer, record
 from ntdist.fusion.plan import IN, Layer, Param, Tup, Val
 from ntdist.fusion.shapes import (adaptive_hw, arg, cat, channel_dim, flatten, is_input, mean, one, permute, refuse,
                                   reshape, split, transpose)
+from ntdist.fusion.windows import WRAPPED, qualified
 
 RESIZE_MODULES = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
 RESIZE_FUNCS = {F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear}
@@ -134,9 +135,11 @@ def layer_norm(name, x, shape, owner, sp, layers, nonlinear):
     """A LayerNorm over the channels: it keeps the layout; `owner` is the module holding its affine parameters."""
     if x.ndim is None or x.cdim != x.ndim - 1 or shape != (channels(sp, x),):
         refuse(name, f"normalises over {list(shape)}, not over the channels alone (dimension {x.cdim})")
-    if len(x.lay) != 1 or is_input(sp, x.lay):
-        refuse(name, "normalises concatenated or input channels together")
+    if is_input(sp, x.lay) or len({sp.size[d.space] * d.factor for d in x.lay}) != 1:
+        refuse(name, "normalises input channels, or concatenated parts of different widths, together")
     record(layers, sp, owner or name, "ln" if owner else "lnf", x.lay, x.lay)
+    if len(x.lay) > 1:     # each member's channels lie in every part: the wide model groups them part by part
+        sp.norm_parts[name] = len(x.lay)
     nonlinear.append((name, x.lay))
     return x
 
@@ -243,6 +246,19 @@ def _params(node, vals, params, gm, sp, layers, nonlinear):
                            "and element-wise ops with per-channel parameters)")
 
 
+def _constant_input(node, gm, env):
+    """A module fed a buffer (Swin v2's position MLP reads a fixed coordinate table): a constant, like the input.
+
+    The buffer is the same in every member, so it is treated as model input, its
+    last dimension read as the channels by whatever module consumes it.
+    """
+    consts = [env.get(a) for a in node.all_input_nodes]
+    if len(consts) != 1 or not isinstance(consts[0], Param) or consts[0].name in dict(gm.named_parameters()):
+        return []
+    nd = fetch(gm, consts[0].name).dim()
+    return [Val(one(IN), nd, None, nd - 1)]
+
+
 def fetch(gm, name):
     owner, _, attr = name.rpartition(".")
     return getattr(gm.get_submodule(owner) if owner else gm, attr)
@@ -261,6 +277,8 @@ def propagate(node: Node, gm, env, sp, layers, nonlinear, shape):
             node.name, "slices the parts of a channel split")
     if node.op == "call_module":
         if not vals:
+            vals = _constant_input(node, gm, env)
+        if not vals:
             return None
         mod = gm.get_submodule(node.target)
         if all(is_input(sp, v.lay) for v in vals) and not isinstance(mod, nn.Flatten) and not any(
@@ -274,6 +292,8 @@ def propagate(node: Node, gm, env, sp, layers, nonlinear, shape):
         return None
     if node.op == "call_method" and node.target == "expand" and isinstance(first, Param):
         return first                # broadcasting a parameter (a class token to the batch) keeps its channels
+    if node.op == "call_function" and qualified(node.target) in WRAPPED:
+        return WRAPPED[qualified(node.target)](node, env, lambda p: fetch(gm, p), sp, layers, nonlinear)
     params = [v for v in (env.get(a) for a in node.all_input_nodes) if isinstance(v, Param)]
     if params:
         return _params(node, vals, params, gm, sp, layers, nonlinear)

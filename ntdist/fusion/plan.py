@@ -79,7 +79,9 @@ class Plan:
     shuffles: List[Tuple[str, str, Tuple[int, ...], Tuple[int, ...]]] = field(default_factory=list)
     """(input node, output node, input atoms, output atoms): channel shuffles, gathered in the concatenated model."""
     widths: List[Tuple[str, int]] = field(default_factory=list)
-    """(reshape node, argument index): a channel count written as a constant, multiplied by k when concatenating."""
+    """(node, argument index or keyword): a channel or head count written as a constant, k times when concatenating."""
+    norm_parts: Dict[str, int] = field(default_factory=dict)
+    """LayerNorm (module, or node of an F.layer_norm call) -> parts of its concatenated input, where more than one."""
 
     def space_sizes(self, tensors: Dict[str, torch.Tensor]) -> Dict[int, int]:
         """Size of every hidden space in a model given its tensors (members may differ in width)."""
