@@ -196,6 +196,8 @@ def _set_attributes(model: nn.Module, members, plan: Plan, sel: _Selection):
             mod.num_features = out_n
         elif layer.kind == "ln" and out_n is not None:
             mod.normalized_shape = (out_n,)
+        elif layer.kind == "heads":
+            mod.n_heads = out_n
         elif layer.kind == "mha":
             mod.embed_dim = mod.kdim = mod.vdim = in_n
             mod.num_heads = out_n // (3 * mod.head_dim)

@@ -17,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.node import Node, map_arg
 
-from ntdist.fusion.attention import index, multi_head_attention
+from ntdist.fusion.attention import (RELATIVE_ATTENTION, class_name, index, multi_head_attention,
+                                     relative_attention)
 from ntdist.fusion.functional import LAYER_FUNCS, functional_layer, record
 from ntdist.fusion.plan import IN, Layer, Param, Tup, Val
 from ntdist.fusion.shapes import (adaptive_hw, arg, cat, channel_dim, flatten, is_input, mean, one, permute, refuse,
@@ -166,7 +167,7 @@ def _function(node, target, vals, sp, layers, nonlinear):
         return layer_norm(name, vals[0], tuple(arg(node, 1, "normalized_shape", ())), None, sp, layers, nonlinear)
     if target is torch.permute:
         return permute(name, vals[0], node.args[1:] or [node.kwargs["dims"]])
-    if target is torch.transpose:
+    if target in (torch.transpose, torch.swapaxes, torch.swapdims):
         return transpose(name, vals[0], arg(node, 1, "dim0", None), arg(node, 2, "dim1", None))
     if target in CAT_FUNCS:
         return cat(name, node, vals, sp)
@@ -217,7 +218,7 @@ def _method(node, target, first, vals, sp, nonlinear, shape):
         return split(name, node, first, sp, target)
     if target == "permute":
         return permute(name, first, node.args[1:] or [node.kwargs["dims"]])
-    if target == "transpose":
+    if target in ("transpose", "swapaxes", "swapdims"):
         return transpose(name, first, arg(node, 1, "dim0", None), arg(node, 2, "dim1", None))
     if target in ("view", "reshape"):
         return reshape(node, first, sp, shape)
@@ -286,6 +287,8 @@ def propagate(node: Node, gm, env, sp, layers, nonlinear, shape):
             return Val(one(IN), len(shape) if shape else vals[0].ndim, None)
         if isinstance(mod, nn.MultiheadAttention):
             return multi_head_attention(node.target, mod, vals, sp, layers)
+        if class_name(mod) == RELATIVE_ATTENTION:
+            return relative_attention(node.target, mod, vals[0], sp, layers)
         return _module(node.target, mod, vals[0], sp, layers, nonlinear)
     if node.op == "call_function" and (node.target in NONTENSOR_FUNCS or (
             node.target is operator.getitem and first is None)):

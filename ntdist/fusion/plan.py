@@ -54,7 +54,7 @@ class TensorSpec:
 class Layer:
     """A module whose parameters or attributes change with the width."""
 
-    kind: str             # linear | conv | dwconv | gconv | bn | ln | param
+    kind: str             # linear | conv | dwconv | gconv | bn | ln | param | mha | heads (a head count)
     out: Layout
     inp: Layout
     axis: int = 0         # for a parameter read in forward (kind param): its dimension along the channels

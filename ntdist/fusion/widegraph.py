@@ -23,7 +23,9 @@ from typing import Dict, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from torch.fx import GraphModule, symbolic_trace
+from torch.fx import GraphModule
+
+from ntdist.fusion.attention import symbolic_trace
 
 
 def wide_permutation(inputs: Sequence[int], outputs: Sequence[int], k: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Windowed attention: tiny Swin v1/v2 members concatenate exactly and NT-fuse back to the original class.
+"""Windowed attention: tiny Swin v1/v2 and MaxViT members concatenate exactly and NT-fuse to the original class.
 
 Swin writes its attention as free functions kept whole by torch.fx
 (`shifted_window_attention`, `_get_relative_position_bias`,
@@ -6,16 +6,24 @@ Swin writes its attention as free functions kept whole by torch.fx
 heads as units: the relative position table (v1), the continuous position bias
 MLP (v2) and v2's logit scale follow the heads. Inputs of 16x16 with 4x4 patches
 give 4x4 tokens in windows of 2, so the second block of the first stage shifts
-its windows. LayerNorm affine parameters, position tables and logit scales are
-random (their defaults are ones, zeros and constants).
+its windows. MaxViT's attention module is traced whole (heads as units, the
+head count set on the module); its window and grid partitions are reshapes and
+permutes of channels-last tokens, its MBConv blocks convolutions with BatchNorm
+and squeeze-excitation. LayerNorm and BatchNorm affine parameters, BatchNorm
+statistics, position tables and logit scales are random (their defaults are
+ones, zeros and constants).
 
 Run: .venv/bin/python -m pytest tests/unit/test_fusion_swin.py
 """
 
+import copy
+
 import pytest
 import torch
+from torchvision.models.maxvit import MaxVit
 from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 
+from helpers import randomise_bn
 from ntdist.errors import UserError
 from ntdist.fusion import Ensemble, analyze, concat, fuse
 
@@ -26,11 +34,17 @@ def _swin(v2=False):
                            num_classes=5, **extra)
 
 
-FAMILIES = {"swin": (_swin, 16), "swin_v2": (lambda: _swin(v2=True), 16)}
+def _maxvit():
+    return MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[8, 16], block_layers=[1, 1],
+                  head_dim=4, stochastic_depth_prob=0.1, num_classes=5)
+
+
+FAMILIES = {"swin": (_swin, 16), "swin_v2": (lambda: _swin(v2=True), 16), "maxvit": (_maxvit, 32)}
 
 
 def randomise(model):
-    """Random LayerNorm affine parameters, position tables and logit scales."""
+    """Random LayerNorm and BatchNorm parameters, BatchNorm statistics, position tables and logit scales."""
+    randomise_bn(model)
     with torch.no_grad():
         for mod in model.modules():
             if isinstance(mod, torch.nn.LayerNorm):
@@ -66,41 +80,58 @@ def test_nt_returns_the_original_architecture(family):
     fresh.load_state_dict(fused.state_dict(), strict=True)
     reference = models[0]
     for name, mod in reference.named_modules():
-        if hasattr(mod, "num_heads"):
-            assert fused.get_submodule(name).num_heads == mod.num_heads, name
+        for heads in ("num_heads", "n_heads"):
+            if hasattr(mod, heads):
+                assert getattr(fused.get_submodule(name), heads) == getattr(mod, heads), name
     for name, t in reference.state_dict().items():
         assert fused.state_dict()[name].shape == t.shape, name
     with torch.no_grad():
         assert torch.isfinite(fresh.eval()(x)).all()
 
 
+ATTENTION = {   # family: the first attention's query-key-value layer, output layer, per-head tensor, heads
+    "swin": ("features.1.0.attn.qkv", "features.1.0.attn.proj", "features.1.0.attn.relative_position_bias_table", 2),
+    "swin_v2": ("features.1.0.attn.qkv", "features.1.0.attn.proj", "features.1.0.attn.cpb_mlp.2", 2),
+    "maxvit": ("blocks.0.layers.0.layers.window_attention.attn_layer.1.to_qkv",
+               "blocks.0.layers.0.layers.window_attention.attn_layer.1.merge",
+               "blocks.0.layers.0.layers.window_attention.attn_layer.1.relative_position_bias_table", 2),
+}
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_heads_are_units_shared_by_qkv_proj_and_the_position_bias(family):
+def test_heads_are_units_shared_by_qkv_output_and_the_position_bias(family):
     models, x = members(family, 1)
     plan = analyze(models[0], x)
-    attn = "features.1.0.attn"
-    qkv, proj = plan.layers[f"{attn}.qkv"], plan.layers[f"{attn}.proj"]
-    heads = proj.inp[0]
-    assert (heads.factor, plan.sizes[heads.space]) == (4, 2)      # 2 heads of 4 features
-    assert qkv.out == (heads,) * 3
-    per_head = f"{attn}.cpb_mlp.2" if family == "swin_v2" else f"{attn}.relative_position_bias_table"
+    qkv, out, per_head, count = ATTENTION[family]
+    heads = plan.layers[out].inp[0]
+    assert (heads.factor, plan.sizes[heads.space]) == (4, count)      # heads of 4 features
+    assert plan.layers[qkv].out == (heads,) * 3
     assert [d.space for d in plan.layers[per_head].out] == [heads.space]
 
 
-def test_fused_with_its_own_copy_keeps_member_0():
+def test_maxvit_concatenation_has_k_times_the_heads():
+    models, x = members("maxvit", 3)
+    wide = concat(models, example_inputs=x)
+    attention = [m for m in wide.modules() if type(m).__name__ == "RelativePositionalMultiHeadAttention"]
+    assert [m.n_heads for m in attention] == [6, 6, 12, 12]       # 8 and 16 channels, heads of 4 features
+    assert tuple(attention[0].relative_position_bias_table.shape) == (9, 6)
+
+
+@pytest.mark.parametrize("family", ["swin_v2", "maxvit"])
+def test_fused_with_its_own_copy_keeps_member_0(family):
     # an importance that ranks member 0's units first: NT keeps exactly member 0's heads and channels
-    models, x = members("swin_v2", 1)
+    models, x = members(family, 1)
     calls = [0]
 
     def member_0_first(view):
         calls[0] += 1
         return torch.full((view.size,), 2.0 if calls[0] % 2 else 1.0)
 
-    copy = randomise(_swin(v2=True))
-    copy.load_state_dict(models[0].state_dict())
-    fused = fuse([models[0], copy], importance=member_0_first, example_inputs=x)
+    fused = fuse([models[0], copy.deepcopy(models[0])], importance=member_0_first, example_inputs=x)
+    output = [m for m in models[0].modules() if isinstance(m, torch.nn.Linear)][-1]
+    bias = 0.0 if output.bias is None else output.bias
     with torch.no_grad():
-        expected = 0.5 * models[0](x) + 0.5 * models[0].head.bias
+        expected = 0.5 * models[0](x) + 0.5 * bias
         assert torch.allclose(fused(x), expected, atol=1e-5, rtol=1e-5)
 
 
