@@ -17,13 +17,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.node import Node, map_arg
 
-from ntdist.fusion.attention import (RELATIVE_ATTENTION, class_name, index, multi_head_attention,
-                                     relative_attention)
+from ntdist.fusion.attention import RELATIVE_ATTENTION, class_name, index, multi_head_attention, relative_attention
 from ntdist.fusion.functional import LAYER_FUNCS, functional_layer, record
 from ntdist.fusion.plan import IN, Layer, Param, Tup, Val
 from ntdist.fusion.shapes import (adaptive_hw, arg, cat, channel_dim, flatten, is_input, mean, one, permute, refuse,
                                   reshape, split, transpose)
-from ntdist.fusion.windows import WRAPPED, qualified
+from ntdist.fusion.windows import WRAPPED, constant_input, qualified
 
 RESIZE_MODULES = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
 RESIZE_FUNCS = {F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear}
@@ -247,19 +246,6 @@ def _params(node, vals, params, gm, sp, layers, nonlinear):
                            "and element-wise ops with per-channel parameters)")
 
 
-def _constant_input(node, gm, env):
-    """A module fed a buffer (Swin v2's position MLP reads a fixed coordinate table): a constant, like the input.
-
-    The buffer is the same in every member, so it is treated as model input, its
-    last dimension read as the channels by whatever module consumes it.
-    """
-    consts = [env.get(a) for a in node.all_input_nodes]
-    if len(consts) != 1 or not isinstance(consts[0], Param) or consts[0].name in dict(gm.named_parameters()):
-        return []
-    nd = fetch(gm, consts[0].name).dim()
-    return [Val(one(IN), nd, None, nd - 1)]
-
-
 def fetch(gm, name):
     owner, _, attr = name.rpartition(".")
     return getattr(gm.get_submodule(owner) if owner else gm, attr)
@@ -277,8 +263,7 @@ def propagate(node: Node, gm, env, sp, layers, nonlinear, shape):
         return first.items[node.args[1]] if isinstance(node.args[1], int) else refuse(
             node.name, "slices the parts of a channel split")
     if node.op == "call_module":
-        if not vals:
-            vals = _constant_input(node, gm, env)
+        vals = vals or constant_input(node, gm, env, lambda p: fetch(gm, p))
         if not vals:
             return None
         mod = gm.get_submodule(node.target)

@@ -16,7 +16,7 @@ the tokens along the channels: four parts, each the input's layout.
 """
 
 from ntdist.fusion.functional import record
-from ntdist.fusion.plan import Dim, Layer, Param, Val
+from ntdist.fusion.plan import IN, Dim, Layer, Param, Val
 from ntdist.fusion.shapes import arg, is_input, one, refuse
 
 SWIN = "torchvision.models.swin_transformer."
@@ -27,12 +27,17 @@ def qualified(target) -> str:
     return f"{getattr(target, '__module__', '')}.{getattr(target, '__name__', '')}"
 
 
-def _per_head_param(name, param, tensor, heads, axis, layers):
-    """A parameter with one entry per head along `axis`: it follows the head space."""
-    if tensor.shape[axis] != heads[1]:
-        refuse(name, f"reads '{param.name}' with {tensor.shape[axis]} entries along dimension {axis}, "
-                     f"not one per head ({heads[1]})")
-    layers[param.name] = Layer("param", one(heads[0]), one(heads[0]), axis)
+def constant_input(node, gm, env, fetch):
+    """A module fed a buffer (v2's position MLP reads a fixed coordinate table): a constant, like the input.
+
+    The buffer is the same in every member, so it counts as model input, its
+    last dimension read as the channels by the module that consumes it.
+    """
+    consts = [env.get(a) for a in node.all_input_nodes]
+    if len(consts) != 1 or not isinstance(consts[0], Param) or consts[0].name in dict(gm.named_parameters()):
+        return []
+    nd = fetch(consts[0].name).dim()
+    return [Val(one(IN), nd, None, nd - 1)]
 
 
 def relative_position_bias(node, env, fetch, sp, layers, nonlinear):
@@ -85,11 +90,11 @@ def shifted_window_attention(node, env, fetch, sp, layers, nonlinear):
     record(layers, sp, owners["qkv"], "linear", heads * 3, x.lay)
     out = record(layers, sp, owners["proj"], "linear",
                  None if owners["proj"] in layers else sp.open(owners["proj"], width), heads)
-    if get["logit_scale"] is not None:
-        scale = get["logit_scale"]
-        if not isinstance(scale, Param):
-            refuse(name, "(shifted window attention) gets a logit scale that is not a parameter")
-        _per_head_param(name, scale, fetch(scale.name), (space, num_heads), 0, layers)
+    scale = get["logit_scale"]
+    if scale is not None:       # v2: one cosine-attention scale per head, [heads, 1, 1]
+        if not isinstance(scale, Param) or fetch(scale.name).shape[0] != num_heads:
+            refuse(name, "(shifted window attention) gets a logit scale that is not one parameter per head")
+        layers[scale.name] = Layer("param", one(space), one(space), 0)
     nonlinear.append((name, heads))
     sp.widths.append((name, 5 if len(node.args) > 5 else "num_heads"))
     return Val(out, x.ndim, None, x.cdim)
