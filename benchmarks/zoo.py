@@ -185,7 +185,8 @@ def _merge_bullets(new, old):
 def write_markdown(rows, k: int, path: str, seconds: float, merge: bool = False):
     """Write ZOO.md; with `merge`, `rows` replace or join the rows already there and the counts are redone."""
     run = (f"`benchmarks/zoo.py --k {k}` on {platform.machine()} with {torch.get_num_threads()} torch threads "
-           f"(torch {torch.__version__}, torchvision {torchvision.__version__}), {seconds / 60:.0f} min in all")
+           f"(torch {torch.__version__}, torchvision {torchvision.__version__})"
+           + (f", {seconds / 60:.0f} min in all" if seconds >= 60 else ""))    # rows from --resume take no time
     intro, old_bullets = _old_text(path) if merge else (None, [])
     if merge:
         new = {r["model"]: r for r in rows}
