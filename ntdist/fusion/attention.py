@@ -56,7 +56,7 @@ def relative_attention(name, mod, x, sp, layers):
         refuse(name, f"(relative attention) has layers that do not match its {n} heads of {hd} features")
     space = sp.new(n, name)
     heads = (Dim(space, hd),)
-    layers[name] = Layer("heads", one(space), one(space))
+    layers[name] = Layer("heads", one(space), x.lay)
     layers[f"{name}.to_qkv"] = Layer("linear", heads * 3, x.lay)
     layers[f"{name}.relative_position_bias_table"] = Layer("param", one(space), one(space), 1)
     out = sp.open(f"{name}.merge", mod.merge.out_features)

@@ -139,3 +139,15 @@ def test_other_widths_are_refused_with_the_reason():
     models, x = members("swin", 2)
     with pytest.raises(UserError, match="as a constant"):
         fuse(models, example_inputs=x, keep_ratio=0.5)
+
+
+def test_maxvit_prunes_whole_heads_at_other_widths_and_refuses_widths_that_split_them():
+    models, x = members("maxvit", 2)
+    half = fuse(models, example_inputs=x, keep_ratio=0.5)
+    attention = [m for m in half.modules() if type(m).__name__ == "RelativePositionalMultiHeadAttention"]
+    assert [m.n_heads for m in attention] == [1, 1, 2, 2]
+    assert tuple(attention[2].to_qkv.weight.shape) == (24, 8)
+    with torch.no_grad():
+        assert torch.isfinite(half(x)).all()
+    with pytest.raises(UserError, match="heads of 4 features"):
+        fuse(models, example_inputs=x, keep_ratio=0.75)     # 6 stream channels, but 2 heads of 4 features
