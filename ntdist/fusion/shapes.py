@@ -12,8 +12,9 @@ from ntdist.errors import UserError
 from ntdist.fusion.plan import IN, Dim, Tup, Val
 
 SUPPORTED = ("supported: Linear, Conv (plain, depthwise, grouped), BatchNorm, LayerNorm (also as F.* on a module's "
-             "own parameters), nn.MultiheadAttention, element-wise activations, dropout, stochastic depth, pooling, "
-             "resizing, flatten, residual additions, channel cat, split and shuffle")
+             "own parameters), nn.MultiheadAttention, torchvision's Swin and MaxViT attention, element-wise "
+             "activations, dropout, stochastic depth, pooling, resizing, flatten, residual additions, channel cat, "
+             "split and shuffle")
 
 
 class NeedShapes(Exception):
