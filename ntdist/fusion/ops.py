@@ -5,9 +5,9 @@ result: layers open spaces, element-wise operations and pooling keep them,
 residual additions merge them, a channel concatenation joins its parts'
 layouts and a channel split cuts one at part boundaries. Any computation on
 the model input alone is the same in every member and stays unwidened.
-Anything whose widened form would not compute exactly the members' average
-(LayerNorm, attention, unknown functions or modules) is refused with a
-`UserError` naming the node.
+Functions torch.fx keeps whole (Swin's) have rules keyed by their qualified
+name (`windows.py`). Anything whose widened form would not compute exactly
+the members' average is refused with a `UserError` naming the node.
 """
 
 import operator
@@ -176,7 +176,7 @@ def _function(node, target, vals, sp, layers, nonlinear):
         if vals[0].cdim != 1:
             refuse(name, f"resizes channels-first input but the channels are dimension {vals[0].cdim}")
         return vals[0]._replace(hw=None)
-    if target in KEEP_FUNCS or f"{getattr(target, '__module__', '')}.{getattr(target, '__name__', '')}" in KEEP_NAMES:
+    if target in KEEP_FUNCS or qualified(target) in KEEP_NAMES:
         return vals[0]
     if target in NONLINEAR_FUNCS:
         nonlinear.append((name, vals[0].lay))
