@@ -6,7 +6,7 @@
 For every builder in `torchvision.models.list_models(module=torchvision.models)`
 (10 classes, random weights, random BatchNorm statistics, zero-initialised weight matrices
 given small random values, eval mode, one
-[2, 3, S, S] input with S = 64, or 75 for Inception v3, 224 for MaxViT):
+[2, 3, S, S] input with S = 64, or 75 for Inception v3, 224 for ViT, Swin and MaxViT, 256 for Swin v2):
 
 * the channel analysis first runs on a copy on the meta device (no memory), so a
   refusal costs no real model and gives the reason at once;
@@ -16,7 +16,9 @@ given small random values, eval mode, one
   into a fresh instance and run; the peak extra memory of a second `fuse` call is
   sampled as in `ntdist bench fusion`.
 
-Each model runs in its own process with a time limit; a model whose k members,
+With `--models`, the rows of those models replace theirs in the existing
+`--out` file (others are kept) and its counts are recomputed. Each model runs
+in its own process with a time limit; a model whose k members,
 wide model and fused model would need more than `--max-gib` is analysed but not
 measured. Every row is printed as a JSON line; `--resume LOG` reuses the rows of
 such a log and runs only the models it lacks, and `--analyse-only` runs only the
@@ -27,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -40,7 +43,8 @@ from ntdist.fusion import Ensemble, analyze, concat, fuse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {"inception_v3": 75, "maxvit_t": 224, "vit_b_16": 224, "vit_b_32": 224, "vit_l_16": 224, "vit_l_32": 224,
-         "vit_h_14": 224}
+         "vit_h_14": 224, "swin_t": 224, "swin_s": 224, "swin_b": 224, "swin_v2_t": 256, "swin_v2_s": 256,
+         "swin_v2_b": 256}
 
 
 def build(name: str) -> torch.nn.Module:
@@ -121,21 +125,81 @@ def _cell(v, fmt):
     return "" if v is None else format(v, fmt)
 
 
-def write_markdown(rows, k: int, path: str, seconds: float):
+COLUMNS = ("model", "params", "concat_error", "nt_seconds", "nt_extra_mib", "refused")
+
+
+def read_rows(path: str) -> list:
+    """The rows of an existing ZOO.md table (so `--models` updates those rows and keeps the others)."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not line.startswith("| ") or len(cells) != len(COLUMNS) or cells[0] == "model":
+                continue
+            model, params, error, seconds, mib, note = cells
+            rows.append({"model": model, "params": float(params.rstrip("M")) * 1e6,
+                         "concat_error": float(error) if error else None,
+                         "nt_seconds": float(seconds) if seconds else None,
+                         "nt_extra_mib": float(mib) if mib else None, "refused": note})
+    return rows
+
+
+def _old_text(path: str):
+    """The first paragraph (how the table was made) and the bullet lines of an existing ZOO.md."""
+    if not os.path.exists(path):
+        return None, []
+    with open(path) as f:
+        lines = f.read().splitlines()
+    return (lines[2] if len(lines) > 2 else None), [line for line in lines if line.startswith("- ")]
+
+
+def totals(rows) -> list:
+    """(key, bullet) of every count the table sums up; the key is how the bullet starts."""
     exact = [r for r in rows if r["concat_error"] is not None and r["concat_error"] < 1e-5]
     fused = [r for r in rows if r["nt_seconds"] is not None and not r["refused"].startswith("NT")]
     accepted = [r for r in rows if r["refused"].startswith("accepted by the analysis")]
-    lines = [
-        "# NT on the torchvision classification zoo",
-        "",
-        f"Written by `benchmarks/zoo.py --k {k}` on {platform.machine()} with {torch.get_num_threads()} torch "
-        f"threads (torch {torch.__version__}, torchvision {torchvision.__version__}), {seconds / 60:.0f} min in "
-        "all, on a shared 2-core machine: times are indicative. Random weights, random BatchNorm statistics, "
-        "10 classes, eval mode, input [2, 3, 64, 64] (Inception v3 75, MaxViT 224).",
-        "",
-        f"- concat equals the output average (relative error < 1e-5): **{len(exact)} of {len(rows)}**",
-        f"- NT fuses to the original architecture (strict load, forward runs): **{len(fused)} of {len(rows)}**",
-        f"- accepted by the analysis but not measured: **{len(accepted)}**",
+    refused = [r for r in rows if r["nt_seconds"] is None and r["refused"].startswith("cannot fuse")]
+    return [("- concat equals", f"- concat equals the output average (relative error < 1e-5): "
+                                f"**{len(exact)} of {len(rows)}**"),
+            ("- NT fuses", f"- NT fuses to the original architecture (strict load, forward runs): "
+                           f"**{len(fused)} of {len(rows)}**"),
+            ("- accepted by the analysis", f"- accepted by the analysis but not measured: **{len(accepted)}**"),
+            ("- refused", f"- refused by the analysis: **{len(refused)}**")]
+
+
+def _merge_bullets(new, old):
+    """The new counts, written into the old bullets where they exist (keeping their notes), then other old notes."""
+    out, used = [], set()
+    for key, bullet in new:
+        match = next((line for line in old if line.startswith(key)), None)
+        if match is None:
+            out.append(bullet)
+            continue
+        used.add(match)
+        out.append(re.sub(r"\*\*[^*]*\*\*", lambda _: re.search(r"\*\*[^*]*\*\*", bullet).group(0), match, count=1))
+    return out + [line for line in old if line not in used]
+
+
+def write_markdown(rows, k: int, path: str, seconds: float, merge: bool = False):
+    """Write ZOO.md; with `merge`, `rows` replace or join the rows already there and the counts are redone."""
+    run = (f"`benchmarks/zoo.py --k {k}` on {platform.machine()} with {torch.get_num_threads()} torch threads "
+           f"(torch {torch.__version__}, torchvision {torchvision.__version__})"
+           + (f", {seconds / 60:.0f} min in all" if seconds >= 60 else ""))    # rows from --resume take no time
+    intro, old_bullets = _old_text(path) if merge else (None, [])
+    if merge:
+        new = {r["model"]: r for r in rows}
+        rows = sorted([r for r in read_rows(path) if r["model"] not in new] + list(new.values()),
+                      key=lambda r: r["model"])
+        intro = (intro + " " if intro else "") + (f"Rows of {', '.join(sorted(new))} written by {run}.")
+    else:
+        intro = (f"Written by {run}, on a shared 2-core machine: times are indicative. Random weights, random "
+                 "BatchNorm statistics, 10 classes, eval mode, input [2, 3, 64, 64] (Inception v3 75, ViT, Swin "
+                 "and MaxViT 224, Swin v2 256).")
+    lines = ["# NT on the torchvision classification zoo", "", intro, ""]
+    lines += _merge_bullets(totals(rows), old_bullets)
+    lines += [
         "",
         "Relative error: max |wide - average| / max |average|. NT seconds: one `fuse` call, tracing included. "
         "Peak extra MiB: resident memory above the start of a second call, sampled every 0.2 ms.",
@@ -188,7 +252,7 @@ def main():
                    "refused": f"not measured: over the {args.timeout} s limit"}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    write_markdown(rows, args.k, args.out, time.perf_counter() - start)
+    write_markdown(rows, args.k, args.out, time.perf_counter() - start, merge=bool(args.models))
 
 
 if __name__ == "__main__":

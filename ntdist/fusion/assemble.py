@@ -197,6 +197,11 @@ def _set_attributes(model: nn.Module, members, plan: Plan, sel: _Selection):
             mod.num_features = out_n
         elif layer.kind == "ln" and out_n is not None:
             mod.normalized_shape = (out_n,)
+        elif layer.kind == "heads":
+            mod.n_heads = out_n
+            if out_n * mod.head_dim != in_n:      # its forward reshapes the heads back to the stream's width
+                raise UserError(f"cannot prune attention '{name}' to {out_n} heads of {mod.head_dim} features "
+                                f"with {in_n} channels in its input; choose a width that keeps both in proportion")
         elif layer.kind == "mha":
             mod.embed_dim = mod.kdim = mod.vdim = in_n
             mod.num_heads = out_n // (3 * mod.head_dim)

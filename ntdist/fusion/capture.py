@@ -27,6 +27,7 @@ import torch.nn as nn
 from torch.fx.node import map_arg
 
 from ntdist.errors import UserError
+from ntdist.fusion.attention import LEAVES, class_name
 
 RANK_READS = ("dim", "ndim", "ndimension")     # a tensor's rank: the same in the wide model and each member
 SHAPE_READS = ("shape", "size")
@@ -54,6 +55,9 @@ class ShapeTracer(fx.Tracer):
         self.inputs = list(inputs)
         self.values: Dict[fx.Node, object] = {}
         self.running = False
+
+    def is_leaf_module(self, m, qualified_name):   # the attention modules stay whole, as in `symbolic_trace`
+        return class_name(m) in LEAVES or super().is_leaf_module(m, qualified_name)
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         node = super().create_node(kind, target, args, kwargs, name, type_expr)

@@ -13,10 +13,10 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from torch.fx import symbolic_trace
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ntdist.errors import UserError
+from ntdist.fusion.attention import symbolic_trace
 from ntdist.fusion.capture import capture
 from ntdist.fusion.ops import fetch, propagate, tensor_args
 from ntdist.fusion.shapes import NeedShapes, one, refuse
@@ -211,7 +211,7 @@ def _finish(model, sp, layers, nonlinear) -> Plan:
             owner, _, attr = name.rpartition(".")
             dims = tuple(out if d == layer.axis else None for d in range(fetch(model, name).dim()))
             tensors[name] = TensorSpec(owner, attr, dims, role=role, part="param")
-        elif layer.kind != "lnf":
+        elif layer.kind not in ("lnf", "heads"):
             _layer_tensors(model, name, layer, role, tensors)
     for mname, mod in model.named_modules(remove_duplicate=False):
         for attr, t in list(mod._parameters.items()) + list(mod._buffers.items()):
@@ -230,7 +230,7 @@ def _finish(model, sp, layers, nonlinear) -> Plan:
     shuffles = [(a, b, tuple(sp.find(d.space) for d in x), tuple(sp.find(d.space) for d in y))
                 for a, b, x, y in sp.shuffles]
     return Plan(sizes, order, layers, tensors, first, probe, coupled.sets(sizes), inexact, norms, atoms, shuffles,
-                sp.widths)
+                sp.widths, sp.norm_parts)
 
 
 class _Coupling:

@@ -5,9 +5,9 @@ result: layers open spaces, element-wise operations and pooling keep them,
 residual additions merge them, a channel concatenation joins its parts'
 layouts and a channel split cuts one at part boundaries. Any computation on
 the model input alone is the same in every member and stays unwidened.
-Anything whose widened form would not compute exactly the members' average
-(LayerNorm, attention, unknown functions or modules) is refused with a
-`UserError` naming the node.
+Functions torch.fx keeps whole (Swin's) have rules keyed by their qualified
+name (`windows.py`). Anything whose widened form would not compute exactly
+the members' average is refused with a `UserError` naming the node.
 """
 
 import operator
@@ -17,11 +17,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.node import Node, map_arg
 
-from ntdist.fusion.attention import index, multi_head_attention
+from ntdist.fusion.attention import RELATIVE_ATTENTION, class_name, index, multi_head_attention, relative_attention
 from ntdist.fusion.functional import LAYER_FUNCS, functional_layer, record
 from ntdist.fusion.plan import IN, Layer, Param, Tup, Val
 from ntdist.fusion.shapes import (adaptive_hw, arg, cat, channel_dim, flatten, is_input, mean, one, permute, refuse,
                                   reshape, split, transpose)
+from ntdist.fusion.windows import WRAPPED, constant_input, qualified
 
 RESIZE_MODULES = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
 RESIZE_FUNCS = {F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear}
@@ -134,9 +135,11 @@ def layer_norm(name, x, shape, owner, sp, layers, nonlinear):
     """A LayerNorm over the channels: it keeps the layout; `owner` is the module holding its affine parameters."""
     if x.ndim is None or x.cdim != x.ndim - 1 or shape != (channels(sp, x),):
         refuse(name, f"normalises over {list(shape)}, not over the channels alone (dimension {x.cdim})")
-    if len(x.lay) != 1 or is_input(sp, x.lay):
-        refuse(name, "normalises concatenated or input channels together")
+    if is_input(sp, x.lay) or len({sp.size[d.space] * d.factor for d in x.lay}) != 1:
+        refuse(name, "normalises input channels, or concatenated parts of different widths, together")
     record(layers, sp, owner or name, "ln" if owner else "lnf", x.lay, x.lay)
+    if len(x.lay) > 1:     # each member's channels lie in every part: the wide model groups them part by part
+        sp.norm_parts[name] = len(x.lay)
     nonlinear.append((name, x.lay))
     return x
 
@@ -163,7 +166,7 @@ def _function(node, target, vals, sp, layers, nonlinear):
         return layer_norm(name, vals[0], tuple(arg(node, 1, "normalized_shape", ())), None, sp, layers, nonlinear)
     if target is torch.permute:
         return permute(name, vals[0], node.args[1:] or [node.kwargs["dims"]])
-    if target is torch.transpose:
+    if target in (torch.transpose, torch.swapaxes, torch.swapdims):
         return transpose(name, vals[0], arg(node, 1, "dim0", None), arg(node, 2, "dim1", None))
     if target in CAT_FUNCS:
         return cat(name, node, vals, sp)
@@ -173,7 +176,7 @@ def _function(node, target, vals, sp, layers, nonlinear):
         if vals[0].cdim != 1:
             refuse(name, f"resizes channels-first input but the channels are dimension {vals[0].cdim}")
         return vals[0]._replace(hw=None)
-    if target in KEEP_FUNCS or f"{getattr(target, '__module__', '')}.{getattr(target, '__name__', '')}" in KEEP_NAMES:
+    if target in KEEP_FUNCS or qualified(target) in KEEP_NAMES:
         return vals[0]
     if target in NONLINEAR_FUNCS:
         nonlinear.append((name, vals[0].lay))
@@ -214,7 +217,7 @@ def _method(node, target, first, vals, sp, nonlinear, shape):
         return split(name, node, first, sp, target)
     if target == "permute":
         return permute(name, first, node.args[1:] or [node.kwargs["dims"]])
-    if target == "transpose":
+    if target in ("transpose", "swapaxes", "swapdims"):
         return transpose(name, first, arg(node, 1, "dim0", None), arg(node, 2, "dim1", None))
     if target in ("view", "reshape"):
         return reshape(node, first, sp, shape)
@@ -260,6 +263,7 @@ def propagate(node: Node, gm, env, sp, layers, nonlinear, shape):
         return first.items[node.args[1]] if isinstance(node.args[1], int) else refuse(
             node.name, "slices the parts of a channel split")
     if node.op == "call_module":
+        vals = vals or constant_input(node, gm, env, lambda p: fetch(gm, p))
         if not vals:
             return None
         mod = gm.get_submodule(node.target)
@@ -268,12 +272,16 @@ def propagate(node: Node, gm, env, sp, layers, nonlinear, shape):
             return Val(one(IN), len(shape) if shape else vals[0].ndim, None)
         if isinstance(mod, nn.MultiheadAttention):
             return multi_head_attention(node.target, mod, vals, sp, layers)
+        if class_name(mod) == RELATIVE_ATTENTION:
+            return relative_attention(node.target, mod, vals[0], sp, layers)
         return _module(node.target, mod, vals[0], sp, layers, nonlinear)
     if node.op == "call_function" and (node.target in NONTENSOR_FUNCS or (
             node.target is operator.getitem and first is None)):
         return None
     if node.op == "call_method" and node.target == "expand" and isinstance(first, Param):
         return first                # broadcasting a parameter (a class token to the batch) keeps its channels
+    if node.op == "call_function" and qualified(node.target) in WRAPPED:
+        return WRAPPED[qualified(node.target)](node, env, lambda p: fetch(gm, p), sp, layers, nonlinear)
     params = [v for v in (env.get(a) for a in node.all_input_nodes) if isinstance(v, Param)]
     if params:
         return _params(node, vals, params, gm, sp, layers, nonlinear)

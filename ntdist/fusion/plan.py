@@ -54,7 +54,7 @@ class TensorSpec:
 class Layer:
     """A module whose parameters or attributes change with the width."""
 
-    kind: str             # linear | conv | dwconv | gconv | bn | ln | param
+    kind: str             # linear | conv | dwconv | gconv | bn | ln | param | mha | heads (a head count)
     out: Layout
     inp: Layout
     axis: int = 0         # for a parameter read in forward (kind param): its dimension along the channels
@@ -79,7 +79,9 @@ class Plan:
     shuffles: List[Tuple[str, str, Tuple[int, ...], Tuple[int, ...]]] = field(default_factory=list)
     """(input node, output node, input atoms, output atoms): channel shuffles, gathered in the concatenated model."""
     widths: List[Tuple[str, int]] = field(default_factory=list)
-    """(reshape node, argument index): a channel count written as a constant, multiplied by k when concatenating."""
+    """(node, argument index or keyword): a channel or head count written as a constant, k times when concatenating."""
+    norm_parts: Dict[str, int] = field(default_factory=dict)
+    """LayerNorm (module, or node of an F.layer_norm call) -> parts of its concatenated input, where more than one."""
     captured: bool = False
     """Traced with shape branches decided on the example input (`capture`): symbolic_trace failed on it."""
 

@@ -45,7 +45,7 @@ def ratio_of(plan: Plan, ref_sizes: Dict[int, int], k: float, width=None, keep_r
         raise UserError(f"this model routes channels by position (a channel shuffle or a split inside a layer's "
                         f"output), so NT keeps its width: use the members' width, not ratio {r:g}")
     if plan.widths and r != 1.0:
-        raise UserError(f"this model's forward writes its channel count as a constant (layer "
+        raise UserError(f"this model's forward writes its channel or head count as a constant (layer "
                         f"'{plan.widths[0][0]}'), so NT keeps its width: use the members' width, not ratio {r:g}")
     return r
 

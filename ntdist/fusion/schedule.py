@@ -41,7 +41,7 @@ def concat(models: Sequence[nn.Module], weights: Optional[Sequence[float]] = Non
     wide = assemble(models, plan, w)
     if plan.shuffles or plan.widths:
         wide = widen_graph(wide, plan.shuffles, plan.widths, len(models))
-    return group_layer_norms(wide, len(models)) if plan.norms else wide
+    return group_layer_norms(wide, len(models), plan.norm_parts) if plan.norms else wide
 
 
 def check_dedup(dedup: bool, threshold: float, order: str) -> None:

@@ -12,8 +12,9 @@ from ntdist.errors import UserError
 from ntdist.fusion.plan import IN, Dim, Tup, Val
 
 SUPPORTED = ("supported: Linear, Conv (plain, depthwise, grouped), BatchNorm, LayerNorm (also as F.* on a module's "
-             "own parameters), nn.MultiheadAttention, element-wise activations, dropout, stochastic depth, pooling, "
-             "resizing, flatten, residual additions, channel cat, split and shuffle")
+             "own parameters), nn.MultiheadAttention, torchvision's Swin and MaxViT attention, element-wise "
+             "activations, dropout, stochastic depth, pooling, resizing, flatten, residual additions, channel cat, "
+             "split and shuffle")
 
 
 class NeedShapes(Exception):
@@ -144,6 +145,10 @@ def reshape(node, first, sp, shape):
             return first
         if first.grid:
             return _merge_grid(node, first, sp, src, shape)
+        if first.cdim == len(src) - 1 and len(shape) > 1 and shape[-1] == src[-1]:   # regroups positions only
+            if isinstance(node.args[-1], int) and node.args[-1] > 0 and len(node.args) > 2:
+                sp.widths.append((name, len(node.args) - 1))    # the channel count as a constant
+            return Val(first.lay, len(shape), None, len(shape) - 1)
         if first.cdim != 1:
             refuse(name, f"reshapes a tensor with channels in dimension {first.cdim}")
         if len(shape) == len(src) + 1 and shape[0] == src[0] and shape[3:] == src[2:] and shape[1] * shape[2] == src[1]:

@@ -18,7 +18,7 @@ class Spaces:
     def __init__(self, atomize=frozenset()):
         self.parent, self.size, self.born = [IN, OUT], [None, None], []
         self.creator, self.atomize, self.pending, self.atoms, self.shuffles = {}, atomize, set(), set(), []
-        self.widths = []
+        self.widths, self.norm_parts = [], {}
 
     def new(self, size: int, creator: str = "") -> int:
         self.parent.append(len(self.parent))

@@ -23,7 +23,9 @@ from typing import Dict, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from torch.fx import GraphModule, symbolic_trace
+from torch.fx import GraphModule
+
+from ntdist.fusion.attention import symbolic_trace
 
 
 def wide_permutation(inputs: Sequence[int], outputs: Sequence[int], k: int, device=None) -> torch.Tensor:
@@ -34,11 +36,14 @@ def wide_permutation(inputs: Sequence[int], outputs: Sequence[int], k: int, devi
 
 
 def widen_graph(wide: nn.Module, shuffles: Sequence[Tuple[str, str, Tuple[int, ...], Tuple[int, ...]]],
-                widths: Sequence[Tuple[str, int]], k: int) -> GraphModule:
+                widths: Sequence[Tuple[str, object]], k: int) -> GraphModule:
     """`wide` (k members concatenated) with every shuffle gathered and every constant channel count widened."""
     gm = symbolic_trace(wide)
     nodes = {node.name: node for node in gm.graph.nodes}
     for name, position in widths:
+        if isinstance(position, str):
+            nodes[name].kwargs = {**nodes[name].kwargs, position: nodes[name].kwargs[position] * k}
+            continue
         args = list(nodes[name].args)
         args[position] = args[position] * k
         nodes[name].args = tuple(args)

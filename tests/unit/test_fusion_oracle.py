@@ -10,6 +10,10 @@ prunes a MultiheadAttention's embedding as one module; its output is `out_proj`'
 ShuffleNet v2 is left out: Torch-Pruning's dependency graph raises on its
 channel shuffle (ZeroDivisionError in its index mapping, torch-pruning 1.6.1),
 and ntdist routes those channels one by one, so there is no group to compare.
+Swin v1/v2 and MaxViT (`test_fusion_swin.py`) are left out too: on members with
+8 and 16 channels, `get_all_groups` had not finished after 150-200 s (torch-pruning
+1.6.1; it was inside its index mappings, which expand every channel index through
+the window-partition reshapes), far beyond a unit test's budget.
 
 Run: .venv/bin/python -m pytest tests/unit/test_fusion_oracle.py
 """
