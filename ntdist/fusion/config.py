@@ -4,7 +4,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from ntdist.errors import UserError, check_choice
-from ntdist.fusion.dedup import DEDUP_THRESHOLD
+from ntdist.fusion.dedup import DEDUP_THRESHOLD, OVERFLOWS
 from ntdist.fusion.importance import DEFAULT_IMPORTANCE, IMPORTANCES
 from ntdist.fusion.schedule import METHODS, ORDERS, SCHEDULES
 from ntdist.options import opt
@@ -27,6 +27,9 @@ class FusionConfig:
                              "unit's into it (outgoing weights added) instead of keeping both")
     dedup_threshold: float = opt(DEDUP_THRESHOLD, "cosine similarity of incoming weights, in (0, 1), above which "
                                                   "fusion.dedup merges two units")
+    dedup_overflow: str = opt("drop", "NT dedup: what becomes of a unit that duplicates no kept unit once the "
+                                      "slots are full: drop (as plain NT) | merge (into its most similar kept unit "
+                                      "of the same space: incoming parameters averaged, outgoing weights added)")
 
     def __post_init__(self):
         if self.k < 2:
@@ -50,9 +53,11 @@ class FusionConfig:
         if self.dedup and self.order != "merge_prune":
             raise UserError(f"fusion.dedup needs fusion.order merge_prune (it merges while selecting from all "
                             f"members at once), got {self.order}")
+        check_choice(self.dedup_overflow, OVERFLOWS, "fusion.dedup_overflow")
         if self.bn_batches < 1:
             raise UserError(f"fusion.bn_batches must be at least 1, got {self.bn_batches}")
 
     def dedup_args(self, merged: Optional[dict] = None) -> dict:
         """The dedup keyword arguments of `fuse` / `fuse_pair`; `merged` receives the merge counts."""
-        return dict(dedup=self.dedup, dedup_threshold=self.dedup_threshold, merged=merged)
+        return dict(dedup=self.dedup, dedup_threshold=self.dedup_threshold, dedup_overflow=self.dedup_overflow,
+                    merged=merged)

@@ -13,7 +13,9 @@ in descending importance:
   exact: both compute the same values, so the consumers see the same sum. The
   kept unit's incoming parameters become the mean over its class, weighted by
   the members' output weights (the same values for true duplicates);
-- otherwise it takes a free slot, or is dropped once the slots are full;
+- otherwise it takes a free slot; once the slots are full it is dropped, or, with
+  `overflow="merge"`, merged into its most similar kept unit all the same (a
+  *forced* merge: approximate, but nothing is thrown away);
 - if only duplicates are left while slots are free, the most important of them
   fill those slots, each kept beside its twin with its own outgoing weights.
 
@@ -46,6 +48,7 @@ from ntdist.fusion.prune import ranked_scores, scorer, select
 
 _TINY = 1e-30
 DEDUP_THRESHOLD = 0.9    # default cosine similarity above which a unit counts as a duplicate (docs/RESULTS.md, "Dedup")
+OVERFLOWS = ("drop", "merge")   # what happens to a unit that is no duplicate once the slots are full
 
 
 class Choice(NamedTuple):
@@ -55,6 +58,7 @@ class Choice(NamedTuple):
     into: torch.Tensor   # the unit its outgoing weights go to: itself if kept, rep if merged, -1 if dropped
     classes: torch.Tensor  # compact class id per unit (what consumers' rows are summed over), -1 if dropped
     count: int           # number of classes
+    forced: torch.Tensor  # merged only because no slot was left (overflow "merge"): not a duplicate
 
 
 def eligible_spaces(plan: Plan) -> Set[int]:
@@ -126,7 +130,8 @@ def _similarity(parts: List[torch.Tensor]) -> Optional[torch.Tensor]:
     return sim
 
 
-def _choose(sim: Optional[torch.Tensor], scores: torch.Tensor, want: int, threshold: float) -> Choice:
+def _choose(sim: Optional[torch.Tensor], scores: torch.Tensor, want: int, threshold: float,
+            overflow: str = "drop") -> Choice:
     n = scores.shape[0]
     order = torch.sort(scores, descending=True, stable=True).indices.tolist()
     rep = torch.full((n,), -1, dtype=torch.long)
@@ -143,19 +148,25 @@ def _choose(sim: Optional[torch.Tensor], scores: torch.Tensor, want: int, thresh
                 closer = sim[:, c] > best
                 best = torch.where(closer, sim[:, c], best)
                 best_of[closer] = c
+    forced = torch.zeros(n, dtype=torch.bool)
+    if overflow == "merge" and sim is not None:
+        # a unit is only dropped once every slot is taken, so best_of already covers all kept units
+        forced = (rep < 0) & (best_of >= 0)
+        rep[forced] = best_of[forced]
     into = rep.clone()
     for c in twins[:max(0, want - kept)]:      # slots left with only duplicates: keep the best beside their twins
         into[c] = c
-    return _classes(rep, into)
+    return _classes(rep, into, forced)
 
 
-def _classes(rep: torch.Tensor, into: torch.Tensor) -> Choice:
+def _classes(rep: torch.Tensor, into: torch.Tensor, forced: Optional[torch.Tensor] = None) -> Choice:
     live = rep >= 0
     reps = rep[live].unique()
     lookup = torch.full_like(rep, -1)
     lookup[reps] = torch.arange(len(reps))
     classes = torch.where(live, lookup[rep.clamp_min(0)], rep)
-    return Choice(rep, into, classes, len(reps))
+    forced = torch.zeros(len(rep), dtype=torch.bool) if forced is None else forced
+    return Choice(rep, into, classes, len(reps), forced)
 
 
 def _first_slots(choice: Choice) -> Choice:
@@ -173,7 +184,7 @@ def _first_slots(choice: Choice) -> Choice:
     into[live] = first[choice.into[live]]
     merged = rep >= 0
     rep[merged] = first[choice.into[rep[merged]]]
-    return Choice(rep, into, choice.classes, choice.count)
+    return Choice(rep, into, choice.classes, choice.count, choice.forced)
 
 
 def _plain(keep: Optional[torch.Tensor], n: int) -> Choice:
@@ -185,7 +196,7 @@ def _plain(keep: Optional[torch.Tensor], n: int) -> Choice:
     return _classes(rep, rep.clone())
 
 
-def _walk(ts, plan, sizes, scores, want, threshold, base, dedup: Set[int]):
+def _walk(ts, plan, sizes, scores, want, threshold, base, dedup: Set[int], overflow: str):
     """Every space's choice, and the spaces whose signatures were incomplete (to be checked at the end)."""
     classes, partial = {}, set()
     for s in plan.order:
@@ -193,18 +204,18 @@ def _walk(ts, plan, sizes, scores, want, threshold, base, dedup: Set[int]):
             classes[s] = _plain(base.get(s), sizes[s])
             continue
         parts, complete = _signature(ts, plan, s, sizes, classes)
-        classes[s] = _choose(_similarity(parts), scores[s], want[s], threshold)
+        classes[s] = _choose(_similarity(parts), scores[s], want[s], threshold, overflow)
         if not complete:
             partial.add(s)
     return classes, partial
 
 
 def _failing(ts, plan, sizes, classes: Dict[int, Choice], threshold: float, partial: Set[int]) -> Set[int]:
-    """Spaces where a unit shares a class with a kept unit it does not duplicate by its complete signature."""
+    """Spaces where a unit merged as a duplicate does not duplicate its kept unit by its complete signature."""
     bad = set()
     for s in partial:
         rep = classes[s].rep
-        twins = ((rep >= 0) & (rep != torch.arange(len(rep)))).nonzero().squeeze(1)
+        twins = ((rep >= 0) & (rep != torch.arange(len(rep))) & ~classes[s].forced).nonzero().squeeze(1)
         if len(twins) == 0:
             continue
         sim = _similarity(_signature(ts, plan, s, sizes, classes)[0])
@@ -262,9 +273,12 @@ def _average_incoming(ts, plan: Plan, sizes, classes: Dict[int, Choice], unit_we
 
 
 def dedup_fuse(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float], want: Dict[int, int],
-               importance, threshold: float, merged: Optional[Dict[str, int]] = None) -> nn.Module:
+               importance, threshold: float, merged: Optional[Dict[str, int]] = None,
+               overflow: str = "drop") -> nn.Module:
     """NT of `models` (output weights `weights`, summing to one) keeping `want[s]` units per space, with merging.
 
+    `overflow` says what becomes of a unit that is no duplicate once the slots are
+    full: "drop" it (as plain NT does) or "merge" it into its most similar kept unit.
     `merged`, when given, receives per space (named by its first producing layer)
     the number of units merged into a kept one, added to what it already holds.
     """
@@ -278,7 +292,7 @@ def dedup_fuse(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float]
         ts = tensors_of(wide)
         sizes = plan.space_sizes(ts)
         while True:
-            classes, partial = _walk(ts, plan, sizes, scores, want, threshold, base, dedup)
+            classes, partial = _walk(ts, plan, sizes, scores, want, threshold, base, dedup, overflow)
             bad = _failing(ts, plan, sizes, classes, threshold, partial)
             if not bad:
                 break

@@ -14,7 +14,7 @@ import torch.nn as nn
 from ntdist.errors import UserError, check_choice
 from ntdist.fusion.assemble import assemble, tensors_of
 from ntdist.fusion.checks import check_finite, check_models, check_weights, normalized
-from ntdist.fusion.dedup import DEDUP_THRESHOLD, dedup_fuse
+from ntdist.fusion.dedup import DEDUP_THRESHOLD, OVERFLOWS, dedup_fuse
 from ntdist.fusion.graph import Plan, analyze
 from ntdist.fusion.importance import DEFAULT_IMPORTANCE, resolve
 from ntdist.fusion.norms import group_layer_norms
@@ -39,8 +39,9 @@ def concat(models: Sequence[nn.Module], weights: Optional[Sequence[float]] = Non
     return group_layer_norms(wide, len(models)) if plan.norms else wide
 
 
-def check_dedup(dedup: bool, threshold: float, order: str) -> None:
-    """UserError unless `dedup` is a bool, the threshold a cosine in (0, 1) and the order merge_prune."""
+def check_dedup(dedup: bool, threshold: float, order: str, overflow: str = "drop") -> None:
+    """UserError unless `dedup` is a bool, the threshold a cosine in (0, 1), the order merge_prune and
+    `overflow` one of OVERFLOWS."""
     if not isinstance(dedup, bool):
         raise UserError(f"dedup must be true or false (on | off), got {dedup!r}")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
@@ -48,11 +49,13 @@ def check_dedup(dedup: bool, threshold: float, order: str) -> None:
     if dedup and order != "merge_prune":
         raise UserError(f"dedup merges duplicates while selecting from all members at once; it needs "
                         f"order merge_prune, got {order!r}")
+    check_choice(overflow, OVERFLOWS, "dedup_overflow")
 
 
 def nt_step(models: Sequence[nn.Module], weights: Sequence[float], plan: Plan, ratio: float,
             reference: nn.Module, importance=DEFAULT_IMPORTANCE, order="merge_prune", dedup: bool = False,
-            dedup_threshold: float = DEDUP_THRESHOLD, merged: Optional[dict] = None) -> nn.Module:
+            dedup_threshold: float = DEDUP_THRESHOLD, merged: Optional[dict] = None,
+            dedup_overflow: str = "drop") -> nn.Module:
     """Concatenate `models` and prune back to `ratio` x the reference width, in the given order.
 
     With `dedup`, near-duplicate units are merged instead of taking slots (`fusion.dedup`).
@@ -61,9 +64,9 @@ def nt_step(models: Sequence[nn.Module], weights: Sequence[float], plan: Plan, r
     ref_sizes = plan.space_sizes(tensors_of(reference))
     want = targets(plan, ref_sizes, ratio)
     check_choice(order, ORDERS, "order")
-    check_dedup(dedup, dedup_threshold, order)
+    check_dedup(dedup, dedup_threshold, order, dedup_overflow)
     if dedup:
-        return dedup_fuse(models, plan, w, want, importance, dedup_threshold, merged)
+        return dedup_fuse(models, plan, w, want, importance, dedup_threshold, merged, dedup_overflow)
     if order == "merge_prune":
         keep = select(models, plan, importance, want, w)
         verify_finite(models, plan, importance, keep)
@@ -85,19 +88,20 @@ def fuse_pair(a: nn.Module, b: nn.Module, weight_a: float = 1.0, weight_b: float
               importance=DEFAULT_IMPORTANCE, order: str = "merge_prune", width: Optional[int] = None,
               keep_ratio: Optional[float] = None, example_inputs=None, reference: Optional[nn.Module] = None,
               plan: Optional[Plan] = None, dedup: bool = False, dedup_threshold: float = DEDUP_THRESHOLD,
-              merged: Optional[dict] = None) -> nn.Module:
+              merged: Optional[dict] = None, dedup_overflow: str = "drop") -> nn.Module:
     """Fuse two models with NT; `weight_a`/`weight_b` are the leaf counts (or weights) each stands for.
 
     The result has `width` (or `keep_ratio` x) the width of `reference` (default
     `a`, which must then have the original width), capped at what the pair has.
-    `dedup`, `dedup_threshold` and `merged` are those of `fuse`.
+    `dedup`, `dedup_threshold`, `dedup_overflow` and `merged` are those of `fuse`.
     """
     check_models([a, b], shapes=False, finite=False)
     wa, wb = check_weights([weight_a, weight_b], 2)
     plan = plan if plan is not None else analyze(a, example_inputs)
     reference = reference if reference is not None else a
     ratio = ratio_of(plan, plan.space_sizes(tensors_of(reference)), float("inf"), width, keep_ratio)
-    return nt_step([a, b], [wa, wb], plan, ratio, reference, importance, order, dedup, dedup_threshold, merged)
+    return nt_step([a, b], [wa, wb], plan, ratio, reference, importance, order, dedup, dedup_threshold, merged,
+                   dedup_overflow)
 
 
 def recursive_plan(k: int) -> List[List[Tuple[int, int, int, int]]]:
@@ -143,15 +147,18 @@ def _pairwise(models, weights, schedule, pair):
 def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = "flat", importance=DEFAULT_IMPORTANCE,
          order: str = "merge_prune", width: Optional[int] = None, keep_ratio: Optional[float] = None,
          example_inputs=None, weights: Optional[Sequence[float]] = None, dedup: bool = False,
-         dedup_threshold: float = DEDUP_THRESHOLD, merged: Optional[dict] = None) -> nn.Module:
+         dedup_threshold: float = DEDUP_THRESHOLD, merged: Optional[dict] = None,
+         dedup_overflow: str = "drop") -> nn.Module:
     """Fuse k models of one architecture into one (of the original width unless `width`/`keep_ratio`).
 
     `weights` are the members' output weights (default equal). For method
     'avg' and 'ot' the result always has the members' width, so `width`,
     `keep_ratio`, `importance`, `order` and the dedup arguments only apply to 'nt'.
     `dedup` merges a unit into a kept one when their incoming weights have cosine
-    similarity above `dedup_threshold` (see `ntdist.fusion.dedup`); `merged`, when
-    given, receives the number of merged units per layer, summed over the pairwise steps.
+    similarity above `dedup_threshold` (see `ntdist.fusion.dedup`); `dedup_overflow`
+    "merge" folds a unit that finds no free slot into its most similar kept unit
+    instead of dropping it ("drop"); `merged`, when given, receives the number of
+    merged units per layer, summed over the pairwise steps.
     """
     from ntdist.fusion.baselines import average
     from ntdist.fusion.ot import ot_fuse
@@ -169,11 +176,13 @@ def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = "flat"
         return ot_fuse(models, w, plan=plan) if schedule == "flat" else _pairwise(
             models, w, schedule, lambda a, b, wa, wb: ot_fuse([a, b], [wa, wb], plan=plan))
     resolve(importance)
-    check_dedup(dedup, dedup_threshold, order)
+    check_dedup(dedup, dedup_threshold, order, dedup_overflow)
     plan = analyze(models[0], example_inputs)
     ratio = ratio_of(plan, plan.space_sizes(tensors_of(models[0])), len(models), width, keep_ratio)
     if schedule == "flat":
-        return nt_step(models, w, plan, ratio, models[0], importance, order, dedup, dedup_threshold, merged)
+        return nt_step(models, w, plan, ratio, models[0], importance, order, dedup, dedup_threshold, merged,
+                       dedup_overflow)
     return _pairwise(models, w, schedule, lambda a, b, wa, wb: fuse_pair(
         a, b, wa, wb, importance=importance, order=order, width=width, keep_ratio=keep_ratio,
-        reference=models[0], plan=plan, dedup=dedup, dedup_threshold=dedup_threshold, merged=merged))
+        reference=models[0], plan=plan, dedup=dedup, dedup_threshold=dedup_threshold, merged=merged,
+        dedup_overflow=dedup_overflow))

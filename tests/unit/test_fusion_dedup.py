@@ -131,6 +131,38 @@ def test_aligned_near_copies_fuse_to_their_average_in_member_0s_unit_order(k):
         torch.testing.assert_close(fused[key], mean[key], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["mlp", "resnet18"])
+def test_overflow_merge_keeps_self_fusion_exact_and_drops_nothing(name):
+    model, x = member(name)
+    fused = fuse([copy.deepcopy(model) for _ in range(3)], example_inputs=x, dedup=True, dedup_overflow="merge")
+    assert max_error(fused, model, x) <= 1e-5
+    models = [member(name, seed)[0] for seed in range(2)]
+    dropped, merged = {}, {}
+    fuse(models, example_inputs=x, dedup=True, dedup_threshold=0.99, merged=dropped)
+    fused = fuse(models, example_inputs=x, dedup=True, dedup_threshold=0.99, dedup_overflow="merge", merged=merged)
+    assert set(dropped.values()) == {0}
+    if name == "mlp":       # nothing is a duplicate: every unit beyond the 12 slots is merged, none dropped
+        assert merged == {"net.1": 12, "net.3": 12, "net.5": 12}
+    else:                   # forced merges are not undone by the residual signature check
+        assert min(merged.values()) > 0
+    assert fused.state_dict().keys() == model.state_dict().keys()
+
+
+def test_overflow_merge_adds_outgoing_weights_and_averages_incoming():
+    torch.manual_seed(0)
+    a, b = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 2)), nn.Sequential(nn.Linear(3, 2), nn.ReLU(),
+                                                                                      nn.Linear(2, 2))
+    fused = fuse([a, b], dedup=True, dedup_threshold=0.999, dedup_overflow="merge")
+    rows = lambda m: torch.cat([m[0].weight, m[0].bias[:, None]], 1)
+    units = torch.cat([rows(a), rows(b)])
+    # the 2 fused units are the means of 2 classes that share all 4 units out between them
+    subsets = [[i for i in range(4) if mask >> i & 1] for mask in range(1, 16)]
+    found = [next(s for s in subsets if torch.allclose(units[s].mean(0), row, atol=1e-6)) for row in rows(fused)]
+    assert sorted(found[0] + found[1]) == [0, 1, 2, 3]
+    total = (a[2].weight.sum() + b[2].weight.sum()) / 2      # outgoing weights added, none lost
+    torch.testing.assert_close(fused[2].weight.sum(), total)
+
+
 def test_residual_merge_without_matching_block_rows_is_undone():
     model, x = member("resnet18")
     twin = copy.deepcopy(model)
@@ -173,6 +205,10 @@ def test_bad_settings_are_user_errors():
         fuse(models, dedup=True, order="prune_merge")
     with pytest.raises(UserError, match="dedup must be true or false"):
         fuse(models, dedup="yes")
+    with pytest.raises(UserError, match="unknown dedup_overflow 'keep'"):
+        fuse(models, dedup=True, dedup_overflow="keep")
+    with pytest.raises(UserError, match="unknown fusion.dedup_overflow"):
+        FusionConfig(dedup=True, dedup_overflow="all")
     with pytest.raises(UserError, match="fusion.dedup_threshold must be in"):
         FusionConfig(dedup=True, dedup_threshold=1.0)
     with pytest.raises(UserError, match="needs fusion.order merge_prune"):
