@@ -23,6 +23,7 @@ from ntdist.commands.run import run_command  # noqa: E402
 from ntdist.config import describe_keys  # noqa: E402
 from ntdist.errors import EXIT_FAILURE, NtdistError  # noqa: E402
 from ntdist.fusion import DEFAULT_IMPORTANCE, IMPORTANCES, METHODS, ORDERS, SCHEDULES  # noqa: E402
+from ntdist.fusion.dedup import DEDUP_THRESHOLD, OVERFLOWS  # noqa: E402
 
 RUN_EPILOG = """Overrides are dotted keys, e.g.:
   ntdist run configs/quickstart.yaml train.epochs=5 fusion.methods=[nt,avg] model.kwargs.width=64
@@ -72,6 +73,15 @@ def _parser() -> argparse.ArgumentParser:
     fuse.add_argument("--width", type=int, default=None, help="NT: target width of the first hidden layer (mlp)")
     fuse.add_argument("--keep-ratio", type=float, default=None,
                       help="NT: kept units relative to one member (mlp; default 1: the members' width)")
+    fuse.add_argument("--dedup", action="store_true",
+                      help="NT: merge a unit that nearly duplicates a kept one into it (outgoing weights added) "
+                           "instead of keeping both; fusing copies of one model then returns that model")
+    fuse.add_argument("--dedup-threshold", type=float, default=None,
+                      help=f"NT --dedup: cosine similarity in (0, 1) above which two units count as duplicates "
+                           f"(default {DEDUP_THRESHOLD})")
+    fuse.add_argument("--dedup-overflow", default=None, choices=OVERFLOWS,
+                      help="NT --dedup: a unit that duplicates no kept unit once the slots are full is dropped "
+                           "(drop, default) or merged into its most similar kept unit (merge)")
 
     fuse.add_argument("--force", action="store_true", help="replace the output file if it exists")
 
@@ -104,7 +114,8 @@ def cmd_run(args) -> int:
 def cmd_fuse(args) -> int:
     fuse_command(args.checkpoints, args.output, method=args.method, schedule=args.schedule,
                  importance=args.importance, order=args.order, width=args.width, keep_ratio=args.keep_ratio,
-                 force=args.force, model=args.model, model_kwargs=args.model_kwargs, device=args.device)
+                 force=args.force, model=args.model, model_kwargs=args.model_kwargs, device=args.device,
+                 dedup=args.dedup, dedup_threshold=args.dedup_threshold, dedup_overflow=args.dedup_overflow)
     return 0
 
 

@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 
 from ntdist.errors import UserError
 from ntdist.fusion import DEFAULT_IMPORTANCE, fuse
+from ntdist.fusion.dedup import DEDUP_THRESHOLD
 from ntdist.models import ModelSpec
 from ntdist.models.weights import read_state_dict
 from ntdist.records.checkpoint import load_model, save_checkpoint
@@ -95,9 +96,20 @@ def load_members(paths, model: Optional[str], model_kwargs: dict):
 def fuse_command(paths, output: str, method: str = "nt", schedule: str = "recursive",
                  importance: str = DEFAULT_IMPORTANCE, order: str = "merge_prune", width=None, keep_ratio=None,
                  force: bool = False,
-                 model: Optional[str] = None, model_kwargs: Optional[str] = None, device: str = "cpu") -> str:
+                 model: Optional[str] = None, model_kwargs: Optional[str] = None, device: str = "cpu",
+                 dedup: bool = False, dedup_threshold: Optional[float] = None,
+                 dedup_overflow: Optional[str] = None) -> str:
     if len(paths) < 2:
         raise UserError(f"fusion needs at least 2 checkpoints, got {len(paths)}")
+    given = [flag for flag, value in (("--dedup-threshold", dedup_threshold), ("--dedup-overflow", dedup_overflow))
+             if value is not None]
+    if given and not dedup:
+        raise UserError(f"{given[0]} only applies with --dedup; add --dedup or leave it out")
+    if dedup and method != "nt":
+        raise UserError(f"--dedup belongs to NT (--method nt); {method} keeps the members' width and merges nothing")
+    dedup_args = dict(dedup=dedup, dedup_overflow=dedup_overflow or "drop")
+    if dedup_threshold is not None:
+        dedup_args["dedup_threshold"] = dedup_threshold
     if width is not None and width < 1:
         raise UserError(f"--width must be a positive number of units, got {width}")
     if keep_ratio is not None and not 0 < keep_ratio <= len(paths):
@@ -124,12 +136,16 @@ def fuse_command(paths, output: str, method: str = "nt", schedule: str = "recurs
                         "rebuilt from its spec; use the Python API fuse(models, width=...) for it")
     start = time.perf_counter()
     fused = fuse(models, method=method, schedule=schedule, importance=importance, order=order, width=width,
-                 keep_ratio=keep_ratio, example_inputs=example_input(spec).to(dev))
+                 keep_ratio=keep_ratio, example_inputs=example_input(spec).to(dev),
+                 **(dedup_args if method == "nt" else {}))
     seconds = time.perf_counter() - start
     if resized:
         first = next(m for m in fused.modules() if isinstance(m, torch.nn.Linear))
         spec = ModelSpec(spec.name, dict(spec.kwargs, width=first.out_features))
-    save_checkpoint(output, fused.cpu(), spec, info={"stage": "fused", "method": method, "schedule": schedule,
-                                                     "inputs": [os.path.basename(p) for p in paths]})
+    info = {"stage": "fused", "method": method, "schedule": schedule, "inputs": [os.path.basename(p) for p in paths]}
+    if dedup:
+        info.update(dedup_threshold=dedup_args.get("dedup_threshold", DEDUP_THRESHOLD),
+                    dedup_overflow=dedup_args["dedup_overflow"])
+    save_checkpoint(output, fused.cpu(), spec, info=info)
     print(f"fused {len(models)} models with {method} ({schedule}) on {dev} in {seconds:.3f} s -> {output}")
     return output
