@@ -44,7 +44,7 @@ def tree_fuse(world: World, held: Dict[int, torch.nn.Module], holders: List[int]
                 other = models.pop(right) if src == dst else recv_model(world, meta_template(make_template), src)
                 plan = plan or analyze(models[left], example_inputs)   # traced on a member: same architecture
                 models[left] = fuse_pair(models[left], other, leaves_left, leaves_right, reference=reference,
-                                         plan=plan, **options)
+                                         plan=plan, example_inputs=example_inputs, **options)
         if sent is not None:
             sent.append(sends)
         world.wait_for("a round of the fusion tree")   # the next round's receivers wait for this round's fusions

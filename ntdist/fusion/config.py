@@ -5,6 +5,7 @@ from typing import List, Optional
 
 from ntdist.errors import UserError, check_choice
 from ntdist.fusion.dedup import DEDUP_THRESHOLD, OVERFLOWS
+from ntdist.fusion.dedup_activations import CRITERIA
 from ntdist.fusion.importance import DEFAULT_IMPORTANCE, IMPORTANCES
 from ntdist.fusion.schedule import METHODS, ORDERS, SCHEDULES
 from ntdist.options import opt
@@ -30,6 +31,10 @@ class FusionConfig:
     dedup_overflow: str = opt("drop", "NT dedup: what becomes of a unit that duplicates no kept unit once the "
                                       "slots are full: drop (as plain NT) | merge (into its most similar kept unit "
                                       "of the same space: incoming parameters averaged, outgoing weights added)")
+    dedup_criterion: str = opt("weights", "NT dedup: what makes two units duplicates: weights (cosine of their "
+                                          "incoming parameters) | activations (cosine of their outputs on the first "
+                                          "fusion.dedup_samples training inputs)")
+    dedup_samples: int = opt(256, "training inputs whose outputs fusion.dedup_criterion activations compares")
 
     def __post_init__(self):
         if self.k < 2:
@@ -54,10 +59,18 @@ class FusionConfig:
             raise UserError(f"fusion.dedup needs fusion.order merge_prune (it merges while selecting from all "
                             f"members at once), got {self.order}")
         check_choice(self.dedup_overflow, OVERFLOWS, "fusion.dedup_overflow")
+        check_choice(self.dedup_criterion, CRITERIA, "fusion.dedup_criterion")
+        if self.dedup_samples < 2:
+            raise UserError(f"fusion.dedup_samples must be at least 2 (units are compared over the samples), "
+                            f"got {self.dedup_samples}")
         if self.bn_batches < 1:
             raise UserError(f"fusion.bn_batches must be at least 1, got {self.bn_batches}")
 
     def dedup_args(self, merged: Optional[dict] = None) -> dict:
         """The dedup keyword arguments of `fuse` / `fuse_pair`; `merged` receives the merge counts."""
         return dict(dedup=self.dedup, dedup_threshold=self.dedup_threshold, dedup_overflow=self.dedup_overflow,
-                    merged=merged)
+                    dedup_criterion=self.dedup_criterion, merged=merged)
+
+    def example_count(self) -> int:
+        """How many training inputs fusion is given: two trace the shapes; the activation criterion needs more."""
+        return self.dedup_samples if self.dedup and self.dedup_criterion == "activations" else 2

@@ -43,6 +43,7 @@ import torch.nn as nn
 
 from ntdist.fusion.assemble import assemble, tensors_of
 from ntdist.fusion.checks import check_finite
+from ntdist.fusion.dedup_activations import activation_signatures
 from ntdist.fusion.plan import Plan, parts_of
 from ntdist.fusion.prune import ranked_scores, scorer, select
 
@@ -196,15 +197,23 @@ def _plain(keep: Optional[torch.Tensor], n: int) -> Choice:
     return _classes(rep, rep.clone())
 
 
-def _walk(ts, plan, sizes, scores, want, threshold, base, dedup: Set[int], overflow: str):
-    """Every space's choice, and the spaces whose signatures were incomplete (to be checked at the end)."""
+def _walk(ts, plan, sizes, scores, want, threshold, base, dedup: Set[int], overflow: str, acts, owners):
+    """Every space's choice, and the spaces whose signatures were incomplete (to be checked at the end).
+
+    `acts`, when given, holds the activation signatures (complete from the start); else weights are compared.
+    Outputs of one member's units are often correlated (deeper layers of a ReLU net above all), so with
+    activations only units of different members (`owners`) are compared: a copy is in another member.
+    """
     classes, partial = {}, set()
     for s in plan.order:
         if s not in dedup:
             classes[s] = _plain(base.get(s), sizes[s])
             continue
-        parts, complete = _signature(ts, plan, s, sizes, classes)
-        classes[s] = _choose(_similarity(parts), scores[s], want[s], threshold, overflow)
+        parts, complete = (acts.get(s, []), True) if acts is not None else _signature(ts, plan, s, sizes, classes)
+        sim = _similarity(parts)
+        if sim is not None and acts is not None:
+            sim = sim.masked_fill(owners[s][:, None] == owners[s][None, :], -2.0)
+        classes[s] = _choose(sim, scores[s], want[s], threshold, overflow)
         if not complete:
             partial.add(s)
     return classes, partial
@@ -274,11 +283,13 @@ def _average_incoming(ts, plan: Plan, sizes, classes: Dict[int, Choice], unit_we
 
 def dedup_fuse(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float], want: Dict[int, int],
                importance, threshold: float, merged: Optional[Dict[str, int]] = None,
-               overflow: str = "drop") -> nn.Module:
+               overflow: str = "drop", criterion: str = "weights", inputs=None) -> nn.Module:
     """NT of `models` (output weights `weights`, summing to one) keeping `want[s]` units per space, with merging.
 
     `overflow` says what becomes of a unit that is no duplicate once the slots are
     full: "drop" it (as plain NT does) or "merge" it into its most similar kept unit.
+    `criterion` "activations" compares the units' outputs on `inputs` instead of
+    their parameters (`ntdist.fusion.dedup_activations`).
     `merged`, when given, receives per space (named by its first producing layer)
     the number of units merged into a kept one, added to what it already holds.
     """
@@ -287,19 +298,21 @@ def dedup_fuse(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float]
     unit_scores = scorer(models, plan, importance, weights)
     dedup = eligible = eligible_spaces(plan)
     scores = {s: ranked_scores(unit_scores(s), models) for s in dedup}
+    acts = activation_signatures(models, plan, inputs) if criterion == "activations" else None
+    member_sizes = [plan.space_sizes(tensors_of(m)) for m in models]
+    owners = {s: torch.cat([torch.full((sz[s],), m) for m, sz in enumerate(member_sizes)]) for s in plan.order}
     with torch.no_grad():
         wide = assemble(models, plan, weights)
         ts = tensors_of(wide)
         sizes = plan.space_sizes(ts)
         while True:
-            classes, partial = _walk(ts, plan, sizes, scores, want, threshold, base, dedup, overflow)
+            classes, partial = _walk(ts, plan, sizes, scores, want, threshold, base, dedup, overflow, acts, owners)
             bad = _failing(ts, plan, sizes, classes, threshold, partial)
             if not bad:
                 break
             dedup = dedup - bad
         classes = {s: _first_slots(c) for s, c in classes.items()}
         _fold(ts, plan, sizes, classes)
-        member_sizes = [plan.space_sizes(tensors_of(m)) for m in models]
         unit_weights = {s: torch.cat([torch.full((sz[s],), float(w), dtype=torch.float64)
                                       for sz, w in zip(member_sizes, weights)]) for s in dedup}
         _average_incoming(ts, plan, sizes, classes, unit_weights)

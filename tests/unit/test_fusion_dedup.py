@@ -163,6 +163,51 @@ def test_overflow_merge_adds_outgoing_weights_and_averages_incoming():
     torch.testing.assert_close(fused[2].weight.sum(), total)
 
 
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_activation_criterion_keeps_self_fusion_exact(name, k):
+    model, x = member(name)
+    batch = torch.randn(32, *x.shape[1:])
+    merged = {}
+    fused = fuse([copy.deepcopy(model) for _ in range(k)], schedule="recursive" if k == 4 else "flat",
+                 example_inputs=batch, dedup=True, dedup_criterion="activations", merged=merged)
+    assert max_error(fused, model, x) <= 1e-5
+    assert sum(merged.values()) > 0
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_activation_criterion_merges_nothing_between_diverse_members(name):
+    models = [member(name, seed)[0] for seed in range(2)]
+    batch = torch.randn(32, *member(name)[1].shape[1:])
+    merged = {}
+    on = fuse(models, example_inputs=batch, dedup=True, dedup_threshold=0.999, dedup_criterion="activations",
+              merged=merged)
+    off = fuse(models, example_inputs=batch)
+    assert set(merged.values()) == {0}
+    for (key, a), b in zip(on.state_dict().items(), off.state_dict().values()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6), key
+
+
+def test_activation_criterion_merges_a_unit_that_computes_the_same_with_other_weights():
+    """Units fed by a dead input (always zero after ReLU) compute the same whatever weight they give it:
+    the activations see twins that the weights miss."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
+    with torch.no_grad():
+        model[0].weight[0].zero_()
+        model[0].bias[0] = -1.0          # unit 0 of the first layer never fires
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin[2].weight[:, 0] = torch.randn(3) * 5    # its outgoing weights read a zero: no effect
+    x = torch.randn(64, 4)
+    by_weights, by_outputs = {}, {}
+    fuse([model, twin], example_inputs=x, dedup=True, dedup_threshold=0.99, merged=by_weights)
+    fused = fuse([model, twin], example_inputs=x, dedup=True, dedup_threshold=0.99,
+                 dedup_criterion="activations", merged=by_outputs)
+    assert by_weights["2"] < 3 and by_outputs == {"0": 3, "2": 3}
+    assert max_error(fused, model, x) <= 1e-5
+
+
 def test_residual_merge_without_matching_block_rows_is_undone():
     model, x = member("resnet18")
     twin = copy.deepcopy(model)
@@ -209,6 +254,16 @@ def test_bad_settings_are_user_errors():
         fuse(models, dedup=True, dedup_overflow="keep")
     with pytest.raises(UserError, match="unknown fusion.dedup_overflow"):
         FusionConfig(dedup=True, dedup_overflow="all")
+    with pytest.raises(UserError, match="unknown dedup_criterion 'outputs'"):
+        fuse(models, dedup=True, dedup_criterion="outputs")
+    with pytest.raises(UserError, match="compares units' outputs on example inputs"):
+        fuse(models, dedup=True, dedup_criterion="activations")
+    with pytest.raises(UserError, match="unknown fusion.dedup_criterion"):
+        FusionConfig(dedup=True, dedup_criterion="output")
+    with pytest.raises(UserError, match="fusion.dedup_samples must be at least 2"):
+        FusionConfig(dedup=True, dedup_samples=1)
+    assert FusionConfig(dedup=True, dedup_criterion="activations").example_count() == 256
+    assert FusionConfig(dedup_criterion="activations").example_count() == 2
     with pytest.raises(UserError, match="fusion.dedup_threshold must be in"):
         FusionConfig(dedup=True, dedup_threshold=1.0)
     with pytest.raises(UserError, match="needs fusion.order merge_prune"):
