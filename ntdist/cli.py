@@ -24,6 +24,7 @@ from ntdist.config import describe_keys  # noqa: E402
 from ntdist.errors import EXIT_FAILURE, NtdistError  # noqa: E402
 from ntdist.fusion import DEFAULT_IMPORTANCE, IMPORTANCES, METHODS, ORDERS, SCHEDULES  # noqa: E402
 from ntdist.fusion.dedup import DEDUP_THRESHOLD, OVERFLOWS  # noqa: E402
+from ntdist.fusion.dedup_activations import CRITERIA  # noqa: E402
 
 RUN_EPILOG = """Overrides are dotted keys, e.g.:
   ntdist run configs/quickstart.yaml train.epochs=5 fusion.methods=[nt,avg] model.kwargs.width=64
@@ -82,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
     fuse.add_argument("--dedup-overflow", default=None, choices=OVERFLOWS,
                       help="NT --dedup: a unit that duplicates no kept unit once the slots are full is dropped "
                            "(drop, default) or merged into its most similar kept unit (merge)")
+    fuse.add_argument("--dedup-criterion", default=None, choices=CRITERIA,
+                      help="NT --dedup: compare units by their incoming weights (weights, default) or by the "
+                           "correlation of their outputs on --dedup-inputs (activations)")
+    fuse.add_argument("--dedup-inputs", default=None, metavar="FILE",
+                      help="NT --dedup-criterion activations: a batch of training inputs, one tensor saved with "
+                           "torch.save (a few hundred rows)")
 
     fuse.add_argument("--force", action="store_true", help="replace the output file if it exists")
 
@@ -115,7 +122,8 @@ def cmd_fuse(args) -> int:
     fuse_command(args.checkpoints, args.output, method=args.method, schedule=args.schedule,
                  importance=args.importance, order=args.order, width=args.width, keep_ratio=args.keep_ratio,
                  force=args.force, model=args.model, model_kwargs=args.model_kwargs, device=args.device,
-                 dedup=args.dedup, dedup_threshold=args.dedup_threshold, dedup_overflow=args.dedup_overflow)
+                 dedup=args.dedup, dedup_threshold=args.dedup_threshold, dedup_overflow=args.dedup_overflow,
+                 dedup_criterion=args.dedup_criterion, dedup_inputs=args.dedup_inputs)
     return 0
 
 

@@ -46,6 +46,18 @@ def parse_model_kwargs(text: Optional[str]) -> dict:
     return value
 
 
+def read_inputs(path: str) -> torch.Tensor:
+    """`--dedup-inputs`: a batch of inputs saved with torch.save (one floating-point tensor, at least 2 rows)."""
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError, EOFError) as err:
+        raise UserError(f"--dedup-inputs '{path}' is not a readable torch file ({str(err).splitlines()[0]})") from None
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() < 2 or len(value) < 2:
+        raise UserError(f"--dedup-inputs '{path}' must hold one floating-point tensor of at least 2 inputs "
+                        "(torch.save(x[:256], path))")
+    return value
+
+
 def load_with_spec(path: str, spec: ModelSpec) -> torch.nn.Module:
     """Build `spec` and load the state dict of `path` (an ntdist checkpoint or a plain one) into it, strictly."""
     model = spec.build()
@@ -98,16 +110,21 @@ def fuse_command(paths, output: str, method: str = "nt", schedule: str = "recurs
                  force: bool = False,
                  model: Optional[str] = None, model_kwargs: Optional[str] = None, device: str = "cpu",
                  dedup: bool = False, dedup_threshold: Optional[float] = None,
-                 dedup_overflow: Optional[str] = None) -> str:
+                 dedup_overflow: Optional[str] = None, dedup_criterion: Optional[str] = None,
+                 dedup_inputs: Optional[str] = None) -> str:
     if len(paths) < 2:
         raise UserError(f"fusion needs at least 2 checkpoints, got {len(paths)}")
-    given = [flag for flag, value in (("--dedup-threshold", dedup_threshold), ("--dedup-overflow", dedup_overflow))
-             if value is not None]
+    given = [flag for flag, value in (("--dedup-threshold", dedup_threshold), ("--dedup-overflow", dedup_overflow),
+                                      ("--dedup-criterion", dedup_criterion)) if value is not None]
     if given and not dedup:
         raise UserError(f"{given[0]} only applies with --dedup; add --dedup or leave it out")
     if dedup and method != "nt":
         raise UserError(f"--dedup belongs to NT (--method nt); {method} keeps the members' width and merges nothing")
-    dedup_args = dict(dedup=dedup, dedup_overflow=dedup_overflow or "drop")
+    if (dedup_criterion == "activations") != (dedup_inputs is not None):
+        raise UserError("--dedup-criterion activations and --dedup-inputs FILE go together: the activations "
+                        "are the units' outputs on those inputs")
+    dedup_args = dict(dedup=dedup, dedup_overflow=dedup_overflow or "drop",
+                      dedup_criterion=dedup_criterion or "weights")
     if dedup_threshold is not None:
         dedup_args["dedup_threshold"] = dedup_threshold
     if width is not None and width < 1:
@@ -134,9 +151,10 @@ def fuse_command(paths, output: str, method: str = "nt", schedule: str = "recurs
     if resized and spec.name != "mlp":
         raise UserError(f"--width/--keep-ratio change the architecture, and a resized {spec.name} cannot be "
                         "rebuilt from its spec; use the Python API fuse(models, width=...) for it")
+    examples = example_input(spec) if dedup_inputs is None else read_inputs(dedup_inputs)
     start = time.perf_counter()
     fused = fuse(models, method=method, schedule=schedule, importance=importance, order=order, width=width,
-                 keep_ratio=keep_ratio, example_inputs=example_input(spec).to(dev),
+                 keep_ratio=keep_ratio, example_inputs=examples.to(dev),
                  **(dedup_args if method == "nt" else {}))
     seconds = time.perf_counter() - start
     if resized:
@@ -145,7 +163,7 @@ def fuse_command(paths, output: str, method: str = "nt", schedule: str = "recurs
     info = {"stage": "fused", "method": method, "schedule": schedule, "inputs": [os.path.basename(p) for p in paths]}
     if dedup:
         info.update(dedup_threshold=dedup_args.get("dedup_threshold", DEDUP_THRESHOLD),
-                    dedup_overflow=dedup_args["dedup_overflow"])
+                    dedup_overflow=dedup_args["dedup_overflow"], dedup_criterion=dedup_args["dedup_criterion"])
     save_checkpoint(output, fused.cpu(), spec, info=info)
     print(f"fused {len(models)} models with {method} ({schedule}) on {dev} in {seconds:.3f} s -> {output}")
     return output
