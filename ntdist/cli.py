@@ -23,7 +23,8 @@ from ntdist.commands.run import run_command  # noqa: E402
 from ntdist.config import describe_keys  # noqa: E402
 from ntdist.errors import EXIT_FAILURE, NtdistError  # noqa: E402
 from ntdist.fusion import DEFAULT_IMPORTANCE, IMPORTANCES, METHODS, ORDERS, SCHEDULES  # noqa: E402
-from ntdist.fusion.dedup import DEDUP_THRESHOLD, OVERFLOWS  # noqa: E402
+from ntdist.fusion.dedup import DEDUP_THRESHOLD  # noqa: E402
+from ntdist.fusion.dedup_choice import OVERFLOWS  # noqa: E402
 from ntdist.fusion.dedup_activations import CRITERIA  # noqa: E402
 
 RUN_EPILOG = """Overrides are dotted keys, e.g.:
@@ -81,8 +82,9 @@ def _parser() -> argparse.ArgumentParser:
                       help=f"NT --dedup: cosine similarity in (0, 1) above which two units count as duplicates "
                            f"(default {DEDUP_THRESHOLD})")
     fuse.add_argument("--dedup-overflow", default=None, choices=OVERFLOWS,
-                      help="NT --dedup: a unit that duplicates no kept unit once the slots are full is dropped "
-                           "(drop, default) or merged into its most similar kept unit (merge)")
+                      help="NT --dedup: units that duplicate no kept unit once the slots are full are dropped "
+                           "(drop, default), merged into their most similar kept unit (merge), or joined with "
+                           "units of other members, most similar pair first, until they fit (match)")
     fuse.add_argument("--dedup-criterion", default=None, choices=CRITERIA,
                       help="NT --dedup: compare units by their incoming weights (weights, default) or by the "
                            "correlation of their outputs on --dedup-inputs (activations)")

@@ -4,7 +4,8 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from ntdist.errors import UserError, check_choice
-from ntdist.fusion.dedup import DEDUP_THRESHOLD, OVERFLOWS
+from ntdist.fusion.dedup import DEDUP_THRESHOLD
+from ntdist.fusion.dedup_choice import OVERFLOWS
 from ntdist.fusion.dedup_activations import CRITERIA
 from ntdist.fusion.importance import DEFAULT_IMPORTANCE, IMPORTANCES
 from ntdist.fusion.schedule import METHODS, ORDERS, SCHEDULES
@@ -26,11 +27,12 @@ class FusionConfig:
     bn_batches: int = opt(10, "training batches used to re-estimate BatchNorm statistics")
     dedup: bool = opt(False, "NT: off | on. On merges a unit whose incoming weights nearly duplicate a kept "
                              "unit's into it (outgoing weights added) instead of keeping both")
-    dedup_threshold: float = opt(DEDUP_THRESHOLD, "cosine similarity of incoming weights, in (0, 1), above which "
+    dedup_threshold: float = opt(DEDUP_THRESHOLD, "similarity in (0, 1) (see fusion.dedup_criterion) above which "
                                                   "fusion.dedup merges two units")
-    dedup_overflow: str = opt("drop", "NT dedup: what becomes of a unit that duplicates no kept unit once the "
-                                      "slots are full: drop (as plain NT) | merge (into its most similar kept unit "
-                                      "of the same space: incoming parameters averaged, outgoing weights added)")
+    dedup_overflow: str = opt("drop", "NT dedup: what becomes of units that duplicate no kept unit once the slots "
+                                      "are full: drop (as plain NT) | merge (each into its most similar kept unit) | "
+                                      "match (units of different members joined, most similar pair first, until "
+                                      "the classes fit the slots: averaging for aligned replicas)")
     dedup_criterion: str = opt("weights", "NT dedup: what makes two units duplicates: weights (cosine of their "
                                           "incoming parameters) | activations (cosine of their outputs on the first "
                                           "fusion.dedup_samples training inputs)")

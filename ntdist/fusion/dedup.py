@@ -36,7 +36,7 @@ The wide model is built once (block-diagonal, so k^2 times a member's hidden
 weights), unlike plain NT, which never builds it.
 """
 
-from typing import Dict, List, NamedTuple, Optional, Sequence, Set
+from typing import Dict, List, Optional, Sequence, Set
 
 import torch
 import torch.nn as nn
@@ -44,22 +44,12 @@ import torch.nn as nn
 from ntdist.fusion.assemble import assemble, tensors_of
 from ntdist.fusion.checks import check_finite
 from ntdist.fusion.dedup_activations import activation_signatures
+from ntdist.fusion.dedup_choice import Choice, choose, first_slots, match, plain
 from ntdist.fusion.plan import Plan, parts_of
 from ntdist.fusion.prune import ranked_scores, scorer, select
 
 _TINY = 1e-30
 DEDUP_THRESHOLD = 0.9    # default cosine similarity above which a unit counts as a duplicate (docs/RESULTS.md, "Dedup")
-OVERFLOWS = ("drop", "merge")   # what happens to a unit that is no duplicate once the slots are full
-
-
-class Choice(NamedTuple):
-    """One space's decision: for every unit of the wide space, its class representative and its destination."""
-
-    rep: torch.Tensor    # the kept unit it duplicates (itself if kept on its own merit), -1 if dropped
-    into: torch.Tensor   # the unit its outgoing weights go to: itself if kept, rep if merged, -1 if dropped
-    classes: torch.Tensor  # compact class id per unit (what consumers' rows are summed over), -1 if dropped
-    count: int           # number of classes
-    forced: torch.Tensor  # merged only because no slot was left (overflow "merge"): not a duplicate
 
 
 def eligible_spaces(plan: Plan) -> Set[int]:
@@ -130,73 +120,6 @@ def _similarity(parts: List[torch.Tensor]) -> Optional[torch.Tensor]:
         sim = cos if sim is None else torch.minimum(sim, cos)
     return sim
 
-
-def _choose(sim: Optional[torch.Tensor], scores: torch.Tensor, want: int, threshold: float,
-            overflow: str = "drop") -> Choice:
-    n = scores.shape[0]
-    order = torch.sort(scores, descending=True, stable=True).indices.tolist()
-    rep = torch.full((n,), -1, dtype=torch.long)
-    best, best_of = torch.full((n,), -float("inf")), torch.full((n,), -1, dtype=torch.long)
-    kept, twins = 0, []
-    for c in order:
-        if sim is not None and best[c] > threshold:
-            rep[c] = best_of[c]
-            twins.append(c)
-        elif kept < want:
-            rep[c] = c
-            kept += 1
-            if sim is not None:
-                closer = sim[:, c] > best
-                best = torch.where(closer, sim[:, c], best)
-                best_of[closer] = c
-    forced = torch.zeros(n, dtype=torch.bool)
-    if overflow == "merge" and sim is not None:
-        # a unit is only dropped once every slot is taken, so best_of already covers all kept units
-        forced = (rep < 0) & (best_of >= 0)
-        rep[forced] = best_of[forced]
-    into = rep.clone()
-    for c in twins[:max(0, want - kept)]:      # slots left with only duplicates: keep the best beside their twins
-        into[c] = c
-    return _classes(rep, into, forced)
-
-
-def _classes(rep: torch.Tensor, into: torch.Tensor, forced: Optional[torch.Tensor] = None) -> Choice:
-    live = rep >= 0
-    reps = rep[live].unique()
-    lookup = torch.full_like(rep, -1)
-    lookup[reps] = torch.arange(len(reps))
-    classes = torch.where(live, lookup[rep.clamp_min(0)], rep)
-    forced = torch.zeros(len(rep), dtype=torch.bool) if forced is None else forced
-    return Choice(rep, into, classes, len(reps), forced)
-
-
-def _first_slots(choice: Choice) -> Choice:
-    """The same classes, each kept in the slot of its first unit in member order instead of its most important.
-
-    The function is the same (a class's incoming parameters become its mean, its outgoing
-    weights the sum), but the fused units keep member 0's order wherever member 0 has a unit in
-    the class: merging aligned replicas (periodic sync) then leaves every unit where it was, so
-    an optimizer's per-unit state (momentum) still belongs to it.
-    """
-    n = len(choice.into)
-    live = (choice.into >= 0).nonzero().squeeze(1)
-    first = torch.full((n,), n, dtype=torch.long).scatter_reduce(0, choice.into[live], live, "amin")
-    into, rep = choice.into.clone(), choice.rep.clone()
-    into[live] = first[choice.into[live]]
-    merged = rep >= 0
-    rep[merged] = first[choice.into[rep[merged]]]
-    return Choice(rep, into, choice.classes, choice.count, choice.forced)
-
-
-def _plain(keep: Optional[torch.Tensor], n: int) -> Choice:
-    """Plain NT's choice for a space: the kept units, each its own class."""
-    rep = torch.arange(n)
-    if keep is not None:
-        rep = torch.full((n,), -1, dtype=torch.long)
-        rep[keep] = keep
-    return _classes(rep, rep.clone())
-
-
 def _walk(ts, plan, sizes, scores, want, threshold, base, dedup: Set[int], overflow: str, acts, owners):
     """Every space's choice, and the spaces whose signatures were incomplete (to be checked at the end).
 
@@ -207,13 +130,14 @@ def _walk(ts, plan, sizes, scores, want, threshold, base, dedup: Set[int], overf
     classes, partial = {}, set()
     for s in plan.order:
         if s not in dedup:
-            classes[s] = _plain(base.get(s), sizes[s])
+            classes[s] = plain(base.get(s), sizes[s])
             continue
         parts, complete = (acts.get(s, []), True) if acts is not None else _signature(ts, plan, s, sizes, classes)
         sim = _similarity(parts)
         if sim is not None and acts is not None:
             sim = sim.masked_fill(owners[s][:, None] == owners[s][None, :], -2.0)
-        classes[s] = _choose(sim, scores[s], want[s], threshold, overflow)
+        classes[s] = (match(sim, scores[s], want[s], threshold, owners[s]) if overflow == "match"
+                      else choose(sim, scores[s], want[s], threshold, overflow))
         if not complete:
             partial.add(s)
     return classes, partial
@@ -311,7 +235,7 @@ def dedup_fuse(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float]
             if not bad:
                 break
             dedup = dedup - bad
-        classes = {s: _first_slots(c) for s, c in classes.items()}
+        classes = {s: first_slots(c) for s, c in classes.items()}
         _fold(ts, plan, sizes, classes)
         unit_weights = {s: torch.cat([torch.full((sz[s],), float(w), dtype=torch.float64)
                                       for sz, w in zip(member_sizes, weights)]) for s in dedup}

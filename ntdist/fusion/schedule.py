@@ -14,7 +14,8 @@ import torch.nn as nn
 from ntdist.errors import UserError, check_choice
 from ntdist.fusion.assemble import assemble, tensors_of
 from ntdist.fusion.checks import check_finite, check_models, check_weights, normalized
-from ntdist.fusion.dedup import DEDUP_THRESHOLD, OVERFLOWS, dedup_fuse
+from ntdist.fusion.dedup import DEDUP_THRESHOLD, dedup_fuse
+from ntdist.fusion.dedup_choice import OVERFLOWS
 from ntdist.fusion.dedup_activations import CRITERIA
 from ntdist.fusion.graph import Plan, analyze
 from ntdist.fusion.importance import DEFAULT_IMPORTANCE, resolve

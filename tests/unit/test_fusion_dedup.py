@@ -148,6 +148,34 @@ def test_overflow_merge_keeps_self_fusion_exact_and_drops_nothing(name):
     assert fused.state_dict().keys() == model.state_dict().keys()
 
 
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_overflow_match_keeps_self_fusion_exact(name, k):
+    model, x = member(name)
+    fused = fuse([copy.deepcopy(model) for _ in range(k)], schedule="recursive" if k == 4 else "flat",
+                 example_inputs=x, dedup=True, dedup_overflow="match")
+    assert max_error(fused, model, x) <= 1e-5
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_overflow_match_of_aligned_replicas_is_their_average(k):
+    """Replicas that drifted apart (below the threshold) are still joined unit for unit: weight averaging."""
+    model, _ = member("mlp")
+    copies = [model]
+    for i in range(1, k):
+        torch.manual_seed(100 + i)
+        copies.append(copy.deepcopy(model))
+        with torch.no_grad():
+            for p in copies[-1].parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    fused = fuse(copies, schedule="flat", dedup=True, dedup_threshold=0.999, dedup_overflow="match").state_dict()
+    mean = average(copies).state_dict()
+    for key in mean:
+        torch.testing.assert_close(fused[key], mean[key], rtol=0, atol=1e-6)
+    drop = fuse(copies, schedule="flat", dedup=True, dedup_threshold=0.999).state_dict()
+    assert max((drop[key] - mean[key]).abs().max().item() for key in mean) > 0.01
+
+
 def test_overflow_merge_adds_outgoing_weights_and_averages_incoming():
     torch.manual_seed(0)
     a, b = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 2)), nn.Sequential(nn.Linear(3, 2), nn.ReLU(),
