@@ -79,24 +79,27 @@ def match(sim: Optional[torch.Tensor], scores: torch.Tensor, want: int, threshol
             c = root[c]
         return c
 
-    for e in torch.sort(values, descending=True, stable=True).indices.tolist():
-        if values[e] <= threshold and count <= want:
+    order = torch.sort(values, descending=True, stable=True).indices
+    for (i, j), value in zip(pairs[order].tolist(), values[order].tolist()):   # lists: a Python loop over tensors crawls
+        if value <= threshold and count <= want:
             break
-        a, b = find(int(pairs[e, 0])), find(int(pairs[e, 1]))
+        a, b = find(i), find(j)
         if a == b or held[a] & held[b]:
             continue
         root[b] = a
         held[a] |= held[b]
         count -= 1
-        if values[e] <= threshold:
-            forced[pairs[e]] = True
-    group = torch.tensor([find(c) for c in range(n)])
+        if value <= threshold:
+            forced[[i, j]] = True
+    roots_of = [find(c) for c in range(n)]
+    group = torch.tensor(roots_of)
     best = torch.full((n,), -float("inf"), dtype=scores.dtype).scatter_reduce(0, group, scores, "amax")
     by_score = torch.sort(scores, descending=True, stable=True).indices.tolist()
-    rep_of = torch.full((n,), -1, dtype=torch.long)
+    first = {}
     for c in by_score:       # a class is represented by its most important unit
-        if rep_of[group[c]] < 0:
-            rep_of[group[c]] = c
+        first.setdefault(roots_of[c], c)
+    rep_of = torch.full((n,), -1, dtype=torch.long)
+    rep_of[list(first)] = torch.tensor(list(first.values()))
     roots = group.unique()
     kept = roots[torch.sort(best[roots], descending=True, stable=True).indices[:want]]
     rep = torch.full((n,), -1, dtype=torch.long)
