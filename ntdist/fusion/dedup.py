@@ -19,6 +19,11 @@ in descending importance:
 - if only duplicates are left while slots are free, the most important of them
   fill those slots, each kept beside its twin with its own outgoing weights.
 
+With `overflow="match"` the walk is replaced by a matching of units of different
+members, most similar pair first, until the classes fit the slots
+(`ntdist.fusion.dedup_choice`). With `criterion="activations"` the signature is
+the units' outputs on example inputs instead (`ntdist.fusion.dedup_activations`).
+
 A unit's signature is everything it owns in its space: the rows of the layers
 producing it (for a residual space, of every block writing into it), their
 biases, BatchNorm scale, shift and running statistics, depthwise filters and

@@ -30,9 +30,9 @@ class Choice(NamedTuple):
     forced: torch.Tensor  # merged below the threshold (overflows "merge" and "match"): not a duplicate
 
 
-
 def choose(sim: Optional[torch.Tensor], scores: torch.Tensor, want: int, threshold: float,
-            overflow: str = "drop") -> Choice:
+           overflow: str = "drop") -> Choice:
+    """Overflows "drop" and "merge": the walk in descending importance (module docstring)."""
     n = scores.shape[0]
     order = torch.sort(scores, descending=True, stable=True).indices.tolist()
     rep = torch.full((n,), -1, dtype=torch.long)
@@ -61,7 +61,7 @@ def choose(sim: Optional[torch.Tensor], scores: torch.Tensor, want: int, thresho
 
 
 def match(sim: Optional[torch.Tensor], scores: torch.Tensor, want: int, threshold: float,
-           owner: torch.Tensor) -> Choice:
+          owner: torch.Tensor) -> Choice:
     """Overflow "match": join units of different members into classes, most similar pair first, until the
     classes fit the slots (and every pair above the threshold is joined); a class holds one unit per member."""
     n = scores.shape[0]

@@ -4,7 +4,9 @@ Self-fusion (a member fused with exact copies of itself) returns the member's
 function at every k from 2 to 8 on an MLP, a BatchNorm CNN and a residual net;
 members with nothing above the threshold fuse exactly as plain NT; residual
 merges that the complete signatures do not back are undone; bad settings are
-one-line user errors.
+one-line user errors. The same self-fusion checks hold for the overflows "merge"
+and "match" and for the activation criterion; "match" of drifted aligned
+replicas is their weight average, "merge" drops nothing.
 
 Run: .venv/bin/python -m pytest tests/unit/test_fusion_dedup.py
 """
