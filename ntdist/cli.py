@@ -24,6 +24,9 @@ from ntdist.config import describe_keys  # noqa: E402
 from ntdist.errors import EXIT_FAILURE, NtdistError  # noqa: E402
 from ntdist.fusion import (DEFAULT_IMPORTANCE, DEFAULT_PRUNER, IMPORTANCES, METHODS, ORDERS, PRUNERS,  # noqa: E402
                            SCHEDULES)
+from ntdist.fusion.dedup import DEDUP_THRESHOLD  # noqa: E402
+from ntdist.fusion.dedup_choice import OVERFLOWS  # noqa: E402
+from ntdist.fusion.dedup_activations import CRITERIA  # noqa: E402
 
 RUN_EPILOG = """Overrides are dotted keys, e.g.:
   ntdist run configs/quickstart.yaml train.epochs=5 fusion.methods=[nt,avg] model.kwargs.width=64
@@ -76,6 +79,22 @@ def _parser() -> argparse.ArgumentParser:
     fuse.add_argument("--width", type=int, default=None, help="NT: target width of the first hidden layer (mlp)")
     fuse.add_argument("--keep-ratio", type=float, default=None,
                       help="NT: kept units relative to one member (mlp; default 1: the members' width)")
+    fuse.add_argument("--dedup", action="store_true",
+                      help="NT: merge a unit that nearly duplicates a kept one into it (outgoing weights added) "
+                           "instead of keeping both; fusing copies of one model then returns that model")
+    fuse.add_argument("--dedup-threshold", type=float, default=None,
+                      help=f"NT --dedup: cosine similarity in (0, 1) above which two units count as duplicates "
+                           f"(default {DEDUP_THRESHOLD})")
+    fuse.add_argument("--dedup-overflow", default=None, choices=OVERFLOWS,
+                      help="NT --dedup: units that duplicate no kept unit once the slots are full are dropped "
+                           "(drop, default), merged into their most similar kept unit (merge), or joined with "
+                           "units of other members, most similar pair first, until they fit (match)")
+    fuse.add_argument("--dedup-criterion", default=None, choices=CRITERIA,
+                      help="NT --dedup: compare units by their incoming weights (weights, default) or by the "
+                           "correlation of their outputs on --dedup-inputs (activations)")
+    fuse.add_argument("--dedup-inputs", default=None, metavar="FILE",
+                      help="NT --dedup-criterion activations: a batch of training inputs, one tensor saved with "
+                           "torch.save (a few hundred rows)")
 
     fuse.add_argument("--force", action="store_true", help="replace the output file if it exists")
 
@@ -107,8 +126,11 @@ def cmd_run(args) -> int:
 
 def cmd_fuse(args) -> int:
     fuse_command(args.checkpoints, args.output, method=args.method, schedule=args.schedule,
-                 importance=args.importance, pruner=args.pruner, order=args.order, width=args.width, keep_ratio=args.keep_ratio,
-                 force=args.force, model=args.model, model_kwargs=args.model_kwargs, device=args.device)
+                  importance=args.importance, pruner=args.pruner, order=args.order, width=args.width,
+                  keep_ratio=args.keep_ratio, force=args.force, model=args.model, model_kwargs=args.model_kwargs,
+                  device=args.device, dedup=args.dedup, dedup_threshold=args.dedup_threshold,
+                  dedup_overflow=args.dedup_overflow, dedup_criterion=args.dedup_criterion,
+                  dedup_inputs=args.dedup_inputs)
     return 0
 
 

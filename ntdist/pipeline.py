@@ -58,9 +58,9 @@ class Run:
         return self.spec.build()
 
     def example_inputs(self) -> torch.Tensor:
-        """Two training inputs: enough for the fusion to trace shapes."""
+        """The first training inputs: two to trace shapes, more for NT dedup's activation criterion."""
         train = self.splits.train
-        return torch.stack([train[i][0] for i in range(min(2, len(train)))])
+        return torch.stack([train[i][0] for i in range(min(self.cfg.fusion.example_count(), len(train)))])
 
 
 def make_run(cfg: Config, world: World, resume: bool = False) -> Run:

@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 
 from ntdist.errors import UserError
 from ntdist.fusion import DEFAULT_IMPORTANCE, DEFAULT_PRUNER, fuse
+from ntdist.fusion.dedup import DEDUP_THRESHOLD
 from ntdist.models import ModelSpec
 from ntdist.models.weights import read_state_dict
 from ntdist.records.checkpoint import load_model, save_checkpoint
@@ -42,6 +43,18 @@ def parse_model_kwargs(text: Optional[str]) -> dict:
         raise UserError(f"--model-kwargs is not valid JSON ({err}); write e.g. '{{\"num_classes\": 10}}'") from None
     if not isinstance(value, dict):
         raise UserError(f"--model-kwargs must be a JSON object such as '{{\"num_classes\": 10}}', got {text}")
+    return value
+
+
+def read_inputs(path: str) -> torch.Tensor:
+    """`--dedup-inputs`: a batch of inputs saved with torch.save (one floating-point tensor, at least 2 rows)."""
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError, EOFError) as err:
+        raise UserError(f"--dedup-inputs '{path}' is not a readable torch file ({str(err).splitlines()[0]})") from None
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() < 2 or len(value) < 2:
+        raise UserError(f"--dedup-inputs '{path}' must hold one floating-point tensor of at least 2 inputs "
+                        "(torch.save(x[:256], path))")
     return value
 
 
@@ -95,9 +108,25 @@ def load_members(paths, model: Optional[str], model_kwargs: dict):
 def fuse_command(paths, output: str, method: str = "nt", schedule: str = "recursive",
                  importance: str = DEFAULT_IMPORTANCE, order: str = "merge_prune", width=None, keep_ratio=None,
                  force: bool = False, pruner: str = DEFAULT_PRUNER,
-                 model: Optional[str] = None, model_kwargs: Optional[str] = None, device: str = "cpu") -> str:
+                 model: Optional[str] = None, model_kwargs: Optional[str] = None, device: str = "cpu",
+                 dedup: bool = False, dedup_threshold: Optional[float] = None,
+                 dedup_overflow: Optional[str] = None, dedup_criterion: Optional[str] = None,
+                 dedup_inputs: Optional[str] = None) -> str:
     if len(paths) < 2:
         raise UserError(f"fusion needs at least 2 checkpoints, got {len(paths)}")
+    given = [flag for flag, value in (("--dedup-threshold", dedup_threshold), ("--dedup-overflow", dedup_overflow),
+                                      ("--dedup-criterion", dedup_criterion)) if value is not None]
+    if given and not dedup:
+        raise UserError(f"{given[0]} only applies with --dedup; add --dedup or leave it out")
+    if dedup and method != "nt":
+        raise UserError(f"--dedup belongs to NT (--method nt); {method} keeps the members' width and merges nothing")
+    if (dedup_criterion == "activations") != (dedup_inputs is not None):
+        raise UserError("--dedup-criterion activations and --dedup-inputs FILE go together: the activations "
+                        "are the units' outputs on those inputs")
+    dedup_args = dict(dedup=dedup, dedup_overflow=dedup_overflow or "drop",
+                      dedup_criterion=dedup_criterion or "weights")
+    if dedup_threshold is not None:
+        dedup_args["dedup_threshold"] = dedup_threshold
     if width is not None and width < 1:
         raise UserError(f"--width must be a positive number of units, got {width}")
     if keep_ratio is not None and not 0 < keep_ratio <= len(paths):
@@ -122,14 +151,19 @@ def fuse_command(paths, output: str, method: str = "nt", schedule: str = "recurs
     if resized and spec.name != "mlp":
         raise UserError(f"--width/--keep-ratio change the architecture, and a resized {spec.name} cannot be "
                         "rebuilt from its spec; use the Python API fuse(models, width=...) for it")
+    examples = example_input(spec) if dedup_inputs is None else read_inputs(dedup_inputs)
     start = time.perf_counter()
     fused = fuse(models, method=method, schedule=schedule, importance=importance, order=order, width=width,
-                 keep_ratio=keep_ratio, example_inputs=example_input(spec).to(dev), pruner=pruner)
+                 keep_ratio=keep_ratio, example_inputs=examples.to(dev),
+                  pruner=pruner, **(dedup_args if method == "nt" else {}))
     seconds = time.perf_counter() - start
     if resized:
         first = next(m for m in fused.modules() if isinstance(m, torch.nn.Linear))
         spec = ModelSpec(spec.name, dict(spec.kwargs, width=first.out_features))
-    save_checkpoint(output, fused.cpu(), spec, info={"stage": "fused", "method": method, "schedule": schedule,
-                                                     "inputs": [os.path.basename(p) for p in paths]})
+    info = {"stage": "fused", "method": method, "schedule": schedule, "inputs": [os.path.basename(p) for p in paths]}
+    if dedup:
+        info.update(dedup_threshold=dedup_args.get("dedup_threshold", DEDUP_THRESHOLD),
+                    dedup_overflow=dedup_args["dedup_overflow"], dedup_criterion=dedup_args["dedup_criterion"])
+    save_checkpoint(output, fused.cpu(), spec, info=info)
     print(f"fused {len(models)} models with {method} ({schedule}) on {dev} in {seconds:.3f} s -> {output}")
     return output

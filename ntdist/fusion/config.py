@@ -5,6 +5,8 @@ from typing import List, Optional
 
 from ntdist.errors import UserError, check_choice
 from ntdist.fusion.dedup import DEDUP_THRESHOLD
+from ntdist.fusion.dedup_choice import OVERFLOWS
+from ntdist.fusion.dedup_activations import CRITERIA
 from ntdist.fusion.importance import DEFAULT_IMPORTANCE, IMPORTANCES
 from ntdist.fusion.schedule import METHODS, ORDERS, SCHEDULES
 from ntdist.fusion.tp_prune import DEFAULT_PRUNER, PRUNERS, check_pruner
@@ -29,8 +31,16 @@ class FusionConfig:
     bn_batches: int = opt(10, "training batches used to re-estimate BatchNorm statistics")
     dedup: bool = opt(False, "NT: off | on. On merges a unit whose incoming weights nearly duplicate a kept "
                              "unit's into it (outgoing weights added) instead of keeping both")
-    dedup_threshold: float = opt(DEDUP_THRESHOLD, "cosine similarity of incoming weights, in (0, 1), above which "
+    dedup_threshold: float = opt(DEDUP_THRESHOLD, "similarity in (0, 1) (see fusion.dedup_criterion) above which "
                                                   "fusion.dedup merges two units")
+    dedup_overflow: str = opt("drop", "NT dedup: what becomes of units that duplicate no kept unit once the slots "
+                                      "are full: drop (as plain NT) | merge (each into its most similar kept unit) | "
+                                      "match (units of different members joined, most similar pair first, until "
+                                      "the classes fit the slots: averaging for aligned replicas)")
+    dedup_criterion: str = opt("weights", "NT dedup: what makes two units duplicates: weights (cosine of their "
+                                          "incoming parameters) | activations (cosine of their outputs on the first "
+                                          "fusion.dedup_samples training inputs)")
+    dedup_samples: int = opt(256, "training inputs whose outputs fusion.dedup_criterion activations compares")
 
     def __post_init__(self):
         if self.k < 2:
@@ -58,13 +68,23 @@ class FusionConfig:
         if self.pruner != DEFAULT_PRUNER and "nt" not in self.methods:
             raise UserError(f"fusion.pruner '{self.pruner}' only prunes for method nt, which fusion.methods "
                             f"{self.methods} does not list; leave fusion.pruner at '{DEFAULT_PRUNER}'")
+        check_choice(self.dedup_overflow, OVERFLOWS, "fusion.dedup_overflow")
+        check_choice(self.dedup_criterion, CRITERIA, "fusion.dedup_criterion")
+        if self.dedup_samples < 2:
+            raise UserError(f"fusion.dedup_samples must be at least 2 (units are compared over the samples), "
+                            f"got {self.dedup_samples}")
         if self.bn_batches < 1:
             raise UserError(f"fusion.bn_batches must be at least 1, got {self.bn_batches}")
 
     def dedup_args(self, merged: Optional[dict] = None) -> dict:
         """The dedup keyword arguments of `fuse` / `fuse_pair`; `merged` receives the merge counts."""
-        return dict(dedup=self.dedup, dedup_threshold=self.dedup_threshold, merged=merged)
+        return dict(dedup=self.dedup, dedup_threshold=self.dedup_threshold, dedup_overflow=self.dedup_overflow,
+                    dedup_criterion=self.dedup_criterion, merged=merged)
 
     def nt_args(self, merged: Optional[dict] = None) -> dict:
         """The NT-only keyword arguments of `fuse` / `fuse_pair`: dedup's and the pruner."""
         return dict(self.dedup_args(merged), pruner=self.pruner)
+
+    def example_count(self) -> int:
+        """How many training inputs fusion is given: two trace the shapes; the activation criterion needs more."""
+        return self.dedup_samples if self.dedup and self.dedup_criterion == "activations" else 2

@@ -13,9 +13,16 @@ in descending importance:
   exact: both compute the same values, so the consumers see the same sum. The
   kept unit's incoming parameters become the mean over its class, weighted by
   the members' output weights (the same values for true duplicates);
-- otherwise it takes a free slot, or is dropped once the slots are full;
+- otherwise it takes a free slot; once the slots are full it is dropped, or, with
+  `overflow="merge"`, merged into its most similar kept unit all the same (a
+  *forced* merge: approximate, but nothing is thrown away);
 - if only duplicates are left while slots are free, the most important of them
   fill those slots, each kept beside its twin with its own outgoing weights.
+
+With `overflow="match"` the walk is replaced by a matching of units of different
+members, most similar pair first, until the classes fit the slots
+(`ntdist.fusion.dedup_choice`). With `criterion="activations"` the signature is
+the units' outputs on example inputs instead (`ntdist.fusion.dedup_activations`).
 
 A unit's signature is everything it owns in its space: the rows of the layers
 producing it (for a residual space, of every block writing into it), their
@@ -34,27 +41,20 @@ The wide model is built once (block-diagonal, so k^2 times a member's hidden
 weights), unlike plain NT, which never builds it.
 """
 
-from typing import Dict, List, NamedTuple, Optional, Sequence, Set
+from typing import Dict, List, Optional, Sequence, Set
 
 import torch
 import torch.nn as nn
 
 from ntdist.fusion.assemble import assemble, tensors_of
 from ntdist.fusion.checks import check_finite
+from ntdist.fusion.dedup_activations import activation_signatures
+from ntdist.fusion.dedup_choice import Choice, choose, first_slots, match, plain
 from ntdist.fusion.plan import Plan, parts_of
 from ntdist.fusion.prune import ranked_scores, scorer, select
 
 _TINY = 1e-30
 DEDUP_THRESHOLD = 0.9    # default cosine similarity above which a unit counts as a duplicate (docs/RESULTS.md, "Dedup")
-
-
-class Choice(NamedTuple):
-    """One space's decision: for every unit of the wide space, its class representative and its destination."""
-
-    rep: torch.Tensor    # the kept unit it duplicates (itself if kept on its own merit), -1 if dropped
-    into: torch.Tensor   # the unit its outgoing weights go to: itself if kept, rep if merged, -1 if dropped
-    classes: torch.Tensor  # compact class id per unit (what consumers' rows are summed over), -1 if dropped
-    count: int           # number of classes
 
 
 def eligible_spaces(plan: Plan) -> Set[int]:
@@ -126,87 +126,35 @@ def _similarity(parts: List[torch.Tensor]) -> Optional[torch.Tensor]:
         sim = cos if sim is None else torch.minimum(sim, cos)
     return sim
 
+def _walk(ts, plan, sizes, scores, want, threshold, base, dedup: Set[int], overflow: str, acts, owners):
+    """Every space's choice, and the spaces whose signatures were incomplete (to be checked at the end).
 
-def _choose(sim: Optional[torch.Tensor], scores: torch.Tensor, want: int, threshold: float) -> Choice:
-    n = scores.shape[0]
-    order = torch.sort(scores, descending=True, stable=True).indices.tolist()
-    rep = torch.full((n,), -1, dtype=torch.long, device=scores.device)
-    best = torch.full((n,), -float("inf"), device=scores.device)
-    best_of = torch.full((n,), -1, dtype=torch.long, device=scores.device)
-    kept, twins = 0, []
-    for c in order:
-        if sim is not None and best[c] > threshold:
-            rep[c] = best_of[c]
-            twins.append(c)
-        elif kept < want:
-            rep[c] = c
-            kept += 1
-            if sim is not None:
-                closer = sim[:, c] > best
-                best = torch.where(closer, sim[:, c], best)
-                best_of[closer] = c
-    into = rep.clone()
-    for c in twins[:max(0, want - kept)]:      # slots left with only duplicates: keep the best beside their twins
-        into[c] = c
-    return _classes(rep, into)
-
-
-def _classes(rep: torch.Tensor, into: torch.Tensor) -> Choice:
-    live = rep >= 0
-    reps = rep[live].unique()
-    lookup = torch.full_like(rep, -1)
-    lookup[reps] = torch.arange(len(reps), device=rep.device)
-    classes = torch.where(live, lookup[rep.clamp_min(0)], rep)
-    return Choice(rep, into, classes, len(reps))
-
-
-def _first_slots(choice: Choice) -> Choice:
-    """The same classes, each kept in the slot of its first unit in member order instead of its most important.
-
-    The function is the same (a class's incoming parameters become its mean, its outgoing
-    weights the sum), but the fused units keep member 0's order wherever member 0 has a unit in
-    the class: merging aligned replicas (periodic sync) then leaves every unit where it was, so
-    an optimizer's per-unit state (momentum) still belongs to it.
+    `acts`, when given, holds the activation signatures (complete from the start); else weights are compared.
+    Outputs of one member's units are often correlated (deeper layers of a ReLU net above all), so with
+    activations only units of different members (`owners`) are compared: a copy is in another member.
     """
-    n = len(choice.into)
-    live = (choice.into >= 0).nonzero().squeeze(1)
-    first = torch.full((n,), n, dtype=torch.long, device=live.device).scatter_reduce(0, choice.into[live], live, "amin")
-    into, rep = choice.into.clone(), choice.rep.clone()
-    into[live] = first[choice.into[live]]
-    merged = rep >= 0
-    rep[merged] = first[choice.into[rep[merged]]]
-    return Choice(rep, into, choice.classes, choice.count)
-
-
-def _plain(keep: Optional[torch.Tensor], n: int, device) -> Choice:
-    """Plain NT's choice for a space: the kept units, each its own class."""
-    rep = torch.arange(n, device=device)
-    if keep is not None:
-        rep = torch.full((n,), -1, dtype=torch.long, device=device)
-        rep[keep] = keep
-    return _classes(rep, rep.clone())
-
-
-def _walk(ts, plan, sizes, scores, want, threshold, base, dedup: Set[int]):
-    """Every space's choice, and the spaces whose signatures were incomplete (to be checked at the end)."""
     classes, partial = {}, set()
     for s in plan.order:
         if s not in dedup:
-            classes[s] = _plain(base.get(s), sizes[s], next(iter(ts.values())).device)
+            classes[s] = plain(base.get(s), sizes[s], next(iter(ts.values())).device)
             continue
-        parts, complete = _signature(ts, plan, s, sizes, classes)
-        classes[s] = _choose(_similarity(parts), scores[s], want[s], threshold)
+        parts, complete = (acts.get(s, []), True) if acts is not None else _signature(ts, plan, s, sizes, classes)
+        sim = _similarity(parts)
+        if sim is not None and acts is not None:
+            sim = sim.masked_fill(owners[s][:, None] == owners[s][None, :], -2.0)
+        classes[s] = (match(sim, scores[s], want[s], threshold, owners[s]) if overflow == "match"
+                      else choose(sim, scores[s], want[s], threshold, overflow))
         if not complete:
             partial.add(s)
     return classes, partial
 
 
 def _failing(ts, plan, sizes, classes: Dict[int, Choice], threshold: float, partial: Set[int]) -> Set[int]:
-    """Spaces where a unit shares a class with a kept unit it does not duplicate by its complete signature."""
+    """Spaces where a unit merged as a duplicate does not duplicate its kept unit by its complete signature."""
     bad = set()
     for s in partial:
         rep = classes[s].rep
-        twins = ((rep >= 0) & (rep != torch.arange(len(rep), device=rep.device))).nonzero().squeeze(1)
+        twins = ((rep >= 0) & (rep != torch.arange(len(rep), device=rep.device)) & ~classes[s].forced).nonzero().squeeze(1)
         if len(twins) == 0:
             continue
         sim = _similarity(_signature(ts, plan, s, sizes, classes)[0])
@@ -265,9 +213,14 @@ def _average_incoming(ts, plan: Plan, sizes, classes: Dict[int, Choice], unit_we
 
 
 def dedup_fuse(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float], want: Dict[int, int],
-               importance, threshold: float, merged: Optional[Dict[str, int]] = None) -> nn.Module:
+               importance, threshold: float, merged: Optional[Dict[str, int]] = None,
+               overflow: str = "drop", criterion: str = "weights", inputs=None) -> nn.Module:
     """NT of `models` (output weights `weights`, summing to one) keeping `want[s]` units per space, with merging.
 
+    `overflow` says what becomes of a unit that is no duplicate once the slots are
+    full: "drop" it (as plain NT does) or "merge" it into its most similar kept unit.
+    `criterion` "activations" compares the units' outputs on `inputs` instead of
+    their parameters (`ntdist.fusion.dedup_activations`).
     `merged`, when given, receives per space (named by its first producing layer)
     the number of units merged into a kept one, added to what it already holds.
     """
@@ -276,19 +229,23 @@ def dedup_fuse(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float]
     unit_scores = scorer(models, plan, importance, weights)
     dedup = eligible = eligible_spaces(plan)
     scores = {s: ranked_scores(unit_scores(s), models) for s in dedup}
+    acts = activation_signatures(models, plan, inputs) if criterion == "activations" else None
+    member_sizes = [plan.space_sizes(tensors_of(m)) for m in models]
+    where = next(iter(tensors_of(models[0]).values())).device
+    owners = {s: torch.cat([torch.full((sz[s],), m, device=where) for m, sz in enumerate(member_sizes)])
+              for s in plan.order}
     with torch.no_grad():
         wide = assemble(models, plan, weights)
         ts = tensors_of(wide)
         sizes, device = plan.space_sizes(ts), next(iter(ts.values())).device
         while True:
-            classes, partial = _walk(ts, plan, sizes, scores, want, threshold, base, dedup)
+            classes, partial = _walk(ts, plan, sizes, scores, want, threshold, base, dedup, overflow, acts, owners)
             bad = _failing(ts, plan, sizes, classes, threshold, partial)
             if not bad:
                 break
             dedup = dedup - bad
-        classes = {s: _first_slots(c) for s, c in classes.items()}
+        classes = {s: first_slots(c) for s, c in classes.items()}
         _fold(ts, plan, sizes, classes)
-        member_sizes = [plan.space_sizes(tensors_of(m)) for m in models]
         unit_weights = {s: torch.cat([torch.full((sz[s],), float(w), dtype=torch.float64, device=device)
                                       for sz, w in zip(member_sizes, weights)]) for s in dedup}
         _average_incoming(ts, plan, sizes, classes, unit_weights)

@@ -15,6 +15,8 @@ from ntdist.errors import UserError, check_choice
 from ntdist.fusion.assemble import assemble, tensors_of
 from ntdist.fusion.checks import check_finite, check_models, check_weights, normalized
 from ntdist.fusion.dedup import DEDUP_THRESHOLD, dedup_fuse
+from ntdist.fusion.dedup_choice import OVERFLOWS
+from ntdist.fusion.dedup_activations import CRITERIA
 from ntdist.fusion.graph import Plan, analyze
 from ntdist.fusion.importance import DEFAULT_IMPORTANCE, resolve
 from ntdist.fusion.norms import group_layer_norms
@@ -44,8 +46,9 @@ def concat(models: Sequence[nn.Module], weights: Optional[Sequence[float]] = Non
     return group_layer_norms(wide, len(models), plan.norm_parts) if plan.norms else wide
 
 
-def check_dedup(dedup: bool, threshold: float, order: str) -> None:
-    """UserError unless `dedup` is a bool, the threshold a cosine in (0, 1) and the order merge_prune."""
+def check_dedup(dedup: bool, threshold: float, order: str, overflow: str = "drop", criterion: str = "weights") -> None:
+    """UserError unless `dedup` is a bool, the threshold a cosine in (0, 1), the order merge_prune,
+    `overflow` one of OVERFLOWS and `criterion` one of CRITERIA."""
     if not isinstance(dedup, bool):
         raise UserError(f"dedup must be true or false (on | off), got {dedup!r}")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
@@ -53,27 +56,32 @@ def check_dedup(dedup: bool, threshold: float, order: str) -> None:
     if dedup and order != "merge_prune":
         raise UserError(f"dedup merges duplicates while selecting from all members at once; it needs "
                         f"order merge_prune, got {order!r}")
+    check_choice(overflow, OVERFLOWS, "dedup_overflow")
+    check_choice(criterion, CRITERIA, "dedup_criterion")
 
 
 def nt_step(models: Sequence[nn.Module], weights: Sequence[float], plan: Plan, ratio: float,
             reference: nn.Module, importance=DEFAULT_IMPORTANCE, order="merge_prune", dedup: bool = False,
             dedup_threshold: float = DEDUP_THRESHOLD, merged: Optional[dict] = None,
-            pruner: str = DEFAULT_PRUNER, example_inputs=None) -> nn.Module:
+            pruner: str = DEFAULT_PRUNER, dedup_overflow: str = "drop", dedup_criterion: str = "weights",
+            example_inputs=None) -> nn.Module:
     """Concatenate `models` and prune back to `ratio` x the reference width, in the given order.
 
-    With `dedup`, near-duplicate units are merged instead of taking slots (`fusion.dedup`).
+    With `dedup`, near-duplicate units are merged instead of taking slots (`fusion.dedup`); the
+    activation criterion compares the units' outputs on `example_inputs`.
     `pruner="torch_pruning"` builds the wide model and prunes it with Torch-Pruning (`tp_prune`).
     """
     w = normalized(weights)
     ref_sizes = plan.space_sizes(tensors_of(reference))
     want = targets(plan, ref_sizes, ratio)
     check_choice(order, ORDERS, "order")
-    check_dedup(dedup, dedup_threshold, order)
+    check_dedup(dedup, dedup_threshold, order, dedup_overflow, dedup_criterion)
     check_pruner(pruner, "nt", order, dedup, importance)
     if pruner != DEFAULT_PRUNER:
         return tp_nt_step(models, w, plan, want, reference, example_inputs)
     if dedup:
-        return dedup_fuse(models, plan, w, want, importance, dedup_threshold, merged)
+        return dedup_fuse(models, plan, w, want, importance, dedup_threshold, merged, dedup_overflow,
+                          dedup_criterion, example_inputs)
     if order == "merge_prune":
         keep = select(models, plan, importance, want, w)
         verify_finite(models, plan, importance, keep)
@@ -95,12 +103,14 @@ def fuse_pair(a: nn.Module, b: nn.Module, weight_a: float = 1.0, weight_b: float
               importance=DEFAULT_IMPORTANCE, order: str = "merge_prune", width: Optional[int] = None,
               keep_ratio: Optional[float] = None, example_inputs=None, reference: Optional[nn.Module] = None,
               plan: Optional[Plan] = None, dedup: bool = False, dedup_threshold: float = DEDUP_THRESHOLD,
-              merged: Optional[dict] = None, pruner: str = DEFAULT_PRUNER) -> nn.Module:
+              merged: Optional[dict] = None, pruner: str = DEFAULT_PRUNER, dedup_overflow: str = "drop",
+              dedup_criterion: str = "weights") -> nn.Module:
     """Fuse two models with NT; `weight_a`/`weight_b` are the leaf counts (or weights) each stands for.
 
     The result has `width` (or `keep_ratio` x) the width of `reference` (default
     `a`, which must then have the original width), capped at what the pair has.
-    `dedup`, `dedup_threshold`, `merged` and `pruner` are those of `fuse`.
+    `dedup`, `dedup_threshold`, `dedup_overflow`, `dedup_criterion`, `merged` and `pruner` are
+    those of `fuse`; the activation criterion runs the pair on `example_inputs`.
     """
     check_models([a, b], shapes=False, finite=False)
     wa, wb = check_weights([weight_a, weight_b], 2)
@@ -108,7 +118,7 @@ def fuse_pair(a: nn.Module, b: nn.Module, weight_a: float = 1.0, weight_b: float
     reference = reference if reference is not None else a
     ratio = ratio_of(plan, plan.space_sizes(tensors_of(reference)), float("inf"), width, keep_ratio)
     return nt_step([a, b], [wa, wb], plan, ratio, reference, importance, order, dedup, dedup_threshold, merged,
-                   pruner, example_inputs)
+                    pruner, dedup_overflow, dedup_criterion, example_inputs)
 
 
 def recursive_plan(k: int) -> List[List[Tuple[int, int, int, int]]]:
@@ -155,17 +165,22 @@ def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = "flat"
          order: str = "merge_prune", width: Optional[int] = None, keep_ratio: Optional[float] = None,
          example_inputs=None, weights: Optional[Sequence[float]] = None, dedup: bool = False,
          dedup_threshold: float = DEDUP_THRESHOLD, merged: Optional[dict] = None,
-         pruner: str = DEFAULT_PRUNER) -> nn.Module:
+         pruner: str = DEFAULT_PRUNER, dedup_overflow: str = "drop", dedup_criterion: str = "weights") -> nn.Module:
     """Fuse k models of one architecture into one (of the original width unless `width`/`keep_ratio`).
 
     `weights` are the members' output weights (default equal). For method
     'avg' and 'ot' the result always has the members' width, so `width`,
     `keep_ratio`, `importance`, `order` and the dedup arguments only apply to 'nt'.
     `dedup` merges a unit into a kept one when their incoming weights have cosine
-    similarity above `dedup_threshold` (see `ntdist.fusion.dedup`); `merged`, when
-    given, receives the number of merged units per layer, summed over the pairwise steps.
-    `pruner` is 'ntdist' (never builds the wide model) or 'torch_pruning' (the authors'
-    pipeline: concat, then Torch-Pruning's group L2 pruner; `ntdist.fusion.tp_prune`), NT only.
+    similarity above `dedup_threshold` (see `ntdist.fusion.dedup`); `dedup_overflow`
+    "merge" folds a unit that finds no free slot into its most similar kept unit
+    and "match" joins units of different members, most similar pair first, until the
+    classes fit the slots, instead of dropping them ("drop"); `dedup_criterion` "activations" compares the
+    units' outputs on `example_inputs` (a few hundred training inputs) instead of
+    their parameters; `merged`, when given, receives the number of merged units per
+    layer, summed over the pairwise steps. `pruner` is 'ntdist' (never builds the wide
+    model) or 'torch_pruning' (the authors' pipeline: concat, then Torch-Pruning's group
+    L2 pruner; `ntdist.fusion.tp_prune`), NT only.
     """
     from ntdist.fusion.baselines import average
     from ntdist.fusion.ot import ot_fuse
@@ -184,13 +199,14 @@ def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = "flat"
         return ot_fuse(models, w, plan=plan) if schedule == "flat" else _pairwise(
             models, w, schedule, lambda a, b, wa, wb: ot_fuse([a, b], [wa, wb], plan=plan))
     resolve(importance)
-    check_dedup(dedup, dedup_threshold, order)
+    check_dedup(dedup, dedup_threshold, order, dedup_overflow, dedup_criterion)
     plan = analyze(models[0], example_inputs)
     ratio = ratio_of(plan, plan.space_sizes(tensors_of(models[0])), len(models), width, keep_ratio)
     if schedule == "flat":
         return nt_step(models, w, plan, ratio, models[0], importance, order, dedup, dedup_threshold, merged,
-                       pruner, example_inputs)
+                        pruner, dedup_overflow, dedup_criterion, example_inputs)
     return _pairwise(models, w, schedule, lambda a, b, wa, wb: fuse_pair(
         a, b, wa, wb, importance=importance, order=order, width=width, keep_ratio=keep_ratio,
         example_inputs=example_inputs, reference=models[0], plan=plan, dedup=dedup,
-        dedup_threshold=dedup_threshold, merged=merged, pruner=pruner))
+        dedup_threshold=dedup_threshold, merged=merged, pruner=pruner, dedup_overflow=dedup_overflow,
+        dedup_criterion=dedup_criterion))

@@ -159,3 +159,40 @@ def test_a_seed_list_on_the_command_line_runs_a_sweep(tmp_path):
     summary = json.loads((out / "sweep.json").read_text())
     assert len(list(out.glob("*/results.json"))) == 2, sorted(p.name for p in out.iterdir())
     assert summary
+
+
+def test_fuse_with_dedup_returns_a_member_fused_with_its_copy(tmp_path, capsys):
+    from ntdist.cli import main
+    from ntdist.models import build_model
+    kwargs = {"input_dim": 16, "num_classes": 4, "width": 12}
+    torch.manual_seed(0)
+    member = build_model("mlp", kwargs).eval()
+    for name in ("a", "b"):
+        torch.save(member.state_dict(), tmp_path / f"{name}.pt")
+    inputs = [str(tmp_path / "a.pt"), str(tmp_path / "b.pt")]
+    args = ["fuse", "--model", "mlp", "--model-kwargs", json.dumps(kwargs), "--schedule", "flat", *inputs]
+    x = torch.randn(8, 16)
+    torch.save(torch.randn(64, 16), tmp_path / "inputs.pt")
+    by_outputs = ["--dedup", "--dedup-criterion", "activations", "--dedup-inputs", str(tmp_path / "inputs.pt")]
+    cases = [([], False), (["--dedup"], True), (["--dedup", "--dedup-threshold", "0.95", "--dedup-overflow", "merge"],
+                                                True), (by_outputs, True)]
+    for i, (flags, exact) in enumerate(cases):
+        out = tmp_path / f"fused{i}.safetensors"
+        assert main(args + flags + ["-o", str(out)]) == 0
+        fused, meta = load_model(str(out))
+        with torch.no_grad():
+            error = (fused(x) - member(x)).abs().max().item()
+        assert (error <= 1e-5) == exact, (flags, error)
+        assert meta["info"].get("dedup_threshold") == (None if not flags else 0.95 if "--dedup-threshold" in flags
+                                                        else 0.9)
+    assert meta["info"]["dedup_criterion"] == "activations"
+    capsys.readouterr()
+    for flags, message in ((["--dedup", "--dedup-threshold", "1.5"], "dedup_threshold must be a cosine similarity"),
+                           (["--dedup-threshold", "0.5"], "--dedup-threshold only applies with --dedup"),
+                           (["--dedup", "--method", "avg"], "--dedup belongs to NT"),
+                           (["--dedup", "--dedup-criterion", "activations"], "go together"),
+                           (by_outputs[:-1] + [str(tmp_path / "a.pt")], "must hold one floating-point tensor")):
+        assert main(args + flags + ["-o", str(tmp_path / "bad.safetensors")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "bad.safetensors").exists()

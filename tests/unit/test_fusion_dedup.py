@@ -4,7 +4,9 @@ Self-fusion (a member fused with exact copies of itself) returns the member's
 function at every k from 2 to 8 on an MLP, a BatchNorm CNN and a residual net;
 members with nothing above the threshold fuse exactly as plain NT; residual
 merges that the complete signatures do not back are undone; bad settings are
-one-line user errors.
+one-line user errors. The same self-fusion checks hold for the overflows "merge"
+and "match" and for the activation criterion; "match" of drifted aligned
+replicas is their weight average, "merge" drops nothing.
 
 Run: .venv/bin/python -m pytest tests/unit/test_fusion_dedup.py
 """
@@ -131,6 +133,111 @@ def test_aligned_near_copies_fuse_to_their_average_in_member_0s_unit_order(k):
         torch.testing.assert_close(fused[key], mean[key], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["mlp", "resnet18"])
+def test_overflow_merge_keeps_self_fusion_exact_and_drops_nothing(name):
+    model, x = member(name)
+    fused = fuse([copy.deepcopy(model) for _ in range(3)], example_inputs=x, dedup=True, dedup_overflow="merge")
+    assert max_error(fused, model, x) <= 1e-5
+    models = [member(name, seed)[0] for seed in range(2)]
+    dropped, merged = {}, {}
+    fuse(models, example_inputs=x, dedup=True, dedup_threshold=0.99, merged=dropped)
+    fused = fuse(models, example_inputs=x, dedup=True, dedup_threshold=0.99, dedup_overflow="merge", merged=merged)
+    assert set(dropped.values()) == {0}
+    if name == "mlp":       # nothing is a duplicate: every unit beyond the 12 slots is merged, none dropped
+        assert merged == {"net.1": 12, "net.3": 12, "net.5": 12}
+    else:                   # forced merges are not undone by the residual signature check
+        assert min(merged.values()) > 0
+    assert fused.state_dict().keys() == model.state_dict().keys()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_overflow_match_keeps_self_fusion_exact(name, k):
+    model, x = member(name)
+    fused = fuse([copy.deepcopy(model) for _ in range(k)], schedule="recursive" if k == 4 else "flat",
+                 example_inputs=x, dedup=True, dedup_overflow="match")
+    assert max_error(fused, model, x) <= 1e-5
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_overflow_match_of_aligned_replicas_is_their_average(k):
+    """Replicas that drifted apart (below the threshold) are still joined unit for unit: weight averaging."""
+    model, _ = member("mlp")
+    copies = [model]
+    for i in range(1, k):
+        torch.manual_seed(100 + i)
+        copies.append(copy.deepcopy(model))
+        with torch.no_grad():
+            for p in copies[-1].parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    fused = fuse(copies, schedule="flat", dedup=True, dedup_threshold=0.999, dedup_overflow="match").state_dict()
+    mean = average(copies).state_dict()
+    for key in mean:
+        torch.testing.assert_close(fused[key], mean[key], rtol=0, atol=1e-6)
+    drop = fuse(copies, schedule="flat", dedup=True, dedup_threshold=0.999).state_dict()
+    assert max((drop[key] - mean[key]).abs().max().item() for key in mean) > 0.01
+
+
+def test_overflow_merge_adds_outgoing_weights_and_averages_incoming():
+    torch.manual_seed(0)
+    a, b = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 2)), nn.Sequential(nn.Linear(3, 2), nn.ReLU(),
+                                                                                      nn.Linear(2, 2))
+    fused = fuse([a, b], dedup=True, dedup_threshold=0.999, dedup_overflow="merge")
+    rows = lambda m: torch.cat([m[0].weight, m[0].bias[:, None]], 1)
+    units = torch.cat([rows(a), rows(b)])
+    # the 2 fused units are the means of 2 classes that share all 4 units out between them
+    subsets = [[i for i in range(4) if mask >> i & 1] for mask in range(1, 16)]
+    found = [next(s for s in subsets if torch.allclose(units[s].mean(0), row, atol=1e-6)) for row in rows(fused)]
+    assert sorted(found[0] + found[1]) == [0, 1, 2, 3]
+    total = (a[2].weight.sum() + b[2].weight.sum()) / 2      # outgoing weights added, none lost
+    torch.testing.assert_close(fused[2].weight.sum(), total)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_activation_criterion_keeps_self_fusion_exact(name, k):
+    model, x = member(name)
+    batch = torch.randn(32, *x.shape[1:])
+    merged = {}
+    fused = fuse([copy.deepcopy(model) for _ in range(k)], schedule="recursive" if k == 4 else "flat",
+                 example_inputs=batch, dedup=True, dedup_criterion="activations", merged=merged)
+    assert max_error(fused, model, x) <= 1e-5
+    assert sum(merged.values()) > 0
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_activation_criterion_merges_nothing_between_diverse_members(name):
+    models = [member(name, seed)[0] for seed in range(2)]
+    batch = torch.randn(32, *member(name)[1].shape[1:])
+    merged = {}
+    on = fuse(models, example_inputs=batch, dedup=True, dedup_threshold=0.999, dedup_criterion="activations",
+              merged=merged)
+    off = fuse(models, example_inputs=batch)
+    assert set(merged.values()) == {0}
+    for (key, a), b in zip(on.state_dict().items(), off.state_dict().values()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6), key
+
+
+def test_activation_criterion_merges_a_unit_that_computes_the_same_with_other_weights():
+    """Units fed by a dead input (always zero after ReLU) compute the same whatever weight they give it:
+    the activations see twins that the weights miss."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
+    with torch.no_grad():
+        model[0].weight[0].zero_()
+        model[0].bias[0] = -1.0          # unit 0 of the first layer never fires
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin[2].weight[:, 0] = torch.randn(3) * 5    # its outgoing weights read a zero: no effect
+    x = torch.randn(64, 4)
+    by_weights, by_outputs = {}, {}
+    fuse([model, twin], example_inputs=x, dedup=True, dedup_threshold=0.99, merged=by_weights)
+    fused = fuse([model, twin], example_inputs=x, dedup=True, dedup_threshold=0.99,
+                 dedup_criterion="activations", merged=by_outputs)
+    assert by_weights["2"] < 3 and by_outputs == {"0": 3, "2": 3}
+    assert max_error(fused, model, x) <= 1e-5
+
+
 def test_residual_merge_without_matching_block_rows_is_undone():
     model, x = member("resnet18")
     twin = copy.deepcopy(model)
@@ -173,6 +280,20 @@ def test_bad_settings_are_user_errors():
         fuse(models, dedup=True, order="prune_merge")
     with pytest.raises(UserError, match="dedup must be true or false"):
         fuse(models, dedup="yes")
+    with pytest.raises(UserError, match="unknown dedup_overflow 'keep'"):
+        fuse(models, dedup=True, dedup_overflow="keep")
+    with pytest.raises(UserError, match="unknown fusion.dedup_overflow"):
+        FusionConfig(dedup=True, dedup_overflow="all")
+    with pytest.raises(UserError, match="unknown dedup_criterion 'outputs'"):
+        fuse(models, dedup=True, dedup_criterion="outputs")
+    with pytest.raises(UserError, match="compares units' outputs on example inputs"):
+        fuse(models, dedup=True, dedup_criterion="activations")
+    with pytest.raises(UserError, match="unknown fusion.dedup_criterion"):
+        FusionConfig(dedup=True, dedup_criterion="output")
+    with pytest.raises(UserError, match="fusion.dedup_samples must be at least 2"):
+        FusionConfig(dedup=True, dedup_samples=1)
+    assert FusionConfig(dedup=True, dedup_criterion="activations").example_count() == 256
+    assert FusionConfig(dedup_criterion="activations").example_count() == 2
     with pytest.raises(UserError, match="fusion.dedup_threshold must be in"):
         FusionConfig(dedup=True, dedup_threshold=1.0)
     with pytest.raises(UserError, match="needs fusion.order merge_prune"):
