@@ -39,7 +39,20 @@ def _norm(t: torch.Tensor, p: int) -> torch.Tensor:
     return torch.linalg.vector_norm(t, p, dim=tuple(range(1, t.dim())))
 
 
+_CHUNK = 1 << 20   # elements squared at a time when summing a transposed view
+
+
 def _sq(t: torch.Tensor) -> torch.Tensor:
+    """Squared L2 norm of each unit (dim 0) of `t`."""
+    if t.dim() > 1 and t.stride(0) < t.stride(1):
+        # A consumer's columns (a transposed weight): a norm over the strided dimension runs about 20x
+        # slower on a CPU than summing squares over contiguous blocks of the weight's rows.
+        step = max(1, _CHUNK // max(1, t.numel() // t.shape[1]))
+        total = torch.zeros(t.shape[0], dtype=t.dtype, device=t.device)
+        for start in range(0, t.shape[1], step):
+            block = t[:, start:start + step]
+            total += block.square().sum(dim=tuple(range(1, block.dim())))
+        return total
     return _norm(t, 2).square()
 
 

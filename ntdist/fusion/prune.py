@@ -20,7 +20,7 @@ from ntdist.errors import UserError
 from ntdist.fusion.assemble import assemble, tensors_of
 from ntdist.fusion.checks import check_finite
 from ntdist.fusion.graph import Plan, analyze
-from ntdist.fusion.importance import DEFAULT_IMPORTANCE, l1, l2, resolve, space_views
+from ntdist.fusion.importance import DEFAULT_IMPORTANCE, group_l2, l1, l2, resolve, space_views
 
 
 def ratio_of(plan: Plan, ref_sizes: Dict[int, int], k: float, width=None, keep_ratio=None) -> float:
@@ -112,15 +112,22 @@ def verify_finite(models, plan: Plan, importance, keep) -> None:
     """Check the members are finite, skipping what `select` already checked through finite scores.
 
     l2 and l1 scores read every weight and bias of the layers producing a pruned
-    space, so a NaN or inf there already made `select` fail; everything else is checked here.
+    space, group_l2 every weight producing or consuming one, so a NaN or inf there
+    already made `select` fail; everything else is checked here.
     """
     skip = set()
-    if resolve(importance) in (l1, l2):
-        for name, spec in plan.tensors.items():
-            first = spec.dims[0] if spec.dims else None
-            if spec.part in ("weight", "bias") and first is not None and all(
-                    keep.get(d.space) is not None for d in first):
-                skip.add(name)
+    fn = resolve(importance)
+
+    def pruned(dims) -> bool:
+        return dims is not None and all(keep.get(d.space) is not None for d in dims)
+
+    for name, spec in plan.tensors.items():
+        first = spec.dims[0] if spec.dims else None
+        second = spec.dims[1] if spec.dims and len(spec.dims) > 1 else None
+        if fn in (l1, l2) and spec.part in ("weight", "bias") and pruned(first):
+            skip.add(name)
+        elif fn is group_l2 and spec.part == "weight" and (pruned(first) or pruned(second)):
+            skip.add(name)
     check_finite(models, skip)
 
 

@@ -160,3 +160,14 @@ def test_batchnorm_and_residual_spaces_prune_together():
     full = fuse(models, schedule="iterative")
     back.load_state_dict(full.state_dict(), strict=True)
     assert torch.isfinite(back.eval()(torch.randn(2, 3, 8, 8))).all()
+
+
+@pytest.mark.parametrize("importance", ["l1", "l2", "group_l2"])
+@pytest.mark.parametrize("index", [1, 3, 5])   # a first layer, a hidden layer, the output layer
+@pytest.mark.parametrize("part", ["weight", "bias"])
+def test_a_non_finite_value_anywhere_is_named_whatever_the_importance(importance, index, part):
+    # the finiteness check skips what the importance already read: nothing may slip through
+    bad = mlps(2)
+    getattr(bad[1].net[index], part).data.view(-1)[0] = float("inf")
+    with pytest.raises(UserError, match=rf"model 1.*inf.*net\.{index}\.{part}"):
+        fuse(bad, importance=importance)
