@@ -6,8 +6,11 @@ pruned by whole groups (ResNeXt, RegNet), attention heads as units with a class
 token, position embedding and LayerNorms (ViT), stochastic depth and squeeze-excitation
 (EfficientNet v1 and v2 blocks), channels-last blocks with LayerNorm and layer
 scale (ConvNeXt, whose concatenation normalises each member's block on its own), and SqueezeNet, whose ReLU after the output
-layer makes concatenation impossible but not NT. Members are narrow where the
-builder allows it, inputs small, BatchNorm statistics random.
+layer makes concatenation impossible but not NT; depthwise convolutions with
+hardswish and squeeze-excitation (MobileNet v2 and v3, MNASNet). Members are narrow where the
+builder allows it, inputs small, BatchNorm statistics random. VGG11 and torchvision's
+ResNet-18 are in `test_fusion_concat.py`, Swin and MaxViT in `test_fusion_swin.py`; AlexNet and
+Wide ResNet have no narrow builder and are measured at full size by `benchmarks/zoo.py`.
 
 Run: .venv/bin/python -m pytest tests/unit/test_fusion_zoo.py
 """
@@ -18,8 +21,8 @@ from functools import partial
 
 import pytest
 import torch
-from torchvision.models import (ConvNeXt, DenseNet, EfficientNet, GoogLeNet, Inception3, RegNet, ResNet,
-                                ShuffleNetV2, SqueezeNet, VisionTransformer)
+from torchvision.models import (MNASNet, ConvNeXt, DenseNet, EfficientNet, GoogLeNet, Inception3, MobileNetV2,  # noqa: I001
+                                RegNet, ResNet, ShuffleNetV2, SqueezeNet, VisionTransformer, mobilenet_v3_small)
 from torchvision.models.convnext import CNBlockConfig
 from torchvision.models.efficientnet import FusedMBConvConfig, MBConvConfig
 from torchvision.models.regnet import BlockParams
@@ -67,6 +70,9 @@ FAMILIES = {
     "resnext": (partial(ResNet, Bottleneck, [1, 1, 1, 1], groups=4, width_per_group=4,
                         num_classes=5), 32),
     "regnet": (_regnet, 32),
+    "mobilenet_v2": (partial(MobileNetV2, num_classes=5, width_mult=0.25), 32),
+    "mobilenet_v3": (partial(mobilenet_v3_small, num_classes=5, width_mult=0.25), 32),   # hardswish, squeeze-excitation
+    "mnasnet": (partial(MNASNet, 0.25, num_classes=5), 32),
     "efficientnet": (_efficientnet, 32),
     # odd branch widths (6, 10, 14): the chunks after each shuffle split the routed channels unevenly
     "shufflenet": (partial(ShuffleNetV2, [2, 3, 2], [8, 12, 20, 28, 16], num_classes=5), 32),
