@@ -154,7 +154,7 @@ def train_epoch(model, loader, optimizer, device, loss_fn: Optional[Callable] = 
             logits = model(x)
             loss = loss_fn(logits, x, y) if loss_fn else F.cross_entropy(logits, y)
         precision.backward_step(loss, optimizer, engine)
-        total += loss.detach().double() * len(y)
+        total.add_(loss.detach(), alpha=len(y))   # one op: the float32 loss is summed in float64
         count += len(y)
         if shown:
             bar.set_postfix(loss=f"{loss.item():.4f}")
