@@ -22,7 +22,8 @@ in its own process with a time limit; a model whose k members,
 wide model and fused model would need more than `--max-gib` is analysed but not
 measured. Every row is printed as a JSON line; `--resume LOG` reuses the rows of
 such a log and runs only the models it lacks, and `--analyse-only` runs only the
-(meta-device) analysis for them. Re-run whenever torchvision is upgraded.
+(meta-device) analysis for them. Re-run whenever torchvision is upgraded; the k = 3 table is
+`--k 3 --out docs/ZOO_k3.md`.
 """
 
 import argparse
