@@ -35,7 +35,8 @@ class Engine:
     def step(self) -> None:
         self.optimizer.step()
 
-    def loop_precision(self, precision: str) -> str:
+    @staticmethod
+    def loop_precision(precision: str) -> str:
         """The precision the training loop applies itself (autocast, grad scaler) for `finetune.precision`."""
         return precision
 
@@ -94,7 +95,8 @@ class DeepSpeedEngine(Engine):
             model.register_forward_pre_hook(lambda module, args: _cast_floats(args, _dtype_of(module)))
             model.register_forward_hook(lambda module, args, out: _cast_floats(out, torch.float32))
 
-    def loop_precision(self, precision: str) -> str:
+    @staticmethod
+    def loop_precision(precision: str) -> str:
         return "fp32"   # DeepSpeed's own bf16/fp16: no autocast or grad scaler on top
 
     def zero_grad(self):

@@ -139,14 +139,14 @@ def finetune(r: "Run", model: torch.nn.Module, label: str, seed: int,
     torch.manual_seed(seed)
     # ZeRO shards the optimizer state: with deepspeed a resumed run restarts this stage instead
     state_path = None if cfg.engine == "deepspeed" else r.rundir.checkpoint(f"finetune_{label}.state")
+    precision = Precision(ENGINES[cfg.engine].loop_precision(cfg.precision), world.device)
     epochs = ResumableEpochs(f"fine-tuning ({label})", cfg.epochs, model, optimizer, scheduler, r.spec, state_path,
-                             world.is_main, r.resume, cfg.checkpoint_every_steps)
+                             world.is_main, r.resume, cfg.checkpoint_every_steps, precision.scaler)
     engine = make_engine(cfg, model, optimizer, world, r.cfg.data.batch_size)
     loader = train_batches(r.splits.train, r.cfg.data.batch_size, seed, world.size, world.rank,
                            **feed(r.cfg.data, world.device))
     loss_fn = distill_loss_fn(teacher.to(world.device), cfg) if teacher is not None else None
     model_for_steps = torch.compile(engine.model) if cfg.compile else engine.model
-    precision = Precision(engine.loop_precision(cfg.precision), world.device)
 
     def one_epoch(epoch: int, position: EpochPosition) -> dict:
         start = time.perf_counter()

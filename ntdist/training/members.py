@@ -116,15 +116,15 @@ def train_member(r: "Run", index: int, group=None) -> Tuple[torch.nn.Module, Lis
     scheduler = make_scheduler(optimizer, cfg.train)
     group_size = r.layout.group_size
     group_rank = world.rank % group_size
+    precision = Precision(cfg.train.precision, world.device)
     epochs = ResumableEpochs(f"training of member {index}", cfg.train.epochs, model, optimizer, scheduler, r.spec,
                              r.rundir.checkpoint(f"member{index}.state"), group_rank == 0, r.resume,
-                             cfg.train.checkpoint_every_steps)
+                             cfg.train.checkpoint_every_steps, precision.scaler)
     # CPU ranks keep per-rank BatchNorm statistics: torch cannot synchronise them there (docs/PERFORMANCE.md)
     synced = group_size > 1 and world.device.type == "cuda"
     restore = use_sync_batchnorm(model, group) if synced else (lambda: None)
     wrapped = DistributedDataParallel(model, process_group=group) if group_size > 1 else model
     wrapped = torch.compile(wrapped) if cfg.train.compile else wrapped
-    precision = Precision(cfg.train.precision, world.device)
     loader = train_batches(r.splits.train, cfg.data.batch_size, seed, group_size, group_rank,
                            **feed(cfg.data, world.device))
     val = eval_batches(r.splits.val, cfg.data.eval_batch_size, **feed(cfg.data, world.device))

@@ -21,7 +21,8 @@ class ResumableEpochs:
     """Epochs 1..`epochs` of one model, resumable after any of them and, with `every_steps`, inside them.
 
     Construct it before wrapping the model (DDP, an engine): with `resume` and an
-    existing state file the model, optimizer, scheduler and RNG are restored here.
+    existing state file the model, optimizer, scheduler, RNG and the fp16 grad
+    `scaler` (when given) are restored here.
     `run(one_epoch, should_stop, loader, reduce)` positions `loader` (`set_epoch`)
     and calls `one_epoch(epoch, position) -> record` for each remaining epoch, which
     passes `position` on to `train_epoch`. The state is written after each epoch (when
@@ -32,13 +33,13 @@ class ResumableEpochs:
     """
 
     def __init__(self, what: str, epochs: int, model, optimizer, scheduler, spec, state_path: Optional[str],
-                 writer: bool, resume: bool, every_steps: int = 0):
-        self.what, self.epochs, self.spec, self.every_steps = what, epochs, spec, every_steps
+                 writer: bool, resume: bool, every_steps: int = 0, scaler=None):
+        self.what, self.epochs, self.spec, self.every_steps, self.scaler = what, epochs, spec, every_steps, scaler
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.state_path = state_path if writer else None
         self.start, self.history, self.resumed = 1, [], None
         if resume and state_path and os.path.exists(state_path):
-            done, self.history, self.resumed = load_state(state_path, model, optimizer, scheduler, epochs)
+            done, self.history, self.resumed = load_state(state_path, model, optimizer, scheduler, epochs, scaler)
             self.start = done + 1
 
     def run(self, one_epoch: Callable[[int, EpochPosition], dict], should_stop: Callable[[], bool],
@@ -81,7 +82,7 @@ class ResumableEpochs:
                 where = {"epoch": epoch, "step": position.step, "loss_sums": shared[:-1].tolist(),
                          "count": position.count, "batch_size": loader.batch_size, "replicas": loader.num_replicas}
                 save_state(self.state_path, self.model, self.spec, self.optimizer, self.scheduler, epoch - 1,
-                           self.history, where, loader.order())
+                           self.history, where, loader.order(), self.scaler)
             if shared[-1] > 0:
                 raise Preempted(f"preempted during {self.what} at batch {position.step} of epoch {epoch}; "
                                 "the state is saved: rerun the same command with --resume")
@@ -91,7 +92,8 @@ class ResumableEpochs:
         """Add the epoch's record to the history and write the state (model, optimizer, scheduler as they are)."""
         self.history.append(record)
         if self.state_path:
-            save_state(self.state_path, self.model, self.spec, self.optimizer, self.scheduler, epoch, self.history)
+            save_state(self.state_path, self.model, self.spec, self.optimizer, self.scheduler, epoch, self.history,
+                       scaler=self.scaler)
 
 
 def stop_if_requested(what: str, epoch: int, epochs: int, should_stop: Callable[[], bool]) -> None:

@@ -2,14 +2,15 @@
 
 A state file is a safetensors checkpoint holding the model, the optimizer's
 buffers, the torch RNG states (the CPU one and, where CUDA is available, every
-GPU's), and in its JSON metadata the epochs done, the scheduler state and the
-history so far. A state written inside an epoch also holds its `position`: the
-epoch, the batches done, their loss sum and sample count, the batch size and
-rank count, and (as a tensor) the epoch's data order, which a resume checks
-before it continues with the next batch. Restoring a state and replaying the
-rest gives the same weights, bit for bit, as a run that was never interrupted
-(on a GPU only with `train.deterministic`, see docs/PERFORMANCE.md), because
-the data order depends only on the seed and the epoch.
+GPU's), and in its JSON metadata the epochs done, the scheduler state, the fp16
+grad scaler's state (loss scale and growth tracker) and the history so far. A
+state written inside an epoch also holds its `position`: the epoch, the batches
+done, their loss sum and sample count, the batch size and rank count, and (as a
+tensor) the epoch's data order, which a resume checks before it continues with
+the next batch. Restoring a state and replaying the rest gives the same weights,
+bit for bit, as a run that was never interrupted (on a GPU only with
+`train.deterministic`, see docs/PERFORMANCE.md), because the data order depends
+only on the seed and the epoch.
 """
 
 import os
@@ -23,9 +24,9 @@ from ntdist.records.checkpoint import read_checkpoint, save_checkpoint
 
 
 def save_state(path: str, model, spec: ModelSpec, optimizer, scheduler, epoch: int, history: List[dict],
-               position: Optional[dict] = None, order: Optional[torch.Tensor] = None) -> None:
+               position: Optional[dict] = None, order: Optional[torch.Tensor] = None, scaler=None) -> None:
     """Atomically write everything needed to continue after `epoch`, or inside epoch `epoch + 1` at `position`
-    (a JSON-able dict, see the module docstring) with that epoch's data `order`."""
+    (a JSON-able dict, see the module docstring) with that epoch's data `order`; `scaler`: the fp16 grad scaler."""
     extra = {"rng": torch.get_rng_state()}
     if torch.cuda.is_available():
         extra.update({f"cuda_rng.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
@@ -41,11 +42,15 @@ def save_state(path: str, model, spec: ModelSpec, optimizer, scheduler, epoch: i
             "scheduler": _jsonable(scheduler.state_dict())}
     if position is not None:
         info["position"] = position
+    if scaler is not None:
+        info["scaler"] = scaler.state_dict()
     save_checkpoint(path, model, spec, info=info, extra=extra)
 
 
-def load_state(path: str, model, optimizer, scheduler, epochs: int) -> Tuple[int, List[dict], Optional[dict]]:
-    """Restore a state file of a stage of `epochs` epochs into `model`, `optimizer` and `scheduler`.
+def load_state(path: str, model, optimizer, scheduler, epochs: int,
+               scaler=None) -> Tuple[int, List[dict], Optional[dict]]:
+    """Restore a state file of a stage of `epochs` epochs into `model`, `optimizer`, `scheduler` and the fp16
+    grad `scaler` when given (a file written without one leaves it at its initial scale).
 
     Returns (epoch, history, position): `position` is None for a state written at an epoch end, else the
     dict `save_state` was given with its data order under "order". The file's metadata is checked like
@@ -74,6 +79,8 @@ def load_state(path: str, model, optimizer, scheduler, epochs: int) -> Tuple[int
             group.update(saved)
         optimizer.load_state_dict({"state": buffers, "param_groups": groups})
         scheduler.load_state_dict(info["scheduler"])
+        if scaler is not None and "scaler" in info:
+            scaler.load_state_dict(info["scaler"])
         torch.set_rng_state(extra["rng"])
         _restore_cuda_rng(extra)
         position = info.get("position")

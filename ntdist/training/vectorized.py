@@ -51,6 +51,8 @@ def why_not(r: "Run", models: List[nn.Module], batches: list) -> Optional[str]:
         return "train.checkpoint_every_steps is set (vectorised training writes its states at epoch ends only)"
     if r.cfg.train.channels_last:
         return "train.channels_last is on (stacked weights keep the default memory format)"
+    if r.cfg.train.precision == "fp16":
+        return "train.precision is fp16 (each member needs a grad scaler of its own, which skips only its steps)"
     if any(isinstance(m, RANDOM_MODULES) and m.p > 0 for m in models[0].modules()):
         return "the model uses dropout, whose random draws a vectorised model cannot reproduce per member"
     params = sum(p.numel() for p in models[0].parameters())

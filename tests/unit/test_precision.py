@@ -56,3 +56,13 @@ def test_a_deepspeed_config_that_enables_another_precision_is_refused(tmp_path):
         load_config(None, ["finetune.engine=deepspeed", f"finetune.deepspeed_config={ds}"])
     cfg = load_config(None, ["finetune.engine=deepspeed", f"finetune.deepspeed_config={ds}", "finetune.precision=bf16"])
     assert cfg.finetune.precision == "bf16"
+
+
+def test_fp16_members_train_one_after_another_each_with_its_own_scaler(tmp_path, capsys):
+    run = make_run(tmp_path / "on", *QUICK, "train.epochs=1", "train.precision=fp16", "train.vectorize=on")
+    together = train_members(run, [0, 1], {})
+    assert "one after another: train.precision is fp16" in capsys.readouterr().err
+    alone = make_run(tmp_path / "alone", *QUICK, "train.epochs=1", "train.precision=fp16")
+    model = train_member(alone, 1)[0]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, together[1][0].state_dict()[key]), key

@@ -107,3 +107,20 @@ def test_batches_start_at_a_step_in_the_same_order(tmp_path):
         assert len(batches) == len(full) and len(full) > 6
         assert all(torch.equal(a, b) for a, b in zip(full[5:], [y for _, y in batches], strict=True))
         assert sorted(batches.order().tolist()) == list(range(len(run.splits.train)))
+
+
+def test_fp16_resume_keeps_the_grad_scalers_state(tmp_path, monkeypatch):
+    fp16 = [*ARGS, "train.precision=fp16"]
+    whole_run = make_run(tmp_path / "whole", *fp16)
+    whole, _ = members.train_member(whole_run, 0)
+    cut = make_run(tmp_path / "cut", *fp16)
+    _preempted_in_epoch_1(cut, monkeypatch, forward=6, batch=8)
+    assert _state(cut)[0]["scaler"]["_growth_tracker"] == 8   # 8 steps without an overflow
+    cut.rundir.release()
+    resumed_run = make_run(tmp_path / "cut", *fp16, resume=True)
+    resumed, _ = members.train_member(resumed_run, 0)
+    steps = 2 * len(train_batches(whole_run.splits.train, 16, 0))
+    scaler_a, scaler_b = _state(whole_run)[0]["scaler"], _state(resumed_run)[0]["scaler"]
+    assert scaler_a["_growth_tracker"] == steps and scaler_b == scaler_a   # a restarted scaler would count steps - 8
+    for key, value in whole.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
