@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from ntdist.data import DataConfig, load_splits
 from ntdist.fusion import fuse
-from ntdist.fusion.dedup_activations import CRITERIA
-from ntdist.fusion.dedup_choice import OVERFLOWS
+from ntdist.fusion.dedup.activations import CRITERIA
+from ntdist.fusion.dedup.choice import OVERFLOWS
 from ntdist.records.stats import paired
 from ntdist.models import build_model
 from tiny_training import accuracy, sgd, train

@@ -5,7 +5,7 @@
 Width-32 MLPs (64-32-32-10) on random digits-shaped data, SGD with momentum, 1 torch thread.
 `before`: k index gathers and a stack, cross-entropy inside vmap, functional_call re-tying weights.
 `now`: one gather over [k, B] indices, one cross-entropy over the k*B logits, no re-tying (as
-`ntdist.training.vectorized`). Both sides alternate, so they see the same background load; prints the
+`ntdist.stages.vectorized`). Both sides alternate, so they see the same background load; prints the
 median milliseconds per step of each, their ratio and the load average.
 """
 

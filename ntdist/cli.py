@@ -24,9 +24,9 @@ from ntdist.config import describe_keys  # noqa: E402
 from ntdist.errors import EXIT_FAILURE, NtdistError  # noqa: E402
 from ntdist.fusion import (DEFAULT_IMPORTANCE, DEFAULT_PRUNER, IMPORTANCES, METHODS, ORDERS, PRUNERS,  # noqa: E402
                            SCHEDULES)
-from ntdist.fusion.dedup import DEDUP_THRESHOLD  # noqa: E402
-from ntdist.fusion.dedup_choice import OVERFLOWS  # noqa: E402
-from ntdist.fusion.dedup_activations import CRITERIA  # noqa: E402
+from ntdist.fusion.dedup.merge import DEDUP_THRESHOLD  # noqa: E402
+from ntdist.fusion.dedup.choice import OVERFLOWS  # noqa: E402
+from ntdist.fusion.dedup.activations import CRITERIA  # noqa: E402
 
 RUN_EPILOG = """Overrides are dotted keys, e.g.:
   ntdist run configs/quickstart.yaml train.epochs=5 fusion.methods=[nt,avg] model.kwargs.width=64

@@ -29,9 +29,7 @@ from ntdist.fusion.config import FusionConfig
 from ntdist.models import ModelConfig
 from ntdist.options import opt
 from ntdist.records.trackers import TRACKERS, check_trackers
-from ntdist.training.finetune import FinetuneConfig
-from ntdist.training.members import TrainConfig
-from ntdist.training.sync import SyncConfig
+from ntdist.training.config import FinetuneConfig, SyncConfig, TrainConfig
 
 MODES = ("fuse", "sync")
 

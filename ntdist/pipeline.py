@@ -11,66 +11,31 @@ import copy
 import os
 import sys
 import time
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from ntdist.config import Config, to_yaml
-from ntdist.data import Splits, load_splits
 from ntdist.distributed.comm import (all_gather_records, broadcast_model, destroy_groups, new_groups,
                                      sum_counts)
 from ntdist.distributed.diagnostics import duplicate_units_across_ranks
-from ntdist.distributed.layout import MemberLayout
 from ntdist.distributed.tree import fusion_device, gather_fuse, ot_reduce, reduce_average, tree_fuse
 from ntdist.distributed.world import World, gather_world_info
 from ntdist.errors import UserError
 from ntdist.fusion import reestimate_bn
 from ntdist.fusion.diversity import summarize
-from ntdist.models import ModelSpec
-from ntdist.models.weights import initial_state
 from ntdist.records.checkpoint import load_model, save_checkpoint
 from ntdist.records.files import remove_if_present
 from ntdist.records.results import RESULTS_FILE, ControlResult, MethodResult, RunResults
 from ntdist.records.rundir import RunDir
-from ntdist.training.finetune import distill_teacher, evaluate_splits, finetune
+from ntdist.stages.context import Run, make_run
+from ntdist.stages.finetune import distill_teacher, evaluate_splits, finetune
+from ntdist.stages.members import train_members
+from ntdist.stages.sync import run_sync
 from ntdist.training.batches import eval_batches, feed, train_batches
+from ntdist.training.config import CONTROL_SEED, FUSED_SEED, run_seed
 from ntdist.training.loop import labels_of, predict, set_deterministic
-from ntdist.training.members import CONTROL_SEED, FUSED_SEED, build_member, run_seed, train_members
 from ntdist.training.state import finished_history
-from ntdist.training.sync import run_sync
-
-@dataclass(frozen=True)
-class Run:
-    """The constants of one run, handed to every stage."""
-
-    cfg: Config
-    world: World
-    layout: MemberLayout
-    splits: Splits
-    spec: ModelSpec
-    rundir: RunDir
-    resume: bool = False
-    initial: Optional[Dict[str, torch.Tensor]] = None   # model.weights, loaded into every member
-
-    def template(self) -> torch.nn.Module:
-        """A model of the members' architecture whose weights are about to be overwritten."""
-        return self.spec.build()
-
-    def example_inputs(self) -> torch.Tensor:
-        """The first training inputs: two to trace shapes, more for NT dedup's activation criterion."""
-        train = self.splits.train
-        return torch.stack([train[i][0] for i in range(min(self.cfg.fusion.example_count(), len(train)))])
-
-
-def make_run(cfg: Config, world: World, resume: bool = False) -> Run:
-    """Load the data and check the model: everything that can fail on bad input, before any file is written."""
-    splits = load_splits(cfg.data)
-    spec = ModelSpec.for_data(cfg.model, splits.in_shape, splits.num_classes)
-    initial = initial_state(cfg.model.name, cfg.model.weights)
-    build_member(spec, 0, initial, cfg.model.reinit)   # the model builds and the weights fit
-    return Run(cfg, world, MemberLayout(cfg.fusion.k, world.size), splits, spec,
-               RunDir(cfg.output.dir, world.is_main, cfg.output.trackers), resume, initial)
 
 
 def run(cfg: Config, world: World, resume: bool = False, overwrite: bool = False):

@@ -75,7 +75,7 @@ def make_run(out_dir, *overrides, world=None, resume=False):
     until `run.rundir.release()`)."""
     from ntdist.config import load_config
     from ntdist.distributed.world import World
-    from ntdist.pipeline import make_run as make
+    from ntdist.stages.context import make_run as make
 
     cfg = load_config(None, [f"output.dir={out_dir}", *overrides])
     run = make(cfg, world or World(), resume)

@@ -25,7 +25,7 @@ import torch
 
 from ntdist.errors import UserError
 from ntdist.fusion.baselines import average
-from ntdist.fusion.schedule import fuse
+from ntdist.fusion.nt import fuse
 from ntdist.models import build_model
 from ntdist.records.files import atomic_write_text
 

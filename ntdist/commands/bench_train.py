@@ -36,7 +36,9 @@ from ntdist.distributed.world import World
 from ntdist.errors import UserError
 from ntdist.training.batches import feed, resident, train_batches
 from ntdist.training.loop import make_optimizer, train_epoch
-from ntdist.training.members import build_member, member_seed, train_members
+from ntdist.models.weights import build_member
+from ntdist.stages.members import train_members
+from ntdist.training.config import member_seed
 
 WORKLOADS = {   # name -> config overrides
     "mlp-digits": ["data.name=digits", "model.name=mlp", "model.kwargs.width=32"],
@@ -81,7 +83,7 @@ def _epoch_loop(r, k: int, epochs: int) -> None:
 
 
 def _make_run(workload: str, k: int, batch: int, epochs: int, vectorize: str, out: str, extra=()):
-    from ntdist.pipeline import make_run
+    from ntdist.stages.context import make_run
 
     cfg = load_config(None, WORKLOADS[workload] + [f"fusion.k={max(k, 2)}", f"data.batch_size={batch}",
                                                   f"train.epochs={epochs}", f"train.vectorize={vectorize}",

@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 
 from ntdist.errors import UserError
 from ntdist.fusion import DEFAULT_IMPORTANCE, DEFAULT_PRUNER, fuse
-from ntdist.fusion.dedup import DEDUP_THRESHOLD
+from ntdist.fusion.dedup.merge import DEDUP_THRESHOLD
 from ntdist.models import ModelSpec
 from ntdist.models.weights import read_state_dict
 from ntdist.records.checkpoint import load_model, save_checkpoint

@@ -19,9 +19,9 @@ import torch.distributed as dist
 from ntdist.distributed.comm import broadcast_model, gather_models, meta_template, recv_model, send_model
 from ntdist.distributed.world import World, guarded
 from ntdist.fusion import average, fuse, fuse_pair
-from ntdist.fusion.assemble import clone_with, tensors_of
+from ntdist.fusion.wide.assemble import clone_with, tensors_of
 from ntdist.fusion.checks import check_models
-from ntdist.fusion.graph import analyze
+from ntdist.fusion.analysis.graph import analyze
 from ntdist.fusion.ot import align
 from ntdist.fusion.schedule import recursive_plan
 

@@ -8,13 +8,13 @@ schedule="recursive")` bit for bit. This package never uses torch.distributed.
 
 from ntdist.fusion.baselines import Ensemble, average, distillation_loss, reestimate_bn
 from ntdist.fusion.config import FusionConfig
-from ntdist.fusion.graph import Plan, analyze
-from ntdist.fusion.importance import DEFAULT_IMPORTANCE, IMPORTANCES, SpaceView, group_l2, l1, l2
+from ntdist.fusion.analysis.graph import Plan, analyze
+from ntdist.fusion.pruning.importance import DEFAULT_IMPORTANCE, IMPORTANCES, SpaceView, group_l2, l1, l2
 from ntdist.fusion.ot import ot_fuse
-from ntdist.fusion.prune import prune
-from ntdist.fusion.schedule import (METHODS, ORDERS, SCHEDULES, concat, fuse, fuse_pair, recursive_pairs,
-                                    recursive_plan)
-from ntdist.fusion.tp_prune import DEFAULT_PRUNER, PRUNERS
+from ntdist.fusion.pruning.select import prune
+from ntdist.fusion.nt import METHODS, ORDERS, concat, fuse, fuse_pair
+from ntdist.fusion.schedule import SCHEDULES, recursive_pairs, recursive_plan
+from ntdist.fusion.pruning.torch_pruning import DEFAULT_PRUNER, PRUNERS
 
 __all__ = ["concat", "fuse", "fuse_pair", "recursive_pairs", "recursive_plan", "prune", "average", "ot_fuse",
            "Ensemble", "distillation_loss", "reestimate_bn", "FusionConfig", "IMPORTANCES", "SpaceView",

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ntdist.fusion.assemble import clone_with, tensors_of
+from ntdist.fusion.wide.assemble import clone_with, tensors_of
 from ntdist.fusion.checks import check_models, check_weights, normalized
 
 

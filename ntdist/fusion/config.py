@@ -4,12 +4,13 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from ntdist.errors import UserError, check_choice
-from ntdist.fusion.dedup import DEDUP_THRESHOLD
-from ntdist.fusion.dedup_choice import OVERFLOWS
-from ntdist.fusion.dedup_activations import CRITERIA
-from ntdist.fusion.importance import DEFAULT_IMPORTANCE, IMPORTANCES
-from ntdist.fusion.schedule import METHODS, ORDERS, SCHEDULES
-from ntdist.fusion.tp_prune import DEFAULT_PRUNER, PRUNERS, check_pruner
+from ntdist.fusion.dedup.merge import DEDUP_THRESHOLD
+from ntdist.fusion.dedup.choice import OVERFLOWS
+from ntdist.fusion.dedup.activations import CRITERIA
+from ntdist.fusion.pruning.importance import DEFAULT_IMPORTANCE, IMPORTANCES
+from ntdist.fusion.nt import METHODS, ORDERS
+from ntdist.fusion.schedule import SCHEDULES
+from ntdist.fusion.pruning.torch_pruning import DEFAULT_PRUNER, PRUNERS, check_pruner
 from ntdist.options import opt
 
 

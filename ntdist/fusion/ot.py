@@ -16,11 +16,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ntdist.fusion.assemble import clone_with, tensors_of
+from ntdist.fusion.wide.assemble import clone_with, tensors_of
 from ntdist.fusion.baselines import average
 from ntdist.fusion.checks import check_models, check_weights
-from ntdist.fusion.graph import Plan, analyze
-from ntdist.fusion.plan import parts_of
+from ntdist.fusion.analysis.graph import Plan, analyze
+from ntdist.fusion.analysis.plan import parts_of
 
 
 class _Transport:

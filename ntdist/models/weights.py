@@ -9,12 +9,15 @@ The modules in `model.reinit` keep their fresh (per-member seeded) initialisatio
 """
 
 import os
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 from urllib.parse import urlparse
 
 import torch
 
 from ntdist.errors import UserError, suggest
+
+if TYPE_CHECKING:   # models/__init__ defines the spec beside the registry
+    from ntdist.models import ModelSpec
 
 FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
@@ -104,3 +107,12 @@ def load_initial(model: torch.nn.Module, state: Dict[str, torch.Tensor], reinit:
                             f"{list(own[key].shape)}; a new head? add '{module}' to model.reinit")
     model.load_state_dict(given, strict=False)
     return model
+
+
+def build_member(spec: "ModelSpec", seed: int, initial: Optional[Dict[str, torch.Tensor]] = None,
+                 reinit: Sequence[str] = ()) -> torch.nn.Module:
+    """A freshly initialised member (the seed fixes the initialisation), loaded from `initial` when given,
+    except for the modules in `reinit`, which keep their seeded fresh weights."""
+    torch.manual_seed(seed)
+    model = spec.build()
+    return model if initial is None else load_initial(model, initial, list(reinit))

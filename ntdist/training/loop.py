@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ntdist.errors import UserError, check_choice
 from ntdist.options import opt
 
-SCHEDULES = {   # name -> epoch-wise LR scheduler (stepped once per epoch)
+LR_SCHEDULES = {   # name -> epoch-wise LR scheduler (stepped once per epoch)
     "none": lambda optimizer, cfg, epochs: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0),
     "step": lambda optimizer, cfg, epochs: torch.optim.lr_scheduler.StepLR(
         optimizer, step_size=max(1, cfg.step_size), gamma=cfg.gamma),
@@ -72,7 +72,7 @@ class OptimConfig:
     lr: float = opt(0.05, "learning rate")
     momentum: float = opt(0.9, "SGD momentum")
     weight_decay: float = opt(5e-4, "L2 weight decay")
-    schedule: str = opt("step", "LR schedule: " + " | ".join(SCHEDULES))
+    schedule: str = opt("step", "LR schedule: " + " | ".join(LR_SCHEDULES))
     step_size: int = opt(10, "step schedule: epochs between LR drops")
     milestones: List[int] = opt([], "multistep schedule: epochs at which the LR drops")
     gamma: float = opt(0.1, "factor of each LR drop")
@@ -91,7 +91,7 @@ class OptimConfig:
         if self.momentum < 0 or self.weight_decay < 0:
             raise UserError(f"{self.section}.momentum and {self.section}.weight_decay must be >= 0, "
                             f"got {self.momentum} and {self.weight_decay}")
-        check_choice(self.schedule, SCHEDULES, f"{self.section}.schedule")
+        check_choice(self.schedule, LR_SCHEDULES, f"{self.section}.schedule")
         check_choice(self.precision, PRECISIONS, f"{self.section}.precision")
         if self.checkpoint_every_steps < 0:
             raise UserError(f"{self.section}.checkpoint_every_steps must be >= 0 (0: at epoch ends only), "
@@ -115,7 +115,7 @@ def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opti
 
 def make_scheduler(optimizer, cfg: OptimConfig):
     """The epoch-wise LR scheduler of `cfg` over its `epochs`."""
-    return SCHEDULES[cfg.schedule](optimizer, cfg, cfg.epochs)
+    return LR_SCHEDULES[cfg.schedule](optimizer, cfg, cfg.epochs)
 
 
 @dataclass

@@ -5,7 +5,7 @@ Run: .venv/bin/python -m pytest tests/multiproc/test_compile.py
 """
 
 from helpers import make_run
-from ntdist.training.members import train_member
+from ntdist.stages.members import train_member
 
 QUICK = ["model.kwargs.width=32", "model.kwargs.depth=2", "train.lr=0.05"]
 

@@ -19,7 +19,8 @@ from ntdist.distributed.world import DistributedConfig, init_world, shutdown
 from ntdist.errors import UserError
 from ntdist.models import ModelSpec
 from ntdist.records.results import read_results
-from ntdist.training.members import build_member, train_member
+from ntdist.models.weights import build_member
+from ntdist.stages.members import train_member
 
 MLP = ["model.kwargs.width=16", "model.kwargs.depth=2", "train.epochs=2", "train.lr=0.05"]
 SPEC = ModelSpec("mlp", {"input_dim": 64, "num_classes": 10, "width": 16, "depth": 2})
@@ -90,7 +91,7 @@ def test_tree_fusion_on_four_ranks_equals_single_process_recursive(tmp_path):
 
 
 def _ddp(rank, out_dir, batch):
-    from ntdist.training.finetune import finetune
+    from ntdist.stages.finetune import finetune
     world = _world()
     run = make_run(os.path.join(out_dir, f"run{world.size}"), *MLP, "finetune.epochs=1", "finetune.lr=0.05",
                    f"data.batch_size={batch}", world=world)

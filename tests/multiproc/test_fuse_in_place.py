@@ -13,7 +13,7 @@ import torch
 from helpers import spawn
 from ntdist.distributed.layout import MemberLayout
 from ntdist.models import ModelSpec
-from ntdist.training.members import build_member
+from ntdist.models.weights import build_member
 
 K, RANKS, MAX_UNITS = 3, 2, 12
 SPEC = ModelSpec("mlp", {"input_dim": 64, "num_classes": 10, "width": 32, "depth": 3})

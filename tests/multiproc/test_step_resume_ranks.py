@@ -33,12 +33,12 @@ def _arm(model, calls: list, at: int):
 def _job(rank, out_dir, resume, sigterm_in):
     """Member r trained on rank r, then a fresh model fine-tuned on both ranks; SIGTERM at the 4th forward pass
     of stage `sigterm_in` (none when None): in "member" on both ranks, in "finetune" on rank 1."""
-    import ntdist.training.members as members
+    import ntdist.stages.members as members
     from ntdist.distributed.world import DistributedConfig, init_world, shutdown
     from ntdist.errors import Preempted
     from ntdist.pipeline import train_stage
     from ntdist.preempt import install_sigterm_handler
-    from ntdist.training.finetune import finetune
+    from ntdist.stages.finetune import finetune
 
     world = init_world(DistributedConfig(threads_per_rank=1, timeout_s=60))
     install_sigterm_handler()

@@ -14,7 +14,7 @@ from torch.utils.data import Subset
 
 from helpers import make_run, spawn
 from ntdist.distributed.world import DistributedConfig, init_world, shutdown
-from ntdist.training.members import build_member
+from ntdist.models.weights import build_member
 
 MLP = ["model.kwargs.width=16", "model.kwargs.depth=2", "finetune.distill=true"]
 
@@ -24,7 +24,7 @@ def _members(run, k):
 
 
 def _outputs(world, rank, out_dir, k):
-    from ntdist.training.finetune import distill_teacher
+    from ntdist.stages.finetune import distill_teacher
     from ntdist.training.teacher import ShardedTeacher, member_bytes
     run = make_run(os.path.join(out_dir, "run"), *MLP, f"fusion.k={k}", "data.batch_size=8", world=world)
     members = _members(run, k)
@@ -41,7 +41,7 @@ def _outputs(world, rank, out_dir, k):
 
 
 def _distill(world, rank, out_dir, k):
-    from ntdist.training.finetune import distill_teacher, finetune
+    from ntdist.stages.finetune import distill_teacher, finetune
     for shard in ("on", "off"):
         run = make_run(os.path.join(out_dir, f"run_{shard}"), *MLP, f"fusion.k={k}", "finetune.epochs=1",
                        "finetune.lr=0.05", "data.batch_size=8", f"finetune.teacher_shard={shard}", world=world)

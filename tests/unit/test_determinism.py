@@ -12,7 +12,7 @@ import torch.nn as nn
 import ntdist.pipeline as pipeline
 from helpers import make_run
 from ntdist.training.loop import set_deterministic
-from ntdist.training.members import use_sync_batchnorm
+from ntdist.stages.members import use_sync_batchnorm
 
 
 def test_set_deterministic_switches_kernels_cudnn_and_cublas(monkeypatch):

@@ -16,8 +16,8 @@ from ntdist.models import build_model
 
 def permuted_copy(model, example_inputs=None):
     """`model` with every hidden space randomly permuted (same function, different unit order)."""
-    from ntdist.fusion.graph import analyze
-    from ntdist.fusion.plan import parts_of
+    from ntdist.fusion.analysis.graph import analyze
+    from ntdist.fusion.analysis.plan import parts_of
 
     plan = analyze(model, example_inputs)
     perms = {s: torch.randperm(n) for s, n in plan.sizes.items()}

@@ -13,7 +13,7 @@ from helpers import make_run
 from ntdist.config import load_config
 from ntdist.errors import UserError
 from ntdist.training.hardware import tf32, use_channels_last
-from ntdist.training.vectorized import why_not
+from ntdist.stages.vectorized import why_not
 
 @pytest.mark.parametrize("enabled, inside", [(True, "tf32"), (False, "ieee")])
 def test_tf32_switches_on_cuda_are_set_inside_and_restored_after(enabled, inside):
@@ -43,7 +43,7 @@ def test_channels_last_trains_members_one_after_another(tmp_path):
     with pytest.raises(UserError, match="train.vectorize=auto or off"):
         load_config(None, ["train.channels_last=true", "train.vectorize=on"])
     run = make_run(tmp_path, "fusion.k=4", "train.channels_last=true")
-    from ntdist.training.members import build_member
-    from ntdist.training.vectorized import member_batches
+    from ntdist.models.weights import build_member
+    from ntdist.stages.vectorized import member_batches
     models = [build_member(run.spec, s) for s in range(4)]
     assert "channels_last" in why_not(run, models, member_batches(run, list(range(4))))

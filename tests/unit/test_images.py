@@ -132,9 +132,9 @@ def test_cifar_is_kept_as_uint8_and_augmented_in_training_only(tmp_path, monkeyp
 
 
 def test_augmented_training_resumes_bit_identically_and_vectorises(tmp_path, monkeypatch):
-    import ntdist.training.vectorized as vectorized
+    import ntdist.stages.vectorized as vectorized
     from ntdist.errors import Preempted
-    from ntdist.training.members import train_members
+    from ntdist.stages.members import train_members
 
     _cifar10(tmp_path, monkeypatch)
     args = ["data.name=cifar10", f"data.root={tmp_path}", "model.kwargs.width=8", "fusion.k=4", "train.epochs=2",

@@ -8,7 +8,7 @@ import pytest
 
 from ntdist.config import load_config
 from ntdist.errors import UserError
-from ntdist.training.finetune import scaled_lr
+from ntdist.training.config import scaled_lr
 
 
 def test_each_rule_scales_the_lr_for_the_world_size():

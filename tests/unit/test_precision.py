@@ -14,7 +14,7 @@ from ntdist.errors import UserError
 from ntdist.config import load_config
 from ntdist.training.batches import eval_batches
 from ntdist.training.loop import evaluate
-from ntdist.training.members import train_member, train_members
+from ntdist.stages.members import train_member, train_members
 
 QUICK = ["model.kwargs.width=32", "model.kwargs.depth=2", "train.epochs=6", "train.lr=0.05"]
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ntdist.preempt as preempt
-import ntdist.training.members as members
+import ntdist.stages.members as members
 from helpers import make_run
 from ntdist.errors import Preempted, UserError
 from ntdist.records.checkpoint import read_checkpoint

@@ -10,8 +10,8 @@ import torch
 
 from helpers import make_run, randomise_bn
 from ntdist.fusion import Ensemble, concat
-from ntdist.training.finetune import distill_teacher
-from ntdist.training.members import build_member
+from ntdist.stages.finetune import distill_teacher
+from ntdist.models.weights import build_member
 
 
 def _params(model) -> int:

@@ -9,7 +9,7 @@ from ntdist.models import ModelSpec, build_model
 from ntdist.records.checkpoint import load_model, read_checkpoint, save_checkpoint
 from ntdist.training.batches import eval_batches
 from ntdist.training.loop import evaluate
-from ntdist.training.members import train_member
+from ntdist.stages.members import train_member
 
 SPEC = ModelSpec("mlp", {"input_dim": 64, "num_classes": 10, "width": 32, "depth": 2})
 MLP = ["model.kwargs.width=32", "model.kwargs.depth=2", "train.lr=0.05"]

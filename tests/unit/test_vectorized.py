@@ -11,8 +11,10 @@ from torch.utils.data import TensorDataset
 
 from helpers import make_run
 from ntdist.training.batches import TensorBatches
-from ntdist.training.members import build_member, member_seed, train_member
-from ntdist.training.vectorized import member_batches, train_together, why_not
+from ntdist.models.weights import build_member
+from ntdist.stages.members import train_member
+from ntdist.training.config import member_seed
+from ntdist.stages.vectorized import member_batches, train_together, why_not
 
 MODELS = {"mlp": ["model.kwargs.width=16"],
           "vgg11-bn": ["model.name=vgg11", "model.kwargs.width=0.0625", "model.kwargs.batch_norm=true"]}
@@ -71,9 +73,9 @@ def test_reasons_to_train_one_after_another(tmp_path):
 
 
 def test_vectorised_training_resumes_bit_identically(tmp_path, monkeypatch):
-    import ntdist.training.vectorized as vectorized
+    import ntdist.stages.vectorized as vectorized
     from ntdist.errors import Preempted
-    from ntdist.training.members import train_members
+    from ntdist.stages.members import train_members
 
     args = [*MODELS["mlp"], "fusion.k=4", "train.epochs=2", "train.vectorize=on", "data.train_fraction=0.3"]
     whole = train_members(make_run(tmp_path / "whole", *args), [0, 1, 2, 3], {})

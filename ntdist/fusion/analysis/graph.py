@@ -16,12 +16,12 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ntdist.errors import UserError
-from ntdist.fusion.attention import symbolic_trace
-from ntdist.fusion.capture import capture
-from ntdist.fusion.ops import fetch, propagate, tensor_args
-from ntdist.fusion.shapes import NeedShapes, one, refuse
-from ntdist.fusion.plan import IN, OUT, Dim, Layer, Param, Plan, TensorSpec, Val
-from ntdist.fusion.spaces import Spaces
+from ntdist.fusion.analysis.attention import symbolic_trace
+from ntdist.fusion.analysis.capture import capture
+from ntdist.fusion.analysis.ops import fetch, propagate, tensor_args
+from ntdist.fusion.analysis.shapes import NeedShapes, one, refuse
+from ntdist.fusion.analysis.plan import IN, OUT, Dim, Layer, Param, Plan, TensorSpec, Val
+from ntdist.fusion.analysis.spaces import Spaces
 
 
 def _batch_slice(x):

@@ -21,8 +21,8 @@ in descending importance:
 
 With `overflow="match"` the walk is replaced by a matching of units of different
 members, most similar pair first, until the classes fit the slots
-(`ntdist.fusion.dedup_choice`). With `criterion="activations"` the signature is
-the units' outputs on example inputs instead (`ntdist.fusion.dedup_activations`).
+(`ntdist.fusion.dedup.choice`). With `criterion="activations"` the signature is
+the units' outputs on example inputs instead (`ntdist.fusion.dedup.activations`).
 
 A unit's signature is everything it owns in its space: the rows of the layers
 producing it (for a residual space, of every block writing into it), their
@@ -46,12 +46,12 @@ from typing import Dict, List, Optional, Sequence, Set
 import torch
 import torch.nn as nn
 
-from ntdist.fusion.assemble import assemble, tensors_of
+from ntdist.fusion.wide.assemble import assemble, tensors_of
 from ntdist.fusion.checks import check_finite
-from ntdist.fusion.dedup_activations import activation_signatures
-from ntdist.fusion.dedup_choice import Choice, choose, first_slots, match, plain
-from ntdist.fusion.plan import Plan, parts_of
-from ntdist.fusion.prune import ranked_scores, scorer, select
+from ntdist.fusion.dedup.activations import activation_signatures
+from ntdist.fusion.dedup.choice import Choice, choose, first_slots, match, plain
+from ntdist.fusion.analysis.plan import Plan, parts_of
+from ntdist.fusion.pruning.select import ranked_scores, scorer, select
 
 _TINY = 1e-30
 DEDUP_THRESHOLD = 0.9    # default cosine similarity above which a unit counts as a duplicate (docs/RESULTS.md, "Dedup")
@@ -220,7 +220,7 @@ def dedup_fuse(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float]
     `overflow` says what becomes of a unit that is no duplicate once the slots are
     full: "drop" it (as plain NT does) or "merge" it into its most similar kept unit.
     `criterion` "activations" compares the units' outputs on `inputs` instead of
-    their parameters (`ntdist.fusion.dedup_activations`).
+    their parameters (`ntdist.fusion.dedup.activations`).
     `merged`, when given, receives per space (named by its first producing layer)
     the number of units merged into a kept one, added to what it already holds.
     """

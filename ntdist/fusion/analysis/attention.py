@@ -21,8 +21,8 @@ concatenated model, the members' count after NT).
 
 from torch import fx
 
-from ntdist.fusion.plan import Dim, Layer, Tup, Val
-from ntdist.fusion.shapes import one, refuse
+from ntdist.fusion.analysis.plan import Dim, Layer, Tup, Val
+from ntdist.fusion.analysis.shapes import one, refuse
 
 RELATIVE_ATTENTION = "torchvision.models.maxvit.RelativePositionalMultiHeadAttention"
 LEAVES = {RELATIVE_ATTENTION}

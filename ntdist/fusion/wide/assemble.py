@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ntdist.errors import UserError
-from ntdist.fusion.plan import Plan
+from ntdist.fusion.analysis.plan import Plan
 
 
 def tensors_of(model: nn.Module) -> Dict[str, torch.Tensor]:

@@ -20,10 +20,10 @@ import torch
 import torch.nn as nn
 
 from ntdist.errors import UserError, check_choice
-from ntdist.fusion.assemble import assemble, clone_with, tensors_of
+from ntdist.fusion.wide.assemble import assemble, clone_with, tensors_of
 from ntdist.fusion.checks import check_finite
-from ntdist.fusion.importance import DEFAULT_IMPORTANCE, group_l2, resolve
-from ntdist.fusion.plan import OUT, Plan
+from ntdist.fusion.pruning.importance import DEFAULT_IMPORTANCE, group_l2, resolve
+from ntdist.fusion.analysis.plan import OUT, Plan
 
 PRUNERS = ("ntdist", "torch_pruning")
 DEFAULT_PRUNER = "ntdist"

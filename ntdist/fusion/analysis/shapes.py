@@ -9,7 +9,7 @@ would take different units from the wide model than from each member.
 """
 
 from ntdist.errors import UserError
-from ntdist.fusion.plan import IN, Dim, Tup, Val
+from ntdist.fusion.analysis.plan import IN, Dim, Tup, Val
 
 SUPPORTED = ("supported: Linear, Conv (plain, depthwise, grouped), BatchNorm, LayerNorm (also as F.* on a module's "
              "own parameters), nn.MultiheadAttention, torchvision's Swin and MaxViT attention, element-wise "

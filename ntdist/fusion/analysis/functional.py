@@ -11,8 +11,8 @@ where a layer (module or functional) enters the plan.
 
 import torch.nn.functional as F
 
-from ntdist.fusion.plan import Layer, Val
-from ntdist.fusion.shapes import arg, refuse
+from ntdist.fusion.analysis.plan import Layer, Val
+from ntdist.fusion.analysis.shapes import arg, refuse
 
 LAYER_FUNCS = {F.linear: "linear", F.conv1d: "conv", F.conv2d: "conv", F.conv3d: "conv", F.batch_norm: "bn"}
 NAMES = {"weight", "bias", "running_mean", "running_var"}

@@ -1,4 +1,4 @@
-"""Per-operation rules of the channel-space analysis (used by `ntdist.fusion.graph`).
+"""Per-operation rules of the channel-space analysis (used by `ntdist.fusion.analysis.graph`).
 
 `propagate` looks at one torch.fx node and returns the channel layout of its
 result: layers open spaces, element-wise operations and pooling keep them,
@@ -17,12 +17,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.node import Node, map_arg
 
-from ntdist.fusion.attention import RELATIVE_ATTENTION, class_name, index, multi_head_attention, relative_attention
-from ntdist.fusion.functional import LAYER_FUNCS, functional_layer, record
-from ntdist.fusion.plan import IN, Layer, Param, Tup, Val
-from ntdist.fusion.shapes import (adaptive_hw, arg, cat, channel_dim, flatten, is_input, mean, one, permute, refuse,
+from ntdist.fusion.analysis.attention import RELATIVE_ATTENTION, class_name, index, multi_head_attention, relative_attention
+from ntdist.fusion.analysis.functional import LAYER_FUNCS, functional_layer, record
+from ntdist.fusion.analysis.plan import IN, Layer, Param, Tup, Val
+from ntdist.fusion.analysis.shapes import (adaptive_hw, arg, cat, channel_dim, flatten, is_input, mean, one, permute, refuse,
                                   reshape, split, transpose)
-from ntdist.fusion.windows import WRAPPED, constant_input, qualified
+from ntdist.fusion.analysis.windows import WRAPPED, constant_input, qualified
 
 RESIZE_MODULES = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
 RESIZE_FUNCS = {F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear}

@@ -8,8 +8,8 @@ must be routed apart but were opened whole, `refine` records their layers in
 `pending`, and the analysis walks again with them atomized.
 """
 
-from ntdist.fusion.plan import IN, OUT, Dim
-from ntdist.fusion.shapes import refuse
+from ntdist.fusion.analysis.plan import IN, OUT, Dim
+from ntdist.fusion.analysis.shapes import refuse
 
 
 class Spaces:

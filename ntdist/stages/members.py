@@ -7,80 +7,23 @@ one trained alone in a single process.
 
 import sys
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
-from ntdist.errors import UserError, check_choice
-from ntdist.models import ModelSpec
-from ntdist.models.weights import load_initial
-from ntdist.options import opt
+from ntdist.models.weights import build_member
 from ntdist.preempt import preempt_requested
 from ntdist.training.batches import eval_batches, feed, train_batches
 from ntdist.training.hardware import tf32, use_channels_last
-from ntdist.training.loop import (EpochPosition, OptimConfig, Precision, check_finite, epoch_stats, evaluate,
+from ntdist.training.config import member_seed
+from ntdist.training.loop import (EpochPosition, Precision, check_finite, epoch_stats, evaluate,
                                   make_optimizer, make_scheduler, step_logger, train_epoch)
 from ntdist.training.resume import ResumableEpochs
-from ntdist.training.vectorized import VECTORIZE, member_batches, probe, train_together, why_not
+from ntdist.stages.context import Run
+from ntdist.stages.vectorized import member_batches, probe, train_together, why_not
 
-if TYPE_CHECKING:   # the run context is defined by the pipeline, which imports this module
-    from ntdist.pipeline import Run
-
-
-@dataclass
-class TrainConfig(OptimConfig):
-    """How each ensemble member is trained."""
-
-    section: ClassVar[str] = "train"
-    epochs: int = opt(10, "training epochs per member")
-    seed: int = opt(0, "base seed; member i uses 1000 * seed + i (its initialisation and data order)")
-    identical_members: bool = opt(False, "train every member with member 0's seed: the paper's self-fusion failure case")
-    vectorize: str = opt("auto", "train all members of a rank at once as one vectorised model: auto (where faster) "
-                                 "| on | off")
-    deterministic: bool = opt(False, "deterministic kernels for the whole run (torch.use_deterministic_algorithms, "
-                                     "cuDNN without autotuning, CUBLAS_WORKSPACE_CONFIG): what bit-identical resume "
-                                     "needs on a GPU; slower, and an error where an operation has no such kernel")
-    tf32: bool = opt(True, "CUDA: float32 matmuls and convolutions of member training on TF32 tensor cores "
-                           "(no effect on a CPU)")
-    channels_last: bool = opt(False, "CUDA: conv nets' weights in channels_last memory format (members trained "
-                                     "one after another; no effect on a CPU)")
-
-    def __post_init__(self):
-        super().__post_init__()
-        # YAML reads a bare on/off as a boolean, which the str field then holds as 'True'/'False'
-        self.vectorize = {"True": "on", "False": "off"}.get(self.vectorize, self.vectorize)
-        check_choice(self.vectorize, VECTORIZE, "train.vectorize")
-        if self.channels_last and self.vectorize == "on":
-            raise UserError("train.channels_last=true trains members one after another, but train.vectorize=on; "
-                            "set train.vectorize=auto or off, or train.channels_last=false")
-
-
-CONTROL_SEED, FUSED_SEED = 998, 999   # offsets of the fine-tuning seeds; members use 0 .. k-1
-
-
-def run_seed(cfg: TrainConfig, offset: int) -> int:
-    """1000 * train.seed + offset: the factor keeps runs with neighbouring seeds (a sweep) from sharing seeds."""
-    return 1000 * cfg.seed + offset
-
-
-def member_seed(cfg: TrainConfig, index: int) -> int:
-    """Member i's seed (its initialisation and data order): offset i, or 0 for all with `train.identical_members`.
-
-    Fine-tuning uses the offsets CONTROL_SEED (the best member's control run) and FUSED_SEED (fused models).
-    """
-    return run_seed(cfg, 0 if cfg.identical_members else index)
-
-
-def build_member(spec: ModelSpec, seed: int, initial: Optional[Dict[str, torch.Tensor]] = None,
-                 reinit: Sequence[str] = ()) -> torch.nn.Module:
-    """A freshly initialised member (the seed fixes the initialisation), loaded from `initial` when given,
-    except for the modules in `reinit`, which keep their seeded fresh weights."""
-    torch.manual_seed(seed)
-    model = spec.build()
-    return model if initial is None else load_initial(model, initial, list(reinit))
 
 
 def use_sync_batchnorm(model: torch.nn.Module, group) -> Callable[[], None]:
@@ -99,7 +42,7 @@ def use_sync_batchnorm(model: torch.nn.Module, group) -> Callable[[], None]:
     return restore
 
 
-def train_member(r: "Run", index: int, group=None) -> Tuple[torch.nn.Module, List[dict]]:
+def train_member(r: Run, index: int, group=None) -> Tuple[torch.nn.Module, List[dict]]:
     """Train member `index` (with DDP inside `group` when its group has several ranks); returns (model, history).
 
     The group's first rank writes the state after every epoch; with `--resume` an existing
@@ -154,14 +97,14 @@ def train_member(r: "Run", index: int, group=None) -> Tuple[torch.nn.Module, Lis
         restore()
 
 
-def train_members(r: "Run", indices: List[int], groups: dict) -> Dict[int, Tuple[torch.nn.Module, List[dict]]]:
+def train_members(r: Run, indices: List[int], groups: dict) -> Dict[int, Tuple[torch.nn.Module, List[dict]]]:
     """Train members `indices` on this rank: all at once when `train.vectorize` allows, else one after another;
     with TF32 on CUDA when `train.tf32`."""
     with tf32(r.cfg.train.tf32, r.world.device):
         return _train_members(r, indices, groups)
 
 
-def _train_members(r: "Run", indices: List[int], groups: dict) -> Dict[int, Tuple[torch.nn.Module, List[dict]]]:
+def _train_members(r: Run, indices: List[int], groups: dict) -> Dict[int, Tuple[torch.nn.Module, List[dict]]]:
     if len(indices) > 1 and r.cfg.train.vectorize != "off":
         seeds = [member_seed(r.cfg.train, i) for i in indices]
         models = [build_member(r.spec, seed, r.initial, r.cfg.model.reinit).to(r.world.device) for seed in seeds]

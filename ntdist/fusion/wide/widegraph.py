@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from torch.fx import GraphModule
 
-from ntdist.fusion.attention import symbolic_trace
+from ntdist.fusion.analysis.attention import symbolic_trace
 
 
 def wide_permutation(inputs: Sequence[int], outputs: Sequence[int], k: int, device=None) -> torch.Tensor:

@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 
 from ntdist.errors import UserError
-from ntdist.fusion.assemble import tensors_of
-from ntdist.fusion.plan import Plan, parts_of
+from ntdist.fusion.wide.assemble import tensors_of
+from ntdist.fusion.analysis.plan import Plan, parts_of
 
 CRITERIA = ("weights", "activations")
 _PRODUCERS = ("linear", "conv", "gconv", "dwconv", "bn")

@@ -27,7 +27,7 @@ import torch.nn as nn
 from torch.fx.node import map_arg
 
 from ntdist.errors import UserError
-from ntdist.fusion.attention import LEAVES, class_name
+from ntdist.fusion.analysis.attention import LEAVES, class_name
 
 RANK_READS = ("dim", "ndim", "ndimension")     # a tensor's rank: the same in the wide model and each member
 SHAPE_READS = ("shape", "size")

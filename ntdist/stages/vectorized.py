@@ -15,7 +15,7 @@ floating-point summation order (tested to 1e-5 in float64).
 import copy
 import time
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -23,20 +23,18 @@ import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
 from ntdist.preempt import preempt_requested
+from ntdist.stages.context import Run
 from ntdist.training.batches import TensorBatches, eval_batches, feed, stacked_batches, train_batches
 from ntdist.training.loop import Precision, check_finite, epoch_stats, make_optimizer, make_scheduler, step_logger
 from ntdist.training.resume import ResumableEpochs, stop_if_requested
 
-if TYPE_CHECKING:   # the run context is defined by the pipeline, which imports this module
-    from ntdist.pipeline import Run
 
-VECTORIZE = ("auto", "on", "off")
 AUTO_MAX_PARAMS_CPU = 100_000   # on a CPU, vmap loses to the plain loop for wider members (docs/PERFORMANCE.md)
 AUTO_MIN_MEMBERS_CPU = 4        # ... and for 2 members (k=2: 0.78-0.80x, k=8: 1.4-2.4x of one after another)
 RANDOM_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
-def why_not(r: "Run", models: List[nn.Module], batches: list) -> Optional[str]:
+def why_not(r: Run, models: List[nn.Module], batches: list) -> Optional[str]:
     """None when these members can be trained together, else the reason (one line) they cannot."""
     mode = r.cfg.train.vectorize
     if mode == "off" or len(models) < 2:
@@ -105,7 +103,7 @@ def probe(models: List[nn.Module], batches: List[TensorBatches]) -> Optional[str
     return None
 
 
-def train_together(r: "Run", indices: List[int], seeds: List[int], models: List[nn.Module],
+def train_together(r: Run, indices: List[int], seeds: List[int], models: List[nn.Module],
                    batches: List[TensorBatches]) -> Optional[Dict[int, Tuple[nn.Module, List[dict]]]]:
     """Train `models` (members `indices`, freshly built from `seeds`) in lockstep; {index: (model, history)}.
 
@@ -181,7 +179,7 @@ def train_together(r: "Run", indices: List[int], seeds: List[int], models: List[
     return {i: (m, run.history) for i, m, run in zip(indices, models, runs)}
 
 
-def member_batches(r: "Run", seeds: List[int]) -> list:
+def member_batches(r: Run, seeds: List[int]) -> list:
     """Each member's own training batches (its seed fixes its data order)."""
     cfg = r.cfg
     return [train_batches(r.splits.train, cfg.data.batch_size, seed, **feed(cfg.data, r.world.device))

@@ -16,7 +16,7 @@ from typing import Callable, Dict, List
 import torch
 
 from ntdist.errors import UserError, suggest
-from ntdist.fusion.plan import parts_of
+from ntdist.fusion.analysis.plan import parts_of
 
 
 @dataclass

@@ -12,8 +12,7 @@ With `fusion.dedup: on`, NT merges a replica's unit into its near-copy in anothe
 (outgoing weights added) instead of keeping both, so the slots go to units that differ.
 """
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List
+from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
@@ -21,37 +20,16 @@ import torch.nn.functional as F
 from ntdist.distributed.comm import all_gather_records, sum_counts
 from ntdist.distributed.tree import reduce_average, tree_fuse
 from ntdist.distributed.world import gather_world_info
-from ntdist.errors import UserError, check_choice
-from ntdist.options import opt
+from ntdist.errors import UserError
+from ntdist.models.weights import build_member
 from ntdist.records.results import SyncMethodResult, SyncResults
 from ntdist.training.batches import eval_batches, feed, train_batches
 from ntdist.training.loop import check_finite, evaluate, make_optimizer, make_scheduler
-from ntdist.training.members import build_member, member_seed
-
-if TYPE_CHECKING:   # the run context is defined by the pipeline, which imports this module
-    from ntdist.pipeline import Run
-
-SYNC_METHODS = ("none", "avg", "nt")
-SYNC_UNITS = ("epoch", "step")
+from ntdist.stages.context import Run
+from ntdist.training.config import member_seed
 
 
-@dataclass
-class SyncConfig:
-    """Periodic-sync SGD: `mode: sync` trains fusion.k replicas and merges them periodically."""
-
-    methods: List[str] = opt(list(SYNC_METHODS), "what to compare: none (one replica alone) | avg | nt")
-    every: int = opt(1, "merge every this many units")
-    unit: str = opt("epoch", " | ".join(SYNC_UNITS))
-
-    def __post_init__(self):
-        for method in self.methods:
-            check_choice(method, SYNC_METHODS, "sync method")
-        check_choice(self.unit, SYNC_UNITS, "sync.unit")
-        if self.every < 1:
-            raise UserError(f"sync.every must be >= 1, got {self.every}")
-
-
-def run_sync(r: "Run") -> SyncResults:
+def run_sync(r: Run) -> SyncResults:
     """Train with each sync method in turn; returns the results."""
     cfg, world = r.cfg, r.world
     if world.size > cfg.fusion.k:
@@ -74,7 +52,7 @@ def run_sync(r: "Run") -> SyncResults:
     return results
 
 
-def train_synced(r: "Run", method: str, merged: Dict[str, int]) -> List[dict]:
+def train_synced(r: Run, method: str, merged: Dict[str, int]) -> List[dict]:
     """One periodic-sync training run; every rank steps its replicas in lockstep with the others.
 
     `merged` receives the units NT dedup merged on this rank, per layer, summed over the syncs.
@@ -121,7 +99,7 @@ def _step(model, optimizer, x, y, device) -> float:
     return loss.item()
 
 
-def _merge(r: "Run", replicas: Dict[int, torch.nn.Module], method: str, counts: Dict[str, int]) -> None:
+def _merge(r: Run, replicas: Dict[int, torch.nn.Module], method: str, counts: Dict[str, int]) -> None:
     """Replace every replica's weights by the merged model, in place (optimizer state is kept)."""
     held = {i: m.cpu() for i, m in replicas.items()}
     if method == "nt":      # with fusion.dedup, near-identical replicas' units are merged, not kept twice
@@ -135,7 +113,7 @@ def _merge(r: "Run", replicas: Dict[int, torch.nn.Module], method: str, counts: 
             model.to(r.world.device)
 
 
-def _evaluate(r: "Run", model, method: str, epoch: int, loss: float) -> dict:
+def _evaluate(r: Run, model, method: str, epoch: int, loss: float) -> dict:
     """Accuracy of replica 0 (all replicas are equal right after a merge), shared with every rank."""
     record, world = None, r.world
     if model is not None:

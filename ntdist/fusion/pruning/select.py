@@ -17,10 +17,10 @@ import torch
 import torch.nn as nn
 
 from ntdist.errors import UserError
-from ntdist.fusion.assemble import assemble, tensors_of
+from ntdist.fusion.wide.assemble import assemble, tensors_of
 from ntdist.fusion.checks import check_finite
-from ntdist.fusion.graph import Plan, analyze
-from ntdist.fusion.importance import DEFAULT_IMPORTANCE, group_l2, l1, l2, resolve, space_views
+from ntdist.fusion.analysis.graph import Plan, analyze
+from ntdist.fusion.pruning.importance import DEFAULT_IMPORTANCE, group_l2, l1, l2, resolve, space_views
 
 
 def ratio_of(plan: Plan, ref_sizes: Dict[int, int], k: float, width=None, keep_ratio=None) -> float:

@@ -15,9 +15,9 @@ the original class. `_patch_merging_pad` concatenates four spatial shifts of
 the tokens along the channels: four parts, each the input's layout.
 """
 
-from ntdist.fusion.functional import record
-from ntdist.fusion.plan import IN, Dim, Layer, Param, Val
-from ntdist.fusion.shapes import arg, is_input, one, refuse
+from ntdist.fusion.analysis.functional import record
+from ntdist.fusion.analysis.plan import IN, Dim, Layer, Param, Val
+from ntdist.fusion.analysis.shapes import arg, is_input, one, refuse
 
 SWIN = "torchvision.models.swin_transformer."
 

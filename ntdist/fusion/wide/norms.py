@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import GraphModule
 
-from ntdist.fusion.attention import symbolic_trace
+from ntdist.fusion.analysis.attention import symbolic_trace
 
 
 def grouped_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, groups=1, parts=1):

@@ -1,0 +1,52 @@
+"""The frozen context of one run: what never changes during `ntdist run`, handed to every stage.
+
+`make_run` loads the data and checks the model, everything that can fail on bad input, before any file
+is written; the stages (`ntdist.stages`, `ntdist.pipeline`) read the run's constants from the `Run` it
+returns and pass what changes (held members, fused models, results) explicitly.
+"""
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+
+from ntdist.config import Config
+from ntdist.data import Splits, load_splits
+from ntdist.distributed.layout import MemberLayout
+from ntdist.distributed.world import World
+from ntdist.models import ModelSpec
+from ntdist.models.weights import build_member, initial_state
+from ntdist.records.rundir import RunDir
+
+
+@dataclass(frozen=True)
+class Run:
+    """The constants of one run, handed to every stage."""
+
+    cfg: Config
+    world: World
+    layout: MemberLayout
+    splits: Splits
+    spec: ModelSpec
+    rundir: RunDir
+    resume: bool = False
+    initial: Optional[Dict[str, torch.Tensor]] = None   # model.weights, loaded into every member
+
+    def template(self) -> torch.nn.Module:
+        """A model of the members' architecture whose weights are about to be overwritten."""
+        return self.spec.build()
+
+    def example_inputs(self) -> torch.Tensor:
+        """The first training inputs: two to trace shapes, more for NT dedup's activation criterion."""
+        train = self.splits.train
+        return torch.stack([train[i][0] for i in range(min(self.cfg.fusion.example_count(), len(train)))])
+
+
+def make_run(cfg: Config, world: World, resume: bool = False) -> Run:
+    """Load the data and check the model: everything that can fail on bad input, before any file is written."""
+    splits = load_splits(cfg.data)
+    spec = ModelSpec.for_data(cfg.model, splits.in_shape, splits.num_classes)
+    initial = initial_state(cfg.model.name, cfg.model.weights)
+    build_member(spec, 0, initial, cfg.model.reinit)   # the model builds and the weights fit
+    return Run(cfg, world, MemberLayout(cfg.fusion.k, world.size), splits, spec,
+               RunDir(cfg.output.dir, world.is_main, cfg.output.trackers), resume, initial)
