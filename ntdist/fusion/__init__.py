@@ -4,6 +4,17 @@
 `concat(models)` the wide model computing exactly the members' average output;
 `fuse_pair` / `recursive_plan` let a distributed tree reproduce `fuse(...,
 schedule="recursive")` bit for bit. This package never uses torch.distributed.
+
+Where is...
+- the model seen as channel spaces (which units are coupled)? `analysis/` (`graph.analyze` -> `plan.Plan`;
+  one rule per fx operation in `ops`, reshapes and concatenations in `shapes`, the trace in `capture`)
+- the concat made exact for attention heads? `analysis/attention` (heads as units), `analysis/windows` (Swin),
+  `wide/norms` (each member's LayerNorm block), `wide/widegraph` (shuffles, constant channel counts)
+- the wide model built? `wide/assemble` (also what writes the pruned model: `assemble(..., keep)`)
+- the choice of the units that stay? `pruning/importance` (scores), `pruning/select` (per space, per member share)
+- the merge of duplicate units? `dedup/merge` (the walk), `dedup/choice` (kept, merged, dropped), `dedup/activations`
+- the NT step and method dispatch? `nt`; the pairwise tree's arithmetic? `schedule`
+- the baselines? `baselines` (averaging, the ensemble, distillation loss, BatchNorm re-estimation), `ot`
 """
 
 from ntdist.fusion.baselines import Ensemble, average, distillation_loss, reestimate_bn
