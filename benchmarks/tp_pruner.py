@@ -12,7 +12,7 @@ accuracy: for each seed, k = 2 members trained as in `importance.py`, fused by f
 with each pruner (importance group_l2, the one Torch-Pruning's group magnitude equals),
 test accuracy right after fusion and after 3 fine-tuning epochs (the same data order
 for both); the pruners' differences pair up by seed (`ntdist.records.stats.paired`).
-Run (one thread, as in docs/FUSION.md):
+Run (one thread, as in docs/PERFORMANCE.md):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/tp_pruner.py cost --widths 512 1024 2048 4096
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/tp_pruner.py accuracy --data digits --width 32 --depth 2 \
         --epochs 20 --lr 0.05
