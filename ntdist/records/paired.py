@@ -18,7 +18,8 @@ from ntdist.records.stats import BASELINES  # noqa: E402
 BASELINE_NAMES = {"control": "control (best member + extra epochs)", "ot": "OT", "avg": "Avg"}
 PAIRED_NOTE = ("Paired differences: for each seed, NT's test accuracy minus the baseline's on the same members "
                "(in points); mean ± sample std over seeds, the two-sided paired t-test p-value, and on how many "
-               "seeds NT is ahead (ties not counted). Right after fusion the control is the best member itself.")
+               "seeds NT is ahead (ties not counted). Right after fusion the control is the best member itself. "
+               "\"p = —\" where a t-test says nothing: one seed, or the same difference on every seed (no spread).")
 FINETUNE_EPOCHS = 3   # the middle checkpoint of the table, as in the paper's tables
 
 
@@ -34,10 +35,13 @@ def checkpoints(block: dict) -> List[Tuple[str, str, Optional[dict]]]:
 
 
 def format_paired(stat: Optional[dict]) -> str:
-    """'+1.23 ± 0.45 (p = 0.012, 7/10 ahead)' in points; '—' when nothing was paired."""
+    """'+1.23 ± 0.45 (p = 0.012, 7/10 ahead)' in points; 'p = — (no spread)' without a test; '—' without pairs."""
     if not stat:
         return "—"
-    p = "p = —" if stat["p"] is None else (f"p = {stat['p']:.3f}" if stat["p"] >= 0.001 else "p < 0.001")
+    if stat["p"] is None:
+        p = f"p = — ({stat.get('no_p') or 'no test'})"
+    else:
+        p = f"p = {stat['p']:.3f}" if stat["p"] >= 0.001 else "p < 0.001"
     return (f"{100 * stat['mean']:+.2f} ± {100 * stat['std']:.2f} ({p}, "
             f"{stat['wins']}/{stat['n']} ahead)")
 

@@ -19,6 +19,9 @@ from ntdist.errors import UserError
 from ntdist.records.results import RunResults, SyncResults
 
 BASELINES = ("control", "ot", "avg")   # what NT is compared with, in the report's order
+# Accuracies are multiples of 1 / (test-set size), so a real spread of differences is at least
+# ~1 / (2 x test-set size), 5e-7 for a million samples; a smaller std is rounding of equal differences.
+NO_SPREAD = 1e-9
 
 
 def mean_std(values: Sequence[float]) -> Tuple[float, float]:
@@ -68,18 +71,29 @@ def _curve_block(entries: list, post_fusion: bool) -> dict:
     return out
 
 
+def no_p_reason(differences: Sequence[float]) -> Optional[str]:
+    """Why a paired t-test says nothing about `differences` (None when it can be computed).
+
+    With one value there is no spread to test against; with no spread the statistic is
+    0/0 or infinite, and an "infinitely significant" difference from, e.g., one run
+    copied into two folders would be a lie.
+    """
+    if len(differences) < 2:
+        return "1 seed" if differences else "no seeds"
+    if mean_std(differences)[1] <= NO_SPREAD:
+        return "no spread"
+    return None
+
+
 def t_test_p(differences: Sequence[float]) -> Optional[float]:
     """Two-sided p-value of a one-sample t-test of mean 0 on `differences` (a paired t-test).
 
-    None with fewer than two values. With no spread at all the test statistic is 0/0 or
-    infinite: p is 1.0 when every difference is 0, else 0.0.
+    None when `no_p_reason` gives a reason: fewer than two values, or no spread.
     """
-    n = len(differences)
-    if n < 2:
+    if no_p_reason(differences):
         return None
+    n = len(differences)
     mean, std = mean_std(differences)
-    if std == 0.0:
-        return 1.0 if mean == 0.0 else 0.0
     statistic = mean / (std / math.sqrt(n))
     from scipy.stats import t as student_t   # here: scipy.stats takes half a second to import
     return float(2.0 * student_t.sf(abs(statistic), n - 1))
@@ -88,8 +102,9 @@ def t_test_p(differences: Sequence[float]) -> Optional[float]:
 def paired(a: Sequence[Optional[float]], b: Sequence[Optional[float]]) -> Optional[dict]:
     """Statistics of a - b over the positions where both are known.
 
-    {"mean", "std", "n", "p", "wins", "losses", "ties", "diffs"}: wins counts a > b;
-    `diffs` keeps the per-seed differences for plots. None when no pair is complete.
+    {"mean", "std", "n", "p", "no_p", "wins", "losses", "ties", "diffs"}: wins counts a > b;
+    `no_p` says why p is None; `diffs` keeps the per-seed differences for plots. None when
+    no pair is complete.
     """
     if len(a) != len(b):
         raise ValueError(f"paired needs equally long sequences, got {len(a)} and {len(b)}")
@@ -97,7 +112,7 @@ def paired(a: Sequence[Optional[float]], b: Sequence[Optional[float]]) -> Option
     if not diffs:
         return None
     mean, std = mean_std(diffs)
-    return {"mean": mean, "std": std, "n": len(diffs), "p": t_test_p(diffs),
+    return {"mean": mean, "std": std, "n": len(diffs), "p": t_test_p(diffs), "no_p": no_p_reason(diffs),
             "wins": sum(d > 0 for d in diffs), "losses": sum(d < 0 for d in diffs),
             "ties": sum(d == 0 for d in diffs), "diffs": diffs}
 
