@@ -10,6 +10,7 @@ import matplotlib
 import pytest
 import yaml
 
+from helpers import ntdist
 from ntdist.errors import UserError
 from ntdist.records.results import ControlResult, MethodResult, RunResults, SyncMethodResult, SyncResults, \
     from_dict, to_dict, to_json
@@ -19,7 +20,7 @@ from ntdist.records.report import find_run_dirs, group_runs, plot_against, plot_
 SEEDS = (0, 1, 2)
 
 
-def _results(k: int, keep: float, seed: int) -> dict:
+def _results(k: int, keep: float, seed: int) -> RunResults:
     rng = random.Random(hash((k, keep, seed)))
     noise = lambda: rng.uniform(-0.01, 0.01)  # noqa: E731
     members = [0.90 + noise() for _ in range(k)]
@@ -93,7 +94,7 @@ def test_report_defaults_to_first_directory_and_single_run(tmp_path):
     path = report_command(one)
     assert path == os.path.join(one, "report.md")
     text = open(path).read()
-    assert "## all runs (1 seeds)" in text
+    assert "## all runs (1 seed)" in text
     assert not os.path.exists(os.path.join(one, "accuracy_vs_k.png"))  # one k value: no plot
 
 
@@ -166,3 +167,53 @@ def test_merge_counts_round_trip_and_older_files_still_read():
                                           "avg": SyncMethodResult(test=[0.9], val=[0.9], final=0.9)})
     data = to_dict(sync)
     assert "merged" not in data["sync"]["avg"] and from_dict(data).sync["nt"].merged == {"a": 3}
+
+
+def write_run(run_dir, seed: int, results: RunResults, **sections) -> str:
+    """A run directory as `ntdist run` leaves it: config.yaml (`sections` merged in) and results.json."""
+    config = {"model": {"name": "mlp", "kwargs": {"width": 32}}, "data": {"name": "digits", "root": "data"},
+              "train": {"epochs": 2, "seed": seed}, "finetune": {"epochs": len(results.fusion["nt"].finetune)},
+              "fusion": {"k": 2, "methods": sorted(results.fusion)}, "output": {"dir": str(run_dir)},
+              "distributed": {"port": None, "timeout_s": 300.0}}
+    for section, values in sections.items():
+        config[section] = {**config[section], **values}
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(config, f)
+    with open(os.path.join(run_dir, "results.json"), "w") as f:
+        f.write(to_json(results))
+    return str(run_dir)
+
+
+def test_the_same_seed_in_two_folders_is_one_sample(tmp_path):
+    results = _results(2, 0.5, 0)
+    run_a = write_run(tmp_path / "runA", 0, results)
+    run_b = write_run(tmp_path / "runB", 0, results)    # the same run again, in another folder
+    proc = ntdist("report", run_a, run_b, "--out", str(tmp_path / "report"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "## all runs (1 seed)" in text and "2 seeds" not in text
+    assert f"left out: `{run_b}`, seed 0 again (kept `{run_a}`)" in text
+    assert "p < 0.001" not in text and "p = — (1 seed)" in text
+
+
+def test_groups_differ_in_the_seed_alone(tmp_path):
+    dirs = []
+    for root in ("broken", "fixed"):          # two experiments: one on broken images, one on fixed ones
+        for seed in (0, 1):
+            dirs.append(write_run(tmp_path / root / f"seed={seed}", seed, _results(2, 0.5, seed),
+                                  data={"root": f"data/{root}"}, distributed={"port": 29500 + seed}))
+    dirs.append(write_run(tmp_path / "lr" / "seed=0", 0, _results(2, 0.5, 0), train={"lr": 0.1}))
+    dirs.append(write_run(tmp_path / "again", 1, _results(2, 0.5, 1), data={"root": "data/fixed"}))
+    groups = group_runs(dirs)
+    assert [(g.label, g.dirs) for g in groups] == [
+        ("data.root=data, train.lr=0.1", dirs[4:5]), ("data.root=data/broken, train.lr=null", dirs[0:2]),
+        ("data.root=data/fixed, train.lr=null", dirs[2:4])]
+    assert [g.seeds for g in groups] == [[0], [0, 1], [0, 1]]
+    assert groups[2].duplicates == [(dirs[-1], 1, dirs[3])]
+    text = open(write_report(dirs, str(tmp_path / "report"))).read()
+    section = text[text.index("## Groups"):text.index("## data.root=data, ")]
+    assert "Keys that differ between groups: `data.root`, `train.lr`." in section
+    assert f"- data.root=data/broken, train.lr=null (2 seeds: 0, 1): `{dirs[0]}`, `{dirs[1]}`" in section
+    assert f"  - left out: `{dirs[-1]}`, seed 1 again (kept `{dirs[3]}`)" in section
+    assert "5 runs in 3 group(s) (1 more left out as repeats of a seed)" in text
