@@ -28,9 +28,9 @@ from ntdist.options import format_value  # noqa: E402
 from ntdist.errors import UserError  # noqa: E402
 from ntdist.records.files import atomic_write_text, replacing  # noqa: E402
 from ntdist.records.manifest import add_to_manifest  # noqa: E402
-from ntdist.records.paired import paired_section  # noqa: E402
+from ntdist.records.paired import epoch_title, paired_section  # noqa: E402
 from ntdist.records.results import RESULTS_FILE, RunResults, from_dict  # noqa: E402
-from ntdist.records.stats import aggregate, mean_std, merged_summary  # noqa: E402
+from ntdist.records.stats import aggregate, checkpoint_epochs, finetune_epochs, mean_std, merged_summary  # noqa: E402
 
 REPORT_FILE, PLOTS = "report.md", ("accuracy_vs_k.png", "accuracy_vs_sparsity.png")
 METHOD_NAMES = {"avg": "Avg", "ot": "OT", "nt": "NT"}
@@ -197,25 +197,35 @@ def _methods(stats: dict) -> List[str]:
     return known + sorted(m for m in stats["methods"] if m not in METHOD_NAMES)
 
 
-def _epoch(curve: list, index: int) -> Optional[dict]:
-    return curve[index] if len(curve) > index else None
+def table_rows(stats: dict) -> List[List[str]]:
+    """The paper-style table of one group, title row first: after fusion, after the checkpoint epochs, best."""
+    epochs = checkpoint_epochs(finetune_epochs(stats))
+    blank = ["—"] * (len(epochs) + 1)
+
+    def at(curve):
+        return [_pct(curve[e - 1] if len(curve) >= e else None) for e in epochs]
+
+    rows = [["", "after fusion"] + [epoch_title(e) for e in epochs] + ["best"],
+            ["Ensemble", _pct(stats["ensemble"])] + blank,
+            ["Members (mean)", _pct(stats["members_mean"])] + blank,
+            ["Best member", _pct(stats["best_member"])] + blank]
+    if stats["control"]:
+        c = stats["control"]
+        rows.append(["Best member + extra epochs", "—"] + at(c["finetune"]) + [_pct(c["best"])])
+    for m in _methods(stats):
+        b = stats["methods"][m]
+        rows.append([METHOD_NAMES.get(m, m), _pct(b["post_fusion"])] + at(b["finetune"]) + [_pct(b["best"])])
+    return rows
+
+
+def markdown_table(rows: List[List[str]]) -> str:
+    lines = ["|" + "|".join(f" {c} " if c else " " for c in r) + "|" for r in rows]
+    return "\n".join(lines[:1] + ["|---" * len(rows[0]) + "|"] + lines[1:])
 
 
 def table(group: Group) -> str:
     """The paper-style table of one group as Markdown."""
-    s = group.stats
-    lines = ["| | after fusion | after 3 epochs | best |", "|---|---|---|---|",
-             f"| Ensemble | {_pct(s['ensemble'])} | — | — |",
-             f"| Members (mean) | {_pct(s['members_mean'])} | — | — |",
-             f"| Best member | {_pct(s['best_member'])} | — | — |"]
-    if s["control"]:
-        c = s["control"]
-        lines.append(f"| Best member + extra epochs | — | {_pct(_epoch(c['finetune'], 2))} | {_pct(c['best'])} |")
-    for m in _methods(s):
-        b = s["methods"][m]
-        lines.append(f"| {METHOD_NAMES.get(m, m)} | {_pct(b['post_fusion'])} | "
-                     f"{_pct(_epoch(b['finetune'], 2))} | {_pct(b['best'])} |")
-    return "\n".join(lines)
+    return markdown_table(table_rows(group.stats))
 
 
 def diversity_text(group: Group) -> Optional[str]:
@@ -339,7 +349,6 @@ def write_report(run_dirs: List[str], out_dir: str) -> str:
     text += groups_section(groups)
     for i, group in enumerate(groups, 1):
         text += [f"## {group.label} ({_seeds_text(len(group.seeds))})", "", table(group), ""]
-
         for extra in (diversity_text(group), merged_summary(group.results)):
             text += [extra, ""] if extra else []
         name = _save(plot_curves(group), out_dir, f"curves_{i}.png")

@@ -7,9 +7,11 @@ Every seed trains one set of members; NT, the other fusion methods and the contr
 (the best member fine-tuned for the same extra epochs) all start from that set, so
 their accuracies pair up seed by seed. `paired` reduces the per-seed differences
 a - b to mean ± sample std, a two-sided paired t-test p-value and a sign count;
-`paired_block` does it for NT against the control, OT and Avg at every checkpoint:
+`paired_block` does it for one method against its baselines at every checkpoint:
 right after fusion (the control's value there is the best member itself), after
 each fine-tuning epoch, and at the epoch chosen by validation accuracy ("best").
+Every method is compared with the control, NT also with OT and Avg (`comparisons`).
+The caller must pass one run per seed: two runs of the same seed are one sample.
 """
 
 import math
@@ -19,6 +21,8 @@ from ntdist.errors import UserError
 from ntdist.records.results import RunResults, SyncResults
 
 BASELINES = ("control", "ot", "avg")   # what NT is compared with, in the report's order
+METHOD_ORDER = ("nt", "ot", "avg")      # the paired rows' order; other methods follow, sorted
+PAPER_EPOCHS = 3                        # the paper's tables report accuracy after 3 fine-tuning epochs
 # Accuracies are multiples of 1 / (test-set size), so a real spread of differences is at least
 # ~1 / (2 x test-set size), 5e-7 for a million samples; a smaller std is rounding of equal differences.
 NO_SPREAD = 1e-9
@@ -69,6 +73,17 @@ def _curve_block(entries: list, post_fusion: bool) -> dict:
         out["post_fusion"] = _stat([e.post_fusion for e in entries])
         out["sparsity"] = _stat([e.sparsity for e in entries])
     return out
+
+
+def checkpoint_epochs(epochs: int) -> List[int]:
+    """The fine-tuning epochs (1-based) the tables show: the paper's 3 when there are more, and the last."""
+    return sorted({min(PAPER_EPOCHS, epochs), epochs}) if epochs > 0 else []
+
+
+def finetune_epochs(stats: dict) -> int:
+    """The fine-tuning epochs (finetune.epochs) recorded in `aggregate`'s statistics: the longest curve."""
+    curves = [b["finetune"] for b in stats["methods"].values()] + [(stats["control"] or {}).get("finetune") or []]
+    return max(len(c) for c in curves)
 
 
 def no_p_reason(differences: Sequence[float]) -> Optional[str]:
@@ -166,6 +181,20 @@ def paired_block(results: List[RunResults], method: str = "nt",
     return out
 
 
+def ordered_methods(methods: Sequence[str]) -> List[str]:
+    """NT, OT and Avg first (those present), then the other method names, sorted."""
+    return [m for m in METHOD_ORDER if m in methods] + sorted(m for m in methods if m not in METHOD_ORDER)
+
+
+def comparisons(methods: Sequence[str]) -> List[Tuple[str, str]]:
+    """(method, baseline) pairs the report shows: every method against the control, then NT against the others."""
+    ordered = ordered_methods(methods)
+    pairs = [(m, "control") for m in ordered]
+    if "nt" in ordered:
+        pairs += [("nt", b) for b in BASELINES if b != "control" and b in ordered]
+    return pairs
+
+
 def aggregate(results: List[RunResults]) -> dict:
     """Mean and std over seeds of every accuracy in a list of results.
 
@@ -184,7 +213,9 @@ def aggregate(results: List[RunResults]) -> dict:
         for name, entry in r.fusion.items():
             methods.setdefault(name, []).append(entry)
     out["methods"] = {name: _curve_block(entries, True) for name, entries in methods.items()}
-    out["paired"] = {"nt": paired_block(results, "nt")}
+    out["paired"] = {}
+    for method, baseline in comparisons(list(methods)):
+        out["paired"].setdefault(method, {}).update(paired_block(results, method, (baseline,)))
     return out
 
 

@@ -116,10 +116,24 @@ def test_table_and_formatting():
     table = paired_table(aggregate(RUNS))
     lines = table.splitlines()
     assert lines[0] == "| | after fusion | after 3 epochs | best |"
-    assert lines[2].startswith("| NT − control (best member + extra epochs) | -27.50 ± 3.54 (p = ")
-    assert lines[3].startswith("| NT − OT | -10.00 ± 0.00 (p = — (no spread), 0/2 ahead) | +3.00 ± 2.83")
+    assert lines[2].startswith("| NT − control | -27.50 ± 3.54 (p = ")
+    assert lines[4].startswith("| NT − OT | -10.00 ± 0.00 (p = — (no spread), 0/2 ahead) | +3.00 ± 2.83")
     short = [_run(s, (0.5, [0.6], [0.1]), (0.4, [0.5], [0.1]), 0.7, ([0.65], [0.1])) for s in (0, 1)]
     assert "| after fusion | after 1 epoch | best |" in paired_table(aggregate(short))
+
+
+def test_every_method_is_compared_with_the_control():
+    stats = aggregate(RUNS)
+    assert set(stats["paired"]) == {"nt", "ot"} and set(stats["paired"]["ot"]) == {"control"}
+    # OT after fusion minus the best member: 0.60 - 0.75, 0.50 - 0.70
+    assert stats["paired"]["ot"]["control"]["post_fusion"]["diffs"] == pytest.approx([-0.15, -0.20])
+    names = [line.split(" | ")[0] for line in paired_table(stats).splitlines()[2:]]
+    assert names == ["| NT − control", "| OT − control", "| NT − OT"]
+    no_nt = [_run(s, (0.5, [0.6], [0.1]), (0.4, [0.5], [0.1]), 0.7, ([0.65], [0.1])) for s in (0, 1)]
+    for run in no_nt:
+        run.fusion = {"ot": run.fusion["ot"], "avg": run.fusion["nt"]}
+    names = [line.split(" | ")[0] for line in paired_table(aggregate(no_nt)).splitlines()[2:]]
+    assert names == ["| OT − control", "| Avg − control"]
 
 
 def test_report_shows_paired_table_and_plot(tmp_path):
@@ -130,6 +144,6 @@ def test_report_shows_paired_table_and_plot(tmp_path):
         (run_dir / "config.yaml").write_text(yaml.safe_dump({"train": {"seed": seed}}))
     path = write_report([str(tmp_path / "seed=0"), str(tmp_path / "seed=1")], str(tmp_path))
     text = open(path).read()
-    assert "| NT − OT | -10.00 ± 0.00" in text
+    assert "| NT − OT | -10.00 ± 0.00" in text and "| OT − control | " in text
     assert "![paired differences per seed](paired_1.png)" in text
     assert os.path.getsize(tmp_path / "paired_1.png") > 1000

@@ -15,17 +15,19 @@ from ntdist.errors import UserError
 from ntdist.records.results import ControlResult, MethodResult, RunResults, SyncMethodResult, SyncResults, \
     from_dict, to_dict, to_json
 from ntdist.commands.report import report_command
+from ntdist.records.paired import plot_paired
 from ntdist.records.report import find_run_dirs, group_runs, plot_against, plot_curves, write_report
+from ntdist.records.stats import aggregate
 
 SEEDS = (0, 1, 2)
 
 
-def _results(k: int, keep: float, seed: int) -> RunResults:
+def _results(k: int, keep: float, seed: int, epochs: int = 4) -> RunResults:
     rng = random.Random(hash((k, keep, seed)))
     noise = lambda: rng.uniform(-0.01, 0.01)  # noqa: E731
     members = [0.90 + noise() for _ in range(k)]
     base = 0.93 + 0.005 * k
-    curve = lambda start: [min(0.99, start + 0.02 * e + noise()) for e in range(1, 5)]  # noqa: E731
+    curve = lambda start: [min(0.99, start + 0.02 * e + noise()) for e in range(1, epochs + 1)]  # noqa: E731
     fusion = {}
     for name, start in (("avg", 0.3), ("ot", 0.6), ("nt", 0.95 - keep * 0.4)):
         test = curve(start)
@@ -217,3 +219,32 @@ def test_groups_differ_in_the_seed_alone(tmp_path):
     assert f"- data.root=data/broken, train.lr=null (2 seeds: 0, 1): `{dirs[0]}`, `{dirs[1]}`" in section
     assert f"  - left out: `{dirs[-1]}`, seed 1 again (kept `{dirs[3]}`)" in section
     assert "5 runs in 3 group(s) (1 more left out as repeats of a seed)" in text
+
+
+def test_columns_follow_the_fine_tuning_epochs(tmp_path):
+    two = [write_run(tmp_path / "two" / f"seed={s}", s, _results(2, 0.5, s, epochs=2)) for s in (0, 1)]
+    text = open(write_report(two, str(tmp_path / "two"))).read()
+    assert text.count("| | after fusion | after 2 epochs | best |") == 2          # the accuracy and paired tables
+    nt_row = next(line for line in text.splitlines() if line.startswith("| NT |"))
+    assert "—" not in nt_row
+    five = [write_run(tmp_path / "five" / f"seed={s}", s, _results(2, 0.5, s, epochs=5)) for s in (0, 1)]
+    text = open(write_report(five, str(tmp_path / "five"))).read()
+    assert text.count("| | after fusion | after 3 epochs | after 5 epochs | best |") == 2
+
+
+def test_paired_plot_gives_each_panel_its_own_y_axis(tmp_path):
+    runs = []
+    for seed in range(4):   # up to 60 points apart right after fusion, within 2 points after fine-tuning
+        run = _results(2, 0.5, seed, epochs=2)
+        for i, entry in enumerate(run.fusion.values()):
+            entry.finetune = [a + 0.01 * ((seed + i) % 3 - 1) for a in run.control.finetune]
+            entry.finetune_val = list(run.control.finetune_val)
+        runs.append(run)
+    fig = plot_paired(aggregate(runs), "test")
+    after_fusion, after_two, best = (ax.get_ylim() for ax in fig.axes)
+    assert after_fusion[1] - after_fusion[0] > 60
+    assert after_two[1] - after_two[0] < 10 and best[1] - best[0] < 10
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels == ["NT − control", "OT − control", "Avg − control", "NT − OT", "NT − Avg"]
+    fig.savefig(tmp_path / "paired.png")
+    matplotlib.pyplot.close(fig)
