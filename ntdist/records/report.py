@@ -223,9 +223,25 @@ def markdown_table(rows: List[List[str]]) -> str:
     return "\n".join(lines[:1] + ["|---" * len(rows[0]) + "|"] + lines[1:])
 
 
+def plain_table(rows: List[List[str]]) -> str:
+    """The same table for a terminal: columns padded, the first left-aligned, the rest right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     .rstrip() for r in rows)
+
+
 def table(group: Group) -> str:
     """The paper-style table of one group as Markdown."""
     return markdown_table(table_rows(group.stats))
+
+
+def text_tables(run_dirs: List[str]) -> str:
+    """Every group's table as plain text, each under its label, for the terminal."""
+    blocks = []
+    for group in group_runs(run_dirs):
+        head = f"{group.label} ({_seeds_text(len(group.seeds))}), test accuracy (%), mean ± std over seeds"
+        blocks.append(head + "\n" + plain_table(table_rows(group.stats)))
+    return "\n\n".join(blocks)
 
 
 def diversity_text(group: Group) -> Optional[str]:

@@ -16,7 +16,7 @@ from ntdist.records.results import ControlResult, MethodResult, RunResults, Sync
     from_dict, to_dict, to_json
 from ntdist.commands.report import report_command
 from ntdist.records.paired import plot_paired
-from ntdist.records.report import find_run_dirs, group_runs, plot_against, plot_curves, write_report
+from ntdist.records.report import find_run_dirs, group_runs, plot_against, plot_curves, text_tables, write_report
 from ntdist.records.stats import aggregate
 
 SEEDS = (0, 1, 2)
@@ -230,6 +230,7 @@ def test_columns_follow_the_fine_tuning_epochs(tmp_path):
     five = [write_run(tmp_path / "five" / f"seed={s}", s, _results(2, 0.5, s, epochs=5)) for s in (0, 1)]
     text = open(write_report(five, str(tmp_path / "five"))).read()
     assert text.count("| | after fusion | after 3 epochs | after 5 epochs | best |") == 2
+    assert "\nall runs (2 seeds)" in "\n" + text_tables(five)
 
 
 def test_paired_plot_gives_each_panel_its_own_y_axis(tmp_path):
