@@ -159,7 +159,8 @@ def run_sweep(config_path: str, overrides: Sequence[str], run_point: Callable[[s
         if results is None:
             raise UserError(f"run '{point.name}' finished without writing {point_dir}/results.json; "
                             "check its metrics.jsonl and rerun the sweep to resume")
-        groups.setdefault(point.name.rsplit("/seed=", 1)[0], []).append(results)
+        swept = [o for o in point.overrides if not o.startswith("train.seed=")]   # the point's name less its seed
+        groups.setdefault(",".join(swept) or "all runs", []).append(results)
     summary = {"points": len(plan.points), "groups": {name: aggregate_sync(res) if isinstance(res[0], SyncResults)
                                                       else aggregate(res) for name, res in groups.items()}}
     os.makedirs(plan.base, exist_ok=True)

@@ -11,7 +11,7 @@ import yaml
 
 from ntdist.errors import UserError
 from ntdist.options import format_value
-from ntdist.records.results import ControlResult, MethodResult, RunResults, to_json
+from ntdist.records.results import ControlResult, MethodResult, RunResults, SyncMethodResult, SyncResults, to_json
 from ntdist.records.stats import aggregate, best_by_val, mean_std
 from ntdist.sweep import expand, run_sweep
 
@@ -125,6 +125,18 @@ def test_run_sweep_prints_the_report_table(tmp_path, capsys):
     assert table[-2].split()[-3:] == ["91.50", "±", "0.71"]          # best member + extra epochs, best
 
 
+def test_run_sweep_prints_sync_finals(tmp_path):
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(yaml.safe_dump({"seeds": [0, 1], "output": {"dir": str(tmp_path / "out")}}))
+
+    def sync_results(seed):
+        return SyncResults(k=2, seed=seed, sync={"nt": SyncMethodResult(test=[0.5], val=[0.5], final=0.5 + 0.1 * seed)})
+
+    shown = []
+    run_sweep(str(cfg), [], lambda path, overrides: _write_point(overrides, sync_results), show=shown.append)
+    assert shown[0].splitlines()[1].split() == ["all", "runs", "(2", "seeds)", "nt", "55.00", "±", "7.07"]
+
+
 def test_run_sweep_reports_point_without_results(tmp_path):
     cfg = tmp_path / "sweep.yaml"
     cfg.write_text(yaml.safe_dump({"seeds": [0]}))
@@ -190,3 +202,14 @@ def test_run_sweep_with_custom_done_and_no_summary(tmp_path):
     assert result is None
     assert [o[0] for o in calls] == ["train.seed=0", "train.seed=2"]
     assert not (tmp_path / "sweep.json").exists()
+
+
+def test_a_seed_list_alone_is_one_group(tmp_path):
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(yaml.safe_dump({"seeds": [0, 1, 2], "output": {"dir": str(tmp_path / "out")}}))
+    summary = run_sweep(str(cfg), [], lambda path, overrides: _write_point(overrides), show=lambda text: None)
+    assert list(summary["groups"]) == ["all runs"] and summary["groups"]["all runs"]["runs"] == 3
+    cfg.write_text(yaml.safe_dump({"sweep": {"data.split_seed": [1, 2]}, "output": {"dir": str(tmp_path / "grid")}}))
+    summary = run_sweep(str(cfg), [], lambda path, overrides: _write_point(overrides + ["train.seed=0"]),
+                        show=lambda text: None)
+    assert list(summary["groups"]) == ["data.split_seed=1", "data.split_seed=2"]
