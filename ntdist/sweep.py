@@ -9,9 +9,10 @@ A config may carry two top-level keys besides the usual sections:
 
 `expand` turns them into one `Point` per combination (the cartesian product in the
 order the keys are written, seeds innermost). `run_sweep` runs every point that has
-no results.json yet, each in its own sub-directory of output.dir, and writes
+no results.json yet, each in its own sub-directory of output.dir, writes
 sweep.json: the results of each point's seeds reduced to mean and sample
-standard deviation by `records.stats.aggregate`.
+standard deviation by `records.stats.aggregate`, and prints each point's table
+(the one report.md shows, as plain text).
 """
 
 import itertools
@@ -26,6 +27,7 @@ from ntdist.options import format_value
 from ntdist.errors import UserError
 from ntdist.records.files import atomic_write_text
 from ntdist.records.manifest import add_to_manifest
+from ntdist.records.report import plain_table, text_tables
 from ntdist.records.results import SyncResults, read_results
 from ntdist.records.stats import aggregate, aggregate_sync
 
@@ -132,7 +134,8 @@ def plan_sweep(config_path: str, overrides: Sequence[str]) -> SweepPlan:
 
 
 def run_sweep(config_path: str, overrides: Sequence[str], run_point: Callable[[str, List[str]], object],
-              done: Optional[Callable[[str], bool]] = None, summarise: bool = True) -> Optional[dict]:
+              done: Optional[Callable[[str], bool]] = None, summarise: bool = True,
+              show: Callable[[str], object] = print) -> Optional[dict]:
     """Run every unfinished point of the sweep in `config_path`, then write and return the summary.
 
     `run_point(config_path, overrides)` runs one experiment; it receives the caller's
@@ -140,7 +143,8 @@ def run_sweep(config_path: str, overrides: Sequence[str], run_point: Callable[[s
     `seeds=[...]` replaces the file's seed list. `done(point_dir)` says whether a point
     can be skipped (default: it has a results.json); with several processes, pass one
     that gives every process the same answer. Processes other than the one writing
-    files pass `summarise=False`: they only run points, and None is returned.
+    files pass `summarise=False`: they only run points, and None is returned. The
+    writing process passes the tables of the summary to `show`.
     """
     plan = plan_sweep(config_path, overrides)
     done = done or (lambda path: read_results(path) is not None)
@@ -155,10 +159,22 @@ def run_sweep(config_path: str, overrides: Sequence[str], run_point: Callable[[s
         if results is None:
             raise UserError(f"run '{point.name}' finished without writing {point_dir}/results.json; "
                             "check its metrics.jsonl and rerun the sweep to resume")
-        groups.setdefault(point.name.rsplit("/seed=", 1)[0], []).append(results)
+        swept = [o for o in point.overrides if not o.startswith("train.seed=")]   # the point's name less its seed
+        groups.setdefault(",".join(swept) or "all runs", []).append(results)
     summary = {"points": len(plan.points), "groups": {name: aggregate_sync(res) if isinstance(res[0], SyncResults)
                                                       else aggregate(res) for name, res in groups.items()}}
     os.makedirs(plan.base, exist_ok=True)
     add_to_manifest(plan.base, [SUMMARY_FILE])
     atomic_write_text(os.path.join(plan.base, SUMMARY_FILE), json.dumps(summary, indent=2) + "\n")
+    show(_sync_tables(summary) if any("sync" in g for g in summary["groups"].values()) else text_tables(plan.dirs))
     return summary
+
+
+def _sync_tables(summary: dict) -> str:
+    """Each point's final test accuracy per sync method (mode sync has no report.md to mirror)."""
+    rows = [["", "sync method", "final test accuracy (%)"]]
+    for name, group in summary["groups"].items():
+        for method, stat in group["sync"].items():
+            cell = f"{100 * stat['mean']:.2f} ± {100 * stat['std']:.2f}" if stat else "—"
+            rows.append([f"{name} ({group['runs']} seeds)", method, cell])
+    return plain_table(rows)

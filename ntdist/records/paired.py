@@ -1,9 +1,12 @@
-"""The report's paired comparisons: NT minus each baseline, seed by seed, as a table and a plot.
+"""The report's paired comparisons, seed by seed, as a table and a plot.
 
-The numbers come from `records.stats.paired_block` (stored under "paired" in every
+Every fusion method is compared with the control (the best member fine-tuned for the
+same extra epochs), and NT also with OT and Avg (`records.stats.comparisons`). The
+numbers come from `records.stats.paired_block` (stored under "paired" in every
 group's statistics, and so in sweep.json); this module only lays them out. The
-checkpoints are right after fusion, after 3 fine-tuning epochs (or after the last
-one when a run fine-tunes for fewer) and the epoch chosen by validation accuracy.
+checkpoints are right after fusion, after the fine-tuning epochs of
+`records.stats.checkpoint_epochs` (the paper's 3 and the last) and the epoch chosen
+by validation accuracy.
 """
 
 import random
@@ -13,62 +16,76 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ntdist.records.stats import BASELINES  # noqa: E402
+from ntdist.records.stats import checkpoint_epochs, comparisons, finetune_epochs  # noqa: E402
 
-BASELINE_NAMES = {"control": "control (best member + extra epochs)", "ot": "OT", "avg": "Avg"}
-PAIRED_NOTE = ("Paired differences: for each seed, NT's test accuracy minus the baseline's on the same members "
-               "(in points); mean ± sample std over seeds, the two-sided paired t-test p-value, and on how many "
-               "seeds NT is ahead (ties not counted). Right after fusion the control is the best member itself.")
-FINETUNE_EPOCHS = 3   # the middle checkpoint of the table, as in the paper's tables
+NAMES = {"nt": "NT", "ot": "OT", "avg": "Avg", "control": "control"}
+PAIRED_NOTE = ("Paired differences: for each seed, a method's test accuracy minus the control's (best member + "
+               "extra epochs), and NT's minus OT's and Avg's, on the same members (in points); mean ± sample std "
+               "over seeds, the two-sided paired t-test p-value, and on how many seeds the first is ahead (ties "
+               "not counted). Right after fusion the control is the best member itself. \"p = —\" where a t-test "
+               "says nothing: one seed, or the same difference on every seed (no spread).")
 
 
-def checkpoints(block: dict) -> List[Tuple[str, str, Optional[dict]]]:
-    """(key, column title, stat) for after fusion, after min(3, epochs) epochs and best, of one baseline."""
+def epoch_title(epoch: int) -> str:
+    return f"after {epoch} epoch{'s' if epoch != 1 else ''}"
+
+
+def checkpoints(block: dict, epochs: int) -> List[Tuple[str, str, Optional[dict]]]:
+    """(key, column title, stat) for after fusion, after each of `checkpoint_epochs(epochs)`, and best."""
     curve = block["finetune"]
     out = [("post_fusion", "after fusion", block["post_fusion"])]
-    if curve:
-        epoch = min(FINETUNE_EPOCHS, len(curve))
-        out.append(("finetune", f"after {epoch} epoch{'s' if epoch > 1 else ''}", curve[epoch - 1]))
+    out += [(f"finetune{e}", epoch_title(e), curve[e - 1] if len(curve) >= e else None)
+            for e in checkpoint_epochs(epochs)]
     out.append(("best", "best", block["best"]))
     return out
 
 
 def format_paired(stat: Optional[dict]) -> str:
-    """'+1.23 ± 0.45 (p = 0.012, 7/10 ahead)' in points; '—' when nothing was paired."""
+    """'+1.23 ± 0.45 (p = 0.012, 7/10 ahead)' in points; 'p = — (no spread)' without a test; '—' without pairs."""
     if not stat:
         return "—"
-    p = "p = —" if stat["p"] is None else (f"p = {stat['p']:.3f}" if stat["p"] >= 0.001 else "p < 0.001")
+    if stat["p"] is None:
+        p = f"p = — ({stat.get('no_p') or 'no test'})"
+    else:
+        p = f"p = {stat['p']:.3f}" if stat["p"] >= 0.001 else "p < 0.001"
     return (f"{100 * stat['mean']:+.2f} ± {100 * stat['std']:.2f} ({p}, "
             f"{stat['wins']}/{stat['n']} ahead)")
 
 
-def paired_table(stats: dict, method: str = "nt") -> Optional[str]:
-    """Markdown table of `method` minus each baseline at each checkpoint; None without pairs."""
-    blocks = (stats.get("paired") or {}).get(method) or {}
-    rows = [(b, blocks[b]) for b in BASELINES if b in blocks]
-    if not rows:
+def rows(stats: dict) -> List[Tuple[str, dict]]:
+    """(row name, block) of each comparison that some run of the group holds, in the report's order."""
+    held = stats.get("paired") or {}
+    return [(f"{NAMES.get(m, m)} − {NAMES.get(b, b)}", held[m][b])
+            for m, b in comparisons(list(held)) if b in held.get(m, {})]
+
+
+def paired_table(stats: dict) -> Optional[str]:
+    """Markdown table of every comparison at each checkpoint; None without pairs."""
+    found, epochs = rows(stats), finetune_epochs(stats)
+    if not found:
         return None
-    titles = [title for _, title, _ in checkpoints(rows[0][1])]
-    name = method.upper() if method in ("nt", "ot") else method
+    titles = [title for _, title, _ in checkpoints(found[0][1], epochs)]
     lines = ["| | " + " | ".join(titles) + " |", "|---" * (len(titles) + 1) + "|"]
-    for baseline, block in rows:
-        cells = [format_paired(stat) for _, _, stat in checkpoints(block)]
-        lines.append(f"| {name} − {BASELINE_NAMES.get(baseline, baseline)} | " + " | ".join(cells) + " |")
+    for name, block in found:
+        lines.append(f"| {name} | " + " | ".join(format_paired(s) for _, _, s in checkpoints(block, epochs)) + " |")
     return "\n".join(lines)
 
 
-def plot_paired(stats: dict, label: str, method: str = "nt"):
-    """Per-seed differences (dots), their mean ± std (bar) and zero, one panel per checkpoint; None without pairs."""
-    blocks = (stats.get("paired") or {}).get(method) or {}
-    rows = [(b, blocks[b]) for b in BASELINES if b in blocks]
-    if not rows:
+def plot_paired(stats: dict, label: str):
+    """Per-seed differences (dots), their mean ± std (bar) and zero, one panel per checkpoint; None without pairs.
+
+    Each panel has its own y-axis: right after fusion the gaps are tens of points, after
+    fine-tuning a few, and one shared scale would flatten the later ones.
+    """
+    found, epochs = rows(stats), finetune_epochs(stats)
+    if not found:
         return None
-    panels = checkpoints(rows[0][1])
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.2), squeeze=False, sharey=True)
+    panels = checkpoints(found[0][1], epochs)
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.2 + 1.1 * len(found) * len(panels), 4.6), squeeze=False)
     jitter = random.Random(0)   # the same picture every time
     for ax, (key, title, _) in zip(axes[0], panels):
-        for x, (baseline, block) in enumerate(rows):
-            stat = dict((k, s) for k, _, s in checkpoints(block)).get(key)
+        for x, (_, block) in enumerate(found):
+            stat = {k: s for k, _, s in checkpoints(block, epochs)}.get(key)
             if not stat:
                 continue
             diffs = [100 * d for d in stat["diffs"]]
@@ -76,13 +93,13 @@ def plot_paired(stats: dict, label: str, method: str = "nt"):
             ax.errorbar([x + 0.25], [100 * stat["mean"]], yerr=[100 * stat["std"]], color="black",
                         marker="D", capsize=4)
         ax.axhline(0.0, color="grey", linewidth=1)
-        ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels([f"{method.upper()} − {b if b == 'control' else b.upper()}" for b, _ in rows],
-                           fontsize="small")
+        ax.set_xticks(range(len(found)))
+        ax.set_xticklabels([name for name, _ in found], fontsize="small", rotation=30, ha="right")
+        ax.set_xlim(-0.5, len(found) - 0.5)
         ax.set_title(title)
         ax.grid(alpha=0.3, axis="y")
     axes[0][0].set_ylabel("difference per seed (points); bar: mean ± std")
-    fig.suptitle(f"Paired differences: {label}", fontsize="medium")
+    fig.suptitle(f"Paired differences: {label} (each panel has its own y-axis)", fontsize="medium")
     fig.tight_layout()
     return fig
 

@@ -2,16 +2,20 @@
 
     ntdist report runs/sweep            # every sub-directory holding a results.json
 
-Runs whose configs are equal apart from train.seed form one group (a sweep
-point); each group gets a table in the layout of the NT paper (mean ± std over
-seeds, in percent), a plot of accuracy against fine-tuning epoch and NT's paired
-differences per seed (`records.paired`); when the groups differ in fusion.k or in
-sparsity, accuracy is also plotted against them.
+Runs whose configs are equal apart from train.seed (and the few keys of
+`NON_SEMANTIC_KEYS`) form one group (a sweep point); a second run of a seed
+already in its group is a duplicate, not a sample, and is left out. Each group
+gets a table in the layout of the NT paper (mean ± std over seeds, in percent), a
+plot of accuracy against fine-tuning epoch and the paired differences per seed
+(`records.paired`); when the groups differ in fusion.k or in sparsity, accuracy
+is also plotted against them. The report's "Groups" section lists the folders of
+each group and the keys that tell the groups apart.
 """
 
 import json
 import os
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import List, Optional
 
 import matplotlib
@@ -24,14 +28,22 @@ from ntdist.options import format_value  # noqa: E402
 from ntdist.errors import UserError  # noqa: E402
 from ntdist.records.files import atomic_write_text, replacing  # noqa: E402
 from ntdist.records.manifest import add_to_manifest  # noqa: E402
-from ntdist.records.paired import paired_section  # noqa: E402
+from ntdist.records.paired import epoch_title, paired_section  # noqa: E402
 from ntdist.records.results import RESULTS_FILE, RunResults, from_dict  # noqa: E402
-from ntdist.records.stats import aggregate, mean_std, merged_summary  # noqa: E402
+from ntdist.records.stats import aggregate, checkpoint_epochs, finetune_epochs, mean_std, merged_summary  # noqa: E402
 
 REPORT_FILE, PLOTS = "report.md", ("accuracy_vs_k.png", "accuracy_vs_sparsity.png")
 METHOD_NAMES = {"avg": "Avg", "ot": "OT", "nt": "NT"}
 COLORS = {"avg": "C0", "ot": "C1", "nt": "C2", "control": "C3"}
-IGNORED_KEYS = ("train.seed", "output.", "seeds", "sweep", "distributed.port", "data.root")
+# Keys that may differ within a group. train.seed is what a group varies. The others
+# only say where results are written and what is logged about them (output.*: the run
+# directory, trackers, the diversity measurement, which draws no random numbers the
+# training sees) or how the ranks meet and how long they wait (distributed.port and the
+# time-outs). Everything else, data.root included (broken and fixed images are two
+# experiments), splits groups: a key that looks harmless (threads, vectorize, precision)
+# may still change the numbers, and a split shows up in the Groups section.
+SEED_KEY = "train.seed"
+NON_SEMANTIC_KEYS = (SEED_KEY, "output.*", "distributed.port", "distributed.*timeout_s")   # fnmatch patterns
 BEST_NOTE = ("\"best\" is the test accuracy at the fine-tuning epoch with the highest validation accuracy "
              "(ties: the earliest). The NT authors' code reported the maximum test accuracy over epochs, "
              "which selects on the test set and flatters every method.")
@@ -42,8 +54,10 @@ class Group:
     """Runs of one sweep point (equal configs apart from the seed) and their statistics."""
 
     config: dict
-    dirs: List[str] = field(default_factory=list)
+    dirs: List[str] = field(default_factory=list)         # one run per seed, in seed order
     results: List[RunResults] = field(default_factory=list)
+    seeds: list = field(default_factory=list)
+    duplicates: List[tuple] = field(default_factory=list)  # (left-out dir, seed, the dir kept for that seed)
     label: str = "all runs"
     settings: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
@@ -115,25 +129,63 @@ def _sort_key(value):
 
 
 def group_runs(run_dirs: List[str]) -> List[Group]:
-    """Group runs by their config minus seed and output keys; label groups by the keys that differ."""
+    """Group runs whose configs differ in the seed (and `NON_SEMANTIC_KEYS`) alone, one run per seed.
+
+    Of two runs of a group with the same seed the first one given is kept and the
+    other is recorded in `Group.duplicates`. Groups are labelled by the keys that differ.
+    """
     groups: dict = {}
     for run_dir in run_dirs:
         config, results = load_run(run_dir)
-        config = {k: v for k, v in config.items() if not k.startswith(IGNORED_KEYS)}
+        seed = config.get(SEED_KEY, results.seed)
+        config = {k: v for k, v in config.items() if not any(fnmatchcase(k, p) for p in NON_SEMANTIC_KEYS)}
         key = json.dumps(config, sort_keys=True, default=str)
         group = groups.setdefault(key, Group(config=config))
+        if seed in group.seeds:
+            group.duplicates.append((run_dir, seed, group.dirs[group.seeds.index(seed)]))
+            continue
+        group.seeds.append(seed)
         group.dirs.append(run_dir)
         group.results.append(results)
     out = list(groups.values())
-    keys = sorted({k for g in out for k in g.config})
-    differing = [k for k in keys if len({json.dumps(g.config.get(k), default=str) for g in out}) > 1]
+    differing = differing_keys(out)
     for group in out:
+        order = sorted(range(len(group.seeds)), key=lambda i: _sort_key(group.seeds[i]))
+        group.seeds, group.dirs, group.results = ([items[i] for i in order]
+                                                  for items in (group.seeds, group.dirs, group.results))
         group.settings = {k: format_value(group.config.get(k)) for k in differing}
         if differing:
             group.label = ", ".join(f"{k}={v}" for k, v in group.settings.items())
         group.stats = aggregate(group.results)
     out.sort(key=lambda g: [_sort_key(g.config.get(k)) for k in differing])
     return out
+
+
+def differing_keys(groups: List[Group]) -> List[str]:
+    """The config keys whose values are not the same in every group, sorted."""
+    keys = sorted({k for g in groups for k in g.config})
+    return [k for k in keys if len({json.dumps(g.config.get(k), sort_keys=True, default=str) for g in groups}) > 1]
+
+
+def _seeds_text(n: int) -> str:
+    return f"{n} seed{'s' if n != 1 else ''}"
+
+
+def groups_section(groups: List[Group]) -> List[str]:
+    """The report's "Groups" section: which runs were pooled, which were left out, and what tells groups apart."""
+    ignored = ", ".join(f"`{k}`" for k in NON_SEMANTIC_KEYS if k != SEED_KEY)
+    text = ["## Groups", "", f"Runs are pooled as seeds of one group when their config.yaml files differ only in "
+            f"`{SEED_KEY}` (and in {ignored}, which do not change the results); a second run of a seed "
+            "is the same sample again and is left out.", ""]
+    differing = differing_keys(groups)
+    if len(groups) > 1:
+        text += ["Keys that differ between groups: " + ", ".join(f"`{k}`" for k in differing) + ".", ""]
+    for g in groups:
+        seeds = ", ".join(format_value(s) for s in g.seeds)
+        text.append(f"- {g.label} ({_seeds_text(len(g.seeds))}: {seeds}): " + ", ".join(f"`{d}`" for d in g.dirs))
+        for left_out, seed, kept in g.duplicates:
+            text.append(f"  - left out: `{left_out}`, seed {format_value(seed)} again (kept `{kept}`)")
+    return text + [""]
 
 
 def _pct(stat: Optional[dict]) -> str:
@@ -145,25 +197,51 @@ def _methods(stats: dict) -> List[str]:
     return known + sorted(m for m in stats["methods"] if m not in METHOD_NAMES)
 
 
-def _epoch(curve: list, index: int) -> Optional[dict]:
-    return curve[index] if len(curve) > index else None
+def table_rows(stats: dict) -> List[List[str]]:
+    """The paper-style table of one group, title row first: after fusion, after the checkpoint epochs, best."""
+    epochs = checkpoint_epochs(finetune_epochs(stats))
+    blank = ["—"] * (len(epochs) + 1)
+
+    def at(curve):
+        return [_pct(curve[e - 1] if len(curve) >= e else None) for e in epochs]
+
+    rows = [["", "after fusion"] + [epoch_title(e) for e in epochs] + ["best"],
+            ["Ensemble", _pct(stats["ensemble"])] + blank,
+            ["Members (mean)", _pct(stats["members_mean"])] + blank,
+            ["Best member", _pct(stats["best_member"])] + blank]
+    if stats["control"]:
+        c = stats["control"]
+        rows.append(["Best member + extra epochs", "—"] + at(c["finetune"]) + [_pct(c["best"])])
+    for m in _methods(stats):
+        b = stats["methods"][m]
+        rows.append([METHOD_NAMES.get(m, m), _pct(b["post_fusion"])] + at(b["finetune"]) + [_pct(b["best"])])
+    return rows
+
+
+def markdown_table(rows: List[List[str]]) -> str:
+    lines = ["|" + "|".join(f" {c} " if c else " " for c in r) + "|" for r in rows]
+    return "\n".join(lines[:1] + ["|---" * len(rows[0]) + "|"] + lines[1:])
+
+
+def plain_table(rows: List[List[str]]) -> str:
+    """The same table for a terminal: columns padded, the first left-aligned, the rest right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     .rstrip() for r in rows)
 
 
 def table(group: Group) -> str:
     """The paper-style table of one group as Markdown."""
-    s = group.stats
-    lines = ["| | after fusion | after 3 epochs | best |", "|---|---|---|---|",
-             f"| Ensemble | {_pct(s['ensemble'])} | — | — |",
-             f"| Members (mean) | {_pct(s['members_mean'])} | — | — |",
-             f"| Best member | {_pct(s['best_member'])} | — | — |"]
-    if s["control"]:
-        c = s["control"]
-        lines.append(f"| Best member + extra epochs | — | {_pct(_epoch(c['finetune'], 2))} | {_pct(c['best'])} |")
-    for m in _methods(s):
-        b = s["methods"][m]
-        lines.append(f"| {METHOD_NAMES.get(m, m)} | {_pct(b['post_fusion'])} | "
-                     f"{_pct(_epoch(b['finetune'], 2))} | {_pct(b['best'])} |")
-    return "\n".join(lines)
+    return markdown_table(table_rows(group.stats))
+
+
+def text_tables(run_dirs: List[str]) -> str:
+    """Every group's table as plain text, each under its label, for the terminal."""
+    blocks = []
+    for group in group_runs(run_dirs):
+        head = f"{group.label} ({_seeds_text(len(group.seeds))}), test accuracy (%), mean ± std over seeds"
+        blocks.append(head + "\n" + plain_table(table_rows(group.stats)))
+    return "\n\n".join(blocks)
 
 
 def diversity_text(group: Group) -> Optional[str]:
@@ -174,7 +252,7 @@ def diversity_text(group: Group) -> Optional[str]:
     for key in ("disagreement_mean", "duplicate_fraction_mean"):
         values = [d[key] for d in divs if d.get(key) is not None]
         stats[key] = dict(zip(("mean", "std"), mean_std(values))) if values else None
-    text = (f"Diversity over {len(divs)} seeds: prediction disagreement {_pct(stats['disagreement_mean'])} %, "
+    text = (f"Diversity over {_seeds_text(len(divs))}: prediction disagreement {_pct(stats['disagreement_mean'])} %, "
             f"units with a near-copy in another member {_pct(stats['duplicate_fraction_mean'])} %.")
     warnings = [d["warning"] for d in divs if d.get("warning")]
     if warnings:
@@ -203,7 +281,7 @@ def plot_curves(group: Group):
             ax.axhline(100 * stat["mean"], color="black", linestyle=style, label=name)
     ax.set_xlabel("fine-tuning epoch (0 = right after fusion)")
     ax.set_ylabel("test accuracy (%), mean ± std over seeds")
-    ax.set_title(f"Fine-tuning after fusion: {group.label} ({s['runs']} seeds)")
+    ax.set_title(f"Fine-tuning after fusion: {group.label} ({_seeds_text(s['runs'])})")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
@@ -280,10 +358,13 @@ def write_report(run_dirs: List[str], out_dir: str) -> str:
     figures = [f"{kind}_{i}.png" for i in range(1, len(groups) + 1) for kind in ("curves", "paired")]
     add_to_manifest(out_dir, [REPORT_FILE, *PLOTS, *figures])
     runs = sum(len(g.dirs) for g in groups)
-    text = ["# ntdist report", "", f"{runs} runs in {len(groups)} group(s); accuracies are test accuracy in "
-            "percent, mean ± sample std over seeds.", "", BEST_NOTE, ""]
+    left_out = sum(len(g.duplicates) for g in groups)
+    text = ["# ntdist report", "", f"{runs} run{'s' if runs != 1 else ''} in {len(groups)} group(s)"
+            + (f" ({left_out} more left out as repeats of a seed)" if left_out else "")
+            + "; accuracies are test accuracy in percent, mean ± sample std over seeds.", "", BEST_NOTE, ""]
+    text += groups_section(groups)
     for i, group in enumerate(groups, 1):
-        text += [f"## {group.label} ({group.stats['runs']} seeds)", "", table(group), ""]
+        text += [f"## {group.label} ({_seeds_text(len(group.seeds))})", "", table(group), ""]
         for extra in (diversity_text(group), merged_summary(group.results)):
             text += [extra, ""] if extra else []
         name = _save(plot_curves(group), out_dir, f"curves_{i}.png")
@@ -297,7 +378,6 @@ def write_report(run_dirs: List[str], out_dir: str) -> str:
         fig = plot_against(groups, x_of, keys, xlabel, title, after)
         if fig is not None:
             text += [f"## {title}", "", f"![{title.lower()}]({_save(fig, out_dir, fname)})", ""]
-    text += ["## Run directories", ""] + [f"- {g.label}: " + ", ".join(f"`{d}`" for d in g.dirs) for g in groups]
     path = os.path.join(out_dir, REPORT_FILE)
     atomic_write_text(path, "\n".join(text) + "\n")
     return path

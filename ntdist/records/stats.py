@@ -7,9 +7,11 @@ Every seed trains one set of members; NT, the other fusion methods and the contr
 (the best member fine-tuned for the same extra epochs) all start from that set, so
 their accuracies pair up seed by seed. `paired` reduces the per-seed differences
 a - b to mean ± sample std, a two-sided paired t-test p-value and a sign count;
-`paired_block` does it for NT against the control, OT and Avg at every checkpoint:
+`paired_block` does it for one method against its baselines at every checkpoint:
 right after fusion (the control's value there is the best member itself), after
 each fine-tuning epoch, and at the epoch chosen by validation accuracy ("best").
+Every method is compared with the control, NT also with OT and Avg (`comparisons`).
+The caller must pass one run per seed: two runs of the same seed are one sample.
 """
 
 import math
@@ -19,6 +21,11 @@ from ntdist.errors import UserError
 from ntdist.records.results import RunResults, SyncResults
 
 BASELINES = ("control", "ot", "avg")   # what NT is compared with, in the report's order
+METHOD_ORDER = ("nt", "ot", "avg")      # the paired rows' order; other methods follow, sorted
+PAPER_EPOCHS = 3                        # the paper's tables report accuracy after 3 fine-tuning epochs
+# Accuracies are multiples of 1 / (test-set size), so a real spread of differences is at least
+# ~1 / (2 x test-set size), 5e-7 for a million samples; a smaller std is rounding of equal differences.
+NO_SPREAD = 1e-9
 
 
 def mean_std(values: Sequence[float]) -> Tuple[float, float]:
@@ -68,18 +75,40 @@ def _curve_block(entries: list, post_fusion: bool) -> dict:
     return out
 
 
+def checkpoint_epochs(epochs: int) -> List[int]:
+    """The fine-tuning epochs (1-based) the tables show: the paper's 3 when there are more, and the last."""
+    return sorted({min(PAPER_EPOCHS, epochs), epochs}) if epochs > 0 else []
+
+
+def finetune_epochs(stats: dict) -> int:
+    """The fine-tuning epochs (finetune.epochs) recorded in `aggregate`'s statistics: the longest curve."""
+    curves = [b["finetune"] for b in stats["methods"].values()] + [(stats["control"] or {}).get("finetune") or []]
+    return max(len(c) for c in curves)
+
+
+def no_p_reason(differences: Sequence[float]) -> Optional[str]:
+    """Why a paired t-test says nothing about `differences` (None when it can be computed).
+
+    With one value there is no spread to test against; with no spread the statistic is
+    0/0 or infinite, and an "infinitely significant" difference from, e.g., one run
+    copied into two folders would be a lie.
+    """
+    if len(differences) < 2:
+        return "1 seed" if differences else "no seeds"
+    if mean_std(differences)[1] <= NO_SPREAD:
+        return "no spread"
+    return None
+
+
 def t_test_p(differences: Sequence[float]) -> Optional[float]:
     """Two-sided p-value of a one-sample t-test of mean 0 on `differences` (a paired t-test).
 
-    None with fewer than two values. With no spread at all the test statistic is 0/0 or
-    infinite: p is 1.0 when every difference is 0, else 0.0.
+    None when `no_p_reason` gives a reason: fewer than two values, or no spread.
     """
-    n = len(differences)
-    if n < 2:
+    if no_p_reason(differences):
         return None
+    n = len(differences)
     mean, std = mean_std(differences)
-    if std == 0.0:
-        return 1.0 if mean == 0.0 else 0.0
     statistic = mean / (std / math.sqrt(n))
     from scipy.stats import t as student_t   # here: scipy.stats takes half a second to import
     return float(2.0 * student_t.sf(abs(statistic), n - 1))
@@ -88,8 +117,9 @@ def t_test_p(differences: Sequence[float]) -> Optional[float]:
 def paired(a: Sequence[Optional[float]], b: Sequence[Optional[float]]) -> Optional[dict]:
     """Statistics of a - b over the positions where both are known.
 
-    {"mean", "std", "n", "p", "wins", "losses", "ties", "diffs"}: wins counts a > b;
-    `diffs` keeps the per-seed differences for plots. None when no pair is complete.
+    {"mean", "std", "n", "p", "no_p", "wins", "losses", "ties", "diffs"}: wins counts a > b;
+    `no_p` says why p is None; `diffs` keeps the per-seed differences for plots. None when
+    no pair is complete.
     """
     if len(a) != len(b):
         raise ValueError(f"paired needs equally long sequences, got {len(a)} and {len(b)}")
@@ -97,7 +127,7 @@ def paired(a: Sequence[Optional[float]], b: Sequence[Optional[float]]) -> Option
     if not diffs:
         return None
     mean, std = mean_std(diffs)
-    return {"mean": mean, "std": std, "n": len(diffs), "p": t_test_p(diffs),
+    return {"mean": mean, "std": std, "n": len(diffs), "p": t_test_p(diffs), "no_p": no_p_reason(diffs),
             "wins": sum(d > 0 for d in diffs), "losses": sum(d < 0 for d in diffs),
             "ties": sum(d == 0 for d in diffs), "diffs": diffs}
 
@@ -151,6 +181,20 @@ def paired_block(results: List[RunResults], method: str = "nt",
     return out
 
 
+def ordered_methods(methods: Sequence[str]) -> List[str]:
+    """NT, OT and Avg first (those present), then the other method names, sorted."""
+    return [m for m in METHOD_ORDER if m in methods] + sorted(m for m in methods if m not in METHOD_ORDER)
+
+
+def comparisons(methods: Sequence[str]) -> List[Tuple[str, str]]:
+    """(method, baseline) pairs the report shows: every method against the control, then NT against the others."""
+    ordered = ordered_methods(methods)
+    pairs = [(m, "control") for m in ordered]
+    if "nt" in ordered:
+        pairs += [("nt", b) for b in BASELINES if b != "control" and b in ordered]
+    return pairs
+
+
 def aggregate(results: List[RunResults]) -> dict:
     """Mean and std over seeds of every accuracy in a list of results.
 
@@ -169,7 +213,9 @@ def aggregate(results: List[RunResults]) -> dict:
         for name, entry in r.fusion.items():
             methods.setdefault(name, []).append(entry)
     out["methods"] = {name: _curve_block(entries, True) for name, entries in methods.items()}
-    out["paired"] = {"nt": paired_block(results, "nt")}
+    out["paired"] = {}
+    for method, baseline in comparisons(list(methods)):
+        out["paired"].setdefault(method, {}).update(paired_block(results, method, (baseline,)))
     return out
 
 

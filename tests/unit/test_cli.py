@@ -159,6 +159,9 @@ def test_a_seed_list_on_the_command_line_runs_a_sweep(tmp_path):
     summary = json.loads((out / "sweep.json").read_text())
     assert len(list(out.glob("*/results.json"))) == 2, sorted(p.name for p in out.iterdir())
     assert summary
+    table = proc.stdout[proc.stdout.index("all runs (2 seeds), test accuracy (%), mean ± std over seeds"):]
+    assert table.splitlines()[1].split() == ["after", "fusion", "best"]     # as in report.md
+    assert table.splitlines()[5].startswith("NT ") and "±" in table.splitlines()[5]
 
 
 def test_fuse_with_dedup_returns_a_member_fused_with_its_copy(tmp_path, capsys):

@@ -45,13 +45,23 @@ def test_t_test_one_degree_of_freedom_is_cauchy():
 
 def test_degenerate_cases():
     assert t_test_p([0.3]) is None
-    assert t_test_p([0.0, 0.0, 0.0]) == 1.0
-    assert t_test_p([0.1, 0.1]) == 0.0
     stat = paired([0.5, None, 0.7], [0.5, 0.6, None])   # only the first seed has both
-    assert (stat["n"], stat["ties"], stat["mean"], stat["p"]) == (1, 1, 0.0, None)
+    assert (stat["n"], stat["ties"], stat["mean"], stat["p"], stat["no_p"]) == (1, 1, 0.0, None, "1 seed")
     assert paired([None], [0.5]) is None
     with pytest.raises(ValueError):
         paired([0.1, 0.2], [0.1])
+
+
+def test_no_spread_gives_no_p_value():
+    # the same difference on every seed (as from one run copied into two folders): no test, not p < 0.001
+    assert t_test_p([0.0, 0.0, 0.0]) is None
+    assert t_test_p([0.1, 0.1]) is None
+    assert t_test_p([0.6 - 0.5, 0.5 - 0.4]) is None          # equal up to floating-point rounding
+    stat = paired([0.9236, 0.9236], [0.9306, 0.9306])
+    assert (stat["p"], stat["no_p"], stat["n"], stat["wins"]) == (None, "no spread", 2, 0)
+    assert format_paired(stat) == "-0.70 ± 0.00 (p = — (no spread), 0/2 ahead)"
+    assert format_paired(paired([0.8], [0.7])) == "+10.00 ± 0.00 (p = — (1 seed), 1/1 ahead)"
+    assert t_test_p([0.0, 1e-6]) is not None                   # one sample of a test set of 10^6 differs
 
 
 def _run(seed, nt, ot, best_member, control):
@@ -93,7 +103,8 @@ def test_paired_block_checkpoints_by_hand():
 def test_aggregate_carries_the_paired_block():
     stats = aggregate(RUNS)
     assert stats["paired"]["nt"]["ot"]["post_fusion"]["diffs"] == pytest.approx([-0.10, -0.10])
-    assert stats["paired"]["nt"]["ot"]["post_fusion"]["p"] == 0.0     # no spread, mean -0.1
+    assert stats["paired"]["nt"]["ot"]["post_fusion"]["p"] is None     # no spread, mean -0.1
+    assert stats["paired"]["nt"]["ot"]["post_fusion"]["no_p"] == "no spread"
     json.dumps(stats)   # sweep.json must be able to hold it
 
 
@@ -105,10 +116,24 @@ def test_table_and_formatting():
     table = paired_table(aggregate(RUNS))
     lines = table.splitlines()
     assert lines[0] == "| | after fusion | after 3 epochs | best |"
-    assert lines[2].startswith("| NT − control (best member + extra epochs) | -27.50 ± 3.54 (p = ")
-    assert lines[3].startswith("| NT − OT | -10.00 ± 0.00 (p < 0.001, 0/2 ahead) | +3.00 ± 2.83")
+    assert lines[2].startswith("| NT − control | -27.50 ± 3.54 (p = ")
+    assert lines[4].startswith("| NT − OT | -10.00 ± 0.00 (p = — (no spread), 0/2 ahead) | +3.00 ± 2.83")
     short = [_run(s, (0.5, [0.6], [0.1]), (0.4, [0.5], [0.1]), 0.7, ([0.65], [0.1])) for s in (0, 1)]
     assert "| after fusion | after 1 epoch | best |" in paired_table(aggregate(short))
+
+
+def test_every_method_is_compared_with_the_control():
+    stats = aggregate(RUNS)
+    assert set(stats["paired"]) == {"nt", "ot"} and set(stats["paired"]["ot"]) == {"control"}
+    # OT after fusion minus the best member: 0.60 - 0.75, 0.50 - 0.70
+    assert stats["paired"]["ot"]["control"]["post_fusion"]["diffs"] == pytest.approx([-0.15, -0.20])
+    names = [line.split(" | ")[0] for line in paired_table(stats).splitlines()[2:]]
+    assert names == ["| NT − control", "| OT − control", "| NT − OT"]
+    no_nt = [_run(s, (0.5, [0.6], [0.1]), (0.4, [0.5], [0.1]), 0.7, ([0.65], [0.1])) for s in (0, 1)]
+    for run in no_nt:
+        run.fusion = {"ot": run.fusion["ot"], "avg": run.fusion["nt"]}
+    names = [line.split(" | ")[0] for line in paired_table(aggregate(no_nt)).splitlines()[2:]]
+    assert names == ["| OT − control", "| Avg − control"]
 
 
 def test_report_shows_paired_table_and_plot(tmp_path):
@@ -119,6 +144,6 @@ def test_report_shows_paired_table_and_plot(tmp_path):
         (run_dir / "config.yaml").write_text(yaml.safe_dump({"train": {"seed": seed}}))
     path = write_report([str(tmp_path / "seed=0"), str(tmp_path / "seed=1")], str(tmp_path))
     text = open(path).read()
-    assert "| NT − OT | -10.00 ± 0.00" in text
+    assert "| NT − OT | -10.00 ± 0.00" in text and "| OT − control | " in text
     assert "![paired differences per seed](paired_1.png)" in text
     assert os.path.getsize(tmp_path / "paired_1.png") > 1000

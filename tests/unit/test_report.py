@@ -10,21 +10,24 @@ import matplotlib
 import pytest
 import yaml
 
+from helpers import ntdist
 from ntdist.errors import UserError
 from ntdist.records.results import ControlResult, MethodResult, RunResults, SyncMethodResult, SyncResults, \
     from_dict, to_dict, to_json
 from ntdist.commands.report import report_command
-from ntdist.records.report import find_run_dirs, group_runs, plot_against, plot_curves, write_report
+from ntdist.records.paired import plot_paired
+from ntdist.records.report import find_run_dirs, group_runs, plot_against, plot_curves, text_tables, write_report
+from ntdist.records.stats import aggregate
 
 SEEDS = (0, 1, 2)
 
 
-def _results(k: int, keep: float, seed: int) -> dict:
+def _results(k: int, keep: float, seed: int, epochs: int = 4) -> RunResults:
     rng = random.Random(hash((k, keep, seed)))
     noise = lambda: rng.uniform(-0.01, 0.01)  # noqa: E731
     members = [0.90 + noise() for _ in range(k)]
     base = 0.93 + 0.005 * k
-    curve = lambda start: [min(0.99, start + 0.02 * e + noise()) for e in range(1, 5)]  # noqa: E731
+    curve = lambda start: [min(0.99, start + 0.02 * e + noise()) for e in range(1, epochs + 1)]  # noqa: E731
     fusion = {}
     for name, start in (("avg", 0.3), ("ot", 0.6), ("nt", 0.95 - keep * 0.4)):
         test = curve(start)
@@ -93,7 +96,7 @@ def test_report_defaults_to_first_directory_and_single_run(tmp_path):
     path = report_command(one)
     assert path == os.path.join(one, "report.md")
     text = open(path).read()
-    assert "## all runs (1 seeds)" in text
+    assert "## all runs (1 seed)" in text
     assert not os.path.exists(os.path.join(one, "accuracy_vs_k.png"))  # one k value: no plot
 
 
@@ -166,3 +169,83 @@ def test_merge_counts_round_trip_and_older_files_still_read():
                                           "avg": SyncMethodResult(test=[0.9], val=[0.9], final=0.9)})
     data = to_dict(sync)
     assert "merged" not in data["sync"]["avg"] and from_dict(data).sync["nt"].merged == {"a": 3}
+
+
+def write_run(run_dir, seed: int, results: RunResults, **sections) -> str:
+    """A run directory as `ntdist run` leaves it: config.yaml (`sections` merged in) and results.json."""
+    config = {"model": {"name": "mlp", "kwargs": {"width": 32}}, "data": {"name": "digits", "root": "data"},
+              "train": {"epochs": 2, "seed": seed}, "finetune": {"epochs": len(results.fusion["nt"].finetune)},
+              "fusion": {"k": 2, "methods": sorted(results.fusion)}, "output": {"dir": str(run_dir)},
+              "distributed": {"port": None, "timeout_s": 300.0}}
+    for section, values in sections.items():
+        config[section] = {**config[section], **values}
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(config, f)
+    with open(os.path.join(run_dir, "results.json"), "w") as f:
+        f.write(to_json(results))
+    return str(run_dir)
+
+
+def test_the_same_seed_in_two_folders_is_one_sample(tmp_path):
+    results = _results(2, 0.5, 0)
+    run_a = write_run(tmp_path / "runA", 0, results)
+    run_b = write_run(tmp_path / "runB", 0, results)    # the same run again, in another folder
+    proc = ntdist("report", run_a, run_b, "--out", str(tmp_path / "report"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "## all runs (1 seed)" in text and "2 seeds" not in text
+    assert f"left out: `{run_b}`, seed 0 again (kept `{run_a}`)" in text
+    assert "p < 0.001" not in text and "p = — (1 seed)" in text
+
+
+def test_groups_differ_in_the_seed_alone(tmp_path):
+    dirs = []
+    for root in ("broken", "fixed"):          # two experiments: one on broken images, one on fixed ones
+        for seed in (0, 1):
+            dirs.append(write_run(tmp_path / root / f"seed={seed}", seed, _results(2, 0.5, seed),
+                                  data={"root": f"data/{root}"}, distributed={"port": 29500 + seed}))
+    dirs.append(write_run(tmp_path / "lr" / "seed=0", 0, _results(2, 0.5, 0), train={"lr": 0.1}))
+    dirs.append(write_run(tmp_path / "again", 1, _results(2, 0.5, 1), data={"root": "data/fixed"}))
+    groups = group_runs(dirs)
+    assert [(g.label, g.dirs) for g in groups] == [
+        ("data.root=data, train.lr=0.1", dirs[4:5]), ("data.root=data/broken, train.lr=null", dirs[0:2]),
+        ("data.root=data/fixed, train.lr=null", dirs[2:4])]
+    assert [g.seeds for g in groups] == [[0], [0, 1], [0, 1]]
+    assert groups[2].duplicates == [(dirs[-1], 1, dirs[3])]
+    text = open(write_report(dirs, str(tmp_path / "report"))).read()
+    section = text[text.index("## Groups"):text.index("## data.root=data, ")]
+    assert "Keys that differ between groups: `data.root`, `train.lr`." in section
+    assert f"- data.root=data/broken, train.lr=null (2 seeds: 0, 1): `{dirs[0]}`, `{dirs[1]}`" in section
+    assert f"  - left out: `{dirs[-1]}`, seed 1 again (kept `{dirs[3]}`)" in section
+    assert "5 runs in 3 group(s) (1 more left out as repeats of a seed)" in text
+
+
+def test_columns_follow_the_fine_tuning_epochs(tmp_path):
+    two = [write_run(tmp_path / "two" / f"seed={s}", s, _results(2, 0.5, s, epochs=2)) for s in (0, 1)]
+    text = open(write_report(two, str(tmp_path / "two"))).read()
+    assert text.count("| | after fusion | after 2 epochs | best |") == 2          # the accuracy and paired tables
+    nt_row = next(line for line in text.splitlines() if line.startswith("| NT |"))
+    assert "—" not in nt_row
+    five = [write_run(tmp_path / "five" / f"seed={s}", s, _results(2, 0.5, s, epochs=5)) for s in (0, 1)]
+    text = open(write_report(five, str(tmp_path / "five"))).read()
+    assert text.count("| | after fusion | after 3 epochs | after 5 epochs | best |") == 2
+    assert "\nall runs (2 seeds)" in "\n" + text_tables(five)
+
+
+def test_paired_plot_gives_each_panel_its_own_y_axis(tmp_path):
+    runs = []
+    for seed in range(4):   # up to 60 points apart right after fusion, within 2 points after fine-tuning
+        run = _results(2, 0.5, seed, epochs=2)
+        for i, entry in enumerate(run.fusion.values()):
+            entry.finetune = [a + 0.01 * ((seed + i) % 3 - 1) for a in run.control.finetune]
+            entry.finetune_val = list(run.control.finetune_val)
+        runs.append(run)
+    fig = plot_paired(aggregate(runs), "test")
+    after_fusion, after_two, best = (ax.get_ylim() for ax in fig.axes)
+    assert after_fusion[1] - after_fusion[0] > 60
+    assert after_two[1] - after_two[0] < 10 and best[1] - best[0] < 10
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels == ["NT − control", "OT − control", "Avg − control", "NT − OT", "NT − Avg"]
+    fig.savefig(tmp_path / "paired.png")
+    matplotlib.pyplot.close(fig)

@@ -11,7 +11,7 @@ import yaml
 
 from ntdist.errors import UserError
 from ntdist.options import format_value
-from ntdist.records.results import ControlResult, MethodResult, RunResults, to_json
+from ntdist.records.results import ControlResult, MethodResult, RunResults, SyncMethodResult, SyncResults, to_json
 from ntdist.records.stats import aggregate, best_by_val, mean_std
 from ntdist.sweep import expand, run_sweep
 
@@ -67,6 +67,18 @@ def _fake_results(seed, acc=0.9):
                       fusion={"nt": MethodResult(post_fusion=acc, finetune=[acc], finetune_val=[acc])})
 
 
+def _write_point(overrides, results_of=_fake_results):
+    """What `ntdist run` leaves in a point's directory: config.yaml with the point's keys, results.json."""
+    values = dict(o.split("=", 1) for o in overrides)
+    out, seed = values["output.dir"], int(values["train.seed"])
+    os.makedirs(out, exist_ok=True)
+    config = {"fusion": {"k": int(values.get("fusion.k", 2))}, "train": {"seed": seed}, "output": {"dir": out}}
+    with open(os.path.join(out, "config.yaml"), "w") as f:
+        yaml.safe_dump(config, f)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        f.write(to_json(results_of(seed)))
+
+
 def test_run_sweep_skips_finished_points(tmp_path):
     cfg = tmp_path / "sweep.yaml"
     cfg.write_text(yaml.safe_dump({"seeds": [0, 1], "sweep": {"fusion.k": [2, 4]},
@@ -75,11 +87,7 @@ def test_run_sweep_skips_finished_points(tmp_path):
 
     def run_point(path, overrides):
         calls.append(overrides)
-        out = [o.split("=", 1)[1] for o in overrides if o.startswith("output.dir=")][-1]
-        seed = int([o.split("=")[1] for o in overrides if o.startswith("train.seed=")][0])
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "results.json"), "w") as f:
-            f.write(to_json(_fake_results(seed)))
+        _write_point(overrides)
 
     summary = run_sweep(str(cfg), ["train.epochs=1"], run_point)
     assert len(calls) == 4
@@ -93,6 +101,40 @@ def test_run_sweep_skips_finished_points(tmp_path):
     calls.clear()
     run_sweep(str(cfg), ["train.epochs=1"], run_point)
     assert len(calls) == 1 and calls[0][-2] == "train.seed=1"
+
+
+def test_run_sweep_prints_the_report_table(tmp_path, capsys):
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(yaml.safe_dump({"seeds": [0, 1], "sweep": {"fusion.k": [2, 4]},
+                                   "output": {"dir": str(tmp_path / "out")}}))
+
+    def results_of(seed):
+        acc = 0.9 + 0.01 * seed
+        return RunResults(k=2, seed=seed, members=[acc, acc - 0.1], best_member=acc, ensemble=acc + 0.02,
+                          control=ControlResult(finetune=[acc, acc + 0.01], finetune_val=[0.5, 0.6]),
+                          fusion={"nt": MethodResult(post_fusion=acc - 0.05, finetune=[acc, acc + 0.02],
+                                                     finetune_val=[0.5, 0.6])})
+
+    run_sweep(str(cfg), [], lambda path, overrides: _write_point(overrides, results_of))
+    out = capsys.readouterr().out
+    head = "fusion.k=2 (2 seeds), test accuracy (%), mean ± std over seeds"
+    assert head in out and "fusion.k=4 (2 seeds)" in out
+    table = out[out.index(head):].splitlines()[1:7]
+    assert table[0].split() == ["after", "fusion", "after", "2", "epochs", "best"]
+    assert table[-1].split() == ["NT", "85.50", "±", "0.71", "92.50", "±", "0.71", "92.50", "±", "0.71"]
+    assert table[-2].split()[-3:] == ["91.50", "±", "0.71"]          # best member + extra epochs, best
+
+
+def test_run_sweep_prints_sync_finals(tmp_path):
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(yaml.safe_dump({"seeds": [0, 1], "output": {"dir": str(tmp_path / "out")}}))
+
+    def sync_results(seed):
+        return SyncResults(k=2, seed=seed, sync={"nt": SyncMethodResult(test=[0.5], val=[0.5], final=0.5 + 0.1 * seed)})
+
+    shown = []
+    run_sweep(str(cfg), [], lambda path, overrides: _write_point(overrides, sync_results), show=shown.append)
+    assert shown[0].splitlines()[1].split() == ["all", "runs", "(2", "seeds)", "nt", "55.00", "±", "7.07"]
 
 
 def test_run_sweep_reports_point_without_results(tmp_path):
@@ -160,3 +202,14 @@ def test_run_sweep_with_custom_done_and_no_summary(tmp_path):
     assert result is None
     assert [o[0] for o in calls] == ["train.seed=0", "train.seed=2"]
     assert not (tmp_path / "sweep.json").exists()
+
+
+def test_a_seed_list_alone_is_one_group(tmp_path):
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(yaml.safe_dump({"seeds": [0, 1, 2], "output": {"dir": str(tmp_path / "out")}}))
+    summary = run_sweep(str(cfg), [], lambda path, overrides: _write_point(overrides), show=lambda text: None)
+    assert list(summary["groups"]) == ["all runs"] and summary["groups"]["all runs"]["runs"] == 3
+    cfg.write_text(yaml.safe_dump({"sweep": {"data.split_seed": [1, 2]}, "output": {"dir": str(tmp_path / "grid")}}))
+    summary = run_sweep(str(cfg), [], lambda path, overrides: _write_point(overrides + ["train.seed=0"]),
+                        show=lambda text: None)
+    assert list(summary["groups"]) == ["data.split_seed=1", "data.split_seed=2"]
