@@ -67,7 +67,8 @@ def main():
         if imp != "l2":
             for name, values in (("fusion", post), ("finetune", tuned)):
                 d = paired(values[imp], values["l2"])
-                line += (f"; {name} - l2 {100 * d['mean']:+.1f} ± {100 * d['std']:.1f} (p = {'—' if d['p'] is None else format(d['p'], '.3f')}, "
+                p = "—" if d["p"] is None else f"{d['p']:.3f}"
+                line += (f"; {name} - l2 {100 * d['mean']:+.1f} ± {100 * d['std']:.1f} (p = {p}, "
                          f"{d['wins']}/{d['n']} ahead)")
         print(line)
 
