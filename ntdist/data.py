@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from ntdist.datacheck import call_dataset, check_splits
 from ntdist.errors import UserError, check_choice
-from ntdist.images import Augment, ImageTensors
+from ntdist.images import Augment, ImageFiles, ImageTensors, list_image_files
 from ntdist.options import is_import_path, opt
 
 TORCHVISION_SETS = {
@@ -241,8 +241,10 @@ def load_torchvision_splits(cfg: DataConfig) -> Splits:
 
 def load_imagefolder_splits(cfg: DataConfig) -> Splits:
     """root/train/<class>/<image> (any format PIL reads), optional root/val and root/test with the same classes;
-    what is missing is carved out of train (data.val_fraction, data.test_fraction)."""
-    from torchvision import datasets, transforms
+    what is missing is carved out of train (data.val_fraction, data.test_fraction). Every file is checked
+    before anything trains (`images.list_image_files`)."""
+    from torchvision import transforms
+    from torchvision.datasets.folder import IMG_EXTENSIONS
 
     root = os.path.expanduser(cfg.root)
     folders = {part: os.path.join(root, part) for part in ("train", "val", "test")}
@@ -255,22 +257,24 @@ def load_imagefolder_splits(cfg: DataConfig) -> Splits:
     train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
                                    transforms.ToTensor(), norm]) if cfg.augment else eval_tf
     try:
-        full, plain = datasets.ImageFolder(folders["train"], train_tf), datasets.ImageFolder(folders["train"], eval_tf)
-        full.varies_per_read = cfg.augment   # random transforms: never decoded once and kept (training.batches)
-        given = {part: datasets.ImageFolder(folders[part], eval_tf) for part in ("val", "test")
-                 if os.path.isdir(folders[part])}
-    except (FileNotFoundError, OSError) as err:
+        listed = {part: list_image_files(folder, IMG_EXTENSIONS, root) for part, folder in folders.items()
+                  if part == "train" or os.path.isdir(folder)}
+    except OSError as err:
         raise UserError(f"imagefolder under '{root}': {str(err).splitlines()[0]}") from None
-    for part, data in given.items():
-        if data.classes != full.classes:
-            raise UserError(f"'{folders[part]}' has classes {data.classes}, but train/ has {full.classes}; "
+    classes = listed["train"][0]
+    for part, (names, _) in listed.items():
+        if names != classes:
+            raise UserError(f"'{folders[part]}' has classes {names}, but train/ has {classes}; "
                             "every split needs the same class folders")
-    classes, test = len(full.classes), given.get("test")
+    full = ImageFiles(*listed["train"], train_tf, varies_per_read=cfg.augment)
+    plain = ImageFiles(*listed["train"], eval_tf)
+    given = {part: ImageFiles(*listed[part], eval_tf) for part in ("val", "test") if part in listed}
+    test = given.get("test")
     if test is None:
         test_idx, rest = _carve_test(len(full), cfg)
         test = Subset(plain, test_idx.tolist())
         full, plain = Subset(full, rest.tolist()), Subset(plain, rest.tolist())
-    return _holdout(full, test, cfg, (3, size, size), classes, val=given.get("val"), eval_view=plain)
+    return _holdout(full, test, cfg, (3, size, size), len(classes), val=given.get("val"), eval_view=plain)
 
 
 def load_callable_splits(cfg: DataConfig) -> Splits:
@@ -288,7 +292,7 @@ def load_callable_splits(cfg: DataConfig) -> Splits:
 
 def load_splits(cfg: DataConfig) -> Splits:
     """Load the dataset named in `cfg` and return its seeded train/val/test splits, checked before anything
-    trains (`ntdist.datacheck`)."""
+    trains (`ntdist.datacheck`; image folders file by file)."""
     if is_import_path(cfg.name):
         splits = load_callable_splits(cfg)
     elif cfg.name == "imagefolder":

@@ -11,7 +11,7 @@ built-in dataset but imagefolder, and most datasets of one's own) is checked who
 passes. A split read one sample at a time (a list, a `Dataset` class of one's own) is read whole when it
 fits `data.resident_max_mb` (it is then decoded whole before training anyway) and, for a train set
 without a `classes` attribute, always (its labels give the class count); of a larger one, the first
-`FIRST_SAMPLES`. Image folders are checked file by file instead (`ntdist.data.load_imagefolder_splits`).
+`FIRST_SAMPLES`. Image folders are checked file by file instead (`ntdist.images.list_image_files`).
 """
 
 import inspect

@@ -1,17 +1,20 @@
-"""Mistakes in the data are refused while loading: one line naming the split, the first bad sample and the fix,
-exit 2, before anything trains and before the run directory exists.
+"""Mistakes in the data are refused while loading: one line naming the split, the first bad sample or file and
+the fix, exit 2, before anything trains and before the run directory exists.
 
 Run: .venv/bin/python -m pytest tests/unit/test_data_mistakes.py
 """
 
 import os
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from helpers import QUICK, ROOT
 from ntdist.cli import main
 from ntdist.data import DataConfig, load_splits
 from ntdist.errors import UserError
+from ntdist.images import ImageFiles, list_image_files
 
 BLOBS = "data.name=userpkg.datasets:blobs_with"
 
@@ -92,6 +95,74 @@ def test_a_typo_in_data_kwargs_is_a_usage_error_with_a_suggestion(tmp_path, caps
     err = refused(tmp_path, capsys, "data.name=userpkg.datasets:blobs", "data.kwargs.sample=3")
     assert "data.kwargs do not fit 'userpkg.datasets:blobs': it takes no argument 'sample' " \
            "(did you mean 'samples'?)" in err
+
+
+def write_tree(root, train=12, test=4):
+    """root/{train,test}/{blue,red}/<i>.png: small images of one noisy colour per class."""
+    rng = np.random.default_rng(0)
+    for part, n in (("train", train), ("test", test)):
+        for name, colour in (("blue", (20, 40, 220)), ("red", (220, 30, 30))):
+            (root / part / name).mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(np.array(colour) + rng.integers(-30, 30, (10, 12, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / part / name / f"{i}.png")
+
+
+def images(tree, *more):
+    return ("data.name=imagefolder", f"data.root={tree}", "data.image_size=8", "model.kwargs.width=8", *more)
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda png: png.write_bytes(png.read_bytes()[:40]), "ends before the last chunk of a PNG (cut short?) and "
+                                                         "cannot be decoded"),
+    (lambda png: png.write_bytes(b""), "is empty (0 bytes)"),
+])
+def test_a_truncated_or_empty_image_file_is_named(tmp_path, capsys, damage, words):
+    write_tree(tmp_path / "tree")
+    damage(tmp_path / "tree" / "test" / "red" / "3.png")
+    err = refused(tmp_path, capsys, *images(tmp_path / "tree"))
+    assert f"image '{tmp_path / 'tree' / 'test' / 'red' / '3.png'}' {words}" in err
+
+
+def test_a_folder_link_back_into_the_tree_is_refused_not_followed(tmp_path, capsys):
+    write_tree(tmp_path / "tree")
+    os.symlink("..", tmp_path / "tree" / "train" / "red" / "loop")   # ImageFolder reads red/loop/loop/... 40 deep
+    err = refused(tmp_path, capsys, *images(tmp_path / "tree"))
+    assert f"the folder link '{tmp_path / 'tree' / 'train' / 'red' / 'loop'}' leads back into the data tree" in err
+    assert "ntdist does not follow such links" in err
+    os.remove(tmp_path / "tree" / "train" / "red" / "loop")
+    os.symlink(tmp_path / "tree" / "test" / "red", tmp_path / "tree" / "train" / "blue" / "more")   # test images
+    assert "leads back into the data tree" in refused(tmp_path, capsys, *images(tmp_path / "tree"))
+
+
+def test_folder_links_out_of_the_tree_are_followed_in_torchvisions_order(tmp_path):
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    write_tree(tmp_path / "tree")
+    write_tree(tmp_path / "elsewhere", train=3, test=0)
+    (tmp_path / "tree" / "train" / "red" / "a").mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "tree" / "train" / "red" / "a" / "0.png")
+    os.symlink(tmp_path / "elsewhere" / "train" / "red", tmp_path / "tree" / "train" / "red" / "more")
+    classes, samples = list_image_files(str(tmp_path / "tree" / "train"), IMG_EXTENSIONS, str(tmp_path / "tree"))
+    reference = ImageFolder(str(tmp_path / "tree" / "train"))
+    assert classes == reference.classes and samples == reference.samples and len(samples) == 12 + 12 + 1 + 3
+    splits = load_splits(DataConfig(name="imagefolder", root=str(tmp_path / "tree"), image_size=8))
+    assert isinstance(splits.test, ImageFiles) and len(splits.train) + len(splits.val) == 28
+
+
+def test_an_image_that_fails_to_decode_while_training_names_the_file(tmp_path, capsys):
+    write_tree(tmp_path / "tree")
+    png = tmp_path / "tree" / "train" / "red" / "3.png"
+    data = bytearray(png.read_bytes())
+    start = data.index(b"IDAT") + 8
+    data[start + 2:start + 10] = b"\xff" * 8   # starts and ends as a PNG does: only decoding finds it
+    png.write_bytes(bytes(data))
+    code = main(["run", os.path.join(ROOT, QUICK[0]), *QUICK[1:], f"output.dir={tmp_path / 'run'}",
+                 *images(tmp_path / "tree", "data.loader_workers=1", "train.epochs=1")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"ntdist: error: image '{png}' cannot be decoded (broken data stream when reading " \
+                                "image file); delete or replace it"
 
 
 def test_built_in_datasets_pass_the_checks():
