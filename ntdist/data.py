@@ -13,11 +13,12 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
+from ntdist.datacheck import call_dataset, check_splits
 from ntdist.errors import UserError, check_choice
-from ntdist.images import Augment, ImageTensors
-from ntdist.options import import_callable, is_import_path, opt
+from ntdist.images import Augment, ImageFiles, ImageTensors, list_image_files
+from ntdist.options import is_import_path, opt
 
 TORCHVISION_SETS = {
     # name: (class name, in_shape, classes, files expected under root, normalisation mean/std)
@@ -113,15 +114,40 @@ def _holdout(full: Dataset, test: Dataset, cfg: DataConfig, in_shape, classes, v
     `train_fraction`. Carved validation samples are read through `eval_view` (the same samples without
     training augmentation) when given."""
     val_idx, train_idx = _split_indices(len(full), [cfg.val_fraction if val is None else 0.0], cfg.split_seed)
+    if val is None and len(val_idx) == 0:
+        _refuse_carving(cfg, "val", len(full))
     train_idx = np.sort(train_idx[:max(1, int(round(len(train_idx) * cfg.train_fraction)))])
     if val is None:
         val = Subset(full if eval_view is None else eval_view, np.sort(val_idx).tolist())
     return Splits(Subset(full, train_idx.tolist()), val, test, tuple(in_shape), classes)
 
 
+def _carve_test(n: int, cfg: DataConfig):
+    """(test indices, the rest) of n samples: the test set carved out of a dataset that brings none."""
+    test_idx, rest = _split_indices(n, [cfg.test_fraction], cfg.split_seed)
+    if len(test_idx) == 0:
+        _refuse_carving(cfg, "test", n)
+    return np.sort(test_idx), rest
+
+
+def _refuse_carving(cfg: DataConfig, part: str, n: int):
+    """A val or test set to be carved out of `n` samples would be empty: say why."""
+    fraction, which = getattr(cfg, f"{part}_fraction"), {"val": "validation", "test": "test"}[part]
+    if n == 0:
+        raise UserError(f"{_where(cfg)} has no samples to split (an empty split cannot be trained, "
+                        "validated or tested on); give it samples")
+    if fraction == 0:
+        raise UserError(f"{_where(cfg)} brings no {which} set and data.{part}_fraction=0 carves none; "
+                        f"members are chosen on validation and compared on test: set data.{part}_fraction > 0")
+    samples = "samples" if part == "test" else "samples left for training"
+    raise UserError(f"{_where(cfg)}: its {n} {samples} are too few to carve a {which} set out of "
+                    f"(data.{part}_fraction={fraction} of {n} rounds to 0); give more samples, raise "
+                    f"data.{part}_fraction, or bring a {which} set of the dataset's own")
+
+
 def _tensor_splits(x: torch.Tensor, y: torch.Tensor, cfg: DataConfig, classes: int) -> Splits:
-    test_idx, rest = _split_indices(len(x), [cfg.test_fraction], cfg.split_seed)
-    test = TensorDataset(x[np.sort(test_idx)], y[np.sort(test_idx)])
+    test_idx, rest = _carve_test(len(x), cfg)
+    test = TensorDataset(x[test_idx], y[test_idx])
     return _holdout(TensorDataset(x[rest], y[rest]), test, cfg, x.shape[1:], classes)
 
 
@@ -215,8 +241,10 @@ def load_torchvision_splits(cfg: DataConfig) -> Splits:
 
 def load_imagefolder_splits(cfg: DataConfig) -> Splits:
     """root/train/<class>/<image> (any format PIL reads), optional root/val and root/test with the same classes;
-    what is missing is carved out of train (data.val_fraction, data.test_fraction)."""
-    from torchvision import datasets, transforms
+    what is missing is carved out of train (data.val_fraction, data.test_fraction). Every file is checked
+    before anything trains (`images.list_image_files`)."""
+    from torchvision import transforms
+    from torchvision.datasets.folder import IMG_EXTENSIONS
 
     root = os.path.expanduser(cfg.root)
     folders = {part: os.path.join(root, part) for part in ("train", "val", "test")}
@@ -229,61 +257,70 @@ def load_imagefolder_splits(cfg: DataConfig) -> Splits:
     train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
                                    transforms.ToTensor(), norm]) if cfg.augment else eval_tf
     try:
-        full, plain = datasets.ImageFolder(folders["train"], train_tf), datasets.ImageFolder(folders["train"], eval_tf)
-        full.varies_per_read = cfg.augment   # random transforms: never decoded once and kept (training.batches)
-        given = {part: datasets.ImageFolder(folders[part], eval_tf) for part in ("val", "test")
-                 if os.path.isdir(folders[part])}
-    except (FileNotFoundError, OSError) as err:
+        listed = {part: list_image_files(folder, IMG_EXTENSIONS, root) for part, folder in folders.items()
+                  if part == "train" or os.path.isdir(folder)}
+    except OSError as err:
         raise UserError(f"imagefolder under '{root}': {str(err).splitlines()[0]}") from None
-    for part, data in given.items():
-        if data.classes != full.classes:
-            raise UserError(f"'{folders[part]}' has classes {data.classes}, but train/ has {full.classes}; "
+    classes = listed["train"][0]
+    for part, (names, _) in listed.items():
+        if names != classes:
+            raise UserError(f"'{folders[part]}' has classes {names}, but train/ has {classes}; "
                             "every split needs the same class folders")
-    classes, test = len(full.classes), given.get("test")
+    full = ImageFiles(*listed["train"], train_tf, varies_per_read=cfg.augment)
+    plain = ImageFiles(*listed["train"], eval_tf)
+    given = {part: ImageFiles(*listed[part], eval_tf) for part in ("val", "test") if part in listed}
+    test = given.get("test")
     if test is None:
-        test_idx, rest = _split_indices(len(full), [cfg.test_fraction], cfg.split_seed)
-        test = Subset(plain, np.sort(test_idx).tolist())
+        test_idx, rest = _carve_test(len(full), cfg)
+        test = Subset(plain, test_idx.tolist())
         full, plain = Subset(full, rest.tolist()), Subset(plain, rest.tolist())
-    return _holdout(full, test, cfg, (3, size, size), classes, val=given.get("val"), eval_view=plain)
+    return _holdout(full, test, cfg, (3, size, size), len(classes), val=given.get("val"), eval_view=plain)
 
 
 def load_callable_splits(cfg: DataConfig) -> Splits:
     """`package.module:callable(**data.kwargs)` returns (train, val, test) datasets of (input, label) pairs;
     val and test may be None (then they are carved out of train). The class count is the train set's
-    `classes` attribute when it has one, else the largest label + 1."""
-    parts = import_callable(cfg.name, "data.name")(**cfg.kwargs)
-    if not isinstance(parts, (tuple, list)) or len(parts) != 3 or parts[0] is None:
-        raise UserError(f"data.name '{cfg.name}' must return (train, val, test) datasets (val and test may be "
-                        f"None), got {type(parts).__name__}")
-    train, val, test = parts
-    if hasattr(train, "classes"):
-        classes = len(train.classes)
-    else:
-        labels = torch.cat([torch.as_tensor(y).flatten() for _, y in DataLoader(train, batch_size=1024)])
-        classes = int(labels.max()) + 1
-    in_shape = tuple(torch.as_tensor(train[0][0]).shape)
+    `classes` attribute when it has one, else the largest label + 1. The sets are checked as returned
+    (`ntdist.datacheck`), so a message's sample index is one in the user's own set."""
+    train, val, test = call_dataset(cfg.name, cfg.kwargs)
+    in_shape, classes = check_splits({"train": train, "val": val, "test": test}, _where(cfg), cfg.resident_max_mb)
     if test is None:
-        test_idx, rest = _split_indices(len(train), [cfg.test_fraction], cfg.split_seed)
-        train, test = Subset(train, rest.tolist()), Subset(train, np.sort(test_idx).tolist())
+        test_idx, rest = _carve_test(len(train), cfg)
+        train, test = Subset(train, rest.tolist()), Subset(train, test_idx.tolist())
     return _holdout(train, test, cfg, in_shape, classes, val=val)
 
 
 def load_splits(cfg: DataConfig) -> Splits:
-    """Load the dataset named in `cfg` and return its seeded train/val/test splits."""
+    """Load the dataset named in `cfg` and return its seeded train/val/test splits, checked before anything
+    trains (`ntdist.datacheck`; image folders file by file)."""
     if is_import_path(cfg.name):
         splits = load_callable_splits(cfg)
     elif cfg.name == "imagefolder":
         splits = load_imagefolder_splits(cfg)
-    elif cfg.name == "digits":
-        splits = load_digits_splits(cfg)
-    elif cfg.name == "mnist1d":
-        splits = load_mnist1d_splits(cfg)
-    elif cfg.name == "synthetic":
-        splits = load_synthetic_splits(cfg)
     else:
-        check_choice(cfg.name, DATASETS, "dataset data.name")
-        splits = load_torchvision_splits(cfg)
-    if len(splits.train) == 0 or len(splits.test) == 0:
-        raise UserError(f"dataset '{cfg.name}' has an empty split (train={len(splits.train)}, "
-                        f"test={len(splits.test)}); check data.train_fraction, data.val_fraction, data.test_fraction")
+        if cfg.name == "digits":
+            splits = load_digits_splits(cfg)
+        elif cfg.name == "mnist1d":
+            splits = load_mnist1d_splits(cfg)
+        elif cfg.name == "synthetic":
+            splits = load_synthetic_splits(cfg)
+        else:
+            check_choice(cfg.name, DATASETS, "dataset data.name")
+            splits = load_torchvision_splits(cfg)
+        check_splits({"train": splits.train, "val": splits.val, "test": splits.test}, _where(cfg),
+                     cfg.resident_max_mb, splits.num_classes)
+    _check_sizes(splits, cfg)
     return splits
+
+
+def _check_sizes(splits: Splits, cfg: DataConfig) -> None:
+    """A val or test set the dataset brings must have samples (carved ones are checked as they are carved)."""
+    for part in ("val", "test"):
+        if len(getattr(splits, part)) == 0:
+            raise UserError(f"{_where(cfg)} brings an empty {part} set; give it samples, or bring none (None, or no "
+                            f"{part}/ folder) to have it carved out of train")
+
+
+def _where(cfg: DataConfig) -> str:
+    """How messages name the dataset."""
+    return f"data.name '{cfg.name}'" if is_import_path(cfg.name) else f"dataset '{cfg.name}'"

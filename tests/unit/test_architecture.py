@@ -13,8 +13,8 @@ from helpers import ROOT
 
 PACKAGE = os.path.join(ROOT, "ntdist")
 # bottom up, as in docs/ARCHITECTURE.md: a module may import from its own layer and the ones before it
-LAYERS = [{"errors", "options", "preempt"}, {"fusion"}, {"models"}, {"images", "data"}, {"records"}, {"distributed"},
-          {"training"}, {"config"}, {"stages"}, {"pipeline"}, {"sweep"}, {"commands", "cli", "__main__"}]
+LAYERS = [{"errors", "options", "preempt"}, {"fusion"}, {"models"}, {"images", "datacheck", "data"}, {"records"},
+          {"distributed"}, {"training"}, {"config"}, {"stages"}, {"pipeline"}, {"sweep"}, {"commands", "cli", "__main__"}]
 
 
 def _modules() -> dict:
