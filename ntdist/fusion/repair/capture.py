@@ -23,8 +23,9 @@ from ntdist.fusion.analysis.plan import Layout, Plan, part_sizes
 CALIBRATION_BATCH = 256   # inputs per forward when the calibration set is one tensor
 
 
-class _Reached(Exception):
-    """Raised by a hook to stop a forward at the module whose tensor was wanted."""
+class _Reached(BaseException):
+    """Raised by a hook to stop a forward at the module whose tensor was wanted (a BaseException, so that a
+    forward catching Exception does not swallow it)."""
 
 
 def reach(model: nn.Module, name: str, x: torch.Tensor, what: str) -> Optional[torch.Tensor]:
