@@ -48,6 +48,18 @@ class Grouped(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class Tokens(nn.Module):
+    """A 1x1 conv embedding of a signal into tokens, then Linear layers on channels-last [batch, tokens, features]."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv1d(5, 12, 1), nn.Linear(12, 12), nn.Linear(12, 3)
+
+    def forward(self, x):
+        tokens = torch.relu(self.a(x)).transpose(1, 2)
+        return self.c(torch.relu(self.b(tokens)).mean(1))
+
+
 def members(make, x, k=2, seed=0):
     """k members of `make()`, their BatchNorm statistics set from a few passes over `x`."""
     torch.manual_seed(seed)
@@ -156,6 +168,7 @@ CASES = {
     "vgg_bn": (lambda: VGG11(3, 8, width=0.0625), (1, 3, 8, 8)),
     "resnet": (lambda: ResNet18(3, 8, 10, width=4), (1, 3, 8, 8)),
     "grouped": (Grouped, (1, 2, 6, 6)),
+    "tokens": (Tokens, (1, 5, 6)),
 }
 
 
@@ -178,6 +191,18 @@ def test_repair_beats_plain_nt_and_keeps_the_class(name):
     assert error < 0.7 * error_nt, (float(error), float(error_nt))
     assert type(repaired) is type(models[0]) and shapes(repaired) == before == shapes(models[0])
     assert not repaired.training
+
+
+def test_subsampled_positions_still_repair():
+    torch.manual_seed(0)
+    x = torch.randn(500, 1, 8, 8)
+    models = members(CASES["lenet"][0], x)
+    plan, w, keep, pruned = nt(models, x)
+    with torch.no_grad():
+        wide = concat(models, example_inputs=x[:2])(x[400:])
+        error_nt = (pruned(x[400:]) - wide).pow(2).mean()
+        repaired = repair(models, plan, w, keep, pruned, x[:400], positions=6)     # of 64 per input
+        assert (repaired(x[400:]) - wide).pow(2).mean() < 0.7 * error_nt
 
 
 def test_layers_it_cannot_refit_are_named_and_left_alone():
