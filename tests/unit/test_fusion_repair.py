@@ -60,6 +60,17 @@ class Tokens(nn.Module):
         return self.c(torch.relu(self.b(tokens)).mean(1))
 
 
+class LayerNormMLP(nn.Module):
+    """Linear, LayerNorm, ReLU, then two Linear layers: the repair fits the pre-LayerNorm outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.norm, self.b, self.c = nn.Linear(12, 16), nn.LayerNorm(16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.norm(self.a(x))))))
+
+
 def members(make, x, k=2, seed=0):
     """k members of `make()`, their BatchNorm statistics set from a few passes over `x`."""
     torch.manual_seed(seed)
@@ -169,6 +180,7 @@ CASES = {
     "resnet": (lambda: ResNet18(3, 8, 10, width=4), (1, 3, 8, 8)),
     "grouped": (Grouped, (1, 2, 6, 6)),
     "tokens": (Tokens, (1, 5, 6)),
+    "layernorm": (LayerNormMLP, (1, 12)),
 }
 
 
@@ -216,6 +228,16 @@ def test_layers_it_cannot_refit_are_named_and_left_alone():
         repaired = repair(models, plan, w, keep, pruned, x, notes=notes)
     assert notes == ["repair: 'd' left as pruned: forward calls it more than once"]
     assert torch.equal(repaired.d.weight, d) and torch.isfinite(repaired(x)).all()
+
+
+def test_a_pruned_model_that_keep_does_not_describe_is_refused():
+    torch.manual_seed(0)
+    x = torch.randn(50, 40)
+    models = members(lambda: MLP(40, 10, 8, 2), x)
+    plan, w, keep, _ = nt(models, x)
+    other = assemble(models, plan, w, {s: idx[:-1] for s, idx in keep.items()})
+    with pytest.raises(ValueError, match="must be assemble"):
+        repair(models, plan, w, keep, other, x)
 
 
 def test_nothing_pruned_changes_nothing():

@@ -46,9 +46,9 @@ def _layer_note(plan: Plan, name: str, module: nn.Module, twice: set) -> Optiona
     """None: refit it; '': nothing to refit; otherwise why it is left as NT pruned it."""
     layer = plan.layers[name]
     if layer.kind in SILENT or layer.inp is None:
-        return ""      # reads only the model input: its kept outputs are already the concatenated model's
+        return ""      # inp None: reads only the model input, so its kept outputs are already exact
     if layer.out is None and not _is_output(plan, name):
-        return ""
+        return ""      # neither reads nor writes a widened space
     reason = why_not(module, layer.kind)
     if not reason and name in twice:
         reason = "forward calls it more than once"
@@ -73,6 +73,9 @@ def _refit(models, plan, weights, keep, sizes, pruned, name, batches, feeds, rid
         else:
             target = wide_output(outputs, layer.out, sizes, dim)
             target = target if index is None else target.index_select(dim % target.dim(), index)
+        if target.shape[dim] != module.weight.shape[0]:
+            raise ValueError(f"repair: '{name}' has {module.weight.shape[0]} outputs but `keep` selects "
+                             f"{target.shape[dim]}; `pruned` must be assemble(models, plan, weights, keep)")
         rows, targets = rows_of(module, inputs, target, positions, generator)
         normal = accumulate(normal, rows, targets, bias)
     install(module, solve(normal, ridge), bn)
@@ -93,9 +96,9 @@ def repair(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float],
     `ridge` is relative to each layer's mean input energy (`lstsq.ridge_of`);
     `positions` bounds the output positions per input a convolution contributes.
 
-    `pruned` is changed in place and returned, in eval mode where it was: same class,
-    same shapes, only weights, biases and (for layers without a bias) the running
-    means of the BatchNorms they feed change. Layers that cannot be refitted are left
+    `pruned` is changed in place and returned: same class, same shapes; only weights,
+    biases and (for layers without a bias) the running means of the BatchNorms they
+    feed change. Every model runs in eval mode and gets its own mode back. Layers that cannot be refitted are left
     as NT pruned them, each named in a line appended to `notes` when given.
     """
     if not any(v is not None for v in keep.values()):
