@@ -12,6 +12,8 @@ Where is...
   `wide/norms` (each member's LayerNorm block), `wide/widegraph` (shuffles, constant channel counts)
 - the wide model built? `wide/assemble` (also what writes the pruned model: `assemble(..., keep)`)
 - the choice of the units that stay? `pruning/importance` (scores), `pruning/select` (per space, per member share)
+- the pruned model refitted to the concatenated one (after the selection)? `repair/` (`refit.repair`, the
+  normal equations in `lstsq`, a layer's regression rows in `rows`, hooks and targets in `capture`)
 - the merge of duplicate units? `dedup/merge` (the walk), `dedup/choice` (kept, merged, dropped), `dedup/activations`
 - the NT step and method dispatch? `nt`; the pairwise tree's arithmetic? `schedule`
 - the baselines? `baselines` (averaging, the ensemble, distillation loss, BatchNorm re-estimation), `ot`

@@ -1,0 +1,133 @@
+"""What the refit reads from the models: a layer's input or output on a batch, the layer order, the targets.
+
+`reach(model, name, x, "input"|"output")` runs `model` on `x` only as far as module
+`name` and returns what that module received or produced (a forward hook stops the
+forward there). `trace` runs the pruned model once and lists its analysed layers in
+the order forward calls them, which ones it calls more than once and which
+BatchNorm reads a layer's output directly.
+
+The concatenated model is never built: its hidden layers are block-diagonal, so
+the wide output of a hidden layer is the members' outputs side by side (member-major
+within every part of the layer's layout), and its output layer computes the weighted
+sum of the members' outputs. `wide_output` assembles that from the members, and
+`kept_index` says which of its entries the pruned layer's outputs are.
+"""
+
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+
+import torch
+import torch.nn as nn
+
+from ntdist.fusion.analysis.plan import Layout, Plan, part_sizes
+
+CALIBRATION_BATCH = 256   # inputs per forward when the calibration set is one tensor
+
+
+class _Reached(BaseException):
+    """Raised by a hook to stop a forward at the module whose tensor was wanted (a BaseException, so that a
+    forward catching Exception does not swallow it)."""
+
+
+def reach(model: nn.Module, name: str, x: torch.Tensor, what: str) -> Optional[torch.Tensor]:
+    """The input (first positional argument) or output of module `name` when `model` runs on `x`, or None
+    when forward never calls it. Only the part of forward before that module runs."""
+    box = []
+
+    def hook(module, args, output):
+        box.append(args[0] if what == "input" else output)
+        raise _Reached
+
+    handle = model.get_submodule(name).register_forward_hook(hook)
+    try:
+        model(x)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    return box[0] if box else None
+
+
+def trace(model: nn.Module, plan: Plan, x: torch.Tensor) -> Tuple[List[str], Set[str], Dict[str, str]]:
+    """(layers of `plan` in the order forward first calls them, those it calls more than once,
+    layer -> the BatchNorm whose input is exactly that layer's output)."""
+    calls: Dict[str, int] = {}
+    outputs: Dict[str, torch.Tensor] = {}      # held until the end, so ids stay unique
+    order: List[str] = []
+    feeds: Dict[str, str] = {}
+    handles = []
+
+    def after(name):
+        def hook(module, args, output):
+            calls[name] = calls.get(name, 0) + 1
+            if calls[name] == 1:
+                order.append(name)
+                outputs[name] = output
+        return hook
+
+    def before(name):
+        def hook(module, args):
+            for layer, out in outputs.items():
+                if args and args[0] is out:
+                    feeds.setdefault(layer, name)
+        return hook
+
+    for name, layer in plan.layers.items():
+        if layer.kind in ("param", "lnf"):     # a parameter or a functional call, not a module
+            continue
+        module = model.get_submodule(name)
+        handles.append(module.register_forward_hook(after(name)))
+        if layer.kind == "bn":
+            handles.append(module.register_forward_pre_hook(before(name)))
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return order, {n for n, c in calls.items() if c > 1}, feeds
+
+
+def calibration_batches(calibration, batch_size: int = CALIBRATION_BATCH) -> List[torch.Tensor]:
+    """The calibration inputs as a list of batches (it is read once per layer).
+
+    `calibration` is a tensor of inputs (split into batches of `batch_size`) or an
+    iterable of batches, each a tensor or a tuple/list whose first item is the
+    inputs (what a DataLoader yields). A one-shot iterator is read once, here.
+    """
+    if isinstance(calibration, torch.Tensor):
+        return list(calibration.split(batch_size))
+    batches = [b[0] if isinstance(b, (tuple, list)) else b for b in calibration]
+    if not batches or not all(isinstance(b, torch.Tensor) for b in batches):
+        raise ValueError("calibration must be a tensor of inputs or a non-empty iterable of input batches")
+    return batches
+
+
+def kept_index(layout: Layout, keep: Dict[int, Optional[torch.Tensor]], sizes: Sequence[Dict[int, int]],
+               device) -> Optional[torch.Tensor]:
+    """Indices into the wide layer's channel dimension of the pruned layer's channels, in their order, or
+    None when every channel is kept. `sizes` are each member's space sizes (`Plan.space_sizes`)."""
+    pieces, offset, whole = [], 0, True
+    for d in layout:
+        total = sum(s[d.space] for s in sizes)
+        chosen = keep.get(d.space)
+        units = torch.arange(total, device=device) if chosen is None else chosen.to(device)
+        whole = whole and chosen is None
+        pieces.append(offset + (units[:, None] * d.factor + torch.arange(d.factor, device=device)).reshape(-1))
+        offset += total * d.factor
+    return None if whole else torch.cat(pieces)
+
+
+def wide_output(outputs: Sequence[torch.Tensor], layout: Layout, sizes: Sequence[Dict[int, int]], dim: int
+                ) -> torch.Tensor:
+    """The concatenated model's output of a hidden layer, from each member's output of it."""
+    if len(layout) == 1:
+        return torch.cat(list(outputs), dim)
+    split = [o.split(part_sizes(layout, s), dim) for o, s in zip(outputs, sizes)]
+    return torch.cat([member[p] for p in range(len(layout)) for member in split], dim)
+
+
+def averaged_output(outputs: Iterable[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """The concatenated model's output layer: the members' outputs of it, weighted."""
+    total = None
+    for o, w in zip(outputs, weights):
+        total = o * w if total is None else total + o * w
+    return total

@@ -1,0 +1,139 @@
+"""Repair after NT's selection: refit each layer of the pruned model to the concatenated model, in forward order.
+
+NT keeps a subset of the concatenated model's units and drops the rest, together
+with what they contributed to the next layer. `repair` refits, layer by layer in the
+order forward calls them, the incoming weights and bias of every layer that reads a
+pruned space, by ridge least squares on calibration inputs: its inputs are taken from
+the pruned model as repaired so far, its targets are the concatenated model's
+outputs of that layer at the kept units (pre-activation; before a BatchNorm, whose
+kept channels carry the members' own statistics) or, for the output layer, the
+weighted average of the members' logits. Every producer into a residual stream is
+refitted to the stream's kept channels, so their sum matches too.
+
+A layer's fit is exact when the concatenated layer's kept outputs are an affine
+function of the pruned model's inputs to it (for instance when every dropped unit is a
+positive multiple of a kept one, or a linear combination of kept ones before the
+activation); otherwise it is the best such function on the calibration inputs.
+
+Cost: layer l is fitted from forwards that stop at l, one of the pruned model and one
+of each member per calibration batch, so a model of L layers costs about L/2 full
+forwards of k + 1 models per batch; memory is one batch's activations plus the normal
+equations of one layer (`lstsq`).
+"""
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from ntdist.fusion.analysis.plan import Plan
+from ntdist.fusion.repair.capture import (CALIBRATION_BATCH, averaged_output, calibration_batches, kept_index,
+                                          reach, trace, wide_output)
+from ntdist.fusion.repair.lstsq import accumulate, solve
+from ntdist.fusion.repair.rows import foldable, install, rows_of, why_not
+from ntdist.fusion.wide.assemble import tensors_of
+
+RIDGE = 1e-3          # relative to the mean diagonal of each layer's Gram matrix
+POSITIONS = 64        # output positions per input and convolution (or channels-last Linear) in the fit
+SILENT = ("bn", "ln", "lnf", "param")   # carried: each kept unit's own parameters, already exact
+
+
+def _is_output(plan: Plan, name: str) -> bool:
+    return any(spec.module == name and spec.role == "output" for spec in plan.tensors.values())
+
+
+def _layer_note(plan: Plan, name: str, module: nn.Module, twice: set) -> Optional[str]:
+    """None: refit it; '': nothing to refit; otherwise why it is left as NT pruned it."""
+    layer = plan.layers[name]
+    if layer.kind in SILENT or layer.inp is None:
+        return ""      # inp None: reads only the model input, so its kept outputs are already exact
+    if layer.out is None and not _is_output(plan, name):
+        return ""      # neither reads nor writes a widened space
+    reason = why_not(module, layer.kind)
+    if not reason and name in twice:
+        reason = "forward calls it more than once"
+    return reason or None
+
+
+@torch.no_grad()
+def _refit(models, plan, weights, keep, sizes, pruned, name, batches, feeds, ridge, positions):
+    layer, module = plan.layers[name], pruned.get_submodule(name)
+    output_layer = layer.out is None
+    dim = -1 if isinstance(module, nn.Linear) else 1
+    index = None if output_layer else kept_index(layer.out, keep, sizes, module.weight.device)
+    bn = pruned.get_submodule(feeds[name]) if name in feeds else None
+    bias = module.bias is not None or foldable(bn)
+    generator = torch.Generator().manual_seed(0)
+    normal = None
+    for x in batches:
+        inputs = reach(pruned, name, x, "input")
+        outputs = [reach(m, name, x, "output") for m in models]
+        if output_layer:
+            target = averaged_output(outputs, weights)
+        else:
+            target = wide_output(outputs, layer.out, sizes, dim)
+            target = target if index is None else target.index_select(dim % target.dim(), index)
+        if target.shape[dim] != module.weight.shape[0]:
+            raise ValueError(f"repair: '{name}' has {module.weight.shape[0]} outputs but `keep` selects "
+                             f"{target.shape[dim]}; `pruned` must be assemble(models, plan, weights, keep)")
+        rows, targets = rows_of(module, inputs, target, positions, generator)
+        normal = accumulate(normal, rows, targets, bias)
+    install(module, solve(normal, ridge), bn)
+
+
+def repair(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float],
+           keep: Dict[int, Optional[torch.Tensor]], pruned: nn.Module, calibration, *, ridge: float = RIDGE,
+           positions: int = POSITIONS, batch_size: int = CALIBRATION_BATCH,
+           notes: Optional[List[str]] = None) -> nn.Module:
+    """Refit `pruned` (NT's result, `assemble(models, plan, weights, keep)`) to the concatenation of `models`.
+
+    `models` are the members in the order `keep` indexes them (member 0's units first);
+    `plan` is their analysis; `weights` their output weights (normalised here);
+    `keep[space]` the sorted indices of the kept units into the concatenated space, or
+    None for all of them (what `pruning.select.select` returns). `calibration` is a
+    tensor of inputs (split into batches of `batch_size`) or an iterable of batches
+    (tensors, or tuples whose first item is the inputs), on the models' device.
+    `ridge` is relative to each layer's mean input energy (`lstsq.ridge_of`);
+    `positions` bounds the output positions per input a convolution contributes.
+
+    `pruned` is changed in place and returned: same class, same shapes; only weights,
+    biases and (for layers without a bias) the running means of the BatchNorms they
+    feed change. Every model runs in eval mode and gets its own mode back. Layers that cannot be refitted are left
+    as NT pruned them, each named in a line appended to `notes` when given.
+    """
+    if not any(v is not None for v in keep.values()):
+        return pruned                  # nothing was dropped: the pruned model is the concatenated one
+    total = float(sum(weights))
+    weights = [float(w) / total for w in weights]
+    batches = [b.to(pruned_device(pruned)) for b in calibration_batches(calibration, batch_size)]
+    sizes = [plan.space_sizes(tensors_of(m)) for m in models]
+    modes = [(m, m.training) for m in (pruned, *models)]
+    for m, _ in modes:
+        m.eval()
+    try:
+        with torch.no_grad():
+            order, twice, feeds = trace(pruned, plan, batches[0][:2])
+        for name in plan.layers:
+            if name not in order and plan.layers[name].kind not in SILENT:
+                _note(notes, name, "forward never calls it as a module (its weights are read directly)")
+        for name in order:
+            reason = _layer_note(plan, name, pruned.get_submodule(name), twice)
+            if reason is None:
+                _refit(models, plan, weights, keep, sizes, pruned, name, batches, feeds, ridge, positions)
+            elif reason:
+                _note(notes, name, reason)
+    finally:
+        for m, mode in modes:
+            m.train(mode)
+    return pruned
+
+
+def pruned_device(model: nn.Module) -> torch.device:
+    """Where `model`'s first parameter lives (the CPU for a model without parameters)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _note(notes: Optional[List[str]], name: str, reason: str) -> None:
+    if notes is not None:
+        notes.append(f"repair: '{name}' left as pruned: {reason}")
