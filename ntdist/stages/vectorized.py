@@ -114,7 +114,7 @@ def train_together(r: Run, indices: List[int], seeds: List[int], models: List[nn
     optimizers = [make_optimizer(m, cfg.train) for m in models]
     schedulers = [make_scheduler(o, cfg.train) for o in optimizers]
     runs = [ResumableEpochs(f"training of member {i}", cfg.train.epochs, m, o, s, r.spec,
-                            r.rundir.checkpoint(f"member{i}.state"), True, r.resume)
+                            r.rundir.member_state(i), True, r.resume)
             for i, m, o, s in zip(indices, models, optimizers, schedulers)]
     start = runs[0].start
     if any(run.start != start or run.resumed for run in runs):   # e.g. started one after another, resumed here
