@@ -31,7 +31,7 @@ from ntdist.records.rundir import finetuned_name
 from ntdist.stages.context import Run, make_run
 from ntdist.stages.finetune import distill_teacher, evaluate_splits, finetune
 from ntdist.stages.members import train_members
-from ntdist.stages.sync import run_sync
+from ntdist.stages.sync import sync_stage
 from ntdist.training.batches import eval_batches, feed, train_batches
 from ntdist.training.config import CONTROL_SEED, FUSED_SEED, run_seed
 from ntdist.training.loop import labels_of, predict, set_deterministic
@@ -60,7 +60,7 @@ def run_stages(r: Run):
     cfg, world = r.cfg, r.world
     set_deterministic(cfg.train.deterministic)
     if cfg.mode == "sync":
-        results = run_sync(r)
+        results = sync_stage(r)
     else:
         world.barrier()
         train_start = time.perf_counter()

@@ -93,4 +93,4 @@ def finetune(r: Run, model: torch.nn.Module, label: str, seed: int,
         return {"stage": "finetune", "method": label, "epoch": epoch, "loss": loss,
                 "val_accuracy": acc["val"], "test_accuracy": acc["test"], **stats}
 
-    return epochs.run(one_epoch, lambda: world.any(preempt_requested()), loader, world.reduce_sum)
+    return epochs.train(one_epoch, lambda: world.any(preempt_requested()), loader, world.reduce_sum)

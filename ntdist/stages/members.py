@@ -89,9 +89,9 @@ def train_member(r: Run, index: int, group=None) -> Tuple[torch.nn.Module, List[
         return record
 
     if group is None:
-        return model, epochs.run(one_epoch, preempt_requested, loader)
+        return model, epochs.train(one_epoch, preempt_requested, loader)
     try:
-        return model, epochs.run(one_epoch, lambda: world.any(preempt_requested(), group), loader,
+        return model, epochs.train(one_epoch, lambda: world.any(preempt_requested(), group), loader,
                                  lambda t: world.reduce_sum(t, group))
     finally:
         restore()

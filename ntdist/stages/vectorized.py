@@ -168,7 +168,7 @@ def train_together(r: Run, indices: List[int], seeds: List[int], models: List[nn
                          f"val accuracy {accuracy[n]:.4f}")
         return records
 
-    epochs.run(one_epoch, preempt_requested, batches)
+    epochs.train(one_epoch, preempt_requested, batches)
     return {i: (m, state.history) for i, m, state in zip(indices, models, states)}
 
 

@@ -25,7 +25,7 @@ class ResumableEpochs:
     Construct it before wrapping the model (DDP, an engine): with `resume` and an
     existing state file the model, optimizer, scheduler, RNG and the fp16 grad
     `scaler` (when given) are restored here.
-    `run(one_epoch, should_stop, loader, reduce)` positions `loader` (`set_epoch`)
+    `train(one_epoch, should_stop, loader, reduce)` positions `loader` (`set_epoch`)
     and calls `one_epoch(epoch, position) -> record` for each remaining epoch, which
     passes `position` on to `train_epoch`. The state is written after each epoch (when
     `writer`) and every `every_steps` batches inside one. Preemption is honoured at
@@ -44,7 +44,7 @@ class ResumableEpochs:
             done, self.history, self.resumed = load_state(state_path, model, optimizer, scheduler, epochs, scaler)
             self.start = done + 1
 
-    def run(self, one_epoch: Callable[[int, EpochPosition], dict], should_stop: Callable[[], bool],
+    def train(self, one_epoch: Callable[[int, EpochPosition], dict], should_stop: Callable[[], bool],
             loader, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> List[dict]:
         for epoch in range(self.start, self.epochs + 1):
             position = self._position(epoch, loader)
@@ -101,7 +101,7 @@ class ResumableEpochs:
 class LockstepEpochs(ResumableEpochs):
     """The epochs of models trained in one loop (vectorised members), each model's state in its own `parts` entry.
 
-    The parts must stand at the same epoch end (`aligned`). `run(one_epoch, should_stop, loaders)`
+    The parts must stand at the same epoch end (`aligned`). `train(one_epoch, should_stop, loaders)`
     sets the epoch of every loader; `one_epoch` returns one record per part, in order. Each part's
     state is then written as its own loop would write it, with the RNG seeded by its `seeds` entry
     first: models trained in lockstep draw no random numbers, so that is where their own loops stand.
