@@ -1,9 +1,10 @@
 """`ntdist run`: train members -> evaluate -> fuse with each method -> fine-tune -> results.
 
-`run` below reads as the table of contents. What never changes during a run
-(config, world, member layout, data, model spec, run directory) travels as one
-frozen `Run`; what changes (the members a rank holds, fused models, results)
-is passed and returned explicitly. The same code runs in one process or on many
+`run` prepares the run directory and writes the results; `run_stages` below
+reads as the table of contents. What never changes during a run (config, world,
+member layout, data, model spec, run directory) travels as one frozen `Run`;
+what changes (the members a rank holds, fused models, results) is passed and
+returned explicitly. The same code runs in one process or on many
 ranks: the `World` and the `MemberLayout` decide who trains, holds and fuses what.
 """
 
