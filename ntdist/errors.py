@@ -11,7 +11,6 @@ exits with that code (no traceback unless `--debug`). Its kinds are siblings:
 
 import difflib
 
-EXIT_OK = 0
 EXIT_FAILURE = 1      # an unexpected error (a bug, or something ntdist did not foresee)
 EXIT_USAGE = 2        # a UserError: bad config, bad input, missing files
 EXIT_PREEMPTED = 3    # SIGTERM received: a checkpoint was written, resume with --resume

@@ -1,9 +1,10 @@
 """`ntdist run`: train members -> evaluate -> fuse with each method -> fine-tune -> results.
 
-`run` below reads as the table of contents. What never changes during a run
-(config, world, member layout, data, model spec, run directory) travels as one
-frozen `Run`; what changes (the members a rank holds, fused models, results)
-is passed and returned explicitly. The same code runs in one process or on many
+`run` prepares the run directory and writes the results; `run_stages` below
+reads as the table of contents. What never changes during a run (config, world,
+member layout, data, model spec, run directory) travels as one frozen `Run`;
+what changes (the members a rank holds, fused models, results) is passed and
+returned explicitly. The same code runs in one process or on many
 ranks: the `World` and the `MemberLayout` decide who trains, holds and fuses what.
 """
 
@@ -27,15 +28,17 @@ from ntdist.fusion.diversity import summarize
 from ntdist.records.checkpoint import load_model, save_checkpoint
 from ntdist.records.files import remove_if_present
 from ntdist.records.results import RESULTS_FILE, ControlResult, MethodResult, RunResults
-from ntdist.records.rundir import RunDir
+from ntdist.records.rundir import finetuned_name
 from ntdist.stages.context import Run, make_run
 from ntdist.stages.finetune import distill_teacher, evaluate_splits, finetune
 from ntdist.stages.members import train_members
-from ntdist.stages.sync import run_sync
+from ntdist.stages.sync import sync_stage
 from ntdist.training.batches import eval_batches, feed, train_batches
 from ntdist.training.config import CONTROL_SEED, FUSED_SEED, run_seed
 from ntdist.training.loop import labels_of, predict, set_deterministic
 from ntdist.training.state import finished_history
+
+CONTROL_LABEL = "best-member"   # the control (the best member fine-tuned) in metrics and checkpoint names
 
 
 def run(cfg: Config, world: World, resume: bool = False, overwrite: bool = False):
@@ -58,7 +61,7 @@ def run_stages(r: Run):
     cfg, world = r.cfg, r.world
     set_deterministic(cfg.train.deterministic)
     if cfg.mode == "sync":
-        results = run_sync(r)
+        results = sync_stage(r)
     else:
         world.barrier()
         train_start = time.perf_counter()
@@ -75,21 +78,13 @@ def run_stages(r: Run):
     return results
 
 
-def checkpoint_names(cfg: Config) -> List[str]:
-    """Every checkpoint a run of `cfg` may write (they go into the run directory's manifest first)."""
-    names = [f"member{i}{suffix}" for i in range(cfg.fusion.k) for suffix in ("", ".state")]
-    for label in ["best-member", *cfg.fusion.methods]:
-        names += [f"finetuned_{label}", f"finetune_{label}.state"]
-    return names
-
-
 def prepare_rundir(r: Run, overwrite: bool) -> None:
     """Every rank checks the directory before rank 0 creates and locks it, so all stop together on a mistake."""
     r.rundir.check(r.resume, overwrite)
     r.world.wait_for("loading the data")
     problem = None
     try:
-        r.rundir.prepare(r.resume, overwrite, checkpoint_names(r.cfg))
+        r.rundir.prepare(r.resume, overwrite, r.cfg.fusion.k, [CONTROL_LABEL, *r.cfg.fusion.methods])
         r.rundir.write_config(to_yaml(r.cfg), r.resume)
     except UserError as err:   # rank 0 alone prepares; every rank raises its error
         problem = str(err)
@@ -109,7 +104,7 @@ def train_stage(r: Run) -> Dict[int, torch.nn.Module]:
         if layout.group_size > 1 else {}
     held, histories, finished = {}, [], {}
     for i in layout.members_of(world.rank):
-        final = r.rundir.checkpoint(f"member{i}")
+        final = r.rundir.member_checkpoint(i)
         history = finished_history(final, r.cfg.train.epochs) if r.resume else None
         if history is not None:
             finished[i] = (load_model(final, expect_spec=r.spec)[0].to(world.device), history)
@@ -118,9 +113,9 @@ def train_stage(r: Run) -> Dict[int, torch.nn.Module]:
     for i in layout.members_of(world.rank):
         model, history = finished[i] if i in finished else trained[i]
         if world.rank == layout.holder(i) and i in trained:
-            save_checkpoint(r.rundir.checkpoint(f"member{i}"), model, r.spec,
+            save_checkpoint(r.rundir.member_checkpoint(i), model, r.spec,
                             info={"stage": "member", "member": i, "epochs": r.cfg.train.epochs, "history": history})
-            remove_if_present(r.rundir.checkpoint(f"member{i}.state"))
+            remove_if_present(r.rundir.member_state(i))
         if world.rank == layout.holder(i):
             held[i] = model
             histories.append(history)
@@ -176,14 +171,14 @@ def control_stage(r: Run, held: Dict[int, torch.nn.Module], best: int):
         return None
     model = copy.deepcopy(held[best]) if best in held else r.template()
     model = broadcast_model(r.world, model.cpu(), r.layout.holder(best))
-    history = resumable_finetune(r, model, "best-member", run_seed(r.cfg.train, CONTROL_SEED), None)
+    history = resumable_finetune(r, model, CONTROL_LABEL, run_seed(r.cfg.train, CONTROL_SEED), None)
     return ControlResult(member=best, finetune=[h["test_accuracy"] for h in history],
                          finetune_val=[h["val_accuracy"] for h in history])
 
 
 def resumable_finetune(r: Run, model: torch.nn.Module, label: str, seed: int, teacher) -> List[dict]:
     """Fine-tune `model` (state after every epoch), or load the finished result when resuming."""
-    final = r.rundir.checkpoint(f"finetuned_{label}")
+    final = r.rundir.finetuned_checkpoint(label)
     history = finished_history(final, r.cfg.finetune.epochs) if r.resume else None
     if history is not None:
         model.load_state_dict(load_model(final, expect_spec=r.spec)[0].state_dict())
@@ -192,8 +187,8 @@ def resumable_finetune(r: Run, model: torch.nn.Module, label: str, seed: int, te
         if r.world.is_main:
             save_checkpoint(final, model.cpu(), r.spec, info={"stage": "finetune", "method": label,
                                                               "epochs": r.cfg.finetune.epochs, "history": history})
-            remove_if_present(r.rundir.checkpoint(f"finetune_{label}.state"))
-        r.world.wait_for(f"writing the checkpoint finetuned_{label} on rank 0")
+            remove_if_present(r.rundir.finetune_state(label))
+        r.world.wait_for(f"writing the checkpoint {finetuned_name(label)} on rank 0")
     for record in history:
         r.rundir.log(record)
     return history

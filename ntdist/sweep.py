@@ -107,7 +107,7 @@ def _base_dir(raw: dict, overrides: Sequence[str]) -> str:
 
 
 @dataclass(frozen=True)
-class SweepPlan:
+class Sweep:
     """The points of a sweep file with its command-line overrides applied."""
 
     points: List[Point]
@@ -116,7 +116,7 @@ class SweepPlan:
     overrides: List[str]     # what every point gets, before its own overrides
 
 
-def plan_sweep(config_path: str, overrides: Sequence[str]) -> SweepPlan:
+def load_sweep(config_path: str, overrides: Sequence[str]) -> Sweep:
     """Expand the sweep in `config_path`; an override `seeds=[...]` replaces the file's seed list."""
     raw = read_yaml(config_path)
     rest = []
@@ -129,7 +129,7 @@ def plan_sweep(config_path: str, overrides: Sequence[str]) -> SweepPlan:
             rest.append(item)
     base = _base_dir(raw, rest)
     points = expand(raw)
-    return SweepPlan(points, [os.path.normpath(os.path.join(base, point.subdir)) for point in points], base,
+    return Sweep(points, [os.path.normpath(os.path.join(base, point.subdir)) for point in points], base,
                      [o for o in rest if not o.startswith("output.dir=")])
 
 
@@ -146,27 +146,27 @@ def run_sweep(config_path: str, overrides: Sequence[str], run_point: Callable[[s
     files pass `summarise=False`: they only run points, and None is returned. The
     writing process passes the tables of the summary to `show`.
     """
-    plan = plan_sweep(config_path, overrides)
+    sweep = load_sweep(config_path, overrides)
     done = done or (lambda path: read_results(path) is not None)
-    for point, point_dir in zip(plan.points, plan.dirs):
+    for point, point_dir in zip(sweep.points, sweep.dirs):
         if not done(point_dir):
-            run_point(config_path, plan.overrides + point.overrides + [f"output.dir={point_dir}"])
+            run_point(config_path, sweep.overrides + point.overrides + [f"output.dir={point_dir}"])
     if not summarise:
         return None
     groups: dict = {}
-    for point, point_dir in zip(plan.points, plan.dirs):
+    for point, point_dir in zip(sweep.points, sweep.dirs):
         results = read_results(point_dir)
         if results is None:
             raise UserError(f"run '{point.name}' finished without writing {point_dir}/results.json; "
                             "check its metrics.jsonl and rerun the sweep to resume")
         swept = [o for o in point.overrides if not o.startswith("train.seed=")]   # the point's name less its seed
         groups.setdefault(",".join(swept) or "all runs", []).append(results)
-    summary = {"points": len(plan.points), "groups": {name: aggregate_sync(res) if isinstance(res[0], SyncResults)
+    summary = {"points": len(sweep.points), "groups": {name: aggregate_sync(res) if isinstance(res[0], SyncResults)
                                                       else aggregate(res) for name, res in groups.items()}}
-    os.makedirs(plan.base, exist_ok=True)
-    add_to_manifest(plan.base, [SUMMARY_FILE])
-    atomic_write_text(os.path.join(plan.base, SUMMARY_FILE), json.dumps(summary, indent=2) + "\n")
-    show(_sync_tables(summary) if any("sync" in g for g in summary["groups"].values()) else text_tables(plan.dirs))
+    os.makedirs(sweep.base, exist_ok=True)
+    add_to_manifest(sweep.base, [SUMMARY_FILE])
+    atomic_write_text(os.path.join(sweep.base, SUMMARY_FILE), json.dumps(summary, indent=2) + "\n")
+    show(_sync_tables(summary) if any("sync" in g for g in summary["groups"].values()) else text_tables(sweep.dirs))
     return summary
 
 

@@ -18,7 +18,7 @@ from ntdist.preempt import install_sigterm_handler
 from ntdist.commands.report import report_command
 from ntdist.records.results import read_results
 from ntdist.records.rundir import RunDir
-from ntdist.sweep import SWEEP_KEYS, plan_sweep, run_sweep
+from ntdist.sweep import SWEEP_KEYS, load_sweep, run_sweep
 from ntdist.training.engines import check_engine
 
 
@@ -67,17 +67,17 @@ def _run_sweep(config_path, overrides, cfg, world, resume, overwrite) -> None:
     def done(point_dir):   # rank 0 decides, so every rank skips (or runs) the same points
         return not overwrite and all_gather_records(world, [read_results(point_dir) is not None])[0]
 
-    plan = plan_sweep(config_path, overrides)
-    for point, point_dir in zip(plan.points, plan.dirs):   # every point's config and folder, before any training
-        point_cfg = load_config(config_path, plan.overrides + point.overrides + [f"output.dir={point_dir}"],
+    sweep = load_sweep(config_path, overrides)
+    for point, point_dir in zip(sweep.points, sweep.dirs):   # every point's config and folder, before any training
+        point_cfg = load_config(config_path, sweep.overrides + point.overrides + [f"output.dir={point_dir}"],
                                 extra_keys=SWEEP_KEYS)
         MemberLayout(point_cfg.fusion.k, world.size)
         if overwrite or read_results(point_dir) is None:
             RunDir(point_dir, writer=False).check(resume, overwrite)
-    world.print0(f"sweep: {len(plan.points)} runs under {cfg.output.dir}")
+    world.print0(f"sweep: {len(sweep.points)} runs under {cfg.output.dir}")
     run_sweep(config_path, overrides, run_point, done=done, summarise=world.is_main)
     if cfg.mode == "fuse":   # report on this sweep's points only, not on leftovers of an earlier grid
-        _report(plan.dirs, cfg.output.dir, world)
+        _report(sweep.dirs, cfg.output.dir, world)
 
 
 def _report(run_dirs, out, world) -> None:

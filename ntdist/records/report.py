@@ -30,6 +30,7 @@ from ntdist.records.files import atomic_write_text, replacing  # noqa: E402
 from ntdist.records.manifest import add_to_manifest  # noqa: E402
 from ntdist.records.paired import epoch_title, paired_section  # noqa: E402
 from ntdist.records.results import RESULTS_FILE, RunResults, from_dict  # noqa: E402
+from ntdist.records.rundir import CONFIG_FILE  # noqa: E402
 from ntdist.records.stats import aggregate, checkpoint_epochs, finetune_epochs, mean_std, merged_summary  # noqa: E402
 
 REPORT_FILE, PLOTS = "report.md", ("accuracy_vs_k.png", "accuracy_vs_sparsity.png")
@@ -115,12 +116,13 @@ def load_run(run_dir: str):
     if not isinstance(results, RunResults):
         raise UserError(f"'{path}' is from a run in mode sync, which has no fusion table; leave '{run_dir}' out")
     config = {}
-    if os.path.exists(os.path.join(run_dir, "config.yaml")):
+    config_path = os.path.join(run_dir, CONFIG_FILE)
+    if os.path.exists(config_path):
         try:
-            with open(os.path.join(run_dir, "config.yaml")) as f:
+            with open(config_path) as f:
                 config = yaml.safe_load(f) or {}
         except yaml.YAMLError:
-            raise UserError(f"'{run_dir}/config.yaml' is not valid YAML; restore it or leave '{run_dir}' out") from None
+            raise UserError(f"'{run_dir}/{CONFIG_FILE}' is not valid YAML; restore it or leave '{run_dir}' out") from None
     return _flatten(config), results
 
 

@@ -5,13 +5,16 @@ flush, rename), so a kill during a save leaves the previous version intact;
 metrics.jsonl is appended, and a torn last line is dropped on resume. While a
 run is active rank 0 holds the directory's lock (`records.lock`); the manifest
 (`records.manifest`) lists what ntdist wrote, the only files --overwrite removes.
+The names of the checkpoints and state files are defined here, once
+(`member_name`, `member_state_name`, `finetuned_name`, `finetune_state_name`):
+`RunDir`'s paths, the manifest and `--overwrite`'s checks all derive from them.
 """
 
 import json
 import os
 import re
 import sys
-from typing import Sequence
+from typing import List, Sequence
 
 import yaml
 
@@ -26,6 +29,40 @@ from ntdist.records.trackers import LABELS, CsvTracker, JsonlTracker, TensorBoar
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = JsonlTracker.FILE
 REPORT_NAMES = re.compile(r"report\.md|sweep\.json|curves_\d+\.png|accuracy_vs_\w+\.png")   # written after a run
+CHECKPOINT_DIR = "checkpoints"
+
+
+def member_name(index: int) -> str:
+    """The final checkpoint of member `index`."""
+    return f"member{index}"
+
+
+def member_state_name(index: int) -> str:
+    """The state file of member `index`'s training (for --resume; deleted once its checkpoint is written)."""
+    return f"{member_name(index)}.state"
+
+
+def finetuned_name(label: str) -> str:
+    """The fine-tuned model of `label`: a fusion method, or the control (the best member given the same epochs)."""
+    return f"finetuned_{label}"
+
+
+def finetune_state_name(label: str) -> str:
+    """The state file of the fine-tuning of `label`."""
+    return f"finetune_{label}.state"
+
+
+def checkpoint_file(name: str) -> str:
+    """checkpoints/<name>.safetensors, relative to the run directory."""
+    return os.path.join(CHECKPOINT_DIR, f"{name}.safetensors")
+
+
+def checkpoint_names(members: int, labels: Sequence[str]) -> List[str]:
+    """Every checkpoint and state file of a run of `members` members whose fine-tuned models are `labels`."""
+    names = [name for i in range(members) for name in (member_name(i), member_state_name(i))]
+    for label in labels:
+        names += [finetuned_name(label), finetune_state_name(label)]
+    return names
 
 
 class RunDir:
@@ -42,9 +79,17 @@ class RunDir:
     def file(self, *parts: str) -> str:
         return os.path.join(self.path, *parts)
 
-    def checkpoint(self, name: str) -> str:
-        """checkpoints/<name>.safetensors: `member3`, `member3.state`, `finetuned_nt`, `finetune_nt.state`."""
-        return self.file("checkpoints", f"{name}.safetensors")
+    def member_checkpoint(self, index: int) -> str:
+        return self.file(checkpoint_file(member_name(index)))
+
+    def member_state(self, index: int) -> str:
+        return self.file(checkpoint_file(member_state_name(index)))
+
+    def finetuned_checkpoint(self, label: str) -> str:
+        return self.file(checkpoint_file(finetuned_name(label)))
+
+    def finetune_state(self, label: str) -> str:
+        return self.file(checkpoint_file(finetune_state_name(label)))
 
     def check(self, resume: bool, overwrite: bool) -> None:
         """Refuse what would lose files or mix runs, before any rank creates anything.
@@ -71,16 +116,16 @@ class RunDir:
             raise UserError(f"'{self.path}' has no {CONFIG_FILE}, so the config cannot be checked against the "
                             "run's; restore the file, or pass --overwrite to start again")
 
-    def prepare(self, resume: bool, overwrite: bool, checkpoints=()) -> None:
+    def prepare(self, resume: bool, overwrite: bool, members: int = 0, labels: Sequence[str] = ()) -> None:
         """Create and lock the directory (clearing ntdist's old files with `overwrite`); rank 0 only.
 
-        `checkpoints` names every checkpoint the run may write; they go into the manifest
-        before any rank writes one.
+        The checkpoints of `members` members and of the fine-tuned models `labels` go into the
+        manifest (`checkpoint_names`) before any rank writes one.
         """
         if not self.writer:
             return
         try:
-            os.makedirs(self.file("checkpoints"), exist_ok=True)
+            os.makedirs(self.file(CHECKPOINT_DIR), exist_ok=True)
             probe = self.file(".write-test")
             with open(probe, "w") as f:
                 f.write("ok")
@@ -93,7 +138,7 @@ class RunDir:
             print(f"ntdist: note: took over the stale lock of pid {self.lock.took_over.get('pid')} on host "
                   f"{self.lock.took_over.get('host')} (that run has ended)", file=sys.stderr)
         planned = [CONFIG_FILE, METRICS_FILE, CsvTracker.FILE, RESULTS_FILE] + \
-            [os.path.join("checkpoints", f"{name}.safetensors") for name in checkpoints]
+            [checkpoint_file(name) for name in checkpoint_names(members, labels)]
         if overwrite:
             listed = read_manifest(self.path) or set()
             clash = [name for name in all_files(self.path) if name not in listed and
@@ -104,7 +149,7 @@ class RunDir:
             foreign = remove_written(self.path)
             if foreign:
                 print(describe_foreign(self.path, foreign), file=sys.stderr)
-            os.makedirs(self.file("checkpoints"), exist_ok=True)
+            os.makedirs(self.file(CHECKPOINT_DIR), exist_ok=True)
         if resume and os.path.exists(self.file(METRICS_FILE)):
             self._logged = {_key(record) for record in self._read_metrics()}
         add_to_manifest(self.path, planned)

@@ -67,7 +67,7 @@ def finetune(r: Run, model: torch.nn.Module, label: str, seed: int,
     scheduler = make_scheduler(optimizer, cfg)
     torch.manual_seed(seed)
     # ZeRO shards the optimizer state: with deepspeed a resumed run restarts this stage instead
-    state_path = None if cfg.engine == "deepspeed" else r.rundir.checkpoint(f"finetune_{label}.state")
+    state_path = None if cfg.engine == "deepspeed" else r.rundir.finetune_state(label)
     precision = Precision(ENGINES[cfg.engine].loop_precision(cfg.precision), world.device)
     epochs = ResumableEpochs(f"fine-tuning ({label})", cfg.epochs, model, optimizer, scheduler, r.spec, state_path,
                              world.is_main, r.resume, cfg.checkpoint_every_steps, precision.scaler)
@@ -93,4 +93,4 @@ def finetune(r: Run, model: torch.nn.Module, label: str, seed: int,
         return {"stage": "finetune", "method": label, "epoch": epoch, "loss": loss,
                 "val_accuracy": acc["val"], "test_accuracy": acc["test"], **stats}
 
-    return epochs.run(one_epoch, lambda: world.any(preempt_requested()), loader, world.reduce_sum)
+    return epochs.train(one_epoch, lambda: world.any(preempt_requested()), loader, world.reduce_sum)

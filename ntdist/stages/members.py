@@ -61,7 +61,7 @@ def train_member(r: Run, index: int, group=None) -> Tuple[torch.nn.Module, List[
     group_rank = world.rank % group_size
     precision = Precision(cfg.train.precision, world.device)
     epochs = ResumableEpochs(f"training of member {index}", cfg.train.epochs, model, optimizer, scheduler, r.spec,
-                             r.rundir.checkpoint(f"member{index}.state"), group_rank == 0, r.resume,
+                             r.rundir.member_state(index), group_rank == 0, r.resume,
                              cfg.train.checkpoint_every_steps, precision.scaler)
     # CPU ranks keep per-rank BatchNorm statistics: torch cannot synchronise them there (docs/PERFORMANCE.md)
     synced = group_size > 1 and world.device.type == "cuda"
@@ -89,9 +89,9 @@ def train_member(r: Run, index: int, group=None) -> Tuple[torch.nn.Module, List[
         return record
 
     if group is None:
-        return model, epochs.run(one_epoch, preempt_requested, loader)
+        return model, epochs.train(one_epoch, preempt_requested, loader)
     try:
-        return model, epochs.run(one_epoch, lambda: world.any(preempt_requested(), group), loader,
+        return model, epochs.train(one_epoch, lambda: world.any(preempt_requested(), group), loader,
                                  lambda t: world.reduce_sum(t, group))
     finally:
         restore()

@@ -29,7 +29,7 @@ from ntdist.stages.context import Run
 from ntdist.training.config import member_seed
 
 
-def run_sync(r: Run) -> SyncResults:
+def sync_stage(r: Run) -> SyncResults:
     """Train with each sync method in turn; returns the results."""
     cfg, world = r.cfg, r.world
     if world.size > cfg.fusion.k:

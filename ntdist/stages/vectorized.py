@@ -25,8 +25,9 @@ from torch.func import functional_call, stack_module_state, vmap
 from ntdist.preempt import preempt_requested
 from ntdist.stages.context import Run
 from ntdist.training.batches import TensorBatches, eval_batches, feed, stacked_batches, train_batches
-from ntdist.training.loop import Precision, check_finite, epoch_stats, make_optimizer, make_scheduler, step_logger
-from ntdist.training.resume import ResumableEpochs, stop_if_requested
+from ntdist.training.loop import (EpochPosition, Precision, check_finite, epoch_stats, make_optimizer,
+                                  make_scheduler, step_logger)
+from ntdist.training.resume import LockstepEpochs, ResumableEpochs
 
 
 AUTO_MAX_PARAMS_CPU = 100_000   # on a CPU, vmap loses to the plain loop for wider members (docs/PERFORMANCE.md)
@@ -61,10 +62,14 @@ def why_not(r: Run, models: List[nn.Module], batches: list) -> Optional[str]:
     return None
 
 
-def _copy_back(stacked: Dict[str, torch.Tensor], model: nn.Module, i: int) -> None:
+def _copy_back(stacked: Dict[str, torch.Tensor], optimizer, model: nn.Module, member_optimizer, n: int) -> None:
+    """Member `n`'s slice of the stacked tensors and of the stacked momentum, into `model` and `member_optimizer`."""
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            t.copy_(stacked[name][i])
+            t.copy_(stacked[name][n])
+    for q, p in zip(model.parameters(), optimizer.param_groups[0]["params"]):
+        if "momentum_buffer" in optimizer.state[p]:
+            member_optimizer.state[q]["momentum_buffer"] = optimizer.state[p]["momentum_buffer"][n].clone()
 
 
 def stacked_forward(base: nn.Module):
@@ -113,33 +118,23 @@ def train_together(r: Run, indices: List[int], seeds: List[int], models: List[nn
     cfg, world = r.cfg, r.world
     optimizers = [make_optimizer(m, cfg.train) for m in models]
     schedulers = [make_scheduler(o, cfg.train) for o in optimizers]
-    runs = [ResumableEpochs(f"training of member {i}", cfg.train.epochs, m, o, s, r.spec,
-                            r.rundir.checkpoint(f"member{i}.state"), True, r.resume)
-            for i, m, o, s in zip(indices, models, optimizers, schedulers)]
-    start = runs[0].start
-    if any(run.start != start or run.resumed for run in runs):   # e.g. started one after another, resumed here
+    states = [ResumableEpochs(f"training of member {i}", cfg.train.epochs, m, o, s, r.spec, r.rundir.member_state(i),
+                              True, r.resume)
+              for i, m, o, s in zip(indices, models, optimizers, schedulers)]
+    if not LockstepEpochs.aligned(states):   # e.g. started one after another, resumed here
         return None
+    epochs = LockstepEpochs(f"training of members {indices}", states, seeds)
     params, buffers = stack_module_state(models)
     stacked = {**params, **buffers}
-    optimizer = make_optimizer(SimpleNamespace(parameters=lambda: list(params.values())), cfg.train)
-    scheduler = make_scheduler(optimizer, cfg.train)
-    scheduler.load_state_dict(schedulers[0].state_dict())
-    for group, saved in zip(optimizer.param_groups, optimizers[0].param_groups):
-        group["lr"] = saved["lr"]
-    for p, *member_params in zip(params.values(), *[list(m.parameters()) for m in models]):
-        bufs = [o.state.get(q, {}).get("momentum_buffer") for o, q in zip(optimizers, member_params)]
-        if all(b is not None for b in bufs):
-            optimizer.state[p]["momentum_buffer"] = torch.stack(bufs)
+    optimizer, scheduler = _stacked_optimizer(cfg.train, params, models, optimizers, schedulers[0])
     base = copy.deepcopy(models[0]).to("meta")
-
     forward = stacked_forward(base)
     precision = Precision(cfg.train.precision, world.device)
     val = eval_batches(r.splits.val, cfg.data.eval_batch_size, **feed(cfg.data, world.device))
-    for epoch in range(start, cfg.train.epochs + 1):
+
+    def one_epoch(epoch: int, position: EpochPosition) -> List[dict]:
         base.train()
         total, count = torch.zeros(len(models), dtype=torch.float64, device=world.device), 0
-        for b in batches:
-            b.set_epoch(epoch)
         loggers = [step_logger(r.rundir.log, cfg.output.log_every_steps, {"stage": "member", "member": i}, epoch,
                                len(batches[0]), optimizer) for i in indices]
         start_time = time.perf_counter()
@@ -163,20 +158,34 @@ def train_together(r: Run, indices: List[int], seeds: List[int], models: List[nn
                 group["lr"] = stacked_group["lr"]
         mean = (total / max(count, 1)).tolist()
         accuracy = stacked_accuracy(base, params, buffers, val)
-        for n, (i, seed, model, opt, run) in enumerate(zip(indices, seeds, models, optimizers, runs)):
+        records = []
+        for n, (i, model, member_optimizer) in enumerate(zip(indices, models, optimizers)):
             check_finite(mean[n], f"member training of member {i}", epoch)
-            _copy_back(stacked, model, n)
-            for q, p in zip(model.parameters(), params.values()):
-                if "momentum_buffer" in optimizer.state[p]:
-                    opt.state[q]["momentum_buffer"] = optimizer.state[p]["momentum_buffer"][n].clone()
-            record = {"stage": "member", "member": i, "epoch": epoch, "loss": mean[n],
-                      "val_accuracy": accuracy[n], **stats}
+            _copy_back(stacked, optimizer, model, member_optimizer, n)
+            records.append({"stage": "member", "member": i, "epoch": epoch, "loss": mean[n],
+                            "val_accuracy": accuracy[n], **stats})
             world.print0(f"member {i} epoch {epoch}/{cfg.train.epochs}: loss {mean[n]:.4f}, "
-                         f"val accuracy {record['val_accuracy']:.4f}")
-            torch.manual_seed(seed)   # the RNG state the sequential loop would save
-            run.record(epoch, record)
-        stop_if_requested(f"training of members {indices}", epoch, cfg.train.epochs, preempt_requested)
-    return {i: (m, run.history) for i, m, run in zip(indices, models, runs)}
+                         f"val accuracy {accuracy[n]:.4f}")
+        return records
+
+    epochs.train(one_epoch, preempt_requested, batches)
+    return {i: (m, state.history) for i, m, state in zip(indices, models, states)}
+
+
+def _stacked_optimizer(cfg, params: Dict[str, torch.Tensor], models: List[nn.Module], optimizers: list,
+                       scheduler) -> tuple:
+    """One SGD over the stacked parameters, and its scheduler, where the members' `optimizers` stand (as
+    restored from their states): the LR schedule of `scheduler`, the LR, every member's momentum buffer."""
+    optimizer = make_optimizer(SimpleNamespace(parameters=lambda: list(params.values())), cfg)
+    stacked_scheduler = make_scheduler(optimizer, cfg)
+    stacked_scheduler.load_state_dict(scheduler.state_dict())
+    for group, saved in zip(optimizer.param_groups, optimizers[0].param_groups):
+        group["lr"] = saved["lr"]
+    for p, *member_params in zip(params.values(), *[list(m.parameters()) for m in models]):
+        bufs = [o.state.get(q, {}).get("momentum_buffer") for o, q in zip(optimizers, member_params)]
+        if all(b is not None for b in bufs):
+            optimizer.state[p]["momentum_buffer"] = torch.stack(bufs)
+    return optimizer, stacked_scheduler
 
 
 def member_batches(r: Run, seeds: List[int]) -> list:

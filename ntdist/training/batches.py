@@ -127,7 +127,7 @@ class TensorBatches:
     def __len__(self) -> int:
         return math.ceil(math.ceil(len(self.y) / self.num_replicas) / self.batch_size)
 
-    def plan(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def indices_and_draws(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """This epoch's indices on the device and, with augmentation, their draws ([len, 3]), else None."""
         n = len(self.y)
         idx = sampler_indices(n, self.seed, self.epoch, self.num_replicas, self.rank).to(self.y.device)
@@ -147,7 +147,7 @@ class TensorBatches:
         return self.images.normalise(x), self.y[take]
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        idx, draws = self.plan()
+        idx, draws = self.indices_and_draws()
         for start in range(self.start_step * self.batch_size, len(idx), self.batch_size):
             end = start + self.batch_size
             yield self.gather(idx[start:end], None if draws is None else draws[start:end])
@@ -159,9 +159,9 @@ def stacked_batches(members: List[TensorBatches]) -> Iterator[Tuple[torch.Tensor
     first = members[0]
     assert all(m.start_step == 0 for m in members), "vectorised members resume at epoch ends only"
     assert all(m.x is first.x and m.batch_size == first.batch_size for m in members), "members share one dataset"
-    plans = [m.plan() for m in members]
-    idx = torch.stack([i for i, _ in plans])
-    draws = None if plans[0][1] is None else torch.stack([d for _, d in plans])
+    drawn = [m.indices_and_draws() for m in members]
+    idx = torch.stack([i for i, _ in drawn])
+    draws = None if drawn[0][1] is None else torch.stack([d for _, d in drawn])
     for start in range(0, idx.shape[1], first.batch_size):
         end = start + first.batch_size
         yield first.gather(idx[:, start:end], None if draws is None else draws[:, start:end])

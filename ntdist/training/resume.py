@@ -1,13 +1,15 @@
-"""The resumable epoch loop that member training and fine-tuning share.
+"""The resumable epoch loop that member training (one by one or vectorised) and fine-tuning share.
 
 `ResumableEpochs` restores a state file, runs the remaining epochs, writes the
 state after each (and every `checkpoint_every_steps` batches inside them) and
 stops cleanly when preempted: at an epoch end, or inside an epoch at the next
 checkpoint batch, with every rank of the group stopping at the same batch.
+`LockstepEpochs` runs the same loop for several models trained as one (the
+vectorised members), each with its own `ResumableEpochs` for its state file.
 """
 
 import os
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -23,7 +25,7 @@ class ResumableEpochs:
     Construct it before wrapping the model (DDP, an engine): with `resume` and an
     existing state file the model, optimizer, scheduler, RNG and the fp16 grad
     `scaler` (when given) are restored here.
-    `run(one_epoch, should_stop, loader, reduce)` positions `loader` (`set_epoch`)
+    `train(one_epoch, should_stop, loader, reduce)` positions `loader` (`set_epoch`)
     and calls `one_epoch(epoch, position) -> record` for each remaining epoch, which
     passes `position` on to `train_epoch`. The state is written after each epoch (when
     `writer`) and every `every_steps` batches inside one. Preemption is honoured at
@@ -42,7 +44,7 @@ class ResumableEpochs:
             done, self.history, self.resumed = load_state(state_path, model, optimizer, scheduler, epochs, scaler)
             self.start = done + 1
 
-    def run(self, one_epoch: Callable[[int, EpochPosition], dict], should_stop: Callable[[], bool],
+    def train(self, one_epoch: Callable[[int, EpochPosition], dict], should_stop: Callable[[], bool],
             loader, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> List[dict]:
         for epoch in range(self.start, self.epochs + 1):
             position = self._position(epoch, loader)
@@ -94,6 +96,39 @@ class ResumableEpochs:
         if self.state_path:
             save_state(self.state_path, self.model, self.spec, self.optimizer, self.scheduler, epoch, self.history,
                        scaler=self.scaler)
+
+
+class LockstepEpochs(ResumableEpochs):
+    """The epochs of models trained in one loop (vectorised members), each model's state in its own `parts` entry.
+
+    The parts must stand at the same epoch end (`aligned`). `train(one_epoch, should_stop, loaders)`
+    sets the epoch of every loader; `one_epoch` returns one record per part, in order. Each part's
+    state is then written as its own loop would write it, with the RNG seeded by its `seeds` entry
+    first: models trained in lockstep draw no random numbers, so that is where their own loops stand.
+    """
+
+    def __init__(self, what: str, parts: Sequence[ResumableEpochs], seeds: Sequence[int]):
+        assert self.aligned(parts), "lockstep models resume together, at an epoch end"
+        # the loop's own fields only: the models, optimizers and state files are the parts'
+        self.what, self.epochs, self.every_steps = what, parts[0].epochs, 0
+        self.start, self.history, self.resumed = parts[0].start, [], None
+        self.parts, self.seeds = list(parts), list(seeds)
+
+    @staticmethod
+    def aligned(parts: Sequence[ResumableEpochs]) -> bool:
+        """Whether the parts' states stand at the same epoch end (not e.g. trained one after another, then cut)."""
+        return all(part.start == parts[0].start and part.resumed is None for part in parts)
+
+    def _position(self, epoch: int, loaders) -> EpochPosition:
+        for loader in loaders:
+            loader.set_epoch(epoch)
+        return EpochPosition()
+
+    def record(self, epoch: int, records: List[dict]) -> None:
+        self.history.append(records)
+        for part, seed, record in zip(self.parts, self.seeds, records):
+            torch.manual_seed(seed)
+            part.record(epoch, record)
 
 
 def stop_if_requested(what: str, epoch: int, epochs: int, should_stop: Callable[[], bool]) -> None:

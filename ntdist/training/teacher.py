@@ -18,7 +18,6 @@ data-parallel loop does (the sampler gives every rank the same number of batches
 all ranks at the same batch, evaluation never calls the teacher).
 """
 
-import math
 from typing import Dict, List
 
 import torch
@@ -90,11 +89,6 @@ def share_members(world: World, layout: MemberLayout, held: Dict[int, nn.Module]
 def use_sharded(setting: str, world_size: int) -> bool:
     """Whether `finetune.teacher_shard` = `setting` shards the teacher on `world_size` ranks."""
     return setting == "on" or (setting == "auto" and world_size > 1)
-
-
-def max_members_per_rank(num_members: int, world_size: int) -> int:
-    """The most members a rank keeps for the sharded teacher: ceil(k/W)."""
-    return math.ceil(num_members / world_size)
 
 
 def whole_teacher(world: World, layout: MemberLayout, held: Dict[int, nn.Module], make_template) -> Ensemble:

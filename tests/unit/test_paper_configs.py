@@ -14,7 +14,7 @@ import pytest
 from helpers import ROOT
 from ntdist.config import load_config
 from ntdist.models import build_model, complete_kwargs
-from ntdist.sweep import SWEEP_KEYS, plan_sweep
+from ntdist.sweep import SWEEP_KEYS, load_sweep
 
 PAPER = os.path.join(ROOT, "configs", "paper")
 MNIST1D = sorted(glob.glob(os.path.join(PAPER, "*_mnist1d.yaml")))
@@ -32,10 +32,10 @@ def test_every_digits_experiment_has_an_mnist1d_variant():
 
 @pytest.mark.parametrize("path", MNIST1D + DIGITS, ids=os.path.basename)
 def test_config_loads_at_every_point(path):
-    plan = plan_sweep(path, [])
-    assert plan.points and plan.base.startswith("runs/paper/")
+    sweep = load_sweep(path, [])
+    assert sweep.points and sweep.base.startswith("runs/paper/")
     seen = set()
-    for point, point_dir in zip(plan.points, plan.dirs):
+    for point, point_dir in zip(sweep.points, sweep.dirs):
         setting = point.name.rsplit("seed=", 1)[0]
         if setting in seen:   # the seeds of one setting differ only in train.seed
             continue
@@ -45,4 +45,4 @@ def test_config_loads_at_every_point(path):
         model = build_model(cfg.model.name, complete_kwargs(cfg.model.name, dict(cfg.model.kwargs), in_shape, classes))
         assert sum(p.numel() for p in model.parameters()) > 0
     if path.endswith("compare_mlp_mnist1d.yaml"):
-        assert len({p.name.rsplit("/seed=", 1)[1] for p in plan.points}) == 10   # 10 seeds by default
+        assert len({p.name.rsplit("/seed=", 1)[1] for p in sweep.points}) == 10   # 10 seeds by default

@@ -23,9 +23,7 @@ from ntdist.errors import UserError
 from ntdist.records.files import atomic_write_text
 from ntdist.records.lock import RunLock
 from ntdist.records.manifest import LOCK_FILE, MANIFEST_FILE, add_to_manifest, remove_written
-from ntdist.records.rundir import METRICS_FILE, RunDir
-
-NAMES = ["member0", "member0.state", "member1", "member1.state"]
+from ntdist.records.rundir import METRICS_FILE, RunDir, checkpoint_names
 
 
 def hashes(root):
@@ -51,7 +49,7 @@ def fresh_run(run_dir):
     """A run directory as an interrupted ntdist run leaves it (lock released)."""
     rd = RunDir(str(run_dir))
     rd.check(resume=False, overwrite=False)
-    rd.prepare(resume=False, overwrite=False, checkpoints=NAMES)
+    rd.prepare(resume=False, overwrite=False, members=2)
     rd.write_config("model: {name: mlp}\noutput: {dir: x}\n")
     rd.log({"stage": "member", "member": 0, "epoch": 1})
     (run_dir / "checkpoints" / "member0.safetensors").write_bytes(b"ntdist weights")
@@ -59,12 +57,23 @@ def fresh_run(run_dir):
     return rd
 
 
+def test_the_checkpoint_names_on_disk():
+    assert checkpoint_names(2, ["best-member", "nt"]) == [
+        "member0", "member0.state", "member1", "member1.state",
+        "finetuned_best-member", "finetune_best-member.state", "finetuned_nt", "finetune_nt.state"]
+    rd = RunDir("run")
+    assert rd.member_checkpoint(1) == os.path.join("run", "checkpoints", "member1.safetensors")
+    assert rd.member_state(1) == os.path.join("run", "checkpoints", "member1.state.safetensors")
+    assert rd.finetuned_checkpoint("nt") == os.path.join("run", "checkpoints", "finetuned_nt.safetensors")
+    assert rd.finetune_state("nt") == os.path.join("run", "checkpoints", "finetune_nt.state.safetensors")
+
+
 def test_overwrite_removes_only_what_ntdist_wrote_and_lists_the_rest(tmp_path, capsys):
     fresh_run(tmp_path)
     mine = foreign_files(tmp_path)
     rd = RunDir(str(tmp_path))
     rd.check(resume=False, overwrite=True)
-    rd.prepare(resume=False, overwrite=True, checkpoints=NAMES)
+    rd.prepare(resume=False, overwrite=True, members=2)
     rd.release()
     assert hashes(tmp_path) == mine               # ntdist's files are gone, the user's are untouched
     err = capsys.readouterr().err
@@ -131,7 +140,7 @@ def test_a_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path, capsys):
         f.write('{"stage": "member", "member": 0, "epo')          # a kill during an append
     rd = RunDir(str(tmp_path))
     rd.check(resume=True, overwrite=False)
-    rd.prepare(resume=True, overwrite=False, checkpoints=NAMES)
+    rd.prepare(resume=True, overwrite=False, members=2)
     rd.log({"stage": "member", "member": 0, "epoch": 2})
     rd.release()
     lines = (tmp_path / METRICS_FILE).read_text().splitlines()
@@ -145,7 +154,7 @@ def test_a_bad_metrics_line_in_the_middle_is_a_user_error(tmp_path):
         f.write('garbage\n{"stage": "member", "member": 0, "epoch": 2}\n')
     rd = RunDir(str(tmp_path))
     with pytest.raises(UserError, match="line 2 is not JSON"):
-        rd.prepare(resume=True, overwrite=False, checkpoints=NAMES)
+        rd.prepare(resume=True, overwrite=False, members=2)
     rd.release()
 
 
@@ -166,7 +175,7 @@ def test_a_live_lock_names_its_holder_and_a_stale_one_is_taken_over(tmp_path, ca
     (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": 2 ** 22 + 7, "host": "gone", "slurm_job": ""}))
     rd = RunDir(str(tmp_path))
     rd.check(resume=True, overwrite=False)
-    rd.prepare(resume=True, overwrite=False, checkpoints=NAMES)
+    rd.prepare(resume=True, overwrite=False, members=2)
     assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
     rd.release()
     assert "took over the stale lock of pid 4194311 on host gone" in capsys.readouterr().err
@@ -252,6 +261,6 @@ def test_overwrite_refuses_to_replace_a_foreign_file_of_the_same_name(tmp_path, 
     rd = RunDir(str(tmp_path))
     rd.check(resume=False, overwrite=True)
     with pytest.raises(UserError, match=f"would replace {name}"):
-        rd.prepare(resume=False, overwrite=True, checkpoints=NAMES)
+        rd.prepare(resume=False, overwrite=True, members=2)
     rd.release()
     assert hashes(tmp_path) == before

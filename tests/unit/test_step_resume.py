@@ -43,7 +43,7 @@ def _sigterm_at_forward(monkeypatch, call: int) -> None:
 
 
 def _state(run):
-    meta, state, extra = read_checkpoint(run.rundir.checkpoint("member0.state"))
+    meta, state, extra = read_checkpoint(run.rundir.member_state(0))
     return meta["info"], {**state, **{f"extra.{k}": v for k, v in extra.items()}}
 
 

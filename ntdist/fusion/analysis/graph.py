@@ -165,23 +165,51 @@ def _prod(xs):
 
 
 def _finish(model, sp, layers, nonlinear) -> Plan:
+    """The `Plan` of a finished walk: the hidden spaces, every layer's widened dimensions, every tensor's spec."""
     fin, fout = sp.find(IN), sp.find(OUT)
-    fixed = {fin, fout}
-    inexact = ""
-    for name, lay in nonlinear:
-        if not inexact and any(sp.find(d.space) == fout for d in lay):
-            inexact = (f"cannot concatenate at layer '{name}': it applies a non-linear operation to the output "
-                       "layer's result, so no widened model of this class computes the members' average output; "
-                       "fuse(method='nt') still prunes it back to one model")
+    inexact = _inexact(sp, nonlinear, fout)
     if fin == fout:
         refuse("output", "is added to the model input; fusion needs hidden layers between input and output")
-    sizes, order, probe, tensors = {}, [], {}, {}
+    fixed = {fin, fout}
+    sizes, order = {}, []
     for s in sp.born:
         r = sp.find(s)
         if r not in fixed and r not in sizes:
             sizes[r] = sp.size[s]
             order.append(r)
-    first, coupled = None, _Coupling()
+    first, coupled, tensors = _widen_layers(model, sp, layers, fin, fout)
+    _add_shared(model, tensors)
+    probe = {}
+    for key, spec in tensors.items():
+        for d, lay in enumerate(spec.dims):
+            if lay is not None and len(lay) == 1 and lay[0].space not in probe:
+                probe[lay[0].space] = (key, d, lay[0].factor)
+    atoms = frozenset(sp.find(a) for a in sp.atoms) & set(sizes)
+    if any(s not in probe and s not in atoms for s in sizes):
+        refuse("output", "has channels that only ever appear concatenated with others; cannot size them")
+    shuffles = [(a, b, tuple(sp.find(d.space) for d in x), tuple(sp.find(d.space) for d in y))
+                for a, b, x, y in sp.shuffles]
+    return Plan(sizes=sizes, order=order, layers=layers, tensors=tensors, first_space=first, probe=probe,
+                coupled=coupled.sets(sizes), inexact=inexact,
+                norms=sum(1 for layer in layers.values() if layer.kind in ("ln", "lnf")), atoms=atoms,
+                shuffles=shuffles, widths=sp.widths, norm_parts=sp.norm_parts)
+
+
+def _inexact(sp, nonlinear, fout) -> str:
+    """Why concatenation cannot be exact: the first layer whose non-linearity reads the output layer's result."""
+    for name, lay in nonlinear:
+        if any(sp.find(d.space) == fout for d in lay):
+            return (f"cannot concatenate at layer '{name}': it applies a non-linear operation to the output "
+                    "layer's result, so no widened model of this class computes the members' average output; "
+                    "fuse(method='nt') still prunes it back to one model")
+    return ""
+
+
+def _widen_layers(model, sp, layers, fin, fout):
+    """Every layer's dimensions in root spaces (None where fixed: the model input or output), in place, and the
+    specs of their tensors; returns (the first hidden layer's space, the grouped convolutions' coupling, specs)."""
+    fixed = {fin, fout}
+    first, coupled, tensors = None, _Coupling(), {}
 
     def wide(lay, name):
         lay = tuple(Dim(sp.find(d.space), d.factor) for d in lay)
@@ -213,24 +241,16 @@ def _finish(model, sp, layers, nonlinear) -> Plan:
             tensors[name] = TensorSpec(owner, attr, dims, role=role, part="param")
         elif layer.kind not in ("lnf", "heads"):
             _layer_tensors(model, name, layer, role, tensors)
+    return first, coupled, tensors
+
+
+def _add_shared(model, tensors) -> None:
+    """Every parameter and buffer no layer widens: kept as member 0 has it."""
     for mname, mod in model.named_modules(remove_duplicate=False):
         for attr, t in list(mod._parameters.items()) + list(mod._buffers.items()):
             key = f"{mname}.{attr}" if mname else attr
             if t is not None and key not in tensors:
                 tensors[key] = TensorSpec(mname, attr, (None,) * t.dim(), role="shared")
-    for key, spec in tensors.items():
-        for d, lay in enumerate(spec.dims):
-            if lay is not None and len(lay) == 1 and lay[0].space not in probe:
-                probe[lay[0].space] = (key, d, lay[0].factor)
-    atoms = frozenset(sp.find(a) for a in sp.atoms) & set(sizes)
-    missing = [s for s in sizes if s not in probe and s not in atoms]
-    if missing:
-        refuse("output", "has channels that only ever appear concatenated with others; cannot size them")
-    norms = sum(1 for layer in layers.values() if layer.kind in ("ln", "lnf"))
-    shuffles = [(a, b, tuple(sp.find(d.space) for d in x), tuple(sp.find(d.space) for d in y))
-                for a, b, x, y in sp.shuffles]
-    return Plan(sizes, order, layers, tensors, first, probe, coupled.sets(sizes), inexact, norms, atoms, shuffles,
-                sp.widths, sp.norm_parts)
 
 
 class _Coupling:

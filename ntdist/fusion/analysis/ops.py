@@ -44,7 +44,6 @@ NONLINEAR_FUNCS = {F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_re
                    torch.tanh, F.sigmoid, F.tanh, F.max_pool1d, F.max_pool2d, F.max_pool3d}
 ADAPTIVE_FUNCS = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
                   F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d}
-POOL_FUNCS = ADAPTIVE_FUNCS
 ADD_FUNCS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
 MUL_FUNCS = {operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul, torch.div}
 CAT_FUNCS = {torch.cat, torch.concat, torch.concatenate}
