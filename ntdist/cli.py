@@ -24,7 +24,7 @@ from ntdist.config import describe_keys  # noqa: E402
 from ntdist.errors import EXIT_FAILURE, NtdistError  # noqa: E402
 from ntdist.fusion import (DEFAULT_IMPORTANCE, DEFAULT_PRUNER, IMPORTANCES, METHODS, ORDERS, PRUNERS,  # noqa: E402
                            SCHEDULES)
-from ntdist.fusion.dedup.merge import DEDUP_THRESHOLD  # noqa: E402
+from ntdist.fusion.options import NTOptions  # noqa: E402
 from ntdist.fusion.dedup.choice import OVERFLOWS  # noqa: E402
 from ntdist.fusion.dedup.activations import CRITERIA  # noqa: E402
 
@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
                            "instead of keeping both; fusing copies of one model then returns that model")
     fuse.add_argument("--dedup-threshold", type=float, default=None,
                       help=f"NT --dedup: cosine similarity in (0, 1) above which two units count as duplicates "
-                           f"(default {DEDUP_THRESHOLD})")
+                           f"(default {NTOptions.default('dedup_threshold')})")
     fuse.add_argument("--dedup-overflow", default=None, choices=OVERFLOWS,
                       help="NT --dedup: units that duplicate no kept unit once the slots are full are dropped "
                            "(drop, default), merged into their most similar kept unit (merge), or joined with "

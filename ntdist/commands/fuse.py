@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 
 from ntdist.errors import UserError
 from ntdist.fusion import DEFAULT_IMPORTANCE, DEFAULT_PRUNER, fuse
-from ntdist.fusion.dedup.merge import DEDUP_THRESHOLD
+from ntdist.fusion.options import NTOptions
 from ntdist.models import ModelSpec
 from ntdist.models.weights import read_state_dict
 from ntdist.records.checkpoint import load_model, save_checkpoint
@@ -162,7 +162,7 @@ def fuse_command(paths, output: str, method: str = "nt", schedule: str = "recurs
         spec = ModelSpec(spec.name, dict(spec.kwargs, width=first.out_features))
     info = {"stage": "fused", "method": method, "schedule": schedule, "inputs": [os.path.basename(p) for p in paths]}
     if dedup:
-        info.update(dedup_threshold=dedup_args.get("dedup_threshold", DEDUP_THRESHOLD),
+        info.update(dedup_threshold=dedup_args.get("dedup_threshold", NTOptions.default("dedup_threshold")),
                     dedup_overflow=dedup_args["dedup_overflow"], dedup_criterion=dedup_args["dedup_criterion"])
     save_checkpoint(output, fused.cpu(), spec, info=info)
     print(f"fused {len(models)} models with {method} ({schedule}) on {dev} in {seconds:.3f} s -> {output}")
