@@ -25,7 +25,7 @@ from ntdist.fusion.pruning.torch_pruning import DEFAULT_PRUNER, PRUNERS, check_p
 from ntdist.options import format_value, opt
 
 ORDERS = ("merge_prune", "prune_merge")
-DEDUP_KEYS = ("dedup_threshold", "dedup_overflow", "dedup_criterion")   # what only dedup reads
+DEDUP_ONLY = ("dedup_threshold", "dedup_overflow", "dedup_criterion")   # what only dedup reads
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,8 @@ class NTOptions:
     """The options of an NT fusion. From Python, `importance` may also be a callable scoring a `SpaceView`;
     `prefix` says how error messages name the options ('fusion.' for the config keys)."""
 
-    importance: Union[str, Callable] = opt(DEFAULT_IMPORTANCE, "unit importance for pruning: " + " | ".join(IMPORTANCES))
+    importance: Union[str, Callable] = opt(DEFAULT_IMPORTANCE,
+                                           "unit importance for pruning: " + " | ".join(IMPORTANCES))
     order: str = opt("merge_prune", "merge_prune (concat then prune) | prune_merge (prune each member, then concat)")
     width: Optional[int] = opt(None, "fused width of the first hidden layer (others scaled alike); default: the "
                                      "members' width")
@@ -44,13 +45,15 @@ class NTOptions:
     dedup: bool = opt(False, "off | on. On merges a unit whose signature nearly duplicates a kept unit's into it "
                              "(outgoing weights added) instead of keeping both")
     # the threshold's default was chosen on digits and MNIST-1D (docs/RESULTS.md, "Dedup")
-    dedup_threshold: float = opt(0.9, "similarity in (0, 1) (see dedup_criterion) above which dedup merges two units")
-    dedup_overflow: str = opt("drop", "dedup: what becomes of units that duplicate no kept unit once the slots are "
-                                      "full: drop (as plain NT) | merge (each into its most similar kept unit) | "
-                                      "match (units of different members joined, most similar pair first, until "
-                                      "the classes fit the slots: averaging for aligned replicas)")
-    dedup_criterion: str = opt("weights", "dedup: what makes two units duplicates: weights (cosine of their incoming "
-                                          "parameters) | activations (correlation of their outputs on example inputs)")
+    dedup_threshold: float = opt(0.9, "similarity in (0, 1) (see dedup_criterion) above which dedup merges two "
+                                      "units")
+    dedup_overflow: str = opt("drop", "with dedup, what becomes of units that duplicate no kept unit once the "
+                                      "slots are full: drop (as plain NT) | merge (each into its most similar kept "
+                                      "unit) | match (units of different members joined, most similar pair first, "
+                                      "until the classes fit the slots: averaging for aligned replicas)")
+    dedup_criterion: str = opt("weights", "with dedup, what makes two units duplicates: weights (cosine of their "
+                                          "incoming parameters) | activations (correlation of their outputs on "
+                                          "example inputs)")
     prefix: InitVar[str] = ""
 
     def __post_init__(self, prefix: str):
@@ -76,7 +79,7 @@ class NTOptions:
             raise UserError(f"{p}dedup_threshold must be a cosine similarity in (0, 1), e.g. 0.9, got {threshold!r}")
         check_choice(self.dedup_overflow, OVERFLOWS, f"{p}dedup_overflow")
         check_choice(self.dedup_criterion, CRITERIA, f"{p}dedup_criterion")
-        unused = [name for name in DEDUP_KEYS if name in self.changed()]
+        unused = [name for name in DEDUP_ONLY if name in self.changed()]
         if unused and not self.dedup:
             raise UserError(f"{p}{unused[0]} only applies with {p}dedup on; turn {p}dedup on or leave "
                             f"{p}{unused[0]} at its default {format_value(self.default(unused[0]))}")
