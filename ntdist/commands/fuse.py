@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 
 from ntdist.config import load_keys
 from ntdist.errors import UserError
-from ntdist.fusion import FusionConfig, NTOptions, fuse
+from ntdist.fusion import METHODS, FusionConfig, NTOptions, fuse
 from ntdist.models import ModelSpec
 from ntdist.models.weights import read_state_dict
 from ntdist.records.checkpoint import load_model, save_checkpoint
@@ -54,7 +54,7 @@ def fusion_config(paths, overrides) -> FusionConfig:
     fusion = load_keys(overrides, [f"fusion.{key}" for key in KEYS], "fuse", [f"fusion.k={len(paths)}"]).fusion
     if len(fusion.methods) != 1:
         raise UserError(f"ntdist fuse fuses with one method, got fusion.methods {fusion.methods}; give one "
-                        "(--method nt | avg | ot)")
+                        f"(--method {' | '.join(METHODS)})")
     return fusion
 
 
