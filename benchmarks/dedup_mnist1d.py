@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ntdist.data import DataConfig, load_splits
-from ntdist.fusion import fuse
+from ntdist.fusion import NTOptions, fuse
 from ntdist.fusion.dedup.activations import CRITERIA
 from ntdist.fusion.dedup.choice import OVERFLOWS
 from ntdist.records.stats import paired
@@ -38,8 +38,8 @@ def main():
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--finetune", type=int, default=3)
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.95, 0.99, 0.999])
-    ap.add_argument("--criteria", nargs="+", default=["weights"], choices=CRITERIA)
-    ap.add_argument("--overflow", default="drop", choices=OVERFLOWS)
+    ap.add_argument("--criteria", nargs="+", default=[NTOptions.default("dedup_criterion")], choices=CRITERIA)
+    ap.add_argument("--overflow", default=NTOptions.default("dedup_overflow"), choices=OVERFLOWS)
     args = ap.parse_args()
     torch.set_num_threads(1)
     splits = load_splits(DataConfig(name="mnist1d"))

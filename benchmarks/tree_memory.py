@@ -31,6 +31,7 @@ def _rank(rank: int, args, port: int, out: str) -> None:
 
     from ntdist.distributed.tree import tree_fuse
     from ntdist.distributed.world import DistributedConfig, init_world, shutdown
+    from ntdist.fusion import NTOptions
     from ntdist.models import ModelSpec
 
     world = init_world(DistributedConfig(threads_per_rank=1, timeout_s=1800))
@@ -42,7 +43,7 @@ def _rank(rank: int, args, port: int, out: str) -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before, start = _status("VmRSS"), time.perf_counter()
-    fused = tree_fuse(world, {rank: member}, list(range(args.ranks)), spec.build,
+    fused = tree_fuse(world, {rank: member}, list(range(args.ranks)), spec.build, NTOptions(),
                       example_inputs=torch.randn(2, args.input))
     seconds, peak = time.perf_counter() - start, _status("VmHWM")
     assert sum(p.numel() for p in fused.parameters()) == params

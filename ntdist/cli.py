@@ -5,6 +5,7 @@ Every user mistake ends with one line on stderr and a non-zero exit code (see
 """
 
 import argparse
+import os
 import sys
 import traceback
 
@@ -17,34 +18,28 @@ import torch  # noqa: E402
 from ntdist import __version__  # noqa: E402
 from ntdist.commands.bench import bench_fusion  # noqa: E402
 from ntdist.commands.bench_train import WORKLOADS as TRAIN_WORKLOADS, bench_train  # noqa: E402
-from ntdist.commands.fuse import fuse_command  # noqa: E402
+from ntdist.commands.fuse import (KEYS as FUSE_KEYS, flag as fuse_flag, fuse_command, fusion_config,  # noqa: E402
+                                  model_spec)
 from ntdist.commands.report import report_command  # noqa: E402
 from ntdist.commands.run import run_command  # noqa: E402
 from ntdist.config import describe_keys  # noqa: E402
 from ntdist.errors import EXIT_FAILURE, NtdistError  # noqa: E402
-from ntdist.fusion import (DEFAULT_IMPORTANCE, DEFAULT_PRUNER, IMPORTANCES, METHODS, ORDERS, PRUNERS,  # noqa: E402
-                           SCHEDULES)
-from ntdist.fusion.dedup.merge import DEDUP_THRESHOLD  # noqa: E402
-from ntdist.fusion.dedup.choice import OVERFLOWS  # noqa: E402
-from ntdist.fusion.dedup.activations import CRITERIA  # noqa: E402
 
 RUN_EPILOG = """Overrides are dotted keys, e.g.:
   ntdist run configs/quickstart.yaml train.epochs=5 fusion.methods=[nt,avg] model.kwargs.width=64
 
 Config keys (YAML files hold only what differs from these defaults):
 """
+FUSE_EPILOG = """Fusion keys are those of ntdist run, with the same defaults and checks (fusion.methods holds the
+one method to fuse with, fusion.k is the number of checkpoints); each also has a flag, e.g.:
+  ntdist fuse a.safetensors b.safetensors -o f.safetensors fusion.importance=l1 fusion.dedup=on
+  ntdist fuse a.safetensors b.safetensors -o f.safetensors --method avg --schedule flat
+
+Keys:
+"""
 
 
-def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    # SUPPRESS: a subcommand's parser must not reset a --debug given before the subcommand
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
-    parser = argparse.ArgumentParser(prog="ntdist", parents=[common],
-                                     description="Train ensembles in parallel, fuse them by Neuron Transplantation, "
-                                                 "fine-tune the fused model.")
-    parser.add_argument("--version", action="version", version=f"ntdist {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
+def _add_run(sub, common) -> None:
     run = sub.add_parser("run", parents=[common], help="train members, fuse, fine-tune (the whole workflow)",
                          formatter_class=argparse.RawDescriptionHelpFormatter,
                          epilog=RUN_EPILOG + "\n".join(describe_keys()))
@@ -53,10 +48,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue the run in output.dir")
     run.add_argument("--overwrite", action="store_true", help="start again in a non-empty output.dir")
 
-    fuse = sub.add_parser("fuse", parents=[common], help="fuse checkpoints into one model of the same architecture")
-    fuse.add_argument("checkpoints", nargs="+",
+
+def _add_fuse(sub, common) -> None:
+    fuse = sub.add_parser("fuse", parents=[common], help="fuse checkpoints into one model of the same architecture",
+                          formatter_class=argparse.RawDescriptionHelpFormatter,
+                          epilog=FUSE_EPILOG + "\n".join(describe_keys(only=[f"fusion.{key}" for key in FUSE_KEYS])))
+    fuse.add_argument("inputs", nargs="+", metavar="CHECKPOINT|KEY=VALUE",
                       help="member checkpoints: ntdist's .safetensors, or plain state dicts (.safetensors or "
-                           "weights-only torch files) together with --model")
+                           "weights-only torch files) together with --model; and fusion.* key=value overrides")
     fuse.add_argument("-o", "--output", required=True, help="where to write the fused checkpoint (.safetensors)")
     fuse.add_argument("--model", default=None,
                       help="architecture of plain state dicts: a registry name (mlp, resnet18), torchvision:<name> "
@@ -64,40 +63,22 @@ def _parser() -> argparse.ArgumentParser:
     fuse.add_argument("--model-kwargs", default=None, metavar="JSON",
                       help="constructor arguments for --model as a JSON object, e.g. '{\"num_classes\": 10}'")
     fuse.add_argument("--device", default="cpu", help="where fusion runs: cpu (default), cuda, cuda:1")
-    fuse.add_argument("--method", default="nt", choices=METHODS,
-                      help="nt (Neuron Transplantation, default), avg (weight averaging), ot (optimal transport)")
-    fuse.add_argument("--schedule", default="recursive", choices=SCHEDULES,
-                      help="how k models are combined: flat (all at once), iterative (one after another), "
-                           "recursive (pairwise tree, default)")
-    fuse.add_argument("--importance", default=DEFAULT_IMPORTANCE, choices=list(IMPORTANCES),
-                      help=f"NT: the score by which units are kept (default {DEFAULT_IMPORTANCE})")
-    fuse.add_argument("--pruner", default=DEFAULT_PRUNER, choices=PRUNERS,
-                      help="NT: ntdist (default; never builds the wide model) or torch_pruning (the authors' "
-                           "pipeline: the wide model pruned by Torch-Pruning; needs the torch-pruning package)")
-    fuse.add_argument("--order", default="merge_prune", choices=ORDERS,
-                      help="NT: concat then prune (merge_prune, default), or prune each member then concat")
-    fuse.add_argument("--width", type=int, default=None, help="NT: target width of the first hidden layer (mlp)")
-    fuse.add_argument("--keep-ratio", type=float, default=None,
-                      help="NT: kept units relative to one member (mlp; default 1: the members' width)")
-    fuse.add_argument("--dedup", action="store_true",
-                      help="NT: merge a unit that nearly duplicates a kept one into it (outgoing weights added) "
-                           "instead of keeping both; fusing copies of one model then returns that model")
-    fuse.add_argument("--dedup-threshold", type=float, default=None,
-                      help=f"NT --dedup: cosine similarity in (0, 1) above which two units count as duplicates "
-                           f"(default {DEDUP_THRESHOLD})")
-    fuse.add_argument("--dedup-overflow", default=None, choices=OVERFLOWS,
-                      help="NT --dedup: units that duplicate no kept unit once the slots are full are dropped "
-                           "(drop, default), merged into their most similar kept unit (merge), or joined with "
-                           "units of other members, most similar pair first, until they fit (match)")
-    fuse.add_argument("--dedup-criterion", default=None, choices=CRITERIA,
-                      help="NT --dedup: compare units by their incoming weights (weights, default) or by the "
-                           "correlation of their outputs on --dedup-inputs (activations)")
+    for key in FUSE_KEYS:       # aliases of the keys, without a default of their own: the config's applies
+        if key == "dedup":
+            fuse.add_argument(fuse_flag(key), dest=key, action="store_const", const="on",
+                              help="same as fusion.dedup=on")
+        elif key == "methods":
+            fuse.add_argument(fuse_flag(key), dest=key, metavar="METHOD", help="same as fusion.methods=[METHOD]")
+        else:
+            fuse.add_argument(fuse_flag(key), dest=key, metavar=key.upper(),
+                              help=f"same as fusion.{key}={key.upper()}")
     fuse.add_argument("--dedup-inputs", default=None, metavar="FILE",
-                      help="NT --dedup-criterion activations: a batch of training inputs, one tensor saved with "
+                      help="fusion.dedup_criterion=activations: a batch of training inputs, one tensor saved with "
                            "torch.save (a few hundred rows)")
-
     fuse.add_argument("--force", action="store_true", help="replace the output file if it exists")
 
+
+def _add_bench(sub, common) -> None:
     bench = sub.add_parser("bench", parents=[common], help="benchmarks")
     bench.add_argument("what", choices=["fusion", "train"],
                        help="fusion: time and memory of avg, nt, ot (paper Table 8); "
@@ -114,9 +95,24 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=1, help="train: torch CPU threads (default 1)")
     bench.add_argument("--out", default=None, help="CSV file to write (default bench_fusion.csv / bench_train.csv)")
 
+
+def _add_report(sub, common) -> None:
     report = sub.add_parser("report", parents=[common], help="write report.md and plots for run directories")
     report.add_argument("run_dirs", nargs="+", help="run directories (or folders containing them)")
     report.add_argument("--out", default=None, help="where to write the report (default: the first directory)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a subcommand's parser must not reset a --debug given before the subcommand
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    parser = argparse.ArgumentParser(prog="ntdist", parents=[common],
+                                     description="Train ensembles in parallel, fuse them by Neuron Transplantation, "
+                                                 "fine-tune the fused model.")
+    parser.add_argument("--version", action="version", version=f"ntdist {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_add_run, _add_fuse, _add_bench, _add_report):
+        add(sub, common)
     return parser
 
 
@@ -125,12 +121,11 @@ def cmd_run(args) -> int:
 
 
 def cmd_fuse(args) -> int:
-    fuse_command(args.checkpoints, args.output, method=args.method, schedule=args.schedule,
-                  importance=args.importance, pruner=args.pruner, order=args.order, width=args.width,
-                  keep_ratio=args.keep_ratio, force=args.force, model=args.model, model_kwargs=args.model_kwargs,
-                  device=args.device, dedup=args.dedup, dedup_threshold=args.dedup_threshold,
-                  dedup_overflow=args.dedup_overflow, dedup_criterion=args.dedup_criterion,
-                  dedup_inputs=args.dedup_inputs)
+    flags = [f"fusion.{key}=[{value}]" if key == "methods" else f"fusion.{key}={value}"
+             for key in FUSE_KEYS if (value := getattr(args, key)) is not None]
+    fusion = fusion_config(args.checkpoints, flags + args.overrides)
+    fuse_command(args.checkpoints, args.output, fusion, model_spec(args.model, args.model_kwargs), args.device,
+                 args.dedup_inputs, args.force)
     return 0
 
 
@@ -151,13 +146,27 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _gather_overrides(args, extra) -> list:
+    """Put the key=value overrides in `args.overrides` (and fuse's checkpoints in `args.checkpoints`); return
+    the rest of `extra`, the unrecognised arguments.
+
+    argparse stops collecting positionals at the first flag (`run c.yaml --resume a=1`, `fuse a --method avg
+    b`); fuse's positionals are checkpoints and overrides mixed (a key=value item that is no file)."""
+    if args.command == "run":
+        args.overrides += [x for x in extra if "=" in x and not x.startswith("-")]
+        return [x for x in extra if x not in args.overrides]
+    if args.command == "fuse":
+        items = args.inputs + [x for x in extra if not x.startswith("-")]
+        args.overrides = [x for x in items if "=" in x and not os.path.exists(x)]
+        args.checkpoints = [x for x in items if x not in args.overrides]
+        return [x for x in extra if x.startswith("-")]
+    return extra
+
+
 def main(argv=None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    # argparse stops collecting overrides at the first flag (`run c.yaml --resume a=1`); gather the rest here.
-    if args.command == "run":
-        args.overrides += [x for x in extra if "=" in x and not x.startswith("-")]
-        extra = [x for x in extra if x not in args.overrides]
+    extra = _gather_overrides(args, extra)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.debug = getattr(args, "debug", False)   # absent unless given (see the SUPPRESS above)

@@ -133,15 +133,15 @@ def _lookup(tree, dotted: str):
     return cls, value
 
 
-def _user_error(err: OmegaConfBaseException, layer: dict) -> UserError:
-    """One line naming the key, for an OmegaConf key or type error."""
+def _user_error(err: OmegaConfBaseException, layer: dict, command: str = "run") -> UserError:
+    """One line naming the key, for an OmegaConf key or type error (`command`'s help lists the keys)."""
     key = getattr(err, "full_key", None) or ""
     if isinstance(err, ConfigKeyError):
         parent, _, name = key.rpartition(".")
         parent_cls = _lookup({}, parent)[0] if parent else Config
         choices = _fields(parent_cls) if dataclasses.is_dataclass(parent_cls) else {}
         close = suggest(name, choices).replace("'", f"'{parent + '.' if parent else ''}", 1)
-        return UserError(f"unknown config key '{key}'{close}; run 'ntdist run --help' for the list of keys")
+        return UserError(f"unknown config key '{key}'{close}; run 'ntdist {command} --help' for the list of keys")
     if isinstance(err, ValidationError) and key:
         tp, value = _lookup(layer, key)
         if tp is not None and dataclasses.is_dataclass(tp):
@@ -149,7 +149,7 @@ def _user_error(err: OmegaConfBaseException, layer: dict) -> UserError:
         expected = _type_name(tp) if tp is not None else "another type"
         return UserError(f"config key '{key}' expects {expected}, got {value!r} ({type(value).__name__})")
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return UserError(f"the config does not fit ntdist's config keys ({first}); run 'ntdist run --help'")
+    return UserError(f"the config does not fit ntdist's config keys ({first}); run 'ntdist {command} --help'")
 
 
 def parse_override(item: str) -> dict:
@@ -200,11 +200,11 @@ def read_yaml(path: str) -> dict:
     return data
 
 
-def load_config(path: str | None = None, overrides=(), extra_keys=()) -> Config:
+def load_config(path: str | None = None, overrides=(), extra_keys=(), command: str = "run") -> Config:
     """Merge defaults <- YAML file <- overrides and return a validated `Config`.
 
     `extra_keys` names top-level YAML keys that a caller handles itself (e.g. a sweep);
-    they are dropped here.
+    they are dropped here. Errors point to `ntdist <command> --help` for the keys.
     """
     layers = [read_yaml(path)] if path else []
     layers += [parse_override(o) for o in overrides]
@@ -214,22 +214,38 @@ def load_config(path: str | None = None, overrides=(), extra_keys=()) -> Config:
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as err:
-            raise _user_error(err, layer) from None
+            raise _user_error(err, layer, command) from None
     try:
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        raise _user_error(err, {}) from None
+        raise _user_error(err, {}, command) from None
+
+
+def load_keys(overrides, keys, command: str, preset=()) -> Config:
+    """A validated `Config` from the dotted `overrides` of a command that takes only some of `ntdist run`'s
+    keys (`keys`), merged after `preset` (what the command sets itself) exactly as `ntdist run` merges its own."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if "=" in item and key not in keys:
+            if _lookup({}, key)[0] is not None:
+                raise UserError(f"ntdist {command} does not take {key} (a key of ntdist run); run "
+                                f"'ntdist {command} --help' for the keys it takes")
+            raise UserError(f"unknown config key '{key}'{suggest(key, keys)}; run 'ntdist {command} --help' for "
+                            "the keys it takes")
+    return load_config(None, [*preset, *overrides], command=command)
 
 
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def describe_keys(cls=Config, prefix: str = ""):
-    """Yield one help line per config key: 'train.epochs (int, default 10): ...'."""
+def describe_keys(cls=Config, prefix: str = "", only=None):
+    """Yield one help line per config key (of those in `only`, when given): 'train.epochs (int, default 10): ...'."""
     for name, (tp, f) in _fields(cls).items():
         if dataclasses.is_dataclass(tp):
-            yield from describe_keys(tp, f"{prefix}{name}.")
+            yield from describe_keys(tp, f"{prefix}{name}.", only)
+            continue
+        if only is not None and f"{prefix}{name}" not in only:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         yield f"  {prefix}{name} ({_type_name(tp)}, default {default!r}): {f.metadata.get('help', '')}"

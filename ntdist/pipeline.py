@@ -197,22 +197,20 @@ def resumable_finetune(r: Run, model: torch.nn.Module, label: str, seed: int, te
 def fuse_stage(r: Run, held: Dict[int, torch.nn.Module], method: str) -> Tuple[torch.nn.Module, float, Optional[dict]]:
     """Fuse with `method`; every rank gets the fused model, the seconds taken, NT dedup's merges (or None)."""
     fc, world = r.cfg.fusion, r.world
-    merged = {}
-    nt_only = fc.nt_args(merged) if method == "nt" else fc.dedup_args(merged)     # avg and OT take no pruner
-    options = dict(importance=fc.importance, order=fc.order, width=fc.width, keep_ratio=fc.keep_ratio,
-                   example_inputs=r.example_inputs(), **nt_only)
+    merged, examples = {}, r.example_inputs()
+    nt = dict(options=fc.nt_options(), merged=merged) if method == "nt" else {}   # avg and OT read no NT option
     world.barrier()
     start = time.perf_counter()
     fusing = {i: m.to(fusion_device(world)) for i, m in held.items()}   # on a GPU with NCCL: where they are
     if method == "nt" and fc.schedule == "recursive":
-        fused = tree_fuse(world, fusing, r.layout.holders, r.template, **options)
+        fused = tree_fuse(world, fusing, r.layout.holders, r.template, example_inputs=examples, **nt)
     elif method == "avg" and fc.schedule == "flat":
         fused = reduce_average(world, fusing, r.layout.holders, r.template)
     elif method == "ot" and fc.schedule == "flat":
-        fused = ot_reduce(world, fusing, r.layout.holders, r.template, options["example_inputs"])
+        fused = ot_reduce(world, fusing, r.layout.holders, r.template, examples)
     else:
         fused = gather_fuse(world, fusing, r.layout.holders, r.template, method=method, schedule=fc.schedule,
-                            **options)
+                            example_inputs=examples, **nt)
     seconds = time.perf_counter() - start
     if fc.bn_reestimate:
         torch.manual_seed(run_seed(r.cfg.train, FUSED_SEED))   # the passes run in train mode: dropout draws

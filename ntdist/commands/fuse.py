@@ -1,10 +1,15 @@
 """`ntdist fuse`: fuse member checkpoints into one checkpoint of the same architecture.
 
-The models are rebuilt from the specs stored in ntdist's checkpoints, or, for
-plain state dicts (safetensors or weights-only torch files, e.g. from another
-training script), from `--model NAME --model-kwargs JSON`. The output is an
-ntdist checkpoint (it carries the spec, so later commands need no `--model`),
-written only after fusion succeeded, atomically, so a failure leaves nothing behind.
+How to fuse is given by the `fusion.*` keys of `ntdist run` that make sense for
+checkpoints (`KEYS`: the method, the schedule and NT's options), parsed and
+checked by the same code as `ntdist run`'s overrides, into a `FusionConfig`
+(`fusion_config`); each key also has a flag (`--importance l1` is
+`fusion.importance=l1`). The models are rebuilt from the specs stored in
+ntdist's checkpoints, or, for plain state dicts (safetensors or weights-only
+torch files, e.g. from another training script), from `--model NAME
+--model-kwargs JSON`. The output is an ntdist checkpoint (it carries the spec,
+so later commands need no `--model`), written only after fusion succeeded,
+atomically, so a failure leaves nothing behind.
 """
 
 import json
@@ -15,9 +20,9 @@ from typing import Optional
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ntdist.config import load_keys
 from ntdist.errors import UserError
-from ntdist.fusion import DEFAULT_IMPORTANCE, DEFAULT_PRUNER, fuse
-from ntdist.fusion.dedup.merge import DEDUP_THRESHOLD
+from ntdist.fusion import METHODS, FusionConfig, NTOptions, fuse
 from ntdist.models import ModelSpec
 from ntdist.models.weights import read_state_dict
 from ntdist.records.checkpoint import load_model, save_checkpoint
@@ -31,6 +36,35 @@ def example_input(spec: ModelSpec) -> torch.Tensor:
     channels = kw.get("in_channels", 3)
     size = kw.get("image_size", 32)
     return torch.zeros(2, channels, size, size)
+
+
+KEYS = ("methods", "schedule", *NTOptions.names())   # the fusion.* keys that ntdist fuse takes
+
+
+def flag(key: str) -> str:
+    """The flag that stands for `fusion.<key>` (--method for the one method of fusion.methods)."""
+    return "--method" if key == "methods" else "--" + key.replace("_", "-")
+
+
+def fusion_config(paths, overrides) -> FusionConfig:
+    """The `fusion:` section of dotted `fusion.*` overrides, checked as `ntdist run` checks them, with
+    fusion.k the number of checkpoints."""
+    if len(paths) < 2:
+        raise UserError(f"fusion needs at least 2 checkpoints, got {len(paths)}")
+    fusion = load_keys(overrides, [f"fusion.{key}" for key in KEYS], "fuse", [f"fusion.k={len(paths)}"]).fusion
+    if len(fusion.methods) != 1:
+        raise UserError(f"ntdist fuse fuses with one method, got fusion.methods {fusion.methods}; give one "
+                        f"(--method {' | '.join(METHODS)})")
+    return fusion
+
+
+def model_spec(model: Optional[str], model_kwargs: Optional[str]) -> Optional[ModelSpec]:
+    """The spec of `--model NAME --model-kwargs JSON`, or None to use the one stored in the checkpoints."""
+    if model is None:
+        if model_kwargs:
+            raise UserError("--model-kwargs needs --model (the checkpoints' own spec already holds its kwargs)")
+        return None
+    return ModelSpec(model, parse_model_kwargs(model_kwargs))
 
 
 def parse_model_kwargs(text: Optional[str]) -> dict:
@@ -90,13 +124,10 @@ def _has_spec(path: str) -> bool:
         return not path.endswith((".pt", ".pth", ".bin"))
 
 
-def load_members(paths, model: Optional[str], model_kwargs: dict):
-    """(models, spec): from `--model` when given, else from the spec in the first checkpoint."""
-    if model is not None:
-        spec = ModelSpec(model, model_kwargs)
+def load_members(paths, spec: Optional[ModelSpec]):
+    """(models, spec): built from `spec` when given, else from the spec in the first checkpoint."""
+    if spec is not None:
         return [load_with_spec(p, spec) for p in paths], spec
-    if model_kwargs:
-        raise UserError("--model-kwargs needs --model (the checkpoints' own spec already holds its kwargs)")
     if not _has_spec(paths[0]):
         raise UserError(f"'{paths[0]}' is a plain state dict without a model spec; pass --model NAME "
                         "(e.g. torchvision:resnet18) and --model-kwargs JSON to rebuild it")
@@ -105,32 +136,8 @@ def load_members(paths, model: Optional[str], model_kwargs: dict):
     return [loaded[0][0]] + [load_with_spec(p, spec) for p in paths[1:]], spec
 
 
-def fuse_command(paths, output: str, method: str = "nt", schedule: str = "recursive",
-                 importance: str = DEFAULT_IMPORTANCE, order: str = "merge_prune", width=None, keep_ratio=None,
-                 force: bool = False, pruner: str = DEFAULT_PRUNER,
-                 model: Optional[str] = None, model_kwargs: Optional[str] = None, device: str = "cpu",
-                 dedup: bool = False, dedup_threshold: Optional[float] = None,
-                 dedup_overflow: Optional[str] = None, dedup_criterion: Optional[str] = None,
-                 dedup_inputs: Optional[str] = None) -> str:
-    if len(paths) < 2:
-        raise UserError(f"fusion needs at least 2 checkpoints, got {len(paths)}")
-    given = [flag for flag, value in (("--dedup-threshold", dedup_threshold), ("--dedup-overflow", dedup_overflow),
-                                      ("--dedup-criterion", dedup_criterion)) if value is not None]
-    if given and not dedup:
-        raise UserError(f"{given[0]} only applies with --dedup; add --dedup or leave it out")
-    if dedup and method != "nt":
-        raise UserError(f"--dedup belongs to NT (--method nt); {method} keeps the members' width and merges nothing")
-    if (dedup_criterion == "activations") != (dedup_inputs is not None):
-        raise UserError("--dedup-criterion activations and --dedup-inputs FILE go together: the activations "
-                        "are the units' outputs on those inputs")
-    dedup_args = dict(dedup=dedup, dedup_overflow=dedup_overflow or "drop",
-                      dedup_criterion=dedup_criterion or "weights")
-    if dedup_threshold is not None:
-        dedup_args["dedup_threshold"] = dedup_threshold
-    if width is not None and width < 1:
-        raise UserError(f"--width must be a positive number of units, got {width}")
-    if keep_ratio is not None and not 0 < keep_ratio <= len(paths):
-        raise UserError(f"--keep-ratio must be in (0, {len(paths)}] for {len(paths)} checkpoints, got {keep_ratio}")
+def check_output(output: str, paths, force: bool) -> None:
+    """UserError unless `output` is a new (or, with `force`, replaceable) file in a writable folder."""
     if os.path.isdir(output):
         raise UserError(f"-o '{output}' is a folder; give the file name of the fused checkpoint")
     if os.path.exists(output) and not force:
@@ -140,30 +147,54 @@ def fuse_command(paths, output: str, method: str = "nt", schedule: str = "recurs
         raise UserError(f"cannot write '{output}': folder '{out_dir}' is missing or not writable")
     if os.path.abspath(output) in {os.path.abspath(p) for p in paths}:
         raise UserError(f"output '{output}' is one of the inputs; choose another file name")
+
+
+def usable_device(device: str) -> torch.device:
+    """`--device` as a torch.device on which a tensor can be made."""
     try:
         dev = torch.device(device)
         torch.empty(0, device=dev)
     except (RuntimeError, AssertionError) as err:
         raise UserError(f"--device {device} is not usable here ({str(err).splitlines()[0]}); use cpu or cuda") from None
-    models, spec = load_members(paths, model, parse_model_kwargs(model_kwargs))
+    return dev
+
+
+def fused_info(fusion: FusionConfig, paths) -> dict:
+    """What the fused checkpoint records about its making."""
+    info = {"stage": "fused", "method": fusion.methods[0], "schedule": fusion.schedule,
+            "inputs": [os.path.basename(p) for p in paths]}
+    if fusion.dedup:
+        info.update(dedup_threshold=fusion.dedup_threshold, dedup_overflow=fusion.dedup_overflow,
+                    dedup_criterion=fusion.dedup_criterion)
+    return info
+
+
+def fuse_command(paths, output: str, fusion: FusionConfig, spec: Optional[ModelSpec] = None, device: str = "cpu",
+                 inputs: Optional[str] = None, force: bool = False) -> str:
+    """Fuse the checkpoints `paths` as `fusion` says (its one method, schedule and NT options) into `output`.
+
+    `spec` rebuilds plain state dicts (default: the spec in the checkpoints); `inputs` is the
+    `--dedup-inputs` file of the activation criterion."""
+    options = fusion.nt_options()
+    if (options.dedup_criterion == "activations") != (inputs is not None):
+        raise UserError("fusion.dedup_criterion=activations and --dedup-inputs FILE go together: the activations "
+                        "are the units' outputs on those inputs")
+    check_output(output, paths, force)
+    dev = usable_device(device)
+    models, spec = load_members(paths, spec)
     models = [m.eval().to(dev) for m in models]
-    resized = width is not None or keep_ratio is not None
+    resized = options.width is not None or options.keep_ratio is not None
     if resized and spec.name != "mlp":
-        raise UserError(f"--width/--keep-ratio change the architecture, and a resized {spec.name} cannot be "
-                        "rebuilt from its spec; use the Python API fuse(models, width=...) for it")
-    examples = example_input(spec) if dedup_inputs is None else read_inputs(dedup_inputs)
+        raise UserError(f"fusion.width and fusion.keep_ratio change the architecture, and a resized {spec.name} "
+                        "cannot be rebuilt from its spec; use the Python API fuse(models, width=...) for it")
+    examples = example_input(spec) if inputs is None else read_inputs(inputs)
+    method = fusion.methods[0]
     start = time.perf_counter()
-    fused = fuse(models, method=method, schedule=schedule, importance=importance, order=order, width=width,
-                 keep_ratio=keep_ratio, example_inputs=examples.to(dev),
-                  pruner=pruner, **(dedup_args if method == "nt" else {}))
+    fused = fuse(models, method, fusion.schedule, options=options, example_inputs=examples.to(dev))
     seconds = time.perf_counter() - start
     if resized:
         first = next(m for m in fused.modules() if isinstance(m, torch.nn.Linear))
         spec = ModelSpec(spec.name, dict(spec.kwargs, width=first.out_features))
-    info = {"stage": "fused", "method": method, "schedule": schedule, "inputs": [os.path.basename(p) for p in paths]}
-    if dedup:
-        info.update(dedup_threshold=dedup_args.get("dedup_threshold", DEDUP_THRESHOLD),
-                    dedup_overflow=dedup_args["dedup_overflow"], dedup_criterion=dedup_args["dedup_criterion"])
-    save_checkpoint(output, fused.cpu(), spec, info=info)
-    print(f"fused {len(models)} models with {method} ({schedule}) on {dev} in {seconds:.3f} s -> {output}")
+    save_checkpoint(output, fused.cpu(), spec, info=fused_info(fusion, paths))
+    print(f"fused {len(models)} models with {method} ({fusion.schedule}) on {dev} in {seconds:.3f} s -> {output}")
     return output

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from ntdist.distributed.comm import broadcast_model, gather_models, meta_template, recv_model, send_model
 from ntdist.distributed.world import World, guarded
-from ntdist.fusion import average, fuse, fuse_pair
+from ntdist.fusion import NTOptions, average, fuse, fuse_pair
 from ntdist.fusion.wide.assemble import clone_with, tensors_of
 from ntdist.fusion.checks import check_models
 from ntdist.fusion.analysis.graph import analyze
@@ -33,14 +33,14 @@ def fusion_device(world: World) -> torch.device:
 
 
 def tree_fuse(world: World, held: Dict[int, torch.nn.Module], holders: List[int],
-              make_template: Callable[[], torch.nn.Module], example_inputs=None, sent: Optional[List[int]] = None,
-              **options) -> torch.nn.Module:
-    """NT-recursive across ranks; returns the fused model on every rank.
+              make_template: Callable[[], torch.nn.Module], options: NTOptions, example_inputs=None,
+              merged: Optional[dict] = None, sent: Optional[List[int]] = None) -> torch.nn.Module:
+    """NT-recursive across ranks with `options`; returns the fused model on every rank.
 
     `held` maps member index -> model for the members this rank holds; `holders[i]`
-    is the rank holding member i; `options` go to `fuse_pair` (importance, order, width, keep_ratio).
-    A subtree is named by its leftmost member and stays with that member's holder.
-    `sent`, when given, receives the number of models this rank sent in each round.
+    is the rank holding member i. A subtree is named by its leftmost member and stays
+    with that member's holder. `merged` receives this rank's dedup merge counts (as in
+    `fuse_pair`); `sent`, when given, the number of models this rank sent in each round.
     """
     reference = meta_template(make_template)   # original width, the pruning's target: its shapes only, no memory
     plan = None                                # the same data-flow plan the single-process fuse uses
@@ -56,8 +56,9 @@ def tree_fuse(world: World, held: Dict[int, torch.nn.Module], holders: List[int]
                 other = models.pop(right) if src == dst else \
                     recv_model(world, meta_template(make_template), src).to(fusion_device(world))
                 plan = plan or analyze(models[left], example_inputs)   # traced on a member: same architecture
-                models[left] = fuse_pair(models[left], other, leaves_left, leaves_right, reference=reference,
-                                         plan=plan, example_inputs=example_inputs, **options)
+                models[left] = fuse_pair(models[left], other, leaves_left, leaves_right, options=options,
+                                         reference=reference, plan=plan, example_inputs=example_inputs,
+                                         merged=merged)
         if sent is not None:
             sent.append(sends)
         world.wait_for("a round of the fusion tree")   # the next round's receivers wait for this round's fusions

@@ -103,8 +103,8 @@ def _merge(r: Run, replicas: Dict[int, torch.nn.Module], method: str, counts: Di
     """Replace every replica's weights by the merged model, in place (optimizer state is kept)."""
     held = {i: m.cpu() for i, m in replicas.items()}
     if method == "nt":      # with fusion.dedup, near-identical replicas' units are merged, not kept twice
-        merged = tree_fuse(r.world, held, r.layout.holders, r.template, example_inputs=r.example_inputs(),
-                           **r.cfg.fusion.nt_args(counts))
+        merged = tree_fuse(r.world, held, r.layout.holders, r.template, r.cfg.fusion.nt_options(),
+                           example_inputs=r.example_inputs(), merged=counts)
     else:
         merged = reduce_average(r.world, held, r.layout.holders, r.template)
     with torch.no_grad():

@@ -67,13 +67,14 @@ def _members(n):
 
 def _tree(rank, out_dir, k, pruner="ntdist"):
     from ntdist.distributed.tree import tree_fuse
+    from ntdist.fusion import NTOptions
     world = _world()
     layout = MemberLayout(k, world.size)
     members = _members(k)
     held = {i: members[i] for i in layout.held_by(rank)}
     x = torch.zeros(2, 64)
     sent = []
-    fused = tree_fuse(world, held, layout.holders, SPEC.build, example_inputs=x, sent=sent, pruner=pruner)
+    fused = tree_fuse(world, held, layout.holders, SPEC.build, NTOptions(pruner=pruner), example_inputs=x, sent=sent)
     assert max(sent) <= 1, sent   # at most one model per rank per round
     torch.save(fused.state_dict(), os.path.join(out_dir, f"fused{rank}.pt"))
     shutdown(world)

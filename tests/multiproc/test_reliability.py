@@ -198,7 +198,7 @@ def _cases(tmp, done):
         ("fuse over a file", ("fuse", "-o", str(afile), *members), None, "--force"),
         ("fuse relabelled dtypes", ("fuse", "-o", str(tmp / "f.safetensors"), str(retyped), members[1]), None,
          "as torch.int32"),
-        ("fuse width 0", ("fuse", "--width", "0", "-o", str(tmp / "f.safetensors"), *members), None, "--width"),
+        ("fuse width 0", ("fuse", "--width", "0", "-o", str(tmp / "f.safetensors"), *members), None, "fusion.width"),
         ("fuse into unwritable place", ("fuse", "-o", str(afile / "f.safetensors"), str(ck / "member0.safetensors"),
                                         str(ck / "member1.safetensors")), None, "cannot write"),
     ]

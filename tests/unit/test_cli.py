@@ -191,8 +191,8 @@ def test_fuse_with_dedup_returns_a_member_fused_with_its_copy(tmp_path, capsys):
     assert meta["info"]["dedup_criterion"] == "activations"
     capsys.readouterr()
     for flags, message in ((["--dedup", "--dedup-threshold", "1.5"], "dedup_threshold must be a cosine similarity"),
-                           (["--dedup-threshold", "0.5"], "--dedup-threshold only applies with --dedup"),
-                           (["--dedup", "--method", "avg"], "--dedup belongs to NT"),
+                           (["--dedup-threshold", "0.5"], "fusion.dedup_threshold only applies with fusion.dedup on"),
+                           (["--dedup", "--method", "avg"], "fusion.dedup only applies to method nt, not to avg"),
                            (["--dedup", "--dedup-criterion", "activations"], "go together"),
                            (by_outputs[:-1] + [str(tmp_path / "a.pt")], "must hold one floating-point tensor")):
         assert main(args + flags + ["-o", str(tmp_path / "bad.safetensors")]) == 2

@@ -293,8 +293,12 @@ def test_bad_settings_are_user_errors():
     with pytest.raises(UserError, match="fusion.dedup_samples must be at least 2"):
         FusionConfig(dedup=True, dedup_samples=1)
     assert FusionConfig(dedup=True, dedup_criterion="activations").example_count() == 256
-    assert FusionConfig(dedup_criterion="activations").example_count() == 2
-    with pytest.raises(UserError, match="fusion.dedup_threshold must be in"):
+    assert FusionConfig(dedup=True).example_count() == FusionConfig().example_count() == 2
+    with pytest.raises(UserError, match="fusion.dedup_criterion only applies with fusion.dedup on"):
+        FusionConfig(dedup_criterion="activations")
+    with pytest.raises(UserError, match="dedup_threshold only applies with dedup on"):
+        fuse(models, dedup_threshold=0.95)
+    with pytest.raises(UserError, match="fusion.dedup_threshold must be a cosine similarity in"):
         FusionConfig(dedup=True, dedup_threshold=1.0)
     with pytest.raises(UserError, match="needs fusion.order merge_prune"):
         FusionConfig(dedup=True, order="prune_merge")

@@ -149,7 +149,7 @@ def test_fuse_refuses_to_replace_a_file_without_force_and_bad_sizes(tmp_path, ca
     out.write_bytes(b"precious")
     assert main(["fuse", "-o", str(out), *members]) == 2
     assert "--force" in capsys.readouterr().err and out.read_bytes() == b"precious"
-    for flags, words in ((["--width", "0"], "--width"), (["--keep-ratio", "0"], "--keep-ratio"),
+    for flags, words in ((["--width", "0"], "fusion.width"), (["--keep-ratio", "0"], "fusion.keep_ratio"),
                          (["-o", str(tmp_path)], "is a folder")):
         assert main(["fuse", "-o", str(tmp_path / "new.safetensors"), *flags, *members]) == 2
         assert words in capsys.readouterr().err

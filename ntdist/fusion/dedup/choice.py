@@ -31,8 +31,8 @@ class Choice(NamedTuple):
 
 
 def choose(sim: Optional[torch.Tensor], scores: torch.Tensor, want: int, threshold: float,
-           overflow: str = "drop") -> Choice:
-    """Overflows "drop" and "merge": the walk in descending importance (module docstring)."""
+           merge: bool = False) -> Choice:
+    """Overflows "drop" and "merge" (`merge`): the walk in descending importance (module docstring)."""
     n = scores.shape[0]
     order = torch.sort(scores, descending=True, stable=True).indices.tolist()
     dev = scores.device
@@ -52,7 +52,7 @@ def choose(sim: Optional[torch.Tensor], scores: torch.Tensor, want: int, thresho
                 best = torch.where(closer, sim[:, c], best)
                 best_of[closer] = c
     forced = torch.zeros(n, dtype=torch.bool, device=dev)
-    if overflow == "merge" and sim is not None:
+    if merge and sim is not None:
         # a unit is only dropped once every slot is taken, so best_of already covers all kept units
         forced = (rep < 0) & (best_of >= 0)
         rep[forced] = best_of[forced]

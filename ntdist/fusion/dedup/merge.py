@@ -51,10 +51,10 @@ from ntdist.fusion.checks import check_finite
 from ntdist.fusion.dedup.activations import activation_signatures
 from ntdist.fusion.dedup.choice import Choice, choose, first_slots, match, plain
 from ntdist.fusion.analysis.plan import Plan, parts_of
+from ntdist.fusion.options import NTOptions
 from ntdist.fusion.pruning.select import ranked_scores, scorer, select
 
 _TINY = 1e-30
-DEDUP_THRESHOLD = 0.9    # default cosine similarity above which a unit counts as a duplicate (docs/RESULTS.md, "Dedup")
 
 
 def eligible_spaces(plan: Plan) -> Set[int]:
@@ -126,7 +126,7 @@ def _similarity(parts: List[torch.Tensor]) -> Optional[torch.Tensor]:
         sim = cos if sim is None else torch.minimum(sim, cos)
     return sim
 
-def _walk(ts, plan, sizes, scores, want, threshold, base, dedup: Set[int], overflow: str, acts, owners):
+def _walk(ts, plan, sizes, scores, want, options: NTOptions, base, dedup: Set[int], acts, owners):
     """Every space's choice, and the spaces whose signatures were incomplete (to be checked at the end).
 
     `acts`, when given, holds the activation signatures (complete from the start); else weights are compared.
@@ -142,8 +142,9 @@ def _walk(ts, plan, sizes, scores, want, threshold, base, dedup: Set[int], overf
         sim = _similarity(parts)
         if sim is not None and acts is not None:
             sim = sim.masked_fill(owners[s][:, None] == owners[s][None, :], -2.0)
-        classes[s] = (match(sim, scores[s], want[s], threshold, owners[s]) if overflow == "match"
-                      else choose(sim, scores[s], want[s], threshold, overflow))
+        threshold = options.dedup_threshold
+        classes[s] = (match(sim, scores[s], want[s], threshold, owners[s]) if options.dedup_overflow == "match"
+                      else choose(sim, scores[s], want[s], threshold, merge=options.dedup_overflow == "merge"))
         if not complete:
             partial.add(s)
     return classes, partial
@@ -213,23 +214,23 @@ def _average_incoming(ts, plan: Plan, sizes, classes: Dict[int, Choice], unit_we
 
 
 def dedup_fuse(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float], want: Dict[int, int],
-               importance, threshold: float, merged: Optional[Dict[str, int]] = None,
-               overflow: str = "drop", criterion: str = "weights", inputs=None) -> nn.Module:
+               options: NTOptions, merged: Optional[Dict[str, int]] = None, inputs=None) -> nn.Module:
     """NT of `models` (output weights `weights`, summing to one) keeping `want[s]` units per space, with merging.
 
-    `overflow` says what becomes of a unit that is no duplicate once the slots are
-    full: "drop" it (as plain NT does) or "merge" it into its most similar kept unit.
-    `criterion` "activations" compares the units' outputs on `inputs` instead of
-    their parameters (`ntdist.fusion.dedup.activations`).
+    `options` gives the importance and the dedup options: `dedup_threshold`, `dedup_overflow`
+    (what becomes of a unit that is no duplicate once the slots are full: "drop" it as plain
+    NT does, "merge" it into its most similar kept unit, or "match" units of different members)
+    and `dedup_criterion` ("activations" compares the units' outputs on `inputs` instead of
+    their parameters, `ntdist.fusion.dedup.activations`).
     `merged`, when given, receives per space (named by its first producing layer)
     the number of units merged into a kept one, added to what it already holds.
     """
     check_finite(models)
-    base = select(models, plan, importance, want, weights)
-    unit_scores = scorer(models, plan, importance, weights)
+    base = select(models, plan, options.importance, want, weights)
+    unit_scores = scorer(models, plan, options.importance, weights)
     dedup = eligible = eligible_spaces(plan)
     scores = {s: ranked_scores(unit_scores(s), models) for s in dedup}
-    acts = activation_signatures(models, plan, inputs) if criterion == "activations" else None
+    acts = activation_signatures(models, plan, inputs) if options.dedup_criterion == "activations" else None
     member_sizes = [plan.space_sizes(tensors_of(m)) for m in models]
     where = next(iter(tensors_of(models[0]).values())).device
     owners = {s: torch.cat([torch.full((sz[s],), m, device=where) for m, sz in enumerate(member_sizes)])
@@ -239,8 +240,8 @@ def dedup_fuse(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float]
         ts = tensors_of(wide)
         sizes, device = plan.space_sizes(ts), next(iter(ts.values())).device
         while True:
-            classes, partial = _walk(ts, plan, sizes, scores, want, threshold, base, dedup, overflow, acts, owners)
-            bad = _failing(ts, plan, sizes, classes, threshold, partial)
+            classes, partial = _walk(ts, plan, sizes, scores, want, options, base, dedup, acts, owners)
+            bad = _failing(ts, plan, sizes, classes, options.dedup_threshold, partial)
             if not bad:
                 break
             dedup = dedup - bad

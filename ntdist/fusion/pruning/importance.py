@@ -87,12 +87,12 @@ IMPORTANCES: Dict[str, Callable[[SpaceView], torch.Tensor]] = {"l2": l2, "group_
 DEFAULT_IMPORTANCE = "group_l2"   # chosen on digits and MNIST-1D, MLPs and CNNs (docs/FUSION.md)
 
 
-def resolve(importance) -> Callable[[SpaceView], torch.Tensor]:
-    """An importance callable from its name in IMPORTANCES, or the callable itself."""
+def resolve(importance, what: str = "importance") -> Callable[[SpaceView], torch.Tensor]:
+    """An importance callable from its name in IMPORTANCES, or the callable itself; `what` names it in errors."""
     if callable(importance):
         return importance
     if importance not in IMPORTANCES:
-        raise UserError(f"unknown importance '{importance}'{suggest(str(importance), IMPORTANCES)}; "
+        raise UserError(f"unknown {what} '{importance}'{suggest(str(importance), IMPORTANCES)}; "
                         f"choose one of {sorted(IMPORTANCES)} or pass a callable")
     return IMPORTANCES[importance]
 

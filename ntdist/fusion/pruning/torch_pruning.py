@@ -22,7 +22,7 @@ import torch.nn as nn
 from ntdist.errors import UserError, check_choice
 from ntdist.fusion.wide.assemble import assemble, clone_with, tensors_of
 from ntdist.fusion.checks import check_finite
-from ntdist.fusion.pruning.importance import DEFAULT_IMPORTANCE, group_l2, resolve
+from ntdist.fusion.pruning.importance import group_l2, resolve
 from ntdist.fusion.analysis.plan import OUT, Plan
 
 PRUNERS = ("ntdist", "torch_pruning")
@@ -142,19 +142,15 @@ def tp_nt_step(models: Sequence[nn.Module], weights: Sequence[float], plan: Plan
     return fused
 
 
-def check_pruner(pruner: str, method: str = "nt", order: str = "merge_prune", dedup: bool = False,
-                 importance=DEFAULT_IMPORTANCE, where: str = "pruner") -> None:
-    """UserError unless `pruner` is known and meaningful with this method, order, dedup and importance."""
+def check_pruner(pruner: str, order: str, dedup: bool, importance, where: str = "pruner") -> None:
+    """UserError unless `pruner` is known and meaningful with this order, dedup and importance (NT's options)."""
     check_choice(pruner, PRUNERS, where)
     if pruner == DEFAULT_PRUNER:
         return
-    if method == "nt" and resolve(importance) is not group_l2:
+    if resolve(importance) is not group_l2:
         raise UserError(f"{where} '{pruner}' ranks units with Torch-Pruning's group magnitude importance "
                         f"(ntdist's 'group_l2'); importance {getattr(importance, '__name__', importance)!r} "
                         f"needs {where} '{DEFAULT_PRUNER}'")
-    if method != "nt":
-        raise UserError(f"{where} '{pruner}' prunes NT's concatenated model; method '{method}' does not prune "
-                        f"(use {where} '{DEFAULT_PRUNER}')")
     if order != "merge_prune":
         raise UserError(f"{where} '{pruner}' prunes the concatenated model (order merge_prune), got order {order!r}")
     if dedup:
