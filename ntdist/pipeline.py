@@ -199,6 +199,8 @@ def fuse_stage(r: Run, held: Dict[int, torch.nn.Module], method: str) -> Tuple[t
     fc, world = r.cfg.fusion, r.world
     merged, examples = {}, r.example_inputs()
     nt = dict(options=fc.nt_options(), merged=merged) if method == "nt" else {}   # avg and OT read no NT option
+    if method == "nt" and fc.repair != "none":
+        nt["calibration"] = r.calibration_inputs().to(fusion_device(world))
     world.barrier()
     start = time.perf_counter()
     fusing = {i: m.to(fusion_device(world)) for i, m in held.items()}   # on a GPU with NCCL: where they are

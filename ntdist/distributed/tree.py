@@ -34,13 +34,14 @@ def fusion_device(world: World) -> torch.device:
 
 def tree_fuse(world: World, held: Dict[int, torch.nn.Module], holders: List[int],
               make_template: Callable[[], torch.nn.Module], options: NTOptions, example_inputs=None,
-              merged: Optional[dict] = None, sent: Optional[List[int]] = None) -> torch.nn.Module:
+              merged: Optional[dict] = None, sent: Optional[List[int]] = None, calibration=None) -> torch.nn.Module:
     """NT-recursive across ranks with `options`; returns the fused model on every rank.
 
     `held` maps member index -> model for the members this rank holds; `holders[i]`
     is the rank holding member i. A subtree is named by its leftmost member and stays
     with that member's holder. `merged` receives this rank's dedup merge counts (as in
-    `fuse_pair`); `sent`, when given, the number of models this rank sent in each round.
+    `fuse_pair`); `sent`, when given, the number of models this rank sent in each round; each
+    pairwise step repairs against its own pair on `calibration` (every rank holds the same inputs).
     """
     reference = meta_template(make_template)   # original width, the pruning's target: its shapes only, no memory
     plan = None                                # the same data-flow plan the single-process fuse uses
@@ -58,7 +59,7 @@ def tree_fuse(world: World, held: Dict[int, torch.nn.Module], holders: List[int]
                 plan = plan or analyze(models[left], example_inputs)   # traced on a member: same architecture
                 models[left] = fuse_pair(models[left], other, leaves_left, leaves_right, options=options,
                                          reference=reference, plan=plan, example_inputs=example_inputs,
-                                         merged=merged)
+                                         merged=merged, calibration=calibration)
         if sent is not None:
             sent.append(sends)
         world.wait_for("a round of the fusion tree")   # the next round's receivers wait for this round's fusions

@@ -41,6 +41,9 @@ class FusionConfig:
     dedup_overflow: str = _nt("dedup_overflow")
     dedup_criterion: str = _nt("dedup_criterion")
     dedup_samples: int = opt(256, "training inputs whose outputs fusion.dedup_criterion activations compares")
+    repair: str = _nt("repair")
+    repair_ridge: float = _nt("repair_ridge")
+    calibration_samples: int = opt(2000, "training inputs (drawn with the seed) that NT's repair fits on")
 
     def __post_init__(self):
         if self.k < 2:
@@ -58,6 +61,8 @@ class FusionConfig:
         if self.dedup_samples < 2:
             raise UserError(f"fusion.dedup_samples must be at least 2 (units are compared over the samples), "
                             f"got {self.dedup_samples}")
+        if self.calibration_samples < 1:
+            raise UserError(f"fusion.calibration_samples must be at least 1, got {self.calibration_samples}")
         if self.bn_batches < 1:
             raise UserError(f"fusion.bn_batches must be at least 1, got {self.bn_batches}")
 

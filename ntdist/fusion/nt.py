@@ -7,8 +7,9 @@ tree, and `fuse(..., schedule="recursive")` is literally that plan folded with
 weights. Output weights are leaf counts, so every member ends with equal weight.
 """
 
-from typing import Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
+import torch
 import torch.nn as nn
 
 from ntdist.errors import UserError, check_choice
@@ -20,6 +21,7 @@ from ntdist.fusion.options import NTOptions
 from ntdist.fusion.wide.norms import group_layer_norms
 from ntdist.fusion.pruning.select import ratio_of, select, shares, targets, verify_finite
 from ntdist.fusion.pruning.torch_pruning import DEFAULT_PRUNER, tp_nt_step
+from ntdist.fusion.repair import repair
 from ntdist.fusion.schedule import SCHEDULES, fold
 from ntdist.fusion.wide.widegraph import widen_graph
 
@@ -44,12 +46,15 @@ def concat(models: Sequence[nn.Module], weights: Optional[Sequence[float]] = Non
 
 
 def nt_step(models: Sequence[nn.Module], weights: Sequence[float], plan: Plan, ratio: float,
-            reference: nn.Module, options: NTOptions, merged: Optional[dict] = None, example_inputs=None) -> nn.Module:
+            reference: nn.Module, options: NTOptions, merged: Optional[dict] = None, example_inputs=None,
+            calibration=None) -> nn.Module:
     """Concatenate `models` and prune back to `ratio` x the reference width, in `options.order`.
 
     With `options.dedup`, near-duplicate units are merged instead of taking slots and `merged`
     receives the counts; the activation criterion compares the units' outputs on `example_inputs`.
     `options.pruner` "torch_pruning" builds the wide model and prunes it with Torch-Pruning.
+    With `options.repair` (and `calibration` inputs), the kept units' incoming weights are refitted
+    to the concatenated model (`fusion.repair`).
     """
     w = normalized(weights)
     ref_sizes = plan.space_sizes(tensors_of(reference))
@@ -61,43 +66,66 @@ def nt_step(models: Sequence[nn.Module], weights: Sequence[float], plan: Plan, r
     if options.order == "merge_prune":
         keep = select(models, plan, options.importance, want, w)
         verify_finite(models, plan, options.importance, keep)
-        return assemble(models, plan, w, keep)
+        fused = assemble(models, plan, w, keep)
+        return repair(models, plan, w, keep, fused, calibration, ridge=options.repair_ridge) \
+            if options.repairs(calibration) else fused
     if plan.atoms:
         raise UserError("order='prune_merge' cannot fuse this model: it routes channels by position (a channel "
                         "shuffle or a split inside a layer's output), so each member must keep its width; "
                         "use order='merge_prune'")
     check_finite(models)
-    each = shares(plan, want, [plan.space_sizes(tensors_of(m)) for m in models], w)
-    pruned = []
+    sizes = [plan.space_sizes(tensors_of(m)) for m in models]
+    each = shares(plan, want, sizes, w)
+    pruned, keeps = [], []
     for m, model in enumerate(models):
         mine = {s: each[s][m] for s in plan.sizes}
-        pruned.append(assemble([model], plan, [1.0], select([model], plan, options.importance, mine, [1.0])))
-    return assemble(pruned, plan, w, None)
+        keeps.append(select([model], plan, options.importance, mine, [1.0]))
+        pruned.append(assemble([model], plan, [1.0], keeps[-1]))
+    fused = assemble(pruned, plan, w, None)
+    return repair(models, plan, w, _joined(keeps, sizes, plan), fused, calibration, ridge=options.repair_ridge) \
+        if options.repairs(calibration) else fused
+
+
+def _joined(keeps: List[Dict[int, Optional[torch.Tensor]]], sizes: List[Dict[int, int]],
+            plan: Plan) -> Dict[int, torch.Tensor]:
+    """Each member's own kept units (prune_merge) as indices into the concatenated spaces."""
+    joined = {}
+    for s in plan.sizes:
+        parts, offset = [], 0
+        for keep, size in zip(keeps, sizes):
+            mine = keep.get(s)
+            parts.append((torch.arange(size[s]) if mine is None else mine.cpu()) + offset)
+            offset += size[s]
+        joined[s] = torch.cat(parts)
+    return joined
 
 
 def fuse_pair(a: nn.Module, b: nn.Module, weight_a: float = 1.0, weight_b: float = 1.0, *,
               options: Optional[NTOptions] = None, example_inputs=None, reference: Optional[nn.Module] = None,
-              plan: Optional[Plan] = None, merged: Optional[dict] = None, **nt_options) -> nn.Module:
+              plan: Optional[Plan] = None, merged: Optional[dict] = None, calibration=None,
+              **nt_options) -> nn.Module:
     """Fuse two models with NT; `weight_a`/`weight_b` are the leaf counts (or weights) each stands for.
 
     The NT options come as `options=NTOptions(...)` or as its fields by keyword
     (`importance="l1", dedup=True`; both: the keywords replace those fields). The result
     has `width` (or `keep_ratio` x) the width of `reference` (default `a`, which must
     then have the original width), capped at what the pair has; `merged` is that of
-    `fuse`; the activation criterion runs the pair on `example_inputs`.
+    `fuse`; the activation criterion runs the pair on `example_inputs`; repair refits the
+    pair's fusion to their concatenation on `calibration` inputs.
     """
     options = NTOptions.build(options, nt_options, "fuse_pair")
+    options.repairs(calibration)        # repair lstsq without calibration inputs: refused before any work
     check_models([a, b], shapes=False, finite=False)
     wa, wb = check_weights([weight_a, weight_b], 2)
     plan = plan if plan is not None else analyze(a, example_inputs)
     reference = reference if reference is not None else a
     ratio = ratio_of(plan, plan.space_sizes(tensors_of(reference)), float("inf"), options.width, options.keep_ratio)
-    return nt_step([a, b], [wa, wb], plan, ratio, reference, options, merged, example_inputs)
+    return nt_step([a, b], [wa, wb], plan, ratio, reference, options, merged, example_inputs, calibration)
 
 
 def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = "flat", *,
          options: Optional[NTOptions] = None, example_inputs=None, weights: Optional[Sequence[float]] = None,
-         merged: Optional[dict] = None, **nt_options) -> nn.Module:
+         merged: Optional[dict] = None, calibration=None, **nt_options) -> nn.Module:
     """Fuse k models of one architecture into one (of the original width unless `width`/`keep_ratio`).
 
     `weights` are the members' output weights (default equal). NT's options come as
@@ -108,7 +136,9 @@ def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = "flat"
     except that a pruner other than 'ntdist' is refused (they do not prune).
     `example_inputs` trace the model (and feed `dedup_criterion` "activations": a few hundred
     training inputs); `merged`, when given, receives the number of units dedup merged per
-    layer, summed over the pairwise steps.
+    layer, summed over the pairwise steps. `calibration` (a tensor of inputs, or an iterable of
+    input batches, a few thousand training inputs) lets NT refit its result to the concatenated
+    model (`repair`: "auto" does so whenever it is given; every pairwise step refits to its own pair).
     """
     from ntdist.fusion.baselines import average
     from ntdist.fusion.ot import ot_fuse
@@ -119,6 +149,8 @@ def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = "flat"
     check_choice(schedule, SCHEDULES, "schedule")
     w = check_weights(weights, len(models))
     options.check_methods([method], names=("pruner",))
+    if method == "nt":
+        options.repairs(calibration)    # repair lstsq without calibration inputs: refused before any work
     if method != "nt":      # avg and OT keep the members' width: the NT options are unused
         if method == "avg":
             return average(models, w) if schedule == "flat" else fold(
@@ -129,7 +161,7 @@ def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = "flat"
     plan = analyze(models[0], example_inputs)
     ratio = ratio_of(plan, plan.space_sizes(tensors_of(models[0])), len(models), options.width, options.keep_ratio)
     if schedule == "flat":
-        return nt_step(models, w, plan, ratio, models[0], options, merged, example_inputs)
+        return nt_step(models, w, plan, ratio, models[0], options, merged, example_inputs, calibration)
     return fold(models, w, schedule, lambda a, b, wa, wb: fuse_pair(
         a, b, wa, wb, options=options, example_inputs=example_inputs, reference=models[0], plan=plan,
-        merged=merged))
+        merged=merged, calibration=calibration))

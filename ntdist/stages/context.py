@@ -36,6 +36,13 @@ class Run:
         """A model of the members' architecture whose weights are about to be overwritten."""
         return self.spec.build()
 
+    def calibration_inputs(self) -> torch.Tensor:
+        """`fusion.calibration_samples` training inputs drawn with the run's seed: what NT's repair fits on."""
+        train = self.splits.train
+        count = min(self.cfg.fusion.calibration_samples, len(train))
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.cfg.train.seed))[:count]
+        return torch.stack([train[i][0] for i in sorted(order.tolist())])
+
     def example_inputs(self) -> torch.Tensor:
         """The first training inputs: two to trace shapes, more for NT dedup's activation criterion."""
         train = self.splits.train
