@@ -75,6 +75,10 @@ def _add_fuse(sub, common) -> None:
     fuse.add_argument("--dedup-inputs", default=None, metavar="FILE",
                       help="fusion.dedup_criterion=activations: a batch of training inputs, one tensor saved with "
                            "torch.save (a few hundred rows)")
+    fuse.add_argument("--calibration", default=None, metavar="FILE|package.module:callable",
+                      help="training inputs NT's repair fits the fused model on (fusion.repair auto or lstsq): a "
+                           "tensor saved with torch.save, or a callable returning such a tensor or a dataset of "
+                           "(input, label) pairs; fusion.calibration_samples of them are used")
     fuse.add_argument("--force", action="store_true", help="replace the output file if it exists")
 
 
@@ -125,7 +129,7 @@ def cmd_fuse(args) -> int:
              for key in FUSE_KEYS if (value := getattr(args, key)) is not None]
     fusion = fusion_config(args.checkpoints, flags + args.overrides)
     fuse_command(args.checkpoints, args.output, fusion, model_spec(args.model, args.model_kwargs), args.device,
-                 args.dedup_inputs, args.force)
+                 args.dedup_inputs, args.force, args.calibration)
     return 0
 
 

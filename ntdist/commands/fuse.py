@@ -14,6 +14,7 @@ atomically, so a failure leaves nothing behind.
 
 import json
 import os
+import sys
 import time
 from typing import Optional
 
@@ -25,6 +26,7 @@ from ntdist.errors import UserError
 from ntdist.fusion import METHODS, FusionConfig, NTOptions, fuse
 from ntdist.models import ModelSpec
 from ntdist.models.weights import read_state_dict
+from ntdist.options import import_callable, is_import_path
 from ntdist.records.checkpoint import load_model, save_checkpoint
 
 
@@ -38,7 +40,7 @@ def example_input(spec: ModelSpec) -> torch.Tensor:
     return torch.zeros(2, channels, size, size)
 
 
-KEYS = ("methods", "schedule", *NTOptions.names())   # the fusion.* keys that ntdist fuse takes
+KEYS = ("methods", "schedule", *NTOptions.names(), "calibration_samples")   # the fusion.* keys that ntdist fuse takes
 
 
 def flag(key: str) -> str:
@@ -80,16 +82,48 @@ def parse_model_kwargs(text: Optional[str]) -> dict:
     return value
 
 
-def read_inputs(path: str) -> torch.Tensor:
-    """`--dedup-inputs`: a batch of inputs saved with torch.save (one floating-point tensor, at least 2 rows)."""
+def read_inputs(path: str, flag: str = "--dedup-inputs") -> torch.Tensor:
+    """A batch of inputs saved with torch.save (one floating-point tensor, at least 2 rows)."""
     try:
         value = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, ValueError, EOFError) as err:
-        raise UserError(f"--dedup-inputs '{path}' is not a readable torch file ({str(err).splitlines()[0]})") from None
+        raise UserError(f"{flag} '{path}' is not a readable torch file ({str(err).splitlines()[0]})") from None
+    return checked_inputs(value, f"{flag} '{path}'")
+
+
+def checked_inputs(value, what: str) -> torch.Tensor:
+    """`value` if it is a floating-point tensor of at least 2 finite inputs, else a UserError naming `what`."""
     if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() < 2 or len(value) < 2:
-        raise UserError(f"--dedup-inputs '{path}' must hold one floating-point tensor of at least 2 inputs "
-                        "(torch.save(x[:256], path))")
+        raise UserError(f"{what} must hold one floating-point tensor of at least 2 inputs, e.g. "
+                        "torch.save(x[:2000], path)")
+    if not torch.isfinite(value).all():
+        raise UserError(f"{what} holds NaN or infinite values; give finite inputs")
     return value
+
+
+def read_calibration(source: str, count: int) -> torch.Tensor:
+    """`--calibration`: a torch file with one tensor of inputs, or `package.module:callable` returning such a
+    tensor, a dataset of (input, label) pairs, or (train, val, test) datasets (train is used); at most
+    `count` inputs (fusion.calibration_samples), drawn with seed 0."""
+    if not is_import_path(source):
+        inputs = read_inputs(source, "--calibration")
+        return inputs[torch.randperm(len(inputs), generator=torch.Generator().manual_seed(0))[:count].sort().values]
+    try:
+        value = import_callable(source, "--calibration")()
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the user's code: one line naming it
+        raise UserError(f"--calibration '{source}' raised {type(err).__name__}: {err}") from None
+    if isinstance(value, (tuple, list)) and len(value) == 3 and not isinstance(value[0], torch.Tensor):
+        value = value[0]
+    if not isinstance(value, torch.Tensor):
+        try:
+            picked = torch.randperm(len(value), generator=torch.Generator().manual_seed(0))[:count].sort().values
+            value = torch.stack([torch.as_tensor(value[int(i)][0]) for i in picked])
+        except (TypeError, IndexError, RuntimeError) as err:
+            raise UserError(f"--calibration '{source}' must return a tensor of inputs or a dataset of (input, "
+                            f"label) pairs ({type(err).__name__}: {err})") from None
+    return checked_inputs(value[:count], f"--calibration '{source}'")
 
 
 def load_with_spec(path: str, spec: ModelSpec) -> torch.nn.Module:
@@ -170,15 +204,19 @@ def fused_info(fusion: FusionConfig, paths) -> dict:
 
 
 def fuse_command(paths, output: str, fusion: FusionConfig, spec: Optional[ModelSpec] = None, device: str = "cpu",
-                 inputs: Optional[str] = None, force: bool = False) -> str:
+                 inputs: Optional[str] = None, force: bool = False, calibration: Optional[str] = None) -> str:
     """Fuse the checkpoints `paths` as `fusion` says (its one method, schedule and NT options) into `output`.
 
     `spec` rebuilds plain state dicts (default: the spec in the checkpoints); `inputs` is the
-    `--dedup-inputs` file of the activation criterion."""
+    `--dedup-inputs` file of the activation criterion; `calibration` the `--calibration` inputs NT's
+    repair fits on."""
     options = fusion.nt_options()
     if (options.dedup_criterion == "activations") != (inputs is not None):
         raise UserError("fusion.dedup_criterion=activations and --dedup-inputs FILE go together: the activations "
                         "are the units' outputs on those inputs")
+    calibrate = read_calibration(calibration, fusion.calibration_samples) if calibration is not None else None
+    if fusion.methods[0] == "nt":
+        options.repairs(calibrate)      # repair lstsq without --calibration: refused before any work
     check_output(output, paths, force)
     dev = usable_device(device)
     models, spec = load_members(paths, spec)
@@ -190,11 +228,17 @@ def fuse_command(paths, output: str, fusion: FusionConfig, spec: Optional[ModelS
     examples = example_input(spec) if inputs is None else read_inputs(inputs)
     method = fusion.methods[0]
     start = time.perf_counter()
-    fused = fuse(models, method, fusion.schedule, options=options, example_inputs=examples.to(dev))
+    extra = dict(calibration=calibrate.to(dev)) if calibrate is not None and method == "nt" else {}
+    fused = fuse(models, method, fusion.schedule, options=options, example_inputs=examples.to(dev), **extra)
     seconds = time.perf_counter() - start
     if resized:
         first = next(m for m in fused.modules() if isinstance(m, torch.nn.Linear))
         spec = ModelSpec(spec.name, dict(spec.kwargs, width=first.out_features))
     save_checkpoint(output, fused.cpu(), spec, info=fused_info(fusion, paths))
-    print(f"fused {len(models)} models with {method} ({fusion.schedule}) on {dev} in {seconds:.3f} s -> {output}")
+    repaired = f", repaired on {len(calibrate)} inputs" if extra and options.repairs(calibrate) else ""
+    print(f"fused {len(models)} models with {method} ({fusion.schedule}{repaired}) on {dev} in {seconds:.3f} s "
+          f"-> {output}")
+    if method == "nt" and options.repair == "auto" and calibrate is None:
+        print("ntdist fuse: note: NT keeps far more of the ensemble when repaired on a few thousand training "
+              "inputs: add --calibration FILE (docs/FUSION.md, 'Repair')", file=sys.stderr)
     return output

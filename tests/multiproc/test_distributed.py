@@ -65,7 +65,11 @@ def _members(n):
     return [build_member(SPEC, 100 + i) for i in range(n)]
 
 
-def _tree(rank, out_dir, k, pruner="ntdist"):
+def _calibration():
+    return torch.randn(300, 64, generator=torch.Generator().manual_seed(5))
+
+
+def _tree(rank, out_dir, k, pruner="ntdist", repair=False):
     from ntdist.distributed.tree import tree_fuse
     from ntdist.fusion import NTOptions
     world = _world()
@@ -74,7 +78,8 @@ def _tree(rank, out_dir, k, pruner="ntdist"):
     held = {i: members[i] for i in layout.held_by(rank)}
     x = torch.zeros(2, 64)
     sent = []
-    fused = tree_fuse(world, held, layout.holders, SPEC.build, NTOptions(pruner=pruner), example_inputs=x, sent=sent)
+    fused = tree_fuse(world, held, layout.holders, SPEC.build, NTOptions(pruner=pruner), example_inputs=x, sent=sent,
+                      calibration=_calibration() if repair else None)
     assert max(sent) <= 1, sent   # at most one model per rank per round
     torch.save(fused.state_dict(), os.path.join(out_dir, f"fused{rank}.pt"))
     shutdown(world)
@@ -82,9 +87,11 @@ def _tree(rank, out_dir, k, pruner="ntdist"):
 
 def test_tree_fusion_on_four_ranks_equals_single_process_recursive(tmp_path):
     from ntdist.fusion import fuse
-    for k, nprocs, pruner in ((4, 4, "ntdist"), (5, 2, "ntdist"), (3, 2, "torch_pruning")):
-        spawn(_tree, nprocs, str(tmp_path), k, pruner)
-        expected = fuse(_members(k), method="nt", schedule="recursive", example_inputs=torch.zeros(2, 64))
+    for k, nprocs, pruner, repair in ((4, 4, "ntdist", False), (5, 2, "ntdist", False), (3, 2, "torch_pruning", False),
+                                      (3, 2, "ntdist", True)):
+        spawn(_tree, nprocs, str(tmp_path), k, pruner, repair)
+        expected = fuse(_members(k), method="nt", schedule="recursive", example_inputs=torch.zeros(2, 64),
+                        calibration=_calibration() if repair else None)
         for rank in range(nprocs):
             got = torch.load(tmp_path / f"fused{rank}.pt", weights_only=True)
             for key, value in expected.state_dict().items():
