@@ -74,6 +74,7 @@ def run_stages(r: Run):
             fused, seconds, merged = fuse_stage(r, held, method)
             results.fusion[method] = finetune_stage(r, held, fused, method, seconds)
             results.fusion[method].merged = merged
+        results.add_kept_gains()
         world.print0(summary_table(results, r.rundir.path))
     return results
 
@@ -253,13 +254,16 @@ def sparsity(r: Run, held: Dict[int, torch.nn.Module], fused: torch.nn.Module) -
 
 
 def summary_table(results: RunResults, path: str) -> str:
-    lines = [f"{'':14s}{'after fusion':>14s}{'after finetune':>16s}",
+    lines = [f"{'':14s}{'after fusion':>14s}{'after finetune':>16s}{'kept gain fusion/ft':>20s}",
              f"{'best member':14s}{results.best_member * 100:13.2f}%{'':16s}",
              f"{'ensemble':14s}{results.ensemble * 100:13.2f}%{'':16s}"]
     if results.control:
         lines.append(f"{'member+extra':14s}{'':14s}{results.control.finetune[-1] * 100:15.2f}%")
     for method, m in results.fusion.items():
         last = f"{m.finetune[-1] * 100:15.2f}%" if m.finetune else f"{'-':>16s}"
-        lines.append(f"{method:14s}{m.post_fusion * 100:13.2f}%{last}")
+        gains = m.kept_gain or {}
+        kept = "  ".join(f"{gains[s]:+.2f}" if s in gains else "-" for s in ("post_fusion", "finetune")) \
+            if gains else "-"
+        lines.append(f"{method:14s}{m.post_fusion * 100:13.2f}%{last}{kept:>20s}")
     lines.append(f"results: {os.path.join(path, RESULTS_FILE)}")
     return "\n".join(lines)

@@ -27,6 +27,15 @@ class MethodResult:
     fuse_seconds: Optional[float] = None
     sparsity: Optional[float] = None     # NT only: 1 - kept units / (k x member units) of the first hidden layer
     merged: Optional[Dict[str, int]] = None  # NT with fusion.dedup: units merged into a kept twin, per layer
+    # (fused - best member) / (ensemble - best member), test accuracy: right after fusion ("post_fusion") and
+    # after the last fine-tuning epoch ("finetune"); 1 keeps the whole gain of the ensemble, 0 none of it
+    kept_gain: Optional[Dict[str, float]] = None
+
+
+def kept_gain(fused: float, best_member: float, ensemble: float) -> Optional[float]:
+    """The share of the ensemble's gain over its best member that `fused` keeps; None when there is no gain."""
+    gain = ensemble - best_member
+    return None if gain <= 0 else (fused - best_member) / gain
 
 
 @dataclass(kw_only=True)
@@ -58,6 +67,14 @@ class RunResults:
     fusion: Dict[str, MethodResult] = field(default_factory=dict)
     wall_seconds: Optional[float] = None
 
+    def add_kept_gains(self) -> None:
+        """Fill each method's `kept_gain` from the test accuracies (nothing where the ensemble gains nothing)."""
+        for method in self.fusion.values():
+            stages = {"post_fusion": method.post_fusion, "finetune": method.finetune[-1] if method.finetune else None}
+            gains = {stage: kept_gain(acc, self.best_member, self.ensemble) for stage, acc in stages.items()
+                     if acc is not None}
+            method.kept_gain = {stage: g for stage, g in gains.items() if g is not None} or None
+
 
 @dataclass(kw_only=True)
 class SyncMethodResult:
@@ -82,7 +99,7 @@ class SyncResults:
 
 
 Results = Union[RunResults, SyncResults]
-OPTIONAL_KEYS = ("diversity", "sparsity", "merged")   # left out of the file when absent, not written as null
+OPTIONAL_KEYS = ("diversity", "sparsity", "merged", "kept_gain")   # left out of the file when absent, not written as null
 
 
 def to_dict(results: Results) -> dict:

@@ -249,3 +249,16 @@ def test_paired_plot_gives_each_panel_its_own_y_axis(tmp_path):
     assert labels == ["NT − control", "OT − control", "Avg − control", "NT − OT", "NT − Avg"]
     fig.savefig(tmp_path / "paired.png")
     matplotlib.pyplot.close(fig)
+
+
+def test_kept_gain_is_the_share_of_the_ensembles_gain():
+    from ntdist.records.results import ControlResult, MethodResult, RunResults, from_dict, kept_gain, to_dict
+    assert kept_gain(0.62, 0.60, 0.64) == pytest.approx(0.5)
+    assert kept_gain(0.50, 0.60, 0.60) is None          # no gain to keep
+    results = RunResults(members=[0.6, 0.58], best_member=0.60, ensemble=0.64, control=ControlResult(),
+                         fusion={"nt": MethodResult(post_fusion=0.59, finetune=[0.63, 0.64]),
+                                 "avg": MethodResult(post_fusion=0.2)})
+    results.add_kept_gains()
+    assert results.fusion["nt"].kept_gain == pytest.approx({"post_fusion": -0.25, "finetune": 1.0})
+    assert results.fusion["avg"].kept_gain == pytest.approx({"post_fusion": -10.0})
+    assert from_dict(to_dict(results)).fusion["nt"].kept_gain == results.fusion["nt"].kept_gain
