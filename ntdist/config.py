@@ -76,6 +76,9 @@ class Config:
 
     def __post_init__(self):
         check_choice(self.mode, MODES, "mode")
+        if self.mode == "sync" and self.fusion.repair == "lstsq":
+            raise UserError("fusion.repair=lstsq does not apply to mode sync: its NT merges are never repaired "
+                            "(the experiment is NT as the sync step); leave fusion.repair at auto or none")
 
 
 MAX_CONFIG_BYTES = 1 << 20   # a config is a few hundred bytes; anything near this is a mistake or an attack

@@ -238,7 +238,7 @@ def fuse_command(paths, output: str, fusion: FusionConfig, spec: Optional[ModelS
     repaired = f", repaired on {len(calibrate)} inputs" if extra and options.repairs(calibrate) else ""
     print(f"fused {len(models)} models with {method} ({fusion.schedule}{repaired}) on {dev} in {seconds:.3f} s "
           f"-> {output}")
-    if method == "nt" and options.repair == "auto" and calibrate is None:
+    if method == "nt" and calibrate is None and options.repair == "auto" and options.repairs(True):
         print("ntdist fuse: note: NT keeps far more of the ensemble when repaired on a few thousand training "
               "inputs: add --calibration FILE (docs/FUSION.md, 'Repair')", file=sys.stderr)
     return output

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from ntdist.distributed.comm import all_gather_records, sum_counts
 from ntdist.distributed.tree import reduce_average, tree_fuse
 from ntdist.distributed.world import gather_world_info
-from ntdist.errors import UserError
+from ntdist.errors import Preempted, UserError
 from ntdist.models.weights import build_member
+from ntdist.preempt import preempt_requested
 from ntdist.records.results import SyncMethodResult, SyncResults
 from ntdist.training.batches import eval_batches, feed, train_batches
 from ntdist.training.loop import check_finite, evaluate, make_optimizer, make_scheduler
@@ -73,6 +74,9 @@ def train_synced(r: Run, method: str, merged: Dict[str, int]) -> List[dict]:
             for i, (x, y) in zip(iters, batches):
                 losses.append(_step(replicas[i], optimizers[i], x, y, world.device))
             steps += 1
+            if world.any(preempt_requested()):   # every rank stops at the same step
+                raise Preempted(f"sync mode ({method}) stopped at step {steps} of epoch {epoch} on SIGTERM; it "
+                                "keeps no state, so a rerun (or --resume) starts the sync runs over")
             if method != "none" and cfg.sync.unit == "step" and steps % every == 0:
                 _merge(r, replicas, method, merged)
         for scheduler in schedulers.values():

@@ -22,3 +22,23 @@ def small_net(input_dim: int, num_classes: int, hidden: int = 16) -> nn.Module:
 
 def not_a_model(**kwargs):
     return "a string"
+
+
+_FORWARDS = [0]
+
+
+def sigterm_net(input_dim: int, num_classes: int, hidden: int = 16, at: int = 50) -> nn.Module:
+    """`small_net` that sends its own process SIGTERM at the `at`-th training forward pass of the process, as a
+    scheduler's preemption would."""
+    import os
+    import signal
+
+    model = SmallNet(input_dim, num_classes, hidden)
+
+    def hook(module, inputs):
+        if module.training:
+            _FORWARDS[0] += 1
+            if _FORWARDS[0] == at:
+                os.kill(os.getpid(), signal.SIGTERM)
+    model.register_forward_pre_hook(hook)
+    return model
