@@ -1,0 +1,165 @@
+"""The GPU code paths, checked on a CPU: fake GPU counts and launcher variables, patched `torch.cuda` functions,
+the `meta` device standing in for a GPU, and collectives replaced by recorders.
+
+Run: .venv/bin/python -m pytest tests/unit/test_gpu_paths.py
+"""
+
+import datetime
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import ntdist.distributed.comm as comm
+import ntdist.distributed.devices as devices
+import ntdist.distributed.world as world_module
+from ntdist.distributed.launchers import detect, free_port
+from ntdist.distributed.layout import MemberLayout
+from ntdist.distributed.world import World, ensure_process_group, export_engine_variables
+from ntdist.errors import UserError
+from ntdist.training.teacher import ShardedTeacher
+
+GPU0 = torch.device("cuda:0")
+
+
+def fake_gpus(monkeypatch, count: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def srun_task(rank: int, tasks: int) -> dict:
+    return {"SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_STEP_ID": "0",
+            "SLURM_STEP_NUM_TASKS": str(tasks), "SLURM_STEP_TASKS_PER_NODE": str(tasks),
+            "SLURM_STEP_NODELIST": "gpu01", "SLURM_JOB_ID": "9"}
+
+
+# --- which device: the engines get ntdist's, no two ranks share one ---
+
+@pytest.mark.parametrize("visible, device", [(1, 0), (2, 1)])
+def test_the_engines_get_the_gpu_ntdist_chose_as_local_rank(monkeypatch, visible, device):
+    """srun --gpus-per-task=1 shows each task one GPU: rank 1 trains on its cuda:0, and accelerate and DeepSpeed,
+    which call set_device(LOCAL_RANK), must not ask for cuda:1 ("invalid device ordinal")."""
+    fake_gpus(monkeypatch, visible)
+    launcher, rank, size, local_rank, local_size, addr, port = detect(srun_task(1, 2))
+    chosen = devices.training_device(local_rank)
+    assert chosen == torch.device(f"cuda:{device}")
+    world = World(rank=rank, local_rank=local_rank, size=size, local_size=local_size, device=chosen,
+                  backend="nccl", launcher=launcher, master_addr=addr, master_port=port)
+    environ = {}
+    export_engine_variables(world, environ)
+    assert environ["LOCAL_RANK"] == str(device) and environ["RANK"] == "1"
+    under_torchrun = {"LOCAL_RANK": "1"}   # torchrun's own value is replaced, not refused
+    export_engine_variables(world, under_torchrun)
+    assert under_torchrun["LOCAL_RANK"] == str(device)
+    with pytest.raises(UserError, match="LOCAL_RANK=5 in the environment"):
+        export_engine_variables(world, {"LOCAL_RANK": "5"})
+
+
+def test_ranks_sharing_a_gpu_are_refused_before_nccl_starts():
+    store = dist.HashStore()
+    store.set_timeout(datetime.timedelta(seconds=5))   # the check waits until every rank has published its GPU
+    store.set("gpu/0", "gpu01 GPU-aaaa")
+    store.set("gpu/1", "gpu01 GPU-bbbb")
+    devices.check_own_gpu(store, 2, 3, "gpu02 GPU-aaaa")   # another host: another GPU
+    devices.check_own_gpu(store, 1, 2, "gpu01 GPU-bbbb")   # another GPU of the node
+    with pytest.raises(UserError, match="ranks 3 and 0 share GPU GPU-aaaa on gpu01 .2 ranks on it.*GPU of its own"):
+        devices.check_own_gpu(store, 3, 4, "gpu01 GPU-aaaa")
+
+
+def test_nccls_duplicate_gpu_error_is_not_reported_as_a_port_in_use(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise dist.DistBackendError("NCCL error: invalid usage, Duplicate GPU detected : rank 1 and rank 0 both on "
+                                    "CUDA device 1a000")
+    monkeypatch.setattr(world_module.dist, "init_process_group", refuse)
+    world = World(rank=0, size=2, backend="gloo", master_addr="127.0.0.1", master_port=free_port())
+    with pytest.raises(UserError, match="Duplicate GPU detected.*GPU of its own") as err:
+        world_module._join(world_module.DistributedConfig(rendezvous_timeout_s=5), {}, world)
+    assert "port" not in str(err.value)
+
+
+def test_one_process_deepspeed_on_a_gpu_gets_an_nccl_group(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(key, raising=False)
+    calls = []
+    monkeypatch.setattr(world_module.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(world_module.dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
+    ensure_process_group(World(device=GPU0))
+    ensure_process_group(World())
+    assert [(b, kw["device_id"]) for b, kw in calls] == [("nccl", GPU0), ("gloo", None)]
+
+
+# --- which device the collectives use ---
+
+def test_comm_device_is_the_gpu_under_nccl_and_the_cpu_under_gloo():
+    assert devices.comm_device(World(size=2, device=GPU0, backend="nccl")) == GPU0
+    assert devices.comm_device(World(size=2, device=GPU0, backend="gloo")) == torch.device("cpu")
+    assert devices.comm_device(World(size=2, backend="gloo")) == torch.device("cpu")
+
+
+def _record(calls):
+    def collective(tensor, *args, **kwargs):
+        calls.append((tensor.device.type, tensor.dtype))
+    return collective
+
+
+class WithInt16(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+        self.register_buffer("codes", torch.arange(4, dtype=torch.int16))
+
+
+@pytest.mark.parametrize("backend, device, wire", [("gloo", GPU0, "cpu"), ("nccl", torch.device("meta"), "meta")])
+def test_models_travel_on_the_comm_device_as_bytes(monkeypatch, backend, device, wire):
+    """gloo sends only CPU tensors, also on a GPU machine; under NCCL (here `meta` plays the GPU) the wire is the
+    training device. Tensors travel as bytes after an int64 header, so NCCL never sees int16, which it lacks."""
+    calls = []
+    monkeypatch.setattr(comm.dist, "send", lambda tensor, dst: calls.append((tensor.device.type, tensor.dtype)))
+    monkeypatch.setattr(comm.dist, "recv", lambda tensor, src: None)
+    world = World(rank=0, size=2, device=device, backend=backend)
+    comm.send_model(world, WithInt16(), 1)
+    assert {t for t, _ in calls} == {wire}
+    assert {d for _, d in calls} == {torch.int64, torch.uint8}
+    # a received model is materialised where fusion runs (the comm device), not on the CPU first
+    dtypes = [t.dtype for t in WithInt16().state_dict().values()]
+    monkeypatch.setattr(comm._Wire, "header", lambda self, tensors, count: dtypes)   # meta holds no header values
+    received = comm.recv_model(world, comm.meta_template(WithInt16), 1)
+    assert {t.device.type for t in received.state_dict().values()} == {wire}
+    assert received.codes.dtype == torch.int16
+
+
+def test_small_reductions_run_on_the_comm_device(monkeypatch):
+    calls = []
+    monkeypatch.setattr(world_module.dist, "all_reduce", _record(calls))
+    world = World(size=2, device=GPU0, backend="gloo")
+    world.reduce_sum(torch.zeros(3))
+    world.any(True)
+    assert [t for t, _ in calls] == ["cpu", "cpu"]
+
+
+@pytest.mark.parametrize("backend, device", [("gloo", torch.device("cpu")), ("nccl", torch.device("meta"))])
+def test_the_sharded_teachers_collectives_get_comm_device_tensors(monkeypatch, backend, device):
+    calls = []
+    monkeypatch.setattr(dist, "all_gather_single", _record(calls))
+    monkeypatch.setattr(dist, "reduce_scatter_single", _record(calls))
+    world = World(rank=1, size=2, device=GPU0 if backend == "gloo" else device, backend=backend)
+    layout = MemberLayout(2, 2)
+    teacher = ShardedTeacher(world, layout, {1: nn.Linear(3, 4).to(device)}, capacity=5)
+    assert teacher.chunks == slice(0, 2, 1)   # a slice, not a list: no index copied to the GPU per batch
+    out = teacher(torch.randn(3, 3, device=device))
+    assert out.shape == (3, 4) and out.device.type == device.type
+    assert [t for t, _ in calls] == [devices.comm_device(world).type] * 2
+
+
+# --- waits and timings wait for the GPU ---
+
+def test_wait_for_waits_for_the_gpu_before_the_barrier(monkeypatch):
+    order = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: order.append(("synchronize", device)))
+    monkeypatch.setattr(world_module.dist, "barrier", lambda group=None: order.append(("barrier", group)))
+    World(size=2, device=GPU0, backend="nccl", waits="the wait group").wait_for("a step")
+    assert order == [("synchronize", GPU0), ("barrier", "the wait group")]
+    order.clear()
+    World(size=2, backend="gloo", waits="the wait group").wait_for("a step")
+    assert order == [("barrier", "the wait group")]
