@@ -14,10 +14,19 @@ import torch.nn as nn
 import ntdist.distributed.comm as comm
 import ntdist.distributed.devices as devices
 import ntdist.distributed.world as world_module
+import ntdist.pipeline as pipeline
+import ntdist.stages.members as members
+import ntdist.training.loop as loop
+from helpers import make_run
 from ntdist.distributed.launchers import detect, free_port
 from ntdist.distributed.layout import MemberLayout
 from ntdist.distributed.world import World, ensure_process_group, export_engine_variables
 from ntdist.errors import UserError
+from ntdist.fusion import reestimate_bn
+from ntdist.fusion.diversity import summarize
+from ntdist.models.weights import build_member
+from ntdist.training.batches import eval_batches
+from ntdist.training.loop import labels_of, predict
 from ntdist.training.teacher import ShardedTeacher
 
 GPU0 = torch.device("cuda:0")
@@ -163,3 +172,63 @@ def test_wait_for_waits_for_the_gpu_before_the_barrier(monkeypatch):
     order.clear()
     World(size=2, backend="gloo", waits="the wait group").wait_for("a step")
     assert order == [("barrier", "the wait group")]
+
+
+def test_fuse_stage_gives_the_example_inputs_on_the_fusion_device_and_times_after_a_sync(tmp_path, monkeypatch):
+    """`meta` plays the GPU the members are fused on: the traces (capture, torch_pruning) get inputs there."""
+    run = make_run(tmp_path, "fusion.k=2", "fusion.methods=[nt,ot,avg]", "fusion.schedule=recursive")
+    seen = []
+
+    def fake(world, held, holders, make_template, *args, **options):
+        inputs = options.get("example_inputs", args[0] if args else None)
+        seen.append(inputs.device.type)
+        return make_template()
+    for name in ("tree_fuse", "ot_reduce", "gather_fuse"):
+        monkeypatch.setattr(pipeline, name, fake)
+    monkeypatch.setattr(pipeline, "fusion_device", lambda world: torch.device("meta"))
+    synced = []
+    monkeypatch.setattr(pipeline, "synchronize", synced.append)
+    for method in ("nt", "ot"):
+        pipeline.fuse_stage(run, {}, method)
+    assert seen == ["meta", "meta"] and synced == [torch.device("meta")] * 2
+    run.rundir.release()
+
+
+# --- data reaches the model's device ---
+
+def test_bn_reestimation_moves_dataloader_batches_to_the_model():
+    """A DataLoader's CPU batches reach a CUDA model: the batch (a stand-in that records where it is sent) goes
+    to the device of the model's statistics first."""
+    sent = []
+
+    class Batch:
+        def to(self, device):
+            sent.append(torch.device(device))
+            return torch.randn(5, 3)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    reestimate_bn(model, [(Batch(), None)] * 3, 2)
+    assert sent == [torch.device("cpu")] * 2 and int(model[1].num_batches_tracked) == 2
+
+
+# --- member evaluation without [k, N, classes] logits ---
+
+def test_member_evaluation_equals_the_old_computation_over_all_logits(tmp_path):
+    run = make_run(tmp_path, "fusion.k=9", "output.diversity=true")
+    held = {i: build_member(run.spec, 100 + i) for i in range(9)}   # 9: torch's mean over k rows is no plain loop
+    got = pipeline.evaluate_members(run, held)
+    batch, splits = run.cfg.data.eval_batch_size, run.splits
+    val, test = eval_batches(splits.val, batch), eval_batches(splits.test, batch)
+    # the computation before: every member's float64 logits, [k, N, classes]
+    val_logits = torch.stack([predict(held[i], val, "cpu").double() for i in range(9)])
+    test_logits = torch.stack([predict(held[i], test, "cpu").double() for i in range(9)])
+    val_y, test_y = labels_of(val), labels_of(test)
+    members_val = (val_logits.argmax(2) == val_y).double().mean(1)
+    assert got.members == (test_logits.argmax(2) == test_y).double().mean(1).tolist()
+    assert got.members_val == members_val.tolist() and got.best_member_index == int(torch.argmax(members_val))
+    assert got.ensemble == (test_logits.mean(0).argmax(1) == test_y).double().mean().item()
+    assert got.ensemble_val == (val_logits.mean(0).argmax(1) == val_y).double().mean().item()
+    summed, _ = pipeline.member_outputs(held, test, (9, len(splits.test), splits.num_classes), "cpu")
+    assert torch.equal(summed / 9, test_logits.mean(0))   # bit for bit, not only the same argmax
+    old = summarize(list(test_logits), got.diversity["duplicate_fraction"], got.diversity["threshold"])
+    assert got.diversity == old
+    run.rundir.release()
