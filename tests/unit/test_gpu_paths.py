@@ -24,8 +24,9 @@ from ntdist.distributed.world import World, ensure_process_group, export_engine_
 from ntdist.errors import UserError
 from ntdist.fusion import reestimate_bn
 from ntdist.fusion.diversity import summarize
+from ntdist.images import Augment, ImageTensors
 from ntdist.models.weights import build_member
-from ntdist.training.batches import eval_batches
+from ntdist.training.batches import LoaderBatches, eval_batches, loader_workers
 from ntdist.training.loop import labels_of, predict
 from ntdist.training.teacher import ShardedTeacher
 
@@ -208,6 +209,29 @@ def test_bn_reestimation_moves_dataloader_batches_to_the_model():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     reestimate_bn(model, [(Batch(), None)] * 3, 2)
     assert sent == [torch.device("cpu")] * 2 and int(model[1].num_batches_tracked) == 2
+
+
+def test_loader_workers_default_to_some_with_cuda_and_none_on_a_cpu():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert loader_workers(None, "cuda:0") == 2 and loader_workers(None, "cpu") == 0
+        torch.set_num_threads(16)
+        assert loader_workers(None, "cuda:0") == 4 and loader_workers(3, "cuda:0") == 3 and loader_workers(0, "cuda") == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_dataloader_images_are_augmented_on_the_training_device():
+    images = ImageTensors(torch.randint(0, 255, (10, 3, 8, 8), dtype=torch.uint8), torch.arange(10) % 2,
+                          (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), Augment(padding=2, flip=True))
+    on_cpu = LoaderBatches(images, 4, seed=0)
+    on_meta = LoaderBatches(images, 4, seed=0, device="meta")
+    for loader in (on_cpu, on_meta):
+        loader.set_epoch(1)
+    cpu_batches, meta_batches = list(on_cpu), list(on_meta)
+    assert [x.device.type for x, _ in meta_batches] == ["meta"] * 3
+    assert [x.shape for x, _ in meta_batches] == [x.shape for x, _ in cpu_batches]
 
 
 # --- member evaluation without [k, N, classes] logits ---
