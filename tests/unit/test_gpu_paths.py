@@ -5,6 +5,8 @@ Run: .venv/bin/python -m pytest tests/unit/test_gpu_paths.py
 """
 
 import datetime
+import gc
+import weakref
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ import ntdist.distributed.devices as devices
 import ntdist.distributed.world as world_module
 import ntdist.pipeline as pipeline
 import ntdist.stages.members as members
+import ntdist.stages.vectorized as vectorized
 import ntdist.training.loop as loop
 from helpers import make_run
 from ntdist.distributed.launchers import detect, free_port
@@ -232,6 +235,41 @@ def test_dataloader_images_are_augmented_on_the_training_device():
     cpu_batches, meta_batches = list(on_cpu), list(on_meta)
     assert [x.device.type for x, _ in meta_batches] == ["meta"] * 3
     assert [x.shape for x, _ in meta_batches] == [x.shape for x, _ in cpu_batches]
+
+
+# --- the vectorised members' memory check ---
+
+def test_a_probe_step_that_runs_out_of_memory_falls_back_to_one_after_another(tmp_path, monkeypatch, capsys):
+    run = make_run(tmp_path, "fusion.k=4", "train.epochs=1", "train.vectorize=auto", "data.batch_size=16")
+    probed = []
+
+    def out_of_memory(base):
+        def forward(params, buffers, x):
+            probed.append((x.shape, {p.device.type for p in base.parameters()}))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward
+    monkeypatch.setattr(vectorized, "stacked_forward", out_of_memory)
+    built, build = [], members.build_member
+
+    def build_member(*args, **kwargs):
+        model = build(*args, **kwargs)
+        built.append(weakref.ref(model))
+        return model
+    monkeypatch.setattr(members, "build_member", build_member)
+    freed, train_one = [], members.train_member
+
+    def train_member(*args, **kwargs):
+        gc.collect()
+        freed.append(all(ref() is None for ref in built[:4]))   # the vectorised attempt's 4 models are gone
+        return train_one(*args, **kwargs)
+    monkeypatch.setattr(members, "train_member", train_member)
+    trained = members.train_members(run, [0, 1, 2, 3], {})
+    assert sorted(trained) == [0, 1, 2, 3] and freed == [True] * 4
+    assert probed == [(torch.Size([4, 16, 1, 8, 8]), {"meta"})]   # a whole batch per member; the base on meta
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ntdist:")]
+    assert lines == ["ntdist: training members [0, 1, 2, 3] one after another: one vectorised step of 4 members on a "
+                     "batch of 16 does not fit (CUDA out of memory. Tried to allocate 2.00 GiB)"]
+    run.rundir.release()
 
 
 # --- member evaluation without [k, N, classes] logits ---
