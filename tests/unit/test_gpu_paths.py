@@ -18,6 +18,7 @@ import ntdist.distributed.devices as devices
 import ntdist.distributed.world as world_module
 import ntdist.pipeline as pipeline
 import ntdist.stages.members as members
+import ntdist.stages.sync as sync
 import ntdist.stages.vectorized as vectorized
 import ntdist.training.loop as loop
 from helpers import make_run
@@ -269,6 +270,26 @@ def test_a_probe_step_that_runs_out_of_memory_falls_back_to_one_after_another(tm
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ntdist:")]
     assert lines == ["ntdist: training members [0, 1, 2, 3] one after another: one vectorised step of 4 members on a "
                      "batch of 16 does not fit (CUDA out of memory. Tried to allocate 2.00 GiB)"]
+    run.rundir.release()
+
+
+# --- sync mode ---
+
+def test_sync_merges_the_replicas_where_they_train_and_reads_the_loss_once_per_epoch(tmp_path, monkeypatch):
+    run = make_run(tmp_path, "mode=sync", "fusion.k=2", "sync.methods=[nt]", "sync.every=1", "sync.unit=epoch",
+                   "train.epochs=2", "data.batch_size=64")
+    handed = []
+
+    def tree_fuse(world, held, holders, make_template, options, example_inputs=None, **more):
+        handed.append({t.device for m in held.values() for t in m.state_dict().values()} | {example_inputs.device})
+        return held[0]
+    monkeypatch.setattr(sync, "tree_fuse", tree_fuse)
+    reads, item = [], torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append(1) or item(self))
+    history = sync.train_synced(run, "nt", {})
+    assert len(history) == 2 and handed == [{sync.fusion_device(run.world)}] * 2
+    steps = 2 * -(-len(run.splits.train) // 64)
+    assert len(reads) < steps   # was: one per replica and step
     run.rundir.release()
 
 
