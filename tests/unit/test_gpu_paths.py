@@ -21,6 +21,7 @@ import ntdist.stages.members as members
 import ntdist.stages.sync as sync
 import ntdist.stages.vectorized as vectorized
 import ntdist.training.loop as loop
+import ntdist.training.state as state
 from helpers import make_run
 from ntdist.distributed.launchers import detect, free_port
 from ntdist.distributed.layout import MemberLayout
@@ -31,7 +32,7 @@ from ntdist.fusion.diversity import summarize
 from ntdist.images import Augment, ImageTensors
 from ntdist.models.weights import build_member
 from ntdist.training.batches import LoaderBatches, eval_batches, loader_workers
-from ntdist.training.loop import labels_of, predict
+from ntdist.training.loop import labels_of, make_optimizer, make_scheduler, predict
 from ntdist.training.teacher import ShardedTeacher
 
 GPU0 = torch.device("cuda:0")
@@ -291,6 +292,27 @@ def test_sync_merges_the_replicas_where_they_train_and_reads_the_loss_once_per_e
     steps = 2 * -(-len(run.splits.train) // 64)
     assert len(reads) < steps   # was: one per replica and step
     run.rundir.release()
+
+
+# --- resume on several GPUs ---
+
+def test_each_rank_saves_and_restores_its_own_gpus_generator(tmp_path, monkeypatch):
+    fake_gpus(monkeypatch, 8)
+    generators = {d: torch.full((16,), d, dtype=torch.uint8) for d in range(8)}
+    restored = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": generators[device].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda new, device="cuda": restored.append((new.tolist(), device)))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("every GPU's generator was read"))
+    model = nn.Linear(2, 2)
+    optimizer = make_optimizer(model, make_run(tmp_path / "cfg").cfg.train)
+    scheduler = make_scheduler(optimizer, make_run(tmp_path / "cfg2").cfg.train)
+    path = str(tmp_path / "s.safetensors")
+    state.save_state(path, model, make_run(tmp_path / "cfg3").spec, optimizer, scheduler, 0, [])
+    fake_gpus(monkeypatch, 2)                       # resumed where the process sees another number of GPUs
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    state.load_state(path, model, optimizer, scheduler, 5)
+    assert restored == [([3] * 16, 1)]              # the writer's own generator, into this rank's GPU
 
 
 # --- member evaluation without [k, N, classes] logits ---
