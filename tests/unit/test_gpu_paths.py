@@ -4,6 +4,7 @@ the `meta` device standing in for a GPU, and collectives replaced by recorders.
 Run: .venv/bin/python -m pytest tests/unit/test_gpu_paths.py
 """
 
+import contextlib
 import datetime
 import gc
 import weakref
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import ntdist.commands.bench_train as bench_train
 import ntdist.distributed.comm as comm
 import ntdist.distributed.devices as devices
 import ntdist.distributed.world as world_module
@@ -31,7 +33,7 @@ from ntdist.fusion import reestimate_bn
 from ntdist.fusion.diversity import summarize
 from ntdist.images import Augment, ImageTensors
 from ntdist.models.weights import build_member
-from ntdist.training.batches import LoaderBatches, eval_batches, loader_workers
+from ntdist.training.batches import LoaderBatches, eval_batches, loader_workers, train_batches
 from ntdist.training.loop import labels_of, make_optimizer, make_scheduler, predict
 from ntdist.training.teacher import ShardedTeacher
 
@@ -337,3 +339,33 @@ def test_member_evaluation_equals_the_old_computation_over_all_logits(tmp_path):
     old = summarize(list(test_logits), got.diversity["duplicate_fraction"], got.diversity["threshold"])
     assert got.diversity == old
     run.rundir.release()
+
+
+# --- host syncs ---
+
+def test_a_progress_bar_reads_the_loss_at_most_once_a_second(tmp_path, monkeypatch):
+    run = make_run(tmp_path, "data.batch_size=16")
+    monkeypatch.setattr(loop.sys.stderr, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr(loop, "BAR_LOSS_EVERY_S", 3600.0)
+    model = build_member(run.spec, 0)
+    batches = train_batches(run.splits.train, 16, 0, max_mb=1e9)
+    batches.set_epoch(1)
+    reads, item = [], torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append(1) or item(self))
+    loop.train_epoch(model, batches, make_optimizer(model, run.cfg.train), "cpu")
+    assert len(batches) > 10 and len(reads) == 2   # the bar's first loss and the epoch's mean; was one per step
+    run.rundir.release()
+
+
+def test_every_side_of_bench_train_runs_with_the_same_tf32_setting(tmp_path, monkeypatch):
+    entered = []
+
+    @contextlib.contextmanager
+    def tf32(enabled, device):
+        entered.append(enabled)
+        yield
+    monkeypatch.setattr(bench_train, "tf32", tf32)
+    monkeypatch.setattr(members, "tf32", tf32)
+    bench_train.bench_train(["mlp-digits"], ks=[1], batches=[256], epochs=1, repeats=1,
+                            out_csv=str(tmp_path / "bench.csv"))
+    assert entered == [True] * 10   # floor, epoch loop, ntdist, one by one, DataLoader: warm-up and timed
