@@ -34,6 +34,7 @@ from ntdist.fusion.diversity import summarize
 from ntdist.images import Augment, ImageTensors
 from ntdist.models.weights import build_member
 from ntdist.training.batches import LoaderBatches, eval_batches, loader_workers, train_batches
+from ntdist.training.engines import _stage0_masters, restore_dtypes
 from ntdist.training.loop import labels_of, make_optimizer, make_scheduler, predict
 from ntdist.training.teacher import ShardedTeacher
 
@@ -369,3 +370,33 @@ def test_every_side_of_bench_train_runs_with_the_same_tf32_setting(tmp_path, mon
     bench_train.bench_train(["mlp-digits"], ks=[1], batches=[256], epochs=1, repeats=1,
                             out_csv=str(tmp_path / "bench.csv"))
     assert entered == [True] * 10   # floor, epoch loop, ntdist, one by one, DataLoader: warm-up and timed
+
+
+# --- DeepSpeed's half-precision module, saved ---
+
+def test_a_half_precision_module_gets_its_masters_and_dtypes_back():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    dtypes = {name: t.dtype for name, t in model.state_dict().items()}
+    masters = {name: torch.randn_like(p) for name, p in model.named_parameters()}
+    model.bfloat16()   # what DeepSpeed does with bf16 on
+    by_id = {id(p): masters[name] for name, p in model.named_parameters()}
+    restore_dtypes(model, dtypes, lambda p: by_id.get(id(p)) if p.shape != (4,) else None)
+    assert {name: t.dtype for name, t in model.state_dict().items()} == dtypes
+    assert torch.equal(model[0].weight, masters["0.weight"])                          # the fp32 master itself
+    assert torch.equal(model[1].weight, model[1].weight.bfloat16().float())           # no master: cast up
+    assert "running_mean" in dict(model[1].named_buffers()) and model(torch.randn(2, 3)).dtype == torch.float32
+
+
+def test_deepspeeds_stage0_masters_are_found_per_parameter_and_in_flat_groups():
+    low = [nn.Parameter(torch.zeros(2, 3, dtype=torch.bfloat16)), nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))]
+    high = [torch.randn(2, 3), torch.randn(4)]
+
+    class Unfused:
+        fp16_groups, fp32_groups = [low], [high]
+
+    class Fused:
+        fp16_groups, fp32_groups_flat = [low], [torch.cat([t.reshape(-1) for t in high])]
+    for optimizer in (Unfused(), Fused()):
+        found = _stage0_masters(optimizer)
+        assert all(torch.equal(found[id(p)], q) for p, q in zip(low, high))
+    assert _stage0_masters(torch.optim.SGD(low, lr=0.1)) == {}
