@@ -15,8 +15,10 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import ntdist.commands.bench_train as bench_train
+import ntdist.commands.fuse as fuse_module
 import ntdist.distributed.comm as comm
 import ntdist.distributed.devices as devices
+import ntdist.distributed.tree as tree
 import ntdist.distributed.world as world_module
 import ntdist.pipeline as pipeline
 import ntdist.stages.members as members
@@ -25,6 +27,7 @@ import ntdist.stages.vectorized as vectorized
 import ntdist.training.loop as loop
 import ntdist.training.state as state
 from helpers import make_run
+from ntdist.cli import main
 from ntdist.distributed.launchers import detect, free_port
 from ntdist.distributed.layout import MemberLayout
 from ntdist.distributed.world import World, ensure_process_group, export_engine_variables
@@ -32,13 +35,16 @@ from ntdist.errors import UserError
 from ntdist.fusion import reestimate_bn
 from ntdist.fusion.diversity import summarize
 from ntdist.images import Augment, ImageTensors
+from ntdist.models import ModelSpec
 from ntdist.models.weights import build_member
+from ntdist.records.checkpoint import save_checkpoint
 from ntdist.training.batches import LoaderBatches, eval_batches, loader_workers, train_batches
 from ntdist.training.engines import _stage0_masters, restore_dtypes
 from ntdist.training.loop import labels_of, make_optimizer, make_scheduler, predict
 from ntdist.training.teacher import ShardedTeacher
 
 GPU0 = torch.device("cuda:0")
+FUSE_SPEC = ModelSpec("mlp", {"input_dim": 16, "num_classes": 3, "width": 8})
 
 
 def fake_gpus(monkeypatch, count: int) -> None:
@@ -147,13 +153,16 @@ def test_models_travel_on_the_comm_device_as_bytes(monkeypatch, backend, device,
     assert received.codes.dtype == torch.int16
 
 
-def test_small_reductions_run_on_the_comm_device(monkeypatch):
+def test_reductions_and_averaging_run_on_the_comm_device(monkeypatch):
     calls = []
     monkeypatch.setattr(world_module.dist, "all_reduce", _record(calls))
     world = World(size=2, device=GPU0, backend="gloo")
     world.reduce_sum(torch.zeros(3))
     world.any(True)
     assert [t for t, _ in calls] == ["cpu", "cpu"]
+    average = tree.reduce_average(world, {0: FUSE_SPEC.build()}, [0, 1], FUSE_SPEC.build)
+    assert {t for t, _ in calls} == {"cpu"} and tree.fusion_device(world) == torch.device("cpu")
+    assert {t.device.type for t in average.state_dict().values()} == {"cpu"}
 
 
 @pytest.mark.parametrize("backend, device", [("gloo", torch.device("cpu")), ("nccl", torch.device("meta"))])
@@ -201,6 +210,18 @@ def test_fuse_stage_gives_the_example_inputs_on_the_fusion_device_and_times_afte
         pipeline.fuse_stage(run, {}, method)
     assert seen == ["meta", "meta"] and synced == [torch.device("meta")] * 2
     run.rundir.release()
+
+
+def test_ntdist_fuse_reads_its_timing_after_a_device_sync(tmp_path, monkeypatch):
+    paths = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        paths.append(str(tmp_path / f"m{seed}.safetensors"))
+        save_checkpoint(paths[-1], FUSE_SPEC.build(), FUSE_SPEC)
+    synced = []
+    monkeypatch.setattr(fuse_module, "synchronize", synced.append)
+    assert main(["fuse", *paths, "-o", str(tmp_path / "fused.safetensors")]) == 0
+    assert synced == [torch.device("cpu")]
 
 
 # --- data reaches the model's device ---
