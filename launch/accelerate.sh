@@ -12,6 +12,8 @@
 #     ACCELERATE     the accelerate command (default: accelerate)
 #     ACCELERATE_CONFIG  config file (default: accelerate.yaml next to this script)
 #     NTDIST         the ntdist command (default: ntdist if on PATH, else python3 -m ntdist)
+#     GLOO_SOCKET_IFNAME  several nodes with several network interfaces: the one the nodes reach each other
+#                    on (e.g. ib0); ntdist's wait and heartbeat groups use gloo also under NCCL
 # Every argument after the config is passed on to `ntdist run`.
 set -euo pipefail
 

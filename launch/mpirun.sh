@@ -18,8 +18,11 @@
 #     NTDIST         the ntdist command (default: ntdist if on PATH, else python3 -m ntdist)
 # As root, Open MPI refuses to start unless OMPI_ALLOW_RUN_AS_ROOT(_CONFIRM)=1: the script sets both.
 # With Open MPI the variables PATH, PYTHONPATH, LD_LIBRARY_PATH, VIRTUAL_ENV, MASTER_PORT, OMP_NUM_THREADS,
-# CUDA_VISIBLE_DEVICES, TORCH_EXTENSIONS_DIR and every NTDIST_* variable that is set are passed to all
-# ranks with -x (other MPIs pass the whole environment themselves).
+# CUDA_VISIBLE_DEVICES, TORCH_EXTENSIONS_DIR, GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME and every NTDIST_*
+# variable that is set are passed to all ranks with -x (other MPIs pass the whole environment themselves).
+# Nodes with several network interfaces: set GLOO_SOCKET_IFNAME (e.g. eth0 or ib0) to the interface the
+# nodes reach each other on. ntdist's wait and heartbeat groups are gloo groups also under NCCL, and gloo
+# otherwise binds to the interface of the host name, which may be one the other nodes cannot reach.
 # Every argument after the config is passed on to `ntdist run`.
 set -euo pipefail
 
@@ -35,7 +38,7 @@ if "${mpirun_cmd[@]}" --version 2>/dev/null | grep -q "Open MPI\|Open RTE\|OpenR
     [[ ${OVERSUBSCRIBE:-0} == 1 ]] && flags+=(--oversubscribe)
     [[ -n ${HOSTFILE:-} ]] && flags+=(--hostfile "$HOSTFILE")
     for var in PATH PYTHONPATH LD_LIBRARY_PATH VIRTUAL_ENV MASTER_PORT OMP_NUM_THREADS CUDA_VISIBLE_DEVICES \
-               TORCH_EXTENSIONS_DIR $(compgen -v NTDIST_ || true); do
+               TORCH_EXTENSIONS_DIR GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME $(compgen -v NTDIST_ || true); do
         [[ -n ${!var+x} ]] && flags+=(-x "$var")
     done
 else

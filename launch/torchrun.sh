@@ -18,6 +18,8 @@
 #     RDZV_ID        job id shared by all nodes of an elastic rendezvous (default ntdist)
 #     TORCHRUN       the torchrun command (default: torchrun)
 #     NTDIST         the ntdist command (default: ntdist if on PATH, else python3 -m ntdist)
+#     GLOO_SOCKET_IFNAME  several nodes with several network interfaces: the one the nodes reach each other
+#                    on (e.g. ib0); ntdist's wait and heartbeat groups use gloo also under NCCL
 # Every argument after the config is passed on to `ntdist run`.
 set -euo pipefail
 

@@ -61,14 +61,16 @@ class DataConfig:
     split_seed: int = opt(0, "seed of the train/validation/test split (fixed across members)")
     resident_max_mb: float = opt(2048.0, "keep a split up to this size (MiB) as tensors on the training device; "
                                          "larger ones are read by a DataLoader (0: always)")
-    loader_workers: int = opt(0, "DataLoader worker processes for splits too large to keep resident (pinned "
-                                 "memory and persistent workers follow: on with CUDA / with workers)")
+    loader_workers: Optional[int] = opt(None, "DataLoader worker processes for splits too large to keep resident "
+                                              "(default: 0 on a CPU, min(4, CPU threads of the rank) with CUDA; "
+                                              "pinned memory and persistent workers follow: on with CUDA / with "
+                                              "workers)")
     synthetic_samples: int = opt(4096, "synthetic: number of samples")
     synthetic_shape: list = opt([64], "synthetic: shape of one sample")
     synthetic_classes: int = opt(10, "synthetic: number of classes")
 
     def __post_init__(self):
-        if self.loader_workers < 0:
+        if self.loader_workers is not None and self.loader_workers < 0:
             raise UserError(f"data.loader_workers must be >= 0, got {self.loader_workers}")
         if not is_import_path(self.name):
             check_choice(self.name, DATASETS, "dataset data.name")

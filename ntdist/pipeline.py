@@ -19,6 +19,7 @@ import torch
 from ntdist.config import Config, to_yaml
 from ntdist.distributed.comm import (all_gather_records, broadcast_model, destroy_groups, new_groups,
                                      sum_counts)
+from ntdist.distributed.devices import synchronize
 from ntdist.distributed.diagnostics import duplicate_units_across_ranks
 from ntdist.distributed.tree import fusion_device, gather_fuse, ot_reduce, reduce_average, tree_fuse
 from ntdist.distributed.world import World, gather_world_info
@@ -130,37 +131,51 @@ def train_stage(r: Run) -> Dict[int, torch.nn.Module]:
 def evaluate_members(r: Run, held: Dict[int, torch.nn.Module]) -> RunResults:
     """Each member's val/test accuracy and the accuracy of their output average (the ensemble)."""
     k, world, splits, batch = r.cfg.fusion.k, r.world, r.splits, r.cfg.data.eval_batch_size
-    val_logits = torch.zeros(k, len(splits.val), splits.num_classes, dtype=torch.float64)
-    test_logits = torch.zeros(k, len(splits.test), splits.num_classes, dtype=torch.float64)
     data = feed(r.cfg.data, world.device)
     val, test = eval_batches(splits.val, batch, **data), eval_batches(splits.test, batch, **data)
-    for i, model in held.items():
-        val_logits[i] = predict(model, val, world.device).double()
-        test_logits[i] = predict(model, test, world.device).double()
-    # Each member's logits live on its holder; one sum gives every rank all of them.
+    val_sum, val_pred = member_outputs(held, val, (k, len(splits.val), splits.num_classes), world.device)
+    test_sum, test_pred = member_outputs(held, test, (k, len(splits.test), splits.num_classes), world.device)
+    # Each member's outputs live on its holder; one sum per tensor gives every rank all of them.
     world.wait_for("evaluating their members")
-    val_logits, test_logits = world.reduce_sum(val_logits), world.reduce_sum(test_logits)
+    val_sum, val_pred, test_sum, test_pred = (world.reduce_sum(t) for t in (val_sum, val_pred, test_sum, test_pred))
     val_y, test_y = labels_of(val), labels_of(test)
-    members_val = (val_logits.argmax(2) == val_y).double().mean(1)
-    members = (test_logits.argmax(2) == test_y).double().mean(1).tolist()
+    members_val = (val_pred == val_y).double().mean(1)
+    members = (test_pred == test_y).double().mean(1).tolist()
     best = int(torch.argmax(members_val).item())   # chosen on validation accuracy
     results = RunResults(k=k, seed=r.cfg.train.seed, members=members, members_val=members_val.tolist(),
                          best_member=members[best], best_member_index=best,
-                         ensemble=(test_logits.mean(0).argmax(1) == test_y).double().mean().item(),
-                         ensemble_val=(val_logits.mean(0).argmax(1) == val_y).double().mean().item())
+                         ensemble=((test_sum / k).argmax(1) == test_y).double().mean().item(),
+                         ensemble_val=((val_sum / k).argmax(1) == val_y).double().mean().item())
     world.print0(f"members test accuracy {[round(a, 4) for a in members]}, ensemble {results.ensemble:.4f}")
     if r.cfg.output.diversity:
-        results.diversity = diversity_stage(r, held, test_logits)
+        results.diversity = diversity_stage(r, held, test_pred)
     results.world = gather_world_info(world)
     return results
 
 
-def diversity_stage(r: Run, held: Dict[int, torch.nn.Module], test_logits: torch.Tensor) -> dict:
+def member_outputs(held: Dict[int, torch.nn.Module], batches, shape: Tuple[int, int, int],
+                   device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """For `shape` = (k members, N samples, classes): (the held members' logits summed in float64 [N, classes],
+    every member's predicted class [k, N], zeros for the members held elsewhere), on the CPU. That is all the
+    ensemble, the members' accuracies and the disagreement need; all logits ([k, N, classes] float64) would
+    be k times the memory and the traffic. k float32 values within a factor of about 2^25 of each other add
+    exactly in float64, in any order, so the sum over ranks is what the mean over all logits summed."""
+    k, n, classes = shape
+    summed = torch.zeros(n, classes, dtype=torch.float64)
+    predicted = torch.zeros(k, n, dtype=torch.int64)
+    for i in sorted(held):
+        logits = predict(held[i], batches, device).double()
+        summed += logits
+        predicted[i] = logits.argmax(1)
+    return summed, predicted
+
+
+def diversity_stage(r: Run, held: Dict[int, torch.nn.Module], test_pred: torch.Tensor) -> dict:
     """Disagreement and near-duplicate units of the members; warns when NT would lose information."""
     out = r.cfg.output
     duplicates = duplicate_units_across_ranks(r.world, held, r.layout.holders, r.template, out.duplicate_threshold,
                                               out.duplicate_max_units or None)   # sampled rows only travel
-    summary = summarize(list(test_logits), duplicates, out.duplicate_threshold)   # the same on every rank
+    summary = summarize(list(test_pred), duplicates, out.duplicate_threshold)   # the same on every rank
     if summary["warning"]:
         r.world.print0(f"ntdist: warning: {summary['warning']}", file=sys.stderr)
     return summary
@@ -198,13 +213,14 @@ def resumable_finetune(r: Run, model: torch.nn.Module, label: str, seed: int, te
 def fuse_stage(r: Run, held: Dict[int, torch.nn.Module], method: str) -> Tuple[torch.nn.Module, float, Optional[dict]]:
     """Fuse with `method`; every rank gets the fused model, the seconds taken, NT dedup's merges (or None)."""
     fc, world = r.cfg.fusion, r.world
-    merged, examples = {}, r.example_inputs()
+    device = fusion_device(world)   # on a GPU with NCCL: where the members are; the traces run there too
+    merged, examples = {}, r.example_inputs().to(device)
     nt = dict(options=fc.nt_options(), merged=merged) if method == "nt" else {}   # avg and OT read no NT option
     if method == "nt" and fc.repair != "none":
-        nt["calibration"] = r.calibration_inputs().to(fusion_device(world))
+        nt["calibration"] = r.calibration_inputs().to(device)
     world.barrier()
     start = time.perf_counter()
-    fusing = {i: m.to(fusion_device(world)) for i, m in held.items()}   # on a GPU with NCCL: where they are
+    fusing = {i: m.to(device) for i, m in held.items()}
     if method == "nt" and fc.schedule == "recursive":
         fused = tree_fuse(world, fusing, r.layout.holders, r.template, example_inputs=examples, **nt)
     elif method == "avg" and fc.schedule == "flat":
@@ -214,6 +230,7 @@ def fuse_stage(r: Run, held: Dict[int, torch.nn.Module], method: str) -> Tuple[t
     else:
         fused = gather_fuse(world, fusing, r.layout.holders, r.template, method=method, schedule=fc.schedule,
                             example_inputs=examples, **nt)
+    synchronize(device)
     seconds = time.perf_counter() - start
     if fc.bn_reestimate:
         torch.manual_seed(run_seed(r.cfg.train, FUSED_SEED))   # the passes run in train mode: dropout draws

@@ -14,7 +14,8 @@ epochs, interleaved so that every side sees the same background load:
   had before its data became tensor-resident (which also synced with the host at every step: this side
   is, if anything, faster than that old loop).
 
-Every side first trains one epoch untimed (the process's one-off warm-up). Figures are medians of
+Every side runs with member training's TF32 setting (`train.tf32`, on by default; it matters on a GPU
+only) and first trains one epoch untimed (the process's one-off warm-up). Figures are medians of
 `repeats`; the ratios are the floor's seconds over the other side's (above 1: faster than the floor),
 `ntdist / one by one` is what training the k members at once gains, and `ntdist / DataLoader` what it
 gains over a DataLoader loop. Each row carries the
@@ -32,9 +33,11 @@ import torch.nn.functional as F
 
 from ntdist.commands.bench import check_out_csv, write_csv
 from ntdist.config import load_config
+from ntdist.distributed.devices import synchronize
 from ntdist.distributed.world import World
 from ntdist.errors import UserError
 from ntdist.training.batches import feed, resident, train_batches
+from ntdist.training.hardware import tf32
 from ntdist.training.loop import make_optimizer, train_epoch
 from ntdist.models.weights import build_member
 from ntdist.stages.members import train_members
@@ -49,7 +52,14 @@ WORKLOADS = {   # name -> config overrides
 
 
 def _tight_loop(r, k: int, epochs: int) -> None:
-    """k models trained one after another by the plainest loop over preloaded tensors."""
+    """k models trained one after another by the plainest loop over preloaded tensors, with the TF32 setting
+    that ntdist's member training uses (`train.tf32`), so that every side computes alike on a GPU."""
+    with tf32(r.cfg.train.tf32, r.world.device):
+        _tight_epochs(r, k, epochs)
+    synchronize(r.world.device)
+
+
+def _tight_epochs(r, k: int, epochs: int) -> None:
     x, y = resident(r.splits.train, r.world.device, 1e9)
     batch = r.cfg.data.batch_size
     for i in range(k):
@@ -64,22 +74,20 @@ def _tight_loop(r, k: int, epochs: int) -> None:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-    if r.world.device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _epoch_loop(r, k: int, epochs: int) -> None:
     """ntdist's `train_epoch` over its tensor-resident batches, k models one after another (no validation,
-    no state files): what separates ntdist's epoch from the floor's."""
+    no state files): what separates ntdist's epoch from the floor's. TF32 as in `_tight_loop`."""
     loader = train_batches(r.splits.train, r.cfg.data.batch_size, r.cfg.train.seed, **feed(r.cfg.data, r.world.device))
-    for i in range(k):
-        model = build_member(r.spec, member_seed(r.cfg.train, i), r.initial).to(r.world.device)
-        optimizer = make_optimizer(model, r.cfg.train)
-        for epoch in range(1, epochs + 1):
-            loader.set_epoch(epoch)
-            train_epoch(model, loader, optimizer, r.world.device, progress=False)
-    if r.world.device.type == "cuda":
-        torch.cuda.synchronize()
+    with tf32(r.cfg.train.tf32, r.world.device):
+        for i in range(k):
+            model = build_member(r.spec, member_seed(r.cfg.train, i), r.initial).to(r.world.device)
+            optimizer = make_optimizer(model, r.cfg.train)
+            for epoch in range(1, epochs + 1):
+                loader.set_epoch(epoch)
+                train_epoch(model, loader, optimizer, r.world.device, progress=False)
+    synchronize(r.world.device)
 
 
 def _make_run(workload: str, k: int, batch: int, epochs: int, vectorize: str, out: str, extra=()):

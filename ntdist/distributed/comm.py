@@ -1,13 +1,15 @@
 """Moving whole models between ranks as tensors in their own dtype (never pickled objects).
 
 Sender and receiver hold models of the same architecture, so the state dict's order and shapes are
-known on both sides; a header of one dtype code per tensor comes first (a bf16 model travels as bf16).
+known on both sides; a header of one dtype code per tensor comes first (a bf16 model travels as bf16),
+then the tensors as raw bytes (so dtypes that NCCL has no type for, int16, travel too).
 Small tensors travel together through one reused bucket (`BUCKET_BYTES`), and a tensor at least that
 large goes as it is, straight from and into the model's own memory. A send therefore needs at most
 one bucket of extra memory (plus one tensor's copy when the model is not on the communication
 device, e.g. a CPU model under NCCL), where a flat float32 copy of the whole model took 2-4x the
 model before (docs/PERFORMANCE.md, "Memory of the fusion tree"). A receiver builds its template on
 the `meta` device (`meta_template`: no initialisation, no memory) and allocates it once, uninitialised,
+on the communication device (`devices.comm_device`: the GPU under NCCL, where fusion runs, else the CPU)
 before the weights arrive.
 """
 
@@ -16,6 +18,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from ntdist.distributed.devices import comm_device
 from ntdist.distributed.world import World, guarded
 
 BUCKET_BYTES = 16 * 2 ** 20   # small tensors are sent in groups of up to this size; larger ones alone
@@ -42,16 +45,17 @@ def _tensors(model: torch.nn.Module) -> List[torch.Tensor]:
     return [t.detach() for t in model.state_dict().values()]
 
 
-def _materialise(model: torch.nn.Module, dtypes: List[torch.dtype]) -> List[torch.Tensor]:
-    """Give a meta template real (uninitialised) CPU memory in the sender's dtypes; returns its state tensors."""
+def _materialise(model: torch.nn.Module, dtypes: List[torch.dtype], device: torch.device) -> List[torch.Tensor]:
+    """Give a meta template real (uninitialised) memory on `device` in the sender's dtypes; returns its state
+    tensors. A template built with real weights keeps its device."""
     if any(t.is_meta for t in _tensors(model)):
-        model.to_empty(device="cpu")
+        model.to_empty(device=device)
     names = list(model.state_dict().keys())
     for name, tensor, dtype in zip(names, _tensors(model), dtypes):
         if tensor.dtype != dtype:   # e.g. a bf16 member received into a template built in float32
             owner, _, attr = name.rpartition(".")
             module = model.get_submodule(owner)
-            getattr(module, attr).data = torch.empty(tensor.shape, dtype=dtype)
+            getattr(module, attr).data = torch.empty(tensor.shape, dtype=dtype, device=tensor.device)
     return _tensors(model)
 
 
@@ -76,14 +80,14 @@ class _Wire:
     broadcast), small ones through a bucket allocated once on the communication device."""
 
     def __init__(self, world: World, move: Callable[[torch.Tensor], None], bucket_bytes: int = BUCKET_BYTES):
-        self.device, self.move, self.bucket_bytes = world.device, move, bucket_bytes
+        self.device, self.move, self.bucket_bytes = comm_device(world), move, bucket_bytes
         self.bucket: Optional[torch.Tensor] = None
 
     def header(self, tensors: Optional[List[torch.Tensor]], count: int) -> List[torch.dtype]:
         codes = torch.tensor([DTYPES.index(t.dtype) for t in tensors] if tensors is not None else [0] * count,
                              dtype=torch.int64, device=self.device)
         self.move(codes)
-        return [DTYPES[c] for c in codes.tolist()]
+        return [t.dtype for t in tensors] if tensors is not None else [DTYPES[c] for c in codes.tolist()]
 
     def tensors(self, tensors: List[torch.Tensor], sending: bool) -> None:
         for group in _buckets(tensors, self.bucket_bytes):
@@ -95,7 +99,7 @@ class _Wire:
     def _direct(self, tensor: torch.Tensor, sending: bool) -> None:
         here = tensor.device == self.device and tensor.is_contiguous()
         wire = tensor if here else tensor.to(self.device).contiguous()
-        self.move(wire)
+        self.move(wire.reshape(-1).view(torch.uint8))
         if not sending and not here:
             tensor.copy_(wire)
 
@@ -103,12 +107,12 @@ class _Wire:
         if self.bucket is None:
             self.bucket = torch.empty(self.bucket_bytes, dtype=torch.uint8, device=self.device)
         dtype, sizes = group[0].dtype, [t.numel() for t in group]
-        flat = self.bucket[:sum(sizes) * group[0].element_size()].view(dtype)
-        parts = flat.split(sizes)
+        raw = self.bucket[:sum(sizes) * group[0].element_size()]
+        parts = raw.view(dtype).split(sizes)
         if sending:
             for part, t in zip(parts, group):
                 part.copy_(t.reshape(-1))
-        self.move(flat)
+        self.move(raw)
         if not sending:
             for part, t in zip(parts, group):
                 t.copy_(part.view_as(t))
@@ -124,7 +128,7 @@ def recv_model(world: World, template: torch.nn.Module, src: int) -> torch.nn.Mo
     """Receive into `template` (a module of the right architecture, on `meta` or real; overwritten)."""
     wire = _Wire(world, lambda t: guarded(dist.recv, t, src))
     dtypes = wire.header(None, len(template.state_dict()))
-    wire.tensors(_materialise(template, dtypes), sending=False)
+    wire.tensors(_materialise(template, dtypes, wire.device), sending=False)
     return template
 
 
@@ -136,7 +140,7 @@ def broadcast_model(world: World, model: torch.nn.Module, src: int) -> torch.nn.
     wire = _Wire(world, lambda t: guarded(dist.broadcast, t, src))
     mine = world.rank == src
     dtypes = wire.header(_tensors(model) if mine else None, len(model.state_dict()))
-    wire.tensors(_tensors(model) if mine else _materialise(model, dtypes), sending=mine)
+    wire.tensors(_tensors(model) if mine else _materialise(model, dtypes, wire.device), sending=mine)
     return model
 
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ntdist.distributed.comm import meta_template
-from ntdist.distributed.world import World, guarded
+from ntdist.distributed.world import World, on_comm_device
 from ntdist.fusion.diversity import fusable_layers, has_near_copy, sample_generator, sample_rows, unit_rows
 
 
@@ -48,7 +48,7 @@ def duplicate_units_across_ranks(world: World, held: Dict[int, nn.Module], holde
             if i in full:
                 sampled[i] = full[i] if picks[i] is None else full[i][picks[i].to(device)]
             if world.size > 1:
-                guarded(dist.broadcast, sampled[i], holders[i])
+                on_comm_device(world, dist.broadcast, sampled[i], holders[i])
         found = torch.zeros(k, s, dtype=torch.uint8, device=device)
         for j, rows in full.items():
             for i in range(k):
@@ -56,6 +56,6 @@ def duplicate_units_across_ranks(world: World, held: Dict[int, nn.Module], holde
                     found[i] |= has_near_copy(sampled[i], rows, threshold).to(torch.uint8)
         if world.size > 1:
             world.wait_for("the duplicate check of their members")   # ranks hold different numbers of members
-            guarded(dist.all_reduce, found, op=dist.ReduceOp.MAX)
+            on_comm_device(world, dist.all_reduce, found, op=dist.ReduceOp.MAX)
         out[name] = int(found.sum()) / (k * s) if s else 0.0
     return out

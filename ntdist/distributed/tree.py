@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from ntdist.distributed.comm import broadcast_model, gather_models, meta_template, recv_model, send_model
-from ntdist.distributed.world import World, guarded
+from ntdist.distributed.devices import comm_device
+from ntdist.distributed.world import World, on_comm_device
 from ntdist.fusion import NTOptions, average, fuse, fuse_pair
 from ntdist.fusion.wide.assemble import clone_with, tensors_of
 from ntdist.fusion.checks import check_models
@@ -27,9 +28,9 @@ from ntdist.fusion.schedule import recursive_plan
 
 
 def fusion_device(world: World) -> torch.device:
-    """Where members are fused: the training device, except under gloo, which gets CPU tensors (a GPU run
-    that chose gloo fuses on the CPU as before)."""
-    return world.device if world.size == 1 or world.backend == "nccl" else torch.device("cpu")
+    """Where members are fused: the training device alone, else the device models travel on (`comm_device`:
+    the GPU under NCCL, the CPU under gloo, also on a GPU machine that chose gloo)."""
+    return world.device if world.size == 1 else comm_device(world)
 
 
 def tree_fuse(world: World, held: Dict[int, torch.nn.Module], holders: List[int],
@@ -54,8 +55,8 @@ def tree_fuse(world: World, held: Dict[int, torch.nn.Module], holders: List[int]
                 send_model(world, models.pop(right), dst)
                 sends += 1
             if world.rank == dst:
-                other = models.pop(right) if src == dst else \
-                    recv_model(world, meta_template(make_template), src).to(fusion_device(world))
+                # a received model is allocated on the comm device, which is the fusion device
+                other = models.pop(right) if src == dst else recv_model(world, meta_template(make_template), src)
                 plan = plan or analyze(models[left], example_inputs)   # traced on a member: same architecture
                 models[left] = fuse_pair(models[left], other, leaves_left, leaves_right, options=options,
                                          reference=reference, plan=plan, example_inputs=example_inputs,
@@ -83,7 +84,7 @@ def gather_fuse(world: World, held: Dict[int, torch.nn.Module], holders: List[in
 @torch.no_grad()
 def reduce_average(world: World, held: Dict[int, torch.nn.Module], holders: List[int],
                    make_template: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-    """Uniform weight averaging of all members as one all-reduce; the average on every rank (on its device).
+    """Uniform weight averaging of all members as one all-reduce; the average on every rank (on the fusion device).
 
     What `average` computes for all k members: each float tensor is the sum of member / k (each rank adds
     its own members, then the ranks add their sums), step counters take the maximum, other integer tensors
@@ -92,9 +93,9 @@ def reduce_average(world: World, held: Dict[int, torch.nn.Module], holders: List
     k = len(holders)
     if world.size == 1:
         return average([held[i] for i in range(k)])
-    result = meta_template(make_template)
-    result = result.to_empty(device=world.device) if any(t.is_meta for t in result.state_dict().values()) \
-        else result.to(world.device)
+    result, device = meta_template(make_template), fusion_device(world)
+    result = result.to_empty(device=device) if any(t.is_meta for t in result.state_dict().values()) \
+        else result.to(device)
     mine = [held[i].state_dict() for i in sorted(held)]
     for name, out in result.state_dict().items():
         if out.is_floating_point():
@@ -108,10 +109,7 @@ def reduce_average(world: World, held: Dict[int, torch.nn.Module], holders: List
         else:
             out.copy_(held[0].state_dict()[name] if 0 in held else torch.zeros_like(out))
             op = dist.ReduceOp.SUM
-        wire = out if out.device == world.device else out.to(world.device)
-        guarded(dist.all_reduce, wire, op=op)
-        if wire is not out:
-            out.copy_(wire)
+        on_comm_device(world, dist.all_reduce, out, op=op)
     return result
 
 
@@ -120,7 +118,9 @@ def ot_reduce(world: World, held: Dict[int, torch.nn.Module], holders: List[int]
               make_template: Callable[[], torch.nn.Module], example_inputs=None) -> torch.nn.Module:
     """What `fuse(members, method="ot")` computes, without gathering the members: member 0 (the anchor) is
     broadcast, each rank aligns the members it holds to it, and `reduce_average` sums the aligned weights
-    over the ranks in one all-reduce. A rank holds its members, the anchor and its members' aligned copies."""
+    over the ranks in one all-reduce. A rank holds its members, the anchor and its members' aligned copies.
+    The alignments (POT's solver on the host, minutes for wide models) run on the holders alone: the other
+    ranks wait for them under distributed.wait_timeout_s before the all-reduce, not under its timeout."""
     anchor = held[0] if 0 in held else meta_template(make_template)
     anchor = broadcast_model(world, anchor, holders[0]).to(fusion_device(world))
     aligned = {}
@@ -129,4 +129,5 @@ def ot_reduce(world: World, held: Dict[int, torch.nn.Module], holders: List[int]
         plan, reference = analyze(anchor, example_inputs), tensors_of(anchor)
         aligned = {i: model if i == 0 else clone_with(anchor, align(tensors_of(model), reference, plan))
                    for i, model in held.items()}
+    world.wait_for("aligning their members to OT's anchor")
     return reduce_average(world, aligned, holders, make_template)

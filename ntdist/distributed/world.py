@@ -1,7 +1,8 @@
 """Joining torch.distributed: the frozen `World` every other module receives, and its timeouts.
 
 `init_world(cfg)` asks `launchers.detect()` how ntdist was started, joins the process group (nccl with
-CUDA, else gloo; device cuda:LOCAL_RANK or cpu) and returns a `World`, which everything else receives.
+CUDA, else gloo; the device from `devices.training_device`) and returns a `World`, which everything else
+receives.
 Four timeouts, as ranks wait for different reasons: joining and the first barrier, a collective once
 the ranks are in step, a rank waiting while another works alone (`World.wait_for`), the heartbeat.
 """
@@ -19,6 +20,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ntdist.distributed.devices import check_own_gpu, comm_device, gpu_name, synchronize, training_device
 from ntdist.distributed.heartbeat import Heartbeat
 from ntdist.distributed.launchers import cpu_threads, detect, engine_variables, free_port
 from ntdist.errors import EXIT_USAGE, PeerLostError, UserError, check_choice
@@ -85,7 +87,7 @@ class World:
         """Sum a CPU tensor over all ranks (of `group`, default all; a no-op for one process)."""
         if self.size == 1:
             return tensor
-        moved = tensor.to(self.device)
+        moved = tensor.to(comm_device(self))
         guarded(dist.all_reduce, moved, op=dist.ReduceOp.SUM, group=group)
         return moved.cpu()
 
@@ -93,7 +95,7 @@ class World:
         """True on every rank (of `group`, default all) if `flag` is true on any of them."""
         if self.size == 1:
             return bool(flag)
-        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        value = torch.tensor([1.0 if flag else 0.0], device=comm_device(self))
         guarded(dist.all_reduce, value, op=dist.ReduceOp.MAX, group=group)
         return bool(value.item() > 0)
 
@@ -104,9 +106,13 @@ class World:
     def wait_for(self, what: str) -> None:
         """Wait until every rank gets here, for up to distributed.wait_timeout_s: called after work that
         some ranks do alone or longer than others (`what`), before the next collective, which then
-        needs only distributed.timeout_s. A gloo barrier, so NCCL's watchdog never sees the wait."""
+        needs only distributed.timeout_s. A gloo barrier, so NCCL's watchdog never sees the wait. On a GPU
+        the rank first waits for its queued kernels: a host-side barrier alone would let a rank arrive
+        while its work still runs, and the next collective would then wait out that work under
+        distributed.timeout_s."""
         if self.size == 1:
             return
+        synchronize(self.device)
         try:
             dist.barrier(group=self.waits)
         except (RuntimeError, dist.DistBackendError) as err:
@@ -128,6 +134,15 @@ def guarded(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except (RuntimeError, dist.DistBackendError) as err:
         raise peer_lost(err) from err
+
+
+def on_comm_device(world: World, collective, tensor: torch.Tensor, *args, **kwargs) -> None:
+    """`collective(tensor, ...)` in place (guarded), through a copy on `comm_device(world)` when `tensor` lives
+    elsewhere (a GPU tensor under gloo)."""
+    wire = tensor.to(comm_device(world))
+    guarded(collective, wire, *args, **kwargs)
+    if wire is not tensor:
+        tensor.copy_(wire)
 
 
 _PEER_SIGNS = ("connection reset", "connection closed", "broken pipe", "gloo", "nccl", "timed out", "peer")
@@ -163,7 +178,7 @@ def init_world(cfg: Optional[DistributedConfig] = None, env=None, check_size=Non
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cuda else "gloo")
     if backend == "nccl" and not cuda:
         raise UserError("distributed.backend=nccl needs CUDA, which this machine lacks; use distributed.backend=gloo")
-    device = torch.device(f"cuda:{local_rank % torch.cuda.device_count()}") if cuda else torch.device("cpu")
+    device = training_device(local_rank)
     if cuda:
         torch.cuda.set_device(device)
     threads = cpu_threads(env, local_size, cfg.threads_per_rank)
@@ -199,6 +214,8 @@ def _join(cfg: DistributedConfig, env, world: World):
                               wait_for_workers=False)
         _check_same_job(store, rank, size, env, f"{addr}:{port}", f"ntdist/job{world.restart}")
         store = dist.PrefixStore(f"ntdist/attempt{world.restart}", store)
+        if world.backend == "nccl":
+            check_own_gpu(store, rank, size, gpu_name(world.host, world.device))
         # device_id: NCCL creates its communicator now (every rank must arrive, within the rendezvous
         # timeout) and reuses it for point-to-point sends instead of building one per pair later.
         dist.init_process_group(world.backend, store=store, rank=rank, world_size=size, timeout=rendezvous,
@@ -207,6 +224,9 @@ def _join(cfg: DistributedConfig, env, world: World):
         dist.barrier(group=waits)   # the first barrier: every rank has started and joined
     except (RuntimeError, dist.DistNetworkError) as err:
         first = str(err).strip().splitlines()[0]
+        if "duplicate gpu" in str(err).lower():   # NCCL's words for two ranks on one GPU
+            raise UserError(f"rank {rank}: {first}; NCCL needs a GPU of its own for every rank: start at most as "
+                            "many ranks per node as it has GPUs") from err
         raise UserError(f"rank {rank} could not join the process group at {addr}:{port} within "
                         f"distributed.rendezvous_timeout_s={cfg.rendezvous_timeout_s:g} s ({first}); is the port in "
                         "use, the master unreachable or a rank not started? set distributed.port or MASTER_PORT") from err
@@ -251,15 +271,17 @@ RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 def export_engine_variables(world: World, environ=None) -> None:
     """Set the torchrun-style variables that Accelerate and DeepSpeed read in `environ` (os.environ),
-    whichever launcher started the job (srun and mpirun set none of them). A rank variable that the job
-    already set to something else than ntdist found is a mistake in the job script; OMP_NUM_THREADS is
-    only filled in."""
+    whichever launcher started the job (srun and mpirun set none of them). LOCAL_RANK becomes the index of
+    this rank's GPU (`engine_local_rank`), also where torchrun set it to the local rank. A rank variable that
+    the job already set to something else than ntdist found is a mistake in the job script; OMP_NUM_THREADS
+    is only filled in."""
     environ = os.environ if environ is None else environ
-    wanted = engine_variables(world.rank, world.size, world.local_rank, world.local_size, world.master_addr,
+    wanted = engine_variables(world.rank, world.size, engine_local_rank(world), world.local_size, world.master_addr,
                               world.master_port, world.threads)
     for key, value in wanted.items():
         have = environ.get(key)
-        if key in RANK_VARIABLES and have not in (None, value):
+        launcher_set = key == "LOCAL_RANK" and have == str(world.local_rank)   # replaced by the GPU's index
+        if key in RANK_VARIABLES and have not in (None, value) and not launcher_set:
             raise UserError(f"{key}={have} in the environment, but the {world.launcher} launcher makes this process "
                             f"{key}={value}; unset {key} in the job script")
         if key == "OMP_NUM_THREADS":
@@ -268,12 +290,21 @@ def export_engine_variables(world: World, environ=None) -> None:
             environ[key] = value
 
 
+def engine_local_rank(world: World) -> int:
+    """The LOCAL_RANK the engines get: the index of this rank's GPU, which accelerate's PartialState and DeepSpeed
+    pass to `set_device`. It differs from the launcher's local rank when each task sees only its own GPU (srun
+    --gpus-per-task=1 or --gpu-bind=single:1: every rank's device is cuda:0); on a CPU the local rank."""
+    return (world.device.index or 0) if world.device.type == "cuda" else world.local_rank
+
+
 def ensure_process_group(world: World) -> None:
-    """Give libraries (DeepSpeed) what they expect: a process group even for one process, and the
-    torchrun-style variables, whichever launcher actually started the job."""
+    """Give libraries (DeepSpeed) what they expect: a process group even for one process (NCCL on a GPU, whose
+    tensors gloo would refuse), and the torchrun-style variables, whichever launcher actually started the job."""
     export_engine_variables(world)
     if world.size == 1 and not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        backend = "nccl" if world.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                                device_id=world.device if backend == "nccl" else None)
 
 
 def shutdown(world: World, clean: bool = True, failed: bool = False) -> None:

@@ -61,10 +61,12 @@ def reestimate_bn(model: nn.Module, loader, batches: int = 10) -> nn.Module:
 
     Running stats are reset and accumulated as a plain average (momentum=None)
     in train mode without gradients; momentum and train/eval modes are restored.
+    Batches are moved to the device of the model's statistics (a DataLoader yields CPU batches).
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms or batches < 1:
         return model
+    device = norms[0].running_mean.device
     momenta = [m.momentum for m in norms]
     modes = {m: m.training for m in model.modules()}
     for m in norms:
@@ -77,7 +79,7 @@ def reestimate_bn(model: nn.Module, loader, batches: int = 10) -> nn.Module:
                 if i >= batches:
                     break
                 x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                model(x)
+                model(x.to(device))
     finally:
         for m, mom in zip(norms, momenta):
             m.momentum = mom

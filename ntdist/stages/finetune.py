@@ -93,4 +93,6 @@ def finetune(r: Run, model: torch.nn.Module, label: str, seed: int,
         return {"stage": "finetune", "method": label, "epoch": epoch, "loss": loss,
                 "val_accuracy": acc["val"], "test_accuracy": acc["test"], **stats}
 
-    return epochs.train(one_epoch, lambda: world.any(preempt_requested()), loader, world.reduce_sum)
+    history = epochs.train(one_epoch, lambda: world.any(preempt_requested()), loader, world.reduce_sum)
+    engine.finish()   # DeepSpeed's bf16/fp16: the fp32 master weights back into the module that is saved
+    return history

@@ -106,15 +106,28 @@ def train_members(r: Run, indices: List[int], groups: dict) -> Dict[int, Tuple[t
 
 def _train_members(r: Run, indices: List[int], groups: dict) -> Dict[int, Tuple[torch.nn.Module, List[dict]]]:
     if len(indices) > 1 and r.cfg.train.vectorize != "off":
-        seeds = [member_seed(r.cfg.train, i) for i in indices]
-        models = [build_member(r.spec, seed, r.initial, r.cfg.model.reinit).to(r.world.device) for seed in seeds]
-        batches = member_batches(r, seeds)
-        reason = why_not(r, models, batches) or probe(models, batches)
-        if reason is None:
-            together = train_together(r, indices, seeds, models, batches)
-            if together is not None:
-                return together
-            reason = "their state files stand at different epochs or inside an epoch"
-        if r.cfg.train.vectorize == "on" or reason.startswith("torch.func"):
+        together, reason, tell = _train_together(r, indices)
+        if together is not None:
+            return together
+        if tell:   # the vectorised models and batches are gone: the members below get the memory
             r.world.print0(f"ntdist: training members {indices} one after another: {reason}", file=sys.stderr)
     return {i: train_member(r, i, groups.get(i)) for i in indices}
+
+
+def _train_together(r: Run, indices: List[int]):
+    """(the trained members, None, False) when they trained at once, else (None, why not, whether to say so:
+    with train.vectorize=on, or when auto's choice failed its probe, e.g. for lack of GPU memory)."""
+    seeds = [member_seed(r.cfg.train, i) for i in indices]
+    models = [build_member(r.spec, seed, r.initial, r.cfg.model.reinit).to(r.world.device) for seed in seeds]
+    batches = member_batches(r, seeds)
+    reason = why_not(r, models, batches)
+    tell = r.cfg.train.vectorize == "on"
+    if reason is None:
+        reason = probe(models, batches)
+        tell = tell or reason is not None
+    if reason is None:
+        together = train_together(r, indices, seeds, models, batches)
+        if together is not None:
+            return together, None, False
+        reason = "their state files stand at different epochs or inside an epoch"
+    return None, reason, tell

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ntdist.distributed.comm import all_gather_records, sum_counts
-from ntdist.distributed.tree import reduce_average, tree_fuse
+from ntdist.distributed.tree import fusion_device, reduce_average, tree_fuse
 from ntdist.distributed.world import gather_world_info
 from ntdist.errors import Preempted, UserError
 from ntdist.models.weights import build_member
@@ -69,7 +69,7 @@ def train_synced(r: Run, method: str, merged: Dict[str, int]) -> List[dict]:
     every, steps, history = cfg.sync.every, 0, []
     for epoch in range(1, cfg.train.epochs + 1):
         iters = {i: iter(_epoch(loader, epoch)) for i, loader in loaders.items()}
-        losses = []
+        losses = []   # on the device: the host reads them once per epoch
         for batches in zip(*iters.values()):   # every replica has the same number of steps per epoch
             for i, (x, y) in zip(iters, batches):
                 losses.append(_step(replicas[i], optimizers[i], x, y, world.device))
@@ -83,7 +83,8 @@ def train_synced(r: Run, method: str, merged: Dict[str, int]) -> List[dict]:
             scheduler.step()
         if method != "none" and cfg.sync.unit == "epoch" and epoch % every == 0:
             _merge(r, replicas, method, merged)
-        loss = sum(losses) / max(len(losses), 1)
+        values = torch.stack(losses).tolist() if losses else []
+        loss = sum(values) / max(len(values), 1)
         check_finite(loss, f"sync training ({method})", epoch)
         history.append(_evaluate(r, replicas.get(0), method, epoch, loss))
     return history
@@ -94,21 +95,22 @@ def _epoch(loader, epoch):
     return loader
 
 
-def _step(model, optimizer, x, y, device) -> float:
+def _step(model, optimizer, x, y, device) -> torch.Tensor:
     model.train()
     loss = F.cross_entropy(model(x.to(device)), y.to(device))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss.item()
+    return loss.detach()
 
 
 def _merge(r: Run, replicas: Dict[int, torch.nn.Module], method: str, counts: Dict[str, int]) -> None:
     """Replace every replica's weights by the merged model, in place (optimizer state is kept)."""
-    held = {i: m.cpu() for i, m in replicas.items()}
+    device = fusion_device(r.world)   # the training device, except under gloo on a GPU: the CPU
+    held = {i: m.to(device) for i, m in replicas.items()}
     if method == "nt":      # with fusion.dedup, near-identical replicas' units are merged, not kept twice
         merged = tree_fuse(r.world, held, r.layout.holders, r.template, r.cfg.fusion.nt_options(),
-                           example_inputs=r.example_inputs(), merged=counts)
+                           example_inputs=r.example_inputs().to(device), merged=counts)
     else:
         merged = reduce_average(r.world, held, r.layout.holders, r.template)
     with torch.no_grad():

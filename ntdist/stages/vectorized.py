@@ -94,18 +94,42 @@ def stacked_accuracy(base: nn.Module, params: dict, buffers: dict, val) -> List[
     return (correct / max(count, 1)).tolist()
 
 
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose parameters and buffers are on the meta device: its structure without its memory."""
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad) for p in model.parameters()}
+    memo.update({id(b): torch.empty_like(b, device="meta") for b in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
 def probe(models: List[nn.Module], batches: List[TensorBatches]) -> Optional[str]:
-    """None when one vectorised training step of these models runs, else why it does not (one line)."""
-    params, buffers = stack_module_state([copy.deepcopy(m) for m in models])
-    base = copy.deepcopy(models[0]).to("meta").train()
-    x, y = next(iter(batches[0]))
+    """None when one vectorised training step of these models runs, else why it does not (one line).
+
+    The step is a real one: every member on a full batch, with gradients and room for the momentum, so on a
+    GPU it is also the memory check (a step that does not fit raises torch.OutOfMemoryError; what it had
+    allocated is freed before the members train one after another)."""
+    x, _ = next(iter(batches[0]))
     try:
-        out = stacked_forward(base)(params, buffers, torch.stack([x[:2]] * len(models)))
-        out.sum().backward()
+        _one_step(models, x)
+    except torch.OutOfMemoryError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = f"one vectorised step of {len(models)} members on a batch of {len(x)} does not fit ({first[:160]})"
     except Exception as err:  # noqa: BLE001 - any failure means: train this model the plain way
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return f"torch.func cannot vectorise this model ({type(err).__name__}: {first[:200]})"
-    return None
+        reason = f"torch.func cannot vectorise this model ({type(err).__name__}: {first[:200]})"
+    else:
+        return None
+    if x.device.type == "cuda":   # the step's tensors died with its frame: give their cached blocks back
+        torch.cuda.empty_cache()
+    return reason
+
+
+def _one_step(models: List[nn.Module], x: torch.Tensor) -> None:
+    """Forward and backward of the stacked `models` on `x` for each, beside empty momentum buffers: the memory
+    of a training step (its tensors are freed on return, or with the frame when it raises)."""
+    params, buffers = stack_module_state(models)   # the stacked copy that training makes
+    momentum = [torch.empty_like(p) for p in params.values()]  # noqa: F841 - held through the step, as SGD's
+    out = stacked_forward(meta_copy(models[0]).train())(params, buffers, torch.stack([x] * len(models)))
+    out.sum().backward()
 
 
 def train_together(r: Run, indices: List[int], seeds: List[int], models: List[nn.Module],
@@ -127,7 +151,7 @@ def train_together(r: Run, indices: List[int], seeds: List[int], models: List[nn
     params, buffers = stack_module_state(models)
     stacked = {**params, **buffers}
     optimizer, scheduler = _stacked_optimizer(cfg.train, params, models, optimizers, schedulers[0])
-    base = copy.deepcopy(models[0]).to("meta")
+    base = meta_copy(models[0])
     forward = stacked_forward(base)
     precision = Precision(cfg.train.precision, world.device)
     val = eval_batches(r.splits.val, cfg.data.eval_batch_size, **feed(cfg.data, world.device))

@@ -182,9 +182,23 @@ class EvalBatches:
             yield (x if self.images is None else self.images.normalise(x)), self.y[start:start + self.batch_size]
 
 
+CUDA_LOADER_WORKERS = 4   # data.loader_workers on CUDA by default, at most (one per CPU thread of the rank)
+
+
 def feed(cfg, device) -> dict:
     """The keyword arguments of `train_batches` / `eval_batches` from a `DataConfig` and the training device."""
-    return {"device": device, "max_mb": cfg.resident_max_mb, "workers": cfg.loader_workers}
+    return {"device": device, "max_mb": cfg.resident_max_mb, "workers": loader_workers(cfg.loader_workers, device)}
+
+
+def loader_workers(configured: Optional[int], device) -> int:
+    """DataLoader workers: `data.loader_workers` when set; else none on a CPU (they would take the training
+    threads' cores) and, with CUDA, up to `CUDA_LOADER_WORKERS`, one per CPU thread of this rank (torch's
+    thread count, which `init_world` set), so that decoding overlaps the GPU's steps."""
+    if configured is not None:
+        return configured
+    if torch.device(device).type != "cuda":
+        return 0
+    return min(CUDA_LOADER_WORKERS, torch.get_num_threads())
 
 
 def loader_options(device, workers: int) -> dict:
@@ -207,10 +221,11 @@ class _SkippingSampler(DistributedSampler):
 
 class LoaderBatches:
     """The DataLoader fallback for data that does not fit: the same order and augmentation, batches copied
-    per step."""
+    per step. Augmented images are copied to `device` first (from pinned memory, asynchronously, with CUDA)
+    and cropped and flipped there."""
 
     def __init__(self, data: Dataset, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0,
-                 options: Optional[dict] = None):
+                 options: Optional[dict] = None, device="cpu"):
         self.sampler = _SkippingSampler(data, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
                                         drop_last=False)
         self.batch_size, self.seed, self.start_step = batch_size, seed, 0
@@ -220,6 +235,7 @@ class LoaderBatches:
                                  **(options or {}))
         images, _ = image_source(data)
         self.images = images if images is not None and images.augment else None
+        self.device = torch.device(device)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.sampler.set_epoch(epoch)
@@ -238,10 +254,12 @@ class LoaderBatches:
         if self.images is None:
             yield from self.loader
             return
-        draws = augment_draws(self.images, self.n, self.seed, self.sampler.epoch, self.num_replicas, self.rank)
+        draws = augment_draws(self.images, self.n, self.seed, self.sampler.epoch, self.num_replicas,
+                              self.rank).to(self.device)
+        fill = self.images.fill(self.device)
         start = self.sampler.skip   # the draws belong to positions of the whole epoch
         for x, y in self.loader:
-            fill = self.images.fill(x.device)
+            x = x.to(self.device, non_blocking=True)
             yield augment_batch(x, draws[start:start + len(y)], self.images.augment.padding, fill), y
             start += len(y)
 
@@ -256,7 +274,7 @@ def train_batches(data: Dataset, batch_size: int, seed: int, num_replicas: int =
     """
     tensors = resident(data, device, max_mb)
     if tensors is None:
-        return LoaderBatches(data, batch_size, seed, num_replicas, rank, loader_options(device, workers))
+        return LoaderBatches(data, batch_size, seed, num_replicas, rank, loader_options(device, workers), device)
     return TensorBatches(*tensors, batch_size, seed, num_replicas, rank, image_source(data)[0])
 
 

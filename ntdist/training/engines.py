@@ -35,6 +35,9 @@ class Engine:
     def step(self) -> None:
         self.optimizer.step()
 
+    def finish(self) -> None:
+        """After the last step: leave the module as the model spec builds it (dtypes), ready to be saved."""
+
     @staticmethod
     def loop_precision(precision: str) -> str:
         """The precision the training loop applies itself (autocast, grad scaler) for `finetune.precision`."""
@@ -63,7 +66,8 @@ class DeepSpeedEngine(Engine):
     With `finetune.precision` bf16 or fp16 DeepSpeed does the mixed precision itself: it casts the
     module to that dtype (fp16 with its own loss scaler) and keeps fp32 master weights in the
     optimizer. The inputs are cast to the module's dtype here and the logits back to fp32, so the
-    loss is computed in fp32 as with the other engines.
+    loss is computed in fp32 as with the other engines. `finish` puts the master weights back into
+    the module in its own dtypes, so the checkpoint holds them, not their bf16/fp16 rounding.
     """
 
     def __init__(self, model, optimizer, world: World, micro_batch: int, zero_stage: int,
@@ -89,11 +93,14 @@ class DeepSpeedEngine(Engine):
             config.setdefault(precision, {})["enabled"] = True
         ensure_process_group(world)
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.abspath(".torch_extensions"))
+        self.module, self.precision = model, precision
+        self.dtypes = {name: t.dtype for name, t in model.state_dict().items()}   # before DeepSpeed casts
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                                                 dist_init_required=False)
+        self.hooks = []
         if precision != "fp32":   # on the module itself, so that evaluation between epochs casts too
-            model.register_forward_pre_hook(lambda module, args: _cast_floats(args, _dtype_of(module)))
-            model.register_forward_hook(lambda module, args, out: _cast_floats(out, torch.float32))
+            self.hooks = [model.register_forward_pre_hook(lambda module, args: _cast_floats(args, _dtype_of(module))),
+                          model.register_forward_hook(lambda module, args, out: _cast_floats(out, torch.float32))]
 
     @staticmethod
     def loop_precision(precision: str) -> str:
@@ -107,6 +114,49 @@ class DeepSpeedEngine(Engine):
 
     def step(self):
         self.model.step()
+
+    def finish(self) -> None:
+        """With bf16/fp16: every parameter back from DeepSpeed's fp32 master copy, buffers cast back, the cast
+        hooks removed. Under ZeRO 1-2 each rank holds a part of the master copy and DeepSpeed assembles it
+        (a collective: every rank calls this); at stage 0 its optimizer holds the whole copy."""
+        if self.precision == "fp32":
+            return
+        from deepspeed.utils import safe_get_full_fp32_param
+        unlinked = _stage0_masters(self.optimizer)
+        restore_dtypes(self.module, self.dtypes, lambda p: safe_get_full_fp32_param(p) if hasattr(p, "_hp_mapping")
+                       else unlinked.get(id(p)))
+        for hook in self.hooks:
+            hook.remove()
+
+
+def _stage0_masters(optimizer) -> dict:
+    """id(low-precision parameter) -> its fp32 master, for DeepSpeed's stage-0 optimizers, which keep the masters
+    without linking them to the parameters: one fp32 tensor per parameter (FP16_UnfusedOptimizer) or one flat
+    tensor per group (FP16_Optimizer); empty for any other optimizer."""
+    groups = getattr(optimizer, "fp16_groups", None)
+    if not isinstance(groups, list):
+        return {}
+    if isinstance(getattr(optimizer, "fp32_groups", None), list):
+        masters = optimizer.fp32_groups
+    elif isinstance(getattr(optimizer, "fp32_groups_flat", None), list):
+        from torch._utils import _unflatten_dense_tensors
+        masters = [_unflatten_dense_tensors(flat, low) for flat, low in zip(optimizer.fp32_groups_flat, groups)]
+    else:
+        return {}
+    return {id(p): q for low, high in zip(groups, masters) for p, q in zip(low, high)}
+
+
+def restore_dtypes(model: torch.nn.Module, dtypes: dict, master=lambda p: None) -> None:
+    """Give `model`'s state tensors the `dtypes` (name -> dtype) it was built with, each parameter from
+    `master(parameter)` where that returns a full-precision copy (else from its own values), in place."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            full = master(p)
+            p.data = (full if full is not None else p.data).detach().to(p.device, dtypes[name]).clone()
+        for name, b in model.named_buffers():
+            if name in dtypes and b.dtype != dtypes[name]:
+                owner, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(owner), attr, b.to(dtypes[name]))
 
 
 def _dtype_of(module: torch.nn.Module) -> torch.dtype:

@@ -10,6 +10,7 @@ runs the epochs around `train_epoch` and writes the states.
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, List, Optional
 
@@ -29,6 +30,8 @@ LR_SCHEDULES = {   # name -> epoch-wise LR scheduler (stepped once per epoch)
     "cosine": lambda optimizer, cfg, epochs: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs)),
 }
 
+
+BAR_LOSS_EVERY_S = 1.0   # a progress bar's loss is read (a host sync) at most this often
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}   # name -> autocast dtype
 
@@ -101,12 +104,14 @@ class OptimConfig:
 def set_deterministic(on: bool) -> None:
     """torch's deterministic mode for this process (`train.deterministic`): deterministic kernels only (an error
     where an operation has none), cuDNN without autotuning, and the cuBLAS workspace setting its reproducible
-    matmuls need. The variable is read when cuBLAS starts, so this runs before any training."""
+    matmuls need. The variable is read when cuBLAS starts, so this runs before any training. Off, cuDNN
+    autotunes its convolutions (`cudnn.benchmark`: each new input shape is timed once, then the fastest
+    kernel runs), as it cannot while results must repeat."""
     if on:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # the setting torch's docs name
     torch.use_deterministic_algorithms(on)
     torch.backends.cudnn.deterministic = on
-    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.benchmark = not on
 
 
 def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -138,8 +143,8 @@ def train_epoch(model, loader, optimizer, device, loss_fn: Optional[Callable] = 
     replaces the plain zero_grad / backward / step of `optimizer`; `precision` sets autocast
     (and the fp16 grad scaler); `on_step(index, loss)` is called after every batch with the
     loss still on the device (see `step_logger`), then `position.at_step(position)`. The loss
-    is summed on the device: the host waits for it once per epoch, and per step only while a
-    progress bar is on screen or a step is logged.
+    is summed on the device: the host waits for it once per epoch, for a logged step, and at most
+    once per `BAR_LOSS_EVERY_S` seconds for the loss shown on a progress bar.
     """
     model.train()
     position = position or EpochPosition()
@@ -148,6 +153,7 @@ def train_epoch(model, loader, optimizer, device, loss_fn: Optional[Callable] = 
     # Bars only on a terminal: in batch logs (SLURM, CI) they would print a line per update.
     shown = progress and sys.stderr.isatty()
     bar = tqdm(loader, desc=desc, leave=False, disable=not shown, dynamic_ncols=True)
+    shown_at = -math.inf
     for index, (x, y) in enumerate(bar, start=position.step):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with precision.autocast():
@@ -156,8 +162,9 @@ def train_epoch(model, loader, optimizer, device, loss_fn: Optional[Callable] = 
         precision.backward_step(loss, optimizer, engine)
         total.add_(loss.detach(), alpha=len(y))   # one op: the float32 loss is summed in float64
         count += len(y)
-        if shown:
+        if shown and time.monotonic() - shown_at >= BAR_LOSS_EVERY_S:   # reading the loss waits for the GPU
             bar.set_postfix(loss=f"{loss.item():.4f}")
+            shown_at = time.monotonic()
         if on_step is not None:
             on_step(index, loss.detach())
         if position.at_step is not None:

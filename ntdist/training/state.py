@@ -1,8 +1,8 @@
 """Training state for `--resume`, written at epoch ends and (with `checkpoint_every_steps`) inside epochs.
 
 A state file is a safetensors checkpoint holding the model, the optimizer's
-buffers, the torch RNG states (the CPU one and, where CUDA is available, every
-GPU's), and in its JSON metadata the epochs done, the scheduler state, the fp16
+buffers, the torch RNG states (the CPU one and, where CUDA is available, the
+generator of the writing rank's GPU), and in its JSON metadata the epochs done, the scheduler state, the fp16
 grad scaler's state (loss scale and growth tracker) and the history so far. A
 state written inside an epoch also holds its `position`: the epoch, the batches
 done, their loss sum and sample count, the batch size and rank count, and (as a
@@ -28,8 +28,8 @@ def save_state(path: str, model, spec: ModelSpec, optimizer, scheduler, epoch: i
     """Atomically write everything needed to continue after `epoch`, or inside epoch `epoch + 1` at `position`
     (a JSON-able dict, see the module docstring) with that epoch's data `order`; `scaler`: the fp16 grad scaler."""
     extra = {"rng": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        extra.update({f"cuda_rng.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
+    if torch.cuda.is_available():   # this rank's GPU: the one it trains on, whatever the others see
+        extra["cuda_rng"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     if order is not None:
         extra["order"] = order
     opt_state = optimizer.state_dict()
@@ -110,10 +110,15 @@ def _checked_position(position, epoch: int, order: torch.Tensor) -> dict:
 
 
 def _restore_cuda_rng(extra: dict) -> None:
-    """Restore the saved GPU RNG states where this process sees the same number of GPUs (else they stay seeded)."""
-    saved = [extra[key] for key in sorted((k for k in extra if k.startswith("cuda_rng.")), key=lambda k: int(k[9:]))]
-    if saved and torch.cuda.is_available() and torch.cuda.device_count() == len(saved):
-        torch.cuda.set_rng_state_all(saved)
+    """Restore the saved GPU generator into this rank's GPU (every rank of a member's group reads its writer's,
+    which equals its own: the group's ranks are seeded alike and draw alike). Files written before this
+    held every visible GPU's generator as `cuda_rng.<index>`: the one of this rank's index is taken."""
+    if not torch.cuda.is_available():
+        return
+    device = torch.cuda.current_device()
+    saved = extra.get("cuda_rng", extra.get(f"cuda_rng.{device}"))
+    if saved is not None:
+        torch.cuda.set_rng_state(saved, device)
 
 
 def finished_history(path: str, epochs: int) -> Optional[List[dict]]:

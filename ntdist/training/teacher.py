@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ntdist.distributed.comm import gather_models, meta_template, recv_model, send_model
+from ntdist.distributed.devices import comm_device
 from ntdist.distributed.layout import MemberLayout
 from ntdist.distributed.world import World, guarded
 from ntdist.fusion import Ensemble
@@ -42,33 +43,36 @@ class ShardedTeacher(nn.Module):
         self.indices = sorted(members)
         self.members = nn.ModuleList(members[i] for i in self.indices)
         group = layout.group_size
-        self.chunks = list(range(world.rank % group, world.size, group))   # the gathered chunks this rank covers
+        # the gathered chunks this rank covers, as a slice: indexing with a list would copy it to the GPU per call
+        self.chunks = slice(world.rank % group, world.size, group)
+        self.wire = comm_device(world)   # gloo gathers and scatters CPU tensors only
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, size = x.shape[0], self.world.size
         if n > self.capacity:
             raise ValueError(f"a batch of {n} rows exceeds the sharded teacher's capacity of {self.capacity}")
-        padded = x.new_zeros((self.capacity,) + tuple(x.shape[1:]))
+        padded = x.new_zeros((self.capacity,) + tuple(x.shape[1:]), device=self.wire if size > 1 else x.device)
         padded[:n] = x
         gathered = padded.new_empty((size * self.capacity,) + tuple(x.shape[1:]))
         if size > 1:
             guarded(dist.all_gather_single, gathered, padded)
         else:
             gathered.copy_(padded)
-        mine = gathered.view(size, self.capacity, *x.shape[1:])[self.chunks].flatten(0, 1)
+        mine = gathered.view(size, self.capacity, *x.shape[1:])[self.chunks].flatten(0, 1).to(x.device)
         summed = None
         for model in self.members:
             y = model(mine).float()   # summed in float32 also under bf16/fp16 autocast
             summed = y if summed is None else summed + y
         logits = summed.new_zeros((size, self.capacity) + tuple(summed.shape[1:]))
-        logits[self.chunks] = summed.view(len(self.chunks), self.capacity, *summed.shape[1:])
-        own = logits.new_empty(logits.shape[1:])
+        logits[self.chunks] = summed.view(-1, self.capacity, *summed.shape[1:])
         if size > 1:
+            logits = logits.to(self.wire)
+            own = logits.new_empty(logits.shape[1:])
             guarded(dist.reduce_scatter_single, own, logits.flatten(0, 1))
         else:
-            own.copy_(logits[0])
-        return own[:n] / self.num_members
+            own = logits[0].clone()
+        return own[:n].to(x.device) / self.num_members
 
 
 def share_members(world: World, layout: MemberLayout, held: Dict[int, nn.Module],

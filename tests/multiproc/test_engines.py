@@ -1,6 +1,6 @@
 """The three fine-tuning engines (ddp, accelerate, deepspeed) follow the same trajectory on 2 ranks,
 accelerate finds the job's ranks under srun, which sets none of torchrun's variables, and DeepSpeed
-with bf16 in its config gets bf16 inputs.
+with bf16 in its config gets bf16 inputs and saves its fp32 master weights.
 
 Run: .venv/bin/python -m pytest tests/multiproc/test_engines.py
 """
@@ -12,7 +12,10 @@ import sys
 
 import pytest
 
+import torch
+
 from helpers import ROOT, free_port, torchrun_cmd
+from ntdist.records.checkpoint import load_model
 from ntdist.records.results import read_results
 
 ARGS = ["configs/quickstart.yaml", "fusion.methods=[nt]", "finetune.control=false", "train.epochs=4",
@@ -86,3 +89,13 @@ def test_deepspeed_with_bf16_in_its_config_fine_tunes_on_the_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]   # was: mat1 and mat2 must have the same dtype
     avg = read_results(str(tmp_path / "run")).fusion["avg"]
     assert len(avg.finetune) == 2 and avg.finetune[-1] > avg.post_fusion   # bf16 steps still learn
+    # The checkpoint holds DeepSpeed's fp32 master weights, in the dtypes the spec builds (was: bf16, which
+    # load_model refuses, so --resume and `ntdist fuse` on the file failed).
+    path = str(tmp_path / "run" / "checkpoints" / "finetuned_avg.safetensors")
+    model, _ = load_model(path)
+    weights = [p for p in model.parameters()]
+    assert all(p.dtype == torch.float32 for p in weights)
+    assert any(not torch.equal(p, p.bfloat16().float()) for p in weights)   # not the bf16 rounding
+    resumed = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert read_results(str(tmp_path / "run")).fusion["avg"].finetune == avg.finetune

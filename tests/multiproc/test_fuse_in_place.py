@@ -1,6 +1,7 @@
 """OT fusion and the near-duplicate check across ranks, without gathering the members on one rank: OT
 broadcasts its anchor and sums the aligned members in one all-reduce, the check moves only the sampled
 rows; both equal the single-process results (k=3 on 2 ranks: rank 0 holds members 0 and 1, rank 1 member 2).
+On 4 ranks with k=2, the ranks that hold no member wait for OT's alignments beyond the collective timeout.
 
 Run: .venv/bin/python -m pytest tests/multiproc/test_fuse_in_place.py
 """
@@ -65,3 +66,37 @@ def test_duplicate_check_across_ranks_gives_the_single_process_fractions(saved):
         assert expected["net.1"] > 0   # the planted near-copies are found
         for got in saved:
             assert got["duplicates"][index] == expected, (max_units, got["duplicates"][index], expected)
+
+
+WIDE = ModelSpec("mlp", {"input_dim": 64, "num_classes": 10, "width": 2048, "depth": 2})
+ALIGN_S = 4.0   # each alignment lasts at least this long: twice the collective timeout below
+
+
+def _slow_ot_on_four_ranks(rank, out_dir):
+    import time
+
+    import ntdist.distributed.tree as tree
+    from ntdist.distributed.world import DistributedConfig, init_world, shutdown
+
+    def slow_align(*args, **kwargs):   # POT on wide members takes minutes on real models; here at least ALIGN_S
+        started = time.time()
+        plan = align(*args, **kwargs)
+        time.sleep(max(0.0, ALIGN_S - (time.time() - started)))
+        return plan
+    align = tree.align
+    tree.align = slow_align
+    world = init_world(DistributedConfig(threads_per_rank=1, timeout_s=2.0, wait_timeout_s=120))
+    layout = MemberLayout(2, world.size)   # members 0 and 1 on ranks 0 and 2; ranks 1 and 3 hold none
+    held = {i: build_member(WIDE, 200 + i) for i in layout.held_by(rank)}
+    fused = tree.ot_reduce(world, held, layout.holders, WIDE.build, X)
+    torch.save(fused.state_dict(), os.path.join(out_dir, f"wide{rank}.pt"))
+    shutdown(world)
+
+
+def test_ot_ranks_without_members_wait_for_the_alignment_beyond_the_collective_timeout(tmp_path):
+    """Ranks holding no member used to wait in the all-reduce under distributed.timeout_s while the holders
+    aligned (exit 4 after 300 s on real models); they wait under distributed.wait_timeout_s now."""
+    spawn(_slow_ot_on_four_ranks, 4, str(tmp_path), timeout=240)
+    states = [torch.load(tmp_path / f"wide{rank}.pt", weights_only=True) for rank in range(4)]
+    for state in states[1:]:
+        assert all(torch.equal(state[key], value) for key, value in states[0].items())

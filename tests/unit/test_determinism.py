@@ -25,6 +25,7 @@ def test_set_deterministic_switches_kernels_cudnn_and_cublas(monkeypatch):
     finally:
         set_deterministic(False)
     assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+    assert torch.backends.cudnn.benchmark   # without train.deterministic cuDNN autotunes its convolutions
 
 
 def _stop(run):

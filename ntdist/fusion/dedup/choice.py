@@ -32,13 +32,17 @@ class Choice(NamedTuple):
 
 def choose(sim: Optional[torch.Tensor], scores: torch.Tensor, want: int, threshold: float,
            merge: bool = False) -> Choice:
-    """Overflows "drop" and "merge" (`merge`): the walk in descending importance (module docstring)."""
+    """Overflows "drop" and "merge" (`merge`): the walk in descending importance (module docstring).
+
+    The walk reads a value per unit, which on a GPU would wait for the device each time; it runs on the
+    host instead, after one copy of the similarities, and only its result goes back to the device."""
     n = scores.shape[0]
     order = torch.sort(scores, descending=True, stable=True).indices.tolist()
-    dev = scores.device
-    rep = torch.full((n,), -1, dtype=torch.long, device=dev)
-    best = torch.full((n,), -float("inf"), device=dev)
-    best_of = torch.full((n,), -1, dtype=torch.long, device=dev)
+    dev, host = scores.device, torch.device("cpu")
+    sim = None if sim is None else sim.to(host)
+    rep = torch.full((n,), -1, dtype=torch.long, device=host)
+    best = torch.full((n,), -float("inf"), device=host)
+    best_of = torch.full((n,), -1, dtype=torch.long, device=host)
     kept, twins = 0, []
     for c in order:
         if sim is not None and best[c] > threshold:
@@ -51,7 +55,7 @@ def choose(sim: Optional[torch.Tensor], scores: torch.Tensor, want: int, thresho
                 closer = sim[:, c] > best
                 best = torch.where(closer, sim[:, c], best)
                 best_of[closer] = c
-    forced = torch.zeros(n, dtype=torch.bool, device=dev)
+    forced = torch.zeros(n, dtype=torch.bool, device=host)
     if merge and sim is not None:
         # a unit is only dropped once every slot is taken, so best_of already covers all kept units
         forced = (rep < 0) & (best_of >= 0)
@@ -59,7 +63,7 @@ def choose(sim: Optional[torch.Tensor], scores: torch.Tensor, want: int, thresho
     into = rep.clone()
     for c in twins[:max(0, want - kept)]:      # slots left with only duplicates: keep the best beside their twins
         into[c] = c
-    return classes_of(rep, into, forced)
+    return classes_of(rep.to(dev), into.to(dev), forced.to(dev))
 
 
 def match(sim: Optional[torch.Tensor], scores: torch.Tensor, want: int, threshold: float,
@@ -73,7 +77,7 @@ def match(sim: Optional[torch.Tensor], scores: torch.Tensor, want: int, threshol
     pairs = (torch.triu(torch.ones(n, n, dtype=torch.bool, device=dev), 1) & (owner[:, None] != owner[None, :])).nonzero()
     values = sim[pairs[:, 0], pairs[:, 1]]
     root, held = list(range(n)), [{int(o)} for o in owner.tolist()]
-    forced = torch.zeros(n, dtype=torch.bool, device=dev)
+    forced = torch.zeros(n, dtype=torch.bool, device="cpu")   # set pair by pair below: on the host
     count = n
 
     def find(c):
@@ -112,7 +116,7 @@ def match(sim: Optional[torch.Tensor], scores: torch.Tensor, want: int, threshol
     twins = [c for c in by_score if rep[c] >= 0 and rep[c] != c]
     for c in twins[:max(0, want - len(kept))]:      # slots left: keep the best twins beside their class
         into[c] = c
-    return classes_of(rep, into, forced & live)
+    return classes_of(rep, into, forced.to(dev) & live)
 
 
 def classes_of(rep: torch.Tensor, into: torch.Tensor, forced: Optional[torch.Tensor] = None) -> Choice:
