@@ -24,7 +24,7 @@ from ntdist.data import DataConfig, Splits, load_splits
 from ntdist.errors import UserError
 from ntdist.models import ModelSpec, complete_kwargs
 from ntdist.models.statedict import META_KEY, load_weights
-from ntdist.records.checkpoint import file_spec, load_model, read_checkpoint
+from ntdist.records.checkpoint import file_spec, load_model
 from ntdist.sweep import SWEEP_KEYS
 
 GUESSED_SHAPE = (3, 32, 32)   # an image batch: the input of a model whose spec says nothing about it
@@ -99,7 +99,13 @@ def _stored(path: str) -> Optional[ModelSpec]:
         load_model(path)   # raises: missing, not a file, not safetensors
     if not header or META_KEY not in header:
         return None
-    return file_spec(path, read_checkpoint(path)[0])
+    try:
+        meta = json.loads(header[META_KEY])
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise UserError(f"'{path}' has corrupt ntdist metadata; the file was not written by this version of ntdist")
+    return file_spec(path, meta)
 
 
 def resolve_spec(paths: Sequence[str], given: Optional[ModelSpec], splits: Optional[Splits] = None,

@@ -19,9 +19,8 @@ that is a folder (or ends with '/') receives `fused.safetensors`.
 import os
 import sys
 import time
-from typing import Optional
-
 from dataclasses import replace
+from typing import Optional
 
 import torch
 
@@ -35,8 +34,6 @@ from ntdist.records.checkpoint import save_checkpoint
 
 FUSED_FILE = "fused.safetensors"   # what -o FOLDER/ receives
 HINT = "fuse members of one architecture and check --model and --model-kwargs"
-
-
 KEYS = ("methods", "schedule", *NTOptions.names(), "calibration_samples")   # the fusion.* keys that ntdist fuse takes
 
 

@@ -105,6 +105,11 @@ def first_difference(state: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor
     are cast, as load_state_dict does; a floating-point value where the model holds integers is not);
     then the file's unexpected keys."""
     if state and own and not set(state) & set(own):
+        for wrapper in WRAPPER_PREFIXES:   # a wrapper's model beside tensors of its own (a Lightning loss's weights)
+            others = [k for k in state if not k.startswith(wrapper)]
+            if others and set(own) <= {k[len(wrapper):] for k in state if k.startswith(wrapper)}:
+                return (f"the model's keys carry the prefix '{wrapper}', beside {len(others)} other tensors "
+                        f"('{others[0]}'); save the wrapped model's own state_dict()")
         prefix = _common_prefix(list(state))
         if prefix is not None and _common_prefix(list(own)) != prefix:
             fits = {k[len(prefix):] for k in state} == set(own)

@@ -124,3 +124,15 @@ def test_an_unknown_prefix_is_refused_naming_it(tmp_path, capsys):
                  "-o", str(tmp_path / "f.safetensors"), *paths]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "every key starts with 'backbone.'" in err and "without it the keys fit" in err
+
+
+def test_a_wrapped_model_beside_tensors_of_its_own_is_named(tmp_path, capsys):
+    state = build_model("mlp", {"input_dim": 64, "num_classes": 10, "width": 8}).state_dict()
+    paths = [str(tmp_path / f"m{i}.ckpt") for i in range(2)]
+    for path in paths:   # a Lightning module holding the model and a weighted loss
+        torch.save({"state_dict": {**{f"model.{k}": v for k, v in state.items()}, "loss_fn.weight": torch.ones(10)}},
+                   path)
+    assert main(["fuse", "--model", "mlp", "--model-kwargs", '{"input_dim": 64, "num_classes": 10, "width": 8}',
+                 "-o", str(tmp_path / "f.safetensors"), *paths]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "carry the prefix 'model.', beside 1 other tensors ('loss_fn.weight')" in err
