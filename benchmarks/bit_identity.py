@@ -9,9 +9,9 @@ PYTHONPATH=REPO, so REPO's `ntdist` is the one imported, under the Python runnin
 OUTDIR/<name>.log. `compare` walks both trees and requires the same files in each run, then
 compares exactly: results.json, sweep.json, config.yaml and metrics.jsonl as parsed values (only
 the keys in DROPPED are ignored), and every checkpoint (*.safetensors: the final checkpoints and
-the training states *.state.safetensors), read as ntdist reads it (tensors `model.*` and
-`extra.*`, JSON metadata under "ntdist"): tensors byte for byte (dtype, shape and bits), metadata
-like the JSON files. Other files (report, plots, metrics.csv, the manifest) must exist on both
+the training states *.state.safetensors), read as ntdist reads it (tensors as `model.*` and
+`extra.*` in either checkpoint layout, JSON metadata under "ntdist" without the layout's own
+fields): tensors byte for byte (dtype, shape and bits), metadata like the JSON files. Other files (report, plots, metrics.csv, the manifest) must exist on both
 sides; their contents are not compared.
 
 Run it twice on the same code first: identical output proves the runs deterministic.
@@ -130,11 +130,24 @@ def first_difference(a, b, where: str = ""):
     return None if type(a) is type(b) and a == b else f"{where}: {a!r} != {b!r}"
 
 
+LAYOUT_FIELDS = ("format", "extra", "input_shape")   # how a checkpoint's layout is recorded, not what it holds
+
+
 def read_checkpoint(path: str):
-    """(metadata, {key: tensor}) of a checkpoint or state file, read as ntdist reads them (no unpickling)."""
+    """(metadata, {key: tensor}) of a checkpoint or state file, read as ntdist reads them (no unpickling).
+
+    Both layouts are seen under format 1's names (`model.<key>`, `extra.<name>`; format 2 stores the model
+    under its own keys and lists its extras), and the metadata without LAYOUT_FIELDS, so runs of versions
+    on either side of the format change compare."""
     from safetensors import safe_open
     with safe_open(path, framework="pt") as f:
-        return json.loads((f.metadata() or {}).get("ntdist", "null")), {k: f.get_tensor(k) for k in f.keys()}
+        meta, tensors = json.loads((f.metadata() or {}).get("ntdist", "null")), {k: f.get_tensor(k) for k in f.keys()}
+    if isinstance(meta, dict):
+        if meta.get("format", 1) >= 2:
+            listed = set(meta.get("extra") or ())
+            tensors = {(k if k in listed else f"model.{k}"): v for k, v in tensors.items()}
+        meta = {k: v for k, v in meta.items() if k not in LAYOUT_FIELDS}
+    return meta, tensors
 
 
 def same_bits(x, y) -> bool:

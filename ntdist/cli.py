@@ -1,4 +1,4 @@
-"""The `ntdist` command line: run, fuse, bench, report.
+"""The `ntdist` command line: run, fuse, eval, bench, report.
 
 Every user mistake ends with one line on stderr and a non-zero exit code (see
 `ntdist.errors`); `--debug` shows the full traceback instead.
@@ -18,8 +18,9 @@ import torch  # noqa: E402
 from ntdist import __version__  # noqa: E402
 from ntdist.commands.bench import bench_fusion  # noqa: E402
 from ntdist.commands.bench_train import WORKLOADS as TRAIN_WORKLOADS, bench_train  # noqa: E402
-from ntdist.commands.fuse import (KEYS as FUSE_KEYS, flag as fuse_flag, fuse_command, fusion_config,  # noqa: E402
-                                  model_spec)
+from ntdist.commands.checkpoints import ModelSource  # noqa: E402
+from ntdist.commands.eval import SPLITS as EVAL_SPLITS, eval_command  # noqa: E402
+from ntdist.commands.fuse import KEYS as FUSE_KEYS, flag as fuse_flag, fuse_command, fusion_config  # noqa: E402
 from ntdist.commands.report import report_command  # noqa: E402
 from ntdist.commands.run import run_command  # noqa: E402
 from ntdist.config import describe_keys  # noqa: E402
@@ -53,16 +54,17 @@ def _add_fuse(sub, common) -> None:
     fuse = sub.add_parser("fuse", parents=[common], help="fuse checkpoints into one model of the same architecture",
                           formatter_class=argparse.RawDescriptionHelpFormatter,
                           epilog=FUSE_EPILOG + "\n".join(describe_keys(only=[f"fusion.{key}" for key in FUSE_KEYS])))
-    fuse.add_argument("inputs", nargs="+", metavar="CHECKPOINT|KEY=VALUE",
+    fuse.add_argument("inputs", nargs="*", metavar="CHECKPOINT|KEY=VALUE",
                       help="member checkpoints: ntdist's .safetensors, or plain state dicts (.safetensors or "
                            "weights-only torch files) together with --model; and fusion.* key=value overrides")
-    fuse.add_argument("-o", "--output", required=True, help="where to write the fused checkpoint (.safetensors)")
-    fuse.add_argument("--model", default=None,
-                      help="architecture of plain state dicts: a registry name (mlp, resnet18), torchvision:<name> "
-                           "or package.module:callable; default: the spec stored in ntdist's checkpoints")
-    fuse.add_argument("--model-kwargs", default=None, metavar="JSON",
-                      help="constructor arguments for --model as a JSON object, e.g. '{\"num_classes\": 10}'")
-    fuse.add_argument("--device", default="cpu", help="where fusion runs: cpu (default), cuda, cuda:1")
+    fuse.add_argument("-o", "--output", required=True,
+                      help="where to write the fused checkpoint (.safetensors); a folder (or a path ending with /) "
+                           "receives fused.safetensors")
+    _add_model_source(fuse, "fusion runs")
+    fuse.add_argument("--input-shape", default=None, metavar="SHAPE",
+                      help="one input's shape without the batch dimension, e.g. 1,40 or 3,32,32, for tracing the "
+                           "model; default: from --data, else stored in ntdist run's checkpoints, else the model's "
+                           "kwargs, else an image batch 3,32,32")
     for key in FUSE_KEYS:       # aliases of the keys, without a default of their own: the config's applies
         if key == "dedup":
             fuse.add_argument(fuse_flag(key), dest=key, action="store_const", const="on",
@@ -80,6 +82,37 @@ def _add_fuse(sub, common) -> None:
                            "tensor saved with torch.save, or a callable returning such a tensor or a dataset of "
                            "(input, label) pairs; fusion.calibration_samples of them are used")
     fuse.add_argument("--force", action="store_true", help="replace the output file if it exists")
+
+
+def _add_model_source(parser, runs: str) -> None:
+    """The flags that say how checkpoints become models (`commands.checkpoints.ModelSource`), and --device."""
+    parser.add_argument("--model", default=None,
+                        help="architecture of plain state dicts: a registry name (mlp, resnet18), torchvision:<name> "
+                             "or package.module:callable; default: the spec stored in ntdist's checkpoints (whose "
+                             "kwargs a --model of the same name keeps)")
+    parser.add_argument("--model-kwargs", default=None, metavar="JSON",
+                        help="constructor arguments for --model as a JSON object, e.g. '{\"num_classes\": 10}'")
+    parser.add_argument("--data", nargs="+", default=[], metavar="CONFIG.yaml|data.KEY=VALUE",
+                        help="the data, as ntdist run takes them: a YAML config (its data: section; a run's "
+                             "config.yaml) and/or data.key=value overrides; they fill in the model's classes and "
+                             "input shape")
+    parser.add_argument("--device", default="cpu", help=f"where {runs}: cpu (default), cuda, cuda:1")
+
+
+def _add_eval(sub, common) -> None:
+    ev = sub.add_parser("eval", parents=[common], help="accuracy and loss of checkpoints and their ensemble on a split",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="e.g.:\n  ntdist eval runs/quickstart/checkpoints/*.safetensors   "
+                               "(the data: the run's config.yaml)\n"
+                               "  ntdist eval a.pt b.pt --model torchvision:resnet18 data.name=cifar10 data.root=data "
+                               "--json -\n  ntdist eval fused.safetensors --data my_run.yaml --split val")
+    ev.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT|data.KEY=VALUE",
+                    help="ntdist's .safetensors, or plain state dicts (.safetensors, weights-only torch files, "
+                         "Lightning .ckpt) together with --model; and data.* key=value overrides (as --data)")
+    _add_model_source(ev, "evaluation runs")
+    ev.add_argument("--split", default="test", choices=EVAL_SPLITS, help="which split (default test)")
+    ev.add_argument("--json", default=None, metavar="PATH|-",
+                    help="also write the results as JSON to PATH; - prints only the JSON, on stdout")
 
 
 def _add_bench(sub, common) -> None:
@@ -115,7 +148,7 @@ def _parser() -> argparse.ArgumentParser:
                                                  "fine-tune the fused model.")
     parser.add_argument("--version", action="version", version=f"ntdist {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_run, _add_fuse, _add_bench, _add_report):
+    for add in (_add_run, _add_fuse, _add_eval, _add_bench, _add_report):
         add(sub, common)
     return parser
 
@@ -128,8 +161,17 @@ def cmd_fuse(args) -> int:
     flags = [f"fusion.{key}=[{value}]" if key == "methods" else f"fusion.{key}={value}"
              for key in FUSE_KEYS if (value := getattr(args, key)) is not None]
     fusion = fusion_config(args.checkpoints, flags + args.overrides)
-    fuse_command(args.checkpoints, args.output, fusion, model_spec(args.model, args.model_kwargs), args.device,
-                 args.dedup_inputs, args.force, args.calibration)
+    fuse_command(args.checkpoints, args.output, fusion, _model_source(args), args.device, args.dedup_inputs,
+                 args.force, args.calibration)
+    return 0
+
+
+def _model_source(args) -> ModelSource:
+    return ModelSource(args.model, args.model_kwargs, tuple(args.data), getattr(args, "input_shape", None))
+
+
+def cmd_eval(args) -> int:
+    eval_command(args.checkpoints, _model_source(args), args.split, args.json, args.device)
     return 0
 
 
@@ -151,19 +193,25 @@ def cmd_report(args) -> int:
 
 
 def _gather_overrides(args, extra) -> list:
-    """Put the key=value overrides in `args.overrides` (and fuse's checkpoints in `args.checkpoints`); return
-    the rest of `extra`, the unrecognised arguments.
+    """Put the key=value overrides in `args.overrides` (and fuse's and eval's checkpoints in `args.checkpoints`,
+    their data settings in `args.data`); return the rest of `extra`, the unrecognised arguments.
 
     argparse stops collecting positionals at the first flag (`run c.yaml --resume a=1`, `fuse a --method avg
-    b`); fuse's positionals are checkpoints and overrides mixed (a key=value item that is no file)."""
+    b`); fuse's and eval's positionals are checkpoints and overrides mixed (a key=value item that is no file).
+    data.* overrides are data settings wherever they stand; of what `--data` swallowed only the YAML configs
+    stay there (checkpoints and fusion.* overrides after it are positionals). eval takes no other overrides."""
     if args.command == "run":
         args.overrides += [x for x in extra if "=" in x and not x.startswith("-")]
         return [x for x in extra if x not in args.overrides]
-    if args.command == "fuse":
-        items = args.inputs + [x for x in extra if not x.startswith("-")]
-        args.overrides = [x for x in items if "=" in x and not os.path.exists(x)]
-        args.checkpoints = [x for x in items if x not in args.overrides]
-        return [x for x in extra if x.startswith("-")]
+    if args.command in ("fuse", "eval"):
+        given = args.inputs if args.command == "fuse" else args.checkpoints
+        data = [x for x in args.data if x.endswith((".yaml", ".yml"))]
+        items = [x for x in given + args.data + extra if not x.startswith("-") and x not in data]
+        args.data = data + [x for x in items if x.startswith("data.") and "=" in x]
+        args.overrides = [x for x in items if x not in args.data and "=" in x and not os.path.exists(x)]
+        args.checkpoints = [x for x in items if x not in args.data and x not in args.overrides]
+        flags = [x for x in extra if x.startswith("-")]
+        return flags + args.overrides if args.command == "eval" else flags
     return extra
 
 
@@ -177,7 +225,8 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    handler = {"run": cmd_run, "fuse": cmd_fuse, "bench": cmd_bench, "report": cmd_report}[args.command]
+    handler = {"run": cmd_run, "fuse": cmd_fuse, "eval": cmd_eval, "bench": cmd_bench,
+               "report": cmd_report}[args.command]
     if args.command != "run":
         default_sigterm()   # only runs are preempted and resumed; other commands end as usual
     try:

@@ -79,6 +79,12 @@ class Config:
         if self.mode == "sync" and self.fusion.repair == "lstsq":
             raise UserError("fusion.repair=lstsq does not apply to mode sync: its NT merges are never repaired "
                             "(the experiment is NT as the sync step); leave fusion.repair at auto or none")
+        if self.fusion.members and self.mode == "sync":
+            raise UserError("fusion.members are members trained elsewhere, and mode: sync trains its own replicas; "
+                            "drop one of them")
+        if self.fusion.members and self.model.weights:
+            raise UserError("fusion.members are trained already, so nothing starts from model.weights; drop "
+                            "model.weights (and model.reinit)")
 
 
 MAX_CONFIG_BYTES = 1 << 20   # a config is a few hundred bytes; anything near this is a mistake or an attack
@@ -218,10 +224,21 @@ def load_config(path: str | None = None, overrides=(), extra_keys=(), command: s
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as err:
             raise _user_error(err, layer, command) from None
+    if merged.fusion.members and not any(_sets(layer, ("fusion", "k")) for layer in layers):
+        merged.fusion.k = len(merged.fusion.members)   # the number of members given, unless fusion.k is set
     try:
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _user_error(err, {}, command) from None
+
+
+def _sets(layer: dict, path) -> bool:
+    """Whether the nested mapping `layer` (a YAML file or an override) holds the key `path`."""
+    for part in path:
+        if not isinstance(layer, dict) or part not in layer:
+            return False
+        layer = layer[part]
+    return True
 
 
 def load_keys(overrides, keys, command: str, preset=()) -> Config:

@@ -32,6 +32,7 @@ from ntdist.records.results import RESULTS_FILE, ControlResult, MethodResult, Ru
 from ntdist.records.rundir import finetuned_name
 from ntdist.stages.context import Run, make_run
 from ntdist.stages.finetune import distill_teacher, evaluate_splits, finetune
+from ntdist.stages.given import load_members
 from ntdist.stages.members import train_members
 from ntdist.stages.sync import sync_stage
 from ntdist.training.batches import eval_batches, feed, train_batches
@@ -99,9 +100,13 @@ def prepare_rundir(r: Run, overwrite: bool) -> None:
 def train_stage(r: Run) -> Dict[int, torch.nn.Module]:
     """Train this rank's members (in parallel across rank groups); returns the members this rank holds.
 
-    A member whose final checkpoint exists is loaded instead of trained when resuming.
+    A member whose final checkpoint exists is loaded instead of trained when resuming; members given in
+    `fusion.members` are loaded from their files instead of trained.
     """
     world, layout = r.world, r.layout
+    if r.cfg.fusion.members:
+        world.print0(f"members: the {layout.num_members} files of fusion.members, not trained here")
+        return load_members(r.cfg.fusion.members, r.spec, layout.held_by(world.rank), world.device)
     groups = new_groups(world, [layout.group_ranks(m) for m in range(layout.num_members)]) \
         if layout.group_size > 1 else {}
     held, histories, finished = {}, [], {}

@@ -114,3 +114,31 @@ def spawn(fn, nprocs: int, *args, timeout: float = 120.0) -> None:
     if failed:
         detail = errors.get(timeout=5) if not errors.empty() else (None, "no traceback")
         raise RuntimeError(f"ranks exited with {failed}; rank {detail[0]}:\n{detail[1]}")
+
+
+def digits_tensors(split: str):
+    """(inputs, labels) of a split of ntdist's default data (digits, [N, 1, 8, 8]), as plain tensors."""
+    from ntdist.data import DataConfig, load_splits
+    data = getattr(load_splits(DataConfig()), split)
+    return torch.stack([data[i][0] for i in range(len(data))]), torch.tensor([int(data[i][1]) for i in range(len(data))])
+
+
+def train_plain(model: nn.Module, x, y, seed: int, steps: int, lr: float = 0.05, batch: int = 64) -> nn.Module:
+    """Train `model` with a plain torch loop (SGD with momentum on random batches), as a script of one's own
+    would, outside ntdist; returns it in eval mode."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (batch,), generator=g)
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def plain_accuracy(model: nn.Module, x, y) -> float:
+    return (model.eval()(x).argmax(1) == y).double().mean().item()

@@ -4,43 +4,37 @@ How to fuse is given by the `fusion.*` keys of `ntdist run` that make sense for
 checkpoints (`KEYS`: the method, the schedule and NT's options), parsed and
 checked by the same code as `ntdist run`'s overrides, into a `FusionConfig`
 (`fusion_config`); each key also has a flag (`--importance l1` is
-`fusion.importance=l1`). The models are rebuilt from the specs stored in
-ntdist's checkpoints, or, for plain state dicts (safetensors or weights-only
-torch files, e.g. from another training script), from `--model NAME
---model-kwargs JSON`. The output is an ntdist checkpoint (it carries the spec,
-so later commands need no `--model`), written only after fusion succeeded,
-atomically, so a failure leaves nothing behind.
+`fusion.importance=l1`). The models are rebuilt as `commands.checkpoints` says:
+from the specs stored in ntdist's checkpoints, or, for plain state dicts
+(safetensors, weights-only torch files, Lightning .ckpt), from `--model NAME
+--model-kwargs JSON`. Fusion traces the model on one input whose shape comes from
+`--input-shape`, `--data`, the checkpoint, or is guessed (an image batch); a model
+that does not run on it is refused naming the layer. The output holds the model's
+own keys (a strict `load_state_dict` into the user's class works) and ntdist's
+metadata in its header, so later commands need no `--model`; it is written only
+after fusion succeeded, atomically, so a failure leaves nothing behind. An `-o`
+that is a folder (or ends with '/') receives `fused.safetensors`.
 """
 
-import json
 import os
 import sys
 import time
+from dataclasses import replace
 from typing import Optional
 
 import torch
-from safetensors import SafetensorError, safe_open
 
+from ntdist.commands.checkpoints import ModelSource, check_runs, example_input, load_checkpoints, usable_device
 from ntdist.config import load_keys
 from ntdist.distributed.devices import synchronize
 from ntdist.errors import UserError
 from ntdist.fusion import METHODS, FusionConfig, NTOptions, fuse
 from ntdist.models import ModelSpec
-from ntdist.models.weights import read_state_dict
 from ntdist.options import import_callable, is_import_path
-from ntdist.records.checkpoint import load_model, save_checkpoint
+from ntdist.records.checkpoint import save_checkpoint
 
-
-def example_input(spec: ModelSpec) -> torch.Tensor:
-    """A dummy batch with the input shape the spec describes (used to trace the data flow)."""
-    kw = spec.kwargs
-    if "input_dim" in kw:
-        return torch.zeros(2, kw["input_dim"])
-    channels = kw.get("in_channels", 3)
-    size = kw.get("image_size", 32)
-    return torch.zeros(2, channels, size, size)
-
-
+FUSED_FILE = "fused.safetensors"   # what -o FOLDER/ receives
+HINT = "fuse members of one architecture and check --model and --model-kwargs"
 KEYS = ("methods", "schedule", *NTOptions.names(), "calibration_samples")   # the fusion.* keys that ntdist fuse takes
 
 
@@ -59,28 +53,6 @@ def fusion_config(paths, overrides) -> FusionConfig:
         raise UserError(f"ntdist fuse fuses with one method, got fusion.methods {fusion.methods}; give one "
                         f"(--method {' | '.join(METHODS)})")
     return fusion
-
-
-def model_spec(model: Optional[str], model_kwargs: Optional[str]) -> Optional[ModelSpec]:
-    """The spec of `--model NAME --model-kwargs JSON`, or None to use the one stored in the checkpoints."""
-    if model is None:
-        if model_kwargs:
-            raise UserError("--model-kwargs needs --model (the checkpoints' own spec already holds its kwargs)")
-        return None
-    return ModelSpec(model, parse_model_kwargs(model_kwargs))
-
-
-def parse_model_kwargs(text: Optional[str]) -> dict:
-    """`--model-kwargs` as a dict: a JSON object such as '{"num_classes": 10}'."""
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except ValueError as err:
-        raise UserError(f"--model-kwargs is not valid JSON ({err}); write e.g. '{{\"num_classes\": 10}}'") from None
-    if not isinstance(value, dict):
-        raise UserError(f"--model-kwargs must be a JSON object such as '{{\"num_classes\": 10}}', got {text}")
-    return value
 
 
 def read_inputs(path: str, flag: str = "--dedup-inputs") -> torch.Tensor:
@@ -127,71 +99,30 @@ def read_calibration(source: str, count: int) -> torch.Tensor:
     return checked_inputs(value[:count], f"--calibration '{source}'")
 
 
-def load_with_spec(path: str, spec: ModelSpec) -> torch.nn.Module:
-    """Build `spec` and load the state dict of `path` (an ntdist checkpoint or a plain one) into it, strictly."""
-    model = spec.build()
-    state = read_state_dict(path)
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
-    kinds = [k for k in own if k in state and state[k].is_floating_point() != own[k].is_floating_point()]
-    if missing or unexpected or wrong or kinds:
-        detail = (f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}" if unexpected else
-                  f"'{wrong[0]}' has shape {list(state[wrong[0]].shape)}, the model {list(own[wrong[0]].shape)}"
-                  if wrong else f"'{kinds[0]}' is stored as {state[kinds[0]].dtype}, the model holds "
-                  f"{own[kinds[0]].dtype}")
-        raise UserError(f"'{path}' does not fit {spec.name} {spec.kwargs} ({detail}); fuse members of one "
-                        "architecture and check --model and --model-kwargs")
-    model.load_state_dict(state)
-    return model
+def output_file(output: str) -> str:
+    """The file `-o` names: a folder (one that exists, or any path ending with '/') receives FUSED_FILE."""
+    if os.path.isdir(output) or output.endswith(("/", os.sep)):
+        return os.path.join(output, FUSED_FILE)
+    return output
 
 
-def _has_spec(path: str) -> bool:
-    """Whether `path` is a safetensors file with ntdist's metadata (a missing file counts as one: load_model
-    then says it is missing)."""
-    if not os.path.isfile(path):
-        return True
-    try:
-        with safe_open(path, framework="pt") as f:
-            return "ntdist" in (f.metadata() or {})
-    except (SafetensorError, OSError, ValueError):
-        # a torch file is a plain state dict; anything else gets load_model's "not a readable checkpoint"
-        return not path.endswith((".pt", ".pth", ".bin"))
-
-
-def load_members(paths, spec: Optional[ModelSpec]):
-    """(models, spec): built from `spec` when given, else from the spec in the first checkpoint."""
-    if spec is not None:
-        return [load_with_spec(p, spec) for p in paths], spec
-    if not _has_spec(paths[0]):
-        raise UserError(f"'{paths[0]}' is a plain state dict without a model spec; pass --model NAME "
-                        "(e.g. torchvision:resnet18) and --model-kwargs JSON to rebuild it")
-    loaded = [load_model(paths[0])]
-    spec = ModelSpec.from_dict(loaded[0][1]["model"])
-    return [loaded[0][0]] + [load_with_spec(p, spec) for p in paths[1:]], spec
-
-
-def check_output(output: str, paths, force: bool) -> None:
-    """UserError unless `output` is a new (or, with `force`, replaceable) file in a writable folder."""
-    if os.path.isdir(output):
-        raise UserError(f"-o '{output}' is a folder; give the file name of the fused checkpoint")
-    if os.path.exists(output) and not force:
-        raise UserError(f"'{output}' exists; pass --force to replace it, or choose another -o")
-    out_dir = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
-        raise UserError(f"cannot write '{output}': folder '{out_dir}' is missing or not writable")
-    if os.path.abspath(output) in {os.path.abspath(p) for p in paths}:
-        raise UserError(f"output '{output}' is one of the inputs; choose another file name")
-
-
-def usable_device(device: str) -> torch.device:
-    """`--device` as a torch.device on which a tensor can be made."""
-    try:
-        dev = torch.device(device)
-        torch.empty(0, device=dev)
-    except (RuntimeError, AssertionError) as err:
-        raise UserError(f"--device {device} is not usable here ({str(err).splitlines()[0]}); use cpu or cuda") from None
-    return dev
+def check_output(output: str, paths, force: bool) -> str:
+    """The file to write for `-o output` (`output_file`); UserError unless it is new (or, with `force`,
+    replaceable) in a writable folder, or in a folder that -o asks for with a trailing '/' below a writable one."""
+    path = output_file(output)
+    if os.path.isdir(path):
+        raise UserError(f"'{path}' is a folder; choose another -o, or move that folder away")
+    if os.path.exists(path) and not force:
+        raise UserError(f"'{path}' exists; pass --force to replace it, or choose another -o")
+    out_dir = existing = os.path.dirname(os.path.abspath(path))
+    if path != output:   # a folder of the user's: created when missing, below its nearest existing parent
+        while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+            existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise UserError(f"cannot write '{path}': folder '{out_dir}' is missing or not writable")
+    if os.path.abspath(path) in {os.path.abspath(p) for p in paths}:
+        raise UserError(f"output '{path}' is one of the inputs; choose another file name")
+    return path
 
 
 def fused_info(fusion: FusionConfig, paths) -> dict:
@@ -204,13 +135,14 @@ def fused_info(fusion: FusionConfig, paths) -> dict:
     return info
 
 
-def fuse_command(paths, output: str, fusion: FusionConfig, spec: Optional[ModelSpec] = None, device: str = "cpu",
+def fuse_command(paths, output: str, fusion: FusionConfig, source: ModelSource = ModelSource(), device: str = "cpu",
                  inputs: Optional[str] = None, force: bool = False, calibration: Optional[str] = None) -> str:
-    """Fuse the checkpoints `paths` as `fusion` says (its one method, schedule and NT options) into `output`.
+    """Fuse the checkpoints `paths` as `fusion` says (its one method, schedule and NT options) into `output`
+    (a file, or a folder that receives FUSED_FILE); returns the file written.
 
-    `spec` rebuilds plain state dicts (default: the spec in the checkpoints); `inputs` is the
-    `--dedup-inputs` file of the activation criterion; `calibration` the `--calibration` inputs NT's
-    repair fits on."""
+    `source` rebuilds the models (--model, --model-kwargs, --data, --input-shape; default: the spec in the
+    checkpoints); `inputs` is the `--dedup-inputs` file of the activation criterion; `calibration` the
+    `--calibration` inputs NT's repair fits on."""
     options = fusion.nt_options()
     if (options.dedup_criterion == "activations") != (inputs is not None):
         raise UserError("fusion.dedup_criterion=activations and --dedup-inputs FILE go together: the activations "
@@ -218,15 +150,19 @@ def fuse_command(paths, output: str, fusion: FusionConfig, spec: Optional[ModelS
     calibrate = read_calibration(calibration, fusion.calibration_samples) if calibration is not None else None
     if fusion.methods[0] == "nt":
         options.repairs(calibrate)      # repair lstsq without --calibration: refused before any work
-    check_output(output, paths, force)
+    output = check_output(output, paths, force)
     dev = usable_device(device)
-    models, spec = load_members(paths, spec)
-    models = [m.eval().to(dev) for m in models]
+    spec = source.spec(paths, source.splits("fuse"))
+    models = [m.eval().to(dev) for m in load_checkpoints(paths, spec, HINT)]
     resized = options.width is not None or options.keep_ratio is not None
     if resized and spec.name != "mlp":
         raise UserError(f"fusion.width and fusion.keep_ratio change the architecture, and a resized {spec.name} "
                         "cannot be rebuilt from its spec; use the Python API fuse(models, width=...) for it")
-    examples = example_input(spec) if inputs is None else read_inputs(inputs)
+    examples, guessed = example_input(spec) if inputs is None else (read_inputs(inputs), False)
+    shape_hint = ("the checkpoints do not say which input the model takes, so it was traced on an image batch: "
+                  "give one input's shape with --input-shape (e.g. 1,40) or the data with --data") if guessed else \
+        "check --model, --model-kwargs and the input shape (--input-shape, --data)"
+    check_runs(models[0], examples[:2].to(dev), spec.name, shape_hint)
     method = fusion.methods[0]
     start = time.perf_counter()
     extra = dict(calibration=calibrate.to(dev)) if calibrate is not None and method == "nt" else {}
@@ -235,7 +171,10 @@ def fuse_command(paths, output: str, fusion: FusionConfig, spec: Optional[ModelS
     seconds = time.perf_counter() - start
     if resized:
         first = next(m for m in fused.modules() if isinstance(m, torch.nn.Linear))
-        spec = ModelSpec(spec.name, dict(spec.kwargs, width=first.out_features))
+        spec = ModelSpec(spec.name, dict(spec.kwargs, width=first.out_features), spec.input_shape)
+    if guessed:
+        spec = replace(spec, input_shape=None)   # a guess that ran is no fact to store
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)   # -o a new folder: now that fusion worked
     save_checkpoint(output, fused.cpu(), spec, info=fused_info(fusion, paths))
     repaired = f", repaired on {len(calibrate)} inputs" if extra and options.repairs(calibrate) else ""
     print(f"fused {len(models)} models with {method} ({fusion.schedule}{repaired}) on {dev} in {seconds:.3f} s "

@@ -26,7 +26,11 @@ def _nt(name: str):
 class FusionConfig:
     """How the k trained members are fused into one model."""
 
-    k: int = opt(2, "number of ensemble members to train and fuse (at least 2)")
+    k: int = opt(2, "number of ensemble members to train and fuse (at least 2); with fusion.members, the number "
+                    "of files")
+    members: List[str] = opt([], "members trained elsewhere, fused instead of training k: .safetensors or torch "
+                                 "state dicts (also ntdist checkpoints and Lightning .ckpt) of model.name with "
+                                 "model.kwargs, paths relative to the current directory")
     methods: List[str] = opt(["nt"], "fusion methods to run and compare: " + " | ".join(METHODS))
     schedule: str = opt("recursive", "how k models are combined: flat (all at once) | iterative | recursive (pairwise tree)")
     order: str = _nt("order")
@@ -46,8 +50,12 @@ class FusionConfig:
     calibration_samples: int = opt(2000, "training inputs (drawn with the seed) that NT's repair fits on")
 
     def __post_init__(self):
+        if self.members and self.k != len(self.members):   # config.load_config sets k to the count unless given
+            raise UserError(f"fusion.k={self.k} but fusion.members lists {len(self.members)} files; fusion.k is the "
+                            "number of members: drop it, or list that many files")
         if self.k < 2:
-            raise UserError(f"fusion.k must be at least 2 (an ensemble of one cannot be fused), got {self.k}")
+            raise UserError(f"fusion.k must be at least 2 (an ensemble of one cannot be fused), got {self.k}"
+                            + (" (the number of fusion.members)" if self.members else ""))
         if not self.methods:
             raise UserError(f"fusion.methods is empty; list at least one of {list(METHODS)}")
         for method in self.methods:

@@ -10,8 +10,8 @@ only built when the user names it too (see `records.checkpoint.load_model`).
 """
 
 import inspect
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch.nn as nn
 
@@ -74,14 +74,19 @@ def build_model(name: str, kwargs: Dict[str, Any] | None = None) -> nn.Module:
         return model
     if name.startswith("torchvision:"):
         builder = _torchvision_builder(name.split(":", 1)[1])
-        for key in ("in_channels", "image_size", "input_dim"):
-            kwargs.pop(key, None)   # dataset hints that torchvision constructors do not take
+        # dataset hints that most torchvision constructors do not take (ViTs take image_size)
+        hints = {key: kwargs.pop(key) for key in ("in_channels", "image_size", "input_dim") if key in kwargs}
         weights = sorted(key for key in kwargs if key.startswith("weights"))
         if weights:
             raise UserError(f"model.kwargs of '{name}' may not set {weights}: ntdist trains members from scratch "
                             "(each from its own seed); remove them")
         try:
-            return builder(weights=None, **kwargs)
+            try:
+                return builder(weights=None, **kwargs, **hints)
+            except TypeError:
+                if not hints:
+                    raise
+                return builder(weights=None, **kwargs)
         except (TypeError, ValueError) as err:
             raise UserError(f"model.kwargs do not fit '{name}': {err}") from None
     if name not in REGISTRY:
@@ -121,15 +126,19 @@ class ModelSpec:
     """What rebuilds a member from nothing: a model name and its complete constructor arguments.
 
     Every checkpoint stores its spec, so `ntdist fuse` and `--resume` rebuild models from files alone.
+    `input_shape`, one input's shape where known (from the data), is stored beside it for the commands
+    that must feed the model (`ntdist fuse` traces it); it does not take part in comparisons.
     """
 
     name: str
     kwargs: Dict[str, Any]
+    input_shape: Optional[Tuple[int, ...]] = field(default=None, compare=False)
 
     @classmethod
     def for_data(cls, cfg: ModelConfig, in_shape, num_classes: int) -> "ModelSpec":
         """The spec of `cfg`, with the input shape and class count filled in from the data."""
-        return cls(cfg.name, complete_kwargs(cfg.name, dict(cfg.kwargs), in_shape, num_classes))
+        return cls(cfg.name, complete_kwargs(cfg.name, dict(cfg.kwargs), in_shape, num_classes),
+                   tuple(int(d) for d in in_shape))
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelSpec":

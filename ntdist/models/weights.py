@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 import torch
 
 from ntdist.errors import UserError, suggest
+from ntdist.models.statedict import read_weights
 
 if TYPE_CHECKING:   # models/__init__ defines the spec beside the registry
     from ntdist.models import ModelSpec
@@ -23,33 +24,9 @@ FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """The tensors of a safetensors file (`model.`-prefixed keys of an ntdist checkpoint unwrapped) or of a
-    weights-only torch file."""
-    if not os.path.isfile(path):
-        raise UserError(f"weights file '{path}' does not exist")
-    if path.endswith(".safetensors"):
-        from safetensors import SafetensorError, safe_open
-        try:
-            with safe_open(path, framework="pt") as f:
-                ntdist_file = "ntdist" in (f.metadata() or {})
-                state = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError) as err:
-            raise UserError(f"'{path}' is not a readable safetensors file ({err})") from None
-        if ntdist_file:   # an ntdist checkpoint: only its model tensors
-            return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-        return state
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - pickle and zip errors of every kind mean the same here
-        raise UserError(f"'{path}' is neither safetensors nor a weights-only torch state dict "
-                        f"({str(err).splitlines()[0][:120]}); save the model's state_dict() with "
-                        "safetensors.torch.save_file or torch.save") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"'{path}' does not hold a state dict (a mapping of names to tensors); "
-                        "save model.state_dict(), not the model")
-    return state
+    """The model tensors of a weights file: an ntdist checkpoint, a plain safetensors file or a weights-only
+    torch file (`models.statedict.read_weights`)."""
+    return read_weights(path)[0]
 
 
 def torchvision_state_dict(model_name: str, weights_name: str) -> Dict[str, torch.Tensor]:

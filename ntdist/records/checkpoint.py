@@ -1,8 +1,11 @@
 """Safetensors checkpoints that carry their model spec.
 
-A checkpoint holds the model's state dict (keys prefixed `model.`), optional
-extra tensors (optimizer state, RNG states; prefixed `extra.`) and JSON metadata
-with the `ModelSpec`, so `load_model` rebuilds the module from the file alone.
+A checkpoint holds the model's state dict under the model's own keys, so
+`model.load_state_dict(safetensors.torch.load_file(path))` works on a final
+checkpoint; optional extra tensors (optimizer state, RNG states of a state file;
+stored as `extra.<name>` and listed in the metadata); and JSON metadata with the
+`ModelSpec`, so `load_model` rebuilds the module from the file alone. Files of
+format 1 (model keys prefixed `model.`) are still read (`models.statedict.split_checkpoint`).
 Nothing here unpickles: a file that is not safetensors is refused, and a spec
 that names an import path (code of one's own) is built only when the caller
 names the same spec, so a crafted file never chooses which code runs. Writes
@@ -19,9 +22,10 @@ from safetensors.torch import save_file
 
 from ntdist.errors import UserError
 from ntdist.models import ModelSpec, is_import_path
+from ntdist.models.statedict import EXTRA_PREFIX, META_KEY, split_checkpoint
 from ntdist.records.files import replacing
 
-FORMAT = 1
+FORMAT = 2        # 1: model tensors under model.<key>; 2: under their own keys, extras listed in the metadata
 # builder arguments that fetch or read weights: a file's metadata never gets to pass them
 _BANNED_ARGUMENTS = ("progress", "download", "url", "model_dir", "checkpoint_path", "file_name")
 
@@ -29,11 +33,17 @@ _BANNED_ARGUMENTS = ("progress", "download", "url", "model_dir", "checkpoint_pat
 def save_checkpoint(path: str, model: torch.nn.Module, spec: ModelSpec, info: Optional[dict] = None,
                     extra: Optional[Dict[str, torch.Tensor]] = None) -> None:
     """Atomically save `model` with its spec, JSON `info` and `extra` tensors."""
-    tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    tensors.update({f"extra.{k}": v.detach().cpu().contiguous().clone() for k, v in (extra or {}).items()})
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    stored = {f"{EXTRA_PREFIX}{k}": v.detach().cpu().contiguous().clone() for k, v in (extra or {}).items()}
+    assert not set(stored) & set(tensors), f"model keys clash with extra tensors: {sorted(set(stored) & set(tensors))}"
+    tensors.update(stored)
     meta = {"format": FORMAT, "model": spec.to_dict(), "info": info or {}}
+    if spec.input_shape is not None:
+        meta["input_shape"] = list(spec.input_shape)
+    if stored:
+        meta["extra"] = sorted(stored)
     with replacing(path) as tmp:
-        save_file(tensors, tmp, metadata={"ntdist": json.dumps(meta)})
+        save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta)})
 
 
 def read_checkpoint(path: str) -> Tuple[dict, Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
@@ -45,7 +55,7 @@ def read_checkpoint(path: str) -> Tuple[dict, Dict[str, torch.Tensor], Dict[str,
                         "pass a .safetensors file written by ntdist")
     try:
         with safe_open(path, framework="pt") as f:
-            raw = (f.metadata() or {}).get("ntdist")
+            raw = (f.metadata() or {}).get(META_KEY)
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise UserError(f"'{path}' is not a readable safetensors checkpoint ({err}); ntdist never loads pickles: "
@@ -56,10 +66,11 @@ def read_checkpoint(path: str) -> Tuple[dict, Dict[str, torch.Tensor], Dict[str,
     try:
         meta = json.loads(raw)
         meta["model"]["name"], meta["model"]["kwargs"]
+        if meta.get("format", 1) not in (1, FORMAT) or not isinstance(meta.get("extra", []), list):
+            raise ValueError(f"format {meta.get('format')}")
     except (ValueError, KeyError, TypeError):
         raise UserError(f"'{path}' has corrupt ntdist metadata; the file was not written by this version of ntdist") from None
-    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+    state, extra = split_checkpoint(meta, tensors)
     return meta, state, extra
 
 
@@ -82,10 +93,22 @@ def _untrusted_spec(path: str, data) -> ModelSpec:
     return ModelSpec(name, dict(kwargs))
 
 
+def file_spec(path: str, meta: dict) -> ModelSpec:
+    """The spec stored in a checkpoint's metadata `meta`, checked as untrusted data, with its input shape."""
+    spec = _untrusted_spec(path, meta.get("model"))
+    shape = meta.get("input_shape")
+    if shape is None:
+        return spec
+    if not isinstance(shape, list) or not shape or not all(type(d) is int and d > 0 for d in shape):
+        raise UserError(f"'{path}' has a malformed input_shape {shape!r} in its metadata; the file was not "
+                        "written by ntdist")
+    return ModelSpec(spec.name, spec.kwargs, tuple(shape))
+
+
 def load_model(path: str, expect_spec: Optional[ModelSpec] = None) -> Tuple[torch.nn.Module, dict]:
     """Rebuild the module stored in `path`; returns (model, metadata)."""
     meta, state, _ = read_checkpoint(path)
-    spec = _untrusted_spec(path, meta["model"])
+    spec = file_spec(path, meta)
     if expect_spec is not None and spec != expect_spec:
         raise UserError(f"checkpoint '{path}' holds {spec.name} {spec.kwargs}, but the config asks for "
                         f"{expect_spec.name} {expect_spec.kwargs}; use a matching config or a new run directory")

@@ -17,6 +17,7 @@ from ntdist.distributed.world import World
 from ntdist.models import ModelSpec
 from ntdist.models.weights import build_member, initial_state
 from ntdist.records.rundir import RunDir
+from ntdist.stages.given import check_members
 
 
 @dataclass(frozen=True)
@@ -55,5 +56,6 @@ def make_run(cfg: Config, world: World, resume: bool = False) -> Run:
     spec = ModelSpec.for_data(cfg.model, splits.in_shape, splits.num_classes)
     initial = initial_state(cfg.model.name, cfg.model.weights)
     build_member(spec, 0, initial, cfg.model.reinit)   # the model builds and the weights fit
+    check_members(cfg.fusion.members, spec)             # members trained elsewhere fit it too
     return Run(cfg, world, MemberLayout(cfg.fusion.k, world.size), splits, spec,
                RunDir(cfg.output.dir, world.is_main, cfg.output.trackers), resume, initial)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import QUICK, ntdist
-from ntdist.commands.fuse import example_input
+from ntdist.commands.checkpoints import example_input
 from ntdist.fusion import fuse
 from ntdist.models import ModelSpec
 from ntdist.records.checkpoint import load_model
@@ -48,7 +48,7 @@ def test_fuse_command_rebuilds_models_from_checkpoints(tmp_path, run_dir):
         fused, meta = load_model(str(out))
         models = [load_model(p)[0] for p in members]
         expected = fuse(models, method=method, schedule="recursive",
-                        example_inputs=example_input(ModelSpec.from_dict(meta["model"])))
+                        example_inputs=example_input(ModelSpec.from_dict(meta["model"]))[0])
         for key, value in expected.state_dict().items():
             assert torch.equal(fused.state_dict()[key], value), (method, key)
     narrow = tmp_path / "narrow.safetensors"

@@ -150,7 +150,7 @@ def test_fuse_refuses_to_replace_a_file_without_force_and_bad_sizes(tmp_path, ca
     assert main(["fuse", "-o", str(out), *members]) == 2
     assert "--force" in capsys.readouterr().err and out.read_bytes() == b"precious"
     for flags, words in ((["--width", "0"], "fusion.width"), (["--keep-ratio", "0"], "fusion.keep_ratio"),
-                         (["-o", str(tmp_path)], "is a folder")):
+                         (["-o", str(tmp_path)], "fused.safetensors' exists")):   # a folder: its fused.safetensors
         assert main(["fuse", "-o", str(tmp_path / "new.safetensors"), *flags, *members]) == 2
         assert words in capsys.readouterr().err
     assert main(["fuse", "--force", "-o", str(out), *members]) == 0

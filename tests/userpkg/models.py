@@ -42,3 +42,10 @@ def sigterm_net(input_dim: int, num_classes: int, hidden: int = 16, at: int = 50
                 os.kill(os.getpid(), signal.SIGTERM)
     model.register_forward_pre_hook(hook)
     return model
+
+
+def conv1d_net(num_classes: int, width: int = 32) -> nn.Module:
+    """A small 1-D CNN for signals of shape [1, 40] (MNIST-1D), as docs/USAGE.md writes it: its signature says
+    nothing about the input's shape."""
+    return nn.Sequential(nn.Conv1d(1, width, 5, padding=2), nn.ReLU(), nn.MaxPool1d(2),
+                         nn.Flatten(), nn.Linear(width * 20, num_classes))

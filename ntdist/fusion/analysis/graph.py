@@ -9,6 +9,8 @@ for every parameter and buffer which of its dimensions lie in which space, so
 concatenation, pruning and OT alignment can treat any architecture alike.
 """
 
+import contextlib
+import io
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -54,21 +56,40 @@ def trace(model: nn.Module, example_inputs=None):
                         "fusion needs a traceable forward") from None
 
 
+class _Propagation(ShapeProp):
+    """torch.fx's ShapeProp, remembering the node it runs (to name the layer that fails)."""
+
+    node = None
+
+    def run_node(self, n):
+        self.node = n
+        return super().run_node(n)
+
+
 def _shape_prop(gm, model, example_inputs, given: bool) -> bool:
     """Record every node's output shape from a one-sample forward pass in eval mode."""
     args = _batch_slice(example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,))
     device = next((t.device for t in model.state_dict().values()), None)   # inputs given on the CPU, weights maybe not
     args = tuple(a.to(device) if isinstance(a, torch.Tensor) and device is not None else a for a in args)
     flags = {name: m.training for name, m in gm.named_modules()}
+    prop = _Propagation(gm)
     try:
         gm.eval()
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*args)
+        # ShapeProp prints the traceback of a failing node itself: the message below says it in one line
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            prop.propagate(*args)
         return True
     except Exception as err:  # noqa: BLE001
         if given:
-            raise UserError(f"example_inputs do not fit {type(model).__name__}: {err}; "
-                            "pass one input batch of the shape the model expects") from None
+            cause = err.__cause__ or err
+            text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+            node = prop.node
+            where = f" at layer '{node.target}'" if node is not None and node.op == "call_module" else \
+                f" at '{node.name}'" if node is not None else ""
+            shape = f" of shape {list(args[0].shape[1:])} (one input)" if isinstance(args[0], torch.Tensor) else ""
+            raise UserError(f"example_inputs{shape} do not fit {type(model).__name__}{where} "
+                            f"({type(cause).__name__}: {text}); pass one input batch of the shape the model "
+                            "expects") from None
         return False
     finally:
         for name, m in gm.named_modules():

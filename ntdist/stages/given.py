@@ -1,0 +1,41 @@
+"""Members trained elsewhere (`fusion.members`): checked before anything is written, loaded instead of trained.
+
+Each file is a state dict of `model.name` with `model.kwargs` (a `.safetensors`
+or torch file, an ntdist checkpoint, a Lightning `.ckpt`), read by
+`models.statedict`: the prefixes of training wrappers are removed, and a file
+that does not fit is refused with one line naming the first tensor that differs.
+Every rank checks every file in `make_run` (so all ranks stop together, before
+rank 0 writes into the run directory); afterwards each rank loads only the
+members its layout holds, from a file system all ranks see, as they see the run
+directory. The stages after training take them as they take trained members.
+"""
+
+from typing import Dict, Sequence
+
+import torch
+
+from ntdist.models import ModelSpec
+from ntdist.models.statedict import load_weights
+
+HINT = "fusion.members must be state dicts of model.name with model.kwargs: check those two keys and the files"
+
+
+def _target(spec: ModelSpec) -> str:
+    return f"model.name {spec.name} with kwargs {spec.kwargs}"
+
+
+def check_members(paths: Sequence[str], spec: ModelSpec) -> None:
+    """UserError naming the first file of `paths` (fusion.members) that does not fit `spec`, and what differs."""
+    model = spec.build()
+    for path in paths:
+        load_weights(model, path, _target(spec), HINT)
+
+
+def load_members(paths: Sequence[str], spec: ModelSpec, indices: Sequence[int], device) -> Dict[int, torch.nn.Module]:
+    """{i: member i} for the `indices` a rank holds, member i loaded from `paths[i]` (fusion.members) onto `device`."""
+    held = {}
+    for i in indices:
+        model = spec.build()
+        load_weights(model, paths[i], _target(spec), HINT)
+        held[i] = model.to(device)
+    return held
