@@ -9,6 +9,7 @@ forward on `meta` saves for backward. Synthetic data is never generated, only it
 """
 
 import math
+import textwrap
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -116,10 +117,15 @@ def _split_sizes(splits: Splits) -> Dict[str, int]:
     return {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)}
 
 
+WIDTH = 110   # the report's lines are wrapped to this width, continued with a deeper indent
+
+
 def render(plan: Plan, config_path: str) -> str:
     """The dry run's report, one section per stage."""
-    return "\n".join(_header(plan, config_path) + _layout(plan) + _fusion(plan) + _finetune(plan) + _memory(plan)
-                     + _files(plan))
+    lines = _header(plan, config_path) + _layout(plan) + _fusion(plan) + _finetune(plan) + _memory(plan) \
+        + _files(plan)
+    return "\n".join(part for line in lines for part in textwrap.wrap(
+        line, WIDTH, subsequent_indent=" " * 10, break_long_words=False, break_on_hyphens=False))
 
 
 def size_text(n: float) -> str:
@@ -191,7 +197,8 @@ def _layout(plan: Plan) -> List[str]:
             lines.append(f"        {spans} member groups span nodes: their DDP all-reduce crosses the network")
     rows = [text for text, _ in rows]
     lines += [f"        {row}" for row in _shorten(rows)]
-    lines.append(f"        member training: batch {g} x {b} = {g * b} per member, train.lr {cfg.train.lr:g} "
+    batch = f"{g} x {b} = {g * b}" if g > 1 else f"{b}"
+    lines.append(f"        member training: batch {batch} per member, train.lr {cfg.train.lr:g} "
                  f"(not scaled), {steps} step{'s' * (steps > 1)} per epoch"
                  + (f"; gradient all-reduce of {size_text(plan.size.param_bytes)} per rank per step" if g > 1 else ""))
     return lines

@@ -178,7 +178,7 @@ def fusion_peaks(kind: str, layout: MemberLayout, size: MemberSize, method: str 
     if kind == "ot":        # the anchor where not held, each held member's aligned copy, the result; cost and plan
         matrices = 2 * size.widest ** 2 * 8   # float64 units x units, for the widest space, on the host
         return {r: s * ((layout.holder(0) != r) + len(layout.held_by(r)) - (layout.holder(0) == r) + 1)
-                + (matrices if layout.held_by(r) else 0) for r in ranks}
+                + (matrices if set(layout.held_by(r)) - {0} else 0) for r in ranks}
     own = len(layout.held_by(0))   # gather: rank 0 receives the others' members and fuses all k at once
     work = round(NT_PAIR_WORK * size.largest_bytes * layout.num_members / 2) if method == "nt" else 0
     return {r: s * (layout.num_members - own + 1) + work if r == 0 else s for r in ranks}
