@@ -140,7 +140,8 @@ def max_rel_diff(a: dict, b: dict) -> float:
 
 
 def checkpoints(out: str) -> dict:
-    return {os.path.basename(p): load_file(p) for p in sorted(glob.glob(os.path.join(out, "checkpoints", "*.safetensors")))}
+    files = sorted(glob.glob(os.path.join(out, "checkpoints", "*.safetensors")))
+    return {os.path.basename(p): load_file(p) for p in files}
 
 
 def repair_override():
@@ -223,7 +224,8 @@ def precisions(s: Setup):
     for p in ("bf16", "fp16"):
         out = run(s, p, f"train.precision={p}", f"finetune.precision={p}", "fusion.methods=[nt]")
         accs = finite_accuracies(out, s)
-        figures.append(f"{p}: nt tuned {accs.get('nt tuned', float('nan')):.3f}, train {results(out)['train_seconds']:.1f} s")
+        figures.append(f"{p}: nt tuned {accs.get('nt tuned', float('nan')):.3f}, "
+                       f"train {results(out)['train_seconds']:.1f} s")
     row("precisions", "PASS", "; ".join(figures))
 
 
@@ -416,7 +418,7 @@ def dry_run_memory(s: Setup):
     """The dry run's member-training memory (weights + gradients + momentum + activations) against
     torch.cuda.max_memory_allocated over three steps; within 0.75-1.5 x."""
     import torch.nn.functional as F
-    from ntdist.commands.dryrun import make_plan
+    from ntdist.commands.dryrun_plan import make_plan
     from ntdist.distributed import costs
     from ntdist.training.loop import make_optimizer
     plan = make_plan(os.path.join(s.out, "base.yaml"), [*s.data, *s.model], 1)

@@ -15,7 +15,7 @@ PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 LIMIT=480
 case " $* " in
-    *" --cpu-smoke "*) LIMIT=150 ;;
+    *" --cpu-smoke "*) export CUDA_VISIBLE_DEVICES=""; LIMIT=150 ;;
     *) command -v nvidia-smi >/dev/null && nvidia-smi -L ;;
 esac
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # this checkout's ntdist, also under torchrun

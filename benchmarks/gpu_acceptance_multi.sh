@@ -13,7 +13,7 @@ PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 LIMIT=900
 case " $* " in
-    *" --cpu-smoke "*) LIMIT=900 ;;
+    *" --cpu-smoke "*) export CUDA_VISIBLE_DEVICES=""; LIMIT=900 ;;
     *) command -v nvidia-smi >/dev/null && nvidia-smi -L ;;
 esac
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

@@ -1,120 +1,23 @@
 """`ntdist run CONFIG --dry-run --world-size W [--gpus-per-node G]`: a run's layout and costs, without running it.
 
-It makes the checks a real run makes before it trains (the config, the member layout for W ranks, the data,
-the model and its starting weights) and refuses an impossible layout with the same line, then prints who
-trains which member, the fusion rounds with the bytes each rank moves (`ntdist.distributed.costs`), the
-fine-tuning batch and LR, the memory of each stage per rank and the checkpoint sizes. No process group is
-joined and no GPU touched: the model is built on `meta`, and its activations are the tensors one training
-forward on `meta` saves for backward. Synthetic data is never generated, only its split sizes.
+Prints, for the plan of `dryrun_plan` (the real run's checks passed), who trains which member, the fusion
+rounds with the bytes each rank moves (`ntdist.distributed.costs`), the fine-tuning batch and LR, the memory of
+each stage per rank and the checkpoint sizes: one labelled section per stage, lines wrapped at WIDTH.
+docs/PERFORMANCE.md shows this text verbatim ("Scale"); `tests/unit/test_dryrun.py` keeps the two equal.
 """
 
 import math
 import textwrap
-from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-import torch
-
-from ntdist.config import Config, load_config, read_yaml
-from ntdist.data import Splits, load_splits, synthetic_shapes
+from ntdist.commands.dryrun_plan import Plan, make_plan
 from ntdist.distributed import costs
-from ntdist.distributed.layout import MemberLayout
-from ntdist.errors import UserError
-from ntdist.models import ModelSpec
-from ntdist.models.weights import build_member, initial_state
-from ntdist.sweep import SWEEP_KEYS, load_sweep
-from ntdist.training.batches import _sample_bytes
 from ntdist.training.config import scaled_lr
 from ntdist.training.teacher import use_sharded
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What the dry run found: the config, the layout, and the sizes the cost model needs."""
-
-    cfg: Config
-    layout: MemberLayout
-    gpus_per_node: Optional[int]
-    spec: ModelSpec
-    size: costs.MemberSize
-    dtype: str
-    activations: Optional[int]
-    """bytes saved for backward by one training forward at data.batch_size (None: not estimated)"""
-    splits: Dict[str, int]
-    in_shape: tuple
-    classes: int
-    sample_bytes: int
-    """bytes of one stored sample (uint8 images: one per pixel) and its label"""
-
 
 def dry_run_command(config_path: str, overrides: List[str], world_size: int, gpus_per_node: Optional[int]) -> int:
     print(render(make_plan(config_path, overrides, world_size, gpus_per_node), config_path))
     return 0
-
-
-def make_plan(config_path: str, overrides: List[str], world_size: int, gpus_per_node: Optional[int] = None) -> Plan:
-    """Check the run as `ntdist run` does before it trains, for `world_size` ranks; return what the costs need."""
-    if world_size < 1 or (gpus_per_node is not None and gpus_per_node < 1):
-        raise UserError(f"--world-size and --gpus-per-node must be >= 1, got {world_size} and {gpus_per_node}")
-    raw = read_yaml(config_path)
-    plain = [o for o in overrides if not o.startswith("seeds=")]
-    cfg = load_config(config_path, plain, extra_keys=SWEEP_KEYS)
-    if any(key in raw for key in SWEEP_KEYS) or len(plain) < len(overrides):
-        sweep = load_sweep(config_path, list(overrides))
-        points = [load_config(config_path, sweep.overrides + p.overrides, extra_keys=SWEEP_KEYS) for p in sweep.points]
-        for point in points:   # a sweep's run refuses every point's layout before it trains the first
-            MemberLayout(point.fusion.k, world_size)
-        cfg = points[0]
-    layout = MemberLayout(cfg.fusion.k, world_size)   # the check `init_world` makes before joining
-    splits = synthetic_shapes(cfg.data) if cfg.data.name == "synthetic" else load_splits(cfg.data)
-    spec = ModelSpec.for_data(cfg.model, splits.in_shape, splits.num_classes)
-    initial = initial_state(cfg.model.name, cfg.model.weights)
-    model = _member_on_meta(spec, initial, cfg)
-    dtype = str(next((t.dtype for t in model.state_dict().values()), torch.float32)).replace("torch.", "")
-    return Plan(cfg, layout, gpus_per_node, spec, costs.MemberSize.of(model), dtype,
-                activation_bytes(model, spec, splits.in_shape, cfg.data.batch_size), _split_sizes(splits),
-                tuple(splits.in_shape), splits.num_classes, _sample_bytes(splits.train))
-
-
-def _member_on_meta(spec: ModelSpec, initial, cfg: Config) -> torch.nn.Module:
-    """Member 0 as `make_run` builds it (the model builds and the starting weights fit), on `meta` where its code
-    allows, else on the CPU as a real run would."""
-    try:
-        with torch.device("meta"):
-            return build_member(spec, 0, initial, cfg.model.reinit)
-    except (RuntimeError, NotImplementedError, TypeError, ValueError):
-        return build_member(spec, 0, initial, cfg.model.reinit)
-
-
-def activation_bytes(model: torch.nn.Module, spec: ModelSpec, in_shape, batch: int) -> Optional[int]:
-    """Bytes of the tensors autograd saves for backward in one training forward of a batch of `batch` inputs
-    (each storage once, the parameters left out): on `meta` for a model built there, else on the CPU at two
-    samples, scaled to `batch`. None when the forward fails, or the model is too large to build on the CPU."""
-    meta = any(t.is_meta for t in model.state_dict().values())
-    if not meta and costs.MemberSize.of(model).state_bytes > 2 ** 30:
-        return None
-    rows = batch if meta else min(batch, 2)
-    x = torch.randn(rows, *in_shape, device="meta" if meta else "cpu")
-    weights = {id(p.untyped_storage()) for p in model.parameters()}
-    saved = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if id(storage) not in weights:
-            saved[id(storage)] = storage   # kept alive, so that no id is reused by another storage
-        return t
-
-    model.train()
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(x)
-    except Exception:  # noqa: BLE001 - any failure only means: no estimate
-        return None
-    return sum(s.nbytes() for s in saved.values()) * batch // rows
-
-
-def _split_sizes(splits: Splits) -> Dict[str, int]:
-    return {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)}
 
 
 WIDTH = 110   # the report's lines are wrapped to this width, continued with a deeper indent
@@ -150,7 +53,9 @@ def _header(plan: Plan, config_path: str) -> List[str]:
     resident = [name for name, n in plan.splits.items() if _resident(plan, n)]
     where = (f"resident on the device: {', '.join(resident)}" if resident else "none resident") + \
         f" (data.resident_max_mb={cfg.data.resident_max_mb:g})"
+    sweep = [f"sweep of {plan.points} runs, every layout checked; the first run's plan"] if plan.points > 1 else []
     return [f"dry run of {config_path} on {w} rank{'s' * (w > 1)}{nodes}: no process group joined, nothing trained",
+            *sweep,
             f"model   {plan.spec.name}: {count_text(size.params)} parameters, {size_text(size.state_bytes)} state "
             f"({size.tensors} tensors, {plan.dtype})",
             f"data    {cfg.data.name}: " + ", ".join(f"{count_text(n)} {name}" for name, n in plan.splits.items())
@@ -181,8 +86,9 @@ def _layout(plan: Plan) -> List[str]:
     k, w, g = layout.num_members, layout.world_size, layout.group_size
     steps = math.ceil(plan.splits["train"] / (g * b))
     if w >= k:
-        lines = [f"layout  k={k} members on {w} ranks: " + (f"a group of {g} ranks trains each member with DDP "
-                                                          "(SyncBatchNorm on CUDA)" if g > 1 else "one rank per member")]
+        who = f"a group of {g} ranks trains each member with DDP (SyncBatchNorm on CUDA)" if g > 1 else \
+            "one rank per member"
+        lines = [f"layout  k={k} members on {w} ranks: {who}"]
         rows = [(f"member {m}: ranks {_ranks_text(layout.group_ranks(m))}, holder {layout.holder(m)}",
                  layout.group_ranks(m)) for m in range(k)]
     else:
@@ -323,7 +229,8 @@ def _host(plan: Plan, fusing: int) -> List[str]:
     data = sum(n * plan.sample_bytes * ((not files) + _resident(plan, n)) for n in plan.splits.values())
     state = costs.state_file_bytes(plan.size, plan.cfg.train.momentum > 0, plan.cfg.train.epochs)
     per_node = f", {size_text(data * plan.gpus_per_node)} per node" if plan.gpus_per_node else ""
-    return [f"host    dataset {size_text(data)} per rank{per_node} (every rank loads it{'; files read per batch' * files}"
+    read = "; files read per batch" * files
+    return [f"host    dataset {size_text(data)} per rank{per_node} (every rank loads it{read}"
             f"; resident splits keep a host copy); fusion under gloo {size_text(fusing)} (the held members and the "
             f"fusion's peak); writing a state file {size_text(state)} (its tensors cloned once)"]
 
@@ -339,7 +246,8 @@ def _files(plan: Plan) -> List[str]:
     tuned = costs.checkpoint_bytes(size, cfg.finetune.epochs)
     labels = len(cfg.fusion.methods) + (cfg.finetune.control and cfg.finetune.epochs > 0)
     order = 8 * plan.splits["train"]
+    tuning_state = costs.state_file_bytes(size, cfg.finetune.momentum > 0, cfg.finetune.epochs)
     return [f"files   member checkpoint {size_text(member)} each, {size_text(k * member)} for all {k}; member state "
             f"file {size_text(state)} (weights, momentum, RNG; + {size_text(order)} data order inside an epoch)",
             f"        fine-tuned checkpoints {size_text(tuned)} each, {labels} of them (fusion.methods + control); "
-            f"fine-tuning state {size_text(costs.state_file_bytes(size, cfg.finetune.momentum > 0, cfg.finetune.epochs))}"]
+            f"fine-tuning state {size_text(tuning_state)}"]

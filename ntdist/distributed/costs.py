@@ -3,7 +3,7 @@
 Arithmetic on one member's sizes (`MemberSize`, read from a model built on `meta`) and the `MemberLayout`;
 nothing here joins a process group or allocates a model. `ntdist run --dry-run` prints it
 (`ntdist/commands/dryrun.py`), the scale section of docs/PERFORMANCE.md is that command's output, and
-`tests/multiproc/test_dryrun.py` compares it with bytes counted and peak RSS measured on 4 CPU ranks.
+`tests/multiproc/test_dryrun_measured.py` compares it with bytes counted and peak RSS measured on 4 CPU ranks.
 
 Bytes are payloads at the torch.distributed call: what a rank hands to `send` or `recv`, to `broadcast` (the
 root sends it, every other rank receives it) and to `all_reduce` (each rank its whole tensor). What crosses the
@@ -23,7 +23,7 @@ from ntdist.fusion.schedule import recursive_plan
 
 HEADER_BYTES_PER_TENSOR = 8   # every model transfer starts with one int64 dtype code per tensor (comm._Wire.header)
 NT_PAIR_WORK = 1.75           # NT's memory while fusing a pair, beyond the pair and its result, in the member's
-#                               largest tensors (two MLPs on CPU ranks: tests/multiproc/test_dryrun.py and
+#                               largest tensors (two MLPs on CPU ranks: tests/multiproc/test_dryrun_measured.py and
 #                               benchmarks/tree_memory.py; assumed for other networks)
 SAFETENSORS_BYTES_PER_TENSOR = 110   # a checkpoint's JSON header entry per tensor (name, dtype, shape, offsets)
 CHECKPOINT_METADATA_BYTES = 400      # its spec and metadata, without the history
@@ -218,7 +218,8 @@ def deepspeed_memory(size: MemberSize, activations: int, ranks: int, stage: int,
 
 def checkpoint_bytes(size: MemberSize, epochs: int = 0) -> int:
     """A checkpoint of one model: its tensors, a header entry per tensor, the metadata and `epochs` records."""
-    return size.state_bytes + SAFETENSORS_BYTES_PER_TENSOR * size.tensors + CHECKPOINT_METADATA_BYTES + EPOCH_RECORD_BYTES * epochs
+    header = SAFETENSORS_BYTES_PER_TENSOR * size.tensors + CHECKPOINT_METADATA_BYTES + EPOCH_RECORD_BYTES * epochs
+    return size.state_bytes + header
 
 
 def state_file_bytes(size: MemberSize, momentum: bool, epochs: int, gpus: int = 0) -> int:
@@ -229,13 +230,11 @@ def state_file_bytes(size: MemberSize, momentum: bool, epochs: int, gpus: int = 
 
 def teacher_costs(layout: MemberLayout, size: MemberSize, batch: int, sample_bytes: int, classes: int,
                   sharded: bool) -> Dict[str, int]:
-    """Per rank: the distillation teacher's weights, what sharing it moves once, and what it moves per step."""
+    """Per rank: the distillation teacher's weights, and what the sharded one gathers, reduce-scatters and holds
+    per step for batches of `batch` inputs of `sample_bytes` each (`training.teacher`)."""
     w, k = layout.world_size, layout.num_members
     if not sharded:
-        return {"weights": k * size.state_bytes, "once": (k - len(layout.held_by(0))) * size.wire_bytes,
-                "inputs": 0, "logits": 0, "buffers": 0}
+        return {"weights": k * size.state_bytes, "inputs": 0, "logits": 0, "buffers": 0}
     most = max(len(layout.members_of(r)) for r in range(w))
-    gathered, logits = w * batch * sample_bytes, w * batch * classes * 4
-    return {"weights": most * size.state_bytes, "once": size.wire_bytes if layout.group_size > 1 else 0,
-            "inputs": (w - 1) * batch * sample_bytes, "logits": (w - 1) * batch * classes * 4,
-            "buffers": gathered + logits}
+    return {"weights": most * size.state_bytes, "inputs": (w - 1) * batch * sample_bytes,
+            "logits": (w - 1) * batch * classes * 4, "buffers": w * batch * (sample_bytes + classes * 4)}

@@ -13,7 +13,7 @@ import torch
 
 from helpers import ROOT, ntdist
 from ntdist.cli import main
-from ntdist.commands.dryrun import make_plan, render
+from ntdist.commands.dryrun_plan import make_plan
 from ntdist.config import load_config
 from ntdist.data import load_synthetic_splits, synthetic_shapes
 from ntdist.distributed import costs
@@ -94,6 +94,7 @@ def test_a_sweep_checks_every_points_layout(tmp_path, capsys):
     assert main(["run", str(path), "--dry-run", "--world-size", "4"]) == 2
     assert "4 ranks cannot train 3 members" in capsys.readouterr().err
     assert main(["run", str(path), "--dry-run", "--world-size", "6"]) == 0
+    assert "sweep of 2 runs, every layout checked" in capsys.readouterr().out
 
 
 def test_synthetic_shapes_are_the_synthetic_splits():
@@ -131,11 +132,11 @@ def test_checkpoint_sizes_are_within_a_tenth_of_the_files(tmp_path):
 
 
 def test_activations_on_meta_equal_those_of_a_cpu_forward():
-    from ntdist.commands.dryrun import activation_bytes
+    from ntdist.commands.dryrun_plan import activation_bytes
     spec = ModelSpec("lenet", {"in_channels": 1, "image_size": 28, "num_classes": 10})
     with torch.device("meta"):
         meta = spec.build()
-    assert activation_bytes(meta, spec, (1, 28, 28), 2) == activation_bytes(spec.build(), spec, (1, 28, 28), 2)
+    assert activation_bytes(meta, (1, 28, 28), 2) == activation_bytes(spec.build(), (1, 28, 28), 2)
 
 
 def test_the_scale_section_of_the_performance_page_is_the_commands_output(capsys):

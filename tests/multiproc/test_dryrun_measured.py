@@ -2,7 +2,7 @@
 send/recv/broadcast/all_reduce in every round of the NT tree, of averaging and of OT equal the cost model's
 exactly, and each rank's peak RSS while fusing is the model's within a stated tolerance.
 
-Run: .venv/bin/python -m pytest tests/multiproc/test_dryrun.py
+Run: .venv/bin/python -m pytest tests/multiproc/test_dryrun_measured.py
 """
 
 import ctypes
@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from helpers import spawn
-from ntdist.commands.dryrun import make_plan, render, size_text
+from ntdist.commands.dryrun_plan import make_plan
+from ntdist.commands.dryrun import render, size_text
 from ntdist.distributed import costs
 from ntdist.fusion.schedule import recursive_plan
 
@@ -89,7 +90,8 @@ def _rank(rank, out_dir, k, width, methods):
     from ntdist.distributed.world import DistributedConfig, World, init_world, shutdown
     from ntdist.models import ModelSpec
 
-    world = init_world(DistributedConfig(threads_per_rank=1, timeout_s=120))
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""   # CPU ranks on any machine: host memory is what is measured
+    world = init_world(DistributedConfig(backend="gloo", threads_per_rank=1, timeout_s=120))
     with torch.device("meta"):
         warm = torch.nn.Linear(2, 2)
     warm.to_empty(device="cpu")   # the first `to_empty` of a process loads 34 MiB of code, once: not the model's
