@@ -23,8 +23,8 @@ from ntdist.fusion.schedule import recursive_plan
 RANKS = 4
 SMALL, LARGE = 64, 3072   # hidden widths: bytes are checked on the small MLP, memory on the large one (72 MiB)
 # How far a rank's measured extra peak RSS may lie from the model's, in members, plus 8 MiB. A rank that fuses:
-# NT's work tensors go through glibc's heap, whose reuse varies from run to run (the same run measured 2.51-2.88
-# and 3.51-4.13 members against 2.88 and 3.88 predicted); a rank that only sends, receives or averages: 0.1.
+# NT's work tensors go through glibc's heap, whose reuse varies from run to run (repeated runs measured 2.51-2.88
+# and 3.51-4.13 members against 2.87 and 3.87 predicted); a rank that only sends, receives or averages: 0.1.
 FUSING_TOLERANCE, MOVING_TOLERANCE, MEMORY_SLACK = 0.4, 0.1, 8 * 2 ** 20
 
 
