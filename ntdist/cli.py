@@ -19,12 +19,13 @@ from ntdist import __version__  # noqa: E402
 from ntdist.commands.bench import bench_fusion  # noqa: E402
 from ntdist.commands.bench_train import WORKLOADS as TRAIN_WORKLOADS, bench_train  # noqa: E402
 from ntdist.commands.checkpoints import ModelSource  # noqa: E402
+from ntdist.commands.dryrun import dry_run_command  # noqa: E402
 from ntdist.commands.eval import SPLITS as EVAL_SPLITS, eval_command  # noqa: E402
 from ntdist.commands.fuse import KEYS as FUSE_KEYS, flag as fuse_flag, fuse_command, fusion_config  # noqa: E402
 from ntdist.commands.report import report_command  # noqa: E402
 from ntdist.commands.run import run_command  # noqa: E402
 from ntdist.config import describe_keys  # noqa: E402
-from ntdist.errors import EXIT_FAILURE, NtdistError  # noqa: E402
+from ntdist.errors import EXIT_FAILURE, NtdistError, UserError  # noqa: E402
 
 RUN_EPILOG = """Overrides are dotted keys, e.g.:
   ntdist run configs/quickstart.yaml train.epochs=5 fusion.methods=[nt,avg] model.kwargs.width=64
@@ -48,6 +49,10 @@ def _add_run(sub, common) -> None:
     run.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     run.add_argument("--resume", action="store_true", help="continue the run in output.dir")
     run.add_argument("--overwrite", action="store_true", help="start again in a non-empty output.dir")
+    run.add_argument("--dry-run", action="store_true", help="check the run for --world-size ranks and print its layout, "
+                     "fusion rounds, memory and checkpoint sizes, without joining ranks or training")
+    run.add_argument("--world-size", type=int, default=None, help="--dry-run: the ranks to plan for (default 1)")
+    run.add_argument("--gpus-per-node", type=int, default=None, help="--dry-run: ranks per node (shows what crosses nodes)")
 
 
 def _add_fuse(sub, common) -> None:
@@ -154,6 +159,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
+    if args.dry_run:
+        return dry_run_command(args.config, args.overrides, args.world_size or 1, args.gpus_per_node)
+    if args.world_size is not None or args.gpus_per_node is not None:
+        raise UserError("--world-size and --gpus-per-node plan a run with --dry-run; a real run's ranks come from "
+                        "its launcher (torchrun, srun, mpirun)")
     return run_command(args.config, args.overrides, resume=args.resume, overwrite=args.overwrite)
 
 

@@ -207,6 +207,14 @@ def load_synthetic_splits(cfg: DataConfig) -> Splits:
     return _tensor_splits(x.view(-1, *shape), y, cfg, cfg.synthetic_classes)
 
 
+def synthetic_shapes(cfg: DataConfig) -> Splits:
+    """The splits `load_synthetic_splits` makes, as `meta` tensors: their sizes and shapes without the data
+    (what `ntdist run --dry-run` needs of a million samples)."""
+    x = torch.empty(cfg.synthetic_samples, *cfg.synthetic_shape, device="meta")
+    y = torch.empty(cfg.synthetic_samples, dtype=torch.long, device="meta")
+    return _tensor_splits(x, y, cfg, cfg.synthetic_classes)
+
+
 def _image_tensors(data, in_shape, mean, std, augment: Augment = Augment()) -> ImageTensors:
     """A torchvision set's decoded uint8 `data` ([N, H, W], [N, H, W, C] or [N, C, H, W]) as `ImageTensors`."""
     images = torch.as_tensor(data.data)
