@@ -38,11 +38,14 @@ install: $(CORE)
 demo: $(CORE)
 	$(PY) -m ntdist run configs/demo_mnist1d.yaml --overwrite
 
+# The unit tier runs on two workers (one process per test file group, no shared state between tests); the
+# multi-process and launcher tiers start their own process groups on free ports and run one test at a time.
 test: $(FULL)
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra -n 2 tests/unit
+	$(PY) -m pytest -q -ra tests/multiproc tests/launchers
 
 test-unit: $(UNIT)
-	$(PY) -m pytest -q -ra tests/unit
+	$(PY) -m pytest -q -ra -n 2 tests/unit
 
 bench: $(CORE)
 	$(PY) -m ntdist bench fusion --out runs/bench_fusion.csv

@@ -5,7 +5,8 @@
     .venv/bin/python -m pytest -m multiproc tests
 
 unit: one process, no network (config, data, fusion math, reports, the CLI in one process);
-multiproc: several local gloo processes on free ports with hard time-outs (torchrun, DDP, resume);
+multiproc: several local gloo processes on free ports with hard time-outs (torchrun, DDP, resume), and
+  end-to-end runs that train several models through the CLI (minutes each);
 launchers: the real launch/ wrappers under torchrun, accelerate, mpirun and a local SLURM cluster.
 """
 

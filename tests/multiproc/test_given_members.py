@@ -4,7 +4,7 @@ The members are ResNet18s (ntdist's small-image ResNet at width 8) trained on di
 saved as plain state dicts, a .safetensors and a torch .pt file; wrapped state dicts (DDP, Lightning,
 torch.compile) load too, and a file that does not fit stops the run before anything is written.
 
-Run: .venv/bin/python -m pytest tests/unit/test_given_members.py
+Run: .venv/bin/python -m pytest tests/multiproc/test_given_members.py
 """
 
 import json
