@@ -87,6 +87,7 @@ def _extra_peak(step):
 def _rank(rank, out_dir, k, width, methods):
     from ntdist.distributed.layout import MemberLayout
     from ntdist.distributed.tree import ot_reduce, reduce_average, tree_fuse
+    from ntdist.fusion import NTOptions
     from ntdist.distributed.world import DistributedConfig, World, init_world, shutdown
     from ntdist.models import ModelSpec
 
@@ -104,7 +105,7 @@ def _rank(rank, out_dir, k, width, methods):
         torch.manual_seed(member)
         held[member] = spec.build()
     example = torch.randn(2, LARGE)
-    fusions = {"nt": lambda: tree_fuse(world, held, layout.holders, spec.build, example_inputs=example),
+    fusions = {"nt": lambda: tree_fuse(world, held, layout.holders, spec.build, NTOptions(), example_inputs=example),
                "avg": lambda: reduce_average(world, held, layout.holders, spec.build),
                "ot": lambda: ot_reduce(world, held, layout.holders, spec.build, example)}
     out = {}
