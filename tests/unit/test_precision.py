@@ -4,6 +4,7 @@ config must agree with finetune.precision.
 Run: .venv/bin/python -m pytest tests/unit/test_precision.py
 """
 
+import importlib.util
 import json
 
 import pytest
@@ -49,7 +50,11 @@ def test_bad_precision_settings_are_one_line(override, words):
         load_config(None, [override, *extra])
 
 
-def test_a_deepspeed_config_that_enables_another_precision_is_refused(tmp_path):
+def test_a_deepspeed_config_that_enables_another_precision_is_refused(tmp_path, monkeypatch):
+    # the unit tier installs no engine package: the config check needs only to find deepspeed, not to import it
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: object() if name == "deepspeed"
+                        else find_spec(name, *args))
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"bf16": {"enabled": True}, "fp16": {"enabled": False}}))
     with pytest.raises(UserError, match="enables bf16 but finetune.precision=fp32; set finetune.precision=bf16"):
