@@ -26,12 +26,20 @@ from ntdist.commands.report import report_command  # noqa: E402
 from ntdist.commands.run import run_command  # noqa: E402
 from ntdist.config import describe_keys  # noqa: E402
 from ntdist.errors import EXIT_FAILURE, NtdistError, UserError  # noqa: E402
+from ntdist.sweep import SWEEP_KEYS  # noqa: E402
 
 RUN_EPILOG = """Overrides are dotted keys, e.g.:
   ntdist run configs/quickstart.yaml train.epochs=5 fusion.methods=[nt,avg] model.kwargs.width=64
 
 Config keys (YAML files hold only what differs from these defaults):
 """
+SWEEP_HELP = {   # the top-level keys of sweep.SWEEP_KEYS, which the run command expands into several runs
+    "seeds": "(list of int, default none): run the config once per seed (train.seed), each in "
+             "output.dir/seed=<s>/, then write sweep.json (mean ± std) and one report; e.g. 'seeds=[0,1,2]'",
+    "sweep": "(mapping of dotted key to a list of values, default none; YAML only): a grid: every combination "
+             "(seeds innermost) runs in its own sub-directory of output.dir; finished points are skipped",
+}
+SWEEP_EPILOG = "\n\nSeeds and sweeps (top-level keys):\n" + "\n".join(f"  {key} {SWEEP_HELP[key]}" for key in SWEEP_KEYS)
 FUSE_EPILOG = """Fusion keys are those of ntdist run, with the same defaults and checks (fusion.methods holds the
 one method to fuse with, fusion.k is the number of checkpoints); each also has a flag, e.g.:
   ntdist fuse a.safetensors b.safetensors -o f.safetensors fusion.importance=l1 fusion.dedup=on
@@ -44,7 +52,7 @@ Keys:
 def _add_run(sub, common) -> None:
     run = sub.add_parser("run", parents=[common], help="train members, fuse, fine-tune (the whole workflow)",
                          formatter_class=argparse.RawDescriptionHelpFormatter,
-                         epilog=RUN_EPILOG + "\n".join(describe_keys()))
+                         epilog=RUN_EPILOG + "\n".join(describe_keys()) + SWEEP_EPILOG)
     run.add_argument("config", help="YAML experiment file, e.g. configs/quickstart.yaml")
     run.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     run.add_argument("--resume", action="store_true", help="continue the run in output.dir")
