@@ -18,7 +18,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from helpers import ROOT
 from ntdist.sweep import SWEEP_KEYS

@@ -5,7 +5,7 @@ over 5 seeds", and `ntdist run own_model.yaml` of docs/USAGE.md against "A model
 run like the quick ones of tests/unit/test_docs_runs.py (one thread, a temporary folder); the other
 rows of the demo's table take five runs and are only parsed (tests/unit/test_docs_commands.py).
 
-Run: .venv/bin/python -m pytest tests/multiproc/test_docs_runs.py
+Run: .venv/bin/python -m pytest tests/multiproc/test_docs_long_runs.py
 """
 
 import os
