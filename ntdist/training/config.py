@@ -118,6 +118,9 @@ class FinetuneConfig(OptimConfig):
                 raise UserError(f"finetune.deepspeed_config '{self.deepspeed_config}' enables {in_file} but "
                                 f"finetune.precision={self.precision}; set finetune.precision={in_file} (DeepSpeed then "
                                 "casts the inputs too), or disable it in the file")
+        if self.distill and self.label_smoothing > 0:
+            raise UserError("finetune.label_smoothing applies to plain fine-tuning's cross-entropy, not to the loss "
+                            "of finetune.distill=true; set finetune.label_smoothing=0 or finetune.distill=false")
         if not self.temperature > 0:
             raise UserError(f"finetune.temperature must be > 0 (it divides the logits), got {self.temperature}")
         if self.zero_stage not in ZERO_STAGES:

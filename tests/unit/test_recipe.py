@@ -1,0 +1,155 @@
+"""The training recipe keys: optimizer (sgd | adamw), betas, the no-decay group, warmup_epochs, label_smoothing and
+grad_clip, in their config sections, the loop, vectorised members and a resume inside an epoch.
+
+Run: .venv/bin/python -m pytest tests/unit/test_recipe.py
+"""
+
+import dataclasses
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+import ntdist.stages.members as members
+from helpers import ROOT, make_run
+from ntdist.cli import main
+from ntdist.config import load_config
+from ntdist.errors import UserError
+from ntdist.models.weights import build_member
+from ntdist.training.batches import TensorBatches
+from ntdist.training.config import member_seed
+from ntdist.training.loop import Precision, grad_clipper, make_optimizer, make_scheduler, train_epoch
+from ntdist.stages.vectorized import member_batches, train_together, why_not
+
+RECIPE = ["train.optimizer=adamw", "train.lr=0.01", "train.weight_decay=0.05", "train.betas=[0.8,0.99]",
+          "train.warmup_epochs=1", "train.schedule=cosine", "train.label_smoothing=0.1", "train.grad_clip=0.5"]
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.optimizer=adam", ["train.optimizer", "'adam'", "adamw"]),
+    ("finetune.optimizer=lamb", ["finetune.optimizer", "sgd"]),
+    ("train.betas=[0.9]", ["train.betas", "two numbers"]),
+    ("train.betas=[0.9,1.0]", ["train.betas", "[0, 1)"]),
+    ("train.warmup_epochs=11", ["train.warmup_epochs", "0..train.epochs (10)"]),
+    ("finetune.warmup_epochs=-1", ["finetune.warmup_epochs"]),
+    ("train.label_smoothing=1", ["train.label_smoothing", "[0, 1)"]),
+    ("finetune.grad_clip=-1", ["finetune.grad_clip", "> 0"]),
+])
+def test_recipe_keys_refuse_bad_values_with_one_line(override, words):
+    with pytest.raises(UserError) as info:
+        load_config(None, [override])
+    assert "\n" not in str(info.value) and all(w in str(info.value) for w in words), str(info.value)
+
+
+def test_recipe_keys_are_accepted_per_section_and_an_unknown_optimizer_exits_2(tmp_path, capsys):
+    cfg = load_config(None, [*RECIPE, "finetune.optimizer=adamw", "finetune.grad_clip=0"])
+    assert (cfg.train.optimizer, cfg.train.betas, cfg.train.warmup_epochs) == ("adamw", [0.8, 0.99], 1)
+    assert (cfg.train.label_smoothing, cfg.train.grad_clip) == (0.1, 0.5)
+    assert (cfg.finetune.optimizer, cfg.finetune.warmup_epochs, cfg.finetune.grad_clip) == ("adamw", 0, 0)
+    assert load_config(None, []).train.optimizer == "sgd" == load_config(None, []).finetune.optimizer
+    with pytest.raises(UserError, match="finetune.label_smoothing.*finetune.distill"):
+        load_config(None, ["finetune.distill=true", "finetune.label_smoothing=0.1"])
+    assert main(["run", os.path.join(ROOT, "configs/quickstart.yaml"), "train.optimizer=adamx", f"output.dir={tmp_path / 'run'}"]) == 2
+    assert not (tmp_path / "run").exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.optimizer" in err[0] and "adamw" in err[0], err
+
+
+def test_adamw_leaves_norm_weights_and_biases_undecayed():
+    model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.BatchNorm1d(2), nn.Flatten(), nn.Linear(8, 3), nn.LayerNorm(3))
+    cfg = load_config(None, ["train.optimizer=adamw", "train.weight_decay=0.1"]).train
+    optimizer = make_optimizer(model, cfg)
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert decay[id(p)] == (0.1 if p.ndim > 1 else 0.0), name
+    assert len(decay) == len(list(model.parameters()))
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():   # no gradient signal: only decoupled decay can move a parameter
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for (name, p), old in zip(model.named_parameters(), before):
+        assert torch.equal(p, old) == (p.ndim <= 1), name
+    sgd = make_optimizer(model, load_config(None, []).train)
+    assert [g["weight_decay"] for g in sgd.param_groups] == [5e-4]   # sgd: one group, as before
+
+
+@pytest.mark.parametrize("schedule, after", [("cosine", [1.0, 0.5 * (1 + math.cos(math.pi / 3)),
+                                                         0.5 * (1 + math.cos(2 * math.pi / 3))]),
+                                             ("step", [1.0, 1.0, 0.1]), ("none", [1.0, 1.0, 1.0])])
+def test_warmup_ramps_linearly_then_the_schedule_starts_at_the_full_lr(schedule, after):
+    cfg = load_config(None, ["train.lr=0.3", "train.epochs=6", "train.warmup_epochs=3", f"train.schedule={schedule}",
+                             "train.step_size=2"]).train
+    optimizer = make_optimizer(_tiny(), cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    lrs = []
+    for _ in range(cfg.epochs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    expected = [0.3 * f for f in [1 / 4, 2 / 4, 3 / 4, *after]]
+    assert lrs == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    plain = load_config(None, ["train.lr=0.3", "train.epochs=6", f"train.schedule={schedule}"]).train
+    assert type(make_scheduler(make_optimizer(_tiny(), plain), plain)) is not type(scheduler)   # 0: unchanged
+
+
+def test_label_smoothing_gives_torchs_smoothed_loss():
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    model = _tiny()
+    with torch.no_grad():
+        plain, smoothed = F.cross_entropy(model(x), y), F.cross_entropy(model(x), y, label_smoothing=0.2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = train_epoch(model, [(x, y)], optimizer, "cpu", progress=False, label_smoothing=0.2)
+    assert loss == pytest.approx(smoothed.item(), rel=1e-6) and abs(loss - plain.item()) > 1e-3
+
+
+def test_grad_clip_bounds_the_global_norm_before_each_step():
+    x, y = torch.randn(16, 6) * 50, torch.randint(0, 3, (16,))
+    norms = []
+    for clip in (None, 0.25):
+        model = _tiny()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        step = optimizer.step
+
+        def spy(*args, **kwargs):
+            norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item())
+            return step(*args, **kwargs)
+        optimizer.step = spy
+        Precision("fp32", "cpu").backward_step(F.cross_entropy(model(x), y), optimizer,
+                                               clip=grad_clipper(clip, model.parameters()))
+    assert norms[0] > 1.0 and norms[1] == pytest.approx(0.25, rel=1e-4)
+    assert grad_clipper(0, []) is None and grad_clipper(None, []) is None
+
+
+def test_vectorised_adamw_with_clip_equals_sequential_in_float64(tmp_path):
+    torch.set_default_dtype(torch.float64)
+    try:
+        run = make_run(tmp_path, "model.kwargs.width=16", "fusion.k=2", "train.epochs=2", "data.batch_size=32",
+                       "data.train_fraction=0.1", "train.vectorize=on", *RECIPE)
+        double = {split: TensorDataset(torch.stack([s[0] for s in data]).double(), torch.stack([s[1] for s in data]))
+                  for split, data in (("train", run.splits.train), ("val", run.splits.val), ("test", run.splits.test))}
+        run = dataclasses.replace(run, splits=dataclasses.replace(run.splits, **double))
+        seeds = [member_seed(run.cfg.train, i) for i in (0, 1)]
+        models = [build_member(run.spec, s) for s in seeds]
+        batches = member_batches(run, seeds)
+        assert isinstance(batches[0], TensorBatches) and why_not(run, models, batches) is None
+        together = train_together(run, [0, 1], seeds, models, batches)
+        alone_run = dataclasses.replace(run, rundir=make_run(tmp_path / "alone", "model.kwargs.width=16").rundir)
+        for i in (0, 1):
+            alone, history = members.train_member(alone_run, i)
+            model, vector_history = together[i]
+            for (key, a), b in zip(alone.state_dict().items(), model.state_dict().values()):
+                torch.testing.assert_close(b, a, rtol=0, atol=1e-5, msg=f"member {i} {key}")
+            assert abs(history[-1]["loss"] - vector_history[-1]["loss"]) < 1e-6
+            assert [h["lr"] for h in history] == [h["lr"] for h in vector_history] == pytest.approx([0.005, 0.01])
+        assert not torch.equal(*[next(together[i][0].parameters()) for i in (0, 1)])   # own seeds
+    finally:
+        torch.set_default_dtype(torch.float32)
