@@ -153,3 +153,32 @@ def test_vectorised_adamw_with_clip_equals_sequential_in_float64(tmp_path):
         assert not torch.equal(*[next(together[i][0].parameters()) for i in (0, 1)])   # own seeds
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+def test_stopped_inside_an_epoch_then_resumed_is_bit_identical_with_the_recipe(tmp_path, monkeypatch):
+    import ntdist.training.resume as resume
+    from ntdist.errors import Preempted
+    from ntdist.records.checkpoint import read_checkpoint
+    from ntdist.training.batches import train_batches
+
+    args = ["model.kwargs.width=16", "train.epochs=3", "data.batch_size=16", "data.train_fraction=0.1",
+            "train.checkpoint_every_steps=2", *RECIPE]
+    whole_run = make_run(tmp_path / "whole", *args)
+    whole, whole_history = members.train_member(whole_run, 0)
+    checkpoints = (len(train_batches(whole_run.splits.train, 16, 0)) - 1) // 2   # inside each epoch
+    assert checkpoints >= 2
+    calls = []   # the first stop request: batch 4 of epoch 2 of 3, past the warm-up
+    monkeypatch.setattr(resume, "preempt_requested", lambda: calls.append(1) or len(calls) == checkpoints + 2)
+    cut = make_run(tmp_path / "cut", *args)
+    with pytest.raises(Preempted, match="at batch 4 of epoch 2"):
+        members.train_member(cut, 0)
+    cut.rundir.release()
+    extra = read_checkpoint(cut.rundir.member_state(0))[2]
+    assert any(k.endswith(".exp_avg_sq") for k in extra) and any(k.endswith(".step") for k in extra)   # AdamW's
+    monkeypatch.setattr(resume, "preempt_requested", lambda: False)
+    resumed, resumed_history = members.train_member(make_run(tmp_path / "cut", *args, resume=True), 0)
+    timing = ("samples_per_s", "peak_device_mib")
+    assert [{k: v for k, v in h.items() if k not in timing} for h in resumed_history] == \
+        [{k: v for k, v in h.items() if k not in timing} for h in whole_history]
+    for key, value in whole.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
