@@ -22,7 +22,7 @@ from ntdist.errors import UserError
 from ntdist.models.weights import build_member
 from ntdist.training.batches import TensorBatches
 from ntdist.training.config import member_seed
-from ntdist.training.loop import Precision, grad_clipper, make_optimizer, make_scheduler, train_epoch
+from ntdist.training.loop import Precision, make_optimizer, make_scheduler, train_epoch
 from ntdist.stages.vectorized import member_batches, train_together, why_not
 
 RECIPE = ["train.optimizer=adamw", "train.lr=0.01", "train.weight_decay=0.05", "train.betas=[0.8,0.99]",
@@ -40,7 +40,7 @@ def _tiny():
     ("train.betas=[0.9]", ["train.betas", "two numbers"]),
     ("train.betas=[0.9,1.0]", ["train.betas", "[0, 1)"]),
     ("train.warmup_epochs=11", ["train.warmup_epochs", "0..train.epochs (10)"]),
-    ("finetune.warmup_epochs=-1", ["finetune.warmup_epochs"]),
+    ("finetune.warmup_epochs=-1", ["finetune.warmup_epochs", "must be in 0..finetune.epochs"]),
     ("train.label_smoothing=1", ["train.label_smoothing", "[0, 1)"]),
     ("finetune.grad_clip=-1", ["finetune.grad_clip", "> 0"]),
 ])
@@ -112,6 +112,7 @@ def test_label_smoothing_gives_torchs_smoothed_loss():
 
 
 def test_grad_clip_bounds_the_global_norm_before_each_step():
+    from ntdist.training.loop import grad_clipper
     x, y = torch.randn(16, 6) * 50, torch.randint(0, 3, (16,))
     norms = []
     for clip in (None, 0.25):
@@ -182,3 +183,31 @@ def test_stopped_inside_an_epoch_then_resumed_is_bit_identical_with_the_recipe(t
         [{k: v for k, v in h.items() if k not in timing} for h in whole_history]
     for key, value in whole.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_finetuning_trains_the_recipe_as_a_torch_loop(tmp_path):
+    from ntdist.stages.finetune import finetune
+    from ntdist.training.batches import feed, train_batches
+
+    run = make_run(tmp_path, "model.kwargs.width=16", "data.train_fraction=0.1", "finetune.epochs=2",
+                   *[key.replace("train.", "finetune.") for key in RECIPE])
+    model = build_member(run.spec, 3)
+    reference = build_member(run.spec, 3)
+    history = finetune(run, model, "nt", seed=7)
+    assert [h["lr"] for h in history] == pytest.approx([0.005, 0.01])   # half the LR in the warm-up epoch
+    decay = [p for p in reference.parameters() if p.ndim > 1]
+    flat = [p for p in reference.parameters() if p.ndim <= 1]
+    optimizer = torch.optim.AdamW([{"params": decay}, {"params": flat, "weight_decay": 0.0}], lr=0.01,
+                                  betas=(0.8, 0.99), weight_decay=0.05)
+    loader = train_batches(run.splits.train, run.cfg.data.batch_size, 7, **feed(run.cfg.data, "cpu"))
+    for epoch, lr in ((1, 0.005), (2, 0.01)):
+        loader.set_epoch(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for x, y in loader:
+            optimizer.zero_grad()
+            F.cross_entropy(reference(x), y, label_smoothing=0.1).backward()
+            torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+            optimizer.step()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
