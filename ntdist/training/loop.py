@@ -31,8 +31,7 @@ LR_SCHEDULES = {   # name -> epoch-wise LR scheduler (stepped once per epoch)
 }
 
 OPTIMIZERS = {   # name -> optimizer over the parameter groups of `param_groups`
-    "sgd": lambda groups, cfg: torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
-                                               weight_decay=cfg.weight_decay),
+    "sgd": lambda groups, cfg: torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
     "adamw": lambda groups, cfg: torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas),
                                                    weight_decay=cfg.weight_decay),
 }
@@ -92,8 +91,7 @@ class OptimConfig:
     optimizer: str = opt("sgd", "optimizer: " + " | ".join(OPTIMIZERS))
     lr: float = opt(0.05, "learning rate")
     momentum: float = opt(0.9, "SGD momentum")
-    betas: List[float] = opt([0.9, 0.999], "adamw: decay rates of the running means of the gradient and of its "
-                                           "square")
+    betas: List[float] = opt([0.9, 0.999], "adamw: decay rates of the running means of the gradient and its square")
     weight_decay: float = opt(5e-4, "weight decay: sgd's L2 term on every parameter; adamw's decoupled decay on "
                                     "the weights only (parameters with ndim <= 1, normalisation weights and "
                                     "biases, get none)")
@@ -183,12 +181,9 @@ def make_scheduler(optimizer, cfg: OptimConfig):
 
 
 def grad_clipper(max_norm: Optional[float], parameters) -> Optional[Callable[[], None]]:
-    """What clips the gradients of `parameters` to the global norm `max_norm` between backward and step,
-    or None when clipping is off (`max_norm` None or 0)."""
-    if not max_norm:
-        return None
+    """What clips the gradients of `parameters` to the global norm `max_norm` (None when that is None or 0)."""
     params = list(parameters)
-    return lambda: torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return (lambda: torch.nn.utils.clip_grad_norm_(params, max_norm)) if max_norm else None
 
 
 @dataclass

@@ -16,7 +16,7 @@ from helpers import ROOT, spawn
 RECIPE = ["finetune.optimizer=adamw", "finetune.lr=0.02", "finetune.weight_decay=0.1", "finetune.grad_clip=0.3",
           "finetune.label_smoothing=0.1"]
 ENGINES = [["finetune.engine=ddp"], ["finetune.engine=accelerate"],
-           ["finetune.engine=deepspeed", "finetune.zero_stage=0"], ["finetune.engine=deepspeed", "finetune.zero_stage=2"]]
+           *[["finetune.engine=deepspeed", f"finetune.zero_stage={stage}"] for stage in (0, 2)]]
 
 
 def _reference(model, batches, clip: float):

@@ -58,7 +58,11 @@ def test_recipe_keys_are_accepted_per_section_and_an_unknown_optimizer_exits_2(t
     assert load_config(None, []).train.optimizer == "sgd" == load_config(None, []).finetune.optimizer
     with pytest.raises(UserError, match="finetune.label_smoothing.*finetune.distill"):
         load_config(None, ["finetune.distill=true", "finetune.label_smoothing=0.1"])
-    assert main(["run", os.path.join(ROOT, "configs/quickstart.yaml"), "train.optimizer=adamx", f"output.dir={tmp_path / 'run'}"]) == 2
+    with pytest.raises(UserError, match="train.grad_clip do not apply to mode sync"):
+        load_config(None, ["mode=sync", "train.grad_clip=1"])
+    assert load_config(None, ["mode=sync", "train.optimizer=adamw", "train.warmup_epochs=1"]).train.optimizer == "adamw"
+    config = os.path.join(ROOT, "configs/quickstart.yaml")
+    assert main(["run", config, "train.optimizer=adamx", f"output.dir={tmp_path / 'run'}"]) == 2
     assert not (tmp_path / "run").exists()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train.optimizer" in err[0] and "adamw" in err[0], err
