@@ -215,3 +215,26 @@ def test_finetuning_trains_the_recipe_as_a_torch_loop(tmp_path):
             optimizer.step()
     for a, b in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_vectorised_members_resume_their_adamw_state_bit_identically(tmp_path, monkeypatch):
+    import ntdist.stages.vectorized as vectorized
+    from ntdist.errors import Preempted
+
+    args = ["model.kwargs.width=16", "fusion.k=2", "train.epochs=3", "train.vectorize=on", "data.train_fraction=0.1",
+            *RECIPE]
+    whole = members.train_members(make_run(tmp_path / "whole", *args), [0, 1], {})
+    monkeypatch.setattr(vectorized, "preempt_requested", lambda: True)   # stop after epoch 1, in the warm-up
+    cut = make_run(tmp_path / "cut", *args)
+    with pytest.raises(Preempted, match="after epoch 1"):
+        members.train_members(cut, [0, 1], {})
+    cut.rundir.release()
+    monkeypatch.setattr(vectorized, "preempt_requested", lambda: False)
+    calls = []
+    monkeypatch.setattr(members, "train_member", lambda *a: calls.append(a))   # must resume vectorised
+    resumed = members.train_members(make_run(tmp_path / "cut", *args, resume=True), [0, 1], {})
+    assert calls == []
+    for i in (0, 1):
+        assert [h["lr"] for h in resumed[i][1]] == [h["lr"] for h in whole[i][1]]
+        for key, value in whole[i][0].state_dict().items():
+            assert torch.equal(value, resumed[i][0].state_dict()[key]), (i, key)
