@@ -24,7 +24,7 @@ import torch.nn as nn
 from ntdist.errors import UserError, check_choice
 from ntdist.fusion.wide.assemble import clone_with, tensors_of
 from ntdist.fusion.baselines import average
-from ntdist.fusion.checks import check_models, check_weights
+from ntdist.fusion.checks import check_models, check_weights, check_widths
 from ntdist.fusion.dedup.activations import activation_signatures
 from ntdist.fusion.analysis.graph import Plan, analyze
 from ntdist.fusion.analysis.plan import parts_of
@@ -49,8 +49,13 @@ class _Transport:
         self.perm = torch.as_tensor(plan.argmax(axis=1), device=device) if (nz == 1).all() else None
         self.matrix = None if self.perm is not None else torch.as_tensor(plan * n_a, device=device)
         self.n = n_a
+        self.ratio = plan.shape[1] / n_a   # member units per anchor unit
 
-    def apply(self, t: torch.Tensor, d: int, factor: int) -> torch.Tensor:
+    def apply(self, t: torch.Tensor, d: int, factor: int, reader: bool = False) -> torch.Tensor:
+        """`t` along dimension d onto the anchor's units: an anchor unit gets the mean of the member units sent to
+        it; a layer that reads the space (`reader`) gets their sum instead (the same where the widths agree)."""
+        if reader and self.ratio != 1:
+            return self.apply(t, d, factor) * self.ratio
         if self.perm is not None:
             steps = torch.arange(factor, device=self.perm.device)
             idx = self.perm if factor == 1 else (self.perm[:, None] * factor + steps).reshape(-1)
@@ -79,10 +84,12 @@ def _producers(plan: Plan):
 
 
 def _move(maps, t: torch.Tensor, d: int, layout, sizes) -> torch.Tensor:
-    """`t` with every part of `layout` along dimension d transported onto the anchor's units."""
+    """`t` with every part of `layout` along dimension d transported onto the anchor's units (dimension 0 is the
+    units a layer produces, any other one those it reads)."""
     if len(layout) == 1:
-        return maps[layout[0].space].apply(t, d, layout[0].factor)
-    return torch.cat([maps[p.space].apply(piece, d, p.factor) for p, piece in parts_of(t, d, layout, sizes)], d)
+        return maps[layout[0].space].apply(t, d, layout[0].factor, d > 0)
+    return torch.cat([maps[p.space].apply(piece, d, p.factor, d > 0) for p, piece in parts_of(t, d, layout, sizes)],
+                     d)
 
 
 def _solve(cost: Optional[torch.Tensor], n: int, device, reg: float = 0.0) -> _Transport:
@@ -168,8 +175,9 @@ def ot_fuse(models: Sequence[nn.Module], weights: Optional[Sequence[float]] = No
     """Align every model to model 0 with OT (`mode`: weights or activations on `example_inputs`, a few hundred
     training inputs; `reg`: 0 exact, > 0 Sinkhorn), then average them (weighted)."""
     check_ot(mode, reg)
-    models = check_models(models)
+    models = check_models(models, shapes=False)
     w = check_weights(weights, len(models))
     plan = plan if plan is not None else analyze(models[0], example_inputs)
+    check_widths(models, plan)
     aligned = [models[0]] + [align_to(models[0], m, plan, mode, reg, example_inputs) for m in models[1:]]
     return average(aligned, w)
