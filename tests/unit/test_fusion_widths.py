@@ -11,7 +11,9 @@ import torch.nn as nn
 from helpers import randomise_bn
 from ntdist.errors import UserError
 from ntdist.fusion import concat, fuse
-from ntdist.models import build_model
+from ntdist.cli import main
+from ntdist.models import ModelSpec, build_model
+from ntdist.records.checkpoint import load_model, save_checkpoint
 
 MLP = {"input_dim": 8, "depth": 2}
 
@@ -112,3 +114,18 @@ def test_what_cannot_be_fused_across_widths_is_one_line():
         fuse([Normed(4), Normed(8)], method="nt", example_inputs=x)
     same = [Normed(4), Normed(4)]   # of one width it still fuses
     assert torch.allclose(concat(same, example_inputs=x)(x), average_output(same, x), atol=1e-5)
+
+
+def test_ntdist_fuse_takes_checkpoints_of_different_widths(tmp_path, capsys):
+    paths = []
+    for width, model in zip([4, 8, 16], mlps([4, 8, 16])):
+        paths.append(str(tmp_path / f"m{width}.safetensors"))
+        save_checkpoint(paths[-1], model, ModelSpec("mlp", dict(MLP, width=width, num_classes=10)))
+    calibration = str(tmp_path / "x.pt")
+    torch.save(torch.randn(256, 8), calibration)
+    out = str(tmp_path / "fused.safetensors")
+    assert main(["fuse", "--width", "8", "--calibration", calibration, "-o", out, *paths]) == 0
+    fused, meta = load_model(out)
+    assert widths_of(fused) == [8, 8] and meta["model"]["kwargs"]["width"] == 8
+    assert main(["fuse", "--method", "avg", "-o", str(tmp_path / "avg.safetensors"), *paths]) == 2
+    assert "averaging needs members of identical shapes" in capsys.readouterr().err
