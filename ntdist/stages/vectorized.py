@@ -5,12 +5,12 @@ their parameters and buffers are stacked (`stack_module_state`) and one `vmap` o
 `functional_call` runs all k forward passes per step, each member on its own batch from its own
 data order (one gather for all k: `batches.stacked_batches`). The summed loss gives each member
 exactly its own gradient, and one optimizer over the stacked tensors is element-wise the k separate
-optimizers (SGD's momentum, AdamW's moments and its no-decay group, weight decay included); gradient
-clipping scales each member's slice by that member's own global norm. Each member keeps its seed, initialisation, data
-order, LR schedule, state file and checkpoint: after every epoch one vectorised pass gives every
-member's validation accuracy, and the stacked tensors are copied back into the members, which are
-saved as the sequential loop would. The result equals training them one after another up to
-floating-point summation order (tested to 1e-5 in float64).
+optimizers (SGD's momentum, AdamW's moments and its no-decay group, weight decay included);
+gradient clipping scales each member's slice by that member's own global norm. Each member keeps
+its seed, initialisation, data order, LR schedule, state file and checkpoint: after every epoch one
+vectorised pass gives every member's validation accuracy, and the stacked tensors are copied back
+into the members, which are saved as the sequential loop would. The result equals training them one
+after another up to floating-point summation order (tested to 1e-5 in float64).
 """
 
 import copy

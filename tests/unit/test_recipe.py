@@ -68,6 +68,21 @@ def test_recipe_keys_are_accepted_per_section_and_an_unknown_optimizer_exits_2(t
     assert len(err) == 1 and "train.optimizer" in err[0] and "adamw" in err[0], err
 
 
+def test_deepspeed_clips_to_finetune_grad_clip_and_a_file_that_says_otherwise_is_refused(tmp_path, monkeypatch):
+    import importlib.util
+    import json
+    find_spec = importlib.util.find_spec   # the unit tier installs no deepspeed: the check only needs to find it
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: object() if name == "deepspeed"
+                        else find_spec(name, *args))
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"gradient_clipping": 1.0}))
+    engine = ["finetune.engine=deepspeed", f"finetune.deepspeed_config={ds}"]
+    with pytest.raises(UserError, match="gradient_clipping 1.0 but finetune.grad_clip=None; set finetune.grad_clip=1"):
+        load_config(None, engine)
+    assert load_config(None, [*engine, "finetune.grad_clip=1"]).finetune.grad_clip == 1.0
+    assert load_config(None, [*engine[1:], "finetune.grad_clip=2"]).finetune.grad_clip == 2.0   # ddp ignores the file
+
+
 def test_adamw_leaves_norm_weights_and_biases_undecayed():
     model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.BatchNorm1d(2), nn.Flatten(), nn.Linear(8, 3), nn.LayerNorm(3))
     cfg = load_config(None, ["train.optimizer=adamw", "train.weight_decay=0.1"]).train
