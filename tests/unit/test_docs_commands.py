@@ -72,7 +72,7 @@ RULES = [   # (pattern searched in the command, class, why); the first that matc
     (r"\bbench\b|benchmarks/", PARSE, "benchmarks: minutes, figures depend on the machine"),
     (r"^(torchrun|sbatch)\b|launch/|engine=deepspeed", PARSE, "launchers and engines: tests/launchers"),
     (r"torchvision:|cifar10|--device cuda", PARSE, "a GPU, torchvision weights or data not on this machine"),
-    (r"\b(a|b)\.(safetensors|pt)\b|fused\.safetensors --data|runs/(paper|a|b)\b", PARSE, "the reader's own files"),
+    (r"\b(a|b|m\d+)\.(safetensors|pt)\b|fused\.safetensors --data|runs/(paper|a|b)\b", PARSE, "the reader's own files"),
     (r"^(pip|tensorboard)\b|tensorboard\]", PARSE, "installs a package or starts a viewer"),
     (r"runs/quickstart/|noisy_sines", PARSE, "like a README command that runs, on the quickstart's run directory"),
     (r"^(ntdist|python3? -m ntdist)( \S+)?( --?[\w-]+)*$|--max-restarts", PARSE, "a mention: subcommand, options"),
