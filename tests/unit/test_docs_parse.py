@@ -195,3 +195,10 @@ def test_a_wrong_command_fails_with_its_file_and_line(tmp_path):
         with pytest.raises(BaseException) as failed:
             check_command(Command("README.md", 7, text, True), tmp_path)
         assert "README.md:7: " + text in str(failed.value) and why in str(failed.value), str(failed.value)
+
+
+def test_run_help_names_the_top_level_keys_of_sweeps():
+    """`ntdist run --help` ("every config key", README) lists sweep.SWEEP_KEYS beside the sections' keys."""
+    text = cli._parser()._subparsers._group_actions[0].choices["run"].format_help()
+    for key in SWEEP_KEYS:
+        assert f"\n  {key} (" in text, key
