@@ -48,6 +48,10 @@ def import_callable(path: str, what: str):
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
         raise UserError(f"{what} '{path}' is not of the form package.module:callable")
+    if not all(part.isidentifier() for part in module_name.split(".")):   # a file path: '../mods', 'a/b.py'
+        raise UserError(f"{what} '{path}': '{module_name}' is a path, not a module name; write the module's import "
+                        "path (package.module:callable) and run from the folder that holds it, or add that "
+                        "folder to PYTHONPATH")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())   # as `python -m` would: a user's module beside the config
     try:

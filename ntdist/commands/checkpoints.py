@@ -23,6 +23,7 @@ from ntdist.config import load_config
 from ntdist.data import DataConfig, Splits, load_splits
 from ntdist.errors import UserError
 from ntdist.models import ModelSpec, complete_kwargs
+from ntdist.models.probe import check_runs  # noqa: F401 - fuse and eval check their models with it
 from ntdist.models.statedict import META_KEY, load_weights
 from ntdist.records.checkpoint import file_spec, load_model
 from ntdist.sweep import SWEEP_KEYS
@@ -137,6 +138,9 @@ def usable_device(device: str) -> torch.device:
         torch.empty(0, device=dev)
     except (RuntimeError, AssertionError) as err:
         raise UserError(f"--device {device} is not usable here ({str(err).splitlines()[0]}); use cpu or cuda") from None
+    if dev.type == "meta":   # tensors without values: every weight would be lost
+        raise UserError(f"--device {device} holds shapes but no values, so nothing can be computed there; use cpu "
+                        "or cuda")
     return dev
 
 
@@ -188,31 +192,3 @@ def example_input(spec: ModelSpec) -> Tuple[torch.Tensor, bool]:
     known = "in_channels" in kw or "image_size" in kw
     channels, size = kw.get("in_channels", GUESSED_SHAPE[0]), kw.get("image_size", GUESSED_SHAPE[-1])
     return torch.zeros(2, channels, size, size), not known
-
-
-def check_runs(model: torch.nn.Module, inputs: torch.Tensor, what: str, hint: str) -> None:
-    """UserError naming the layer where `model` fails on `inputs` ("in layer '0' (Conv1d)"), if it does.
-
-    Run once before a command feeds the model for real: a model that does not fit its input then stops with
-    one line instead of a traceback from deep inside fusion or evaluation."""
-    where = {"text": "before its first layer"}
-
-    def enter(name):
-        return lambda module, args: where.update(text=f"in layer '{name}' ({type(module).__name__})")
-
-    def leave(name):
-        return lambda module, args, out: where.update(text=f"after layer '{name}' ({type(module).__name__})")
-
-    leaves = [(name, m) for name, m in model.named_modules() if name and not any(True for _ in m.children())]
-    hooks = [h for name, m in leaves for h in (m.register_forward_pre_hook(enter(name)),
-                                                m.register_forward_hook(leave(name)))]
-    try:
-        with torch.no_grad():
-            model.eval()(inputs)
-    except Exception as err:  # noqa: BLE001 - the model's own code: one line naming where it failed
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise UserError(f"{what} does not run on inputs of shape {list(inputs.shape)}: {where['text']} raised "
-                        f"{type(err).__name__}: {first}; {hint}") from None
-    finally:
-        for hook in hooks:
-            hook.remove()

@@ -66,9 +66,20 @@ def build_model(name: str, kwargs: Dict[str, Any] | None = None) -> nn.Module:
     if is_import_path(name):
         builder = import_callable(name, "model.name")
         try:
-            model = builder(**kwargs)
+            inspect.signature(builder).bind(**kwargs)
         except TypeError as err:
             raise UserError(f"model.kwargs do not fit '{name}': {err}") from None
+        except ValueError:   # a builtin without a signature: the call decides
+            pass
+        try:
+            model = builder(**kwargs)
+        except UserError:
+            raise
+        except (Exception, SystemExit) as err:   # noqa: BLE001 - the user's code: name it and what it raised
+            what = f"called sys.exit({err.code})" if isinstance(err, SystemExit) else \
+                f"raised {type(err).__name__}: {(str(err).strip().splitlines() or ['(no message)'])[0]}"
+            raise UserError(f"model.name '{name}' {what} while building the model; fix the model callable or "
+                            "model.kwargs (--debug shows the traceback)") from err
         if not isinstance(model, nn.Module):
             raise UserError(f"model.name '{name}' returned {type(model).__name__}, not a torch.nn.Module")
         return model
