@@ -20,7 +20,8 @@ import os
 import sys
 import time
 from dataclasses import replace
-from typing import Optional
+from itertools import combinations
+from typing import Optional, Tuple
 
 import torch
 
@@ -125,6 +126,15 @@ def check_output(output: str, paths, force: bool) -> str:
     return path
 
 
+def identical(models, paths) -> Optional[Tuple[str, str]]:
+    """The first two of `paths` whose models hold exactly the same tensors, or None."""
+    states = [m.state_dict() for m in models]
+    for i, j in combinations(range(len(states)), 2):
+        if all(torch.equal(t, states[j][key]) for key, t in states[i].items()):
+            return paths[i], paths[j]
+    return None
+
+
 def fused_info(fusion: FusionConfig, paths) -> dict:
     """What the fused checkpoint records about its making."""
     info = {"stage": "fused", "method": fusion.methods[0], "schedule": fusion.schedule,
@@ -162,8 +172,16 @@ def fuse_command(paths, output: str, fusion: FusionConfig, source: ModelSource =
     shape_hint = ("the checkpoints do not say which input the model takes, so it was traced on an image batch: "
                   "give one input's shape with --input-shape (e.g. 1,40) or the data with --data") if guessed else \
         "check --model, --model-kwargs and the input shape (--input-shape, --data)"
+    if inputs is not None:
+        taken = f" (one input of shape {list(spec.input_shape)})" if spec.input_shape else ""
+        shape_hint = f"--dedup-inputs '{inputs}' must hold training inputs of the model's input shape{taken}"
     check_runs(models[0], examples[:2].to(dev), spec.name, shape_hint)
     method = fusion.methods[0]
+    twins = identical(models, paths)
+    if twins and method == "nt" and not fusion.dedup:
+        print(f"ntdist fuse: warning: '{twins[0]}' and '{twins[1]}' are identical members (the same weights); NT "
+              "keeps each of their units twice instead of the ensemble's: fuse members trained apart, or add "
+              "--dedup to merge the copies", file=sys.stderr)
     start = time.perf_counter()
     extra = dict(calibration=calibrate.to(dev)) if calibrate is not None and method == "nt" else {}
     fused = fuse(models, method, fusion.schedule, options=options, example_inputs=examples.to(dev), **extra)
