@@ -71,6 +71,11 @@ def check_template(run: Run, model: torch.nn.Module) -> None:
     """UserError, before any member trains, for a model that training or fusion would fail on: one that does
     not run on the training inputs or gives no score per class (`models.probe.check_model`), and one whose
     channels the configured fusion methods cannot analyse (a recurrent layer, a layer used twice)."""
+    with torch.random.fork_rng(devices=[]):   # a traced forward may draw (dropout): the run's RNG stays as it was
+        _check_template(run, model)
+
+
+def _check_template(run: Run, model: torch.nn.Module) -> None:
     examples = run.example_inputs()
     shape = list(run.splits.in_shape)
     check_model(model, examples[:2], run.splits.num_classes, f"model.name '{run.cfg.model.name}'",

@@ -40,7 +40,6 @@ def refused(tmp_path, capsys, *overrides) -> str:
     (["model.name=../mods:net"], "model.name '../mods:net': '../mods' is a path, not a module name"),
     ([MISTAKES + "gru"], "model.name 'userpkg.mistakes:gru' cannot be fused with nt: cannot fuse layer 'rnn': "
                          "it (GRU)"),
-    ([MISTAKES + "called_twice"], "CalledTwice calls layer 'fc' (Linear) 2 times in forward"),
     ([MISTAKES + "shared_weight"], "SharedWeight ties its weights: 'b.weight' is the same tensor as 'a.weight'"),
 ])
 def test_a_model_that_would_fail_in_training_or_fusion_is_refused_before_training(tmp_path, capsys, overrides,
@@ -48,8 +47,10 @@ def test_a_model_that_would_fail_in_training_or_fusion_is_refused_before_trainin
     assert words in refused(tmp_path, capsys, *overrides)
 
 
-def test_an_unfusable_model_trains_when_no_method_needs_its_channels(tmp_path, capsys):
-    config = tmp_path / "tiny.yaml"
+def test_a_tied_model_is_refused_before_training_with_nt_and_trains_with_avg(tmp_path, capsys):
+    err = refused(tmp_path, capsys, MISTAKES + "called_twice")
+    assert "CalledTwice calls layer 'fc' (Linear) 2 times in forward, so its weights are tied" in err
+    config = tmp_path / "avg.yaml"
     config.write_text("train: {epochs: 1}\nfinetune: {epochs: 0, control: false}\nfusion: {k: 2, methods: [avg]}\n"
                       "data: {train_fraction: 0.1}\ndistributed: {threads_per_rank: 1}\n")
     assert main(["run", str(config), f"output.dir={tmp_path / 'run'}", MISTAKES + "called_twice"]) == 0
