@@ -44,16 +44,19 @@ def check_runs(model: nn.Module, inputs: torch.Tensor, what: str, hint: str):
 
 
 def check_model(model: nn.Module, inputs: torch.Tensor, num_classes: int, what: str, hint: str) -> None:
-    """UserError unless `model` has trainable float32 parameters and maps `inputs` (a small batch of training
-    inputs) to one score per class, [batch, num_classes]; `what` names the model, `hint` how to fix its input."""
+    """UserError unless `model` has trainable parameters of torch's default dtype (float32) and maps `inputs`
+    (a small batch of training inputs) to one score per class, [batch, num_classes]; `what` names the model,
+    `hint` how to fix its input."""
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError(f"{what} has no trainable parameters; ntdist trains and fuses the weights of Linear, "
                         "Conv and similar layers: build the model from such layers")
+    dtype = torch.get_default_dtype()   # float32 unless a caller chose otherwise: what the training loop feeds
     odd = next(((name, p.dtype) for name, p in model.named_parameters()
-                if p.is_floating_point() and p.dtype != torch.float32), None)
+                if p.is_floating_point() and p.dtype != dtype), None)
     if odd is not None:
-        raise UserError(f"{what} has {odd[1]} parameters ('{odd[0]}'); members are float32 (mixed precision is "
-                        "train.precision=bf16 or fp16): drop the .double() or .half() from the model callable")
+        raise UserError(f"{what} has {odd[1]} parameters ('{odd[0]}'); members train in {dtype} (mixed precision "
+                        "is train.precision=bf16 or fp16): drop the .double() or .half() from the model callable")
+    inputs = inputs.to(dtype)
     out = check_runs(model, inputs, what, hint)
     expected = [len(inputs), num_classes]
     if not isinstance(out, torch.Tensor) or list(out.shape) != expected:

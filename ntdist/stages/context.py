@@ -76,7 +76,7 @@ def check_template(run: Run, model: torch.nn.Module) -> None:
 
 
 def _check_template(run: Run, model: torch.nn.Module) -> None:
-    examples = run.example_inputs()
+    examples = run.example_inputs().to(torch.get_default_dtype())   # float32 but where a caller chose otherwise
     shape = list(run.splits.in_shape)
     check_model(model, examples[:2], run.splits.num_classes, f"model.name '{run.cfg.model.name}'",
                 f"the data's inputs have shape {shape}: give the model that input (model.kwargs), or other data")

@@ -34,7 +34,7 @@ def refused(tmp_path, capsys, *overrides) -> str:
     ([MISTAKES + "exits"], "model.name 'userpkg.mistakes:exits' called sys.exit(0) while building the model"),
     ([MISTAKES + "three_classes"], "gives an output of shape [2, 3] for 2 inputs, but the data have 10 classes"),
     ([MISTAKES + "no_parameters"], "model.name 'userpkg.mistakes:no_parameters' has no trainable parameters"),
-    ([MISTAKES + "float64"], "has torch.float64 parameters ('1.weight'); members are float32"),
+    ([MISTAKES + "float64"], "has torch.float64 parameters ('1.weight'); members train in torch.float32"),
     (["model.name=torchvision:resnet18"], "model.name 'torchvision:resnet18' does not run on inputs of shape "
                                           "[2, 1, 8, 8]: in layer 'conv1' (Conv2d) raised RuntimeError"),
     (["model.name=../mods:net"], "model.name '../mods:net': '../mods' is a path, not a module name"),
