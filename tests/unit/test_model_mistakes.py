@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from ntdist.cli import main
-from ntdist.models import ModelSpec
+from ntdist.errors import UserError
+from ntdist.fusion import fuse
+from ntdist.models import ModelSpec, build_model
 from ntdist.records.checkpoint import save_checkpoint
 
 MISTAKES = "model.name=userpkg.mistakes:"
@@ -104,3 +106,9 @@ def test_fusing_a_member_with_itself_warns_in_one_line(tmp_path, members, capsys
                         "trained apart, or add --dedup to merge the copies"]
     assert main(["fuse", *members, "-o", str(tmp_path / "g.safetensors")]) == 0   # members trained apart: no warning
     assert "warning" not in capsys.readouterr().err
+
+
+def test_the_activation_criterion_refuses_non_finite_inputs_instead_of_merging_nothing():
+    models = [build_model("mlp", {"input_dim": 6, "num_classes": 3, "width": 8}) for _ in range(2)]
+    with pytest.raises(UserError, match="example_inputs with NaN or infinite values"):
+        fuse(models, "nt", dedup=True, dedup_criterion="activations", example_inputs=torch.full((20, 6), torch.nan))
