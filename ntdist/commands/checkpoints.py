@@ -23,7 +23,6 @@ from ntdist.config import load_config
 from ntdist.data import DataConfig, Splits, load_splits
 from ntdist.errors import UserError
 from ntdist.models import ModelSpec, complete_kwargs
-from ntdist.models.probe import check_runs  # noqa: F401 - fuse and eval check their models with it
 from ntdist.models.statedict import META_KEY, load_weights
 from ntdist.records.checkpoint import file_spec, load_model
 from ntdist.sweep import SWEEP_KEYS

@@ -25,12 +25,13 @@ from typing import Optional, Tuple
 
 import torch
 
-from ntdist.commands.checkpoints import ModelSource, check_runs, example_input, load_checkpoints, usable_device
+from ntdist.commands.checkpoints import ModelSource, example_input, load_checkpoints, usable_device
 from ntdist.config import load_keys
 from ntdist.distributed.devices import synchronize
 from ntdist.errors import UserError
 from ntdist.fusion import METHODS, FusionConfig, NTOptions, fuse
 from ntdist.models import ModelSpec
+from ntdist.models.probe import check_runs
 from ntdist.options import import_callable, is_import_path
 from ntdist.records.checkpoint import save_checkpoint
 
