@@ -18,7 +18,7 @@ from ntdist.preempt import preempt_requested
 from ntdist.training.batches import eval_batches, feed, train_batches
 from ntdist.training.hardware import tf32, use_channels_last
 from ntdist.training.config import member_seed
-from ntdist.training.loop import (EpochPosition, Precision, check_finite, epoch_stats, evaluate,
+from ntdist.training.loop import (EpochPosition, Precision, check_finite, epoch_stats, evaluate, grad_clipper,
                                   make_optimizer, make_scheduler, step_logger, train_epoch)
 from ntdist.training.resume import ResumableEpochs
 from ntdist.stages.context import Run
@@ -68,7 +68,7 @@ def train_member(r: Run, index: int, group=None) -> Tuple[torch.nn.Module, List[
     restore = use_sync_batchnorm(model, group) if synced else (lambda: None)
     wrapped = DistributedDataParallel(model, process_group=group) if group_size > 1 else model
     wrapped = torch.compile(wrapped) if cfg.train.compile else wrapped
-    loader = train_batches(r.splits.train, cfg.data.batch_size, seed, group_size, group_rank,
+    loader = train_batches(r.member_train(index), cfg.data.batch_size, seed, group_size, group_rank,
                            **feed(cfg.data, world.device))
     val = eval_batches(r.splits.val, cfg.data.eval_batch_size, **feed(cfg.data, world.device))
 
@@ -78,8 +78,9 @@ def train_member(r: Run, index: int, group=None) -> Tuple[torch.nn.Module, List[
                            desc=f"member {index} epoch {epoch}/{cfg.train.epochs}", precision=precision,
                            on_step=step_logger(r.rundir.log, cfg.output.log_every_steps,
                                                {"stage": "member", "member": index}, epoch, len(loader), optimizer),
-                           position=position)
-        stats = epoch_stats(optimizer, len(r.splits.train), time.perf_counter() - start, world.device)
+                           position=position, label_smoothing=cfg.train.label_smoothing,
+                           clip=grad_clipper(cfg.train.grad_clip, model.parameters()))
+        stats = epoch_stats(optimizer, len(r.member_train(index)), time.perf_counter() - start, world.device)
         check_finite(loss, f"member training of member {index}", epoch)
         scheduler.step()
         record = {"stage": "member", "member": index, "epoch": epoch, "loss": loss,
@@ -123,7 +124,7 @@ def _train_together(r: Run, indices: List[int]):
     reason = why_not(r, models, batches)
     tell = r.cfg.train.vectorize == "on"
     if reason is None:
-        reason = probe(models, batches)
+        reason = probe(models, batches, r.cfg.train.optimizer)
         tell = tell or reason is not None
     if reason is None:
         together = train_together(r, indices, seeds, models, batches)
