@@ -65,7 +65,8 @@ def _add_fuse(sub, common) -> None:
                            "weights-only torch files) together with --model; and fusion.* key=value overrides")
     fuse.add_argument("-o", "--output", required=True,
                       help="where to write the fused checkpoint (.safetensors); a folder (or a path ending with /) "
-                           "receives fused.safetensors")
+                           "receives fused.safetensors; Hugging Face members (hf:DIR) fuse into a save_pretrained "
+                           "folder unless -o ends with .safetensors")
     _add_model_source(fuse, "fusion runs")
     fuse.add_argument("--input-shape", default=None, metavar="SHAPE",
                       help="one input's shape without the batch dimension, e.g. 1,40 or 3,32,32, for tracing the "

@@ -14,7 +14,9 @@ from safetensors.torch import load_file
 
 from ntdist.cli import main
 from ntdist.fusion import fuse
+from ntdist.models import ModelSpec
 from ntdist.models.hf import logits_class
+from ntdist.models.weights import build_member, initial_state
 from ntdist.records.results import read_results
 
 CONVNEXT = dict(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, patch_size=2, image_size=16,
@@ -116,3 +118,12 @@ def test_run_feeds_token_ids_to_a_text_model(tmp_path):
                       "train: {epochs: 1}\nfinetune: {epochs: 1}\nfusion: {k: 2, methods: [avg]}\n")
     assert main(["run", str(config), f"output.dir={tmp_path / 'run'}"]) == 0
     assert set(read_results(str(tmp_path / "run")).fusion) == {"avg"}
+
+
+def test_model_weights_start_every_member_from_a_folder(convnext):
+    spec = ModelSpec(f"hf:{convnext[0]}", {})
+    member = build_member(spec, seed=3, initial=initial_state(spec.name, convnext[0]))
+    saved = transformers.ConvNextForImageClassification.from_pretrained(convnext[0], local_files_only=True)
+    own = member.state_dict()
+    assert own.keys() == saved.state_dict().keys()
+    assert all(torch.equal(own[k], v) for k, v in saved.state_dict().items())
