@@ -118,7 +118,7 @@ class Loaded(Sequence):
 def lazy_spec(paths: Sequence[str], source: ModelSource) -> ModelSpec:
     """The spec that rebuilds the members, read from headers only (no member is loaded)."""
     if source.model is not None or hf.is_hf(paths[0]):
-        return source.spec(paths)
+        return source.spec(paths, source.splits("fuse"))
     raw = TensorFile(paths[0]).metadata.get(META_KEY) if paths[0].endswith(".safetensors") else None
     if raw is None:
         raise UserError(f"'{paths[0]}' is a plain state dict without a model spec; pass --model NAME and "

@@ -67,6 +67,16 @@ def test_fuse_writes_a_folder_that_from_pretrained_loads(tmp_path, convnext):
     assert set(load_file(single)) == set(expected)
 
 
+def test_lazy_fusion_of_folders_writes_the_normal_fuses_folder(tmp_path, convnext):
+    outs = [str(tmp_path / name) for name in ("eager", "lazy")]
+    assert main(["fuse", *convnext, "-o", outs[0]]) == 0
+    assert main(["fuse", *convnext, "-o", outs[1], "--lazy"]) == 0
+    eager, lazy = (load_file(os.path.join(out, "model.safetensors")) for out in outs)
+    assert eager.keys() == lazy.keys() and all(torch.equal(eager[k], lazy[k]) for k in eager)
+    loaded = transformers.AutoModelForImageClassification.from_pretrained(outs[1], local_files_only=True)
+    assert torch.isfinite(loaded.eval()(torch.randn(1, 3, 16, 16)).logits).all()
+
+
 def test_sharded_text_members_fuse_by_averaging(tmp_path):
     config = transformers.BertConfig(**BERT)
     folders = save_members(tmp_path, transformers.BertForSequenceClassification, config, max_shard_size="10KB")
