@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 from ntdist.cli import main
 from ntdist.fusion import fuse
 from ntdist.models import ModelSpec
-from ntdist.models.hf import logits_class
 from ntdist.models.weights import build_member, initial_state
 from ntdist.records.results import read_results
 
@@ -53,6 +52,7 @@ def test_fuse_writes_a_folder_that_from_pretrained_loads(tmp_path, convnext):
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
     loaded = transformers.AutoModelForImageClassification.from_pretrained(out, local_files_only=True)
     assert type(loaded) is transformers.ConvNextForImageClassification
+    from ntdist.models.hf import logits_class   # the class ntdist fuses: forward returns the logits
     cls = logits_class(transformers.ConvNextForImageClassification)
     members = [cls.from_pretrained(folder, local_files_only=True).eval() for folder in convnext]
     expected = fuse(members, "nt", example_inputs=torch.zeros(2, 3, 16, 16)).state_dict()
