@@ -221,6 +221,8 @@ def fuse_stage(r: Run, held: Dict[int, torch.nn.Module], method: str) -> Tuple[t
     device = fusion_device(world)   # on a GPU with NCCL: where the members are; the traces run there too
     merged, examples = {}, r.example_inputs().to(device)
     nt = dict(options=fc.nt_options(), merged=merged) if method == "nt" else {}   # avg and OT read no NT option
+    if method == "ot":
+        nt = dict(ot_mode=fc.ot_mode, ot_reg=fc.ot_reg)
     if method == "nt" and fc.repair != "none":
         nt["calibration"] = r.calibration_inputs().to(device)
     world.barrier()
@@ -231,7 +233,7 @@ def fuse_stage(r: Run, held: Dict[int, torch.nn.Module], method: str) -> Tuple[t
     elif method == "avg" and fc.schedule == "flat":
         fused = reduce_average(world, fusing, r.layout.holders, r.template)
     elif method == "ot" and fc.schedule == "flat":
-        fused = ot_reduce(world, fusing, r.layout.holders, r.template, examples)
+        fused = ot_reduce(world, fusing, r.layout.holders, r.template, examples, **nt)
     else:
         fused = gather_fuse(world, fusing, r.layout.holders, r.template, method=method, schedule=fc.schedule,
                             example_inputs=examples, **nt)
