@@ -23,8 +23,9 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 import torch
 
