@@ -86,14 +86,26 @@ class Member:
 def _checkpoint_keys(path: str) -> dict:
     """The model tensors of a safetensors file: an ntdist checkpoint's (either format, extras left out) or all."""
     tf = TensorFile(path)
-    raw = tf.metadata.get(META_KEY)
+    meta = _ntdist_meta(tf)
     names = list(tf.entries)
-    if raw is not None:
-        meta = json.loads(raw)
+    if meta is not None:
         if meta.get("format", 1) == 1:
             return {n[len("model."):]: (tf, n) for n in names if n.startswith("model.")}
         names = [n for n in names if n not in set(meta.get("extra") or ())]
     return {n: (tf, n) for n in names}
+
+
+def _ntdist_meta(tf: TensorFile):
+    """ntdist's metadata of a file (a dict), None for a plain file; UserError when it is not readable."""
+    raw = tf.metadata.get(META_KEY)
+    try:
+        meta = None if raw is None else json.loads(raw)
+        if meta is not None and not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except ValueError:
+        raise UserError(f"'{tf.path}' has corrupt ntdist metadata; the file was not written by this version of "
+                        "ntdist") from None
+    return meta
 
 
 class Loaded(Sequence):
@@ -120,11 +132,11 @@ def lazy_spec(paths: Sequence[str], source: ModelSource) -> ModelSpec:
     """The spec that rebuilds the members, read from headers only (no member is loaded)."""
     if source.model is not None or hf.is_hf(paths[0]):
         return source.spec(paths, source.splits("fuse"))
-    raw = TensorFile(paths[0]).metadata.get(META_KEY) if paths[0].endswith(".safetensors") else None
-    if raw is None:
+    meta = _ntdist_meta(TensorFile(paths[0])) if paths[0].endswith(".safetensors") else None
+    if meta is None:
         raise UserError(f"'{paths[0]}' is a plain state dict without a model spec; pass --model NAME and "
                         "--model-kwargs JSON to rebuild it")
-    spec = file_spec(paths[0], json.loads(raw))
+    spec = file_spec(paths[0], meta)
     if is_import_path(spec.name):
         raise UserError(f"'{paths[0]}' names the model '{spec.name}', code that ntdist runs only when you name it "
                         f"yourself: pass --model {spec.name} (and --model-kwargs) if you trust it")

@@ -106,6 +106,8 @@ def test_missing_folders_and_folders_without_config_are_one_line(tmp_path, convn
     assert not os.path.exists(out)
     assert main(["fuse", *convnext, "-o", str(tmp_path)]) == 2   # a folder that is not empty
     assert "not empty" in one_line_error(capsys)
+    assert main(["fuse", *convnext, "-o", out, "--width", "4"]) == 2   # the config would no longer fit
+    assert "fusion.width and fusion.keep_ratio change the architecture" in one_line_error(capsys)
     config = tmp_path / "run.yaml"
     config.write_text("data: {name: 'userpkg.hfdata:images'}\nmodel: {name: 'hf:nowhere/at/all'}\n")
     assert main(["run", str(config), f"output.dir={tmp_path / 'run'}"]) == 2
