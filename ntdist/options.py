@@ -38,9 +38,13 @@ def format_value(value) -> str:
     return str(value)
 
 
+HF_PREFIX = "hf:"   # model.name hf:<folder>: a Hugging Face model saved with save_pretrained (models.hf)
+
+
 def is_import_path(name: str) -> bool:
-    """`package.module:callable` (a model or dataset of one's own), as opposed to `torchvision:<name>`."""
-    return ":" in name and not name.startswith("torchvision:")
+    """`package.module:callable` (a model or dataset of one's own), as opposed to `torchvision:<name>` and
+    `hf:<folder>`."""
+    return ":" in name and not name.startswith(("torchvision:", HF_PREFIX))
 
 
 def import_callable(path: str, what: str):

@@ -13,7 +13,8 @@ that does not run on it is refused naming the layer. The output holds the model'
 own keys (a strict `load_state_dict` into the user's class works) and ntdist's
 metadata in its header, so later commands need no `--model`; it is written only
 after fusion succeeded, atomically, so a failure leaves nothing behind. An `-o`
-that is a folder (or ends with '/') receives `fused.safetensors`.
+that is a folder (or ends with '/') receives `fused.safetensors`, except for
+Hugging Face members, which fuse into a save_pretrained folder (`commands.hfdirs`).
 """
 
 import os
@@ -25,6 +26,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ntdist.commands import hfdirs
 from ntdist.commands.checkpoints import ModelSource, example_input, load_checkpoints, usable_device
 from ntdist.config import load_keys
 from ntdist.distributed.devices import synchronize
@@ -164,7 +166,8 @@ def fuse_command(paths, output: str, fusion: FusionConfig, source: ModelSource =
     if fusion.ot_mode == "activations" and calibrate is None:
         raise UserError("fusion.ot_mode=activations compares units' outputs on inputs: give a few hundred training "
                         "inputs with --calibration FILE")
-    output = check_output(output, paths, force)
+    folder = hfdirs.writes_folder(output, paths, source.model)
+    output = hfdirs.check_folder(output, paths, force) if folder else check_output(output, paths, force)
     dev = usable_device(device)
     spec = source.spec(paths, source.splits("fuse"))
     models = [m.eval().to(dev) for m in load_checkpoints(paths, spec, HINT)]
@@ -199,8 +202,11 @@ def fuse_command(paths, output: str, fusion: FusionConfig, source: ModelSource =
         spec = ModelSpec(spec.name, dict(spec.kwargs, width=first.out_features), spec.input_shape)
     if guessed:
         spec = replace(spec, input_shape=None)   # a guess that ran is no fact to store
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)   # -o a new folder: now that fusion worked
-    save_checkpoint(output, fused.cpu(), spec, info=fused_info(fusion, paths))
+    if folder:
+        hfdirs.save_folder(fused.cpu(), output)
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)   # -o a new folder: now that it worked
+        save_checkpoint(output, fused.cpu(), spec, info=fused_info(fusion, paths))
     repaired = f", repaired on {len(calibrate)} inputs" if extra and options.repairs(calibrate) else ""
     print(f"fused {len(models)} models with {method} ({fusion.schedule}{repaired}) on {dev} in {seconds:.3f} s "
           f"-> {output}")
