@@ -22,6 +22,7 @@ from ntdist.commands.checkpoints import ModelSource  # noqa: E402
 from ntdist.commands.dryrun import dry_run_command  # noqa: E402
 from ntdist.commands.eval import SPLITS as EVAL_SPLITS, eval_command  # noqa: E402
 from ntdist.commands.fuse import KEYS as FUSE_KEYS, flag as fuse_flag, fuse_command, fusion_config  # noqa: E402
+from ntdist.commands.lazyfuse import lazy_fuse  # noqa: E402
 from ntdist.commands.report import report_command  # noqa: E402
 from ntdist.commands.run import run_command  # noqa: E402
 from ntdist.config import describe_keys  # noqa: E402
@@ -72,7 +73,8 @@ def _add_fuse(sub, common) -> None:
                            "weights-only torch files) together with --model; and fusion.* key=value overrides")
     fuse.add_argument("-o", "--output", required=True,
                       help="where to write the fused checkpoint (.safetensors); a folder (or a path ending with /) "
-                           "receives fused.safetensors")
+                           "receives fused.safetensors; Hugging Face members (hf:DIR) fuse into a save_pretrained "
+                           "folder unless -o ends with .safetensors")
     _add_model_source(fuse, "fusion runs")
     fuse.add_argument("--input-shape", default=None, metavar="SHAPE",
                       help="one input's shape without the batch dimension, e.g. 1,40 or 3,32,32, for tracing the "
@@ -95,6 +97,9 @@ def _add_fuse(sub, common) -> None:
                            "tensor saved with torch.save, or a callable returning such a tensor or a dataset of "
                            "(input, label) pairs; fusion.calibration_samples of them are used")
     fuse.add_argument("--force", action="store_true", help="replace the output file if it exists")
+    fuse.add_argument("--lazy", action="store_true",
+                      help="members larger than memory: read and write one tensor at a time (avg, or nt without "
+                           "repair or dedup; safetensors files and Hugging Face folders); the same result")
 
 
 def _add_model_source(parser, runs: str) -> None:
@@ -179,6 +184,10 @@ def cmd_fuse(args) -> int:
     flags = [f"fusion.{key}=[{value}]" if key == "methods" else f"fusion.{key}={value}"
              for key in FUSE_KEYS if (value := getattr(args, key)) is not None]
     fusion = fusion_config(args.checkpoints, flags + args.overrides)
+    if args.lazy:
+        lazy_fuse(args.checkpoints, args.output, fusion, _model_source(args), args.force, args.dedup_inputs,
+                  args.calibration)
+        return 0
     fuse_command(args.checkpoints, args.output, fusion, _model_source(args), args.device, args.dedup_inputs,
                  args.force, args.calibration)
     return 0

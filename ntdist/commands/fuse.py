@@ -13,23 +13,27 @@ that does not run on it is refused naming the layer. The output holds the model'
 own keys (a strict `load_state_dict` into the user's class works) and ntdist's
 metadata in its header, so later commands need no `--model`; it is written only
 after fusion succeeded, atomically, so a failure leaves nothing behind. An `-o`
-that is a folder (or ends with '/') receives `fused.safetensors`.
+that is a folder (or ends with '/') receives `fused.safetensors`, except for
+Hugging Face members, which fuse into a save_pretrained folder (`commands.hfdirs`).
 """
 
 import os
 import sys
 import time
 from dataclasses import replace
-from typing import Optional
+from itertools import combinations
+from typing import Optional, Tuple
 
 import torch
 
-from ntdist.commands.checkpoints import ModelSource, check_runs, example_input, load_checkpoints, usable_device
+from ntdist.commands import hfdirs
+from ntdist.commands.checkpoints import ModelSource, example_input, load_checkpoints, usable_device
 from ntdist.config import load_keys
 from ntdist.distributed.devices import synchronize
 from ntdist.errors import UserError
 from ntdist.fusion import METHODS, FusionConfig, NTOptions, fuse
 from ntdist.models import ModelSpec
+from ntdist.models.probe import check_runs
 from ntdist.options import import_callable, is_import_path
 from ntdist.records.checkpoint import save_checkpoint
 
@@ -125,6 +129,15 @@ def check_output(output: str, paths, force: bool) -> str:
     return path
 
 
+def identical(models, paths) -> Optional[Tuple[str, str]]:
+    """The first two of `paths` whose models hold exactly the same tensors, or None."""
+    states = [m.state_dict() for m in models]
+    for i, j in combinations(range(len(states)), 2):
+        if states[i].keys() == states[j].keys() and all(torch.equal(t, states[j][key]) for key, t in states[i].items()):
+            return paths[i], paths[j]
+    return None
+
+
 def fused_info(fusion: FusionConfig, paths) -> dict:
     """What the fused checkpoint records about its making."""
     info = {"stage": "fused", "method": fusion.methods[0], "schedule": fusion.schedule,
@@ -153,7 +166,8 @@ def fuse_command(paths, output: str, fusion: FusionConfig, source: ModelSource =
     if fusion.ot_mode == "activations" and calibrate is None:
         raise UserError("fusion.ot_mode=activations compares units' outputs on inputs: give a few hundred training "
                         "inputs with --calibration FILE")
-    output = check_output(output, paths, force)
+    folder = hfdirs.writes_folder(output, paths, source.model)
+    output = hfdirs.check_folder(output, paths, force) if folder else check_output(output, paths, force)
     dev = usable_device(device)
     spec = source.spec(paths, source.splits("fuse"))
     models = [m.eval().to(dev) for m in load_checkpoints(paths, spec, HINT)]
@@ -165,8 +179,16 @@ def fuse_command(paths, output: str, fusion: FusionConfig, source: ModelSource =
     shape_hint = ("the checkpoints do not say which input the model takes, so it was traced on an image batch: "
                   "give one input's shape with --input-shape (e.g. 1,40) or the data with --data") if guessed else \
         "check --model, --model-kwargs and the input shape (--input-shape, --data)"
+    if inputs is not None:
+        taken = f" (one input of shape {list(spec.input_shape)})" if spec.input_shape else ""
+        shape_hint = f"--dedup-inputs '{inputs}' must hold training inputs of the model's input shape{taken}"
     check_runs(models[0], examples[:2].to(dev), spec.name, shape_hint)
     method = fusion.methods[0]
+    twins = identical(models, paths)
+    if twins and method == "nt" and not fusion.dedup:
+        print(f"ntdist fuse: warning: '{twins[0]}' and '{twins[1]}' are identical members (the same weights); NT "
+              "keeps each of their units twice instead of the ensemble's: fuse members trained apart, or add "
+              "--dedup to merge the copies", file=sys.stderr)
     start = time.perf_counter()
     extra = dict(calibration=calibrate.to(dev)) if calibrate is not None and method == "nt" else {}
     if method == "ot":
@@ -180,8 +202,11 @@ def fuse_command(paths, output: str, fusion: FusionConfig, source: ModelSource =
         spec = ModelSpec(spec.name, dict(spec.kwargs, width=first.out_features), spec.input_shape)
     if guessed:
         spec = replace(spec, input_shape=None)   # a guess that ran is no fact to store
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)   # -o a new folder: now that fusion worked
-    save_checkpoint(output, fused.cpu(), spec, info=fused_info(fusion, paths))
+    if folder:
+        hfdirs.save_folder(fused.cpu(), output)
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)   # -o a new folder: now that it worked
+        save_checkpoint(output, fused.cpu(), spec, info=fused_info(fusion, paths))
     repaired = f", repaired on {len(calibrate)} inputs" if extra and options.repairs(calibrate) else ""
     print(f"fused {len(models)} models with {method} ({fusion.schedule}{repaired}) on {dev} in {seconds:.3f} s "
           f"-> {output}")

@@ -28,6 +28,7 @@ from ntdist.options import opt
 
 BACKENDS = ("auto", "nccl", "gloo")
 TIMEOUTS = ("timeout_s", "rendezvous_timeout_s", "wait_timeout_s", "heartbeat_timeout_s")
+MAX_TIMEOUT_S = 30 * 24 * 3600.0   # torch turns a timeout into a C++ duration: beyond a month is a typo, not a wait
 
 
 @dataclass
@@ -50,8 +51,10 @@ class DistributedConfig:
     def __post_init__(self):
         check_choice(self.backend, BACKENDS, "distributed.backend")
         for name in TIMEOUTS:
-            if not getattr(self, name) > 0:
-                raise UserError(f"distributed.{name} must be > 0 seconds, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not 0 < value <= MAX_TIMEOUT_S:   # NaN and inf fail here too
+                raise UserError(f"distributed.{name} must be a number of seconds in (0, {MAX_TIMEOUT_S:.0f}] "
+                                f"(at most 30 days), got {value}")
         if self.threads_per_rank is not None and self.threads_per_rank < 1:
             raise UserError(f"distributed.threads_per_rank must be >= 1, got {self.threads_per_rank}; "
                             "leave it unset to follow OMP_NUM_THREADS / SLURM_CPUS_PER_TASK")

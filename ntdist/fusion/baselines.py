@@ -15,20 +15,25 @@ def average(models: Sequence[nn.Module], weights: Optional[Sequence[float]] = No
     models = check_models(models, min_count=1)
     w = normalized(check_weights(weights, len(models)))
     all_ts = [tensors_of(m) for m in models]
-    new = {}
     with torch.no_grad():
-        for name, t0 in all_ts[0].items():
-            ts = [t[name] for t in all_ts]
-            if t0.is_floating_point():
-                acc = ts[0] * w[0]
-                for t, wm in zip(ts[1:], w[1:]):
-                    acc.add_(t, alpha=wm)
-                new[name] = acc
-            elif name.endswith("num_batches_tracked"):
-                new[name] = torch.stack(ts).max(0).values
-            else:
-                new[name] = t0.clone()
+        new = {name: averaged_tensor(name, [t[name] for t in all_ts], w) for name in all_ts[0]}
     return clone_with(models[0], new)
+
+
+def averaged_tensor(name: str, ts: Sequence[torch.Tensor], w: Sequence[float]) -> torch.Tensor:
+    """One tensor of `average`'s result from the members' tensors `ts` of that name (weights `w`, normalised).
+
+    `ts` is read member by member (the first one twice), as `wide.assemble.assembled_tensor` reads it."""
+    first = ts[0]
+    if first.is_floating_point():
+        acc = first * w[0]
+        del first   # a sequence that loads on access then holds one member's tensor at a time
+        for t, wm in zip(ts[1:], w[1:]):
+            acc.add_(t, alpha=wm)
+        return acc
+    if name.endswith("num_batches_tracked"):
+        return torch.stack(list(ts)).max(0).values
+    return first.clone()
 
 
 class Ensemble(nn.Module):

@@ -26,6 +26,7 @@ from ntdist.fusion.schedule import SCHEDULES, fold
 from ntdist.fusion.wide.widegraph import widen_graph
 
 METHODS = ("nt", "avg", "ot")
+PLANNED = ("nt", "ot")   # the methods that read the channel plan (`analyze`); avg only adds tensors
 
 
 def concat(models: Sequence[nn.Module], weights: Optional[Sequence[float]] = None, example_inputs=None) -> nn.Module:

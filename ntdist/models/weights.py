@@ -1,7 +1,8 @@
 """Initial weights for every member: a local state-dict file or torchvision weights from the local hub cache.
 
 `model.weights` names a `.safetensors` file (an ntdist checkpoint or a plain state
-dict), a state dict saved with `torch.save` (read with `weights_only=True`, so
+dict), a Hugging Face folder (`hf:DIR`, or a folder with config.json: its
+safetensors weights), a state dict saved with `torch.save` (read with `weights_only=True`, so
 no code runs), or, for `torchvision:<name>` models, a weights name such as
 `DEFAULT` or `IMAGENET1K_V1`. Nothing is downloaded: torchvision weights must
 already be in torch's hub cache, and the error says where to put the file.
@@ -15,6 +16,7 @@ from urllib.parse import urlparse
 import torch
 
 from ntdist.errors import UserError, suggest
+from ntdist.models.hf import folder, is_hf, read_state
 from ntdist.models.statedict import read_weights
 
 if TYPE_CHECKING:   # models/__init__ defines the spec beside the registry
@@ -51,6 +53,8 @@ def initial_state(name: str, weights: Optional[str]) -> Optional[Dict[str, torch
     """The state dict `model.weights` names, or None when members start from random initialisation."""
     if not weights:
         return None
+    if is_hf(weights):
+        return read_state(folder(weights, "model.weights"))
     if os.path.exists(weights) or weights.endswith(FILE_SUFFIXES):
         return read_state_dict(weights)
     if name.startswith("torchvision:"):

@@ -63,9 +63,14 @@ class ResumableEpochs:
         layout = (len(saved["order"]), saved["batch_size"], saved["replicas"])
         here = (len(loader.order()), loader.batch_size, loader.num_replicas)
         if layout != here or not torch.equal(saved["order"], loader.order()):
+            fields = [f"{name} {a} there, {b} now"
+                      for name, a, b in zip(("samples", "batch size", "ranks"), layout, here) if a != b]
+            if not fields:   # same sizes, another shuffle: the seed or the data differ
+                at = int((saved["order"] != loader.order()).nonzero()[0])
+                fields = [f"the shuffled order: position {at} holds sample {int(saved['order'][at])} there, "
+                          f"{int(loader.order()[at])} now"]
             raise UserError(f"the state of {self.what} was written inside epoch {epoch} with another data order "
-                            f"(samples, batch size, ranks: {layout} there, {here} now); resume with the config "
-                            "and world size the run started with")
+                            f"({'; '.join(fields)}); resume with the config and world size the run started with")
         loader.set_epoch(epoch, saved["step"])
         return EpochPosition(saved["step"], saved["loss_sums"][loader.rank], saved["count"])
 

@@ -87,13 +87,18 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(tmp_path, monkeypatch, r
     assert "position" not in info_b and _without_timing(info_a["history"]) == _without_timing(info_b["history"])
 
 
-def test_resume_inside_an_epoch_refuses_another_data_order(tmp_path, monkeypatch):
+@pytest.mark.parametrize("change, differs", [
+    ("data.batch_size=8", "(batch size 16 there, 8 now)"),
+    ("train.seed=5", "(the shuffled order: position "),   # same sizes: the message names the order
+])
+def test_resume_inside_an_epoch_refuses_another_data_order(tmp_path, monkeypatch, change, differs):
     cut = make_run(tmp_path / "run", *ARGS)
     _preempted_in_epoch_1(cut, monkeypatch, forward=2, batch=4)
     cut.rundir.release()
-    changed = make_run(tmp_path / "run", *ARGS, "data.batch_size=8", resume=True)
-    with pytest.raises(UserError, match="another data order"):
+    changed = make_run(tmp_path / "run", *ARGS, change, resume=True)
+    with pytest.raises(UserError, match="another data order") as err:
         members.train_member(changed, 0)
+    assert differs in str(err.value)
 
 
 def test_batches_start_at_a_step_in_the_same_order(tmp_path):
