@@ -10,6 +10,7 @@ The names of the checkpoints and state files are defined here, once
 `RunDir`'s paths, the manifest and `--overwrite`'s checks all derive from them.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -227,6 +228,13 @@ class RunDir:
 
 def _key(record: dict) -> tuple:
     return tuple(record.get(k) for k in LABELS)
+
+
+def config_digest(text: str) -> str:
+    """A short digest of the resolved config YAML `text`, over the keys a resume must keep (`_comparable`):
+    the run a state file records as its owner."""
+    canonical = json.dumps(_comparable(yaml.safe_load(text)), sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def _comparable(cfg: dict) -> dict:
