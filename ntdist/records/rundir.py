@@ -25,7 +25,8 @@ from ntdist.records.lock import RunLock, check_free
 from ntdist.records.manifest import (MANIFEST_FILE, PROBE_FILE, add_to_manifest, all_files, describe_foreign,
                                      only_leftovers, read_manifest, remove_temporaries, remove_written)
 from ntdist.records.results import RESULTS_FILE, Results, to_json
-from ntdist.records.trackers import LABELS, CsvTracker, JsonlTracker, TensorBoardTracker, open_trackers
+from ntdist.records.trackers import (LABELS, CsvTracker, JsonlTracker, TensorBoardTracker, check_tracker_paths,
+                                     open_trackers)
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = JsonlTracker.FILE
@@ -119,6 +120,7 @@ class RunDir:
         if resume and not os.path.isfile(self.file(CONFIG_FILE)):
             raise UserError(f"'{self.path}' has no {CONFIG_FILE}, so the config cannot be checked against the "
                             "run's; restore the file, or pass --overwrite to start again")
+        check_tracker_paths(self.tracker_names, self.path)   # ntdist never writes these the other way round
 
     def prepare(self, resume: bool, overwrite: bool, members: int = 0, labels: Sequence[str] = ()) -> None:
         """Create and lock the directory (clearing ntdist's old files with `overwrite`); rank 0 only.
