@@ -21,7 +21,7 @@ import os
 from typing import Dict, List
 
 from ntdist.errors import UserError
-from ntdist.records.files import atomic_write_text
+from ntdist.records.files import atomic_write_text, full_disk_is_user_error
 
 LABELS = ("stage", "member", "method", "epoch", "step")   # what a record is about; everything else is a metric
 
@@ -33,7 +33,7 @@ class JsonlTracker:
         self.path = os.path.join(run_dir, self.FILE)
 
     def log(self, record: dict) -> None:
-        with open(self.path, "a") as f:
+        with full_disk_is_user_error(self.path), open(self.path, "a") as f:   # a torn line is dropped on resume
             f.write(json.dumps(record) + "\n")
             f.flush()
 
@@ -57,7 +57,7 @@ class CsvTracker:
             rows = read_csv(self.path) if os.path.exists(self.path) else []
             self.columns += new
             atomic_write_text(self.path, _csv_text(self.columns, rows, header=True))
-        with open(self.path, "a", newline="") as f:
+        with full_disk_is_user_error(self.path), open(self.path, "a", newline="") as f:
             f.write(_csv_text(self.columns, [record], header=False))
 
     def close(self) -> None:
