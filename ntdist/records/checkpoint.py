@@ -12,6 +12,7 @@ names the same spec, so a crafted file never chooses which code runs. Writes
 are atomic (see `records.files`).
 """
 
+import errno
 import json
 import os
 from typing import Dict, Optional, Tuple
@@ -38,7 +39,12 @@ def save_checkpoint(path: str, model: torch.nn.Module, spec: ModelSpec, info: Op
     assert not set(stored) & set(tensors), f"model keys clash with extra tensors: {sorted(set(stored) & set(tensors))}"
     tensors.update(stored)
     with replacing(path) as tmp:
-        save_file(tensors, tmp, metadata=checkpoint_metadata(spec, info, sorted(stored)))
+        try:
+            save_file(tensors, tmp, metadata=checkpoint_metadata(spec, info, sorted(stored)))
+        except SafetensorError as err:   # safetensors reports an OS error as text: a full disk becomes ENOSPC again
+            if "StorageFull" in str(err) or f"code: {errno.ENOSPC}," in str(err):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp) from None
+            raise
 
 
 def checkpoint_metadata(spec: ModelSpec, info: Optional[dict] = None, extra=()) -> Dict[str, str]:

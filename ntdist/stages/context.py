@@ -11,7 +11,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch.utils.data import Dataset
 
-from ntdist.config import Config
+from ntdist.config import Config, to_yaml
 from ntdist.data import Splits, load_splits
 from ntdist.distributed.layout import MemberLayout
 from ntdist.distributed.world import World
@@ -21,7 +21,7 @@ from ntdist.fusion.nt import PLANNED
 from ntdist.models import ModelSpec
 from ntdist.models.probe import check_model
 from ntdist.models.weights import build_member, initial_state
-from ntdist.records.rundir import RunDir
+from ntdist.records.rundir import RunDir, config_digest
 from ntdist.shards import member_shards
 from ntdist.stages.given import check_members
 
@@ -47,6 +47,11 @@ class Run:
     def template(self) -> torch.nn.Module:
         """A model of the members' architecture whose weights are about to be overwritten."""
         return self.spec.build()
+
+    @property
+    def run_id(self) -> str:
+        """The digest of the config keys that decide the results: the run a state file records as its owner."""
+        return config_digest(to_yaml(self.cfg))
 
     def calibration_inputs(self) -> torch.Tensor:
         """`fusion.calibration_samples` training inputs drawn with the run's seed: what NT's repair fits on."""

@@ -70,7 +70,8 @@ def finetune(r: Run, model: torch.nn.Module, label: str, seed: int,
     state_path = None if cfg.engine == "deepspeed" else r.rundir.finetune_state(label)
     precision = Precision(ENGINES[cfg.engine].loop_precision(cfg.precision), world.device)
     epochs = ResumableEpochs(f"fine-tuning ({label})", cfg.epochs, model, optimizer, scheduler, r.spec, state_path,
-                             world.is_main, r.resume, cfg.checkpoint_every_steps, precision.scaler)
+                             world.is_main, r.resume, cfg.checkpoint_every_steps, precision.scaler,
+                             run_id=r.run_id, seed=seed)
     engine = make_engine(cfg, model, optimizer, world, r.cfg.data.batch_size)
     loader = train_batches(r.splits.train, r.cfg.data.batch_size, seed, world.size, world.rank,
                            **feed(r.cfg.data, world.device))

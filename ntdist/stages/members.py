@@ -62,7 +62,7 @@ def train_member(r: Run, index: int, group=None) -> Tuple[torch.nn.Module, List[
     precision = Precision(cfg.train.precision, world.device)
     epochs = ResumableEpochs(f"training of member {index}", cfg.train.epochs, model, optimizer, scheduler, r.spec,
                              r.rundir.member_state(index), group_rank == 0, r.resume,
-                             cfg.train.checkpoint_every_steps, precision.scaler)
+                             cfg.train.checkpoint_every_steps, precision.scaler, run_id=r.run_id, seed=seed)
     # CPU ranks keep per-rank BatchNorm statistics: torch cannot synchronise them there (docs/PERFORMANCE.md)
     synced = group_size > 1 and world.device.type == "cuda"
     restore = use_sync_batchnorm(model, group) if synced else (lambda: None)

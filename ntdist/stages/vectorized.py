@@ -173,8 +173,8 @@ def train_together(r: Run, indices: List[int], seeds: List[int], models: List[nn
     optimizers = [make_optimizer(m, cfg.train) for m in models]
     schedulers = [make_scheduler(o, cfg.train) for o in optimizers]
     states = [ResumableEpochs(f"training of member {i}", cfg.train.epochs, m, o, s, r.spec, r.rundir.member_state(i),
-                              True, r.resume)
-              for i, m, o, s in zip(indices, models, optimizers, schedulers)]
+                              True, r.resume, run_id=r.run_id, seed=seed)
+              for i, m, o, s, seed in zip(indices, models, optimizers, schedulers, seeds)]
     if not LockstepEpochs.aligned(states):   # e.g. started one after another, resumed here
         return None
     epochs = LockstepEpochs(f"training of members {indices}", states, seeds)
