@@ -36,6 +36,7 @@ from ntdist.stages.given import load_members
 from ntdist.stages.members import train_members
 from ntdist.stages.sync import sync_stage
 from ntdist.training.batches import eval_batches, feed, train_batches
+from ntdist.training.hardware import fit_threads
 from ntdist.training.config import CONTROL_SEED, FUSED_SEED, run_seed
 from ntdist.training.loop import labels_of, predict, set_deterministic
 from ntdist.training.state import finished_history
@@ -47,6 +48,7 @@ def run(cfg: Config, world: World, resume: bool = False, overwrite: bool = False
     """The whole NT workflow; returns the results (identical on every rank)."""
     started = time.time()
     r = make_run(cfg, world, resume)
+    fit_threads(world, r.spec.build, (cfg.data.batch_size, *r.splits.in_shape))
     prepare_rundir(r, overwrite)
     try:
         results = run_stages(r)
