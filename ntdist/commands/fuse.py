@@ -31,15 +31,21 @@ from ntdist.commands.checkpoints import ModelSource, example_input, load_checkpo
 from ntdist.config import load_keys
 from ntdist.distributed.devices import synchronize
 from ntdist.errors import UserError
-from ntdist.fusion import METHODS, FusionConfig, NTOptions, fuse
+from ntdist.fusion import METHODS, FusionConfig, NTOptions, fuse, reestimate_bn, reestimates_bn
+from ntdist.fusion.baselines import batch_norms
 from ntdist.models import ModelSpec
 from ntdist.models.probe import check_runs
 from ntdist.options import import_callable, is_import_path
 from ntdist.records.checkpoint import save_checkpoint
 
 FUSED_FILE = "fused.safetensors"   # what -o FOLDER/ receives
+BN_BATCH = 128                     # inputs per forward pass when BatchNorm statistics are re-estimated
+STALE_BN = ("ntdist fuse: warning: the fused model's BatchNorm running statistics are stale (left from the "
+            "members); give training inputs with --calibration FILE or --data CONFIG|data.KEY=VALUE to re-estimate "
+            "them (fusion.bn_reestimate)")
 HINT = "fuse members of one architecture and check --model and --model-kwargs"
-KEYS = ("methods", "schedule", *NTOptions.names(), "calibration_samples", "ot_mode", "ot_reg")   # what ntdist fuse takes
+# the fusion.* keys that ntdist fuse takes
+KEYS = ("methods", "schedule", *NTOptions.names(), "calibration_samples", "bn_reestimate", "ot_mode", "ot_reg")
 
 
 def flag(key: str) -> str:
@@ -101,6 +107,25 @@ def read_calibration(source: str, count: int) -> torch.Tensor:
             raise UserError(f"--calibration '{source}' must return a tensor of inputs or a dataset of (input, "
                             f"label) pairs ({type(err).__name__}: {err})") from None
     return checked_inputs(value[:count], f"--calibration '{source}'")
+
+
+def data_inputs(splits, count: int) -> torch.Tensor:
+    """`count` training inputs of the data --data names, drawn with seed 0 as --calibration draws them."""
+    train = splits.train
+    picked = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:count].sort().values
+    return torch.stack([train[int(i)][0] for i in picked])
+
+
+def settle_bn(fused: torch.nn.Module, setting: str, inputs: Optional[torch.Tensor], repaired: bool) -> bool:
+    """Re-estimate the BatchNorm statistics of `fused` on `inputs` (None: no data) where `setting`
+    (fusion.bn_reestimate) says so; returns whether they were."""
+    if inputs is None or not reestimates_bn(setting, fused, repaired):
+        return False
+    torch.manual_seed(0)   # the passes run in train mode: dropout draws
+    device = batch_norms(fused)[0].running_mean.device
+    batches = [inputs[i:i + BN_BATCH].to(device) for i in range(0, len(inputs), BN_BATCH)]
+    reestimate_bn(fused, batches, len(batches))
+    return True
 
 
 def output_file(output: str) -> str:
@@ -169,8 +194,14 @@ def fuse_command(paths, output: str, fusion: FusionConfig, source: ModelSource =
     folder = hfdirs.writes_folder(output, paths, source.model)
     output = hfdirs.check_folder(output, paths, force) if folder else check_output(output, paths, force)
     dev = usable_device(device)
-    spec = source.spec(paths, source.splits("fuse"))
+    splits = source.splits("fuse")
+    spec = source.spec(paths, splits)
     models = [m.eval().to(dev) for m in load_checkpoints(paths, spec, HINT)]
+    bn_inputs = calibrate if calibrate is not None or splits is None else \
+        data_inputs(splits, fusion.calibration_samples)
+    if fusion.bn_reestimate == "on" and bn_inputs is None and batch_norms(models[0]):
+        raise UserError("fusion.bn_reestimate=on needs training inputs: give --calibration FILE or --data "
+                        "CONFIG|data.KEY=VALUE, or set fusion.bn_reestimate auto or off")
     resized = options.width is not None or options.keep_ratio is not None
     if resized and spec.name != "mlp":
         raise UserError(f"fusion.width and fusion.keep_ratio change the architecture, and a resized {spec.name} "
@@ -197,6 +228,7 @@ def fuse_command(paths, output: str, fusion: FusionConfig, source: ModelSource =
     fused = fuse(models, method, fusion.schedule, options=options, example_inputs=examples.to(dev), **extra)
     synchronize(dev)   # on a GPU the kernels may still run: the time is the work's, not its launch's
     seconds = time.perf_counter() - start
+    renormed = settle_bn(fused, fusion.bn_reestimate, bn_inputs, bool(extra) and options.repairs(calibrate))
     if resized:
         first = next(m for m in fused.modules() if isinstance(m, torch.nn.Linear))
         spec = ModelSpec(spec.name, dict(spec.kwargs, width=first.out_features), spec.input_shape)
@@ -208,9 +240,12 @@ def fuse_command(paths, output: str, fusion: FusionConfig, source: ModelSource =
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)   # -o a new folder: now that it worked
         save_checkpoint(output, fused.cpu(), spec, info=fused_info(fusion, paths))
     repaired = f", repaired on {len(calibrate)} inputs" if extra and options.repairs(calibrate) else ""
+    repaired += f", BatchNorm statistics re-estimated on {len(bn_inputs)} inputs" if renormed else ""
     print(f"fused {len(models)} models with {method} ({fusion.schedule}{repaired}) on {dev} in {seconds:.3f} s "
           f"-> {output}")
-    if method == "nt" and calibrate is None and options.repair == "auto" and options.repairs(True):
+    if bn_inputs is None and batch_norms(fused) and fusion.bn_reestimate != "off":
+        print(STALE_BN, file=sys.stderr)
+    elif method == "nt" and calibrate is None and options.repair == "auto" and options.repairs(True):
         print("ntdist fuse: note: NT keeps far more of the ensemble when repaired on a few thousand training "
               "inputs: add --calibration FILE (docs/FUSION.md, 'Repair')", file=sys.stderr)
     return output

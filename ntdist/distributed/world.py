@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from ntdist.distributed.devices import check_own_gpu, comm_device, gpu_name, synchronize, training_device
 from ntdist.distributed.heartbeat import Heartbeat
-from ntdist.distributed.launchers import cpu_threads, detect, engine_variables, free_port
+from ntdist.distributed.launchers import cpu_threads, detect, engine_variables, free_port, threads_asked
 from ntdist.errors import EXIT_USAGE, PeerLostError, UserError, check_choice
 from ntdist.options import opt
 
@@ -78,6 +78,8 @@ class World:
     master_port: Optional[int] = None
     threads: int = 1
     """torch CPU threads of this rank"""
+    threads_chosen: bool = False
+    """whether ntdist guessed `threads` (the job set none): `training.hardware.fit_threads` may lower them"""
     wait_timeout_s: float = 0.0
     waits: object = field(default=None, compare=False, repr=False)
     """the gloo group of `wait_for`, whose timeout is distributed.wait_timeout_s"""
@@ -185,13 +187,14 @@ def init_world(cfg: Optional[DistributedConfig] = None, env=None, check_size=Non
     if cuda:
         torch.cuda.set_device(device)
     threads = cpu_threads(env, local_size, cfg.threads_per_rank)
+    chosen = not threads_asked(env, cfg.threads_per_rank)
     torch.set_num_threads(threads)
     restart = int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
     if size == 1:
-        return World(device=device, launcher=launcher, restart=restart, threads=threads)
+        return World(device=device, launcher=launcher, restart=restart, threads=threads, threads_chosen=chosen)
     world = World(rank=rank, local_rank=local_rank, size=size, local_size=local_size, device=device,
                   backend=backend, launcher=launcher, restart=restart, master_addr=addr, master_port=port,
-                  threads=threads, wait_timeout_s=cfg.wait_timeout_s)
+                  threads=threads, threads_chosen=chosen, wait_timeout_s=cfg.wait_timeout_s)
     world = dataclasses.replace(world, waits=_join(cfg, env, world))
     Heartbeat.start(rank, cfg.heartbeat_timeout_s)
     return world

@@ -1,4 +1,10 @@
-"""Baselines and helpers around fusion: weight averaging, output ensembles, distillation loss, BN re-estimation."""
+"""Baselines and helpers around fusion: weight averaging, output ensembles, distillation loss, BN re-estimation.
+
+A fused model keeps running BatchNorm statistics that belong to no network: averaging
+and OT mix the members' statistics, NT keeps each kept channel's own although its
+inputs changed. `fusion.bn_reestimate` (`BN_REESTIMATES`) says when they are recomputed
+on training inputs: `reestimates_bn` holds the rule, `reestimate_bn` does it.
+"""
 
 from typing import Optional, Sequence
 
@@ -6,8 +12,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ntdist.errors import UserError
 from ntdist.fusion.wide.assemble import clone_with, tensors_of
 from ntdist.fusion.checks import check_models, check_weights, normalized
+
+# auto: wherever data is at hand, except after NT's repair, which fits the kept channels to the members' own
+# statistics and is closer to the ensemble with them (docs/RESULTS.md, "Repair"); on: always; off: never
+BN_REESTIMATES = ("auto", "on", "off")
+_SPELLINGS = {"true": "on", "false": "off", "yes": "on", "no": "off"}   # YAML reads on/off as booleans
 
 
 def average(models: Sequence[nn.Module], weights: Optional[Sequence[float]] = None) -> nn.Module:
@@ -61,6 +73,28 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return soft * (t * t) * soft_weight + F.cross_entropy(student_logits, targets)
 
 
+def bn_reestimate_setting(value, key: str = "fusion.bn_reestimate") -> str:
+    """`value` as one of BN_REESTIMATES (booleans and true/false accepted), else a UserError naming `key`."""
+    word = str(value).strip().lower()
+    word = _SPELLINGS.get(word, word)
+    if word not in BN_REESTIMATES:
+        raise UserError(f"{key} must be one of {' | '.join(BN_REESTIMATES)}, got {value!r}")
+    return word
+
+
+def batch_norms(model: nn.Module) -> list:
+    """The BatchNorm layers of `model` that keep running statistics."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def reestimates_bn(setting: str, model: nn.Module, repaired: bool = False) -> bool:
+    """Whether a fused `model` gets its BatchNorm statistics recomputed, given data to do it on: never without
+    BatchNorm layers; `setting` on: yes; off: no; auto: unless NT's repair fitted it to the members' statistics."""
+    if not batch_norms(model) or setting == "off":
+        return False
+    return setting == "on" or not repaired
+
+
 def reestimate_bn(model: nn.Module, loader, batches: int = 10) -> nn.Module:
     """Recompute BatchNorm running statistics from `batches` batches of `loader` (in place, returned).
 
@@ -68,7 +102,7 @@ def reestimate_bn(model: nn.Module, loader, batches: int = 10) -> nn.Module:
     in train mode without gradients; momentum and train/eval modes are restored.
     Batches are moved to the device of the model's statistics (a DataLoader yields CPU batches).
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    norms = batch_norms(model)
     if not norms or batches < 1:
         return model
     device = norms[0].running_mean.device
