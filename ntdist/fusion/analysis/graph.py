@@ -20,6 +20,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ntdist.errors import UserError
 from ntdist.fusion.analysis.attention import symbolic_trace
 from ntdist.fusion.analysis.capture import capture
+from ntdist.fusion.analysis.export import export_graph, is_exported
 from ntdist.fusion.analysis.ops import fetch, propagate, tensor_args
 from ntdist.fusion.analysis.shapes import NeedShapes, one, refuse
 from ntdist.fusion.analysis.plan import IN, OUT, Dim, Layer, Param, Plan, TensorSpec, Val
@@ -48,12 +49,20 @@ def trace(model: nn.Module, example_inputs=None):
                         f"the input's shape, pass example_inputs so the branch can be decided") from None
     try:
         return capture(model, example_inputs), True
-    except UserError:
-        raise
+    except Exception as err:  # noqa: BLE001 - torch.export may still follow it
+        refused = err
+    try:
+        return export_graph(model, example_inputs), False
     except Exception as err:  # noqa: BLE001
+        if isinstance(refused, UserError):
+            raise refused from None
         raise UserError(f"cannot trace {type(model).__name__} with torch.fx ({why}), nor by running it on "
-                        f"example_inputs ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-                        "fusion needs a traceable forward") from None
+                        f"example_inputs ({_line(refused)}), nor with torch.export ({_line(err)}); fusion needs a "
+                        "traceable forward") from None
+
+
+def _line(err) -> str:
+    return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
 
 
 class _Propagation(ShapeProp):
@@ -117,7 +126,7 @@ def analyze(model: nn.Module, example_inputs=None) -> Plan:
     first = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
     in_ndim = first.dim() if isinstance(first, torch.Tensor) else None
     try:
-        plan = _refined_walk(model, gm, False, in_ndim)
+        plan = _refined_walk(model, gm, is_exported(gm), in_ndim)
     except NeedShapes as need:
         given = example_inputs is not None
         inputs = example_inputs if given else _dummy_input(gm)
@@ -125,23 +134,29 @@ def analyze(model: nn.Module, example_inputs=None) -> Plan:
             raise UserError(str(need)) from None
         plan = _refined_walk(model, gm, True, in_ndim)
     plan.captured = captured
+    plan.graph = gm if is_exported(gm) else None
     return plan
+
+
+MAX_WALKS = 12     # walks that coarsen, cut or atomize layers until their units settle
 
 
 def _refined_walk(model, gm, shaped: bool, in_ndim) -> Plan:
     """Walk until no permutation or split asks for more layers to route their channels one by one."""
-    atomize = frozenset()
-    while True:
-        sp = Spaces(atomize)
+    atomize, units, cuts = frozenset(), {}, {}
+    for _ in range(MAX_WALKS):
+        sp = Spaces(atomize, units, cuts)
         try:
             plan = _walk(model, gm, shaped, in_ndim, sp)
         except UserError:
-            if not sp.pending - atomize:
+            if not sp.asks():
                 raise
             plan = None
-        if not sp.pending - atomize:
+        if not sp.asks():
             return plan
-        atomize = atomize | sp.pending
+        atomize, units, cuts = atomize | sp.pending, {**units, **sp.asked_units}, {**cuts, **sp.asked_cuts}
+    raise UserError(f"cannot fuse {type(model).__name__}: its layers' units could not be settled in {MAX_WALKS} "
+                    "walks of the analysis (channels grouped in incompatible ways)")
 
 
 def _walk(model, gm, shaped: bool, in_ndim, sp) -> Plan:
@@ -213,7 +228,7 @@ def _finish(model, sp, layers, nonlinear) -> Plan:
     return Plan(sizes=sizes, order=order, layers=layers, tensors=tensors, first_space=first, probe=probe,
                 coupled=coupled.sets(sizes), inexact=inexact,
                 norms=sum(1 for layer in layers.values() if layer.kind in ("ln", "lnf")), atoms=atoms,
-                shuffles=shuffles, widths=sp.widths, norm_parts=sp.norm_parts)
+                shuffles=shuffles, widths=sp.widths, norm_parts=sp.norm_parts, rewrites=sp.rewrites)
 
 
 def _inexact(sp, nonlinear, fout) -> str:
@@ -316,6 +331,10 @@ def _layer_tensors(model, name, layer, role, tensors):
         specs = {"weight": ((out, inp) + rest, "weight"), "bias": ((out,), "bias")}
     elif layer.kind == "mha":
         specs = {"in_proj_weight": ((out, inp), "weight"), "in_proj_bias": ((out,), "bias")}
+    elif layer.kind == "embed":        # a table [tokens, width]: the width is its output
+        specs = {"weight": ((None, out), "weight")}
+    elif layer.kind == "tlinear":      # a linear layer storing its weight as [in, out] (GPT-2's Conv1D)
+        specs = {"weight": ((inp, out), "weight"), "bias": ((out,), "bias")}
     elif layer.kind in ("dwconv", "gconv"):
         specs = {"weight": ((out, None) + rest, "weight"), "bias": ((out,), "bias")}
     else:

@@ -17,7 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.node import Node, map_arg
 
+from ntdist.fusion.analysis.aten_rules import MINE, exported_rule
 from ntdist.fusion.analysis.attention import RELATIVE_ATTENTION, class_name, index, multi_head_attention, relative_attention
+from ntdist.fusion.analysis.export import is_exported
 from ntdist.fusion.analysis.functional import LAYER_FUNCS, functional_layer, record
 from ntdist.fusion.analysis.plan import IN, Layer, Param, Tup, Val
 from ntdist.fusion.analysis.shapes import (adaptive_hw, arg, cat, channel_dim, flatten, is_input, mean, one, permute, refuse,
@@ -261,6 +263,10 @@ def propagate(node: Node, gm, env, sp, layers, nonlinear, shape):
     if node.op == "call_function" and node.target is operator.getitem and isinstance(first, Tup):
         return first.items[node.args[1]] if isinstance(node.args[1], int) else refuse(
             node.name, "slices the parts of a channel split")
+    if node.op == "call_function" and is_exported(gm):
+        out = exported_rule(node, gm, env, sp, layers, nonlinear)
+        if out is not MINE:
+            return out
     if node.op == "call_module":
         vals = vals or constant_input(node, gm, env, lambda p: fetch(gm, p))
         if not vals:

@@ -84,6 +84,11 @@ class Plan:
     """LayerNorm (module, or node of an F.layer_norm call) -> parts of its concatenated input, where more than one."""
     captured: bool = False
     """Traced with shape branches decided on the example input (`capture`): symbolic_trace failed on it."""
+    graph: object = None
+    """The graph module of `torch.export` the plan was read from (`export.py`), or None for a torch.fx trace."""
+    rewrites: List[Tuple[str, str, int]] = field(default_factory=list)
+    """(node, what, where) in `graph`: "shape" (a channel size at index `where` of an explicit shape), "split"
+    (a split size along the channels), "mean" (a statistic over one member's channels)."""
 
     def space_sizes(self, tensors: Dict[str, torch.Tensor]) -> Dict[int, int]:
         """Size of every hidden space in a model given its tensors (members may differ in width)."""
@@ -108,9 +113,13 @@ class Val(NamedTuple):
 
 
 class Param(NamedTuple):
-    """A parameter or buffer that forward reads directly (a get_attr node), by its state-dict name."""
+    """A parameter or buffer that forward reads directly (a get_attr node), by its state-dict name.
+
+    `shape` is that of a view of it (an exported graph's `unsqueeze` or `expand`), None for the tensor itself.
+    """
 
     name: str
+    shape: Optional[Tuple[int, ...]] = None
 
 
 class Tup(NamedTuple):

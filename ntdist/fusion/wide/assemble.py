@@ -184,6 +184,10 @@ def _set_attributes(model: nn.Module, members, plan: Plan, sel: _Selection):
         if layer.kind == "linear":
             mod.out_features = mod.weight.shape[0]
             mod.in_features = mod.weight.shape[1]
+        elif layer.kind == "embed":
+            mod.embedding_dim = mod.weight.shape[1]
+        elif layer.kind == "tlinear" and hasattr(mod, "nf"):
+            mod.nf = mod.weight.shape[1]
         elif layer.kind == "conv":
             mod.out_channels = mod.weight.shape[0]
             mod.in_channels = mod.weight.shape[1] * getattr(mod, "groups", 1)

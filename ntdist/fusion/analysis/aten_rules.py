@@ -1,0 +1,401 @@
+"""Rules for the ATen operations of an exported graph (`export.py`) that have no torch.fx twin in `ops.py`.
+
+Every node of an exported graph knows its output shape, so these rules read
+shapes instead of guessing them. What they add to the analysis:
+
+- constants: whatever is computed from the model input, buffers and lifted
+  tensors alone (position ids, attention masks, rotary tables) is the same in
+  every member and stays unwidened; it may meet hidden channels only where it
+  broadcasts over them (size 1 along the channels);
+- views with explicit shapes: a view splitting the channels into
+  (heads, head_dim) keeps the heads as the channel dimension, each a unit of
+  head_dim features (`Spaces.coarsen` asks the projection to open its space
+  so); merging them back multiplies the factor again; the channel size written
+  in the shape is recorded (`Plan.rewrites`), k times in the concatenated graph;
+- attention (`scaled_dot_product_attention`, or `matmul` and `softmax` written
+  out): queries, keys and values share their heads; with fewer key/value heads
+  (grouped-query attention) one unit is a key/value head with its group of
+  query heads;
+- `embedding` (a layer from token ids), `addmm` (GPT-2's `Conv1D`, a linear
+  layer with its weight transposed), a mean over the channels (RMSNorm, a
+  channels-first LayerNorm: each member's block on its own in the concatenated
+  graph), a split of a fused projection (`Spaces.cut`), indexing positions.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+from torch.fx.node import Node
+
+from ntdist.fusion.analysis.functional import record
+from ntdist.fusion.analysis.plan import IN, Dim, Layer, Param, Tup, Val
+from ntdist.fusion.analysis.shapes import is_input, mean, one, refuse
+
+aten = torch.ops.aten
+MINE = object()     # returned by `exported_rule` for nodes the generic rules of `ops.py` handle
+BINARY = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.add.Scalar, aten.sub.Scalar,
+          aten.mul.Scalar, aten.div.Scalar, aten.rsub.Scalar}
+UNARY = {aten.pow.Tensor_Scalar, aten.rsqrt.default, aten.sqrt.default, aten.exp.default, aten.erf.default,
+         aten.abs.default, aten.reciprocal.default, aten.cos.default, aten.sin.default, aten.square.default}
+VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+
+
+def _shape(node):
+    meta = node.meta.get("tensor_meta") if isinstance(node, Node) else None
+    return tuple(meta.shape) if meta is not None else ()
+
+
+def _hidden(sp, v) -> bool:
+    return isinstance(v, Val) and not is_input(sp, v.lay)
+
+
+def _trainable(gm, v) -> bool:
+    if not isinstance(v, Param):
+        return False
+    owner, _, attr = v.name.rpartition(".")
+    return isinstance(getattr(gm.get_submodule(owner) if owner else gm, attr), nn.Parameter)
+
+
+def _constant(node) -> Val:
+    return Val(one(IN), len(_shape(node)) or None, None)
+
+
+def _at(node, x, cdim) -> Val:
+    return Val(x.lay, len(_shape(node)), None, cdim)
+
+
+def exported_rule(node, gm, env, sp, layers, nonlinear):
+    """The value of an exported graph's `node`, or MINE when the rules of `ops.py` apply."""
+    ins = [env.get(a) for a in node.all_input_nodes]
+    if node.target in RULES:
+        return RULES[node.target](node, gm, env, sp, layers, nonlinear)
+    if not any(_hidden(sp, v) or _trainable(gm, v) for v in ins):
+        return _constant(node) if _shape(node) else None
+    return MINE
+
+
+def _binary(node, gm, env, sp, layers, nonlinear):
+    args = [a for a in node.args[:2] if isinstance(a, Node)]
+    vals = [env.get(a) for a in args]
+    params = [v for v in vals if _trainable(gm, v)]
+    hidden = [(a, v) for a, v in zip(args, vals) if _hidden(sp, v)]
+    if not hidden:
+        return MINE if params else _constant(node)
+    nd = len(_shape(node))
+    a, x = hidden[0]
+    cdim = nd - (len(_shape(a)) - x.cdim)
+    for b, v in zip(args, vals):
+        side = _shape(b)
+        where = cdim - (nd - len(side))
+        if _hidden(sp, v):
+            if len(side) - v.cdim != nd - cdim:
+                refuse(node.name, "combines two feature tensors whose channels lie in different dimensions")
+            if v is not x:
+                sp.union_layouts(x.lay, v.lay, node.name)
+        elif isinstance(v, Param) and _trainable(gm, v):
+            _with_param(node, x, v, side, where, gm, sp, layers)
+        elif 0 <= where < len(side) and side[where] != 1:
+            refuse(node.name, "combines channels with a tensor computed from the input alone that varies along "
+                              "them; the concatenated model has k times the channels")
+    if node.target in (aten.mul.Tensor, aten.div.Tensor) and len(hidden) > 1:
+        nonlinear.append((node.name, x.lay))
+    return _at(node, x, cdim)
+
+
+def _with_param(node, x, param, shape, axis, gm, sp, layers):
+    """`x * p` or `x + p` with a parameter (or a view of one) that holds one value per channel of x."""
+    owner, _, attr = param.name.rpartition(".")
+    full = getattr(gm.get_submodule(owner) if owner else gm, attr)
+    width = sum(sp.size[d.space] * d.factor for d in x.lay)
+    if not 0 <= axis < len(shape) or shape[axis] != width:
+        refuse(node.name, f"combines a feature tensor with parameter '{param.name}', which does not follow its channels")
+    if full.dim() != len(shape):        # a view that added dimensions of size 1: find the channels in the tensor
+        axes = [d for d, s in enumerate(full.shape) if s == width]
+        if len(axes) != 1:
+            refuse(node.name, f"combines a feature tensor with a view of '{param.name}' the fusion cannot place")
+        axis = axes[0]
+    old = layers.get(param.name)
+    if old is not None:
+        sp.union_layouts(old.inp, x.lay, node.name)
+    else:
+        layers[param.name] = Layer("param", x.lay, x.lay, axis)
+
+
+def _unary(node, gm, env, sp, layers, nonlinear):
+    x = env.get(node.args[0])
+    if not _hidden(sp, x):
+        return _constant(node) if not _trainable(gm, x) else refuse(
+            node.name, f"computes with parameter '{x.name}' alone, which the fusion does not follow")
+    if node.target is not aten.pow.Tensor_Scalar or node.args[1] != 1:
+        nonlinear.append((node.name, x.lay))
+    return x
+
+
+def _param_view(node, x):
+    return Param(x.name, _shape(node))
+
+
+def _unsqueeze(node, gm, env, sp, layers, nonlinear):
+    x = env.get(node.args[0])
+    if isinstance(x, Param):
+        return _param_view(node, x)
+    if not _hidden(sp, x):
+        return _constant(node)
+    nd = len(_shape(node))
+    d = node.args[1] % nd
+    return _at(node, x, x.cdim + (1 if d <= x.cdim else 0))
+
+
+def _squeeze(node, gm, env, sp, layers, nonlinear):
+    x = env.get(node.args[0])
+    if not _hidden(sp, x):
+        return _constant(node)
+    src = _shape(node.args[0])
+    dims = node.args[1] if len(node.args) > 1 else [d for d, s in enumerate(src) if s == 1]
+    dims = [d % len(src) for d in (dims if isinstance(dims, (list, tuple)) else [dims]) if src[d % len(src)] == 1]
+    if x.cdim in dims:
+        refuse(node.name, "squeezes away the channel dimension")
+    return _at(node, x, x.cdim - sum(1 for d in dims if d < x.cdim))
+
+
+def _expand(node, gm, env, sp, layers, nonlinear):
+    x = env.get(node.args[0])
+    if isinstance(x, Param):
+        return _param_view(node, x)
+    if not _hidden(sp, x):
+        return _constant(node)
+    sizes, src = list(node.args[1]), _shape(node.args[0])
+    cdim = x.cdim + len(sizes) - len(src)
+    if sizes[cdim] not in (-1, src[x.cdim]):
+        refuse(node.name, "expands the channel dimension")
+    if sizes[cdim] != -1:
+        sp.rewrites.append((node.name, "shape", cdim))
+    return _at(node, x, cdim)
+
+
+def _groups(src, dst):
+    """Consecutive dimensions of `src` and `dst` whose sizes multiply to the same number, in order."""
+    out, i, j = [], 0, 0
+    while i < len(src) or j < len(dst):
+        if i < len(src) and src[i] == 1 and not (j < len(dst) and dst[j] == 1):
+            out.append(([i], []))
+            i += 1
+            continue
+        if j < len(dst) and dst[j] == 1 and not (i < len(src) and src[i] == 1):
+            out.append(([], [j]))
+            j += 1
+            continue
+        a, b, pa, pb = [i], [j], src[i], dst[j]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                a.append(i)
+                pa *= src[i]
+                i += 1
+            else:
+                b.append(j)
+                pb *= dst[j]
+                j += 1
+        out.append((a, b))
+    return out
+
+
+def _view(node, gm, env, sp, layers, nonlinear):
+    x = env.get(node.args[0])
+    if isinstance(x, Param):
+        return _param_view(node, x)
+    if not _hidden(sp, x):
+        return _constant(node)
+    src, dst = _shape(node.args[0]), _shape(node)
+    a, b = next((a, b) for a, b in _groups(src, dst) if x.cdim in a)
+    if a[0] != x.cdim:
+        refuse(node.name, f"reshapes {list(src)} to {list(dst)}, merging channels into positions before them")
+    lay = x.lay
+    if len(a) > 1:          # channels merged with the dimensions after them: a coarser unit (heads back to features)
+        if len(b) != 1:
+            refuse(node.name, f"reshapes {list(src)} to {list(dst)}, mixing channels")
+        inner = math.prod(src[d] for d in a[1:])
+        lay = tuple(Dim(d.space, d.factor * inner) for d in lay)
+    elif len(b) > 1:        # channels split into (units, features of each unit): the first holds the units
+        inner = math.prod(dst[d] for d in b[1:])
+        if len(lay) != 1:
+            refuse(node.name, f"splits concatenated channels {list(src)} into {list(dst)}")
+        d = lay[0]
+        if d.factor % inner:
+            sp.coarsen(d.space, inner // math.gcd(d.factor, inner))
+            refuse(node.name, f"splits channels into groups of {inner}, which its layers do not open whole")
+        lay = (Dim(d.space, d.factor // inner),)
+    cdim = b[0]
+    if node.args[1][cdim] != -1:
+        sp.rewrites.append((node.name, "shape", cdim))
+    return Val(lay, len(dst), None, cdim)
+
+
+def _split(node, gm, env, sp, layers, nonlinear):
+    x = env.get(node.args[0])
+    if not _hidden(sp, x):
+        return None
+    src = _shape(node.args[0])
+    dim = (node.args[2] if len(node.args) > 2 else 0) % len(src)
+    size = node.args[1]
+    sizes = [size] * (src[dim] // size) + ([src[dim] % size] if src[dim] % size else []) \
+        if isinstance(size, int) else list(size)
+    if dim != x.cdim:
+        return Tup(tuple(x for _ in sizes))
+    edges = [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)]
+    bounds = [0]
+    for d in x.lay:
+        bounds.append(bounds[-1] + sp.size[d.space] * d.factor)
+    inside = [e for e in edges if e not in bounds]
+    if inside:
+        if len(x.lay) != 1 or len(sp.creators(x.lay[0].space)) != 1:
+            refuse(node.name, f"splits channels at {edges}, inside one layer's output shared by several layers")
+        sp.cut(sp.creators(x.lay[0].space).pop(), inside)
+        refuse(node.name, f"splits channels at {inside}, inside one layer's output")
+    sp.rewrites.append((node.name, "split", 1))
+    pieces, cuts = [], [0] + edges + [src[dim]]
+    for lo, hi in zip(cuts, cuts[1:]):
+        pieces.append(Val(tuple(d for d, b in zip(x.lay, bounds) if lo <= b < hi), len(src), None, x.cdim))
+    return Tup(tuple(pieces))
+
+
+def _heads(node, q, k, sp):
+    """Join the heads of queries `q` and keys `k`; with fewer key heads, a unit is a key head and its query group."""
+    hq, hk = _shape(node.args[0])[q.cdim], _shape(node.args[1])[k.cdim]
+    if len(q.lay) != 1 or len(k.lay) != 1 or hq % hk:
+        refuse(node.name, f"attends with {hq} query heads to {hk} key heads in a way the fusion does not follow")
+    a, b = q.lay[0], k.lay[0]
+    want = b.factor * (hq // hk)
+    if a.factor != want:        # one side's layers must open coarser units: ask, and walk again
+        if a.factor < want:
+            sp.coarsen(a.space, want // a.factor if want % a.factor == 0 else want)
+        else:
+            sp.coarsen(b.space, a.factor // want if a.factor % want == 0 else a.factor)
+        refuse(node.name, "groups query heads differently from key heads")
+    sp.union(a.space, b.space)
+
+
+def _attention(node, gm, env, sp, layers, nonlinear):
+    q, k, v = (env.get(a) for a in node.args[:3])
+    if not all(_hidden(sp, t) for t in (q, k, v)):
+        refuse(node.name, "attends over queries, keys or values that are not all hidden features")
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    if isinstance(mask, Node) and _hidden(sp, env.get(mask)):
+        refuse(node.name, "uses hidden features as an attention mask")
+    if any(t.cdim != len(_shape(a)) - 3 for t, a in zip((q, k, v), node.args[:3])):
+        refuse(node.name, "attends over tensors whose heads are not the dimension before positions and features")
+    sp.union_layouts(k.lay, v.lay, node.name)
+    _heads(node, q, k, sp)
+    return _at(node, q, q.cdim)
+
+
+def _matmul(node, gm, env, sp, layers, nonlinear):
+    a, b = (env.get(n) for n in node.args[:2])
+    if not (_hidden(sp, a) and _hidden(sp, b)):
+        refuse(node.name, "multiplies a feature tensor by a matrix the fusion does not know")
+    nd = len(_shape(node))
+    if a.cdim >= len(_shape(node.args[0])) - 2 or b.cdim >= len(_shape(node.args[1])) - 2:
+        refuse(node.name, "multiplies matrices along the channel dimension")
+    _heads(node, a, b, sp)
+    nonlinear.append((node.name, a.lay))
+    return _at(node, a, nd - (len(_shape(node.args[0])) - a.cdim))
+
+
+def _softmax(node, gm, env, sp, layers, nonlinear):
+    x = env.get(node.args[0])
+    if not _hidden(sp, x):
+        return _constant(node)
+    if node.args[1] % len(_shape(node)) == x.cdim:
+        refuse(node.name, "takes a softmax over the channels")
+    nonlinear.append((node.name, x.lay))
+    return x
+
+
+def _mean(node, gm, env, sp, layers, nonlinear):
+    x = env.get(node.args[0])
+    if not _hidden(sp, x):
+        return _constant(node)
+    nd = len(_shape(node.args[0]))
+    dims = [d % nd for d in node.args[1]]
+    keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    if x.cdim not in dims:
+        return mean(node.name, node, x, dims, keep)
+    if dims != [x.cdim] or not keep or len(x.lay) != 1:
+        refuse(node.name, "averages over the channels together with other dimensions, or concatenated channels")
+    sp.rewrites.append((node.name, "mean", x.cdim))
+    nonlinear.append((node.name, x.lay))
+    return x
+
+
+def _index(node, gm, env, sp, layers, nonlinear):
+    x = env.get(node.args[0])
+    if not _hidden(sp, x):
+        return _constant(node)
+    where = [d for d, i in enumerate(node.args[1]) if i is not None]
+    if any(_hidden(sp, env.get(i)) for i in node.args[1] if isinstance(i, Node)):
+        refuse(node.name, "indexes with hidden features")
+    if x.cdim in range(where[0], where[-1] + 1) or where != list(range(where[0], where[-1] + 1)):
+        refuse(node.name, "indexes the channels of a feature tensor")
+    nd = len(_shape(node))
+    return _at(node, x, x.cdim if x.cdim < where[0] else nd - (len(_shape(node.args[0])) - x.cdim))
+
+
+def _slice(node, gm, env, sp, layers, nonlinear):
+    x = env.get(node.args[0])
+    if isinstance(x, Param):
+        return _param_view(node, x)
+    if not _hidden(sp, x):
+        return _constant(node)
+    if (node.args[1] if len(node.args) > 1 else 0) % len(_shape(node)) == x.cdim:
+        src = _shape(node.args[0])
+        if _shape(node) != src:
+            refuse(node.name, "slices the channels of a feature tensor")
+    return _at(node, x, x.cdim)
+
+
+def _select(node, gm, env, sp, layers, nonlinear):
+    x = env.get(node.args[0])
+    if not _hidden(sp, x):
+        return _constant(node)
+    dim = node.args[1] % len(_shape(node.args[0]))
+    if dim == x.cdim:
+        refuse(node.name, "selects one channel of a feature tensor")
+    return _at(node, x, x.cdim - (1 if dim < x.cdim else 0))
+
+
+def _owner(node, params):
+    owners = {p.name.rpartition(".")[0] for p in params}
+    if len(owners) != 1:
+        refuse(node.name, f"reads {sorted(p.name for p in params)}; the fusion follows a layer's own tensors only")
+    return owners.pop()
+
+
+def _embedding(node, gm, env, sp, layers, nonlinear):
+    weight, ids = env.get(node.args[0]), env.get(node.args[1])
+    if not _trainable(gm, weight) or _hidden(sp, ids):
+        refuse(node.name, "looks up an embedding the fusion does not follow (a table indexed by features)")
+    owner = _owner(node, [weight])
+    width = _shape(node.args[0])[1]
+    out = record(layers, sp, owner, "embed", None if owner in layers else sp.open(owner, width), one(IN))
+    nd = len(_shape(node))
+    return Val(out, nd, None, nd - 1)
+
+
+def _addmm(node, gm, env, sp, layers, nonlinear):
+    bias, x, weight = (env.get(a) for a in node.args[:3])
+    if not (_trainable(gm, bias) and _trainable(gm, weight)) or not isinstance(x, Val) or x.cdim != 1:
+        refuse(node.name, "multiplies features by a matrix that is not one layer's weight")
+    owner = _owner(node, [bias, weight])
+    width = _shape(node.args[2])[1]
+    out = record(layers, sp, owner, "tlinear", None if owner in layers else sp.open(owner, width), x.lay)
+    return Val(out, 2, None, 1)
+
+
+RULES = {**{t: _binary for t in BINARY}, **{t: _unary for t in UNARY}, **{t: _view for t in VIEWS},
+         aten.unsqueeze.default: _unsqueeze, aten.squeeze.dim: _squeeze, aten.squeeze.dims: _squeeze,
+         aten.expand.default: _expand, aten.split.Tensor: _split, aten.split_with_sizes.default: _split,
+         aten.scaled_dot_product_attention.default: _attention, aten.matmul.default: _matmul,
+         aten.softmax.int: _softmax, aten._softmax.default: _softmax, aten.mean.dim: _mean,
+         aten.index.Tensor: _index, aten.slice.Tensor: _slice, aten.select.int: _select,
+         aten.embedding.default: _embedding, aten.addmm.default: _addmm}

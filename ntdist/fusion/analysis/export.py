@@ -1,0 +1,107 @@
+"""Capture with `torch.export`: the graph the channel analysis reads when torch.fx cannot trace a model.
+
+Model libraries such as Hugging Face `transformers` build attention masks,
+position ids and caches with Python that `symbolic_trace` cannot follow and
+that `capture` refuses (shape reads of hidden tensors, branches on values).
+`torch.export.export` runs such code on the example inputs and records an
+ATen-level graph specialised to their shapes; its `module()` form keeps every
+parameter and buffer under its state-dict name, read by `get_attr` nodes, so
+the analysis sees each weight as the weight of its module whatever the code
+around it looks like.
+
+`export_graph` returns that module with the ATen operations that have a
+torch-level twin of the same signature retargeted to it (`aten.linear` to
+`F.linear`, `aten.layer_norm` to `F.layer_norm`, ...), so the rules of
+`ops.py` and `functional.py` apply unchanged; the remaining ATen operations
+(embedding, attention, views with explicit shapes, per-position statistics)
+have their rules in `tokens.py`. Every node carries its output shape (the
+graph is specialised), and the graph module is kept on the `Plan`: `concat`
+runs that graph with the widened tensors.
+"""
+
+from types import SimpleNamespace
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+aten = torch.ops.aten
+
+# ATen operations whose torch-level twin takes the same leading arguments: retargeted so one rule serves both.
+TWINS = {
+    aten.linear.default: F.linear, aten.conv1d.default: F.conv1d, aten.conv2d.default: F.conv2d,
+    aten.conv3d.default: F.conv3d, aten.relu.default: F.relu, aten.silu.default: F.silu,
+    aten.sigmoid.default: torch.sigmoid, aten.tanh.default: torch.tanh, aten.gelu.default: F.gelu,
+    aten.hardtanh.default: F.hardtanh, aten.dropout.default: F.dropout, aten.transpose.int: torch.transpose,
+    aten.permute.default: torch.permute, aten.flatten.using_ints: torch.flatten, aten.cat.default: torch.cat,
+    aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d, aten.avg_pool2d.default: F.avg_pool2d,
+    aten.max_pool2d.default: F.max_pool2d, aten.neg.default: torch.neg,
+}
+# Operations that only check or move a tensor: their nodes are bypassed.
+PASS = {aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten.contiguous.default, aten.clone.default,
+        aten.alias.default, aten.detach.default, aten.detach_.default, aten.lift_fresh_copy.default}
+CHECKS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default}
+
+
+def _shape(node):
+    val = node.meta.get("val")
+    return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _empty(node) -> bool:
+    shape = _shape(node) if isinstance(node, fx.Node) else None
+    return shape is not None and 0 in shape
+
+
+def export_graph(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
+    """`torch.export.export(model, example_inputs).module()`, rewritten for the channel analysis (module docstring).
+
+    Raises whatever `torch.export` raises; `graph.trace` turns it into one line for the user.
+    """
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            gm = torch.export.export(model, inputs, strict=False).module()
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and not node.users:        # the export's input guards
+            graph.erase_node(node)
+        elif node.op == "call_function" and node.target in CHECKS:
+            graph.erase_node(node)
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in PASS or (node.target is aten.dropout.default and node.args[2] is False):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            continue
+        if node.target is aten.cat.default:         # empty caches joined to keys and values
+            parts = [p for p in node.args[0] if not _empty(p)]
+            node.args = (parts,) + tuple(node.args[1:])
+            if len(parts) == 1:
+                node.replace_all_uses_with(parts[0])
+                graph.erase_node(node)
+                continue
+        if node.target is aten.layer_norm.default:
+            node.target, node.args = F.layer_norm, tuple(node.args[:5])
+        elif node.target in TWINS:
+            node.target = TWINS[node.target]
+    graph.eliminate_dead_code()
+    for node in graph.nodes:
+        shape = _shape(node)
+        if shape is not None:
+            node.meta["tensor_meta"] = SimpleNamespace(shape=shape)
+    graph.lint()
+    gm.recompile()
+    gm.ntdist_exported = True
+    return gm
+
+
+def is_exported(gm) -> bool:
+    """Whether `gm` came from `export_graph`."""
+    return bool(getattr(gm, "ntdist_exported", False))
