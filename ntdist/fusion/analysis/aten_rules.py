@@ -260,6 +260,17 @@ def _split(node, gm, env, sp, layers, nonlinear):
     return Tup(tuple(pieces))
 
 
+def _unbind(node, gm, env, sp, layers, nonlinear):
+    x = env.get(node.args[0])
+    if not _hidden(sp, x):
+        return None
+    src = _shape(node.args[0])
+    dim = (node.args[1] if len(node.args) > 1 else 0) % len(src)
+    if dim == x.cdim:
+        refuse(node.name, "unbinds the channels of a feature tensor")
+    return Tup(tuple(Val(x.lay, len(src) - 1, None, x.cdim - (1 if dim < x.cdim else 0)) for _ in range(src[dim])))
+
+
 def _heads(node, q, k, sp):
     """Join the heads of queries `q` and keys `k`; with fewer key heads, a unit is a key head and its query group."""
     hq, hk = _shape(node.args[0])[q.cdim], _shape(node.args[1])[k.cdim]
@@ -395,6 +406,7 @@ def _addmm(node, gm, env, sp, layers, nonlinear):
 RULES = {**{t: _binary for t in BINARY}, **{t: _unary for t in UNARY}, **{t: _view for t in VIEWS},
          aten.unsqueeze.default: _unsqueeze, aten.squeeze.dim: _squeeze, aten.squeeze.dims: _squeeze,
          aten.expand.default: _expand, aten.split.Tensor: _split, aten.split_with_sizes.default: _split,
+         aten.unbind.int: _unbind,
          aten.scaled_dot_product_attention.default: _attention, aten.matmul.default: _matmul,
          aten.softmax.int: _softmax, aten._softmax.default: _softmax, aten.mean.dim: _mean,
          aten.index.Tensor: _index, aten.slice.Tensor: _slice, aten.select.int: _select,

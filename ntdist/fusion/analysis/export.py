@@ -19,6 +19,9 @@ graph is specialised), and the graph module is kept on the `Plan`: `concat`
 runs that graph with the widened tensors.
 """
 
+import contextlib
+import io
+import logging
 from types import SimpleNamespace
 
 import torch
@@ -40,6 +43,8 @@ TWINS = {
 # Operations that only check or move a tensor: their nodes are bypassed.
 PASS = {aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten.contiguous.default, aten.clone.default,
         aten.alias.default, aten.detach.default, aten.detach_.default, aten.lift_fresh_copy.default}
+QUIET = ("torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes", "torch._dynamo",
+         "torch._subclasses.fake_tensor")
 CHECKS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default}
 
 
@@ -60,13 +65,19 @@ def export_graph(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
     """
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     modes = {m: m.training for m in model.modules()}
+    loggers = [logging.getLogger(name) for name in QUIET]
+    levels = [log.level for log in loggers]
     try:
         model.eval()
-        with torch.no_grad():
+        for log in loggers:         # a refused export logs the whole graph; the caller says it in one line
+            log.setLevel(logging.CRITICAL)
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             gm = torch.export.export(model, inputs, strict=False).module()
     finally:
         for m, training in modes.items():
             m.training = training
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
     graph = gm.graph
     for node in list(graph.nodes):
         if node.op == "call_module" and not node.users:        # the export's input guards
@@ -89,6 +100,9 @@ def export_graph(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
                 continue
         if node.target is aten.layer_norm.default:
             node.target, node.args = F.layer_norm, tuple(node.args[:5])
+        elif node.target is aten.batch_norm.default:     # F.batch_norm takes the statistics first
+            x, weight, bias, mean, var, training, momentum, eps = node.args[:8]
+            node.target, node.args = F.batch_norm, (x, mean, var, weight, bias, training, momentum, eps)
         elif node.target in TWINS:
             node.target = TWINS[node.target]
     graph.eliminate_dead_code()
