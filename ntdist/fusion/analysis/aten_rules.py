@@ -38,6 +38,8 @@ BINARY = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, at
           aten.mul.Scalar, aten.div.Scalar, aten.rsub.Scalar}
 UNARY = {aten.pow.Tensor_Scalar, aten.rsqrt.default, aten.sqrt.default, aten.exp.default, aten.erf.default,
          aten.abs.default, aten.reciprocal.default, aten.cos.default, aten.sin.default, aten.square.default}
+KEEP = {aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten.type_as.default, aten.contiguous.default,
+        aten.clone.default, aten.alias.default, aten.detach.default}
 VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 
 
@@ -134,6 +136,14 @@ def _unary(node, gm, env, sp, layers, nonlinear):
 
 def _param_view(node, x):
     return Param(x.name, _shape(node))
+
+
+def _keep(node, gm, env, sp, layers, nonlinear):
+    """A conversion or copy: the values keep their channels."""
+    x = env.get(node.args[0])
+    if isinstance(x, Param):
+        return _param_view(node, x)
+    return x if _hidden(sp, x) else _constant(node)
 
 
 def _unsqueeze(node, gm, env, sp, layers, nonlinear):
@@ -271,6 +281,42 @@ def _unbind(node, gm, env, sp, layers, nonlinear):
     return Tup(tuple(Val(x.lay, len(src) - 1, None, x.cdim - (1 if dim < x.cdim else 0)) for _ in range(src[dim])))
 
 
+def _cat(node, gm, env, sp, layers, nonlinear):
+    """Tokens joined along positions: hidden parts share their channels, a parameter part (a class token) follows them."""
+    parts = list(node.args[0])
+    vals = [env.get(p) for p in parts]
+    hidden = [(p, v) for p, v in zip(parts, vals) if _hidden(sp, v)]
+    if not hidden:
+        return MINE if any(_trainable(gm, v) for v in vals) else _constant(node)
+    nd = len(_shape(node))
+    dim = (node.args[1] if len(node.args) > 1 else 0) % nd
+    x = hidden[0][1]
+    if dim == x.cdim:
+        return MINE if len(hidden) == len(parts) else refuse(
+            node.name, "concatenates hidden channels with a parameter or the input's channels")
+    for p, v in zip(parts, vals):
+        if _hidden(sp, v):
+            if v.cdim != x.cdim:
+                refuse(node.name, "concatenates feature tensors whose channels lie in different dimensions")
+            sp.union_layouts(x.lay, v.lay, node.name)
+        elif _trainable(gm, v):
+            _with_param(node, x, v, _shape(p), x.cdim, gm, sp, layers)
+        else:
+            refuse(node.name, "concatenates hidden features with a tensor computed from the input alone")
+    return _at(node, x, x.cdim)
+
+
+def _pad(node, gm, env, sp, layers, nonlinear):
+    x = env.get(node.args[0])
+    if not _hidden(sp, x):
+        return _constant(node)
+    pads, nd = list(node.args[1]), len(_shape(node))
+    padded = {nd - 1 - i // 2 for i, p in enumerate(pads) if p}
+    if x.cdim in padded:
+        refuse(node.name, "pads the channels of a feature tensor")
+    return _at(node, x, x.cdim)
+
+
 def _heads(node, q, k, sp):
     """Join the heads of queries `q` and keys `k`; with fewer key heads, a unit is a key head and its query group."""
     hq, hk = _shape(node.args[0])[q.cdim], _shape(node.args[1])[k.cdim]
@@ -294,6 +340,9 @@ def _attention(node, gm, env, sp, layers, nonlinear):
     mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
     if isinstance(mask, Node) and _hidden(sp, env.get(mask)):
         refuse(node.name, "uses hidden features as an attention mask")
+    if isinstance(mask, Node) and _trainable(gm, env.get(mask)):     # a bias per head (Swin's position table)
+        shape = _shape(mask)
+        _with_param(node, q, env.get(mask), shape, q.cdim - (len(_shape(node.args[0])) - len(shape)), gm, sp, layers)
     if any(t.cdim != len(_shape(a)) - 3 for t, a in zip((q, k, v), node.args[:3])):
         refuse(node.name, "attends over tensors whose heads are not the dimension before positions and features")
     sp.union_layouts(k.lay, v.lay, node.name)
@@ -339,8 +388,16 @@ def _mean(node, gm, env, sp, layers, nonlinear):
     return x
 
 
+def _moved(node, gm, env, sp, layers, nonlinear):
+    """`permute` or `transpose` of a parameter: a view of it; of features: the rules of `ops.py`."""
+    x = env.get(node.args[0])
+    return _param_view(node, x) if isinstance(x, Param) else MINE
+
+
 def _index(node, gm, env, sp, layers, nonlinear):
     x = env.get(node.args[0])
+    if isinstance(x, Param) and not any(_hidden(sp, env.get(i)) for i in node.args[1] if isinstance(i, Node)):
+        return _param_view(node, x)      # a table read at fixed positions (relative position biases)
     if not _hidden(sp, x):
         return _constant(node)
     where = [d for d, i in enumerate(node.args[1]) if i is not None]
@@ -404,9 +461,9 @@ def _addmm(node, gm, env, sp, layers, nonlinear):
 
 
 RULES = {**{t: _binary for t in BINARY}, **{t: _unary for t in UNARY}, **{t: _view for t in VIEWS},
-         aten.unsqueeze.default: _unsqueeze, aten.squeeze.dim: _squeeze, aten.squeeze.dims: _squeeze,
+         **{t: _keep for t in KEEP}, aten.unsqueeze.default: _unsqueeze, aten.squeeze.dim: _squeeze, aten.squeeze.dims: _squeeze,
          aten.expand.default: _expand, aten.split.Tensor: _split, aten.split_with_sizes.default: _split,
-         aten.unbind.int: _unbind,
+         aten.unbind.int: _unbind, torch.permute: _moved, torch.transpose: _moved, torch.cat: _cat, aten.pad.default: _pad, aten.constant_pad_nd.default: _pad,
          aten.scaled_dot_product_attention.default: _attention, aten.matmul.default: _matmul,
          aten.softmax.int: _softmax, aten._softmax.default: _softmax, aten.mean.dim: _mean,
          aten.index.Tensor: _index, aten.slice.Tensor: _slice, aten.select.int: _select,

@@ -37,11 +37,11 @@ TWINS = {
     aten.sigmoid.default: torch.sigmoid, aten.tanh.default: torch.tanh, aten.gelu.default: F.gelu,
     aten.hardtanh.default: F.hardtanh, aten.dropout.default: F.dropout, aten.transpose.int: torch.transpose,
     aten.permute.default: torch.permute, aten.flatten.using_ints: torch.flatten, aten.cat.default: torch.cat,
-    aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d, aten.avg_pool2d.default: F.avg_pool2d,
+    aten.adaptive_avg_pool1d.default: F.adaptive_avg_pool1d, aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d, aten.avg_pool2d.default: F.avg_pool2d,
     aten.max_pool2d.default: F.max_pool2d, aten.neg.default: torch.neg,
 }
-# Operations that only check or move a tensor: their nodes are bypassed.
-PASS = {aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten.contiguous.default, aten.clone.default,
+# Operations that only check, copy or move a tensor: bypassed where they keep its dtype and device.
+PASS = {aten.to.dtype, aten.to.device, aten.to.dtype_layout,
         aten.alias.default, aten.detach.default, aten.detach_.default, aten.lift_fresh_copy.default}
 QUIET = ("torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes", "torch._dynamo",
          "torch._subclasses.fake_tensor")
@@ -56,6 +56,13 @@ def _shape(node):
 def _empty(node) -> bool:
     shape = _shape(node) if isinstance(node, fx.Node) else None
     return shape is not None and 0 in shape
+
+
+def _same_type(node) -> bool:
+    """Whether a conversion leaves its input's dtype and device alone (a cast of ids or masks must stay)."""
+    src, out = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None, node.meta.get("val")
+    return isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and src.dtype == out.dtype and \
+        src.device == out.device
 
 
 def export_graph(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
@@ -87,7 +94,7 @@ def export_graph(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
-        if node.target in PASS or (node.target is aten.dropout.default and node.args[2] is False):
+        if (node.target in PASS and _same_type(node)) or (node.target is aten.dropout.default and node.args[2] is False):
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
             continue
