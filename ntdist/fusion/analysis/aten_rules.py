@@ -83,6 +83,8 @@ def _binary(node, gm, env, sp, layers, nonlinear):
     params = [v for v in vals if _trainable(gm, v)]
     hidden = [(a, v) for a, v in zip(args, vals) if _hidden(sp, v)]
     if not hidden:
+        if len(params) == 1 and node.target in (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor):
+            return _param_view(node, params[0])     # a parameter plus a mask: still one value per channel
         return MINE if params else _constant(node)
     nd = len(_shape(node))
     a, x = hidden[0]
@@ -232,10 +234,9 @@ def _view(node, gm, env, sp, layers, nonlinear):
         if len(lay) != 1:
             refuse(node.name, f"splits concatenated channels {list(src)} into {list(dst)}")
         d = lay[0]
-        if d.factor % inner:
+        if d.factor % inner:        # ask for coarser units; the walk goes on to gather every such request
             sp.coarsen(d.space, inner // math.gcd(d.factor, inner))
-            refuse(node.name, f"splits channels into groups of {inner}, which its layers do not open whole")
-        lay = (Dim(d.space, d.factor // inner),)
+        lay = (Dim(d.space, max(1, d.factor // inner)),)
     cdim = b[0]
     if node.args[1][cdim] != -1:
         sp.rewrites.append((node.name, "shape", cdim))
@@ -306,6 +307,16 @@ def _cat(node, gm, env, sp, layers, nonlinear):
     return _at(node, x, x.cdim)
 
 
+def _roll(node, gm, env, sp, layers, nonlinear):
+    x = env.get(node.args[0])
+    if not _hidden(sp, x):
+        return _constant(node)
+    dims = node.args[2] if len(node.args) > 2 else []
+    if not dims or x.cdim in [d % len(_shape(node)) for d in dims]:
+        refuse(node.name, "rolls the channels of a feature tensor")
+    return x
+
+
 def _pad(node, gm, env, sp, layers, nonlinear):
     x = env.get(node.args[0])
     if not _hidden(sp, x):
@@ -329,7 +340,7 @@ def _heads(node, q, k, sp):
             sp.coarsen(a.space, want // a.factor if want % a.factor == 0 else want)
         else:
             sp.coarsen(b.space, a.factor // want if a.factor % want == 0 else a.factor)
-        refuse(node.name, "groups query heads differently from key heads")
+        return
     sp.union(a.space, b.space)
 
 
@@ -463,7 +474,7 @@ def _addmm(node, gm, env, sp, layers, nonlinear):
 RULES = {**{t: _binary for t in BINARY}, **{t: _unary for t in UNARY}, **{t: _view for t in VIEWS},
          **{t: _keep for t in KEEP}, aten.unsqueeze.default: _unsqueeze, aten.squeeze.dim: _squeeze, aten.squeeze.dims: _squeeze,
          aten.expand.default: _expand, aten.split.Tensor: _split, aten.split_with_sizes.default: _split,
-         aten.unbind.int: _unbind, torch.permute: _moved, torch.transpose: _moved, torch.cat: _cat, aten.pad.default: _pad, aten.constant_pad_nd.default: _pad,
+         aten.unbind.int: _unbind, aten.roll.default: _roll, torch.permute: _moved, torch.transpose: _moved, torch.cat: _cat, aten.pad.default: _pad, aten.constant_pad_nd.default: _pad,
          aten.scaled_dot_product_attention.default: _attention, aten.matmul.default: _matmul,
          aten.softmax.int: _softmax, aten._softmax.default: _softmax, aten.mean.dim: _mean,
          aten.index.Tensor: _index, aten.slice.Tensor: _slice, aten.select.int: _select,

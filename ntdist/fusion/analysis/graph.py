@@ -138,7 +138,7 @@ def analyze(model: nn.Module, example_inputs=None) -> Plan:
     return plan
 
 
-MAX_WALKS = 12     # walks that coarsen, cut or atomize layers until their units settle
+MAX_WALKS = 16     # walks that coarsen, cut or atomize layers until their units settle
 
 
 def _refined_walk(model, gm, shaped: bool, in_ndim) -> Plan:

@@ -5,8 +5,8 @@ its configuration and modules, so an instance of it cannot compute the
 members' concatenation. The exported graph (`Plan.graph`, specialised to the
 example inputs' shapes) can: `concat_exported` installs the widened tensors
 under their state-dict names and rewrites what the analysis recorded
-(`Plan.rewrites`): every channel size written into a view, expansion or split
-becomes k times larger, every mean over the channels (RMSNorm, a
+(`Plan.rewrites`): every channel size written into a view, expansion or split,
+and a depthwise convolution's group count, becomes k times larger, every mean over the channels (RMSNorm, a
 channels-first LayerNorm) and every `F.layer_norm` is taken over each
 member's block on its own. The result is a `torch.fx.GraphModule` taking the
 inputs the model was exported with, of the same shapes. NT's fused model is an
@@ -52,6 +52,8 @@ def concat_exported(models: Sequence[nn.Module], plan: Plan, weights: Sequence[f
         args = list(node.args)
         if what == "shape":
             args[1] = _widen(args[1], where, k)
+        elif what == "arg":
+            args[where] = args[where] * k
         elif what == "split":
             args[1] = args[1] * k if isinstance(args[1], int) else [s * k for s in args[1]]
         else:
