@@ -22,6 +22,7 @@ runs that graph with the widened tensors.
 import contextlib
 import io
 import logging
+import weakref
 from types import SimpleNamespace
 
 import torch
@@ -65,12 +66,33 @@ def _same_type(node) -> bool:
         src.device == out.device
 
 
+def _key(model, inputs):
+    """What an export depends on: the model object, its tensors (by identity), its modes and the inputs' shapes."""
+    tensors = tuple((name, id(t), tuple(t.shape)) for name, t in model.state_dict(keep_vars=True).items())
+    shapes = tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else repr(x) for x in inputs)
+    return id(model), tensors, tuple(m.training for m in model.modules()), shapes
+
+
+_LAST = {}      # the last export: `concat`, `fuse` and their pairwise steps analyse one member again and again
+
+
 def export_graph(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
     """`torch.export.export(model, example_inputs).module()`, rewritten for the channel analysis (module docstring).
 
-    Raises whatever `torch.export` raises; `graph.trace` turns it into one line for the user.
+    The graph shares the model's tensors; the last one is kept for the next call on the same model, tensors and
+    input shapes (it is only read: the analysis walks it, `concat` copies it). Raises whatever `torch.export`
+    raises; `graph.trace` turns it into one line for the user.
     """
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    key = _key(model, inputs)
+    if _LAST.get("key") == key and _LAST["model"]() is model:
+        return _LAST["graph"]
+    gm = _export(model, inputs)
+    _LAST.update(key=key, model=weakref.ref(model), graph=gm)
+    return gm
+
+
+def _export(model, inputs) -> fx.GraphModule:
     modes = {m: m.training for m in model.modules()}
     loggers = [logging.getLogger(name) for name in QUIET]
     levels = [log.level for log in loggers]
