@@ -13,10 +13,9 @@ Run: .venv/bin/python -m pytest tests/unit/test_fusion_hf.py
 import pytest
 import torch
 import torch.nn as nn
+import transformers
 
 from ntdist.fusion import analyze, concat, fuse
-
-transformers = pytest.importorskip("transformers")
 
 TEXT = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=64, num_labels=3, pad_token_id=0)
@@ -98,3 +97,20 @@ def test_grouped_query_heads_move_with_their_key_value_head():
     embed = spec["model.model.embed_tokens.weight"].dims[1][0].space
     assert spec[f"{attn}.o_proj.weight"].dims[0][0].space == embed
     assert spec["model.model.layers.1.mlp.down_proj.weight"].dims[0][0].space == embed
+
+
+def test_tied_input_and_output_embeddings_stay_tied():
+    """GPT-2 with its language-model head: the output layer is the token embedding table itself."""
+    def lm(seed):
+        torch.manual_seed(seed)
+        return Logits(transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=1))).eval()
+
+    members, x = [lm(0), lm(1)], example("gpt2")
+    with torch.no_grad():
+        average = sum(m(*x) for m in members) / 2
+        wide = concat(members, example_inputs=x)
+        assert ((wide(*x) - average).abs().max() / average.abs().max()).item() < 1e-4
+        fused = fuse(members, example_inputs=x)
+    assert fused.model.lm_head.weight is fused.model.transformer.wte.weight
+    lm(99).load_state_dict(fused.state_dict(), strict=True)

@@ -26,6 +26,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.fx.node import Node
 
 from ntdist.fusion.analysis.functional import record
@@ -461,6 +462,21 @@ def _embedding(node, gm, env, sp, layers, nonlinear):
     return Val(out, nd, None, nd - 1)
 
 
+def _tied_linear(node, gm, env, sp, layers, nonlinear):
+    """`F.linear` on an embedding table (tied input and output embeddings): the table's width is its input."""
+    weight = env.get(node.args[1])
+    owner = weight.name.rpartition(".")[0] if isinstance(weight, Param) else None
+    if owner is None or layers.get(owner) is None or layers[owner].kind != "embed":
+        return MINE
+    x = env.get(node.args[0])
+    if len(node.args) > 2 and node.args[2] is not None or not _hidden(sp, x):
+        refuse(node.name, "reads a tied embedding table with a bias or on the model input")
+    sp.union_layouts(layers[owner].out, x.lay, node.name)
+    sp.rewrites.append((node.name, "tied", sp.find(layers[owner].out[0].space)))
+    nd = len(_shape(node))
+    return Val(one(sp.new(_shape(node.args[1])[0], "")), nd, None, nd - 1)
+
+
 def _addmm(node, gm, env, sp, layers, nonlinear):
     bias, x, weight = (env.get(a) for a in node.args[:3])
     if not (_trainable(gm, bias) and _trainable(gm, weight)) or not isinstance(x, Val) or x.cdim != 1:
@@ -478,4 +494,4 @@ RULES = {**{t: _binary for t in BINARY}, **{t: _unary for t in UNARY}, **{t: _vi
          aten.scaled_dot_product_attention.default: _attention, aten.matmul.default: _matmul,
          aten.softmax.int: _softmax, aten._softmax.default: _softmax, aten.mean.dim: _mean,
          aten.index.Tensor: _index, aten.slice.Tensor: _slice, aten.select.int: _select,
-         aten.embedding.default: _embedding, aten.addmm.default: _addmm}
+         aten.embedding.default: _embedding, F.linear: _tied_linear, aten.addmm.default: _addmm}

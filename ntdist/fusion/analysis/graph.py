@@ -228,7 +228,8 @@ def _finish(model, sp, layers, nonlinear) -> Plan:
     return Plan(sizes=sizes, order=order, layers=layers, tensors=tensors, first_space=first, probe=probe,
                 coupled=coupled.sets(sizes), inexact=inexact,
                 norms=sum(1 for layer in layers.values() if layer.kind in ("ln", "lnf")), atoms=atoms,
-                shuffles=shuffles, widths=sp.widths, norm_parts=sp.norm_parts, rewrites=sp.rewrites)
+                shuffles=shuffles, widths=sp.widths, norm_parts=sp.norm_parts,
+                rewrites=[(n, what, sp.find(at) if what == "tied" else at) for n, what, at in sp.rewrites])
 
 
 def _inexact(sp, nonlinear, fout) -> str:
@@ -281,12 +282,20 @@ def _widen_layers(model, sp, layers, fin, fout):
 
 
 def _add_shared(model, tensors) -> None:
-    """Every parameter and buffer no layer widens: kept as member 0 has it."""
+    """Every parameter and buffer no layer widens: kept as member 0 has it; a tied name takes its tensor's spec."""
+    specs = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for attr, t in list(mod._parameters.items()) + list(mod._buffers.items()):
+            key = f"{mname}.{attr}" if mname else attr
+            if t is not None and key in tensors:
+                specs.setdefault(id(t), tensors[key])
     for mname, mod in model.named_modules(remove_duplicate=False):
         for attr, t in list(mod._parameters.items()) + list(mod._buffers.items()):
             key = f"{mname}.{attr}" if mname else attr
             if t is not None and key not in tensors:
-                tensors[key] = TensorSpec(mname, attr, (None,) * t.dim(), role="shared")
+                tied = specs.get(id(t))
+                tensors[key] = TensorSpec(mname, attr, (None,) * t.dim(), role="shared") if tied is None else \
+                    TensorSpec(mname, attr, tied.dims, tied.role, tied.part)
 
 
 class _Coupling:

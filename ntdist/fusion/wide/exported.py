@@ -56,6 +56,13 @@ def concat_exported(models: Sequence[nn.Module], plan: Plan, weights: Sequence[f
             args[where] = args[where] * k
         elif what == "split":
             args[1] = args[1] * k if isinstance(args[1], int) else [s * k for s in args[1]]
+        elif what == "tied":        # the output reads the embedding table: each member's block weighted on the way in
+            blocks = [torch.full((plan.space_sizes(tensors_of(m))[where],), float(w)) for m, w in zip(models, weights)]
+            out.register_buffer(f"tied_weights_{name}", torch.cat(blocks).to(wide[plan.probe[where][0]].device),
+                                persistent=False)
+            with graph.inserting_before(node):
+                scale = graph.get_attr(f"tied_weights_{name}")
+                args[0] = graph.call_function(torch.mul, (args[0], scale))
         else:
             node.target = grouped_mean
             args, node.kwargs = [args[0], where, k], {}
