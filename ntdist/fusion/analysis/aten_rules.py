@@ -253,6 +253,23 @@ def _split(node, gm, env, sp, layers, nonlinear):
     size = node.args[1]
     sizes = [size] * (src[dim] // size) + ([src[dim] % size] if src[dim] % size else []) \
         if isinstance(size, int) else list(size)
+    return _pieces(node, x, src, dim, sizes, sp, "split")
+
+
+def _chunk(node, gm, env, sp, layers, nonlinear):
+    """`chunk(n)`: n parts of the channels; in the concatenated graph each part holds every member's part."""
+    x = env.get(node.args[0])
+    if not _hidden(sp, x):
+        return None
+    src = _shape(node.args[0])
+    dim = (node.args[2] if len(node.args) > 2 else 0) % len(src)
+    step = -(-src[dim] // node.args[1])
+    sizes = [min(step, src[dim] - lo) for lo in range(0, src[dim], step)]
+    return _pieces(node, x, src, dim, sizes, sp, None)
+
+
+def _pieces(node, x, src, dim, sizes, sp, rewrite):
+    """The parts of a split or chunk of `x`: along the channels, they must end where its layers' outputs do."""
     if dim != x.cdim:
         return Tup(tuple(x for _ in sizes))
     edges = [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)]
@@ -265,7 +282,8 @@ def _split(node, gm, env, sp, layers, nonlinear):
             refuse(node.name, f"splits channels at {edges}, inside one layer's output shared by several layers")
         sp.cut(sp.creators(x.lay[0].space).pop(), inside)
         refuse(node.name, f"splits channels at {inside}, inside one layer's output")
-    sp.rewrites.append((node.name, "split", 1))
+    if rewrite:
+        sp.rewrites.append((node.name, rewrite, 1))
     pieces, cuts = [], [0] + edges + [src[dim]]
     for lo, hi in zip(cuts, cuts[1:]):
         pieces.append(Val(tuple(d for d, b in zip(x.lay, bounds) if lo <= b < hi), len(src), None, x.cdim))
@@ -490,6 +508,7 @@ def _addmm(node, gm, env, sp, layers, nonlinear):
 RULES = {**{t: _binary for t in BINARY}, **{t: _unary for t in UNARY}, **{t: _view for t in VIEWS},
          **{t: _keep for t in KEEP}, aten.unsqueeze.default: _unsqueeze, aten.squeeze.dim: _squeeze, aten.squeeze.dims: _squeeze,
          aten.expand.default: _expand, aten.split.Tensor: _split, aten.split_with_sizes.default: _split,
+         aten.chunk.default: _chunk,
          aten.unbind.int: _unbind, aten.roll.default: _roll, torch.permute: _moved, torch.transpose: _moved, torch.cat: _cat, aten.pad.default: _pad, aten.constant_pad_nd.default: _pad,
          aten.scaled_dot_product_attention.default: _attention, aten.matmul.default: _matmul,
          aten.softmax.int: _softmax, aten._softmax.default: _softmax, aten.mean.dim: _mean,

@@ -179,7 +179,13 @@ def _walk(model, gm, shaped: bool, in_ndim, sp) -> Plan:
             out_val = outs[0]
             continue
         else:
-            val = propagate(node, gm, env, sp, layers, nonlinear, shape)
+            try:
+                val = propagate(node, gm, env, sp, layers, nonlinear, shape)
+            except (UserError, NeedShapes):
+                raise
+            except Exception as err:  # noqa: BLE001 - a rule that breaks on an unforeseen form: one line, naming it
+                refuse(node.target if node.op == "call_module" else node.name,
+                       f"could not be followed ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})")
         if isinstance(val, Val) and shape is not None:
             cdim = val.cdim % len(shape) if shape else 1
             hw = _prod(s for d, s in enumerate(shape) if d not in (0, cdim)) if len(shape) > 2 else None
