@@ -440,16 +440,41 @@ def _index(node, gm, env, sp, layers, nonlinear):
 
 
 def _slice(node, gm, env, sp, layers, nonlinear):
+    """Positions sliced: the channels stay. Channels sliced: only whole parts of a concatenation are taken."""
     x = env.get(node.args[0])
     if isinstance(x, Param):
         return _param_view(node, x)
     if not _hidden(sp, x):
         return _constant(node)
-    if (node.args[1] if len(node.args) > 1 else 0) % len(_shape(node)) == x.cdim:
-        src = _shape(node.args[0])
-        if _shape(node) != src:
-            refuse(node.name, "slices the channels of a feature tensor")
-    return _at(node, x, x.cdim)
+    src = _shape(node.args[0])
+    if (node.args[1] if len(node.args) > 1 else 0) % len(src) != x.cdim or _shape(node) == src:
+        return _at(node, x, x.cdim)
+    start, end = (min(max(a % src[x.cdim] if a < 0 else a, 0), src[x.cdim]) if a is not None else d
+                  for a, d in zip((list(node.args[2:4]) + [None, None])[:2], (0, src[x.cdim])))
+    if len(node.args) > 4 and node.args[4] != 1:
+        refuse(node.name, "slices the channels of a feature tensor with a step")
+    bounds = [0]
+    for d in x.lay:
+        bounds.append(bounds[-1] + sp.size[d.space] * d.factor)
+    if start not in bounds or end not in bounds:
+        refuse(node.name, f"slices channels {start}:{end} inside one layer's output (its parts end at {bounds[1:]})")
+    sp.rewrites.append((node.name, "slice", 2))
+    return Val(tuple(d for d, b in zip(x.lay, bounds) if start <= b < end), len(src), None, x.cdim)
+
+
+def _group_norm(node, gm, env, sp, layers, nonlinear):
+    """`group_norm(x, groups, weight, bias)` on one layer's channels: k times the groups in the concatenation."""
+    x, weight, bias = (env.get(a) if isinstance(a, Node) else None for a in (node.args[0], *node.args[2:4]))
+    if not _hidden(sp, x) or x.cdim != 1 or len(x.lay) != 1 or x.lay[0].factor != 1:
+        refuse(node.name, "normalises groups of channels that are not one layer's channels first")
+    params = [p for p in (weight, bias) if p is not None]
+    if not all(_trainable(gm, p) for p in params):
+        refuse(node.name, "normalises groups with tensors that are not parameters")
+    if params:
+        record(layers, sp, _owner(node, params), "bn", x.lay, x.lay)
+    sp.rewrites.append((node.name, "arg", 1))
+    nonlinear.append((node.name, x.lay))
+    return x
 
 
 def _select(node, gm, env, sp, layers, nonlinear):
@@ -508,7 +533,7 @@ def _addmm(node, gm, env, sp, layers, nonlinear):
 RULES = {**{t: _binary for t in BINARY}, **{t: _unary for t in UNARY}, **{t: _view for t in VIEWS},
          **{t: _keep for t in KEEP}, aten.unsqueeze.default: _unsqueeze, aten.squeeze.dim: _squeeze, aten.squeeze.dims: _squeeze,
          aten.expand.default: _expand, aten.split.Tensor: _split, aten.split_with_sizes.default: _split,
-         aten.chunk.default: _chunk,
+         aten.chunk.default: _chunk, aten.group_norm.default: _group_norm,
          aten.unbind.int: _unbind, aten.roll.default: _roll, torch.permute: _moved, torch.transpose: _moved, torch.cat: _cat, aten.pad.default: _pad, aten.constant_pad_nd.default: _pad,
          aten.scaled_dot_product_attention.default: _attention, aten.matmul.default: _matmul,
          aten.softmax.int: _softmax, aten._softmax.default: _softmax, aten.mean.dim: _mean,

@@ -127,6 +127,14 @@ def analyze(model: nn.Module, example_inputs=None) -> Plan:
     in_ndim = first.dim() if isinstance(first, torch.Tensor) else None
     try:
         plan = _refined_walk(model, gm, is_exported(gm), in_ndim)
+    except UserError as refused:
+        if example_inputs is None or is_exported(gm):
+            raise
+        try:        # the fx graph refused: the exported one may pass; if not, the fx refusal is the message
+            gm = export_graph(model, example_inputs)
+            plan, captured = _refined_walk(model, gm, True, in_ndim), False
+        except Exception:  # noqa: BLE001
+            raise refused from None
     except NeedShapes as need:
         given = example_inputs is not None
         inputs = example_inputs if given else _dummy_input(gm)

@@ -71,7 +71,7 @@ def tensor_args(node, env):
 
 def _module(name, mod, x, sp, layers, nonlinear):
     if isinstance(mod, nn.Linear):
-        if x.ndim is not None and x.ndim > 2 and x.cdim != x.ndim - 1:
+        if x.ndim is not None and x.ndim > 2 and x.cdim != x.ndim - 1 and not is_input(sp, x.lay):
             refuse(name, f"(Linear) reads dimension {x.ndim - 1} of a tensor whose channels are dimension {x.cdim}")
         out = record(layers, sp, name, "linear", None if name in layers else sp.open(name, mod.out_features), x.lay)
         nd = x.ndim if x.ndim and x.ndim > 2 else 2

@@ -25,6 +25,9 @@ from ntdist.fusion.wide.assemble import assemble, clone_with, tensors_of
 from ntdist.fusion.wide.norms import grouped_layer_norm
 
 
+BIG = 2 ** 62       # ATen writes an open slice end as the largest int64
+
+
 def grouped_mean(input: torch.Tensor, dim: int, groups: int) -> torch.Tensor:
     """The mean over `dim` of each of `groups` equal blocks, repeated over its block (keeps the shape)."""
     width = input.shape[dim]
@@ -54,6 +57,8 @@ def concat_exported(models: Sequence[nn.Module], plan: Plan, weights: Sequence[f
             args[1] = _widen(args[1], where, k)
         elif what == "arg":
             args[where] = args[where] * k
+        elif what == "slice":       # whole parts of a concatenation: their ends move k times further
+            args[2:4] = [a * k if isinstance(a, int) and 0 < a < BIG else a for a in args[2:4]]
         elif what == "split":
             args[1] = args[1] * k if isinstance(args[1], int) else [s * k for s in args[1]]
         elif what == "tied":        # the output reads the embedding table: each member's block weighted on the way in
