@@ -1,0 +1,111 @@
+"""Vision models written outside torchvision: one small model per code pattern that fuses exactly.
+
+Each pattern was refused before the analysis could fall back to `torch.export`: an affine-only
+norm (`x * self.alpha + self.beta`) on tokens, `F.group_norm` on a module's own weights and
+`nn.GroupNorm`, a convolution with "same" padding that branches on its weight's shape, and a
+channel slice `x[:, :self.out_channels]` after a concatenation. For each: `concat` equals the
+members' average output (1e-5) at k = 2 and 3, and NT returns the class with its original shapes.
+
+Run: .venv/bin/python -m pytest tests/unit/test_fusion_styles.py
+"""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ntdist.fusion import Ensemble, concat, fuse
+
+
+class Affine(nn.Module):
+    """A norm that only scales and shifts, reading its parameters in forward."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.rand(1, 1, channels) + 0.5)
+        self.beta = nn.Parameter(torch.randn(1, 1, channels))
+
+    def forward(self, x):
+        return x * self.alpha + self.beta
+
+
+class AffineMixer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.norm = nn.Linear(4, 8), Affine(8)
+        self.fc1, self.fc2, self.head = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = h + self.fc2(F.gelu(self.fc1(self.norm(h))))
+        return self.head(h.mean(1))
+
+
+class GroupNorm(nn.Module):
+    """A norm calling F.group_norm on its own weights."""
+
+    def __init__(self, channels, groups):
+        super().__init__()
+        self.groups = groups
+        self.weight, self.bias = nn.Parameter(torch.rand(channels) + 0.5), nn.Parameter(torch.randn(channels))
+
+    def forward(self, x):
+        return F.group_norm(x, self.groups, self.weight, self.bias)
+
+
+class GroupNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.gn = nn.Conv2d(3, 8, 3, padding=1), GroupNorm(8, 2)
+        self.conv2, self.gn2, self.fc = nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.gn2(self.conv2(F.relu(self.gn(self.conv(x)))))).mean((2, 3)))
+
+
+class SameConv(nn.Conv2d):
+    """'Same' padding decided on the kernel size read from the weight."""
+
+    def forward(self, x):
+        k = self.weight.shape[-1]
+        if k % 2 == 0:
+            x = F.pad(x, (0, 1, 0, 1))
+        return F.conv2d(x, self.weight, self.bias, self.stride, (k // 2, k // 2) if k % 2 else 0)
+
+
+class SameNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = SameConv(3, 8, 3), SameConv(8, 8, 2), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.c2(F.relu(self.c1(x)))).mean((2, 3)))
+
+
+class SliceNet(nn.Module):
+    """Two branches concatenated, then the first branch's channels taken back by a slice."""
+
+    def __init__(self):
+        super().__init__()
+        self.out_channels = 6
+        self.a, self.b, self.c, self.fc = nn.Conv2d(3, 6, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(6, 8, 1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], 1)
+        return self.fc(F.relu(self.c(h[:, :self.out_channels])).mean((2, 3)))
+
+
+PATTERNS = {AffineMixer: (2, 6, 4), GroupNormNet: (2, 3, 8, 8), SameNet: (2, 3, 8, 8), SliceNet: (2, 3, 8, 8)}
+
+
+@pytest.mark.parametrize("cls", PATTERNS, ids=lambda c: c.__name__)
+def test_pattern_concatenates_exactly_and_fuses(cls):
+    torch.manual_seed(0)
+    members, x = [cls().eval() for _ in range(3)], torch.randn(*PATTERNS[cls])
+    with torch.no_grad():
+        for k in (2, 3):
+            assert torch.allclose(concat(members[:k], example_inputs=x)(x), Ensemble(members[:k])(x), atol=1e-5)
+        fused = fuse(members, example_inputs=x)
+    assert type(fused) is cls
+    shapes = {n: t.shape for n, t in members[0].state_dict().items()}
+    assert {n: t.shape for n, t in fused.state_dict().items()} == shapes
