@@ -1,17 +1,8 @@
 """Rules for the ATen operations of an exported graph (`export.py`) that have no torch.fx twin in `ops.py`.
 
-Every node of an exported graph knows its output shape, so these rules read
-shapes instead of guessing them. What they add to the analysis:
+`exported_rule` dispatches one node: the rules for shapes, positions and
+constants are in `aten_views.py`; the layers and attention are here:
 
-- constants: whatever is computed from the model input, buffers and lifted
-  tensors alone (position ids, attention masks, rotary tables) is the same in
-  every member and stays unwidened; it may meet hidden channels only where it
-  broadcasts over them (size 1 along the channels);
-- views with explicit shapes: a view splitting the channels into
-  (heads, head_dim) keeps the heads as the channel dimension, each a unit of
-  head_dim features (`Spaces.coarsen` asks the projection to open its space
-  so); merging them back multiplies the factor again; the channel size written
-  in the shape is recorded (`Plan.rewrites`), k times in the concatenated graph;
 - attention (`scaled_dot_product_attention`, or `matmul` and `softmax` written
   out): queries, keys and values share their heads; with fewer key/value heads
   (grouped-query attention) one unit is a key/value head with its group of
@@ -22,51 +13,17 @@ shapes instead of guessing them. What they add to the analysis:
   graph), a split of a fused projection (`Spaces.cut`), indexing positions.
 """
 
-import math
-
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.node import Node
 
+from ntdist.fusion.analysis.aten_views import (BINARY, KEEP, MINE, UNARY, VIEWS, _binary, _cat, _constant, _expand,
+                                               _hidden, _index, _keep, _moved, _pad, _roll, _select,
+                                               _shape, _slice, _squeeze, _trainable, _unary, _unbind, _unsqueeze, _view,
+                                               _with_param, _at, aten)
 from ntdist.fusion.analysis.functional import record
-from ntdist.fusion.analysis.plan import IN, Dim, Layer, Param, Tup, Val
-from ntdist.fusion.analysis.shapes import is_input, mean, one, refuse
-
-aten = torch.ops.aten
-MINE = object()     # returned by `exported_rule` for nodes the generic rules of `ops.py` handle
-BINARY = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.add.Scalar, aten.sub.Scalar,
-          aten.mul.Scalar, aten.div.Scalar, aten.rsub.Scalar}
-UNARY = {aten.pow.Tensor_Scalar, aten.rsqrt.default, aten.sqrt.default, aten.exp.default, aten.erf.default,
-         aten.abs.default, aten.reciprocal.default, aten.cos.default, aten.sin.default, aten.square.default}
-KEEP = {aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten.type_as.default, aten.contiguous.default,
-        aten.clone.default, aten.alias.default, aten.detach.default}
-VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
-
-
-def _shape(node):
-    meta = node.meta.get("tensor_meta") if isinstance(node, Node) else None
-    return tuple(meta.shape) if meta is not None else ()
-
-
-def _hidden(sp, v) -> bool:
-    return isinstance(v, Val) and not is_input(sp, v.lay)
-
-
-def _trainable(gm, v) -> bool:
-    if not isinstance(v, Param):
-        return False
-    owner, _, attr = v.name.rpartition(".")
-    return isinstance(getattr(gm.get_submodule(owner) if owner else gm, attr), nn.Parameter)
-
-
-def _constant(node) -> Val:
-    return Val(one(IN), len(_shape(node)) or None, None)
-
-
-def _at(node, x, cdim) -> Val:
-    return Val(x.lay, len(_shape(node)), None, cdim)
-
+from ntdist.fusion.analysis.plan import IN, Param, Tup, Val
+from ntdist.fusion.analysis.shapes import mean, one, refuse
 
 def exported_rule(node, gm, env, sp, layers, nonlinear):
     """The value of an exported graph's `node`, or MINE when the rules of `ops.py` apply."""
@@ -76,172 +33,6 @@ def exported_rule(node, gm, env, sp, layers, nonlinear):
     if not any(_hidden(sp, v) or _trainable(gm, v) for v in ins):
         return _constant(node) if _shape(node) else None
     return MINE
-
-
-def _binary(node, gm, env, sp, layers, nonlinear):
-    args = [a for a in node.args[:2] if isinstance(a, Node)]
-    vals = [env.get(a) for a in args]
-    params = [v for v in vals if _trainable(gm, v)]
-    hidden = [(a, v) for a, v in zip(args, vals) if _hidden(sp, v)]
-    if not hidden:
-        if len(params) == 1 and node.target in (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor):
-            return _param_view(node, params[0])     # a parameter plus a mask: still one value per channel
-        return MINE if params else _constant(node)
-    nd = len(_shape(node))
-    a, x = hidden[0]
-    cdim = nd - (len(_shape(a)) - x.cdim)
-    for b, v in zip(args, vals):
-        side = _shape(b)
-        where = cdim - (nd - len(side))
-        if _hidden(sp, v):
-            if len(side) - v.cdim != nd - cdim:
-                refuse(node.name, "combines two feature tensors whose channels lie in different dimensions")
-            if v is not x:
-                sp.union_layouts(x.lay, v.lay, node.name)
-        elif isinstance(v, Param) and _trainable(gm, v):
-            _with_param(node, x, v, side, where, gm, sp, layers)
-        elif 0 <= where < len(side) and side[where] != 1:
-            refuse(node.name, "combines channels with a tensor computed from the input alone that varies along "
-                              "them; the concatenated model has k times the channels")
-    if node.target in (aten.mul.Tensor, aten.div.Tensor) and len(hidden) > 1:
-        nonlinear.append((node.name, x.lay))
-    return _at(node, x, cdim)
-
-
-def _with_param(node, x, param, shape, axis, gm, sp, layers):
-    """`x * p` or `x + p` with a parameter (or a view of one) that holds one value per channel of x."""
-    owner, _, attr = param.name.rpartition(".")
-    full = getattr(gm.get_submodule(owner) if owner else gm, attr)
-    width = sum(sp.size[d.space] * d.factor for d in x.lay)
-    if not 0 <= axis < len(shape) or shape[axis] != width:
-        refuse(node.name, f"combines a feature tensor with parameter '{param.name}', which does not follow its channels")
-    if full.dim() != len(shape):        # a view that added dimensions of size 1: find the channels in the tensor
-        axes = [d for d, s in enumerate(full.shape) if s == width]
-        if len(axes) != 1:
-            refuse(node.name, f"combines a feature tensor with a view of '{param.name}' the fusion cannot place")
-        axis = axes[0]
-    old = layers.get(param.name)
-    if old is not None:
-        sp.union_layouts(old.inp, x.lay, node.name)
-    else:
-        layers[param.name] = Layer("param", x.lay, x.lay, axis)
-
-
-def _unary(node, gm, env, sp, layers, nonlinear):
-    x = env.get(node.args[0])
-    if not _hidden(sp, x):
-        return _constant(node) if not _trainable(gm, x) else refuse(
-            node.name, f"computes with parameter '{x.name}' alone, which the fusion does not follow")
-    if node.target is not aten.pow.Tensor_Scalar or node.args[1] != 1:
-        nonlinear.append((node.name, x.lay))
-    return x
-
-
-def _param_view(node, x):
-    return Param(x.name, _shape(node))
-
-
-def _keep(node, gm, env, sp, layers, nonlinear):
-    """A conversion or copy: the values keep their channels."""
-    x = env.get(node.args[0])
-    if isinstance(x, Param):
-        return _param_view(node, x)
-    return x if _hidden(sp, x) else _constant(node)
-
-
-def _unsqueeze(node, gm, env, sp, layers, nonlinear):
-    x = env.get(node.args[0])
-    if isinstance(x, Param):
-        return _param_view(node, x)
-    if not _hidden(sp, x):
-        return _constant(node)
-    nd = len(_shape(node))
-    d = node.args[1] % nd
-    return _at(node, x, x.cdim + (1 if d <= x.cdim else 0))
-
-
-def _squeeze(node, gm, env, sp, layers, nonlinear):
-    x = env.get(node.args[0])
-    if not _hidden(sp, x):
-        return _constant(node)
-    src = _shape(node.args[0])
-    dims = node.args[1] if len(node.args) > 1 else [d for d, s in enumerate(src) if s == 1]
-    dims = [d % len(src) for d in (dims if isinstance(dims, (list, tuple)) else [dims]) if src[d % len(src)] == 1]
-    if x.cdim in dims:
-        refuse(node.name, "squeezes away the channel dimension")
-    return _at(node, x, x.cdim - sum(1 for d in dims if d < x.cdim))
-
-
-def _expand(node, gm, env, sp, layers, nonlinear):
-    x = env.get(node.args[0])
-    if isinstance(x, Param):
-        return _param_view(node, x)
-    if not _hidden(sp, x):
-        return _constant(node)
-    sizes, src = list(node.args[1]), _shape(node.args[0])
-    cdim = x.cdim + len(sizes) - len(src)
-    if sizes[cdim] not in (-1, src[x.cdim]):
-        refuse(node.name, "expands the channel dimension")
-    if sizes[cdim] != -1:
-        sp.rewrites.append((node.name, "shape", cdim))
-    return _at(node, x, cdim)
-
-
-def _groups(src, dst):
-    """Consecutive dimensions of `src` and `dst` whose sizes multiply to the same number, in order."""
-    out, i, j = [], 0, 0
-    while i < len(src) or j < len(dst):
-        if i < len(src) and src[i] == 1 and not (j < len(dst) and dst[j] == 1):
-            out.append(([i], []))
-            i += 1
-            continue
-        if j < len(dst) and dst[j] == 1 and not (i < len(src) and src[i] == 1):
-            out.append(([], [j]))
-            j += 1
-            continue
-        a, b, pa, pb = [i], [j], src[i], dst[j]
-        i, j = i + 1, j + 1
-        while pa != pb:
-            if pa < pb:
-                a.append(i)
-                pa *= src[i]
-                i += 1
-            else:
-                b.append(j)
-                pb *= dst[j]
-                j += 1
-        out.append((a, b))
-    return out
-
-
-def _view(node, gm, env, sp, layers, nonlinear):
-    x = env.get(node.args[0])
-    if isinstance(x, Param):
-        return _param_view(node, x)
-    if not _hidden(sp, x):
-        return _constant(node)
-    src, dst = _shape(node.args[0]), _shape(node)
-    a, b = next((a, b) for a, b in _groups(src, dst) if x.cdim in a)
-    if a[0] != x.cdim:
-        refuse(node.name, f"reshapes {list(src)} to {list(dst)}, merging channels into positions before them")
-    lay = x.lay
-    if len(a) > 1:          # channels merged with the dimensions after them: a coarser unit (heads back to features)
-        if len(b) != 1:
-            refuse(node.name, f"reshapes {list(src)} to {list(dst)}, mixing channels")
-        inner = math.prod(src[d] for d in a[1:])
-        lay = tuple(Dim(d.space, d.factor * inner) for d in lay)
-    elif len(b) > 1:        # channels split into (units, features of each unit): the first holds the units
-        inner = math.prod(dst[d] for d in b[1:])
-        if len(lay) != 1:
-            refuse(node.name, f"splits concatenated channels {list(src)} into {list(dst)}")
-        d = lay[0]
-        if d.factor % inner:        # ask for coarser units; the walk goes on to gather every such request
-            sp.coarsen(d.space, inner // math.gcd(d.factor, inner))
-        lay = (Dim(d.space, max(1, d.factor // inner)),)
-    cdim = b[0]
-    if node.args[1][cdim] != -1:
-        sp.rewrites.append((node.name, "shape", cdim))
-    return Val(lay, len(dst), None, cdim)
 
 
 def _split(node, gm, env, sp, layers, nonlinear):
@@ -288,63 +79,6 @@ def _pieces(node, x, src, dim, sizes, sp, rewrite):
     for lo, hi in zip(cuts, cuts[1:]):
         pieces.append(Val(tuple(d for d, b in zip(x.lay, bounds) if lo <= b < hi), len(src), None, x.cdim))
     return Tup(tuple(pieces))
-
-
-def _unbind(node, gm, env, sp, layers, nonlinear):
-    x = env.get(node.args[0])
-    if not _hidden(sp, x):
-        return None
-    src = _shape(node.args[0])
-    dim = (node.args[1] if len(node.args) > 1 else 0) % len(src)
-    if dim == x.cdim:
-        refuse(node.name, "unbinds the channels of a feature tensor")
-    return Tup(tuple(Val(x.lay, len(src) - 1, None, x.cdim - (1 if dim < x.cdim else 0)) for _ in range(src[dim])))
-
-
-def _cat(node, gm, env, sp, layers, nonlinear):
-    """Tokens joined along positions: hidden parts share their channels, a parameter part (a class token) follows them."""
-    parts = list(node.args[0])
-    vals = [env.get(p) for p in parts]
-    hidden = [(p, v) for p, v in zip(parts, vals) if _hidden(sp, v)]
-    if not hidden:
-        return MINE if any(_trainable(gm, v) for v in vals) else _constant(node)
-    nd = len(_shape(node))
-    dim = (node.args[1] if len(node.args) > 1 else 0) % nd
-    x = hidden[0][1]
-    if dim == x.cdim:
-        return MINE if len(hidden) == len(parts) else refuse(
-            node.name, "concatenates hidden channels with a parameter or the input's channels")
-    for p, v in zip(parts, vals):
-        if _hidden(sp, v):
-            if v.cdim != x.cdim:
-                refuse(node.name, "concatenates feature tensors whose channels lie in different dimensions")
-            sp.union_layouts(x.lay, v.lay, node.name)
-        elif _trainable(gm, v):
-            _with_param(node, x, v, _shape(p), x.cdim, gm, sp, layers)
-        else:
-            refuse(node.name, "concatenates hidden features with a tensor computed from the input alone")
-    return _at(node, x, x.cdim)
-
-
-def _roll(node, gm, env, sp, layers, nonlinear):
-    x = env.get(node.args[0])
-    if not _hidden(sp, x):
-        return _constant(node)
-    dims = node.args[2] if len(node.args) > 2 else []
-    if not dims or x.cdim in [d % len(_shape(node)) for d in dims]:
-        refuse(node.name, "rolls the channels of a feature tensor")
-    return x
-
-
-def _pad(node, gm, env, sp, layers, nonlinear):
-    x = env.get(node.args[0])
-    if not _hidden(sp, x):
-        return _constant(node)
-    pads, nd = list(node.args[1]), len(_shape(node))
-    padded = {nd - 1 - i // 2 for i, p in enumerate(pads) if p}
-    if x.cdim in padded:
-        refuse(node.name, "pads the channels of a feature tensor")
-    return _at(node, x, x.cdim)
 
 
 def _heads(node, q, k, sp):
@@ -418,50 +152,6 @@ def _mean(node, gm, env, sp, layers, nonlinear):
     return x
 
 
-def _moved(node, gm, env, sp, layers, nonlinear):
-    """`permute` or `transpose` of a parameter: a view of it; of features: the rules of `ops.py`."""
-    x = env.get(node.args[0])
-    return _param_view(node, x) if isinstance(x, Param) else MINE
-
-
-def _index(node, gm, env, sp, layers, nonlinear):
-    x = env.get(node.args[0])
-    if isinstance(x, Param) and not any(_hidden(sp, env.get(i)) for i in node.args[1] if isinstance(i, Node)):
-        return _param_view(node, x)      # a table read at fixed positions (relative position biases)
-    if not _hidden(sp, x):
-        return _constant(node)
-    where = [d for d, i in enumerate(node.args[1]) if i is not None]
-    if any(_hidden(sp, env.get(i)) for i in node.args[1] if isinstance(i, Node)):
-        refuse(node.name, "indexes with hidden features")
-    if x.cdim in range(where[0], where[-1] + 1) or where != list(range(where[0], where[-1] + 1)):
-        refuse(node.name, "indexes the channels of a feature tensor")
-    nd = len(_shape(node))
-    return _at(node, x, x.cdim if x.cdim < where[0] else nd - (len(_shape(node.args[0])) - x.cdim))
-
-
-def _slice(node, gm, env, sp, layers, nonlinear):
-    """Positions sliced: the channels stay. Channels sliced: only whole parts of a concatenation are taken."""
-    x = env.get(node.args[0])
-    if isinstance(x, Param):
-        return _param_view(node, x)
-    if not _hidden(sp, x):
-        return _constant(node)
-    src = _shape(node.args[0])
-    if (node.args[1] if len(node.args) > 1 else 0) % len(src) != x.cdim or _shape(node) == src:
-        return _at(node, x, x.cdim)
-    start, end = (min(max(a % src[x.cdim] if a < 0 else a, 0), src[x.cdim]) if a is not None else d
-                  for a, d in zip((list(node.args[2:4]) + [None, None])[:2], (0, src[x.cdim])))
-    if len(node.args) > 4 and node.args[4] != 1:
-        refuse(node.name, "slices the channels of a feature tensor with a step")
-    bounds = [0]
-    for d in x.lay:
-        bounds.append(bounds[-1] + sp.size[d.space] * d.factor)
-    if start not in bounds or end not in bounds:
-        refuse(node.name, f"slices channels {start}:{end} inside one layer's output (its parts end at {bounds[1:]})")
-    sp.rewrites.append((node.name, "slice", 2))
-    return Val(tuple(d for d, b in zip(x.lay, bounds) if start <= b < end), len(src), None, x.cdim)
-
-
 def _group_norm(node, gm, env, sp, layers, nonlinear):
     """`group_norm(x, groups, weight, bias)` on one layer's channels: k times the groups in the concatenation."""
     x, weight, bias = (env.get(a) if isinstance(a, Node) else None for a in (node.args[0], *node.args[2:4]))
@@ -475,16 +165,6 @@ def _group_norm(node, gm, env, sp, layers, nonlinear):
     sp.rewrites.append((node.name, "arg", 1))
     nonlinear.append((node.name, x.lay))
     return x
-
-
-def _select(node, gm, env, sp, layers, nonlinear):
-    x = env.get(node.args[0])
-    if not _hidden(sp, x):
-        return _constant(node)
-    dim = node.args[1] % len(_shape(node.args[0]))
-    if dim == x.cdim:
-        refuse(node.name, "selects one channel of a feature tensor")
-    return _at(node, x, x.cdim - (1 if dim < x.cdim else 0))
 
 
 def _owner(node, params):

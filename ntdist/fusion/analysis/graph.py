@@ -18,8 +18,7 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ntdist.errors import UserError
-from ntdist.fusion.analysis.attention import symbolic_trace
-from ntdist.fusion.analysis.capture import capture
+from ntdist.fusion.analysis.capture import trace
 from ntdist.fusion.analysis.export import export_graph, is_exported
 from ntdist.fusion.analysis.ops import fetch, propagate, tensor_args
 from ntdist.fusion.analysis.shapes import NeedShapes, one, refuse
@@ -33,36 +32,6 @@ def _batch_slice(x):
     if isinstance(x, (tuple, list)):
         return type(x)(_batch_slice(v) for v in x)
     return x
-
-
-def trace(model: nn.Module, example_inputs=None):
-    """Trace `model` with torch.fx, else with its shape branches decided on `example_inputs` (`capture`).
-
-    Returns (graph module, captured): `captured` says the graph is specialised to the example's shapes.
-    """
-    try:
-        return symbolic_trace(model), False
-    except Exception as err:  # noqa: BLE001 - any tracing failure is a model the user must adapt
-        why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-    if example_inputs is None:
-        raise UserError(f"cannot trace {type(model).__name__} with torch.fx ({why}); if its forward branches on "
-                        f"the input's shape, pass example_inputs so the branch can be decided") from None
-    try:
-        return capture(model, example_inputs), True
-    except Exception as err:  # noqa: BLE001 - torch.export may still follow it
-        refused = err
-    try:
-        return export_graph(model, example_inputs), False
-    except Exception as err:  # noqa: BLE001
-        if isinstance(refused, UserError):
-            raise refused from None
-        raise UserError(f"cannot trace {type(model).__name__} with torch.fx ({why}), nor by running it on "
-                        f"example_inputs ({_line(refused)}), nor with torch.export ({_line(err)}); fusion needs a "
-                        "traceable forward") from None
-
-
-def _line(err) -> str:
-    return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
 
 
 class _Propagation(ShapeProp):

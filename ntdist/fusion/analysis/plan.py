@@ -87,8 +87,10 @@ class Plan:
     graph: object = None
     """The graph module of `torch.export` the plan was read from (`export.py`), or None for a torch.fx trace."""
     rewrites: List[Tuple[str, str, int]] = field(default_factory=list)
-    """(node, what, where) in `graph`: "shape" (a channel size at index `where` of an explicit shape), "split"
-    (a split size along the channels), "mean" (a statistic over one member's channels)."""
+    """(node, what, where) in `graph`, what the concatenated graph changes: "shape" (a channel size at index
+    `where` of an explicit shape), "arg" (a count at argument `where`: groups), "split" (a split size along the
+    channels), "slice" (the ends of a slice of whole parts), "mean" (a statistic over each member's channels
+    along dimension `where`), "tied" (an output reading the embedding table of space `where`)."""
 
     def space_sizes(self, tensors: Dict[str, torch.Tensor]) -> Dict[int, int]:
         """Size of every hidden space in a model given its tensors (members may differ in width)."""
