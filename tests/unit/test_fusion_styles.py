@@ -3,7 +3,8 @@
 Each pattern was refused before the analysis could fall back to `torch.export`: an affine-only
 norm (`x * self.alpha + self.beta`) on tokens, `F.group_norm` on a module's own weights and
 `nn.GroupNorm`, a convolution with "same" padding that branches on its weight's shape, and a
-channel slice `x[:, :self.out_channels]` after a concatenation. For each: `concat` equals the
+channel slice `x[:, :self.out_channels]` after a concatenation, and a timm-style
+`qkv.reshape(B, N, 3, heads, head_dim)` (the projection opens three parts, heads within each). For each: `concat` equals the
 members' average output (1e-5) at k = 2 and 3, and NT returns the class with its original shapes.
 
 Run: .venv/bin/python -m pytest tests/unit/test_fusion_styles.py
@@ -95,7 +96,34 @@ class SliceNet(nn.Module):
         return self.fc(F.relu(self.c(h[:, :self.out_channels])).mean((2, 3)))
 
 
-PATTERNS = {AffineMixer: (2, 6, 4), GroupNormNet: (2, 3, 8, 8), SameNet: (2, 3, 8, 8), SliceNet: (2, 3, 8, 8)}
+class QkvAttention(nn.Module):
+    """timm-style attention: one q/k/v projection viewed as [3, heads, head_dim], channels split across dims."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q @ k.transpose(-2, -1) * self.head_dim ** -0.5).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class QkvViT(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.patch, self.norm = nn.Conv2d(3, 16, 4, 4), nn.LayerNorm(16)
+        self.attn, self.head = QkvAttention(16, 4), nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = x + self.attn(self.norm(x))
+        return self.head(x.mean(1))
+
+
+PATTERNS = {QkvViT: (2, 3, 16, 16), AffineMixer: (2, 6, 4), GroupNormNet: (2, 3, 8, 8), SameNet: (2, 3, 8, 8), SliceNet: (2, 3, 8, 8)}
 
 
 @pytest.mark.parametrize("cls", PATTERNS, ids=lambda c: c.__name__)

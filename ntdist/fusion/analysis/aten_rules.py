@@ -20,7 +20,7 @@ from torch.fx.node import Node
 from ntdist.fusion.analysis.aten_views import (BINARY, KEEP, MINE, UNARY, VIEWS, _binary, _cat, _constant, _expand,
                                                _hidden, _index, _keep, _moved, _pad, _roll, _select,
                                                _shape, _slice, _squeeze, _trainable, _unary, _unbind, _unsqueeze, _view,
-                                               _with_param, _at, aten)
+                                               _with_param, _at, aten, Stacked)
 from ntdist.fusion.analysis.functional import record
 from ntdist.fusion.analysis.plan import IN, Param, Tup, Val
 from ntdist.fusion.analysis.shapes import mean, one, refuse
@@ -28,6 +28,8 @@ from ntdist.fusion.analysis.shapes import mean, one, refuse
 def exported_rule(node, gm, env, sp, layers, nonlinear):
     """The value of an exported graph's `node`, or MINE when the rules of `ops.py` apply."""
     ins = [env.get(a) for a in node.all_input_nodes]
+    if any(isinstance(v, Stacked) for v in ins) and node.target not in STACKED:
+        refuse(node.name, "works on stacked parts of channels (only permute, transpose, unbind, select follow them)")
     if node.target in RULES:
         return RULES[node.target](node, gm, env, sp, layers, nonlinear)
     if not any(_hidden(sp, v) or _trainable(gm, v) for v in ins):
@@ -219,3 +221,4 @@ RULES = {**{t: _binary for t in BINARY}, **{t: _unary for t in UNARY}, **{t: _vi
          aten.softmax.int: _softmax, aten._softmax.default: _softmax, aten.mean.dim: _mean,
          aten.index.Tensor: _index, aten.slice.Tensor: _slice, aten.select.int: _select,
          aten.embedding.default: _embedding, F.linear: _tied_linear, aten.addmm.default: _addmm}
+STACKED = {torch.permute, torch.transpose, aten.unbind.int, aten.select.int, *KEEP}

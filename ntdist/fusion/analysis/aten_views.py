@@ -14,6 +14,7 @@ sliced, padded, rolled and joined freely; channels only part by part.
 """
 
 import math
+from typing import NamedTuple, Tuple
 
 import torch
 import torch.nn as nn
@@ -119,6 +120,8 @@ def _unary(node, gm, env, sp, layers, nonlinear):
 def _keep(node, gm, env, sp, layers, nonlinear):
     """A conversion or copy: the values keep their channels."""
     x = env.get(node.args[0])
+    if isinstance(x, Stacked):
+        return x
     if isinstance(x, Param):
         return _param_view(node, x)
     return x if _hidden(sp, x) else _constant(node)
@@ -193,6 +196,37 @@ def _groups(src, dst):
     return out
 
 
+class Stacked(NamedTuple):
+    """Equal parts of one layer's channels held along their own dimension `pdim` (a fused q/k/v projection viewed
+    as [3, heads, head_dim]): part i has layout `parts[i]` along dimension `cdim`, until it is taken apart."""
+
+    parts: Tuple
+    pdim: int
+    cdim: int
+
+
+def _stack(node, x, sp, dst, b):
+    """A view [..., p * c, ...] -> [..., p, units, features]: p parts, each split into units of features."""
+    count, inner = dst[b[0]], math.prod(dst[d] for d in b[2:])
+    total = sum(sp.size[d.space] * d.factor for d in x.lay)
+    if len(x.lay) == 1:         # ask for the layer to open its output as `count` parts, and walk again
+        creators = sp.creators(x.lay[0].space)
+        if len(creators) != 1:
+            refuse(node.name, "views the output of several layers as stacked parts")
+        sp.cut(creators.pop(), [total // count * i for i in range(1, count)])
+        refuse(node.name, f"views one layer's channels as {count} stacked parts")
+    if len(x.lay) != count or len({sp.size[d.space] * d.factor for d in x.lay}) != 1:
+        refuse(node.name, f"views {len(x.lay)} concatenated parts as {count} stacked ones")
+    parts = []
+    for d in x.lay:
+        if d.factor % inner:
+            sp.coarsen(d.space, inner // math.gcd(d.factor, inner))
+        parts.append((Dim(d.space, max(1, d.factor // inner)),))
+    if node.args[1][b[1]] != -1:
+        sp.rewrites.append((node.name, "shape", b[1]))
+    return Stacked(tuple(parts), b[0], b[1])
+
+
 def _view(node, gm, env, sp, layers, nonlinear):
     x = env.get(node.args[0])
     if isinstance(x, Param):
@@ -201,6 +235,8 @@ def _view(node, gm, env, sp, layers, nonlinear):
         return _constant(node)
     src, dst = _shape(node.args[0]), _shape(node)
     a, b = next((a, b) for a, b in _groups(src, dst) if x.cdim in a)
+    if len(a) == 1 and len(b) > 2 and dst[b[0]] > 1:
+        return _stack(node, x, sp, dst, b)
     if a[0] != x.cdim:
         refuse(node.name, f"reshapes {list(src)} to {list(dst)}, merging channels into positions before them")
     lay = x.lay
@@ -224,9 +260,23 @@ def _view(node, gm, env, sp, layers, nonlinear):
 
 
 def _moved(node, gm, env, sp, layers, nonlinear):
-    """`permute` or `transpose` of a parameter: a view of it; of features: the rules of `ops.py`."""
+    """`permute` or `transpose` of a parameter: a view of it; of stacked parts: both dimensions move; of features:
+    the rules of `ops.py`."""
     x = env.get(node.args[0])
+    if isinstance(x, Stacked):
+        nd = len(_shape(node))
+        if node.target is torch.permute:
+            order = [d % nd for d in node.args[1]]
+            return Stacked(x.parts, order.index(x.pdim), order.index(x.cdim))
+        a, b = node.args[1] % nd, node.args[2] % nd
+        swap = {a: b, b: a}
+        return Stacked(x.parts, swap.get(x.pdim, x.pdim), swap.get(x.cdim, x.cdim))
     return _param_view(node, x) if isinstance(x, Param) else MINE
+
+
+def _taken(x, dim, nd):
+    """The Val of one part of stacked parts, taken out along `pdim` (the rank drops by one)."""
+    return [Val(lay, nd - 1, None, x.cdim - (1 if x.pdim < x.cdim else 0)) for lay in x.parts]
 
 
 def _index(node, gm, env, sp, layers, nonlinear):
@@ -269,6 +319,8 @@ def _slice(node, gm, env, sp, layers, nonlinear):
 
 def _select(node, gm, env, sp, layers, nonlinear):
     x = env.get(node.args[0])
+    if isinstance(x, Stacked) and node.args[1] % len(_shape(node.args[0])) == x.pdim:
+        return _taken(x, x.pdim, len(_shape(node.args[0])))[node.args[2]]
     if not _hidden(sp, x):
         return _constant(node)
     dim = node.args[1] % len(_shape(node.args[0]))
@@ -325,6 +377,8 @@ def _cat(node, gm, env, sp, layers, nonlinear):
 
 def _unbind(node, gm, env, sp, layers, nonlinear):
     x = env.get(node.args[0])
+    if isinstance(x, Stacked) and (node.args[1] if len(node.args) > 1 else 0) % len(_shape(node.args[0])) == x.pdim:
+        return Tup(tuple(_taken(x, x.pdim, len(_shape(node.args[0])))))
     if not _hidden(sp, x):
         return None
     src = _shape(node.args[0])

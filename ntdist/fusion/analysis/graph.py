@@ -95,7 +95,7 @@ def analyze(model: nn.Module, example_inputs=None) -> Plan:
     first = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
     in_ndim = first.dim() if isinstance(first, torch.Tensor) else None
     try:
-        plan = _refined_walk(model, gm, is_exported(gm), in_ndim)
+        plan = _shaped_walk(model, gm, example_inputs, in_ndim)
     except UserError as refused:
         if example_inputs is None or is_exported(gm):
             raise
@@ -104,15 +104,21 @@ def analyze(model: nn.Module, example_inputs=None) -> Plan:
             plan, captured = _refined_walk(model, gm, True, in_ndim), False
         except Exception:  # noqa: BLE001
             raise refused from None
+    plan.captured = captured
+    plan.graph = gm if is_exported(gm) else None
+    return plan
+
+
+def _shaped_walk(model, gm, example_inputs, in_ndim) -> Plan:
+    """The walk, measuring shapes and walking again when it needs a spatial size."""
+    try:
+        return _refined_walk(model, gm, is_exported(gm), in_ndim)
     except NeedShapes as need:
         given = example_inputs is not None
         inputs = example_inputs if given else _dummy_input(gm)
         if inputs is None or not _shape_prop(gm, model, inputs, given):
             raise UserError(str(need)) from None
-        plan = _refined_walk(model, gm, True, in_ndim)
-    plan.captured = captured
-    plan.graph = gm if is_exported(gm) else None
-    return plan
+        return _refined_walk(model, gm, True, in_ndim)
 
 
 MAX_WALKS = 16     # walks that coarsen, cut or atomize layers until their units settle
