@@ -67,12 +67,16 @@ def _same_type(node) -> bool:
 
 
 def _key(model, inputs):
-    """What an export depends on: the model object, its tensors (by identity), its modes and the inputs' shapes."""
+    """What an export depends on: the model object, its tensors (by identity), its modules with their plain
+    attributes (flags, sizes, modes) and the inputs' shapes."""
     tensors = tuple((name, id(t), tuple(t.shape)) for name, t in model.state_dict(keep_vars=True).items())
+    modules = tuple((type(m), tuple(sorted((k, v) for k, v in vars(m).items() if isinstance(v, PLAIN))))
+                    for m in model.modules())
     shapes = tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else repr(x) for x in inputs)
-    return id(model), tensors, tuple(m.training for m in model.modules()), shapes
+    return id(model), tensors, modules, shapes
 
 
+PLAIN = (bool, int, float, str, type(None))
 _LAST = {}      # the last export: `concat`, `fuse` and their pairwise steps analyse one member again and again
 
 
