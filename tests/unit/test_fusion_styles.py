@@ -4,7 +4,8 @@ Each pattern was refused before the analysis could fall back to `torch.export`: 
 norm (`x * self.alpha + self.beta`) on tokens, `F.group_norm` on a module's own weights and
 `nn.GroupNorm`, a convolution with "same" padding that branches on its weight's shape, and a
 channel slice `x[:, :self.out_channels]` after a concatenation, and a timm-style
-`qkv.reshape(B, N, 3, heads, head_dim)` (the projection opens three parts, heads within each). For each: `concat` equals the
+`qkv.reshape(B, N, 3, heads, head_dim)` (the projection opens three parts, heads within each), and a
+CSP block (C2f: a layer's output chunked, the parts concatenated again with a new branch). For each: `concat` equals the
 members' average output (1e-5) at k = 2 and 3, and NT returns the class with its original shapes.
 
 Run: .venv/bin/python -m pytest tests/unit/test_fusion_styles.py
@@ -123,7 +124,39 @@ class QkvViT(nn.Module):
         return self.head(x.mean(1))
 
 
-PATTERNS = {QkvViT: (2, 3, 16, 16), AffineMixer: (2, 6, 4), GroupNormNet: (2, 3, 8, 8), SameNet: (2, 3, 8, 8), SliceNet: (2, 3, 8, 8)}
+class ConvBN(nn.Module):
+    def __init__(self, cin, cout, k=1):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return F.silu(self.bn(self.conv(x)))
+
+
+class CrossStage(nn.Module):
+    """A CSP block as YOLOv8's C2f: one layer's output chunked in two, a list grown in forward, concatenated."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.half = cout // 2
+        self.cv1, self.cv2, self.m = ConvBN(cin, cout), ConvBN(3 * self.half, cout), ConvBN(self.half, self.half, 3)
+
+    def forward(self, x):
+        y = list(self.cv1(x).chunk(2, 1))
+        y.append(self.m(y[-1]))
+        return self.cv2(torch.cat(y, 1))
+
+
+class CSPNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.block, self.fc = ConvBN(3, 8, 3), CrossStage(8, 16), nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.fc(self.block(self.stem(x)).mean((2, 3)))
+
+
+PATTERNS = {QkvViT: (2, 3, 16, 16), CSPNet: (2, 3, 8, 8), AffineMixer: (2, 6, 4), GroupNormNet: (2, 3, 8, 8), SameNet: (2, 3, 8, 8), SliceNet: (2, 3, 8, 8)}
 
 
 @pytest.mark.parametrize("cls", PATTERNS, ids=lambda c: c.__name__)

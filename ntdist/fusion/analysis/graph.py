@@ -210,15 +210,30 @@ def _finish(model, sp, layers, nonlinear) -> Plan:
             if lay is not None and len(lay) == 1 and lay[0].space not in probe:
                 probe[lay[0].space] = (key, d, lay[0].factor)
     atoms = frozenset(sp.find(a) for a in sp.atoms) & set(sizes)
-    if any(s not in probe and s not in atoms for s in sizes):
+    rest = _rest_probes(tensors, probe, set(sizes) - set(probe) - atoms)
+    if any(s not in probe and s not in atoms and s not in rest for s in sizes):
         refuse("output", "has channels that only ever appear concatenated with others; cannot size them")
     shuffles = [(a, b, tuple(sp.find(d.space) for d in x), tuple(sp.find(d.space) for d in y))
                 for a, b, x, y in sp.shuffles]
-    return Plan(sizes=sizes, order=order, layers=layers, tensors=tensors, first_space=first, probe=probe,
+    return Plan(sizes=sizes, order=order, layers=layers, tensors=tensors, first_space=first, probe=probe, rest=rest,
                 coupled=coupled.sets(sizes), inexact=inexact,
                 norms=sum(1 for layer in layers.values() if layer.kind in ("ln", "lnf")), atoms=atoms,
                 shuffles=shuffles, widths=sp.widths, norm_parts=sp.norm_parts,
                 rewrites=[(n, what, sp.find(at) if what == "tied" else at) for n, what, at in sp.rewrites])
+
+
+def _rest_probes(tensors, probe, missing):
+    """Spaces seen only beside others in one dimension (a layer opened as parts): sized by what the others leave."""
+    rest = {}
+    for key, spec in tensors.items():
+        for d, lay in enumerate(spec.dims):
+            if lay is None or len(lay) < 2:
+                continue
+            for part in lay:
+                others = tuple((o.space, o.factor) for o in lay if o is not part)
+                if part.space in missing and part.space not in rest and all(o in probe for o, _ in others):
+                    rest[part.space] = (key, d, others, part.factor)
+    return rest
 
 
 def _inexact(sp, nonlinear, fout) -> str:

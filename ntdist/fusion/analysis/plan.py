@@ -70,6 +70,8 @@ class Plan:
     tensors: Dict[str, TensorSpec]
     first_space: Optional[int] = None      # the first hidden layer's space (what `width` refers to)
     probe: Dict[int, Tuple[str, int, int]] = field(default_factory=dict)  # space -> (tensor, dim, factor)
+    rest: Dict[int, Tuple] = field(default_factory=dict)
+    """space -> (tensor, dim, ((other space, factor), ...), factor): a space that only appears beside others."""
     coupled: List[Tuple[Tuple[int, ...], int, str]] = field(default_factory=list)
     """(spaces, groups, layer): spaces a grouped conv cuts into `groups` blocks per member, kept block by block."""
     inexact: str = ""      # why concatenation cannot be exact (a non-linearity after the output layer), or ""
@@ -96,6 +98,8 @@ class Plan:
         """Size of every hidden space in a model given its tensors (members may differ in width)."""
         sizes = {s: tensors[n].shape[d] // f for s, (n, d, f) in self.probe.items()}
         sizes.update((s, 1) for s in self.atoms)
+        for s, (n, d, others, f) in self.rest.items():
+            sizes[s] = (tensors[n].shape[d] - sum(sizes[o] * of for o, of in others)) // f
         return sizes
 
 
