@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch.fx.node import Node
 
-from ntdist.fusion.analysis.aten_views import (BINARY, KEEP, MINE, UNARY, VIEWS, _binary, _cat, _constant, _expand,
-                                               _hidden, _index, _keep, _moved, _pad, _roll, _select,
-                                               _shape, _slice, _squeeze, _trainable, _unary, _unbind, _unsqueeze, _view,
-                                               _with_param, _at, aten, Stacked)
+from ntdist.fusion.analysis.aten_positions import _cat, _index, _pad, _roll, _select, _slice, _unbind
+from ntdist.fusion.analysis.aten_views import (BINARY, KEEP, MINE, UNARY, VIEWS, Stacked, _at, _binary, _constant,
+                                               _expand, _hidden, _keep, _moved, _shape, _squeeze, _trainable, _unary,
+                                               _unsqueeze, _view, _with_param, aten)
 from ntdist.fusion.analysis.functional import record
 from ntdist.fusion.analysis.plan import IN, Param, Tup, Val
 from ntdist.fusion.analysis.shapes import mean, one, refuse

@@ -88,6 +88,8 @@ def export_graph(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
     raises; `graph.trace` turns it into one line for the user.
     """
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    device = next((t.device for t in model.state_dict().values()), None)   # inputs given on the CPU, weights maybe not
+    inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) and device is not None else x for x in inputs)
     key = _key(model, inputs)
     if _LAST.get("key") == key and _LAST["model"]() is model:
         return _LAST["graph"]
