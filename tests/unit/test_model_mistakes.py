@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ntdist.cli import main
+from ntdist.records.results import read_results
 from ntdist.errors import UserError
 from ntdist.fusion import fuse
 from ntdist.models import ModelSpec, build_model
@@ -49,13 +50,12 @@ def test_a_model_that_would_fail_in_training_or_fusion_is_refused_before_trainin
     assert words in refused(tmp_path, capsys, *overrides)
 
 
-def test_a_tied_model_is_refused_before_training_with_nt_and_trains_with_avg(tmp_path, capsys):
-    err = refused(tmp_path, capsys, MISTAKES + "called_twice")
-    assert "CalledTwice calls layer 'fc' (Linear) 2 times in forward, so its weights are tied" in err
-    config = tmp_path / "avg.yaml"
-    config.write_text("train: {epochs: 1}\nfinetune: {epochs: 0, control: false}\nfusion: {k: 2, methods: [avg]}\n"
+def test_a_layer_called_twice_trains_and_fuses_with_nt_and_avg(tmp_path):
+    config = tmp_path / "tied.yaml"
+    config.write_text("train: {epochs: 1}\nfinetune: {epochs: 0, control: false}\nfusion: {k: 2, methods: [nt, avg]}\n"
                       "data: {train_fraction: 0.1}\ndistributed: {threads_per_rank: 1}\n")
     assert main(["run", str(config), f"output.dir={tmp_path / 'run'}", MISTAKES + "called_twice"]) == 0
+    assert set(read_results(str(tmp_path / "run")).fusion) == {"nt", "avg"}
 
 
 @pytest.mark.parametrize("value", ["inf", "nan", "1e300"])

@@ -93,10 +93,11 @@ def analyze(model: nn.Module, example_inputs=None) -> Plan:
     needs a spatial size, e.g. at a flatten after a convolution.
     """
     gm, captured = trace(model, example_inputs)
-    check_ties(model, gm)
     first = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
     in_ndim = first.dim() if isinstance(first, torch.Tensor) else None
     try:
+        if not is_exported(gm):
+            check_ties(model, gm)
         plan = _shaped_walk(model, gm, example_inputs, in_ndim)
     except UserError as refused:
         if example_inputs is None or is_exported(gm):
