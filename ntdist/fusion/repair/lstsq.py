@@ -4,8 +4,8 @@ A layer's refit is a linear regression of its target outputs on its inputs. The
 rows never need to be held at once: `accumulate` adds one batch's X^T X and X^T Y
 (float64, a ones column appended when a bias is fitted) to running sums, and
 `solve` turns the sums into coefficients. The sums are plain tensors, so a
-distributed caller can all-reduce `Normal.gram`, `Normal.cross` and `Normal.rows`
-across ranks before solving and every rank gets the same solution.
+distributed caller sums them across ranks before solving (`packed` and `unpacked`: one
+flat tensor, one all-reduce) and every rank gets the same solution.
 
 Groups: a grouped convolution is G independent regressions (each output group reads
 only its input group), so every tensor carries a leading group dimension; a Linear
@@ -14,7 +14,9 @@ layer or an ordinary convolution has G = 1.
 Memory per layer: G (d+1)^2 float64 for the Gram matrix plus G (d+1) o for the
 cross term, where d is the input dimension of one group (in_features for a Linear
 layer, in_channels / groups * kernel size for a convolution) and o the outputs per
-group; nothing grows with the number of calibration rows.
+group; nothing grows with the number of calibration rows. `accumulate` adds a chunk
+of m rows in place (m x (d+1) float64 beside the sums); `rows.row_chunks` keeps m
+about d, so the peak is a small multiple of the sums themselves.
 """
 
 from dataclasses import dataclass
@@ -37,23 +39,48 @@ def accumulate(normal: Optional[Normal], x: torch.Tensor, y: torch.Tensor, bias:
     """Add the rows `x` [G, n, d] with targets `y` [G, n, o] to `normal` (a new one when None).
 
     Summation is in float64 whatever the inputs' dtype, so the order in which batches
-    arrive changes the sums only by float64 rounding.
+    arrive changes the sums only by float64 rounding. Beyond the sums it holds one
+    float64 copy of the rows and targets (with the ones column), so callers pass rows
+    in chunks (`rows.row_chunks`).
     """
     if x.dim() != 3 or y.dim() != 3 or x.shape[:2] != y.shape[:2]:
         raise ValueError(f"rows must be [groups, n, d] and targets [groups, n, o], got {tuple(x.shape)} "
                          f"and {tuple(y.shape)}")
-    x, y = x.double(), y.double()
+    g, n, d = x.shape
+    rows = torch.empty(g, n, d + (1 if bias else 0), dtype=torch.float64, device=x.device)
+    rows[:, :, :d] = x
     if bias:
-        x = torch.cat([x, x.new_ones(x.shape[0], x.shape[1], 1)], dim=2)
-    xt = x.transpose(1, 2)
-    gram, cross = xt @ x, xt @ y
+        rows[:, :, d] = 1.0
+    targets = y.to(torch.float64)
     if normal is None:
-        return Normal(gram, cross, x.shape[1], bias)
-    if normal.bias != bias or normal.gram.shape != gram.shape or normal.cross.shape != cross.shape:
+        normal = Normal(rows.new_zeros(g, rows.shape[2], rows.shape[2]), rows.new_zeros(g, rows.shape[2], y.shape[2]),
+                        0, bias)
+    elif normal.bias != bias or normal.gram.shape[1] != rows.shape[2] or normal.cross.shape[2] != y.shape[2] \
+            or normal.gram.shape[0] != g:
         raise ValueError("accumulate: rows of another shape than the sums they are added to")
-    normal.gram += gram
-    normal.cross += cross
-    normal.rows += x.shape[1]
+    xt = rows.transpose(1, 2)
+    normal.gram.baddbmm_(xt, rows)
+    normal.cross.baddbmm_(xt, targets)
+    normal.rows += n
+    return normal
+
+
+def packed(normal: Normal) -> torch.Tensor:
+    """The sums as one flat float64 tensor (Gram, cross, row count): what one all-reduce adds across ranks."""
+    count = torch.tensor([float(normal.rows)], dtype=torch.float64, device=normal.gram.device)
+    return torch.cat([normal.gram.reshape(-1), normal.cross.reshape(-1), count])
+
+
+def unpacked(flat: torch.Tensor, like: Normal) -> Normal:
+    """The `Normal` of the shapes of `like` whose sums are `flat` (from `packed`, summed)."""
+    grams, crosses = like.gram.numel(), like.cross.numel()
+    return Normal(flat[:grams].reshape(like.gram.shape).clone(),
+                  flat[grams:grams + crosses].reshape(like.cross.shape).clone(),
+                  int(round(flat[-1].item())), like.bias)
+
+
+def same(normal: Normal) -> Normal:
+    """The reduction of a repair in one process: the sums as they are."""
     return normal
 
 

@@ -18,10 +18,10 @@ activation); otherwise it is the best such function on the calibration inputs.
 Cost: layer l is fitted from forwards that stop at l, one of the pruned model and one
 of each member per calibration batch, so a model of L layers costs about L/2 full
 forwards of k + 1 models per batch; memory is one batch's activations plus the normal
-equations of one layer (`lstsq`).
+equations of one layer and one chunk of its rows (`lstsq`, `rows`).
 """
 
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -29,13 +29,14 @@ import torch.nn as nn
 from ntdist.fusion.analysis.plan import Plan
 from ntdist.fusion.repair.capture import (CALIBRATION_BATCH, averaged_output, calibration_batches, kept_index,
                                           reach, trace, wide_output)
-from ntdist.fusion.repair.lstsq import accumulate, solve
-from ntdist.fusion.repair.rows import foldable, install, rows_of, why_not
+from ntdist.fusion.repair.lstsq import Normal, accumulate, same, solve
+from ntdist.fusion.repair.rows import foldable, install, row_chunks, why_not
 from ntdist.fusion.wide.assemble import tensors_of
 
 RIDGE = 1e-3          # relative to the mean diagonal of each layer's Gram matrix
 POSITIONS = 64        # output positions per input and convolution (or channels-last Linear) in the fit
 SILENT = ("bn", "ln", "lnf", "param")   # carried: each kept unit's own parameters, already exact
+Reduce = Callable[[Normal], Normal]      # a layer's sums -> the sums over every process that takes part
 
 
 def _is_output(plan: Plan, name: str) -> bool:
@@ -56,7 +57,7 @@ def _layer_note(plan: Plan, name: str, module: nn.Module, twice: set) -> Optiona
 
 
 @torch.no_grad()
-def _refit(models, plan, weights, keep, sizes, pruned, name, batches, feeds, ridge, positions):
+def _refit(models, plan, weights, keep, sizes, pruned, name, batches, feeds, ridge, positions, reduce):
     layer, module = plan.layers[name], pruned.get_submodule(name)
     output_layer = layer.out is None
     dim = -1 if isinstance(module, nn.Linear) else 1
@@ -76,15 +77,15 @@ def _refit(models, plan, weights, keep, sizes, pruned, name, batches, feeds, rid
         if target.shape[dim] != module.weight.shape[0]:
             raise ValueError(f"repair: '{name}' has {module.weight.shape[0]} outputs but `keep` selects "
                              f"{target.shape[dim]}; `pruned` must be assemble(models, plan, weights, keep)")
-        rows, targets = rows_of(module, inputs, target, positions, generator)
-        normal = accumulate(normal, rows, targets, bias)
-    install(module, solve(normal, ridge), bn)
+        for rows, targets in row_chunks(module, inputs, target, positions, generator):
+            normal = accumulate(normal, rows, targets, bias)
+    install(module, solve(reduce(normal), ridge), bn)
 
 
 def repair(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float],
            keep: Dict[int, Optional[torch.Tensor]], pruned: nn.Module, calibration, *, ridge: float = RIDGE,
            positions: int = POSITIONS, batch_size: int = CALIBRATION_BATCH,
-           notes: Optional[List[str]] = None) -> nn.Module:
+           notes: Optional[List[str]] = None, reduce: Reduce = same) -> nn.Module:
     """Refit `pruned` (NT's result, `assemble(models, plan, weights, keep)`) to the concatenation of `models`.
 
     `models` are the members in the order `keep` indexes them (member 0's units first);
@@ -95,6 +96,11 @@ def repair(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float],
     (tensors, or tuples whose first item is the inputs), on the models' device.
     `ridge` is relative to each layer's mean input energy (`lstsq.ridge_of`);
     `positions` bounds the output positions per input a convolution contributes.
+    `reduce` turns each layer's sums over this process's calibration inputs into the sums
+    over every process that repairs the same model (default: the sums as they are); a
+    distributed caller all-reduces them (`lstsq.packed`), so that W processes with a share
+    of the inputs each solve what one process with all of them would. Every process must
+    call it for the same layers in the same order, which the same models and plan ensure.
 
     `pruned` is changed in place and returned: same class, same shapes; only weights,
     biases and (for layers without a bias) the running means of the BatchNorms they
@@ -119,7 +125,7 @@ def repair(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float],
         for name in order:
             reason = _layer_note(plan, name, pruned.get_submodule(name), twice)
             if reason is None:
-                _refit(models, plan, weights, keep, sizes, pruned, name, batches, feeds, ridge, positions)
+                _refit(models, plan, weights, keep, sizes, pruned, name, batches, feeds, ridge, positions, reduce)
             elif reason:
                 _note(notes, name, reason)
     finally:
