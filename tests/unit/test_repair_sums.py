@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ntdist.fusion.analysis.graph import analyze
 from ntdist.fusion.pruning.select import select, targets
-from ntdist.fusion.repair import accumulate, packed, repair, unpacked
+from ntdist.fusion.repair import accumulate, packed, repair, solve, unpacked
 from ntdist.fusion.repair import rows as rows_module
 from ntdist.fusion.wide.assemble import assemble, tensors_of
 from ntdist.models import LeNet
@@ -109,3 +109,15 @@ def test_packed_sums_round_trip():
     back = unpacked(packed(normal), normal)
     assert back.rows == 30 and back.bias and torch.equal(back.gram, normal.gram)
     assert torch.equal(back.cross, normal.cross) and back.gram.data_ptr() != normal.gram.data_ptr()
+
+
+def test_fewer_rows_than_columns_solve_as_the_summed_normal_equations():
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 40, 90), torch.randn(2, 40, 6)
+    for bias in (True, False):
+        held = accumulate(accumulate(None, x[:, :25], y[:, :25], bias), x[:, 25:], y[:, 25:], bias)
+        assert held.rows == 40 and len(held.held) == 2 and not held.gram.any()   # 40 rows < 91 columns: kept
+        dual = solve(held, 1e-3)
+        primal = solve(held.summed(), 1e-3)
+        assert held.gram.any() and not held.held
+        torch.testing.assert_close(dual, primal, rtol=0, atol=1e-8)
