@@ -165,7 +165,8 @@ def fuse_command(paths, output: str, fusion: FusionConfig, source: ModelSource =
     check_runs(models[0], examples[:2].to(dev), spec.name, shape_hint)
     method = fusion.methods[0]
     start = time.perf_counter()
-    extra = dict(calibration=calibrate.to(dev)) if calibrate is not None and method == "nt" else {}
+    notes = []      # the layers NT's repair left as pruned, printed below
+    extra = dict(calibration=calibrate.to(dev), notes=notes) if calibrate is not None and method == "nt" else {}
     fused = fuse(models, method, fusion.schedule, options=options, example_inputs=examples.to(dev), **extra)
     synchronize(dev)   # on a GPU the kernels may still run: the time is the work's, not its launch's
     seconds = time.perf_counter() - start
@@ -179,6 +180,8 @@ def fuse_command(paths, output: str, fusion: FusionConfig, source: ModelSource =
     repaired = f", repaired on {len(calibrate)} inputs" if extra and options.repairs(calibrate) else ""
     print(f"fused {len(models)} models with {method} ({fusion.schedule}{repaired}) on {dev} in {seconds:.3f} s "
           f"-> {output}")
+    for note in notes:
+        print(f"ntdist fuse: note: {note}", file=sys.stderr)
     if method == "nt" and calibrate is None and options.repair == "auto" and options.repairs(True):
         print("ntdist fuse: note: NT keeps far more of the ensemble when repaired on a few thousand training "
               "inputs: add --calibration FILE (docs/FUSION.md, 'Repair')", file=sys.stderr)
