@@ -116,7 +116,7 @@ def test_fewer_rows_than_columns_solve_as_the_summed_normal_equations():
     x, y = torch.randn(2, 40, 90), torch.randn(2, 40, 6)
     for bias in (True, False):
         held = accumulate(accumulate(None, x[:, :25], y[:, :25], bias), x[:, 25:], y[:, 25:], bias)
-        assert held.rows == 40 and len(held.held) == 2 and not held.gram.any()   # 40 rows < 91 columns: kept
+        assert held.rows == 40 and len(held.held) == 2 and held.gram is None     # 40 rows < 91 columns: kept
         dual = solve(held, 1e-3)
         primal = solve(held.summed(), 1e-3)
         assert held.gram.any() and not held.held

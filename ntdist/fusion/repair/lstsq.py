@@ -36,15 +36,25 @@ import torch
 class Normal:
     """The normal equations of one layer's regression: sums over every row seen so far (float64)."""
 
-    gram: torch.Tensor     # [G, d', d']: X^T X, d' = d + 1 with a bias (the ones column is last)
-    cross: torch.Tensor    # [G, d', o]: X^T Y
+    gram: Optional[torch.Tensor]    # [G, d', d']: X^T X, d' = d + 1 with a bias (the ones column is last)
+    cross: Optional[torch.Tensor]   # [G, d', o]: X^T Y
     rows: int              # rows seen per group (what a ridge relative to the data would scale with)
     bias: bool             # whether the last column of X is the ones column
-    # rows and targets not summed yet: kept while there are fewer rows than columns (then gram and cross are 0)
+    # rows and targets not summed yet: kept while there are fewer rows than columns (gram and cross None till then)
     held: List[Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    def shapes(self) -> Tuple[int, int, int]:
+        """(groups, columns d', outputs o)."""
+        if self.gram is not None:
+            return self.gram.shape[0], self.gram.shape[1], self.cross.shape[2]
+        x, y = self.held[0]
+        return x.shape[0], x.shape[2], y.shape[2]
 
     def summed(self) -> "Normal":
         """The held rows added into the sums (in place); returns self."""
+        if self.gram is None:
+            (g, columns, outputs), x = self.shapes(), self.held[0][0]
+            self.gram, self.cross = x.new_zeros(g, columns, columns), x.new_zeros(g, columns, outputs)
         for x, y in self.held:
             xt = x.transpose(1, 2)
             self.gram.baddbmm_(xt, x)
@@ -72,11 +82,10 @@ def accumulate(normal: Optional[Normal], x: torch.Tensor, y: torch.Tensor, bias:
     targets = y.to(torch.float64)
     columns = rows.shape[2]
     if normal is None:
-        normal = Normal(rows.new_zeros(g, columns, columns), rows.new_zeros(g, columns, y.shape[2]), 0, bias)
-    elif normal.bias != bias or normal.gram.shape[1] != columns or normal.cross.shape[2] != y.shape[2] \
-            or normal.gram.shape[0] != g:
+        normal = Normal(None, None, 0, bias)
+    elif normal.bias != bias or normal.shapes() != (g, columns, y.shape[2]):
         raise ValueError("accumulate: rows of another shape than the sums they are added to")
-    if normal.rows == len(normal.held) == 0 or normal.held:
+    if normal.gram is None:
         normal.held.append((rows, targets))
         if sum(r.shape[1] for r, _ in normal.held) < columns:
             normal.rows += n
@@ -123,8 +132,8 @@ def ridge_of(normal: Normal, ridge: float) -> torch.Tensor:
     orders of magnitude; the bias column is never penalised. A group whose inputs are all
     zero gets `ridge` itself, which keeps the system positive definite.
     """
-    d = normal.gram.shape[1] - (1 if normal.bias else 0)
-    if normal.held:
+    d = normal.shapes()[1] - (1 if normal.bias else 0)
+    if normal.gram is None:
         energy = sum(x[:, :, :d].pow(2).sum((1, 2)) for x, _ in normal.held)
     else:
         energy = normal.gram.diagonal(dim1=1, dim2=2)[:, :d].sum(1)
