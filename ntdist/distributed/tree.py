@@ -4,7 +4,7 @@ NT-recursive follows the same pairwise tree as the single-process
 `fuse(models, schedule="recursive")`: in each round the holders of a pair meet
 (the right holder sends its model as flat tensors to the left holder, who fuses
 with `fuse_pair`), an odd model out passes up unchanged, and the root's result is
-broadcast to every rank. Each rank sends at most one model per round. With repair,
+broadcast to every rank. Without repair each rank sends at most one model per round. With repair,
 every rank of the pair's members gets both models (`spread`) and fuses the pair, and
 the repair's sums over each rank's own calibration inputs are added by one all-reduce
 per layer in that subgroup (`summed_over`), so the step fits on all their inputs. Weight
