@@ -47,7 +47,8 @@ class FusionConfig:
     dedup_samples: int = opt(256, "training inputs whose outputs fusion.dedup_criterion activations compares")
     repair: str = _nt("repair")
     repair_ridge: float = _nt("repair_ridge")
-    calibration_samples: int = opt(2000, "training inputs (drawn with the seed) that NT's repair fits on")
+    calibration_samples: int = opt(2000, "training inputs (drawn with the seed) that NT's repair fits on, per "
+                                         "rank: a step of the distributed tree fits on those of all its ranks")
 
     def __post_init__(self):
         if self.members and self.k != len(self.members):   # config.load_config sets k to the count unless given
