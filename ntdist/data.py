@@ -36,6 +36,7 @@ TORCHVISION_SETS = {
 }
 CROP_AND_FLIP = {"cifar10": True, "cifar100": True, "svhn": False}   # sets with a random crop: flip too?
 DATASETS = ["digits", "mnist1d", "synthetic", "imagefolder", *TORCHVISION_SETS]
+MEMBER_SPLITS = ("iid", "classes", "dirichlet")   # how members share the training set (`member_shards`)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # imagefolder normalisation
 
 
@@ -59,6 +60,15 @@ class DataConfig:
     test_fraction: float = opt(0.2, "share held out for testing (digits and synthetic only; the others have a test set)")
     train_fraction: float = opt(1.0, "use only this share of the remaining training data")
     split_seed: int = opt(0, "seed of the train/validation/test split (fixed across members)")
+    member_split: str = opt("iid", "which training samples each member sees: iid (all of them, each member in its "
+                                   "own order), classes (the training set dealt out: member i owns classes c with "
+                                   "c % k == i, and a share data.member_split_other of every other class), "
+                                   "dirichlet (each class dealt out in proportions drawn from "
+                                   "Dirichlet(data.member_split_alpha)); seeded by data.split_seed. Fine-tuning "
+                                   "and the control train on the whole training set")
+    member_split_alpha: float = opt(0.5, "data.member_split=dirichlet: the concentration (smaller: more skewed)")
+    member_split_other: float = opt(0.1, "data.member_split=classes: share of each class its owner gives to the "
+                                         "other members (split evenly among them)")
     resident_max_mb: float = opt(2048.0, "keep a split up to this size (MiB) as tensors on the training device; "
                                          "larger ones are read by a DataLoader (0: always)")
     loader_workers: Optional[int] = opt(None, "DataLoader worker processes for splits too large to keep resident "
@@ -86,6 +96,11 @@ class DataConfig:
                 raise UserError(f"data.{key} must be in [0, 1), got {getattr(self, key)}")
         if not 0 < self.train_fraction <= 1:
             raise UserError(f"data.train_fraction must be in (0, 1], got {self.train_fraction}")
+        check_choice(self.member_split, MEMBER_SPLITS, "data.member_split")
+        if not 0 < self.member_split_alpha < float("inf"):
+            raise UserError(f"data.member_split_alpha must be a positive number, got {self.member_split_alpha}")
+        if not 0 <= self.member_split_other < 1:
+            raise UserError(f"data.member_split_other must be in [0, 1), got {self.member_split_other}")
 
 
 @dataclass

@@ -221,6 +221,8 @@ def fuse_stage(r: Run, held: Dict[int, torch.nn.Module], method: str) -> Tuple[t
     device = fusion_device(world)   # on a GPU with NCCL: where the members are; the traces run there too
     merged, notes, examples = {}, [], r.example_inputs().to(device)
     nt = dict(options=fc.nt_options(), merged=merged, notes=notes) if method == "nt" else {}   # avg, OT: no NT option
+    if method == "ot":
+        nt = dict(ot_mode=fc.ot_mode, ot_reg=fc.ot_reg)
     tree = method == "nt" and fc.schedule == "recursive"
     if method == "nt" and fc.repair != "none":      # the tree repairs on every rank's own draw, summed per step
         share = (world.rank, world.size) if tree else (0, 1)
@@ -233,7 +235,7 @@ def fuse_stage(r: Run, held: Dict[int, torch.nn.Module], method: str) -> Tuple[t
     elif method == "avg" and fc.schedule == "flat":
         fused = reduce_average(world, fusing, r.layout.holders, r.template)
     elif method == "ot" and fc.schedule == "flat":
-        fused = ot_reduce(world, fusing, r.layout.holders, r.template, examples)
+        fused = ot_reduce(world, fusing, r.layout.holders, r.template, examples, **nt)
     else:
         fused = gather_fuse(world, fusing, r.layout.holders, r.template, method=method, schedule=fc.schedule,
                             example_inputs=examples, **nt)

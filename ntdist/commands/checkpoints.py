@@ -167,12 +167,22 @@ class ModelSource:
 def load_checkpoints(paths: Sequence[str], spec: ModelSpec, hint: str) -> List[torch.nn.Module]:
     """Every file of `paths` loaded into a model built from `spec`; one line naming the first differing tensor
     (or the prefix in the way) for a file that does not fit."""
-    models = []
+    models, first = [], _stored(paths[0])
     for path in paths:
-        model = spec.build()
-        load_weights(model, path, f"{spec.name} {spec.kwargs}", hint)
+        own = _member_spec(spec, first, _stored(path))
+        model = own.build()
+        load_weights(model, path, f"{own.name} {own.kwargs}", hint)
         models.append(model)
     return models
+
+
+def _member_spec(spec: ModelSpec, first: Optional[ModelSpec], stored: Optional[ModelSpec]) -> ModelSpec:
+    """The spec of one member: `spec`, with the kwargs its own checkpoint stores where they differ from the first
+    member's (members of different widths: `ntdist fuse` returns the first member's structure)."""
+    if stored is None or first is None or stored.name != spec.name:
+        return spec
+    differ = {k: v for k, v in stored.kwargs.items() if first.kwargs.get(k) != v}
+    return replace(spec, kwargs={**spec.kwargs, **differ}) if differ else spec
 
 
 def example_input(spec: ModelSpec) -> Tuple[torch.Tensor, bool]:

@@ -35,7 +35,7 @@ from ntdist.records.checkpoint import save_checkpoint
 
 FUSED_FILE = "fused.safetensors"   # what -o FOLDER/ receives
 HINT = "fuse members of one architecture and check --model and --model-kwargs"
-KEYS = ("methods", "schedule", *NTOptions.names(), "calibration_samples")   # the fusion.* keys that ntdist fuse takes
+KEYS = ("methods", "schedule", *NTOptions.names(), "calibration_samples", "ot_mode", "ot_reg")   # what ntdist fuse takes
 
 
 def flag(key: str) -> str:
@@ -150,6 +150,9 @@ def fuse_command(paths, output: str, fusion: FusionConfig, source: ModelSource =
     calibrate = read_calibration(calibration, fusion.calibration_samples) if calibration is not None else None
     if fusion.methods[0] == "nt":
         options.repairs(calibrate)      # repair lstsq without --calibration: refused before any work
+    if fusion.ot_mode == "activations" and calibrate is None:
+        raise UserError("fusion.ot_mode=activations compares units' outputs on inputs: give a few hundred training "
+                        "inputs with --calibration FILE")
     output = check_output(output, paths, force)
     dev = usable_device(device)
     spec = source.spec(paths, source.splits("fuse"))
@@ -167,6 +170,9 @@ def fuse_command(paths, output: str, fusion: FusionConfig, source: ModelSource =
     start = time.perf_counter()
     notes = []      # the layers NT's repair left as pruned, printed below
     extra = dict(calibration=calibrate.to(dev), notes=notes) if calibrate is not None and method == "nt" else {}
+    if method == "ot":
+        extra = dict(ot_mode=fusion.ot_mode, ot_reg=fusion.ot_reg)
+        examples = calibrate if fusion.ot_mode == "activations" else examples
     fused = fuse(models, method, fusion.schedule, options=options, example_inputs=examples.to(dev), **extra)
     synchronize(dev)   # on a GPU the kernels may still run: the time is the work's, not its launch's
     seconds = time.perf_counter() - start

@@ -24,11 +24,10 @@ from ntdist.distributed.comm import (broadcast_model, destroy_groups, gather_mod
 from ntdist.distributed.devices import comm_device
 from ntdist.distributed.world import World, on_comm_device
 from ntdist.fusion import NTOptions, average, fuse, fuse_pair
-from ntdist.fusion.wide.assemble import clone_with, tensors_of
 from ntdist.fusion.checks import check_models
 from ntdist.fusion.analysis.graph import analyze
 from ntdist.fusion.repair import Reduce, packed, unpacked
-from ntdist.fusion.ot import align
+from ntdist.fusion.ot import align_to
 from ntdist.fusion.schedule import recursive_plan
 
 
@@ -172,8 +171,9 @@ def reduce_average(world: World, held: Dict[int, torch.nn.Module], holders: List
 
 @torch.no_grad()
 def ot_reduce(world: World, held: Dict[int, torch.nn.Module], holders: List[int],
-              make_template: Callable[[], torch.nn.Module], example_inputs=None) -> torch.nn.Module:
-    """What `fuse(members, method="ot")` computes, without gathering the members: member 0 (the anchor) is
+              make_template: Callable[[], torch.nn.Module], example_inputs=None, ot_mode: str = "weights",
+              ot_reg: float = 0.0) -> torch.nn.Module:
+    """What `fuse(members, method="ot", ot_mode=..., ot_reg=...)` computes, without gathering the members: member 0 (the anchor) is
     broadcast, each rank aligns the members it holds to it, and `reduce_average` sums the aligned weights
     over the ranks in one all-reduce. A rank holds its members, the anchor and its members' aligned copies.
     The alignments (POT's solver on the host, minutes for wide models) run on the holders alone: the other
@@ -183,8 +183,8 @@ def ot_reduce(world: World, held: Dict[int, torch.nn.Module], holders: List[int]
     aligned = {}
     if held:   # a rank that holds no member only joins the broadcast and the sum
         check_models([anchor, *held.values()], min_count=1)
-        plan, reference = analyze(anchor, example_inputs), tensors_of(anchor)
-        aligned = {i: model if i == 0 else clone_with(anchor, align(tensors_of(model), reference, plan))
+        plan = analyze(anchor, example_inputs)
+        aligned = {i: model if i == 0 else align_to(anchor, model, plan, ot_mode, ot_reg, example_inputs)
                    for i, model in held.items()}
     world.wait_for("aligning their members to OT's anchor")
     return reduce_average(world, aligned, holders, make_template)

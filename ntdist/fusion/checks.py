@@ -44,6 +44,40 @@ def check_models(models: Sequence[nn.Module], min_count: int = 2, shapes: bool =
     return models
 
 
+def check_widths(models: Sequence[nn.Module], plan) -> bool:
+    """Whether the members differ in width; UserError unless they differ in hidden widths only (every
+    dimension of every tensor that is not a hidden space of `plan`, the analysis of model 0, agrees with
+    model 0's) and the model is one of Linear, convolution and BatchNorm layers, where the concatenation
+    of members of different widths is exact."""
+    ref, differ = _tensors(models[0]), False
+    for i, model in enumerate(models[1:], 1):
+        for name, t in _tensors(model).items():
+            r, spec = ref[name], plan.tensors.get(name)
+            dims = spec.dims if spec is not None and spec.role != "shared" else ()
+            for d in range(max(t.dim(), r.dim())):
+                size, expected = (t.shape[d] if d < t.dim() else None), (r.shape[d] if d < r.dim() else None)
+                if size == expected:
+                    continue
+                if t.dim() != r.dim() or d >= len(dims) or dims[d] is None:
+                    raise UserError(f"models differ at parameter '{name}': shape {list(r.shape)} in model 0 vs "
+                                    f"{list(t.shape)} in model {i}, and dimension {d} is no hidden width; fuse "
+                                    "models of one architecture (members may differ in hidden widths only)")
+                differ = True
+    if differ:
+        names = {"ln": "LayerNorms", "lnf": "LayerNorms", "mha": "attention", "heads": "attention heads",
+                 "gconv": "grouped convolutions"}
+        found = [names.get(layer.kind, f"{layer.kind} layers") for layer in plan.layers.values()
+                 if layer.kind not in ("linear", "conv", "dwconv", "bn", "param")]
+        found += [why for why, there in (("LayerNorms", plan.norms), ("channel shuffles", plan.shuffles or plan.atoms),
+                                         ("channel counts written as constants", plan.widths),
+                                         ("grouped convolutions", plan.coupled)) if there]
+        if found:
+            raise UserError(f"the members differ in width, which fuses only for models of Linear, convolution and "
+                            f"BatchNorm layers; {type(models[0]).__name__} has {' and '.join(dict.fromkeys(found))}: "
+                            "fuse members of one width")
+    return differ
+
+
 def check_finite(models: Sequence[nn.Module], skip=()) -> None:
     """UserError naming the model and tensor if any float parameter or buffer (not in `skip`) is NaN or inf."""
     for i, model in enumerate(models):

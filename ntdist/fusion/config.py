@@ -11,6 +11,7 @@ from typing import List, Optional
 from ntdist.errors import UserError, check_choice
 from ntdist.fusion.nt import METHODS
 from ntdist.fusion.options import NTOptions
+from ntdist.fusion.ot import OT_MODES, check_ot
 from ntdist.fusion.schedule import SCHEDULES
 from ntdist.options import opt
 
@@ -49,6 +50,10 @@ class FusionConfig:
     repair_ridge: float = _nt("repair_ridge")
     calibration_samples: int = opt(2000, "training inputs (drawn with the seed) that NT's repair fits on, per "
                                          "rank: a step of the distributed tree fits on those of all its ranks")
+    ot_mode: str = opt("weights", "OT: what a unit's cost compares: " + " | ".join(OT_MODES) + " (weights: incoming "
+                                  "weight rows; activations: outputs on fusion.dedup_samples training inputs)")
+    ot_reg: float = opt(0.0, "OT: 0 for exact transport (POT's emd); > 0 for entropic Sinkhorn transport with "
+                             "this regularisation, relative to the largest cost")
 
     def __post_init__(self):
         if self.members and self.k != len(self.members):   # config.load_config sets k to the count unless given
@@ -72,6 +77,10 @@ class FusionConfig:
                             f"got {self.dedup_samples}")
         if self.calibration_samples < 1:
             raise UserError(f"fusion.calibration_samples must be at least 1, got {self.calibration_samples}")
+        check_ot(self.ot_mode, self.ot_reg, PREFIX)
+        if (self.ot_mode, self.ot_reg) != ("weights", 0.0) and "ot" not in self.methods:
+            raise UserError("fusion.ot_mode and fusion.ot_reg are OT's options, but fusion.methods has no ot: "
+                            "add ot to fusion.methods, or drop them")
         if self.bn_batches < 1:
             raise UserError(f"fusion.bn_batches must be at least 1, got {self.bn_batches}")
 
@@ -81,4 +90,5 @@ class FusionConfig:
 
     def example_count(self) -> int:
         """How many training inputs fusion is given: two trace the shapes; the activation criterion needs more."""
-        return self.dedup_samples if self.dedup and self.dedup_criterion == "activations" else 2
+        compares = (self.dedup and self.dedup_criterion == "activations") or self.ot_mode == "activations"
+        return self.dedup_samples if compares else 2

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from ntdist.errors import UserError, check_choice
 from ntdist.fusion.wide.assemble import assemble, tensors_of
-from ntdist.fusion.checks import check_finite, check_models, check_weights, normalized
+from ntdist.fusion.checks import check_finite, check_models, check_weights, check_widths, normalized
 from ntdist.fusion.dedup.merge import dedup_fuse
 from ntdist.fusion.analysis.graph import Plan, analyze
 from ntdist.fusion.options import NTOptions
@@ -30,10 +30,12 @@ METHODS = ("nt", "avg", "ot")
 
 
 def concat(models: Sequence[nn.Module], weights: Optional[Sequence[float]] = None, example_inputs=None) -> nn.Module:
-    """The wide model: hidden layers side by side, output layer averaging the members (weighted)."""
-    models = check_models(models)
+    """The wide model: hidden layers side by side, output layer averaging the members (weighted); members may
+    differ in hidden widths (`check_widths`)."""
+    models = check_models(models, shapes=False)
     w = normalized(check_weights(weights, len(models)))
     plan = analyze(models[0], example_inputs)
+    check_widths(models, plan)
     if plan.inexact:
         raise UserError(plan.inexact)
     if plan.captured and (plan.shuffles or plan.widths or plan.norms):
@@ -144,9 +146,13 @@ def fuse_pair(a: nn.Module, b: nn.Module, weight_a: float = 1.0, weight_b: float
 
 def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = "flat", *,
          options: Optional[NTOptions] = None, example_inputs=None, weights: Optional[Sequence[float]] = None,
-         merged: Optional[dict] = None, calibration=None, notes: Optional[List[str]] = None,
+         merged: Optional[dict] = None, calibration=None, ot_mode: str = "weights", ot_reg: float = 0.0,
+         notes: Optional[List[str]] = None,
          **nt_options) -> nn.Module:
     """Fuse k models of one architecture into one (of the original width unless `width`/`keep_ratio`).
+
+    Members of Linear, convolution and BatchNorm layers may differ in hidden widths: 'nt' and 'ot' return
+    the first member's structure (`width`/`keep_ratio` relative to it); 'avg' needs one width.
 
     `weights` are the members' output weights (default equal). NT's options come as
     `options=NTOptions(...)` or as its fields by keyword (`importance`, `order`, `width`,
@@ -159,28 +165,39 @@ def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = "flat"
     layer, summed over the pairwise steps. `calibration` (a tensor of inputs, or an iterable of
     input batches, a few thousand training inputs) lets NT refit its result to the concatenated
     model (`repair`: "auto" does so whenever it is given; every pairwise step refits to its own pair).
+    `ot_mode` ("weights" or "activations", which compares units' outputs on `example_inputs`) and `ot_reg`
+    (0: exact transport; > 0: Sinkhorn) are OT's, refused with another method.
     The layers the repair cannot refit (attention, a module called twice, ...) are named once
     per fusion: appended to `notes` when given, else as a `UserWarning` each.
     """
     from ntdist.fusion.baselines import average
-    from ntdist.fusion.ot import ot_fuse
+    from ntdist.fusion.ot import check_ot, ot_fuse
 
     options = NTOptions.build(options, nt_options, "fuse")
-    models = check_models(models, finite=False)        # each method checks finiteness on its own pass
+    models = check_models(models, shapes=False, finite=False)   # each method checks finiteness on its own pass
     check_choice(method, METHODS, "method")
     check_choice(schedule, SCHEDULES, "schedule")
     w = check_weights(weights, len(models))
     options.check_methods([method], names=("pruner",))
+    check_ot(ot_mode, ot_reg)
+    if method != "ot" and (ot_mode, ot_reg) != ("weights", 0.0):
+        raise UserError(f"ot_mode and ot_reg are OT's options; method '{method}' does not read them: drop them")
     if method == "nt":
         options.repairs(calibration)    # repair lstsq without calibration inputs: refused before any work
     if method != "nt":      # avg and OT keep the members' width: the NT options are unused
         if method == "avg":
+            if any(a.shape != b.shape for m in models[1:] for a, b in zip(models[0].state_dict().values(),
+                                                                          m.state_dict().values())):
+                raise UserError("averaging needs members of identical shapes; members of different widths fuse "
+                                "with method 'nt' or 'ot' (to the first member's widths)")
             return average(models, w) if schedule == "flat" else fold(
                 models, w, schedule, lambda a, b, wa, wb: average([a, b], [wa, wb]))
         plan = analyze(models[0], example_inputs)
-        return ot_fuse(models, w, plan=plan) if schedule == "flat" else fold(
-            models, w, schedule, lambda a, b, wa, wb: ot_fuse([a, b], [wa, wb], plan=plan))
+        ot = dict(plan=plan, mode=ot_mode, reg=ot_reg, example_inputs=example_inputs)
+        return ot_fuse(models, w, **ot) if schedule == "flat" else fold(
+            models, w, schedule, lambda a, b, wa, wb: ot_fuse([a, b], [wa, wb], **ot))
     plan = analyze(models[0], example_inputs)
+    check_widths(models, plan)
     ratio = ratio_of(plan, plan.space_sizes(tensors_of(models[0])), len(models), options.width, options.keep_ratio)
     found: List[str] = []
     if schedule == "flat":

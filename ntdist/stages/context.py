@@ -6,17 +6,20 @@ returns and pass what changes (held members, fused models, results) explicitly.
 """
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
+from torch.utils.data import Dataset
 
 from ntdist.config import Config
 from ntdist.data import Splits, load_splits
+from ntdist.errors import UserError
 from ntdist.distributed.layout import MemberLayout
 from ntdist.distributed.world import World
 from ntdist.models import ModelSpec
 from ntdist.models.weights import build_member, initial_state
 from ntdist.records.rundir import RunDir
+from ntdist.shards import member_shards
 from ntdist.stages.given import check_members
 
 
@@ -32,6 +35,11 @@ class Run:
     rundir: RunDir
     resume: bool = False
     initial: Optional[Dict[str, torch.Tensor]] = None   # model.weights, loaded into every member
+    shards: Optional[Tuple[Dataset, ...]] = None          # data.member_split: each member's training set
+
+    def member_train(self, index: int) -> Dataset:
+        """The training samples of member `index`: its shard, or the whole training set (`iid`)."""
+        return self.splits.train if self.shards is None else self.shards[index]
 
     def template(self) -> torch.nn.Module:
         """A model of the members' architecture whose weights are about to be overwritten."""
@@ -62,5 +70,12 @@ def make_run(cfg: Config, world: World, resume: bool = False) -> Run:
     initial = initial_state(cfg.model.name, cfg.model.weights)
     build_member(spec, 0, initial, cfg.model.reinit)   # the model builds and the weights fit
     check_members(cfg.fusion.members, spec)             # members trained elsewhere fit it too
+    shards = member_shards(splits.train, cfg.fusion.k, cfg.data)
+    if shards is not None and (cfg.mode == "sync" or cfg.fusion.members):
+        what = ("mode: sync trains its replicas on the whole training set" if cfg.mode == "sync"
+                else "fusion.members brings members trained elsewhere")
+        raise UserError(f"data.member_split={cfg.data.member_split} deals the training set out to the members "
+                        f"ntdist trains, but {what}: leave data.member_split=iid")
     return Run(cfg, world, MemberLayout(cfg.fusion.k, world.size), splits, spec,
-               RunDir(cfg.output.dir, world.is_main, cfg.output.trackers), resume, initial)
+               RunDir(cfg.output.dir, world.is_main, cfg.output.trackers), resume, initial,
+               None if shards is None else tuple(shards))

@@ -68,7 +68,7 @@ def train_member(r: Run, index: int, group=None) -> Tuple[torch.nn.Module, List[
     restore = use_sync_batchnorm(model, group) if synced else (lambda: None)
     wrapped = DistributedDataParallel(model, process_group=group) if group_size > 1 else model
     wrapped = torch.compile(wrapped) if cfg.train.compile else wrapped
-    loader = train_batches(r.splits.train, cfg.data.batch_size, seed, group_size, group_rank,
+    loader = train_batches(r.member_train(index), cfg.data.batch_size, seed, group_size, group_rank,
                            **feed(cfg.data, world.device))
     val = eval_batches(r.splits.val, cfg.data.eval_batch_size, **feed(cfg.data, world.device))
 
@@ -79,7 +79,7 @@ def train_member(r: Run, index: int, group=None) -> Tuple[torch.nn.Module, List[
                            on_step=step_logger(r.rundir.log, cfg.output.log_every_steps,
                                                {"stage": "member", "member": index}, epoch, len(loader), optimizer),
                            position=position)
-        stats = epoch_stats(optimizer, len(r.splits.train), time.perf_counter() - start, world.device)
+        stats = epoch_stats(optimizer, len(r.member_train(index)), time.perf_counter() - start, world.device)
         check_finite(loss, f"member training of member {index}", epoch)
         scheduler.step()
         record = {"stage": "member", "member": index, "epoch": epoch, "loss": loss,

@@ -42,6 +42,8 @@ def why_not(r: Run, models: List[nn.Module], batches: list) -> Optional[str]:
         return "off" if mode == "off" else "one member"
     if r.layout.group_size > 1:
         return "each member is trained by a group of ranks (DDP)"
+    if r.shards is not None:
+        return f"each member trains on a shard of its own (data.member_split={r.cfg.data.member_split})"
     if not all(isinstance(b, TensorBatches) for b in batches):
         return f"the training data exceeds data.resident_max_mb={r.cfg.data.resident_max_mb}"
     if r.cfg.train.compile:

@@ -13,7 +13,7 @@ from helpers import ROOT
 
 PACKAGE = os.path.join(ROOT, "ntdist")
 # bottom up, as in docs/ARCHITECTURE.md: a module may import from its own layer and the ones before it
-LAYERS = [{"errors", "options", "preempt"}, {"fusion"}, {"models"}, {"images", "datacheck", "data"}, {"records"},
+LAYERS = [{"errors", "options", "preempt"}, {"fusion"}, {"models"}, {"images", "datacheck", "data", "shards"}, {"records"},
           {"distributed"}, {"training"}, {"config"}, {"stages"}, {"pipeline"}, {"sweep"}, {"commands", "cli", "__main__"}]
 
 

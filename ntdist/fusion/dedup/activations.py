@@ -56,10 +56,12 @@ def _outputs(model: nn.Module, names: Sequence[str], inputs: torch.Tensor) -> Di
     return seen
 
 
-def activation_signatures(models: Sequence[nn.Module], plan: Plan, inputs) -> Dict[int, List[torch.Tensor]]:
-    """space -> parts ([wide units, n] each) of every unit's output signature, units member by member."""
+def activation_signatures(models: Sequence[nn.Module], plan: Plan, inputs,
+                          who: str = "dedup_criterion 'activations'") -> Dict[int, List[torch.Tensor]]:
+    """space -> parts ([wide units, n] each) of every unit's output signature, units member by member (`who`
+    names the option that compares them, in the error for missing inputs)."""
     if inputs is None or not isinstance(inputs, torch.Tensor) or len(inputs) < 2:
-        raise UserError("dedup_criterion 'activations' compares units' outputs on example inputs: pass "
+        raise UserError(f"{who} compares units' outputs on example inputs: pass "
                         "example_inputs, a batch of at least 2 training inputs (a few hundred work best)")
     names = [n for n, layer in plan.layers.items() if layer.kind in _PRODUCERS and layer.out]
     per_member = []
