@@ -6,7 +6,7 @@ members' width is computed once; then, on the CPU, the benchmark measures
 - one forward of the concatenated model (`concat`) over the calibration set, no gradients;
 - `repair` of the pruned model to the members on the same calibration set;
 
-each `--runs` times (the median is reported), and the peak tensor memory each allocates
+each `--runs` times, interleaved (the medians are reported), and the peak tensor memory each allocates
 beyond the models and inputs (torch's profiler, in a separate run that is not timed).
 Models: an MLP of width 4096 (3 hidden layers, 3x32x32 inputs flattened), torchvision's
 resnet18 and resnet50 (32x32 inputs) and vit_b_16 (image_size 32, its smallest: 2x2 patches).
@@ -55,14 +55,16 @@ def peak_bytes(fn) -> int:
     return peak
 
 
-def seconds(fn, runs: int) -> float:
-    """Median wall time of `runs` calls."""
-    times = []
+def seconds(fns, runs: int):
+    """Median wall time of `runs` calls of each of `fns`, interleaved (a, b, a, b, ...) so that every one of them
+    sees the same background load."""
+    times = [[] for _ in fns]
     for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, spent in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(spent) for spent in times]
 
 
 def measure(name: str, samples: int, runs: int) -> dict:
@@ -88,9 +90,9 @@ def measure(name: str, samples: int, runs: int) -> dict:
         repair(members, plan, weights, keep, copy.deepcopy(pruned), x, notes=notes)
 
     forward()                                  # warm-up: allocator and kernels
-    row = {"model": name, "samples": samples, "runs": runs, "input": list(shape),
-           "forward_s": seconds(forward, runs), "repair_s": seconds(refit, runs),
-           "forward_peak_mib": peak_bytes(forward) / 2 ** 20}
+    forward_s, repair_s = seconds([forward, refit], runs)
+    row = {"model": name, "samples": samples, "runs": runs, "input": list(shape), "forward_s": forward_s,
+           "repair_s": repair_s, "forward_peak_mib": peak_bytes(forward) / 2 ** 20}
     pruned_bytes = sum(t.numel() * t.element_size() for t in pruned.state_dict().values())
     row["repair_peak_mib"] = (peak_bytes(refit) - pruned_bytes) / 2 ** 20   # less the copy of the pruned model
     row["time_ratio"] = row["repair_s"] / row["forward_s"]
