@@ -154,9 +154,12 @@ def _dual(normal: Normal, ridge: float) -> torch.Tensor:
     kernel = x @ x.transpose(1, 2)
     kernel.diagonal(dim1=1, dim2=2).add_(lam[:, None])
     chol, info = torch.linalg.cholesky_ex(kernel)
-    coef = x.transpose(1, 2) @ torch.cholesky_solve(y, chol)
-    if normal.bias:
-        coef = torch.cat([coef, y_mean - x_mean @ coef], 1)
+    alpha = torch.cholesky_solve(y, chol)
+    coef = x.new_empty(x.shape[0], d + (1 if normal.bias else 0), y.shape[2])   # written in place: no second copy
+    for group in range(x.shape[0]):
+        torch.mm(x[group].T, alpha[group], out=coef[group, :d])
+        if normal.bias:
+            coef[group, d] = y_mean[group, 0] - x_mean[group, 0] @ coef[group, :d]
     return coef if bool((info == 0).all()) else coef.fill_(float("nan"))
 
 
