@@ -144,8 +144,8 @@ def install(module: nn.Module, coef: torch.Tensor, bn: Optional[nn.Module] = Non
     """Write coefficients [G, d(+1), o] from `solve` into `module` (and an intercept into `bn`, see above)."""
     groups, rows, per_group = coef.shape
     d = module.weight[0].numel()
-    weight = coef[:, :d].transpose(1, 2).reshape(module.weight.shape)      # [G, o, d] -> [out, in/G, *kernel]
-    module.weight.copy_(weight.to(module.weight.dtype))
+    # [out, in/G, *kernel] is [G, o, d]: copied (and cast) straight from the solution, no intermediate copy
+    module.weight.view(groups, per_group, d).copy_(coef[:, :d].transpose(1, 2))
     if rows == d:
         return
     intercept = coef[:, d].reshape(groups * per_group)
