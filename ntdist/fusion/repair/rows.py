@@ -144,8 +144,11 @@ def install(module: nn.Module, coef: torch.Tensor, bn: Optional[nn.Module] = Non
     """Write coefficients [G, d(+1), o] from `solve` into `module` (and an intercept into `bn`, see above)."""
     groups, rows, per_group = coef.shape
     d = module.weight[0].numel()
-    # [out, in/G, *kernel] is [G, o, d]: copied (and cast) straight from the solution, no intermediate copy
-    module.weight.view(groups, per_group, d).copy_(coef[:, :d].transpose(1, 2))
+    solution = coef[:, :d].transpose(1, 2)                                 # [G, o, d]: [out, in/G, *kernel]
+    if module.weight.is_contiguous():     # copied and cast straight from the solution, no intermediate copy
+        module.weight.view(groups, per_group, d).copy_(solution)
+    else:                                 # e.g. channels_last
+        module.weight.copy_(solution.reshape(module.weight.shape))
     if rows == d:
         return
     intercept = coef[:, d].reshape(groups * per_group)
