@@ -44,7 +44,7 @@ def cost(widths, repeats):
         models = [build_model("mlp", {"input_dim": 3072, "width": width, "depth": 2, "bias": False})
                   for _ in range(2)]
         model_mib = sum(t.numel() * t.element_size() for m in models for t in m.state_dict().values()) / MIB
-        calls = {p: (lambda p=p: fuse(models, example_inputs=x, pruner=p)) for p in PRUNERS}
+        calls = {p: (lambda p=p: fuse(models, schedule="flat", example_inputs=x, pruner=p)) for p in PRUNERS}
         outs = {p: calls[p]().state_dict() for p in PRUNERS}        # warm-up, and the weights to compare
         same = all(torch.equal(outs["ntdist"][n], outs["torch_pruning"][n]) for n in outs["ntdist"])
         del outs
@@ -80,7 +80,7 @@ def accuracy_run(args):
             torch.manual_seed(1000 * seed + m)
             models.append(train(build_model("mlp", kwargs), xtr, ytr, args.epochs, 1000 * seed + m, sgd(args.lr)))
         members.append(max(accuracy(m, xte, yte) for m in models))
-        fused = {p: fuse(models, example_inputs=xtr[:8], pruner=p) for p in PRUNERS}
+        fused = {p: fuse(models, schedule="flat", example_inputs=xtr[:8], pruner=p) for p in PRUNERS}
         a, b = (fused[p].state_dict() for p in PRUNERS)
         identical += all(torch.equal(a[n], b[n]) for n in a)
         for p in PRUNERS:

@@ -16,22 +16,30 @@ exit_on_sigterm()   # before the slow imports below, so a SIGTERM during start-u
 import torch  # noqa: E402
 
 from ntdist import __version__  # noqa: E402
-from ntdist.commands.bench import bench_fusion  # noqa: E402
-from ntdist.commands.bench_train import WORKLOADS as TRAIN_WORKLOADS, bench_train  # noqa: E402
+from ntdist.commands import bench as fusion_bench, bench_train as train_bench  # noqa: E402
 from ntdist.commands.checkpoints import ModelSource  # noqa: E402
 from ntdist.commands.dryrun import dry_run_command  # noqa: E402
 from ntdist.commands.eval import SPLITS as EVAL_SPLITS, eval_command  # noqa: E402
 from ntdist.commands.fuse import KEYS as FUSE_KEYS, flag as fuse_flag, fuse_command, fusion_config  # noqa: E402
+from ntdist.commands.lazyfuse import lazy_fuse  # noqa: E402
 from ntdist.commands.report import report_command  # noqa: E402
 from ntdist.commands.run import run_command  # noqa: E402
 from ntdist.config import describe_keys  # noqa: E402
 from ntdist.errors import EXIT_FAILURE, NtdistError, UserError  # noqa: E402
+from ntdist.sweep import SWEEP_KEYS  # noqa: E402
 
 RUN_EPILOG = """Overrides are dotted keys, e.g.:
   ntdist run configs/quickstart.yaml train.epochs=5 fusion.methods=[nt,avg] model.kwargs.width=64
 
 Config keys (YAML files hold only what differs from these defaults):
 """
+SWEEP_HELP = {   # the top-level keys of sweep.SWEEP_KEYS, which the run command expands into several runs
+    "seeds": "(list of int, default none): run the config once per seed (train.seed), each in "
+             "output.dir/seed=<s>/, then write sweep.json (mean ± std) and one report; e.g. 'seeds=[0,1,2]'",
+    "sweep": "(mapping of dotted key to a list of values, default none; YAML only): a grid: every combination "
+             "(seeds innermost) runs in its own sub-directory of output.dir; finished points are skipped",
+}
+SWEEP_EPILOG = "\n\nSeeds and sweeps (top-level keys):\n" + "\n".join(f"  {key} {SWEEP_HELP[key]}" for key in SWEEP_KEYS)
 FUSE_EPILOG = """Fusion keys are those of ntdist run, with the same defaults and checks (fusion.methods holds the
 one method to fuse with, fusion.k is the number of checkpoints); each also has a flag, e.g.:
   ntdist fuse a.safetensors b.safetensors -o f.safetensors fusion.importance=l1 fusion.dedup=on
@@ -44,7 +52,7 @@ Keys:
 def _add_run(sub, common) -> None:
     run = sub.add_parser("run", parents=[common], help="train members, fuse, fine-tune (the whole workflow)",
                          formatter_class=argparse.RawDescriptionHelpFormatter,
-                         epilog=RUN_EPILOG + "\n".join(describe_keys()))
+                         epilog=RUN_EPILOG + "\n".join(describe_keys()) + SWEEP_EPILOG)
     run.add_argument("config", help="YAML experiment file, e.g. configs/quickstart.yaml")
     run.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     run.add_argument("--resume", action="store_true", help="continue the run in output.dir")
@@ -64,7 +72,8 @@ def _add_fuse(sub, common) -> None:
                            "weights-only torch files) together with --model; and fusion.* key=value overrides")
     fuse.add_argument("-o", "--output", required=True,
                       help="where to write the fused checkpoint (.safetensors); a folder (or a path ending with /) "
-                           "receives fused.safetensors")
+                           "receives fused.safetensors; Hugging Face members (hf:DIR) fuse into a save_pretrained "
+                           "folder unless -o ends with .safetensors")
     _add_model_source(fuse, "fusion runs")
     fuse.add_argument("--input-shape", default=None, metavar="SHAPE",
                       help="one input's shape without the batch dimension, e.g. 1,40 or 3,32,32, for tracing the "
@@ -87,6 +96,9 @@ def _add_fuse(sub, common) -> None:
                            "tensor saved with torch.save, or a callable returning such a tensor or a dataset of "
                            "(input, label) pairs; fusion.calibration_samples of them are used")
     fuse.add_argument("--force", action="store_true", help="replace the output file if it exists")
+    fuse.add_argument("--lazy", action="store_true",
+                      help="members larger than memory: read and write one tensor at a time (avg, or nt without "
+                           "repair or dedup; safetensors files and Hugging Face folders); the same result")
 
 
 def _add_model_source(parser, runs: str) -> None:
@@ -125,15 +137,23 @@ def _add_bench(sub, common) -> None:
     bench.add_argument("what", choices=["fusion", "train"],
                        help="fusion: time and memory of avg, nt, ot (paper Table 8); "
                             "train: member training samples/s against a tight loop")
-    bench.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096],
-                       help="fusion: hidden widths W of the two MLPs 3072-W-W-10 (default 256 ... 4096)")
+    fb, tb = fusion_bench, train_bench
+    bench.add_argument("--quick", action="store_true",
+                       help=f"fewer cases, same code (seconds): fusion {fb.QUICK}, train {tb.QUICK}; flags given "
+                            "as well win")
+    bench.add_argument("--widths", type=int, nargs="+", default=None,
+                       help=f"fusion: hidden widths W of the two MLPs 3072-W-W-10 (default {list(fb.WIDTHS)})")
     bench.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median; "
-                                                                  "default 5 for fusion, 3 for train)")
-    bench.add_argument("--workloads", nargs="+", default=list(TRAIN_WORKLOADS), choices=list(TRAIN_WORKLOADS),
-                       help="train: model and data")
-    bench.add_argument("--ks", type=int, nargs="+", default=[1, 2, 8], help="train: members on the one rank")
-    bench.add_argument("--batches", type=int, nargs="+", default=[32, 256], help="train: batch sizes")
-    bench.add_argument("--epochs", type=int, default=3, help="train: timed epochs per measurement")
+                                                                  f"default {fb.REPEATS} for fusion, "
+                                                                  f"{tb.REPEATS} for train)")
+    bench.add_argument("--workloads", nargs="+", default=None, choices=list(tb.WORKLOADS),
+                       help="train: model and data (default all)")
+    bench.add_argument("--ks", type=int, nargs="+", default=None,
+                       help=f"train: members on the one rank (default {list(tb.KS)})")
+    bench.add_argument("--batches", type=int, nargs="+", default=None,
+                       help=f"train: batch sizes (default {list(tb.BATCHES)})")
+    bench.add_argument("--epochs", type=int, default=None,
+                       help=f"train: timed epochs per measurement (default {tb.EPOCHS})")
     bench.add_argument("--threads", type=int, default=1, help="train: torch CPU threads (default 1)")
     bench.add_argument("--out", default=None, help="CSV file to write (default bench_fusion.csv / bench_train.csv)")
 
@@ -155,6 +175,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_add_run, _add_fuse, _add_eval, _add_bench, _add_report):
         add(sub, common)
+    for command in sub.choices.values():   # an argument it does not know shows that command's usage
+        command.set_defaults(command_parser=command)
     return parser
 
 
@@ -171,6 +193,10 @@ def cmd_fuse(args) -> int:
     flags = [f"fusion.{key}=[{value}]" if key == "methods" else f"fusion.{key}={value}"
              for key in FUSE_KEYS if (value := getattr(args, key)) is not None]
     fusion = fusion_config(args.checkpoints, flags + args.overrides)
+    if args.lazy:
+        lazy_fuse(args.checkpoints, args.output, fusion, _model_source(args), args.force, args.dedup_inputs,
+                  args.calibration)
+        return 0
     fuse_command(args.checkpoints, args.output, fusion, _model_source(args), args.device, args.dedup_inputs,
                  args.force, args.calibration)
     return 0
@@ -185,14 +211,28 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _bench_setting(args, module, name: str):
+    """A benchmark's setting: the flag if given, else `module.QUICK`'s with --quick, else the module's default."""
+    given = getattr(args, name)
+    if given is not None:
+        return given
+    if args.quick and name in module.QUICK:
+        return module.QUICK[name]
+    return getattr(module, name.upper(), None)
+
+
 def cmd_bench(args) -> int:
     if args.what == "fusion":
-        bench_fusion(widths=tuple(args.widths), repeats=5 if args.repeats is None else args.repeats,
-                     out_csv=args.out or "bench_fusion.csv")
+        fusion_bench.bench_fusion(widths=tuple(_bench_setting(args, fusion_bench, "widths")),
+                                  repeats=_bench_setting(args, fusion_bench, "repeats"),
+                                  out_csv=args.out or "bench_fusion.csv")
         return 0
     torch.set_num_threads(args.threads)
-    bench_train(args.workloads, args.ks, args.batches, args.epochs, 3 if args.repeats is None else args.repeats,
-                args.out or "bench_train.csv")
+    tb = train_bench
+    train_bench.bench_train(tuple(_bench_setting(args, tb, "workloads")),
+                            _bench_setting(args, tb, "ks"), _bench_setting(args, tb, "batches"),
+                            _bench_setting(args, tb, "epochs"), _bench_setting(args, tb, "repeats"),
+                            args.out or "bench_train.csv")
     return 0
 
 
@@ -230,7 +270,7 @@ def main(argv=None) -> int:
     args, extra = parser.parse_known_args(argv)
     extra = _gather_overrides(args, extra)
     if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     args.debug = getattr(args, "debug", False)   # absent unless given (see the SUPPRESS above)
     if args.command is None:
         parser.print_help()

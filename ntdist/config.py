@@ -79,6 +79,9 @@ class Config:
         if self.mode == "sync" and self.fusion.repair == "lstsq":
             raise UserError("fusion.repair=lstsq does not apply to mode sync: its NT merges are never repaired "
                             "(the experiment is NT as the sync step); leave fusion.repair at auto or none")
+        if self.mode == "sync" and (self.train.label_smoothing or self.train.grad_clip):
+            raise UserError("train.label_smoothing and train.grad_clip do not apply to mode sync (its replicas take "
+                            "plain cross-entropy steps); set them to 0, or use mode fuse")
         if self.fusion.members and self.mode == "sync":
             raise UserError("fusion.members are members trained elsewhere, and mode: sync trains its own replicas; "
                             "drop one of them")

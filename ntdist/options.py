@@ -38,9 +38,13 @@ def format_value(value) -> str:
     return str(value)
 
 
+HF_PREFIX = "hf:"   # model.name hf:<folder>: a Hugging Face model saved with save_pretrained (models.hf)
+
+
 def is_import_path(name: str) -> bool:
-    """`package.module:callable` (a model or dataset of one's own), as opposed to `torchvision:<name>`."""
-    return ":" in name and not name.startswith("torchvision:")
+    """`package.module:callable` (a model or dataset of one's own), as opposed to `torchvision:<name>` and
+    `hf:<folder>`."""
+    return ":" in name and not name.startswith(("torchvision:", HF_PREFIX))
 
 
 def import_callable(path: str, what: str):
@@ -48,6 +52,10 @@ def import_callable(path: str, what: str):
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
         raise UserError(f"{what} '{path}' is not of the form package.module:callable")
+    if not all(part.isidentifier() for part in module_name.split(".")):   # a file path: '../mods', 'a/b.py'
+        raise UserError(f"{what} '{path}': '{module_name}' is a path, not a module name; write the module's import "
+                        "path (package.module:callable) and run from the folder that holds it, or add that "
+                        "folder to PYTHONPATH")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())   # as `python -m` would: a user's module beside the config
     try:

@@ -24,7 +24,7 @@ from ntdist.distributed.diagnostics import duplicate_units_across_ranks
 from ntdist.distributed.tree import fusion_device, gather_fuse, ot_reduce, reduce_average, tree_fuse
 from ntdist.distributed.world import World, gather_world_info
 from ntdist.errors import UserError
-from ntdist.fusion import reestimate_bn
+from ntdist.fusion import reestimate_bn, reestimates_bn
 from ntdist.fusion.diversity import summarize
 from ntdist.records.checkpoint import load_model, save_checkpoint
 from ntdist.records.files import remove_if_present
@@ -36,6 +36,7 @@ from ntdist.stages.given import load_members
 from ntdist.stages.members import train_members
 from ntdist.stages.sync import sync_stage
 from ntdist.training.batches import eval_batches, feed, train_batches
+from ntdist.training.hardware import fit_threads
 from ntdist.training.config import CONTROL_SEED, FUSED_SEED, run_seed
 from ntdist.training.loop import labels_of, predict, set_deterministic
 from ntdist.training.state import finished_history
@@ -47,6 +48,7 @@ def run(cfg: Config, world: World, resume: bool = False, overwrite: bool = False
     """The whole NT workflow; returns the results (identical on every rank)."""
     started = time.time()
     r = make_run(cfg, world, resume)
+    fit_threads(world, r.spec.build, (cfg.data.batch_size, *r.splits.in_shape))
     prepare_rundir(r, overwrite)
     try:
         results = run_stages(r)
@@ -243,7 +245,8 @@ def fuse_stage(r: Run, held: Dict[int, torch.nn.Module], method: str) -> Tuple[t
     seconds = time.perf_counter() - start
     for note in dict.fromkeys(all_gather_records(world, notes) if method == "nt" else []):   # each once
         world.print0(note, file=sys.stderr)      # the layers NT's repair left as pruned
-    if fc.bn_reestimate:
+    repaired = method == "nt" and "calibration" in nt and fc.nt_options().repairs(nt["calibration"])
+    if reestimates_bn(fc.bn_reestimate, fused, repaired):
         torch.manual_seed(run_seed(r.cfg.train, FUSED_SEED))   # the passes run in train mode: dropout draws
         batches = train_batches(r.splits.train, r.cfg.data.batch_size, r.cfg.train.seed,
                                 **feed(r.cfg.data, world.device))

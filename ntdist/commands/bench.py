@@ -9,6 +9,8 @@ RSS right before the call (after garbage collection and returning freed heap
 pages to the OS with malloc_trim) is subtracted. Sampling can miss a spike
 shorter than the interval, so the figure is a (tight) lower bound. OT is
 skipped, with a message, where its predicted memory exceeds the available memory.
+Each measured case prints one progress line; the end prints a table and where
+the CSV went. `QUICK` is the same measurement on fewer widths and repeats.
 """
 
 import csv
@@ -31,6 +33,8 @@ from ntdist.records.files import atomic_write_text
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MIB = 1024 * 1024
+WIDTHS, REPEATS = (256, 512, 1024, 2048, 4096), 5    # `ntdist bench fusion`: about 1.5 minutes on 2 cores
+QUICK = {"widths": (256, 512), "repeats": 2}         # `--quick`: seconds
 
 
 def _rss() -> int:
@@ -95,7 +99,7 @@ def predicted_ot_bytes(width: int, model_bytes: int) -> int:
     return 2 * model_bytes + width * width * (4 + 8 + 8 + 48)
 
 
-def bench_fusion(widths: Sequence[int] = (256, 512, 1024, 2048, 4096), repeats: int = 5,
+def bench_fusion(widths: Sequence[int] = WIDTHS, repeats: int = REPEATS,
                  out_csv: str = "bench_fusion.csv", methods: Sequence[str] = ("avg", "nt", "ot"),
                  seed: int = 0, threads: Optional[int] = None) -> List[Dict]:
     """Time and memory of each method per width; writes `out_csv`, prints a table, returns the rows.
@@ -143,9 +147,20 @@ def check_out_csv(out_csv: Optional[str]) -> None:
             print(f"note: replacing the existing {out_csv}")
 
 
+def progress(index: int, total: int, text: str) -> None:
+    """One line per measured case ('[3/6] ...'), flushed so that a pipe or a log shows it at once."""
+    print(f"[{index}/{total}] {text}", flush=True)
+
+
+def wrote(out_csv: Optional[str]) -> None:
+    if out_csv:
+        print(f"wrote CSV to {os.path.abspath(out_csv)}")
+
+
 def _bench(widths, repeats, out_csv, methods, seed) -> List[Dict]:
     x = torch.randn(256, 3, 32, 32)
     rows = []
+    total = len(widths) * len(methods)
     for width in widths:
         torch.manual_seed(seed)
         models = [build_model("mlp", {"input_dim": 3072, "width": width, "depth": 2, "bias": False})
@@ -161,11 +176,13 @@ def _bench(widths, repeats, out_csv, methods, seed) -> List[Dict]:
                       f"exceeds the {_available() / MIB:.0f} MiB available")
                 row.update(seconds=None, peak_extra_mib=None, skipped="predicted memory exceeds available")
                 rows.append(row)
+                progress(len(rows), total, f"width {width} {method}: skipped")
                 continue
             seconds = median_time(calls[method], 1 if method == "ot" and width >= 2048 else repeats)
             extra = peak_extra_memory(calls[method])
             row.update(seconds=round(seconds, 4), peak_extra_mib=round(extra / MIB, 1), skipped="")
             rows.append(row)
+            progress(len(rows), total, f"width {width} {method}: {seconds:.4f} s, {extra / MIB:.1f} MiB extra")
         for row in rows[-len(methods):]:
             avg = next((r for r in rows if r["width"] == width and r["method"] == "avg"), None)
             if avg and avg["seconds"] and row["seconds"]:
@@ -185,4 +202,5 @@ def _bench(widths, repeats, out_csv, methods, seed) -> List[Dict]:
         mem = "-" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:.1f}"
         print(f"{r['width']:>6} {r['method']:>6} {secs:>9} {r.get('time_vs_avg', '-')!s:>6} {mem:>15} "
               f"{r.get('memory_vs_models', '-')!s:>9}")
+    wrote(out_csv)
     return rows

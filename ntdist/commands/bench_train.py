@@ -20,8 +20,12 @@ only) and first trains one epoch untimed (the process's one-off warm-up). Figure
 `ntdist / one by one` is what training the k members at once gains, and `ntdist / DataLoader` what it
 gains over a DataLoader loop. Each row carries the
 machine's 1-minute load average when it was taken: on a shared machine, compare rows of similar load.
+The training's own log lines are held back: each case prints one progress line, the end a compact table
+(the CSV holds every column) and where the CSV went. `QUICK` measures fewer cases with the same code.
 """
 
+import contextlib
+import io
 import os
 import statistics
 import tempfile
@@ -31,7 +35,7 @@ from typing import Dict, List, Sequence
 import torch
 import torch.nn.functional as F
 
-from ntdist.commands.bench import check_out_csv, write_csv
+from ntdist.commands.bench import check_out_csv, progress, write_csv, wrote
 from ntdist.config import load_config
 from ntdist.distributed.devices import synchronize
 from ntdist.distributed.world import World
@@ -42,6 +46,11 @@ from ntdist.training.loop import make_optimizer, train_epoch
 from ntdist.models.weights import build_member
 from ntdist.stages.members import train_members
 from ntdist.training.config import member_seed
+
+KS, BATCHES, EPOCHS, REPEATS = (1, 2, 8), (32, 256), 3, 3           # `ntdist bench train`: about 10 minutes
+QUICK = {"workloads": ("mlp-digits",), "ks": (1, 2), "batches": (256,), "epochs": 1, "repeats": 1}   # seconds
+TABLE = ("workload", "batch", "k", "floor samples/s", "ntdist samples/s", "ntdist / floor", "ntdist / one by one",
+         "load average")   # the columns printed at the end
 
 WORKLOADS = {   # name -> config overrides
     "mlp-digits": ["data.name=digits", "model.name=mlp", "model.kwargs.width=32"],
@@ -107,8 +116,8 @@ def _seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def bench_train(workloads: Sequence[str] = tuple(WORKLOADS), ks: Sequence[int] = (1, 2, 8),
-                batches: Sequence[int] = (32, 256), epochs: int = 3, repeats: int = 3,
+def bench_train(workloads: Sequence[str] = tuple(WORKLOADS), ks: Sequence[int] = KS,
+                batches: Sequence[int] = BATCHES, epochs: int = EPOCHS, repeats: int = REPEATS,
                 out_csv: str = "bench_train.csv") -> List[Dict]:
     """Run every combination, print the table, write `out_csv`; returns the rows."""
     for name in workloads:
@@ -119,38 +128,58 @@ def bench_train(workloads: Sequence[str] = tuple(WORKLOADS), ks: Sequence[int] =
                         f"epochs {epochs}, repeats {repeats}, ks {list(ks)}, batches {list(batches)}")
     check_out_csv(out_csv)
     rows = []
+    total = len(workloads) * len(batches) * len(ks)
     with tempfile.TemporaryDirectory() as tmp:
         for name in workloads:
             for batch in batches:
                 for k in ks:
-                    runs = {v: _make_run(name, k, batch, epochs, v, f"{tmp}/{name}-{batch}-{k}-{v}")
-                            for v in ("auto", "off")}
-                    runs["loader"] = _make_run(name, k, batch, epochs, "off", f"{tmp}/{name}-{batch}-{k}-loader",
-                                               ["data.resident_max_mb=0"])
-                    sides = {"floor": lambda e: _tight_loop(runs["off"], k, e),
-                             "epoch loop": lambda e: _epoch_loop(runs["off"], k, e),
-                             "ntdist": lambda e: train_members(_epochs(runs["auto"], e), list(range(k)), {}),
-                             "one by one": lambda e: train_members(_epochs(runs["off"], e), list(range(k)), {}),
-                             "DataLoader": lambda e: train_members(_epochs(runs["loader"], e), list(range(k)), {})}
-                    for side in sides.values():
-                        side(1)   # warm-up
-                    times = {s: [] for s in sides}
-                    for _ in range(repeats):
-                        for s, side in sides.items():
-                            times[s].append(_seconds(lambda: side(epochs)))
-                    samples = k * len(runs["off"].splits.train) * epochs
-                    row = {"workload": name, "batch": batch, "k": k}
-                    for s in sides:
-                        row[f"{s} samples/s"] = round(samples / statistics.median(times[s]))
-                    for s in ("epoch loop", "ntdist", "one by one", "DataLoader"):
-                        row[f"{s} / floor"] = round(row[f"{s} samples/s"] / row["floor samples/s"], 2)
-                    for s in ("one by one", "DataLoader"):
-                        row[f"ntdist / {s}"] = round(row["ntdist samples/s"] / row[f"{s} samples/s"], 2)
-                    row["load average"] = round(os.getloadavg()[0], 2)
-                    rows.append(row)
-                    print(", ".join(f"{key} {value}" for key, value in row.items()), flush=True)
+                    with contextlib.redirect_stdout(io.StringIO()):   # the members' epoch lines
+                        rows.append(_case(name, batch, k, epochs, repeats, tmp))
+                    row = rows[-1]
+                    progress(len(rows), total, f"{name} batch {batch} k {k}: floor {row['floor samples/s']} "
+                                               f"samples/s, ntdist {row['ntdist samples/s']} "
+                                               f"({row['ntdist / floor']}x)")
     write_csv(out_csv, rows, list(rows[0]))
+    print(table(rows))
+    wrote(out_csv)
     return rows
+
+
+def table(rows: List[Dict]) -> str:
+    """The rows' TABLE columns as aligned text."""
+    widths = [max(len(col), *(len(str(r[col])) for r in rows)) for col in TABLE]
+    lines = ["  ".join(col.rjust(w) for col, w in zip(TABLE, widths))]
+    lines += ["  ".join(str(r[col]).rjust(w) for col, w in zip(TABLE, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def _case(name: str, batch: int, k: int, epochs: int, repeats: int, tmp: str) -> Dict:
+    """One row: every side's samples/s and the ratios, for `k` members of workload `name` at `batch`."""
+    runs = {v: _make_run(name, k, batch, epochs, v, f"{tmp}/{name}-{batch}-{k}-{v}")
+            for v in ("auto", "off")}
+    runs["loader"] = _make_run(name, k, batch, epochs, "off", f"{tmp}/{name}-{batch}-{k}-loader",
+                               ["data.resident_max_mb=0"])
+    sides = {"floor": lambda e: _tight_loop(runs["off"], k, e),
+             "epoch loop": lambda e: _epoch_loop(runs["off"], k, e),
+             "ntdist": lambda e: train_members(_epochs(runs["auto"], e), list(range(k)), {}),
+             "one by one": lambda e: train_members(_epochs(runs["off"], e), list(range(k)), {}),
+             "DataLoader": lambda e: train_members(_epochs(runs["loader"], e), list(range(k)), {})}
+    for side in sides.values():
+        side(1)   # warm-up
+    times = {s: [] for s in sides}
+    for _ in range(repeats):
+        for s, side in sides.items():
+            times[s].append(_seconds(lambda: side(epochs)))
+    samples = k * len(runs["off"].splits.train) * epochs
+    row = {"workload": name, "batch": batch, "k": k}
+    for s in sides:
+        row[f"{s} samples/s"] = round(samples / statistics.median(times[s]))
+    for s in ("epoch loop", "ntdist", "one by one", "DataLoader"):
+        row[f"{s} / floor"] = round(row[f"{s} samples/s"] / row["floor samples/s"], 2)
+    for s in ("one by one", "DataLoader"):
+        row[f"ntdist / {s}"] = round(row["ntdist samples/s"] / row[f"{s} samples/s"], 2)
+    row["load average"] = round(os.getloadavg()[0], 2)
+    return row
 
 
 def _epochs(r, epochs: int):

@@ -6,6 +6,11 @@ from elsewhere (safetensors, weights-only torch files, Lightning `.ckpt`), rebui
 from `--model NAME --model-kwargs JSON`. A `--model` that names the architecture an
 ntdist checkpoint stores keeps the stored kwargs (`--model-kwargs` overrides them).
 
+A Hugging Face folder (`hf:DIR`, or a folder holding config.json) is a
+checkpoint too: its config names the architecture (`models.hf`), its safetensors
+(sharded or not) hold the weights; `--model hf:DIR` gives the architecture of
+plain state dicts and folders alike.
+
 `--data` takes the data settings of `ntdist run`: a YAML config (its `data:`
 section; a run directory's config.yaml does) and/or dotted `data.key=value`
 overrides; the data fill in the model's class count and input shape as in a run.
@@ -22,8 +27,9 @@ from safetensors import SafetensorError, safe_open
 from ntdist.config import load_config
 from ntdist.data import DataConfig, Splits, load_splits
 from ntdist.errors import UserError
-from ntdist.models import ModelSpec, complete_kwargs
-from ntdist.models.statedict import META_KEY, load_weights
+from ntdist.options import HF_PREFIX
+from ntdist.models import ModelSpec, complete_kwargs, hf
+from ntdist.models.statedict import META_KEY, fit_state_dict, load_weights
 from ntdist.records.checkpoint import file_spec, load_model
 from ntdist.sweep import SWEEP_KEYS
 
@@ -94,6 +100,8 @@ def _header(path: str) -> Optional[dict]:
 def _stored(path: str) -> Optional[ModelSpec]:
     """The spec stored in the ntdist checkpoint `path` with its input shape; None for a plain state dict.
     Anything that is neither is refused here, with load_model's message (missing, unreadable, a pickle)."""
+    if os.path.isdir(path):
+        hf.folder(path, "checkpoint")   # raises: a folder is a checkpoint only when it holds config.json
     header = _header(path) if os.path.isfile(path) else None
     if header is None and not (os.path.isfile(path) and path.endswith(TORCH_SUFFIXES)):
         load_model(path)   # raises: missing, not a file, not safetensors
@@ -113,12 +121,13 @@ def resolve_spec(paths: Sequence[str], given: Optional[ModelSpec], splits: Optio
     """The spec that rebuilds every checkpoint in `paths`: `given` (--model), with the stored kwargs when the
     first file stores the same architecture, else the first file's own; kwargs the data fill in completed
     from `splits`; the input shape from `input_shape`, the data or the file, in that order."""
-    stored = _stored(paths[0])
+    stored = hf_spec(paths[0]) if hf.is_hf(paths[0]) else _stored(paths[0])
     if given is None:
         if stored is None:
             raise UserError(f"'{paths[0]}' is a plain state dict without a model spec; pass --model NAME "
                             "(e.g. torchvision:resnet18) and --model-kwargs JSON to rebuild it")
-        load_model(paths[0])   # the file's own spec builds and fits; a file never chooses which code runs
+        if not hf.is_hf(paths[0]):
+            load_model(paths[0])   # the file's own spec builds and fits; a file never chooses which code runs
         spec = stored
     elif stored is not None and stored.name == given.name:
         spec = ModelSpec(given.name, {**stored.kwargs, **given.kwargs}, stored.input_shape)
@@ -130,6 +139,12 @@ def resolve_spec(paths: Sequence[str], given: Optional[ModelSpec], splits: Optio
     return spec if input_shape is None else replace(spec, input_shape=tuple(input_shape))
 
 
+def hf_spec(path: str) -> ModelSpec:
+    """The spec of a Hugging Face folder (`hf:DIR` or DIR): its config, with one input's shape."""
+    name = path if path.startswith(HF_PREFIX) else HF_PREFIX + path
+    return ModelSpec(name, {}, hf.input_shape(hf.load_config(hf.folder(name, "checkpoint"))))
+
+
 def usable_device(device: str) -> torch.device:
     """`--device` as a torch.device on which a tensor can be made."""
     try:
@@ -137,6 +152,9 @@ def usable_device(device: str) -> torch.device:
         torch.empty(0, device=dev)
     except (RuntimeError, AssertionError) as err:
         raise UserError(f"--device {device} is not usable here ({str(err).splitlines()[0]}); use cpu or cuda") from None
+    if dev.type == "meta":   # tensors without values: every weight would be lost
+        raise UserError(f"--device {device} holds shapes but no values, so nothing can be computed there; use cpu "
+                        "or cuda")
     return dev
 
 
@@ -167,11 +185,16 @@ class ModelSource:
 def load_checkpoints(paths: Sequence[str], spec: ModelSpec, hint: str) -> List[torch.nn.Module]:
     """Every file of `paths` loaded into a model built from `spec`; one line naming the first differing tensor
     (or the prefix in the way) for a file that does not fit."""
-    models, first = [], _stored(paths[0])
+    models, first = [], None if hf.is_hf(paths[0]) else _stored(paths[0])
     for path in paths:
-        own = _member_spec(spec, first, _stored(path))
-        model = own.build()
-        load_weights(model, path, f"{own.name} {own.kwargs}", hint)
+        if hf.is_hf(path):   # a Hugging Face folder: the config's architecture, its safetensors weights
+            model = spec.build()
+            state = hf.with_tied(hf.read_state(hf.folder(path, "checkpoint")), model)
+            model.load_state_dict(fit_state_dict(state, model, f"'{path}'", f"{spec.name} {spec.kwargs}", hint))
+        else:
+            own = _member_spec(spec, first, _stored(path))
+            model = own.build()
+            load_weights(model, path, f"{own.name} {own.kwargs}", hint)
         models.append(model)
     return models
 
@@ -189,6 +212,8 @@ def example_input(spec: ModelSpec) -> Tuple[torch.Tensor, bool]:
     """(a dummy batch of two inputs, whether its shape was guessed) for tracing the model of `spec`: the stored
     input shape, else what its kwargs say (input_dim; in_channels, image_size or length), else an image batch."""
     kw = spec.kwargs
+    if spec.name.startswith(HF_PREFIX):   # token ids for a text model
+        return hf.example_input(spec.name, kw, spec.input_shape), False
     if spec.input_shape is not None:
         return torch.zeros(2, *spec.input_shape), False
     if "input_dim" in kw:
@@ -198,31 +223,3 @@ def example_input(spec: ModelSpec) -> Tuple[torch.Tensor, bool]:
     known = "in_channels" in kw or "image_size" in kw
     channels, size = kw.get("in_channels", GUESSED_SHAPE[0]), kw.get("image_size", GUESSED_SHAPE[-1])
     return torch.zeros(2, channels, size, size), not known
-
-
-def check_runs(model: torch.nn.Module, inputs: torch.Tensor, what: str, hint: str) -> None:
-    """UserError naming the layer where `model` fails on `inputs` ("in layer '0' (Conv1d)"), if it does.
-
-    Run once before a command feeds the model for real: a model that does not fit its input then stops with
-    one line instead of a traceback from deep inside fusion or evaluation."""
-    where = {"text": "before its first layer"}
-
-    def enter(name):
-        return lambda module, args: where.update(text=f"in layer '{name}' ({type(module).__name__})")
-
-    def leave(name):
-        return lambda module, args, out: where.update(text=f"after layer '{name}' ({type(module).__name__})")
-
-    leaves = [(name, m) for name, m in model.named_modules() if name and not any(True for _ in m.children())]
-    hooks = [h for name, m in leaves for h in (m.register_forward_pre_hook(enter(name)),
-                                                m.register_forward_hook(leave(name)))]
-    try:
-        with torch.no_grad():
-            model.eval()(inputs)
-    except Exception as err:  # noqa: BLE001 - the model's own code: one line naming where it failed
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise UserError(f"{what} does not run on inputs of shape {list(inputs.shape)}: {where['text']} raised "
-                        f"{type(err).__name__}: {first}; {hint}") from None
-    finally:
-        for hook in hooks:
-            hook.remove()

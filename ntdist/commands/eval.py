@@ -17,9 +17,10 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ntdist.commands.checkpoints import ModelSource, check_runs, load_checkpoints, usable_device
+from ntdist.commands.checkpoints import ModelSource, load_checkpoints, usable_device
 from ntdist.data import load_splits
 from ntdist.errors import UserError
+from ntdist.models.probe import check_runs
 from ntdist.records.files import atomic_write_text
 from ntdist.records.rundir import CHECKPOINT_DIR, CONFIG_FILE
 from ntdist.training.batches import eval_batches

@@ -13,29 +13,39 @@ that does not run on it is refused naming the layer. The output holds the model'
 own keys (a strict `load_state_dict` into the user's class works) and ntdist's
 metadata in its header, so later commands need no `--model`; it is written only
 after fusion succeeded, atomically, so a failure leaves nothing behind. An `-o`
-that is a folder (or ends with '/') receives `fused.safetensors`.
+that is a folder (or ends with '/') receives `fused.safetensors`, except for
+Hugging Face members, which fuse into a save_pretrained folder (`commands.hfdirs`).
 """
 
 import os
 import sys
 import time
 from dataclasses import replace
-from typing import Optional
+from itertools import combinations
+from typing import Optional, Tuple
 
 import torch
 
-from ntdist.commands.checkpoints import ModelSource, check_runs, example_input, load_checkpoints, usable_device
+from ntdist.commands import hfdirs
+from ntdist.commands.checkpoints import ModelSource, example_input, load_checkpoints, usable_device
 from ntdist.config import load_keys
 from ntdist.distributed.devices import synchronize
 from ntdist.errors import UserError
-from ntdist.fusion import METHODS, FusionConfig, NTOptions, fuse
+from ntdist.fusion import METHODS, FusionConfig, NTOptions, fuse, reestimate_bn, reestimates_bn
+from ntdist.fusion.baselines import batch_norms
 from ntdist.models import ModelSpec
+from ntdist.models.probe import check_runs
 from ntdist.options import import_callable, is_import_path
 from ntdist.records.checkpoint import save_checkpoint
 
 FUSED_FILE = "fused.safetensors"   # what -o FOLDER/ receives
+BN_BATCH = 128                     # inputs per forward pass when BatchNorm statistics are re-estimated
+STALE_BN = ("ntdist fuse: warning: the fused model's BatchNorm running statistics are stale (left from the "
+            "members); give training inputs with --calibration FILE or --data CONFIG|data.KEY=VALUE to re-estimate "
+            "them (fusion.bn_reestimate)")
 HINT = "fuse members of one architecture and check --model and --model-kwargs"
-KEYS = ("methods", "schedule", *NTOptions.names(), "calibration_samples", "ot_mode", "ot_reg")   # what ntdist fuse takes
+# the fusion.* keys that ntdist fuse takes
+KEYS = ("methods", "schedule", *NTOptions.names(), "calibration_samples", "bn_reestimate", "ot_mode", "ot_reg")
 
 
 def flag(key: str) -> str:
@@ -99,6 +109,25 @@ def read_calibration(source: str, count: int) -> torch.Tensor:
     return checked_inputs(value[:count], f"--calibration '{source}'")
 
 
+def data_inputs(splits, count: int) -> torch.Tensor:
+    """`count` training inputs of the data --data names, drawn with seed 0 as --calibration draws them."""
+    train = splits.train
+    picked = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:count].sort().values
+    return torch.stack([train[int(i)][0] for i in picked])
+
+
+def settle_bn(fused: torch.nn.Module, setting: str, inputs: Optional[torch.Tensor], repaired: bool) -> bool:
+    """Re-estimate the BatchNorm statistics of `fused` on `inputs` (None: no data) where `setting`
+    (fusion.bn_reestimate) says so; returns whether they were."""
+    if inputs is None or not reestimates_bn(setting, fused, repaired):
+        return False
+    torch.manual_seed(0)   # the passes run in train mode: dropout draws
+    device = batch_norms(fused)[0].running_mean.device
+    batches = [inputs[i:i + BN_BATCH].to(device) for i in range(0, len(inputs), BN_BATCH)]
+    reestimate_bn(fused, batches, len(batches))
+    return True
+
+
 def output_file(output: str) -> str:
     """The file `-o` names: a folder (one that exists, or any path ending with '/') receives FUSED_FILE."""
     if os.path.isdir(output) or output.endswith(("/", os.sep)):
@@ -123,6 +152,15 @@ def check_output(output: str, paths, force: bool) -> str:
     if os.path.abspath(path) in {os.path.abspath(p) for p in paths}:
         raise UserError(f"output '{path}' is one of the inputs; choose another file name")
     return path
+
+
+def identical(models, paths) -> Optional[Tuple[str, str]]:
+    """The first two of `paths` whose models hold exactly the same tensors, or None."""
+    states = [m.state_dict() for m in models]
+    for i, j in combinations(range(len(states)), 2):
+        if states[i].keys() == states[j].keys() and all(torch.equal(t, states[j][key]) for key, t in states[i].items()):
+            return paths[i], paths[j]
+    return None
 
 
 def fused_info(fusion: FusionConfig, paths) -> dict:
@@ -153,10 +191,17 @@ def fuse_command(paths, output: str, fusion: FusionConfig, source: ModelSource =
     if fusion.ot_mode == "activations" and calibrate is None:
         raise UserError("fusion.ot_mode=activations compares units' outputs on inputs: give a few hundred training "
                         "inputs with --calibration FILE")
-    output = check_output(output, paths, force)
+    folder = hfdirs.writes_folder(output, paths, source.model)
+    output = hfdirs.check_folder(output, paths, force) if folder else check_output(output, paths, force)
     dev = usable_device(device)
-    spec = source.spec(paths, source.splits("fuse"))
+    splits = source.splits("fuse")
+    spec = source.spec(paths, splits)
     models = [m.eval().to(dev) for m in load_checkpoints(paths, spec, HINT)]
+    bn_inputs = calibrate if calibrate is not None or splits is None else \
+        data_inputs(splits, fusion.calibration_samples)
+    if fusion.bn_reestimate == "on" and bn_inputs is None and batch_norms(models[0]):
+        raise UserError("fusion.bn_reestimate=on needs training inputs: give --calibration FILE or --data "
+                        "CONFIG|data.KEY=VALUE, or set fusion.bn_reestimate auto or off")
     resized = options.width is not None or options.keep_ratio is not None
     if resized and spec.name != "mlp":
         raise UserError(f"fusion.width and fusion.keep_ratio change the architecture, and a resized {spec.name} "
@@ -165,8 +210,16 @@ def fuse_command(paths, output: str, fusion: FusionConfig, source: ModelSource =
     shape_hint = ("the checkpoints do not say which input the model takes, so it was traced on an image batch: "
                   "give one input's shape with --input-shape (e.g. 1,40) or the data with --data") if guessed else \
         "check --model, --model-kwargs and the input shape (--input-shape, --data)"
+    if inputs is not None:
+        taken = f" (one input of shape {list(spec.input_shape)})" if spec.input_shape else ""
+        shape_hint = f"--dedup-inputs '{inputs}' must hold training inputs of the model's input shape{taken}"
     check_runs(models[0], examples[:2].to(dev), spec.name, shape_hint)
     method = fusion.methods[0]
+    twins = identical(models, paths)
+    if twins and method == "nt" and not fusion.dedup:
+        print(f"ntdist fuse: warning: '{twins[0]}' and '{twins[1]}' are identical members (the same weights); NT "
+              "keeps each of their units twice instead of the ensemble's: fuse members trained apart, or add "
+              "--dedup to merge the copies", file=sys.stderr)
     start = time.perf_counter()
     notes = []      # the layers NT's repair left as pruned, printed below
     extra = dict(calibration=calibrate.to(dev), notes=notes) if calibrate is not None and method == "nt" else {}
@@ -176,19 +229,26 @@ def fuse_command(paths, output: str, fusion: FusionConfig, source: ModelSource =
     fused = fuse(models, method, fusion.schedule, options=options, example_inputs=examples.to(dev), **extra)
     synchronize(dev)   # on a GPU the kernels may still run: the time is the work's, not its launch's
     seconds = time.perf_counter() - start
+    renormed = settle_bn(fused, fusion.bn_reestimate, bn_inputs, bool(extra) and options.repairs(calibrate))
     if resized:
         first = next(m for m in fused.modules() if isinstance(m, torch.nn.Linear))
         spec = ModelSpec(spec.name, dict(spec.kwargs, width=first.out_features), spec.input_shape)
     if guessed:
         spec = replace(spec, input_shape=None)   # a guess that ran is no fact to store
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)   # -o a new folder: now that fusion worked
-    save_checkpoint(output, fused.cpu(), spec, info=fused_info(fusion, paths))
+    if folder:
+        hfdirs.save_folder(fused.cpu(), output)
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)   # -o a new folder: now that it worked
+        save_checkpoint(output, fused.cpu(), spec, info=fused_info(fusion, paths))
     repaired = f", repaired on {len(calibrate)} inputs" if extra and options.repairs(calibrate) else ""
+    repaired += f", BatchNorm statistics re-estimated on {len(bn_inputs)} inputs" if renormed else ""
     print(f"fused {len(models)} models with {method} ({fusion.schedule}{repaired}) on {dev} in {seconds:.3f} s "
           f"-> {output}")
     for note in notes:
         print(f"ntdist fuse: note: {note}", file=sys.stderr)
-    if method == "nt" and calibrate is None and options.repair == "auto" and options.repairs(True):
+    if bn_inputs is None and batch_norms(fused) and fusion.bn_reestimate != "off":
+        print(STALE_BN, file=sys.stderr)
+    elif method == "nt" and calibrate is None and options.repair == "auto" and options.repairs(True):
         print("ntdist fuse: note: NT keeps far more of the ensemble when repaired on a few thousand training "
               "inputs: add --calibration FILE (docs/FUSION.md, 'Repair')", file=sys.stderr)
     return output

@@ -14,7 +14,7 @@ from ntdist.distributed.layout import MemberLayout
 from ntdist.distributed.world import init_world, is_peer_failure, peer_lost, shutdown
 from ntdist.errors import Preempted, UserError
 from ntdist.pipeline import run
-from ntdist.preempt import install_sigterm_handler
+from ntdist.preempt import install_sigterm_handler, keep_exit_code
 from ntdist.commands.report import report_command
 from ntdist.records.results import read_results
 from ntdist.records.rundir import RunDir
@@ -54,6 +54,8 @@ def run_command(config_path: str, overrides, resume: bool = False, overwrite: bo
         raise
     finally:
         shutdown(world, clean=outcome == "clean", failed=outcome == "failed")
+        if world.size > 1:   # the outcome is decided: the launcher's SIGTERM to the survivors must not change it
+            keep_exit_code()
     return 0
 
 

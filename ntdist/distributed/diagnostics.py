@@ -21,7 +21,7 @@ from torch import nn
 
 from ntdist.distributed.comm import meta_template
 from ntdist.distributed.world import World, on_comm_device
-from ntdist.fusion.diversity import fusable_layers, has_near_copy, sample_generator, sample_rows, unit_rows
+from ntdist.fusion.diversity import has_near_copy, judged_layers, sample_generator, sample_rows, unit_rows
 
 
 @torch.no_grad()
@@ -33,8 +33,8 @@ def duplicate_units_across_ranks(world: World, held: Dict[int, nn.Module], holde
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     k, device = len(holders), world.device
-    shapes = fusable_layers(meta_template(make_template))   # shapes only: no weights
-    own = {i: fusable_layers(model) for i, model in held.items()}
+    shapes = judged_layers(meta_template(make_template))   # shapes only: no weights
+    own = {i: judged_layers(model) for i, model in held.items()}
     sample = sample_generator()
     out = {}
     for index, (name, layer) in enumerate(shapes):

@@ -112,6 +112,12 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def threads_asked(env, configured: Optional[int] = None) -> bool:
+    """Whether the job says how many CPU threads a rank takes (distributed.threads_per_rank, OMP_NUM_THREADS or
+    SLURM_CPUS_PER_TASK); when not, ntdist may lower its guess once it knows the work (training.hardware)."""
+    return bool(configured or _positive_int(env, "OMP_NUM_THREADS") or _positive_int(env, "SLURM_CPUS_PER_TASK"))
+
+
 def cpu_threads(env, local_size: int, configured: Optional[int] = None) -> int:
     """Torch CPU threads for one rank: `configured` (distributed.threads_per_rank), else OMP_NUM_THREADS,
     else SLURM_CPUS_PER_TASK, else this process's usable CPUs shared among the `local_size` ranks of its node."""

@@ -22,12 +22,13 @@ import torch.distributed as dist
 
 from ntdist.distributed.devices import check_own_gpu, comm_device, gpu_name, synchronize, training_device
 from ntdist.distributed.heartbeat import Heartbeat
-from ntdist.distributed.launchers import cpu_threads, detect, engine_variables, free_port
+from ntdist.distributed.launchers import cpu_threads, detect, engine_variables, free_port, threads_asked
 from ntdist.errors import EXIT_USAGE, PeerLostError, UserError, check_choice
 from ntdist.options import opt
 
 BACKENDS = ("auto", "nccl", "gloo")
 TIMEOUTS = ("timeout_s", "rendezvous_timeout_s", "wait_timeout_s", "heartbeat_timeout_s")
+MAX_TIMEOUT_S = 30 * 24 * 3600.0   # torch turns a timeout into a C++ duration: beyond a month is a typo, not a wait
 
 
 @dataclass
@@ -50,8 +51,10 @@ class DistributedConfig:
     def __post_init__(self):
         check_choice(self.backend, BACKENDS, "distributed.backend")
         for name in TIMEOUTS:
-            if not getattr(self, name) > 0:
-                raise UserError(f"distributed.{name} must be > 0 seconds, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not 0 < value <= MAX_TIMEOUT_S:   # NaN and inf fail here too
+                raise UserError(f"distributed.{name} must be a number of seconds in (0, {MAX_TIMEOUT_S:.0f}] "
+                                f"(at most 30 days), got {value}")
         if self.threads_per_rank is not None and self.threads_per_rank < 1:
             raise UserError(f"distributed.threads_per_rank must be >= 1, got {self.threads_per_rank}; "
                             "leave it unset to follow OMP_NUM_THREADS / SLURM_CPUS_PER_TASK")
@@ -75,6 +78,8 @@ class World:
     master_port: Optional[int] = None
     threads: int = 1
     """torch CPU threads of this rank"""
+    threads_chosen: bool = False
+    """whether ntdist guessed `threads` (the job set none): `training.hardware.fit_threads` may lower them"""
     wait_timeout_s: float = 0.0
     waits: object = field(default=None, compare=False, repr=False)
     """the gloo group of `wait_for`, whose timeout is distributed.wait_timeout_s"""
@@ -182,13 +187,14 @@ def init_world(cfg: Optional[DistributedConfig] = None, env=None, check_size=Non
     if cuda:
         torch.cuda.set_device(device)
     threads = cpu_threads(env, local_size, cfg.threads_per_rank)
+    chosen = not threads_asked(env, cfg.threads_per_rank)
     torch.set_num_threads(threads)
     restart = int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
     if size == 1:
-        return World(device=device, launcher=launcher, restart=restart, threads=threads)
+        return World(device=device, launcher=launcher, restart=restart, threads=threads, threads_chosen=chosen)
     world = World(rank=rank, local_rank=local_rank, size=size, local_size=local_size, device=device,
                   backend=backend, launcher=launcher, restart=restart, master_addr=addr, master_port=port,
-                  threads=threads, wait_timeout_s=cfg.wait_timeout_s)
+                  threads=threads, threads_chosen=chosen, wait_timeout_s=cfg.wait_timeout_s)
     world = dataclasses.replace(world, waits=_join(cfg, env, world))
     Heartbeat.start(rank, cfg.heartbeat_timeout_s)
     return world

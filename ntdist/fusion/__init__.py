@@ -22,7 +22,7 @@ Where is...
 - the baselines? `baselines` (averaging, the ensemble, distillation loss, BatchNorm re-estimation), `ot`
 """
 
-from ntdist.fusion.baselines import Ensemble, average, distillation_loss, reestimate_bn
+from ntdist.fusion.baselines import Ensemble, average, distillation_loss, reestimate_bn, reestimates_bn
 from ntdist.fusion.config import FusionConfig
 from ntdist.fusion.analysis.graph import Plan, analyze
 from ntdist.fusion.pruning.importance import DEFAULT_IMPORTANCE, IMPORTANCES, SpaceView, group_l2, l1, l2
@@ -34,6 +34,6 @@ from ntdist.fusion.schedule import SCHEDULES, recursive_pairs, recursive_plan
 from ntdist.fusion.pruning.torch_pruning import DEFAULT_PRUNER, PRUNERS
 
 __all__ = ["concat", "fuse", "fuse_pair", "NTOptions", "recursive_pairs", "recursive_plan", "prune", "average",
-           "ot_fuse", "Ensemble", "distillation_loss", "reestimate_bn", "FusionConfig", "IMPORTANCES", "SpaceView",
-           "l2", "l1", "group_l2", "DEFAULT_IMPORTANCE", "analyze", "Plan", "METHODS", "SCHEDULES", "ORDERS",
-           "PRUNERS", "DEFAULT_PRUNER"]
+           "ot_fuse", "Ensemble", "distillation_loss", "reestimate_bn", "reestimates_bn", "FusionConfig",
+           "IMPORTANCES", "SpaceView", "l2", "l1", "group_l2", "DEFAULT_IMPORTANCE", "analyze", "Plan", "METHODS",
+           "SCHEDULES", "ORDERS", "PRUNERS", "DEFAULT_PRUNER"]

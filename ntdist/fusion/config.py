@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from ntdist.errors import UserError, check_choice
+from ntdist.fusion.baselines import BN_REESTIMATES, bn_reestimate_setting
 from ntdist.fusion.nt import METHODS
 from ntdist.fusion.options import NTOptions
 from ntdist.fusion.ot import OT_MODES, check_ot
-from ntdist.fusion.schedule import SCHEDULES
+from ntdist.fusion.schedule import DEFAULT_SCHEDULE, SCHEDULES
 from ntdist.options import opt
 
 PREFIX = "fusion."
@@ -33,14 +34,16 @@ class FusionConfig:
                                  "state dicts (also ntdist checkpoints and Lightning .ckpt) of model.name with "
                                  "model.kwargs, paths relative to the current directory")
     methods: List[str] = opt(["nt"], "fusion methods to run and compare: " + " | ".join(METHODS))
-    schedule: str = opt("recursive", "how k models are combined: flat (all at once) | iterative | recursive (pairwise tree)")
+    schedule: str = opt(DEFAULT_SCHEDULE, "how k models are combined: flat (all at once) | iterative | recursive (pairwise tree)")
     order: str = _nt("order")
     importance: str = _nt("importance")
     pruner: str = _nt("pruner")
     keep_ratio: Optional[float] = _nt("keep_ratio")
     width: Optional[int] = _nt("width")
-    bn_reestimate: bool = opt(False, "re-estimate BatchNorm statistics of the fused model on training batches")
-    bn_batches: int = opt(10, "training batches used to re-estimate BatchNorm statistics")
+    bn_reestimate: str = opt("auto", "recompute the fused model's BatchNorm running statistics on training inputs "
+                                     "(the members' are stale for it): " + " | ".join(BN_REESTIMATES) + "; auto: "
+                                     "every method except NT after its repair, wherever data is given")
+    bn_batches: int = opt(10, "training batches used to re-estimate BatchNorm statistics (ntdist run)")
     dedup: bool = _nt("dedup")
     dedup_threshold: float = _nt("dedup_threshold")
     dedup_overflow: str = _nt("dedup_overflow")
@@ -81,6 +84,7 @@ class FusionConfig:
         if (self.ot_mode, self.ot_reg) != ("weights", 0.0) and "ot" not in self.methods:
             raise UserError("fusion.ot_mode and fusion.ot_reg are OT's options, but fusion.methods has no ot: "
                             "add ot to fusion.methods, or drop them")
+        self.bn_reestimate = bn_reestimate_setting(self.bn_reestimate)
         if self.bn_batches < 1:
             raise UserError(f"fusion.bn_batches must be at least 1, got {self.bn_batches}")
 

@@ -23,10 +23,11 @@ from ntdist.fusion.wide.norms import group_layer_norms
 from ntdist.fusion.pruning.select import ratio_of, select, shares, targets, verify_finite
 from ntdist.fusion.pruning.torch_pruning import DEFAULT_PRUNER, tp_nt_step
 from ntdist.fusion.repair import Reduce, repair, same
-from ntdist.fusion.schedule import SCHEDULES, fold
+from ntdist.fusion.schedule import DEFAULT_SCHEDULE, SCHEDULES, fold
 from ntdist.fusion.wide.widegraph import widen_graph
 
 METHODS = ("nt", "avg", "ot")
+PLANNED = ("nt", "ot")   # the methods that read the channel plan (`analyze`); avg only adds tensors
 
 
 def concat(models: Sequence[nn.Module], weights: Optional[Sequence[float]] = None, example_inputs=None) -> nn.Module:
@@ -144,7 +145,7 @@ def fuse_pair(a: nn.Module, b: nn.Module, weight_a: float = 1.0, weight_b: float
     return fused
 
 
-def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = "flat", *,
+def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = DEFAULT_SCHEDULE, *,
          options: Optional[NTOptions] = None, example_inputs=None, weights: Optional[Sequence[float]] = None,
          merged: Optional[dict] = None, calibration=None, ot_mode: str = "weights", ot_reg: float = 0.0,
          notes: Optional[List[str]] = None,

@@ -10,6 +10,7 @@ from typing import List, Tuple
 from ntdist.errors import UserError
 
 SCHEDULES = ("flat", "iterative", "recursive")
+DEFAULT_SCHEDULE = "recursive"   # of fuse(), fusion.schedule and ntdist fuse: the tree the ranks follow too
 
 
 def recursive_plan(k: int) -> List[List[Tuple[int, int, int, int]]]:

@@ -2,7 +2,8 @@
 
 Specs are stored inside checkpoints, so a model can be rebuilt from the file
 alone. Names: `mlp`, `cnn1d` (1-D signals), `lenet`, `vgg11`, `resnet18`, `torchvision:<name>` for
-any torchvision classification model (e.g. `torchvision:resnet18`), or an
+any torchvision classification model (e.g. `torchvision:resnet18`), `hf:<folder>`
+for a Hugging Face classifier saved with `save_pretrained` (`models.hf`), or an
 import path `package.module:callable` for a model of one's own. Builders never
 download: weights keyword arguments are refused (initial weights come from
 `model.weights`, see `models.weights`), and an import path named by a file is
@@ -21,7 +22,7 @@ from ntdist.models.lenet import LeNet
 from ntdist.models.mlp import MLP
 from ntdist.models.resnet import ResNet18
 from ntdist.models.vgg import VGG11
-from ntdist.options import import_callable, is_import_path, opt
+from ntdist.options import HF_PREFIX, import_callable, is_import_path, opt
 
 REGISTRY = {"mlp": MLP, "cnn1d": CNN1D, "lenet": LeNet, "vgg11": VGG11, "resnet18": ResNet18}
 IMAGE_MODELS = ("lenet", "vgg11", "resnet18")   # registry models that take in_channels and image_size
@@ -33,7 +34,8 @@ DOWNLOAD_KWARGS = ("weights", "weights_backbone", "pretrained", "progress")   # 
 class ModelConfig:
     """Which network every ensemble member uses, and where its initial weights come from."""
 
-    name: str = opt("mlp", "mlp | cnn1d | lenet | vgg11 | resnet18 | torchvision:<name> | package.module:callable")
+    name: str = opt("mlp", "mlp | cnn1d | lenet | vgg11 | resnet18 | torchvision:<name> | hf:<folder> "
+                         "| package.module:callable")
     kwargs: Dict[str, Any] = opt({}, "constructor arguments (width, depth, bias, ...); input shape and classes come from the data")
     weights: Optional[str] = opt(None, "initial weights of every member: a .safetensors or weights-only torch file, "
                                        "or a torchvision weights name (DEFAULT, IMAGENET1K_V1) from the local hub cache")
@@ -63,12 +65,26 @@ def build_model(name: str, kwargs: Dict[str, Any] | None = None) -> nn.Module:
     if refused:
         raise UserError(f"model.kwargs may not set {refused}: builders never download; give initial weights "
                         "with model.weights (a local file or a torchvision weights name)")
+    if name.startswith(HF_PREFIX):
+        from ntdist.models.hf import build   # imports transformers: only for hf:<folder> models
+        return build(name, kwargs)
     if is_import_path(name):
         builder = import_callable(name, "model.name")
         try:
-            model = builder(**kwargs)
+            inspect.signature(builder).bind(**kwargs)
         except TypeError as err:
             raise UserError(f"model.kwargs do not fit '{name}': {err}") from None
+        except ValueError:   # a builtin without a signature: the call decides
+            pass
+        try:
+            model = builder(**kwargs)
+        except UserError:
+            raise
+        except (Exception, SystemExit) as err:   # noqa: BLE001 - the user's code: name it and what it raised
+            what = f"called sys.exit({err.code})" if isinstance(err, SystemExit) else \
+                f"raised {type(err).__name__}: {(str(err).strip().splitlines() or ['(no message)'])[0]}"
+            raise UserError(f"model.name '{name}' {what} while building the model; fix the model callable or "
+                            "model.kwargs (--debug shows the traceback)") from err
         if not isinstance(model, nn.Module):
             raise UserError(f"model.name '{name}' returned {type(model).__name__}, not a torch.nn.Module")
         return model
@@ -109,6 +125,9 @@ def complete_kwargs(name: str, kwargs: Dict[str, Any], in_shape, num_classes: in
         # a callable of one's own gets the hints its signature names, and nothing else
         params = inspect.signature(import_callable(name, "model.name")).parameters
         return {**{k: hints[k] for k in DATA_HINTS if k in params}, **out}
+    if name.startswith(HF_PREFIX):   # kwargs are config fields; the input shape stays the config's business
+        out.setdefault("num_labels", num_classes)
+        return out
     out.setdefault("num_classes", num_classes)
     if name == "mlp":
         out.setdefault("input_dim", n)

@@ -4,7 +4,8 @@ Files: ntdist checkpoints (tensors under the model's own keys since format 2,
 `model.`-prefixed in format 1; `records.checkpoint` writes them), plain
 safetensors, and weights-only torch files holding a state dict or a dict with
 a `state_dict` entry (a Lightning `.ckpt`). Nothing is unpickled beyond what
-`torch.load(weights_only=True)` allows.
+`torch.load(weights_only=True)` allows. Weights with NaN or infinite values are
+refused when read, naming the file and the tensor.
 
 `fit_state_dict` matches a file's keys to a model: the prefixes that training
 wrappers add (`WRAPPER_PREFIXES`: `module.` from DDP, `model.` from Lightning,
@@ -45,8 +46,7 @@ def read_weights(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[dict]]:
     """(state dict, ntdist metadata or None) of a weights file: an ntdist checkpoint's model tensors, a plain
     safetensors file, or a weights-only torch file (its `state_dict` entry when it has one)."""
     if not os.path.isfile(path):
-        raise UserError(f"weights file '{path}' does not exist" if not os.path.exists(path) else
-                        f"weights file '{path}' is not a regular file (a folder, device or FIFO)")
+        raise UserError(f"weights file '{path}' {what_it_is(path)}; give a .safetensors or torch state-dict file")
     if path.endswith(".safetensors"):
         from safetensors import SafetensorError, safe_open
         try:
@@ -56,7 +56,7 @@ def read_weights(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[dict]]:
         except (SafetensorError, OSError, ValueError) as err:
             raise UserError(f"'{path}' is not a readable safetensors file ({err})") from None
         if raw is None:
-            return tensors, None
+            return finite(path, tensors), None
         try:
             meta = json.loads(raw)
             if not isinstance(meta, dict) or not isinstance(meta.get("extra", []), list):
@@ -64,7 +64,7 @@ def read_weights(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[dict]]:
         except ValueError:
             raise UserError(f"'{path}' has corrupt ntdist metadata; the file was not written by this version of "
                             "ntdist") from None
-        return split_checkpoint(meta, tensors)[0], meta
+        return finite(path, split_checkpoint(meta, tensors)[0]), meta
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - pickle and zip errors of every kind mean the same here
@@ -77,7 +77,29 @@ def read_weights(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[dict]]:
                                               for k, v in state.items()):
         raise UserError(f"'{path}' does not hold a state dict (a mapping of names to tensors); "
                         "save model.state_dict(), not the model")
-    return state, None
+    return finite(path, state), None
+
+
+def what_it_is(path: str) -> str:
+    """What stands at `path` that is not a regular file, in words: "does not exist", "is a directory", ..."""
+    if not os.path.lexists(path):
+        return "does not exist"
+    if not os.path.exists(path):
+        return "is a broken symbolic link"
+    if os.path.isdir(path):
+        return "is a directory, not a file"
+    return "is not a regular file (a device, FIFO or socket)"
+
+
+def finite(path: str, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """`state`, unless one of its floating-point tensors holds NaN or infinite values: then a UserError naming it."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() or tensor.is_complex():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise UserError(f"'{path}': tensor '{key}' holds {bad} NaN or infinite value(s) of {tensor.numel()}; "
+                                "the weights were saved from a run that diverged: use an earlier checkpoint")
+    return state
 
 
 def unwrap(state: Dict[str, torch.Tensor], own_keys) -> Dict[str, torch.Tensor]:

@@ -1,11 +1,15 @@
 """Initial weights for every member: a local state-dict file or torchvision weights from the local hub cache.
 
 `model.weights` names a `.safetensors` file (an ntdist checkpoint or a plain state
-dict), a state dict saved with `torch.save` (read with `weights_only=True`, so
+dict), a Hugging Face folder (`hf:DIR`, or a folder with config.json: its
+safetensors weights), a state dict saved with `torch.save` (read with `weights_only=True`, so
 no code runs), or, for `torchvision:<name>` models, a weights name such as
 `DEFAULT` or `IMAGENET1K_V1`. Nothing is downloaded: torchvision weights must
 already be in torch's hub cache, and the error says where to put the file.
 The modules in `model.reinit` keep their fresh (per-member seeded) initialisation.
+Files are read and matched by the rules `ntdist fuse` applies to its checkpoints
+(`models.statedict`): wrapper prefixes removed, integer tensors where the model
+holds floating-point ones refused, NaN or infinite values refused with the tensor.
 """
 
 import os
@@ -15,7 +19,8 @@ from urllib.parse import urlparse
 import torch
 
 from ntdist.errors import UserError, suggest
-from ntdist.models.statedict import read_weights
+from ntdist.models.hf import folder, is_hf, read_state
+from ntdist.models.statedict import finite, first_difference, read_weights, unwrap
 
 if TYPE_CHECKING:   # models/__init__ defines the spec beside the registry
     from ntdist.models import ModelSpec
@@ -51,6 +56,9 @@ def initial_state(name: str, weights: Optional[str]) -> Optional[Dict[str, torch
     """The state dict `model.weights` names, or None when members start from random initialisation."""
     if not weights:
         return None
+    if is_hf(weights):
+        path = folder(weights, "model.weights")
+        return finite(path, read_state(path))
     if os.path.exists(weights) or weights.endswith(FILE_SUFFIXES):
         return read_state_dict(weights)
     if name.startswith("torchvision:"):
@@ -71,7 +79,7 @@ def load_initial(model: torch.nn.Module, state: Dict[str, torch.Tensor], reinit:
             raise UserError(f"model.reinit names '{module}', which is not a module of the model"
                             f"{suggest(module, [n for n in names if n])}")
     own = {k: v for k, v in model.state_dict().items() if not _under(k, reinit)}
-    given = {k: v for k, v in state.items() if not _under(k, reinit)}
+    given = {k: v for k, v in unwrap(state, model.state_dict()).items() if not _under(k, reinit)}
     missing, unexpected = sorted(set(own) - set(given)), sorted(set(given) - set(own))
     if missing or unexpected:
         raise UserError(f"model.weights do not fit the model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}"
@@ -82,6 +90,9 @@ def load_initial(model: torch.nn.Module, state: Dict[str, torch.Tensor], reinit:
             module = key.rsplit(".", 1)[0]
             raise UserError(f"model.weights: '{key}' has shape {list(value.shape)} but the model needs "
                             f"{list(own[key].shape)}; a new head? add '{module}' to model.reinit")
+    problem = first_difference(given, own)   # what is left: a dtype, the rule ntdist fuse applies
+    if problem is not None:
+        raise UserError(f"model.weights do not fit the model ({problem}); save the model's own state_dict()")
     model.load_state_dict(given, strict=False)
     return model
 

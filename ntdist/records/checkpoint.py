@@ -12,6 +12,7 @@ names the same spec, so a crafted file never chooses which code runs. Writes
 are atomic (see `records.files`).
 """
 
+import errno
 import json
 import os
 from typing import Dict, Optional, Tuple
@@ -37,13 +38,24 @@ def save_checkpoint(path: str, model: torch.nn.Module, spec: ModelSpec, info: Op
     stored = {f"{EXTRA_PREFIX}{k}": v.detach().cpu().contiguous().clone() for k, v in (extra or {}).items()}
     assert not set(stored) & set(tensors), f"model keys clash with extra tensors: {sorted(set(stored) & set(tensors))}"
     tensors.update(stored)
+    with replacing(path) as tmp:
+        try:
+            save_file(tensors, tmp, metadata=checkpoint_metadata(spec, info, sorted(stored)))
+        except SafetensorError as err:   # safetensors reports an OS error as text: a full disk becomes ENOSPC again
+            if "StorageFull" in str(err) or f"code: {errno.ENOSPC}," in str(err):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp) from None
+            raise
+
+
+def checkpoint_metadata(spec: ModelSpec, info: Optional[dict] = None, extra=()) -> Dict[str, str]:
+    """The safetensors metadata of a checkpoint of `spec`: ntdist's JSON (format, spec, input shape, `info`,
+    the stored names of the `extra` tensors) under META_KEY."""
     meta = {"format": FORMAT, "model": spec.to_dict(), "info": info or {}}
     if spec.input_shape is not None:
         meta["input_shape"] = list(spec.input_shape)
-    if stored:
-        meta["extra"] = sorted(stored)
-    with replacing(path) as tmp:
-        save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta)})
+    if extra:
+        meta["extra"] = list(extra)
+    return {META_KEY: json.dumps(meta)}
 
 
 def read_checkpoint(path: str) -> Tuple[dict, Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:

@@ -13,11 +13,12 @@ import os
 from typing import Iterable, List, Optional, Set
 
 from ntdist.errors import UserError
-from ntdist.records.files import atomic_write_text
+from ntdist.records.files import atomic_write_text, temporary_target
 
 MANIFEST_FILE = ".ntdist-manifest"
 LOCK_FILE = ".ntdist-lock"
-BOOKKEEPING = (MANIFEST_FILE, LOCK_FILE)   # ntdist's own files: neither listed nor foreign
+PROBE_FILE = ".write-test"   # written and removed at once: can the run write here?
+BOOKKEEPING = (MANIFEST_FILE, LOCK_FILE, PROBE_FILE)   # ntdist's own files: neither listed nor foreign
 
 
 def read_manifest(run_dir: str) -> Optional[Set[str]]:
@@ -61,17 +62,39 @@ def all_files(run_dir: str) -> List[str]:
     return sorted(found)
 
 
+def _temporaries(run_dir: str, listed: Set[str]) -> List[str]:
+    """ntdist's temporaries below `run_dir` (left by a kill during an atomic write): those of a listed file
+    or of the manifest, which ntdist writes before anything else."""
+    found = []
+    for name in all_files(run_dir):
+        folder, base = os.path.split(name)
+        target = temporary_target(base)
+        if target is not None and (os.path.join(folder, target) in listed or (not folder and target in BOOKKEEPING)):
+            found.append(name)
+    return found
+
+
+def remove_temporaries(run_dir: str) -> None:
+    """Delete ntdist's temporaries left in `run_dir` by a kill during an atomic write (`_temporaries`)."""
+    for name in _temporaries(run_dir, read_manifest(run_dir) or set()):
+        os.unlink(os.path.join(run_dir, name))
+
+
+def only_leftovers(run_dir: str) -> bool:
+    """Whether `run_dir` holds nothing but ntdist's bookkeeping, its temporaries and empty folders: what a run
+    killed during its very first write leaves, a directory that is ntdist's and as good as empty."""
+    return not [name for name in all_files(run_dir) if name not in _temporaries(run_dir, set())]
+
+
 def remove_written(run_dir: str) -> List[str]:
-    """Delete the files the manifest lists, empty the manifest; returns the foreign files left behind."""
+    """Delete the files the manifest lists and ntdist's temporaries, empty the manifest; returns the foreign
+    files left behind."""
     listed = read_manifest(run_dir) or set()
     for name in sorted(listed):
         path = os.path.join(run_dir, name)
         if os.path.islink(path) or os.path.isfile(path):
             os.unlink(path)
-    for name in all_files(run_dir):   # temporaries of listed files left by a kill during an atomic write
-        folder, base = os.path.split(name)
-        if base.startswith(".tmp-") and os.path.join(folder, base[len(".tmp-") + 8:]) in listed:
-            os.unlink(os.path.join(run_dir, name))
+    remove_temporaries(run_dir)
     if os.path.exists(os.path.join(run_dir, MANIFEST_FILE)):
         atomic_write_text(os.path.join(run_dir, MANIFEST_FILE), "")
     return all_files(run_dir)

@@ -10,6 +10,7 @@ The names of the checkpoints and state files are defined here, once
 `RunDir`'s paths, the manifest and `--overwrite`'s checks all derive from them.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -21,10 +22,11 @@ import yaml
 from ntdist.errors import UserError
 from ntdist.records.files import atomic_write_text
 from ntdist.records.lock import RunLock, check_free
-from ntdist.records.manifest import (MANIFEST_FILE, add_to_manifest, all_files, describe_foreign, read_manifest,
-                                     remove_written)
+from ntdist.records.manifest import (MANIFEST_FILE, PROBE_FILE, add_to_manifest, all_files, describe_foreign,
+                                     only_leftovers, read_manifest, remove_temporaries, remove_written)
 from ntdist.records.results import RESULTS_FILE, Results, to_json
-from ntdist.records.trackers import LABELS, CsvTracker, JsonlTracker, TensorBoardTracker, open_trackers
+from ntdist.records.trackers import (LABELS, CsvTracker, JsonlTracker, TensorBoardTracker, check_tracker_paths,
+                                     open_trackers)
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = JsonlTracker.FILE
@@ -95,7 +97,8 @@ class RunDir:
         """Refuse what would lose files or mix runs, before any rank creates anything.
 
         A non-empty directory needs --resume or --overwrite; --resume needs a directory ntdist
-        wrote (its manifest and config.yaml); a directory locked by a live run is refused.
+        wrote (its manifest and config.yaml); a directory locked by a live run is refused. One that
+        holds only ntdist's bookkeeping and temporaries (a run killed in its first write) counts as empty.
         Called on every rank (the run directory is on a shared file system), so all ranks stop together.
         """
         if resume and overwrite:
@@ -106,6 +109,8 @@ class RunDir:
         if not (os.path.isdir(self.path) and os.listdir(self.path)):
             return
         check_free(self.path)
+        if only_leftovers(self.path):   # a run killed during its first write: ntdist's, and as good as empty
+            return
         if not (resume or overwrite):
             raise UserError(f"run directory '{self.path}' is not empty; pass --resume to continue it, "
                             "--overwrite to start again, or set output.dir to a new folder")
@@ -115,6 +120,7 @@ class RunDir:
         if resume and not os.path.isfile(self.file(CONFIG_FILE)):
             raise UserError(f"'{self.path}' has no {CONFIG_FILE}, so the config cannot be checked against the "
                             "run's; restore the file, or pass --overwrite to start again")
+        check_tracker_paths(self.tracker_names, self.path)   # ntdist never writes these the other way round
 
     def prepare(self, resume: bool, overwrite: bool, members: int = 0, labels: Sequence[str] = ()) -> None:
         """Create and lock the directory (clearing ntdist's old files with `overwrite`); rank 0 only.
@@ -126,7 +132,7 @@ class RunDir:
             return
         try:
             os.makedirs(self.file(CHECKPOINT_DIR), exist_ok=True)
-            probe = self.file(".write-test")
+            probe = self.file(PROBE_FILE)
             with open(probe, "w") as f:
                 f.write("ok")
             os.unlink(probe)
@@ -150,6 +156,7 @@ class RunDir:
             if foreign:
                 print(describe_foreign(self.path, foreign), file=sys.stderr)
             os.makedirs(self.file(CHECKPOINT_DIR), exist_ok=True)
+        remove_temporaries(self.path)   # of a kill during an earlier write; never this run's: it holds the lock
         if resume and os.path.exists(self.file(METRICS_FILE)):
             self._logged = {_key(record) for record in self._read_metrics()}
         add_to_manifest(self.path, planned)
@@ -227,6 +234,13 @@ class RunDir:
 
 def _key(record: dict) -> tuple:
     return tuple(record.get(k) for k in LABELS)
+
+
+def config_digest(text: str) -> str:
+    """A short digest of the resolved config YAML `text`, over the keys a resume must keep (`_comparable`):
+    the run a state file records as its owner."""
+    canonical = json.dumps(_comparable(yaml.safe_load(text)), sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def _comparable(cfg: dict) -> dict:

@@ -8,6 +8,10 @@ accuracies, lr, samples_per_s, peak_device_mib). Every tracker gets every record
 - `csv`: metrics.csv, the same records as rows (the header grows when a record brings a new key);
 - `tensorboard`: event files under tensorboard/, scalars tagged `<member0|finetune/nt|...>/<epoch|step>/<key>`
   (needs the `tensorboard` package: `pip install 'ntdist[tensorboard]'`).
+
+Every tracker has a record on disk once `log` returns (TensorBoard's writer is flushed
+each time, about 15 us), so a kill -9 loses no event that metrics.jsonl holds, and
+none logged before the last state write.
 """
 
 import csv
@@ -17,7 +21,7 @@ import os
 from typing import Dict, List
 
 from ntdist.errors import UserError
-from ntdist.records.files import atomic_write_text
+from ntdist.records.files import atomic_write_text, full_disk_is_user_error
 
 LABELS = ("stage", "member", "method", "epoch", "step")   # what a record is about; everything else is a metric
 
@@ -29,7 +33,7 @@ class JsonlTracker:
         self.path = os.path.join(run_dir, self.FILE)
 
     def log(self, record: dict) -> None:
-        with open(self.path, "a") as f:
+        with full_disk_is_user_error(self.path), open(self.path, "a") as f:   # a torn line is dropped on resume
             f.write(json.dumps(record) + "\n")
             f.flush()
 
@@ -53,7 +57,7 @@ class CsvTracker:
             rows = read_csv(self.path) if os.path.exists(self.path) else []
             self.columns += new
             atomic_write_text(self.path, _csv_text(self.columns, rows, header=True))
-        with open(self.path, "a", newline="") as f:
+        with full_disk_is_user_error(self.path), open(self.path, "a", newline="") as f:
             f.write(_csv_text(self.columns, [record], header=False))
 
     def close(self) -> None:
@@ -97,8 +101,7 @@ class TensorBoardTracker:
         for key, value in record.items():
             if key not in LABELS and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.writer.add_scalar(f"{who}/{kind}/{key}", value, step)
-        if kind == "epoch":
-            self.writer.flush()
+        self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()
@@ -120,6 +123,21 @@ def check_trackers(names) -> None:
         if importlib.util.find_spec("tensorboard") is None:
             raise UserError("output.trackers lists tensorboard, which needs the tensorboard package: "
                             "pip install 'ntdist[tensorboard]' (or pip install tensorboard)")
+
+
+def check_tracker_paths(names, run_dir: str) -> None:
+    """UserError if a tracker's file in `run_dir` is a folder, or TensorBoard's folder is a file (checked before
+    a run starts: opening them later would fail half-way)."""
+    for name in names:
+        tracker = TRACKERS[name]
+        if hasattr(tracker, "FILE"):
+            path, wrong, what = os.path.join(run_dir, tracker.FILE), os.path.isdir, "a directory, not a file"
+        else:
+            path, wrong, what = os.path.join(run_dir, tracker.DIR), os.path.isfile, "a file, not a folder"
+        if os.path.lexists(path) and (wrong(path) or not os.path.exists(path)):
+            what = "a broken symbolic link" if not os.path.exists(path) else what
+            raise UserError(f"'{os.path.basename(path)}' is {what} in '{run_dir}', where the {name} tracker "
+                            "writes; move it away, or set output.dir to a new folder")
 
 
 def open_trackers(names, run_dir: str) -> list:

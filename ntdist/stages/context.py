@@ -11,14 +11,17 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch.utils.data import Dataset
 
-from ntdist.config import Config
+from ntdist.config import Config, to_yaml
 from ntdist.data import Splits, load_splits
-from ntdist.errors import UserError
 from ntdist.distributed.layout import MemberLayout
 from ntdist.distributed.world import World
+from ntdist.errors import UserError
+from ntdist.fusion import analyze
+from ntdist.fusion.nt import PLANNED
 from ntdist.models import ModelSpec
+from ntdist.models.probe import check_model
 from ntdist.models.weights import build_member, initial_state
-from ntdist.records.rundir import RunDir
+from ntdist.records.rundir import RunDir, config_digest
 from ntdist.shards import member_shards
 from ntdist.stages.given import check_members
 
@@ -45,6 +48,11 @@ class Run:
         """A model of the members' architecture whose weights are about to be overwritten."""
         return self.spec.build()
 
+    @property
+    def run_id(self) -> str:
+        """The digest of the config keys that decide the results: the run a state file records as its owner."""
+        return config_digest(to_yaml(self.cfg))
+
     def calibration_inputs(self, share: int = 0, shares: int = 1) -> torch.Tensor:
         """`fusion.calibration_samples` training inputs drawn with the run's seed: what NT's repair fits on.
 
@@ -68,14 +76,39 @@ def make_run(cfg: Config, world: World, resume: bool = False) -> Run:
     splits = load_splits(cfg.data)
     spec = ModelSpec.for_data(cfg.model, splits.in_shape, splits.num_classes)
     initial = initial_state(cfg.model.name, cfg.model.weights)
-    build_member(spec, 0, initial, cfg.model.reinit)   # the model builds and the weights fit
-    check_members(cfg.fusion.members, spec)             # members trained elsewhere fit it too
+    template = build_member(spec, 0, initial, cfg.model.reinit)   # the model builds and the weights fit
+    check_members(cfg.fusion.members, spec)                        # members trained elsewhere fit it too
     shards = member_shards(splits.train, cfg.fusion.k, cfg.data)
     if shards is not None and (cfg.mode == "sync" or cfg.fusion.members):
         what = ("mode: sync trains its replicas on the whole training set" if cfg.mode == "sync"
                 else "fusion.members brings members trained elsewhere")
         raise UserError(f"data.member_split={cfg.data.member_split} deals the training set out to the members "
                         f"ntdist trains, but {what}: leave data.member_split=iid")
-    return Run(cfg, world, MemberLayout(cfg.fusion.k, world.size), splits, spec,
-               RunDir(cfg.output.dir, world.is_main, cfg.output.trackers), resume, initial,
-               None if shards is None else tuple(shards))
+    run = Run(cfg, world, MemberLayout(cfg.fusion.k, world.size), splits, spec,
+              RunDir(cfg.output.dir, world.is_main, cfg.output.trackers), resume, initial,
+              None if shards is None else tuple(shards))
+    check_template(run, template)
+    return run
+
+
+def check_template(run: Run, model: torch.nn.Module) -> None:
+    """UserError, before any member trains, for a model that training or fusion would fail on: one that does
+    not run on the training inputs or gives no score per class (`models.probe.check_model`), and one whose
+    channels the configured fusion methods cannot analyse (a recurrent layer, a layer used twice)."""
+    with torch.random.fork_rng(devices=[]):   # a traced forward may draw (dropout): the run's RNG stays as it was
+        _check_template(run, model)
+
+
+def _check_template(run: Run, model: torch.nn.Module) -> None:
+    examples = run.example_inputs().to(torch.get_default_dtype())   # float32 but where a caller chose otherwise
+    shape = list(run.splits.in_shape)
+    check_model(model, examples[:2], run.splits.num_classes, f"model.name '{run.cfg.model.name}'",
+                f"the data's inputs have shape {shape}: give the model that input (model.kwargs), or other data")
+    methods = run.cfg.sync.methods if run.cfg.mode == "sync" else run.cfg.fusion.methods
+    if any(method in PLANNED for method in methods):
+        try:
+            analyze(model, examples)
+        except UserError as err:
+            avg = "" if "method avg" in str(err) else "; or fuse with method avg, which averages any model"
+            raise UserError(f"model.name '{run.cfg.model.name}' cannot be fused with {', '.join(methods)}: "
+                            f"{err}{avg}") from None

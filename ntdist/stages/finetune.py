@@ -70,12 +70,14 @@ def finetune(r: Run, model: torch.nn.Module, label: str, seed: int,
     state_path = None if cfg.engine == "deepspeed" else r.rundir.finetune_state(label)
     precision = Precision(ENGINES[cfg.engine].loop_precision(cfg.precision), world.device)
     epochs = ResumableEpochs(f"fine-tuning ({label})", cfg.epochs, model, optimizer, scheduler, r.spec, state_path,
-                             world.is_main, r.resume, cfg.checkpoint_every_steps, precision.scaler)
+                             world.is_main, r.resume, cfg.checkpoint_every_steps, precision.scaler,
+                             run_id=r.run_id, seed=seed)
     engine = make_engine(cfg, model, optimizer, world, r.cfg.data.batch_size)
     loader = train_batches(r.splits.train, r.cfg.data.batch_size, seed, world.size, world.rank,
                            **feed(r.cfg.data, world.device))
     loss_fn = distill_loss_fn(teacher.to(world.device), cfg) if teacher is not None else None
     model_for_steps = torch.compile(engine.model) if cfg.compile else engine.model
+    clip = engine.clipper(cfg.grad_clip)
 
     def one_epoch(epoch: int, position: EpochPosition) -> dict:
         start = time.perf_counter()
@@ -83,7 +85,8 @@ def finetune(r: Run, model: torch.nn.Module, label: str, seed: int,
                               epoch, len(loader), optimizer)
         loss = train_epoch(model_for_steps, loader, optimizer, world.device, loss_fn, engine=engine,
                            desc=f"finetune {label} epoch {epoch}/{cfg.epochs}", progress=world.is_main,
-                           precision=precision, on_step=on_step, position=position)
+                           precision=precision, on_step=on_step, position=position,
+                           label_smoothing=cfg.label_smoothing, clip=clip)
         loss = world.reduce_sum(torch.tensor([loss], dtype=torch.float64)).item() / world.size
         stats = epoch_stats(optimizer, len(r.splits.train), time.perf_counter() - start, world.device)
         check_finite(loss, f"fine-tuning ({label})", epoch)

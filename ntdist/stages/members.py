@@ -18,7 +18,7 @@ from ntdist.preempt import preempt_requested
 from ntdist.training.batches import eval_batches, feed, train_batches
 from ntdist.training.hardware import tf32, use_channels_last
 from ntdist.training.config import member_seed
-from ntdist.training.loop import (EpochPosition, Precision, check_finite, epoch_stats, evaluate,
+from ntdist.training.loop import (EpochPosition, Precision, check_finite, epoch_stats, evaluate, grad_clipper,
                                   make_optimizer, make_scheduler, step_logger, train_epoch)
 from ntdist.training.resume import ResumableEpochs
 from ntdist.stages.context import Run
@@ -62,7 +62,7 @@ def train_member(r: Run, index: int, group=None) -> Tuple[torch.nn.Module, List[
     precision = Precision(cfg.train.precision, world.device)
     epochs = ResumableEpochs(f"training of member {index}", cfg.train.epochs, model, optimizer, scheduler, r.spec,
                              r.rundir.member_state(index), group_rank == 0, r.resume,
-                             cfg.train.checkpoint_every_steps, precision.scaler)
+                             cfg.train.checkpoint_every_steps, precision.scaler, run_id=r.run_id, seed=seed)
     # CPU ranks keep per-rank BatchNorm statistics: torch cannot synchronise them there (docs/PERFORMANCE.md)
     synced = group_size > 1 and world.device.type == "cuda"
     restore = use_sync_batchnorm(model, group) if synced else (lambda: None)
@@ -78,7 +78,8 @@ def train_member(r: Run, index: int, group=None) -> Tuple[torch.nn.Module, List[
                            desc=f"member {index} epoch {epoch}/{cfg.train.epochs}", precision=precision,
                            on_step=step_logger(r.rundir.log, cfg.output.log_every_steps,
                                                {"stage": "member", "member": index}, epoch, len(loader), optimizer),
-                           position=position)
+                           position=position, label_smoothing=cfg.train.label_smoothing,
+                           clip=grad_clipper(cfg.train.grad_clip, model.parameters()))
         stats = epoch_stats(optimizer, len(r.member_train(index)), time.perf_counter() - start, world.device)
         check_finite(loss, f"member training of member {index}", epoch)
         scheduler.step()
@@ -123,7 +124,7 @@ def _train_together(r: Run, indices: List[int]):
     reason = why_not(r, models, batches)
     tell = r.cfg.train.vectorize == "on"
     if reason is None:
-        reason = probe(models, batches)
+        reason = probe(models, batches, r.cfg.train.optimizer)
         tell = tell or reason is not None
     if reason is None:
         together = train_together(r, indices, seeds, models, batches)

@@ -4,12 +4,13 @@ When a rank trains several members (fewer ranks than members: the laptop and sin
 their parameters and buffers are stacked (`stack_module_state`) and one `vmap` over
 `functional_call` runs all k forward passes per step, each member on its own batch from its own
 data order (one gather for all k: `batches.stacked_batches`). The summed loss gives each member
-exactly its own gradient, and one SGD over the stacked tensors is element-wise the k separate
-optimizers (momentum and weight decay included). Each member keeps its seed, initialisation, data
-order, LR schedule, state file and checkpoint: after every epoch one vectorised pass gives every
-member's validation accuracy, and the stacked tensors are copied back into the members, which are
-saved as the sequential loop would. The result equals training them one after another up to
-floating-point summation order (tested to 1e-5 in float64).
+exactly its own gradient, and one optimizer over the stacked tensors is element-wise the k separate
+optimizers (SGD's momentum, AdamW's moments and its no-decay group, weight decay included);
+gradient clipping scales each member's slice by that member's own global norm. Each member keeps
+its seed, initialisation, data order, LR schedule, state file and checkpoint: after every epoch one
+vectorised pass gives every member's validation accuracy, and the stacked tensors are copied back
+into the members, which are saved as the sequential loop would. The result equals training them one
+after another up to floating-point summation order (tested to 1e-5 in float64).
 """
 
 import copy
@@ -25,8 +26,8 @@ from torch.func import functional_call, stack_module_state, vmap
 from ntdist.preempt import preempt_requested
 from ntdist.stages.context import Run
 from ntdist.training.batches import TensorBatches, eval_batches, feed, stacked_batches, train_batches
-from ntdist.training.loop import (EpochPosition, Precision, check_finite, epoch_stats, make_optimizer,
-                                  make_scheduler, step_logger)
+from ntdist.training.loop import (OPTIMIZER_BUFFERS, EpochPosition, Precision, check_finite, epoch_stats,
+                                  make_optimizer, make_scheduler, step_logger)
 from ntdist.training.resume import LockstepEpochs, ResumableEpochs
 
 
@@ -64,14 +65,39 @@ def why_not(r: Run, models: List[nn.Module], batches: list) -> Optional[str]:
     return None
 
 
+SHARED_STATE = ("step",)   # optimizer state that is one value for all members (AdamW's step count), not a slice
+
+
+def _group_params(optimizer) -> list:
+    """The parameters of `optimizer` in the order of its groups (the order of its state_dict)."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 def _copy_back(stacked: Dict[str, torch.Tensor], optimizer, model: nn.Module, member_optimizer, n: int) -> None:
-    """Member `n`'s slice of the stacked tensors and of the stacked momentum, into `model` and `member_optimizer`."""
+    """Member `n`'s slice of the stacked tensors and of the stacked optimizer state (momentum, AdamW's
+    moments; the shared step count as it is), into `model` and `member_optimizer`."""
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             t.copy_(stacked[name][n])
-    for q, p in zip(model.parameters(), optimizer.param_groups[0]["params"]):
-        if "momentum_buffer" in optimizer.state[p]:
-            member_optimizer.state[q]["momentum_buffer"] = optimizer.state[p]["momentum_buffer"][n].clone()
+    for q, p in zip(_group_params(member_optimizer), _group_params(optimizer)):
+        member_optimizer.state[q] = {key: value.clone() if key in SHARED_STATE else value[n].clone()
+                                     for key, value in optimizer.state[p].items()}
+
+
+def member_clipper(max_norm: Optional[float], params: List[torch.Tensor]):
+    """`loop.grad_clipper` for stacked parameters: each member's gradients scaled by its own global norm, as
+    `torch.nn.utils.clip_grad_norm_` scales them when that member trains alone; None when clipping is off."""
+    if not max_norm:
+        return None
+
+    @torch.no_grad()
+    def clip() -> None:
+        grads = [p.grad for p in params if p.grad is not None]
+        norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads]).norm(dim=0)   # [k]
+        scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(scale.view(-1, *[1] * (g.dim() - 1)))
+    return clip
 
 
 def stacked_forward(base: nn.Module):
@@ -103,15 +129,16 @@ def meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def probe(models: List[nn.Module], batches: List[TensorBatches]) -> Optional[str]:
+def probe(models: List[nn.Module], batches: List[TensorBatches], optimizer: str = "sgd") -> Optional[str]:
     """None when one vectorised training step of these models runs, else why it does not (one line).
 
-    The step is a real one: every member on a full batch, with gradients and room for the momentum, so on a
+    The step is a real one: every member on a full batch, with gradients and room for the state of
+    `optimizer` (`train.optimizer`: SGD's momentum, AdamW's two moments), so on a
     GPU it is also the memory check (a step that does not fit raises torch.OutOfMemoryError; what it had
     allocated is freed before the members train one after another)."""
     x, _ = next(iter(batches[0]))
     try:
-        _one_step(models, x)
+        _one_step(models, x, OPTIMIZER_BUFFERS[optimizer])
     except torch.OutOfMemoryError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         reason = f"one vectorised step of {len(models)} members on a batch of {len(x)} does not fit ({first[:160]})"
@@ -125,11 +152,12 @@ def probe(models: List[nn.Module], batches: List[TensorBatches]) -> Optional[str
     return reason
 
 
-def _one_step(models: List[nn.Module], x: torch.Tensor) -> None:
-    """Forward and backward of the stacked `models` on `x` for each, beside empty momentum buffers: the memory
-    of a training step (its tensors are freed on return, or with the frame when it raises)."""
+def _one_step(models: List[nn.Module], x: torch.Tensor, state_buffers: int = 1) -> None:
+    """Forward and backward of the stacked `models` on `x` for each, beside `state_buffers` empty optimizer
+    buffers per parameter: the memory of a training step (its tensors are freed on return, or with the frame
+    when it raises)."""
     params, buffers = stack_module_state(models)   # the stacked copy that training makes
-    momentum = [torch.empty_like(p) for p in params.values()]  # noqa: F841 - held through the step, as SGD's
+    state = [torch.empty_like(p) for p in params.values() for _ in range(state_buffers)]  # noqa: F841 - held
     out = stacked_forward(meta_copy(models[0]).train())(params, buffers, torch.stack([x] * len(models)))
     out.sum().backward()
 
@@ -145,14 +173,15 @@ def train_together(r: Run, indices: List[int], seeds: List[int], models: List[nn
     optimizers = [make_optimizer(m, cfg.train) for m in models]
     schedulers = [make_scheduler(o, cfg.train) for o in optimizers]
     states = [ResumableEpochs(f"training of member {i}", cfg.train.epochs, m, o, s, r.spec, r.rundir.member_state(i),
-                              True, r.resume)
-              for i, m, o, s in zip(indices, models, optimizers, schedulers)]
+                              True, r.resume, run_id=r.run_id, seed=seed)
+              for i, m, o, s, seed in zip(indices, models, optimizers, schedulers, seeds)]
     if not LockstepEpochs.aligned(states):   # e.g. started one after another, resumed here
         return None
     epochs = LockstepEpochs(f"training of members {indices}", states, seeds)
     params, buffers = stack_module_state(models)
     stacked = {**params, **buffers}
     optimizer, scheduler = _stacked_optimizer(cfg.train, params, models, optimizers, schedulers[0])
+    clip = member_clipper(cfg.train.grad_clip, list(params.values()))
     base = meta_copy(models[0])
     forward = stacked_forward(base)
     precision = Precision(cfg.train.precision, world.device)
@@ -168,9 +197,9 @@ def train_together(r: Run, indices: List[int], seeds: List[int], models: List[nn
             with precision.autocast():
                 logits = forward(params, buffers, x)   # [k, B, classes]
                 # the loss outside vmap: one cross-entropy kernel instead of its batched decomposition
-                loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(0, 1), reduction="none").view(len(y), -1)
-                loss = loss.mean(1)
-            precision.backward_step(loss.sum(), optimizer)
+                loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(0, 1), reduction="none",
+                                       label_smoothing=cfg.train.label_smoothing).view(len(y), -1).mean(1)
+            precision.backward_step(loss.sum(), optimizer, clip=clip)
             total += loss.detach().double() * y.shape[1]
             count += y.shape[1]
             for n, on_step in enumerate(loggers):
@@ -200,17 +229,18 @@ def train_together(r: Run, indices: List[int], seeds: List[int], models: List[nn
 
 def _stacked_optimizer(cfg, params: Dict[str, torch.Tensor], models: List[nn.Module], optimizers: list,
                        scheduler) -> tuple:
-    """One SGD over the stacked parameters, and its scheduler, where the members' `optimizers` stand (as
-    restored from their states): the LR schedule of `scheduler`, the LR, every member's momentum buffer."""
-    optimizer = make_optimizer(SimpleNamespace(parameters=lambda: list(params.values())), cfg)
+    """One optimizer over the stacked parameters, and its scheduler, where the members' `optimizers` stand (as
+    restored from their states): the LR schedule of `scheduler`, the LR, every member's optimizer state."""
+    optimizer = make_optimizer(SimpleNamespace(parameters=lambda: list(params.values())), cfg, stacked=True)
     stacked_scheduler = make_scheduler(optimizer, cfg)
     stacked_scheduler.load_state_dict(scheduler.state_dict())
     for group, saved in zip(optimizer.param_groups, optimizers[0].param_groups):
         group["lr"] = saved["lr"]
-    for p, *member_params in zip(params.values(), *[list(m.parameters()) for m in models]):
-        bufs = [o.state.get(q, {}).get("momentum_buffer") for o, q in zip(optimizers, member_params)]
-        if all(b is not None for b in bufs):
-            optimizer.state[p]["momentum_buffer"] = torch.stack(bufs)
+    for p, *member_params in zip(_group_params(optimizer), *[_group_params(o) for o in optimizers]):
+        states = [o.state.get(q, {}) for o, q in zip(optimizers, member_params)]
+        if states[0] and all(s.keys() == states[0].keys() for s in states):
+            optimizer.state[p] = {key: states[0][key].clone() if key in SHARED_STATE
+                                  else torch.stack([s[key] for s in states]) for key in states[0]}
     return optimizer, stacked_scheduler
 
 

@@ -118,6 +118,14 @@ class FinetuneConfig(OptimConfig):
                 raise UserError(f"finetune.deepspeed_config '{self.deepspeed_config}' enables {in_file} but "
                                 f"finetune.precision={self.precision}; set finetune.precision={in_file} (DeepSpeed then "
                                 "casts the inputs too), or disable it in the file")
+            clip = ds_config.get("gradient_clipping") or 0.0
+            if self.engine == "deepspeed" and clip != (self.grad_clip or 0.0):
+                raise UserError(f"finetune.deepspeed_config '{self.deepspeed_config}' sets gradient_clipping {clip} "
+                                f"but finetune.grad_clip={self.grad_clip}; set finetune.grad_clip={clip} (ntdist "
+                                "passes it to DeepSpeed), or drop it from the file")
+        if self.distill and self.label_smoothing > 0:
+            raise UserError("finetune.label_smoothing applies to plain fine-tuning's cross-entropy, not to the loss "
+                            "of finetune.distill=true; set finetune.label_smoothing=0 or finetune.distill=false")
         if not self.temperature > 0:
             raise UserError(f"finetune.temperature must be > 0 (it divides the logits), got {self.temperature}")
         if self.zero_stage not in ZERO_STAGES:

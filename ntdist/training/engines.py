@@ -1,20 +1,23 @@
 """Fine-tuning engines: plain DDP (default), Hugging Face Accelerate, or DeepSpeed ZeRO 0-2.
 
-Each engine wraps the model and the SGD optimizer of the config and exposes the
-three calls the training loop makes: `zero_grad()`, `backward(loss)`, `step()`.
+Each engine wraps the model and the optimizer of the config (`finetune.optimizer`: SGD or
+AdamW, built by `training.loop.make_optimizer`) and exposes the calls the training loop
+makes: `zero_grad()`, `backward(loss)`, `step()`, and `clipper(max_norm)` for
+`finetune.grad_clip` (DeepSpeed clips inside its step, from its config's `gradient_clipping`).
 The data sharding (DistributedSampler) and the epoch-wise LR schedule stay the
 same for all engines, so they follow the same accuracy trajectory.
 """
 
 import json
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ntdist.distributed.world import World, ensure_process_group, export_engine_variables
 from ntdist.errors import UserError
+from ntdist.training.loop import grad_clipper
 
 ZERO_STAGES = (0, 1, 2)
 
@@ -34,6 +37,11 @@ class Engine:
 
     def step(self) -> None:
         self.optimizer.step()
+
+    def clipper(self, max_norm: Optional[float]) -> Optional[Callable[[], None]]:
+        """What clips the gradients to the global norm `max_norm` between backward and step (None: off). The
+        gradients are the ranks' average by then, so every rank clips alike."""
+        return grad_clipper(max_norm, self.model.parameters())
 
     def finish(self) -> None:
         """After the last step: leave the module as the model spec builds it (dtypes), ready to be saved."""
@@ -59,9 +67,17 @@ class AccelerateEngine(Engine):
     def backward(self, loss):
         self.accelerator.backward(loss)
 
+    def clipper(self, max_norm):
+        if not max_norm:
+            return None
+        params = list(self.model.parameters())
+        return lambda: self.accelerator.clip_grad_norm_(params, max_norm)
+
 
 class DeepSpeedEngine(Engine):
-    """`deepspeed.initialize` with our SGD optimizer and ZeRO stage `finetune.zero_stage` (0, 1 or 2).
+    """`deepspeed.initialize` with our optimizer (SGD or AdamW, as torch builds it: the `optimizer` and
+    `scheduler` sections of a config file are dropped) and ZeRO stage `finetune.zero_stage` (0, 1 or 2).
+    DeepSpeed clips the gradients itself, to `finetune.grad_clip` (its `gradient_clipping`).
 
     With `finetune.precision` bf16 or fp16 DeepSpeed does the mixed precision itself: it casts the
     module to that dtype (fp16 with its own loss scaler) and keeps fp32 master weights in the
@@ -71,7 +87,7 @@ class DeepSpeedEngine(Engine):
     """
 
     def __init__(self, model, optimizer, world: World, micro_batch: int, zero_stage: int,
-                 config_file: Optional[str] = None, precision: str = "fp32"):
+                 config_file: Optional[str] = None, precision: str = "fp32", grad_clip: Optional[float] = None):
         try:
             import deepspeed
         except ImportError:
@@ -85,10 +101,11 @@ class DeepSpeedEngine(Engine):
                 raise UserError(f"cannot read finetune.deepspeed_config '{config_file}': {err}") from None
         for key in ("optimizer", "scheduler", "_comment"):   # the optimizer and LR schedule come from the config
             config.pop(key, None)
-        config.update({"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1})
+        config.update({"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+                       "gradient_clipping": float(grad_clip or 0.0)})
         config.setdefault("zero_optimization", {})["stage"] = zero_stage
         config.setdefault("steps_per_print", 10 ** 9)
-        config.setdefault("zero_allow_untested_optimizer", True)   # ZeRO 1-2 shard plain torch SGD correctly
+        config.setdefault("zero_allow_untested_optimizer", True)   # ZeRO 1-2 shard plain torch SGD, AdamW correctly
         if precision != "fp32":   # FinetuneConfig refused a file that enables the other one
             config.setdefault(precision, {})["enabled"] = True
         ensure_process_group(world)
@@ -114,6 +131,9 @@ class DeepSpeedEngine(Engine):
 
     def step(self):
         self.model.step()
+
+    def clipper(self, max_norm):
+        return None   # `gradient_clipping` in the config: DeepSpeed clips inside step(), across its shards
 
     def finish(self) -> None:
         """With bf16/fp16: every parameter back from DeepSpeed's fp32 master copy, buffers cast back, the cast
@@ -205,5 +225,5 @@ def make_engine(cfg, model, optimizer, world: World, micro_batch: int) -> Engine
     """The engine `cfg.engine` (a validated FinetuneConfig) around `model` and `optimizer`."""
     if cfg.engine == "deepspeed":
         return DeepSpeedEngine(model, optimizer, world, micro_batch, cfg.zero_stage, cfg.deepspeed_config,
-                               cfg.precision)
+                               cfg.precision, cfg.grad_clip)
     return ENGINES[cfg.engine](model, optimizer, world)

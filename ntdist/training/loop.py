@@ -30,6 +30,13 @@ LR_SCHEDULES = {   # name -> epoch-wise LR scheduler (stepped once per epoch)
     "cosine": lambda optimizer, cfg, epochs: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs)),
 }
 
+OPTIMIZERS = {   # name -> optimizer over the parameter groups of `param_groups`
+    "sgd": lambda groups, cfg: torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
+    "adamw": lambda groups, cfg: torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas),
+                                                   weight_decay=cfg.weight_decay),
+}
+OPTIMIZER_BUFFERS = {"sgd": 1, "adamw": 2}   # state tensors of a parameter's shape each keeps per parameter
+
 
 BAR_LOSS_EVERY_S = 1.0   # a progress bar's loss is read (a host sync) at most this often
 
@@ -47,19 +54,28 @@ class Precision:
     def autocast(self):
         return torch.autocast(self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
 
-    def backward_step(self, loss: torch.Tensor, optimizer, engine=None) -> None:
-        """zero_grad, backward and step of `optimizer` (or of `engine`), through the scaler for fp16."""
+    def backward_step(self, loss: torch.Tensor, optimizer, engine=None,
+                      clip: Optional[Callable[[], None]] = None) -> None:
+        """zero_grad, backward and step of `optimizer` (or of `engine`), through the scaler for fp16; `clip`
+        (see `grad_clipper`) runs on the true gradients between backward and step."""
         if engine is not None and self.scaler is None:
             engine.zero_grad()
             engine.backward(loss)
+            if clip is not None:
+                clip()
             engine.step()
             return
         optimizer.zero_grad(set_to_none=True)
         if self.scaler is None:
             loss.backward()
+            if clip is not None:
+                clip()
             optimizer.step()
         else:
             self.scaler.scale(loss).backward()
+            if clip is not None:
+                self.scaler.unscale_(optimizer)   # the true gradients; step then skips a second unscale
+                clip()
             self.scaler.step(optimizer)
             self.scaler.update()
 
@@ -69,13 +85,24 @@ FP32 = Precision("fp32", "cpu")
 
 @dataclass
 class OptimConfig:
-    """SGD with momentum and an LR schedule (shared by member training and fine-tuning)."""
+    """The optimiser, its LR schedule and the loss (shared by member training and fine-tuning)."""
 
     section: ClassVar[str] = "train"   # the config section, for messages; subclasses add `epochs`
+    optimizer: str = opt("sgd", "optimizer: " + " | ".join(OPTIMIZERS))
     lr: float = opt(0.05, "learning rate")
     momentum: float = opt(0.9, "SGD momentum")
-    weight_decay: float = opt(5e-4, "L2 weight decay")
+    betas: List[float] = opt([0.9, 0.999], "adamw: decay rates of the running means of the gradient and its square")
+    weight_decay: float = opt(5e-4, "weight decay: sgd's L2 term on every parameter; adamw's decoupled decay on "
+                                    "the weights only (parameters with ndim <= 1, normalisation weights and "
+                                    "biases, get none)")
     schedule: str = opt("step", "LR schedule: " + " | ".join(LR_SCHEDULES))
+    warmup_epochs: int = opt(0, "epochs of linear LR warm-up before the schedule: epoch e of W trains at "
+                                "lr x e/(W+1); the schedule then runs over the remaining epochs (its step_size "
+                                "and milestones counted from the warm-up's end)")
+    label_smoothing: float = opt(0.0, "label smoothing of the training cross-entropy (torch's; 0: off); "
+                                      "evaluation reports the plain cross-entropy")
+    grad_clip: Optional[float] = opt(None, "clip the gradients to this global norm before each step "
+                                           "(torch.nn.utils.clip_grad_norm_; null or 0: off)")
     step_size: int = opt(10, "step schedule: epochs between LR drops")
     milestones: List[int] = opt([], "multistep schedule: epochs at which the LR drops")
     gamma: float = opt(0.1, "factor of each LR drop")
@@ -94,7 +121,17 @@ class OptimConfig:
         if self.momentum < 0 or self.weight_decay < 0:
             raise UserError(f"{self.section}.momentum and {self.section}.weight_decay must be >= 0, "
                             f"got {self.momentum} and {self.weight_decay}")
+        check_choice(self.optimizer, OPTIMIZERS, f"{self.section}.optimizer")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise UserError(f"{self.section}.betas must be two numbers in [0, 1), e.g. [0.9,0.999]; got {self.betas}")
         check_choice(self.schedule, LR_SCHEDULES, f"{self.section}.schedule")
+        if self.warmup_epochs < 0 or 0 < self.epochs < self.warmup_epochs:
+            raise UserError(f"{self.section}.warmup_epochs must be in 0..{self.section}.epochs ({self.epochs}), "
+                            f"got {self.warmup_epochs}")
+        if not 0 <= self.label_smoothing < 1:
+            raise UserError(f"{self.section}.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.grad_clip is not None and self.grad_clip < 0:
+            raise UserError(f"{self.section}.grad_clip must be > 0 (or 0 / null: off), got {self.grad_clip}")
         check_choice(self.precision, PRECISIONS, f"{self.section}.precision")
         if self.checkpoint_every_steps < 0:
             raise UserError(f"{self.section}.checkpoint_every_steps must be >= 0 (0: at epoch ends only), "
@@ -114,13 +151,39 @@ def set_deterministic(on: bool) -> None:
     torch.backends.cudnn.benchmark = not on
 
 
-def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+def param_groups(model: torch.nn.Module, cfg: OptimConfig, stacked: bool = False) -> list:
+    """The parameter groups of `cfg.optimizer`: sgd decays all parameters alike; adamw decays the weights and
+    leaves those of ndim <= 1 (normalisation weights, biases) undecayed. With `stacked`, each parameter holds
+    the members along a leading dimension, which does not count."""
+    params = list(model.parameters())
+    if cfg.optimizer == "sgd":
+        return params
+    flat = [p.ndim - int(stacked) <= 1 for p in params]
+    groups = [{"params": [p for p, f in zip(params, flat) if not f]},
+              {"params": [p for p, f in zip(params, flat) if f], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, stacked: bool = False) -> torch.optim.Optimizer:
+    """The optimizer `cfg.optimizer` over `model`'s parameters (see `param_groups` for `stacked`)."""
+    return OPTIMIZERS[cfg.optimizer](param_groups(model, cfg, stacked), cfg)
 
 
 def make_scheduler(optimizer, cfg: OptimConfig):
-    """The epoch-wise LR scheduler of `cfg` over its `epochs`."""
-    return LR_SCHEDULES[cfg.schedule](optimizer, cfg, cfg.epochs)
+    """The epoch-wise LR scheduler of `cfg`: its `warmup_epochs`, then its schedule over the remaining epochs."""
+    warmup = cfg.warmup_epochs
+    schedule = LR_SCHEDULES[cfg.schedule](optimizer, cfg, cfg.epochs - warmup)
+    if warmup == 0:
+        return schedule
+    ramp = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: (e + 1) / (warmup + 1))
+    # the schedule starts at the milestone from its own epoch 0 (the full LR), whatever the ramp left
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, schedule], milestones=[warmup])
+
+
+def grad_clipper(max_norm: Optional[float], parameters) -> Optional[Callable[[], None]]:
+    """What clips the gradients of `parameters` to the global norm `max_norm` (None when that is None or 0)."""
+    params = list(parameters)
+    return (lambda: torch.nn.utils.clip_grad_norm_(params, max_norm)) if max_norm else None
 
 
 @dataclass
@@ -136,11 +199,13 @@ class EpochPosition:
 def train_epoch(model, loader, optimizer, device, loss_fn: Optional[Callable] = None,
                 desc: str = "train", progress: bool = True, engine=None, precision: Precision = FP32,
                 on_step: Optional[Callable[[int, torch.Tensor], None]] = None,
-                position: Optional[EpochPosition] = None) -> float:
+                position: Optional[EpochPosition] = None, label_smoothing: float = 0.0,
+                clip: Optional[Callable[[], None]] = None) -> float:
     """One pass over `loader` (from `position` on, when given); returns the mean training loss.
 
-    `loss_fn(logits, x, y)` may replace cross-entropy; `engine` (see training.engines)
-    replaces the plain zero_grad / backward / step of `optimizer`; `precision` sets autocast
+    `loss_fn(logits, x, y)` may replace cross-entropy (with `label_smoothing`); `engine` (see
+    training.engines) replaces the plain zero_grad / backward / step of `optimizer`; `clip` clips the
+    gradients before each step (`grad_clipper`); `precision` sets autocast
     (and the fp16 grad scaler); `on_step(index, loss)` is called after every batch with the
     loss still on the device (see `step_logger`), then `position.at_step(position)`. The loss
     is summed on the device: the host waits for it once per epoch, for a logged step, and at most
@@ -158,8 +223,8 @@ def train_epoch(model, loader, optimizer, device, loss_fn: Optional[Callable] = 
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with precision.autocast():
             logits = model(x)
-            loss = loss_fn(logits, x, y) if loss_fn else F.cross_entropy(logits, y)
-        precision.backward_step(loss, optimizer, engine)
+            loss = loss_fn(logits, x, y) if loss_fn else F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        precision.backward_step(loss, optimizer, engine, clip)
         total.add_(loss.detach(), alpha=len(y))   # one op: the float32 loss is summed in float64
         count += len(y)
         if shown and time.monotonic() - shown_at >= BAR_LOSS_EVERY_S:   # reading the loss waits for the GPU

@@ -16,7 +16,7 @@ import torch
 from ntdist.errors import Preempted, UserError
 from ntdist.preempt import preempt_requested
 from ntdist.training.loop import EpochPosition
-from ntdist.training.state import load_state, save_state
+from ntdist.training.state import StateOwner, load_state, save_state
 
 
 class ResumableEpochs:
@@ -32,16 +32,20 @@ class ResumableEpochs:
     these points: at an epoch end when `should_stop()` (where the ranks agree), inside
     an epoch when any rank's SIGTERM flag is up, which the ranks learn from the same
     single `reduce` (a sum over the ranks sharing `loader`) that gathers their loss sums.
+    `run_id` (the run's config digest) and `seed` go into the state's owner, which a resume checks.
     """
 
     def __init__(self, what: str, epochs: int, model, optimizer, scheduler, spec, state_path: Optional[str],
-                 writer: bool, resume: bool, every_steps: int = 0, scaler=None):
+                 writer: bool, resume: bool, every_steps: int = 0, scaler=None, *, run_id: str, seed: int):
         self.what, self.epochs, self.spec, self.every_steps, self.scaler = what, epochs, spec, every_steps, scaler
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.owner = StateOwner.of(run_id, what, seed, model, epochs)
+        self.source = state_path   # the file restored from, named in errors (every rank of a group reads it)
         self.state_path = state_path if writer else None
         self.start, self.history, self.resumed = 1, [], None
         if resume and state_path and os.path.exists(state_path):
-            done, self.history, self.resumed = load_state(state_path, model, optimizer, scheduler, epochs, scaler)
+            done, self.history, self.resumed = load_state(state_path, model, optimizer, scheduler, epochs, scaler,
+                                                          self.owner)
             self.start = done + 1
 
     def train(self, one_epoch: Callable[[int, EpochPosition], dict], should_stop: Callable[[], bool],
@@ -63,9 +67,18 @@ class ResumableEpochs:
         layout = (len(saved["order"]), saved["batch_size"], saved["replicas"])
         here = (len(loader.order()), loader.batch_size, loader.num_replicas)
         if layout != here or not torch.equal(saved["order"], loader.order()):
+            fields = [f"{name} {a} there, {b} now"
+                      for name, a, b in zip(("samples", "batch size", "ranks"), layout, here) if a != b]
+            if not fields:   # same sizes, another shuffle: the seed or the data differ
+                at = int((saved["order"] != loader.order()).nonzero()[0])
+                fields = [f"the shuffled order: position {at} holds sample {int(saved['order'][at])} there, "
+                          f"{int(loader.order()[at])} now"]
             raise UserError(f"the state of {self.what} was written inside epoch {epoch} with another data order "
-                            f"(samples, batch size, ranks: {layout} there, {here} now); resume with the config "
-                            "and world size the run started with")
+                            f"({'; '.join(fields)}); resume with the config and world size the run started with")
+        if not 0 < saved["step"] < len(loader) or saved["count"] > len(saved["order"]):
+            raise UserError(f"state file '{self.source}' stands at batch {saved['step']} of epoch {epoch} after "
+                            f"{saved['count']} samples, but the epoch has {len(loader)} batches of "
+                            f"{len(saved['order'])} samples; delete it to redo that stage from its start")
         loader.set_epoch(epoch, saved["step"])
         return EpochPosition(saved["step"], saved["loss_sums"][loader.rank], saved["count"])
 
@@ -84,7 +97,7 @@ class ResumableEpochs:
                 where = {"epoch": epoch, "step": position.step, "loss_sums": shared[:-1].tolist(),
                          "count": position.count, "batch_size": loader.batch_size, "replicas": loader.num_replicas}
                 save_state(self.state_path, self.model, self.spec, self.optimizer, self.scheduler, epoch - 1,
-                           self.history, where, loader.order(), self.scaler)
+                           self.history, where, loader.order(), self.scaler, self.owner)
             if shared[-1] > 0:
                 raise Preempted(f"preempted during {self.what} at batch {position.step} of epoch {epoch}; "
                                 "the state is saved: rerun the same command with --resume")
@@ -95,7 +108,7 @@ class ResumableEpochs:
         self.history.append(record)
         if self.state_path:
             save_state(self.state_path, self.model, self.spec, self.optimizer, self.scheduler, epoch, self.history,
-                       scaler=self.scaler)
+                       scaler=self.scaler, owner=self.owner)
 
 
 class LockstepEpochs(ResumableEpochs):

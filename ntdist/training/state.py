@@ -11,9 +11,15 @@ the next batch. Restoring a state and replaying the rest gives the same weights,
 bit for bit, as a run that was never interrupted (on a GPU only with
 `train.deterministic`, see docs/PERFORMANCE.md), because the data order depends
 only on the seed and the epoch.
+
+A state file also records whose it is (`StateOwner`: the run's config digest,
+the stage and member, the seed, the weights' dtype, the stage's epochs), and a
+resume refuses a file that belongs to another run or stage, weights of another
+dtype, and optimizer buffers that do not fit their parameters.
 """
 
 import os
+from dataclasses import asdict, dataclass
 from typing import List, Optional, Tuple
 
 import torch
@@ -23,10 +29,35 @@ from ntdist.models import ModelSpec
 from ntdist.records.checkpoint import read_checkpoint, save_checkpoint
 
 
+@dataclass(frozen=True)
+class StateOwner:
+    """Whose a state file is: a resume refuses a file whose owner differs from the stage's own."""
+
+    run: str      # digest of the config keys that decide the results (`records.rundir.config_digest`)
+    part: str     # the stage and member: "training of member 1", "fine-tuning (nt)"
+    seed: int     # the seed of the part's initialisation and data order
+    dtype: str    # of the model's floating-point tensors
+    epochs: int   # the stage's epochs
+
+    @classmethod
+    def of(cls, run: str, part: str, seed: int, model, epochs: int) -> "StateOwner":
+        floats = [t.dtype for t in model.state_dict().values() if t.is_floating_point()]
+        return cls(run, part, seed, str(floats[0]) if floats else "none", epochs)
+
+    def differences(self, saved) -> List[str]:
+        """What differs between this owner and the one a file recorded (`saved`: its JSON dict)."""
+        if not isinstance(saved, dict):
+            return ["it records no owner (written by an older ntdist, or altered)"]
+        return [f"{key} {saved.get(key)!r} there, {mine!r} here" for key, mine in asdict(self).items()
+                if saved.get(key) != mine]
+
+
 def save_state(path: str, model, spec: ModelSpec, optimizer, scheduler, epoch: int, history: List[dict],
-               position: Optional[dict] = None, order: Optional[torch.Tensor] = None, scaler=None) -> None:
+               position: Optional[dict] = None, order: Optional[torch.Tensor] = None, scaler=None,
+               owner: Optional[StateOwner] = None) -> None:
     """Atomically write everything needed to continue after `epoch`, or inside epoch `epoch + 1` at `position`
-    (a JSON-able dict, see the module docstring) with that epoch's data `order`; `scaler`: the fp16 grad scaler."""
+    (a JSON-able dict, see the module docstring) with that epoch's data `order`; `scaler`: the fp16 grad scaler;
+    `owner`: whose the file is."""
     extra = {"rng": torch.get_rng_state()}
     if torch.cuda.is_available():   # this rank's GPU: the one it trains on, whatever the others see
         extra["cuda_rng"] = torch.cuda.get_rng_state(torch.cuda.current_device())
@@ -44,19 +75,34 @@ def save_state(path: str, model, spec: ModelSpec, optimizer, scheduler, epoch: i
         info["position"] = position
     if scaler is not None:
         info["scaler"] = scaler.state_dict()
+    if owner is not None:
+        info["owner"] = asdict(owner)
     save_checkpoint(path, model, spec, info=info, extra=extra)
 
 
 def load_state(path: str, model, optimizer, scheduler, epochs: int,
-               scaler=None) -> Tuple[int, List[dict], Optional[dict]]:
+               scaler=None, owner: Optional[StateOwner] = None) -> Tuple[int, List[dict], Optional[dict]]:
     """Restore a state file of a stage of `epochs` epochs into `model`, `optimizer`, `scheduler` and the fp16
     grad `scaler` when given (a file written without one leaves it at its initial scale).
 
     Returns (epoch, history, position): `position` is None for a state written at an epoch end, else the
     dict `save_state` was given with its data order under "order". The file's metadata is checked like
-    any input: a state claiming more epochs than the stage has, or missing a field, is refused.
+    any input: a state claiming more epochs than the stage has, or missing a field, is refused; with
+    `owner`, so is a file that records another owner.
     """
     meta, state, extra = read_checkpoint(path)
+    info = meta.get("info")
+    if owner is not None:
+        differences = owner.differences(info.get("owner") if isinstance(info, dict) else None)
+        if differences:
+            raise UserError(f"state file '{path}' does not belong to {owner.part} of this run ("
+                            f"{'; '.join(differences)}); delete it to redo that stage from its start, "
+                            "or resume the run it came from")
+    own = model.state_dict()
+    for key, tensor in state.items():
+        if key in own and tensor.dtype != own[key].dtype:
+            raise UserError(f"state file '{path}' stores '{key}' as {tensor.dtype}, but the model holds "
+                            f"{own[key].dtype}; delete it to redo that stage from its start")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -69,11 +115,7 @@ def load_state(path: str, model, optimizer, scheduler, epochs: int,
             raise ValueError(f"epoch {epoch!r} is not one of 0..{epochs}")
         if not _is_history(history, epoch):
             raise ValueError(f"its history does not hold {epoch} epoch records")
-        buffers: dict = {}
-        for key, value in extra.items():
-            if key.startswith("opt."):
-                _, index, name = key.split(".", 2)
-                buffers.setdefault(int(index), {})[name] = value
+        buffers = _optimizer_buffers(path, extra, optimizer)
         groups = optimizer.state_dict()["param_groups"]
         for group, saved in zip(groups, info["optimizer_groups"]):
             group.update(saved)
@@ -91,6 +133,27 @@ def load_state(path: str, model, optimizer, scheduler, epochs: int,
                         f"{str(err).splitlines()[0] if str(err) else 'missing field'}); delete it to redo that stage "
                         "from its start, or pass --overwrite to start the run again") from None
     return epoch, history, position
+
+
+def _optimizer_buffers(path: str, extra: dict, optimizer) -> dict:
+    """The optimizer buffers of a state file by parameter index, each checked against its parameter: every
+    optimizer ntdist builds keeps buffers of the parameter's shape (momentum, moments) and scalar counters."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    buffers: dict = {}
+    for key, value in extra.items():
+        if not key.startswith("opt."):
+            continue
+        _, index, name = key.split(".", 2)
+        index = int(index)
+        if not 0 <= index < len(params):
+            raise UserError(f"state file '{path}' holds optimizer buffer '{name}' of parameter {index}, but the "
+                            f"model has {len(params)} parameters; delete it to redo that stage from its start")
+        if value.numel() > 1 and value.shape != params[index].shape:
+            raise UserError(f"state file '{path}' holds optimizer buffer '{name}' of shape {list(value.shape)} for "
+                            f"parameter {index} of shape {list(params[index].shape)}; delete it to redo that stage "
+                            "from its start")
+        buffers.setdefault(index, {})[name] = value
+    return buffers
 
 
 def _checked_position(position, epoch: int, order: torch.Tensor) -> dict:

@@ -5,10 +5,12 @@ Run: .venv/bin/python -m pytest tests/unit/test_diversity.py
 
 import copy
 import json
+import os
 
 import pytest
 import torch
 from torch import nn
+from userpkg.models import conv1d_net
 
 from ntdist.fusion import diversity
 from ntdist.fusion.diversity import diversity_summary, duplicate_units, fusable_layers, prediction_disagreement
@@ -58,7 +60,7 @@ def test_identical_models_are_all_duplicates_and_warn():
     summary = diversity_summary(twins, [m(x) for m in twins])
     assert summary["duplicate_fraction_mean"] == 1.0
     assert summary["disagreement_mean"] == 0.0
-    assert "near-identical" in summary["warning"] and "seed" in summary["warning"]
+    assert "near-identical" in summary["warning"] and "train.identical_members" in summary["warning"]
     json.dumps(summary)
 
 
@@ -127,3 +129,38 @@ def test_sampled_duplicate_check_is_bounded_and_estimates_the_fraction(monkeypat
     assert max(rows_checked) == 64 and len(rows_checked) == 4   # 2 members x 2 layers, 64 units each
     assert all(abs(sampled[name] - 0.5) < 0.15 for name in exact)
     assert duplicate_units([model, copy.deepcopy(model)], max_units=64) == {"0": 1.0, "2": 1.0}
+
+
+def _readme_conv1d(seed: int) -> nn.Module:
+    """The README's own-model example (`conv1d_net`, width 32) as trained members come out of MNIST-1D: their
+    5-weight filters take few shapes, so another member's filter is a near-copy although the heads differ."""
+    torch.manual_seed(seed)
+    return conv1d_net(10, 32)
+
+
+def test_filters_of_few_weights_are_not_judged_and_the_readme_example_does_not_warn():
+    a, b = _readme_conv1d(0), _readme_conv1d(1)
+    with torch.no_grad():   # b's filters: a's, each tilted by a little noise (cosine about 0.99)
+        b[0].weight.copy_(a[0].weight + 0.02 * torch.randn_like(a[0].weight))
+        b[0].bias.copy_(a[0].bias)
+    assert diversity.has_near_copy(diversity.unit_rows(b[0]), diversity.unit_rows(a[0]), 0.95).all()
+    x = torch.randn(300, 1, 40)
+    with torch.no_grad():
+        summary = diversity_summary([a, b], [a(x), b(x)])
+    assert summary["disagreement_mean"] > 0.1
+    assert "0" not in summary["duplicate_fraction"] and summary["warning"] is None
+    twins = [a, copy.deepcopy(a)]
+    with torch.no_grad():
+        assert "near-identical" in diversity_summary(twins, [m(x) for m in twins])["warning"]
+
+
+def test_the_warning_gives_the_advice_of_the_usage_guide():
+    import re
+
+    from helpers import ROOT
+    usage = open(os.path.join(ROOT, "docs", "USAGE.md")).read()
+    paragraph = usage[usage.index("* **The diversity check.**"):].split("\n* ")[0]
+    model = _mlp(0)
+    warning = diversity_summary([model, model], [torch.zeros(5, 10)] * 2)["warning"]
+    keys = set(re.findall(r"\b(?:train|model|output)\.[a-z_]+", warning))
+    assert keys and all(key in paragraph for key in keys), (keys, paragraph)

@@ -12,7 +12,7 @@ from ntdist.fusion.config import FusionConfig
 def test_fusion_config_fields_have_defaults_and_help():
     cfg = FusionConfig()
     assert (cfg.k, cfg.methods, cfg.schedule, cfg.order, cfg.importance) == (2, ["nt"], "recursive", "merge_prune", "group_l2")
-    assert cfg.keep_ratio is None and cfg.width is None and cfg.bn_reestimate is False and cfg.bn_batches == 10
+    assert cfg.keep_ratio is None and cfg.width is None and cfg.bn_reestimate == "auto" and cfg.bn_batches == 10
     for f in dataclasses.fields(FusionConfig):
         assert f.metadata["help"] and "\n" not in f.metadata["help"], f.name
     assert FusionConfig().methods is not cfg.methods

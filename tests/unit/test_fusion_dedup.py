@@ -89,8 +89,8 @@ def test_diverse_members_fuse_as_plain_nt(name):
     models = [member(name, seed)[0] for seed in range(3)]
     x = member(name)[1]
     merged = {}
-    on = fuse(models, example_inputs=x, dedup=True, dedup_threshold=0.99, merged=merged)
-    off = fuse(models, example_inputs=x)
+    on = fuse(models, "nt", "flat", example_inputs=x, dedup=True, dedup_threshold=0.99, merged=merged)
+    off = fuse(models, "nt", "flat", example_inputs=x)
     assert set(merged.values()) == {0}
     for (key, a), b in zip(on.state_dict().items(), off.state_dict().values()):
         assert torch.allclose(a, b, rtol=0, atol=1e-6), key

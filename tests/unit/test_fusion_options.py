@@ -141,16 +141,16 @@ def test_fuse_help_lists_the_fusion_keys_as_run_help_does(capsys):
             main([command, "--help"])
         lines[command] = capsys.readouterr().out.splitlines()
     wanted = list(describe_keys(only=[f"fusion.{key}" for key in FUSE_KEYS]))
-    assert len(wanted) == len(FUSE_KEYS) == 3 + len(NTOptions.names())   # methods, schedule, calibration_samples
+    assert len(wanted) == len(FUSE_KEYS) == 4 + len(NTOptions.names())   # methods, schedule, calibration, BN
     for line in wanted:
         assert line in lines["fuse"] and line in lines["run"], line
-    assert not any(line.startswith(("  fusion.k ", "  fusion.bn_reestimate ")) for line in lines["fuse"])
+    assert not any(line.startswith(("  fusion.k ", "  fusion.bn_batches ")) for line in lines["fuse"])
 
 
 def test_fuse_refuses_keys_it_has_no_use_for_in_one_line(tmp_path, checkpoints, capsys):
     out = str(tmp_path / "f.safetensors")
     for key, words in (("fusion.k=3", "ntdist fuse does not take fusion.k"),
-                       ("fusion.bn_reestimate=true", "does not take fusion.bn_reestimate"),
+                       ("fusion.bn_batches=3", "does not take fusion.bn_batches"),
                        ("train.epochs=2", "does not take train.epochs"),
                        ("fusion.importnce=l1", "did you mean 'fusion.importance'"),
                        ("fusion.methods=[nt,avg]", "one method"),

@@ -3,16 +3,20 @@
 Run: .venv/bin/python -m pytest tests/unit/test_step_resume.py
 """
 
+import json
 import os
 import signal
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import ntdist.preempt as preempt
 import ntdist.stages.members as members
 from helpers import make_run
 from ntdist.errors import Preempted, UserError
+from ntdist.models.statedict import META_KEY
 from ntdist.records.checkpoint import read_checkpoint
 from ntdist.training.batches import LoaderBatches, TensorBatches, train_batches
 
@@ -87,13 +91,33 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(tmp_path, monkeypatch, r
     assert "position" not in info_b and _without_timing(info_a["history"]) == _without_timing(info_b["history"])
 
 
-def test_resume_inside_an_epoch_refuses_another_data_order(tmp_path, monkeypatch):
+def _rewritten(path, position=None, order=None):
+    """Rewrite the state file `path` with its position's fields updated by `position`, its data order by `order`."""
+    with safe_open(path, framework="pt") as f:
+        meta = json.loads(f.metadata()[META_KEY])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta["info"]["position"].update(position or {})
+    if order is not None:
+        tensors["extra.order"] = order(tensors["extra.order"])
+    save_file(tensors, path, metadata={META_KEY: json.dumps(meta)})
+
+
+# Another config (data.batch_size, train.seed) makes the state another run's, refused before its data order is
+# looked at (tests/unit/test_state_owner.py); what is left to differ under the same config is the rank count,
+# or a file whose position or order was altered, as here.
+@pytest.mark.parametrize("position, order, differs", [
+    ({"batch_size": 8}, None, "(batch size 8 there, 16 now)"),
+    (None, lambda order: order.flip(0), "(the shuffled order: position "),   # same sizes: the message names the order
+])
+def test_resume_inside_an_epoch_refuses_another_data_order(tmp_path, monkeypatch, position, order, differs):
     cut = make_run(tmp_path / "run", *ARGS)
     _preempted_in_epoch_1(cut, monkeypatch, forward=2, batch=4)
     cut.rundir.release()
-    changed = make_run(tmp_path / "run", *ARGS, "data.batch_size=8", resume=True)
-    with pytest.raises(UserError, match="another data order"):
-        members.train_member(changed, 0)
+    _rewritten(cut.rundir.member_state(0), position, order)
+    resumed = make_run(tmp_path / "run", *ARGS, resume=True)
+    with pytest.raises(UserError, match="another data order") as err:
+        members.train_member(resumed, 0)
+    assert differs in str(err.value)
 
 
 def test_batches_start_at_a_step_in_the_same_order(tmp_path):

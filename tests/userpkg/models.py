@@ -49,3 +49,12 @@ def conv1d_net(num_classes: int, width: int = 32) -> nn.Module:
     nothing about the input's shape."""
     return nn.Sequential(nn.Conv1d(1, width, 5, padding=2), nn.ReLU(), nn.MaxPool1d(2),
                          nn.Flatten(), nn.Linear(width * 20, num_classes))
+
+
+def bn_net(input_dim: int, num_classes: int, hidden: int = 32, depth: int = 2) -> nn.Module:
+    """An MLP with BatchNorm after each hidden layer: a fused copy needs its running statistics re-estimated."""
+    layers, dim = [nn.Flatten()], input_dim
+    for _ in range(depth):
+        layers += [nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU()]
+        dim = hidden
+    return nn.Sequential(*layers, nn.Linear(dim, num_classes))

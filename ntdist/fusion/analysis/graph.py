@@ -24,6 +24,7 @@ from ntdist.fusion.analysis.ops import fetch, propagate, tensor_args
 from ntdist.fusion.analysis.shapes import NeedShapes, one, refuse
 from ntdist.fusion.analysis.plan import IN, OUT, Dim, Layer, Param, Plan, TensorSpec, Val
 from ntdist.fusion.analysis.spaces import Spaces
+from ntdist.fusion.analysis.ties import check_ties
 
 
 def _batch_slice(x):
@@ -114,6 +115,7 @@ def analyze(model: nn.Module, example_inputs=None) -> Plan:
     needs a spatial size, e.g. at a flatten after a convolution.
     """
     gm, captured = trace(model, example_inputs)
+    check_ties(model, gm)
     first = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
     in_ndim = first.dim() if isinstance(first, torch.Tensor) else None
     try:

@@ -63,6 +63,9 @@ def activation_signatures(models: Sequence[nn.Module], plan: Plan, inputs,
     if inputs is None or not isinstance(inputs, torch.Tensor) or len(inputs) < 2:
         raise UserError(f"{who} compares units' outputs on example inputs: pass "
                         "example_inputs, a batch of at least 2 training inputs (a few hundred work best)")
+    if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):   # NaN outputs: nothing correlates
+        raise UserError("dedup_criterion 'activations' got example_inputs with NaN or infinite values, on which no "
+                        "two units' outputs correlate (nothing would merge); pass finite training inputs")
     names = [n for n, layer in plan.layers.items() if layer.kind in _PRODUCERS and layer.out]
     per_member = []
     for model in models:

@@ -132,7 +132,11 @@ def verify_finite(models, plan: Plan, importance, keep) -> None:
 
 
 def _ranked(scores: List[torch.Tensor], count: int, models) -> torch.Tensor:
-    scores = ranked_scores(scores, models)
+    return top(ranked_scores(scores, models), count)
+
+
+def top(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Sorted indices of the `count` highest scores (of equal scores, the lower index first)."""
     return torch.sort(torch.sort(scores, descending=True, stable=True).indices[:count]).values
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ntdist.errors import UserError
-from ntdist.fusion.analysis.plan import Plan
+from ntdist.fusion.analysis.plan import Plan, TensorSpec
 
 
 def tensors_of(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -53,7 +53,7 @@ def clone_with(template: nn.Module, new: Dict[str, torch.Tensor]) -> nn.Module:
     return model
 
 
-class _Selection:
+class Selection:
     """Where each member's kept units of every space come from and where they go."""
 
     def __init__(self, sizes: List[Dict[int, int]], keep: Optional[Dict[int, Optional[torch.Tensor]]], device):
@@ -113,7 +113,7 @@ class _Selection:
         return self._cache[key]
 
 
-def _combine(ts: Sequence[torch.Tensor], dims, sel: _Selection, weights) -> torch.Tensor:
+def _combine(ts: Sequence[torch.Tensor], dims, sel: Selection, weights) -> torch.Tensor:
     wide = [(d, lay) for d, lay in enumerate(dims) if lay is not None]
     if not wide:
         acc = ts[0] * weights[0]
@@ -150,6 +150,18 @@ def _combine(ts: Sequence[torch.Tensor], dims, sel: _Selection, weights) -> torc
     return out
 
 
+def assembled_tensor(spec: TensorSpec, ts: Sequence[torch.Tensor], sel: Selection, weights: Sequence[float]):
+    """One tensor of `assemble`'s result from the members' tensors `ts` of that name.
+
+    `ts` is read member by member (the first one twice), so a sequence that loads each tensor on access holds
+    one member's tensor at a time beside the result (`commands.lazyfuse`)."""
+    if spec.role == "shared":
+        return ts[0].clone()
+    if spec.role == "counter":
+        return torch.stack(list(ts)).max(0).values
+    return _combine(ts, spec.dims, sel, weights if spec.role == "output" else None)
+
+
 def assemble(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float],
              keep: Optional[Dict[int, Optional[torch.Tensor]]] = None, template: nn.Module = None) -> nn.Module:
     """The concatenation of `models` (output weights `weights`, summing to 1) restricted to `keep`.
@@ -159,23 +171,17 @@ def assemble(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float],
     """
     all_ts = [tensors_of(m) for m in models]
     sizes = [plan.space_sizes(ts) for ts in all_ts]
-    sel = _Selection(sizes, keep, next(iter(all_ts[0].values())).device)
+    sel = Selection(sizes, keep, next(iter(all_ts[0].values())).device)
     new = {}
     with torch.no_grad():
         for name, spec in plan.tensors.items():
-            ts = [t[name] for t in all_ts]
-            if spec.role == "shared":
-                new[name] = ts[0].clone()
-            elif spec.role == "counter":
-                new[name] = torch.stack(ts).max(0).values
-            else:
-                new[name] = _combine(ts, spec.dims, sel, weights if spec.role == "output" else None)
+            new[name] = assembled_tensor(spec, [t[name] for t in all_ts], sel, weights)
     model = clone_with(template if template is not None else models[0], new)
     _set_attributes(model, models, plan, sel)
     return model
 
 
-def _set_attributes(model: nn.Module, members, plan: Plan, sel: _Selection):
+def _set_attributes(model: nn.Module, members, plan: Plan, sel: Selection):
     for name, layer in plan.layers.items():
         if layer.kind in ("param", "lnf"):
             continue
