@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from ntdist.errors import UserError, check_choice
 from ntdist.fusion.wide.assemble import assemble, tensors_of
+from ntdist.fusion.wide.exported import concat_exported
 from ntdist.fusion.checks import check_finite, check_models, check_weights, check_widths, normalized
 from ntdist.fusion.dedup.merge import dedup_fuse
 from ntdist.fusion.analysis.graph import Plan, analyze
@@ -39,6 +40,8 @@ def concat(models: Sequence[nn.Module], weights: Optional[Sequence[float]] = Non
     check_widths(models, plan)
     if plan.inexact:
         raise UserError(plan.inexact)
+    if plan.graph is not None:      # analysed through torch.export: the widened exported graph
+        return concat_exported(models, plan, w)
     if plan.captured and (plan.shuffles or plan.widths or plan.norms):
         raise UserError(f"{type(models[0]).__name__} branches on shapes in forward, and its concatenation would be "
                         "rebuilt from a traced graph (LayerNorm, channel shuffle or constant width); concat refuses "

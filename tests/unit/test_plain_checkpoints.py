@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ntdist.cli import main
+from ntdist.fusion import fuse
 from ntdist.models import ModelSpec
 from ntdist.records.checkpoint import load_model, read_checkpoint, save_checkpoint
 
@@ -41,6 +42,28 @@ def test_a_fused_file_loads_strictly_into_a_fresh_torchvision_model(tmp_path, na
         assert json.loads(f.metadata()["ntdist"])["model"] == {"name": f"torchvision:{name}", "kwargs": kwargs}
     rebuilt, _ = load_model(out)
     assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("build, shape", [
+    (lambda: torchvision.models.resnet18(num_classes=10), (2, 3, 32, 32)),
+    # vit_b_16's own class with small dimensions (the b/16 sizes take seconds to fuse)
+    (lambda: torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2,
+                                                  hidden_dim=32, mlp_dim=64, num_classes=10), (2, 3, 32, 32)),
+    (lambda: torchvision.models.convnext_tiny(num_classes=10), (2, 3, 32, 32)),
+], ids=["resnet18", "vit_b_16_class", "convnext_tiny"])
+def test_an_nt_fused_plain_state_dict_loads_strictly_into_a_fresh_model(tmp_path, build, shape):
+    members = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        members.append(build().eval())
+    fused = fuse(members, method="nt", example_inputs=torch.randn(*shape))
+    path = str(tmp_path / "fused.pt")
+    torch.save(fused.state_dict(), path)
+    fresh = build()
+    fresh.load_state_dict(torch.load(path), strict=True)
+    assert type(fresh) is type(members[0])
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(torch.ones(*shape)), fused.eval()(torch.ones(*shape)))
 
 
 def test_files_of_the_older_layout_are_still_read_and_extras_stay_apart(tmp_path):

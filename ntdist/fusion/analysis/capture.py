@@ -7,9 +7,7 @@ Linear, `torch.relu`, ...) that the channel analysis reads, but it also runs
 every node on one sample of `example_inputs` as it is recorded. When forward
 branches, the branch is decided by that value and only the path taken enters the
 graph: the graph is specialised to the example's shapes, as `torch.export`
-specialises a static shape with a guard (`torch.export` itself is not used: its
-graph is ATen-level with the parameters lifted out of their modules, which the
-channel analysis does not read).
+specialises a static shape with a guard.
 
 Specialising is exact for fusion only if the wide model takes the same branch as
 every member. The wide model has the members' input and spatial sizes but k times
@@ -27,7 +25,8 @@ import torch.nn as nn
 from torch.fx.node import map_arg
 
 from ntdist.errors import UserError
-from ntdist.fusion.analysis.attention import LEAVES, class_name
+from ntdist.fusion.analysis.attention import LEAVES, class_name, symbolic_trace
+from ntdist.fusion.analysis.export import export_graph
 
 RANK_READS = ("dim", "ndim", "ndimension")     # a tensor's rank: the same in the wide model and each member
 SHAPE_READS = ("shape", "size")
@@ -165,3 +164,33 @@ def capture(model: nn.Module, example_inputs) -> fx.GraphModule:
     gm.graph.eliminate_dead_code()     # the shape reads of decided branches have no users left
     gm.recompile()
     return gm
+
+
+def trace(model: nn.Module, example_inputs=None):
+    """Trace `model` with torch.fx, else with its shape branches decided on `example_inputs` (`capture`).
+
+    Returns (graph module, captured): `captured` says the graph is specialised to the example's shapes.
+    """
+    try:
+        return symbolic_trace(model), False
+    except Exception as err:  # noqa: BLE001 - any tracing failure is a model the user must adapt
+        why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    if example_inputs is None:
+        raise UserError(f"cannot trace {type(model).__name__} with torch.fx ({why}); if its forward branches on "
+                        f"the input's shape, pass example_inputs so the branch can be decided") from None
+    try:
+        return capture(model, example_inputs), True
+    except Exception as err:  # noqa: BLE001 - torch.export may still follow it
+        refused = err
+    try:
+        return export_graph(model, example_inputs), False
+    except Exception as err:  # noqa: BLE001
+        if isinstance(refused, UserError):
+            raise refused from None
+        raise UserError(f"cannot trace {type(model).__name__} with torch.fx ({why}), nor by running it on "
+                        f"example_inputs ({_line(refused)}), nor with torch.export ({_line(err)}); fusion needs a "
+                        "traceable forward") from None
+
+
+def _line(err) -> str:
+    return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"

@@ -1,5 +1,6 @@
 """Layers written as functions inside forward: `F.linear`, `F.conv*`, `F.batch_norm` on a module's own parameters.
 
+A depthwise `F.conv*` (one filter per channel) keeps its input's channels.
 Model libraries often write a layer as a module whose forward calls the
 functional form on its own `weight`, `bias` and running statistics (fused
 BatchNorm+activation modules, channels-first norms, custom linear layers). Such
@@ -45,16 +46,22 @@ def functional_layer(node, vals, params, fetch, sp, layers):
         record(layers, sp, owner, "bn", x.lay, x.lay)
         return x
     weight = fetch(f"{owner}.weight") if "weight" in attrs else refuse(name, "has no weight of its module")
-    fresh = None if owner in layers else sp.open(owner, weight.shape[0])
+    fresh = None if owner in layers or (kind == "conv" and arg(node, 6, "groups", 1) != 1) else \
+        sp.open(owner, weight.shape[0])
     if kind == "linear":
         if x.ndim is not None and x.ndim > 2 and x.cdim != x.ndim - 1:
             refuse(name, f"(linear) reads dimension {x.ndim - 1} of a tensor whose channels are dimension {x.cdim}")
         out = record(layers, sp, owner, "linear", fresh, x.lay)
         nd = x.ndim if x.ndim and x.ndim > 2 else 2
         return Val(out, nd, None, nd - 1 if nd > 2 else 1)
-    if arg(node, 6, "groups", 1) != 1:
-        refuse(name, "is a grouped convolution written with F.conv; only groups=1 is followed")
+    groups = arg(node, 6, "groups", 1)
     if x.cdim != 1 or any(d.factor != 1 for d in x.lay):
         refuse(name, "(conv) reads flattened or channels-last input")
+    if groups != 1 and groups == weight.shape[0] and weight.shape[1] == 1:     # depthwise: keeps the channels
+        record(layers, sp, owner, "dwconv", x.lay, x.lay)
+        sp.rewrites.append((name, "arg", 6))      # the group count, k times in a concatenated exported graph
+        return Val(x.lay, x.ndim or weight.dim(), None)
+    if groups != 1:
+        refuse(name, "is a grouped convolution written with F.conv; only groups=1 and depthwise are followed")
     out = record(layers, sp, owner, "conv", fresh, x.lay)
     return Val(out, x.ndim or weight.dim(), None)

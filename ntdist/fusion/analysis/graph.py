@@ -18,8 +18,8 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ntdist.errors import UserError
-from ntdist.fusion.analysis.attention import symbolic_trace
-from ntdist.fusion.analysis.capture import capture
+from ntdist.fusion.analysis.capture import trace
+from ntdist.fusion.analysis.export import export_graph, is_exported
 from ntdist.fusion.analysis.ops import fetch, propagate, tensor_args
 from ntdist.fusion.analysis.shapes import NeedShapes, one, refuse
 from ntdist.fusion.analysis.plan import IN, OUT, Dim, Layer, Param, Plan, TensorSpec, Val
@@ -33,28 +33,6 @@ def _batch_slice(x):
     if isinstance(x, (tuple, list)):
         return type(x)(_batch_slice(v) for v in x)
     return x
-
-
-def trace(model: nn.Module, example_inputs=None):
-    """Trace `model` with torch.fx, else with its shape branches decided on `example_inputs` (`capture`).
-
-    Returns (graph module, captured): `captured` says the graph is specialised to the example's shapes.
-    """
-    try:
-        return symbolic_trace(model), False
-    except Exception as err:  # noqa: BLE001 - any tracing failure is a model the user must adapt
-        why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-    if example_inputs is None:
-        raise UserError(f"cannot trace {type(model).__name__} with torch.fx ({why}); if its forward branches on "
-                        f"the input's shape, pass example_inputs so the branch can be decided") from None
-    try:
-        return capture(model, example_inputs), True
-    except UserError:
-        raise
-    except Exception as err:  # noqa: BLE001
-        raise UserError(f"cannot trace {type(model).__name__} with torch.fx ({why}), nor by running it on "
-                        f"example_inputs ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-                        "fusion needs a traceable forward") from None
 
 
 class _Propagation(ShapeProp):
@@ -119,31 +97,51 @@ def analyze(model: nn.Module, example_inputs=None) -> Plan:
     first = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
     in_ndim = first.dim() if isinstance(first, torch.Tensor) else None
     try:
-        plan = _refined_walk(model, gm, False, in_ndim)
+        plan = _shaped_walk(model, gm, example_inputs, in_ndim)
+    except UserError as refused:
+        if example_inputs is None or is_exported(gm):
+            raise
+        try:        # the fx graph refused: the exported one may pass; if not, the fx refusal is the message
+            gm = export_graph(model, example_inputs)
+            plan, captured = _refined_walk(model, gm, True, in_ndim), False
+        except Exception:  # noqa: BLE001
+            raise refused from None
+    plan.captured = captured
+    plan.graph = gm if is_exported(gm) else None
+    return plan
+
+
+def _shaped_walk(model, gm, example_inputs, in_ndim) -> Plan:
+    """The walk, measuring shapes and walking again when it needs a spatial size."""
+    try:
+        return _refined_walk(model, gm, is_exported(gm), in_ndim)
     except NeedShapes as need:
         given = example_inputs is not None
         inputs = example_inputs if given else _dummy_input(gm)
         if inputs is None or not _shape_prop(gm, model, inputs, given):
             raise UserError(str(need)) from None
-        plan = _refined_walk(model, gm, True, in_ndim)
-    plan.captured = captured
-    return plan
+        return _refined_walk(model, gm, True, in_ndim)
+
+
+MAX_WALKS = 16     # walks that coarsen, cut or atomize layers until their units settle
 
 
 def _refined_walk(model, gm, shaped: bool, in_ndim) -> Plan:
     """Walk until no permutation or split asks for more layers to route their channels one by one."""
-    atomize = frozenset()
-    while True:
-        sp = Spaces(atomize)
+    atomize, units, cuts = frozenset(), {}, {}
+    for _ in range(MAX_WALKS):
+        sp = Spaces(atomize, units, cuts)
         try:
             plan = _walk(model, gm, shaped, in_ndim, sp)
         except UserError:
-            if not sp.pending - atomize:
+            if not sp.asks():
                 raise
             plan = None
-        if not sp.pending - atomize:
+        if not sp.asks():
             return plan
-        atomize = atomize | sp.pending
+        atomize, units, cuts = atomize | sp.pending, {**units, **sp.asked_units}, {**cuts, **sp.asked_cuts}
+    raise UserError(f"cannot fuse {type(model).__name__}: its layers' units could not be settled in {MAX_WALKS} "
+                    "walks of the analysis (channels grouped in incompatible ways)")
 
 
 def _walk(model, gm, shaped: bool, in_ndim, sp) -> Plan:
@@ -166,7 +164,13 @@ def _walk(model, gm, shaped: bool, in_ndim, sp) -> Plan:
             out_val = outs[0]
             continue
         else:
-            val = propagate(node, gm, env, sp, layers, nonlinear, shape)
+            try:
+                val = propagate(node, gm, env, sp, layers, nonlinear, shape)
+            except (UserError, NeedShapes):
+                raise
+            except Exception as err:  # noqa: BLE001 - a rule that breaks on an unforeseen form: one line, naming it
+                refuse(node.target if node.op == "call_module" else node.name,
+                       f"could not be followed ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})")
         if isinstance(val, Val) and shape is not None:
             cdim = val.cdim % len(shape) if shape else 1
             hw = _prod(s for d, s in enumerate(shape) if d not in (0, cdim)) if len(shape) > 2 else None
@@ -208,14 +212,30 @@ def _finish(model, sp, layers, nonlinear) -> Plan:
             if lay is not None and len(lay) == 1 and lay[0].space not in probe:
                 probe[lay[0].space] = (key, d, lay[0].factor)
     atoms = frozenset(sp.find(a) for a in sp.atoms) & set(sizes)
-    if any(s not in probe and s not in atoms for s in sizes):
+    rest = _rest_probes(tensors, probe, set(sizes) - set(probe) - atoms)
+    if any(s not in probe and s not in atoms and s not in rest for s in sizes):
         refuse("output", "has channels that only ever appear concatenated with others; cannot size them")
     shuffles = [(a, b, tuple(sp.find(d.space) for d in x), tuple(sp.find(d.space) for d in y))
                 for a, b, x, y in sp.shuffles]
-    return Plan(sizes=sizes, order=order, layers=layers, tensors=tensors, first_space=first, probe=probe,
+    return Plan(sizes=sizes, order=order, layers=layers, tensors=tensors, first_space=first, probe=probe, rest=rest,
                 coupled=coupled.sets(sizes), inexact=inexact,
                 norms=sum(1 for layer in layers.values() if layer.kind in ("ln", "lnf")), atoms=atoms,
-                shuffles=shuffles, widths=sp.widths, norm_parts=sp.norm_parts)
+                shuffles=shuffles, widths=sp.widths, norm_parts=sp.norm_parts,
+                rewrites=[(n, what, sp.find(at) if what == "tied" else at) for n, what, at in sp.rewrites])
+
+
+def _rest_probes(tensors, probe, missing):
+    """Spaces seen only beside others in one dimension (a layer opened as parts): sized by what the others leave."""
+    rest = {}
+    for key, spec in tensors.items():
+        for d, lay in enumerate(spec.dims):
+            if lay is None or len(lay) < 2:
+                continue
+            for part in lay:
+                others = tuple((o.space, o.factor) for o in lay if o is not part)
+                if part.space in missing and part.space not in rest and all(o in probe for o, _ in others):
+                    rest[part.space] = (key, d, others, part.factor)
+    return rest
 
 
 def _inexact(sp, nonlinear, fout) -> str:
@@ -268,12 +288,20 @@ def _widen_layers(model, sp, layers, fin, fout):
 
 
 def _add_shared(model, tensors) -> None:
-    """Every parameter and buffer no layer widens: kept as member 0 has it."""
+    """Every parameter and buffer no layer widens: kept as member 0 has it; a tied name takes its tensor's spec."""
+    specs = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for attr, t in list(mod._parameters.items()) + list(mod._buffers.items()):
+            key = f"{mname}.{attr}" if mname else attr
+            if t is not None and key in tensors:
+                specs.setdefault(id(t), tensors[key])
     for mname, mod in model.named_modules(remove_duplicate=False):
         for attr, t in list(mod._parameters.items()) + list(mod._buffers.items()):
             key = f"{mname}.{attr}" if mname else attr
             if t is not None and key not in tensors:
-                tensors[key] = TensorSpec(mname, attr, (None,) * t.dim(), role="shared")
+                tied = specs.get(id(t))
+                tensors[key] = TensorSpec(mname, attr, (None,) * t.dim(), role="shared") if tied is None else \
+                    TensorSpec(mname, attr, tied.dims, tied.role, tied.part)
 
 
 class _Coupling:
@@ -318,6 +346,10 @@ def _layer_tensors(model, name, layer, role, tensors):
         specs = {"weight": ((out, inp) + rest, "weight"), "bias": ((out,), "bias")}
     elif layer.kind == "mha":
         specs = {"in_proj_weight": ((out, inp), "weight"), "in_proj_bias": ((out,), "bias")}
+    elif layer.kind == "embed":        # a table [tokens, width]: the width is its output
+        specs = {"weight": ((None, out), "weight")}
+    elif layer.kind == "tlinear":      # a linear layer storing its weight as [in, out] (GPT-2's Conv1D)
+        specs = {"weight": ((inp, out), "weight"), "bias": ((out,), "bias")}
     elif layer.kind in ("dwconv", "gconv"):
         specs = {"weight": ((out, None) + rest, "weight"), "bias": ((out,), "bias")}
     else:

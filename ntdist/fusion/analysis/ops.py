@@ -17,7 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.node import Node, map_arg
 
+from ntdist.fusion.analysis.aten_rules import MINE, exported_rule
 from ntdist.fusion.analysis.attention import RELATIVE_ATTENTION, class_name, index, multi_head_attention, relative_attention
+from ntdist.fusion.analysis.export import is_exported
 from ntdist.fusion.analysis.functional import LAYER_FUNCS, functional_layer, record
 from ntdist.fusion.analysis.plan import IN, Layer, Param, Tup, Val
 from ntdist.fusion.analysis.shapes import (adaptive_hw, arg, cat, channel_dim, flatten, is_input, mean, one, permute, refuse,
@@ -69,7 +71,7 @@ def tensor_args(node, env):
 
 def _module(name, mod, x, sp, layers, nonlinear):
     if isinstance(mod, nn.Linear):
-        if x.ndim is not None and x.ndim > 2 and x.cdim != x.ndim - 1:
+        if x.ndim is not None and x.ndim > 2 and x.cdim != x.ndim - 1 and not is_input(sp, x.lay):
             refuse(name, f"(Linear) reads dimension {x.ndim - 1} of a tensor whose channels are dimension {x.cdim}")
         out = record(layers, sp, name, "linear", None if name in layers else sp.open(name, mod.out_features), x.lay)
         nd = x.ndim if x.ndim and x.ndim > 2 else 2
@@ -261,6 +263,10 @@ def propagate(node: Node, gm, env, sp, layers, nonlinear, shape):
     if node.op == "call_function" and node.target is operator.getitem and isinstance(first, Tup):
         return first.items[node.args[1]] if isinstance(node.args[1], int) else refuse(
             node.name, "slices the parts of a channel split")
+    if node.op == "call_function" and is_exported(gm):
+        out = exported_rule(node, gm, env, sp, layers, nonlinear)
+        if out is not MINE:
+            return out
     if node.op == "call_module":
         vals = vals or constant_input(node, gm, env, lambda p: fetch(gm, p))
         if not vals:

@@ -70,6 +70,8 @@ class Plan:
     tensors: Dict[str, TensorSpec]
     first_space: Optional[int] = None      # the first hidden layer's space (what `width` refers to)
     probe: Dict[int, Tuple[str, int, int]] = field(default_factory=dict)  # space -> (tensor, dim, factor)
+    rest: Dict[int, Tuple] = field(default_factory=dict)
+    """space -> (tensor, dim, ((other space, factor), ...), factor): a space that only appears beside others."""
     coupled: List[Tuple[Tuple[int, ...], int, str]] = field(default_factory=list)
     """(spaces, groups, layer): spaces a grouped conv cuts into `groups` blocks per member, kept block by block."""
     inexact: str = ""      # why concatenation cannot be exact (a non-linearity after the output layer), or ""
@@ -84,11 +86,20 @@ class Plan:
     """LayerNorm (module, or node of an F.layer_norm call) -> parts of its concatenated input, where more than one."""
     captured: bool = False
     """Traced with shape branches decided on the example input (`capture`): symbolic_trace failed on it."""
+    graph: object = None
+    """The graph module of `torch.export` the plan was read from (`export.py`), or None for a torch.fx trace."""
+    rewrites: List[Tuple[str, str, int]] = field(default_factory=list)
+    """(node, what, where) in `graph`, what the concatenated graph changes: "shape" (a channel size at index
+    `where` of an explicit shape), "arg" (a count at argument `where`: groups), "split" (a split size along the
+    channels), "slice" (the ends of a slice of whole parts), "mean" (a statistic over each member's channels
+    along dimension `where`), "tied" (an output reading the embedding table of space `where`)."""
 
     def space_sizes(self, tensors: Dict[str, torch.Tensor]) -> Dict[int, int]:
         """Size of every hidden space in a model given its tensors (members may differ in width)."""
         sizes = {s: tensors[n].shape[d] // f for s, (n, d, f) in self.probe.items()}
         sizes.update((s, 1) for s in self.atoms)
+        for s, (n, d, others, f) in self.rest.items():
+            sizes[s] = (tensors[n].shape[d] - sum(sizes[o] * of for o, of in others)) // f
         return sizes
 
 
@@ -108,9 +119,13 @@ class Val(NamedTuple):
 
 
 class Param(NamedTuple):
-    """A parameter or buffer that forward reads directly (a get_attr node), by its state-dict name."""
+    """A parameter or buffer that forward reads directly (a get_attr node), by its state-dict name.
+
+    `shape` is that of a view of it (an exported graph's `unsqueeze` or `expand`), None for the tensor itself.
+    """
 
     name: str
+    shape: Optional[Tuple[int, ...]] = None
 
 
 class Tup(NamedTuple):

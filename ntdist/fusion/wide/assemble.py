@@ -41,12 +41,15 @@ def clone_with(template: nn.Module, new: Dict[str, torch.Tensor]) -> nn.Module:
             if b is not None:
                 memo[id(b)] = torch.empty(0, device=b.device)
     model = copy.deepcopy(template, memo)
+    installed = {}      # tied parameters (one tensor under two names) stay one parameter
     for mname, mod in model.named_modules(remove_duplicate=False):
         for attr in list(mod._parameters):
             if mod._parameters[attr] is not None:
                 old = mod._parameters[attr]
-                mod._parameters[attr] = nn.Parameter(new[f"{mname}.{attr}" if mname else attr],
-                                                     requires_grad=old.requires_grad)
+                if id(old) not in installed:
+                    installed[id(old)] = nn.Parameter(new[f"{mname}.{attr}" if mname else attr],
+                                                      requires_grad=old.requires_grad)
+                mod._parameters[attr] = installed[id(old)]
         for attr in list(mod._buffers):
             if mod._buffers[attr] is not None:
                 mod._buffers[attr] = new[f"{mname}.{attr}" if mname else attr]
@@ -190,6 +193,10 @@ def _set_attributes(model: nn.Module, members, plan: Plan, sel: Selection):
         if layer.kind == "linear":
             mod.out_features = mod.weight.shape[0]
             mod.in_features = mod.weight.shape[1]
+        elif layer.kind == "embed":
+            mod.embedding_dim = mod.weight.shape[1]
+        elif layer.kind == "tlinear" and hasattr(mod, "nf"):
+            mod.nf = mod.weight.shape[1]
         elif layer.kind == "conv":
             mod.out_channels = mod.weight.shape[0]
             mod.in_channels = mod.weight.shape[1] * getattr(mod, "groups", 1)
