@@ -221,7 +221,8 @@ def fuse_command(paths, output: str, fusion: FusionConfig, source: ModelSource =
               "keeps each of their units twice instead of the ensemble's: fuse members trained apart, or add "
               "--dedup to merge the copies", file=sys.stderr)
     start = time.perf_counter()
-    extra = dict(calibration=calibrate.to(dev)) if calibrate is not None and method == "nt" else {}
+    notes = []      # the layers NT's repair left as pruned, printed below
+    extra = dict(calibration=calibrate.to(dev), notes=notes) if calibrate is not None and method == "nt" else {}
     if method == "ot":
         extra = dict(ot_mode=fusion.ot_mode, ot_reg=fusion.ot_reg)
         examples = calibrate if fusion.ot_mode == "activations" else examples
@@ -243,6 +244,8 @@ def fuse_command(paths, output: str, fusion: FusionConfig, source: ModelSource =
     repaired += f", BatchNorm statistics re-estimated on {len(bn_inputs)} inputs" if renormed else ""
     print(f"fused {len(models)} models with {method} ({fusion.schedule}{repaired}) on {dev} in {seconds:.3f} s "
           f"-> {output}")
+    for note in notes:
+        print(f"ntdist fuse: note: {note}", file=sys.stderr)
     if bn_inputs is None and batch_norms(fused) and fusion.bn_reestimate != "off":
         print(STALE_BN, file=sys.stderr)
     elif method == "nt" and calibrate is None and options.repair == "auto" and options.repairs(True):

@@ -4,24 +4,29 @@ NT-recursive follows the same pairwise tree as the single-process
 `fuse(models, schedule="recursive")`: in each round the holders of a pair meet
 (the right holder sends its model as flat tensors to the left holder, who fuses
 with `fuse_pair`), an odd model out passes up unchanged, and the root's result is
-broadcast to every rank. Each rank sends at most one model per round. Weight
+broadcast to every rank. Without repair each rank sends at most one model per round. With repair,
+every rank of the pair's members gets both models (`spread`) and fuses the pair, and
+the repair's sums over each rank's own calibration inputs are added by one all-reduce
+per layer in that subgroup (`summed_over`), so the step fits on all their inputs. Weight
 averaging is one all-reduce (`reduce_average`); OT broadcasts its anchor (member
 0), each holder aligns its own members to it, and the same all-reduce averages
 (`ot_reduce`). Every other method gathers the members on rank 0, fuses there and
 broadcasts.
 """
 
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from ntdist.distributed.comm import broadcast_model, gather_models, meta_template, recv_model, send_model
+from ntdist.distributed.comm import (broadcast_model, destroy_groups, gather_models, meta_template, new_groups,
+                                     recv_model, send_model)
 from ntdist.distributed.devices import comm_device
 from ntdist.distributed.world import World, on_comm_device
 from ntdist.fusion import NTOptions, average, fuse, fuse_pair
 from ntdist.fusion.checks import check_models
 from ntdist.fusion.analysis.graph import analyze
+from ntdist.fusion.repair import Reduce, packed, unpacked
 from ntdist.fusion.ot import align_to
 from ntdist.fusion.schedule import recursive_plan
 
@@ -32,37 +37,89 @@ def fusion_device(world: World) -> torch.device:
     return world.device if world.size == 1 else comm_device(world)
 
 
+def step_ranks(holders: List[int], size: int, first: int, leaves: int) -> List[int]:
+    """The ranks of the members `first` .. `first + leaves - 1`: their holders and, where a group of ranks trained
+    a member (more ranks than members), that whole group. The ranks that repair a pairwise step together."""
+    last = first + leaves - 1
+    after = holders[last + 1] if last + 1 < len(holders) else size
+    return list(range(holders[first], max(after, holders[last] + 1)))
+
+
+def spread(owners: List[int], ranks: List[int]) -> List[List[Tuple[int, int]]]:
+    """Stages of (source, destination) sends that copy a model from `owners` to every rank of `ranks`: each owner
+    sends to one rank per stage, and a rank that received sends in the next (as a broadcast tree does)."""
+    have, waiting, stages = sorted(owners), [r for r in ranks if r not in owners], []
+    while waiting:
+        stage = list(zip(have, waiting))
+        waiting = waiting[len(stage):]
+        have = sorted(have + [dst for _, dst in stage])
+        stages.append(stage)
+    return stages
+
+
+def summed_over(world: World, group) -> Reduce:
+    """The repair's reduction across `group`: each layer's sums added over its ranks by one all-reduce (on the
+    comm device)."""
+    def reduce(normal):
+        flat = packed(normal)
+        on_comm_device(world, dist.all_reduce, flat, group=group)
+        return unpacked(flat, normal)
+    return reduce
+
+
 def tree_fuse(world: World, held: Dict[int, torch.nn.Module], holders: List[int],
               make_template: Callable[[], torch.nn.Module], options: NTOptions, example_inputs=None,
-              merged: Optional[dict] = None, sent: Optional[List[int]] = None, calibration=None) -> torch.nn.Module:
+              merged: Optional[dict] = None, sent: Optional[List[int]] = None, calibration=None,
+              notes: Optional[List[str]] = None) -> torch.nn.Module:
     """NT-recursive across ranks with `options`; returns the fused model on every rank.
 
     `held` maps member index -> model for the members this rank holds; `holders[i]`
-    is the rank holding member i. A subtree is named by its leftmost member and stays
-    with that member's holder. `merged` receives this rank's dedup merge counts (as in
-    `fuse_pair`); `sent`, when given, the number of models this rank sent in each round; each
-    pairwise step repairs against its own pair on `calibration` (every rank holds the same inputs).
+    is the rank holding member i. A subtree is named by its leftmost member. Without
+    repair a pair is fused by its left holder alone, to which the right holder sends its
+    model. With repair (`options.repairs(calibration)`) every rank of the pair's members
+    (`step_ranks`) gets both models and fuses the pair, and the repair's sums are added over
+    those ranks (`summed_over`): `calibration` is this rank's own share of the inputs, and
+    the step is repaired on the shares of all its ranks, as one process with all of them would.
+    `merged` receives this rank's dedup merge counts (as in `fuse_pair`); `sent`, when
+    given, the number of models this rank sent in each round; `notes` the layers the
+    repair left as pruned (each once).
     """
+    repairs = options.repairs(calibration)
     reference = meta_template(make_template)   # original width, the pruning's target: its shapes only, no memory
     plan = None                                # the same data-flow plan the single-process fuse uses
-    models = dict(held)
-    for steps in recursive_plan(len(holders)):
-        sends = 0
-        for left, right, leaves_left, leaves_right in steps:
-            src, dst = holders[right], holders[left]
-            if world.rank == src and src != dst:
-                send_model(world, models.pop(right), dst)
-                sends += 1
-            if world.rank == dst:
-                # a received model is allocated on the comm device, which is the fusion device
-                other = models.pop(right) if src == dst else recv_model(world, meta_template(make_template), src)
-                plan = plan or analyze(models[left], example_inputs)   # traced on a member: same architecture
-                models[left] = fuse_pair(models[left], other, leaves_left, leaves_right, options=options,
-                                         reference=reference, plan=plan, example_inputs=example_inputs,
-                                         merged=merged, calibration=calibration)
-        if sent is not None:
-            sent.append(sends)
-        world.wait_for("a round of the fusion tree")   # the next round's receivers wait for this round's fusions
+    models, owners = dict(held), {i: [h] for i, h in enumerate(holders)}
+    rounds = [[(left, right, leaves_left, leaves_right,
+                step_ranks(holders, world.size, left, leaves_left + leaves_right) if repairs else [holders[left]])
+               for left, right, leaves_left, leaves_right in steps] for steps in recursive_plan(len(holders))]
+    shared = list(dict.fromkeys(tuple(ranks) for steps in rounds for *_, ranks in steps if len(ranks) > 1))
+    groups = dict(zip(shared, new_groups(world, [list(ranks) for ranks in shared]).values()))
+    try:
+        for steps in rounds:
+            moves = [(src, dst, part) for left, right, _, _, ranks in steps for part in (left, right)
+                     for stage in spread(owners[part], ranks) for src, dst in stage]
+            sends = 0
+            for src, dst, part in moves:      # every rank walks the same list in order: no two wait on each other
+                if world.rank == src:
+                    send_model(world, models[part], dst)
+                    sends += 1
+                elif world.rank == dst:
+                    # a received model is allocated on the comm device, which is the fusion device
+                    models[part] = recv_model(world, meta_template(make_template), src)
+            for left, right, leaves_left, leaves_right, ranks in steps:
+                a, b = models.pop(left, None), models.pop(right, None)
+                owners[left] = ranks
+                if world.rank not in ranks:
+                    continue
+                plan = plan or analyze(a, example_inputs)   # traced on a member: same architecture
+                reduce = summed_over(world, groups[tuple(ranks)]) if len(ranks) > 1 else None
+                models[left] = fuse_pair(a, b, leaves_left, leaves_right, options=options, reference=reference,
+                                         plan=plan, example_inputs=example_inputs, merged=merged,
+                                         calibration=calibration, notes=notes, reduce=reduce)
+            if sent is not None:
+                sent.append(sends)
+            world.wait_for("a round of the fusion tree")   # the next round's receivers wait for this round's fusions
+    finally:
+        destroy_groups(groups)
     root = holders[0]
     result = models[0] if world.rank == root else meta_template(make_template)
     return broadcast_model(world, result, root)

@@ -51,7 +51,8 @@ class FusionConfig:
     dedup_samples: int = opt(256, "training inputs whose outputs fusion.dedup_criterion activations compares")
     repair: str = _nt("repair")
     repair_ridge: float = _nt("repair_ridge")
-    calibration_samples: int = opt(2000, "training inputs (drawn with the seed) that NT's repair fits on")
+    calibration_samples: int = opt(2000, "training inputs (drawn with the seed) that NT's repair fits on, per "
+                                         "rank: a step of the distributed tree fits on those of all its ranks")
     ot_mode: str = opt("weights", "OT: what a unit's cost compares: " + " | ".join(OT_MODES) + " (weights: incoming "
                                   "weight rows; activations: outputs on fusion.dedup_samples training inputs)")
     ot_reg: float = opt(0.0, "OT: 0 for exact transport (POT's emd); > 0 for entropic Sinkhorn transport with "

@@ -7,6 +7,7 @@ tree, and `fuse(..., schedule="recursive")` is literally that plan folded with
 weights. Output weights are leaf counts, so every member ends with equal weight.
 """
 
+import warnings
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -22,7 +23,7 @@ from ntdist.fusion.options import NTOptions
 from ntdist.fusion.wide.norms import group_layer_norms
 from ntdist.fusion.pruning.select import ratio_of, select, shares, targets, verify_finite
 from ntdist.fusion.pruning.torch_pruning import DEFAULT_PRUNER, tp_nt_step
-from ntdist.fusion.repair import repair
+from ntdist.fusion.repair import Reduce, repair, same
 from ntdist.fusion.schedule import DEFAULT_SCHEDULE, SCHEDULES, fold
 from ntdist.fusion.wide.widegraph import widen_graph
 
@@ -53,14 +54,15 @@ def concat(models: Sequence[nn.Module], weights: Optional[Sequence[float]] = Non
 
 def nt_step(models: Sequence[nn.Module], weights: Sequence[float], plan: Plan, ratio: float,
             reference: nn.Module, options: NTOptions, merged: Optional[dict] = None, example_inputs=None,
-            calibration=None) -> nn.Module:
+            calibration=None, notes: Optional[List[str]] = None, reduce: Reduce = same) -> nn.Module:
     """Concatenate `models` and prune back to `ratio` x the reference width, in `options.order`.
 
     With `options.dedup`, near-duplicate units are merged instead of taking slots and `merged`
     receives the counts; the activation criterion compares the units' outputs on `example_inputs`.
     `options.pruner` "torch_pruning" builds the wide model and prunes it with Torch-Pruning.
     With `options.repair` (and `calibration` inputs), the kept units' incoming weights are refitted
-    to the concatenated model (`fusion.repair`).
+    to the concatenated model (`fusion.repair`; its sums go through `reduce`, and the layers it
+    leaves as pruned are named in `notes`).
     """
     w = normalized(weights)
     ref_sizes = plan.space_sizes(tensors_of(reference))
@@ -73,8 +75,8 @@ def nt_step(models: Sequence[nn.Module], weights: Sequence[float], plan: Plan, r
         keep = select(models, plan, options.importance, want, w)
         verify_finite(models, plan, options.importance, keep)
         fused = assemble(models, plan, w, keep)
-        return repair(models, plan, w, keep, fused, calibration, ridge=options.repair_ridge) \
-            if options.repairs(calibration) else fused
+        return repair(models, plan, w, keep, fused, calibration, ridge=options.repair_ridge, notes=notes,
+                      reduce=reduce) if options.repairs(calibration) else fused
     if plan.atoms:
         raise UserError("order='prune_merge' cannot fuse this model: it routes channels by position (a channel "
                         "shuffle or a split inside a layer's output), so each member must keep its width; "
@@ -88,8 +90,8 @@ def nt_step(models: Sequence[nn.Module], weights: Sequence[float], plan: Plan, r
         keeps.append(select([model], plan, options.importance, mine, [1.0]))
         pruned.append(assemble([model], plan, [1.0], keeps[-1]))
     fused = assemble(pruned, plan, w, None)
-    return repair(models, plan, w, _joined(keeps, sizes, plan), fused, calibration, ridge=options.repair_ridge) \
-        if options.repairs(calibration) else fused
+    return repair(models, plan, w, _joined(keeps, sizes, plan), fused, calibration, ridge=options.repair_ridge,
+                  notes=notes, reduce=reduce) if options.repairs(calibration) else fused
 
 
 def _joined(keeps: List[Dict[int, Optional[torch.Tensor]]], sizes: List[Dict[int, int]],
@@ -106,10 +108,20 @@ def _joined(keeps: List[Dict[int, Optional[torch.Tensor]]], sizes: List[Dict[int
     return joined
 
 
+def report_notes(found: Sequence[str], notes: Optional[List[str]]) -> None:
+    """Each distinct note of a fusion once: appended to `notes` when the caller collects them (the CLI prints
+    them), else a `UserWarning`."""
+    for note in dict.fromkeys(found):
+        if notes is None:
+            warnings.warn(note, UserWarning, stacklevel=3)
+        elif note not in notes:
+            notes.append(note)
+
+
 def fuse_pair(a: nn.Module, b: nn.Module, weight_a: float = 1.0, weight_b: float = 1.0, *,
               options: Optional[NTOptions] = None, example_inputs=None, reference: Optional[nn.Module] = None,
               plan: Optional[Plan] = None, merged: Optional[dict] = None, calibration=None,
-              **nt_options) -> nn.Module:
+              notes: Optional[List[str]] = None, reduce: Optional[Reduce] = None, **nt_options) -> nn.Module:
     """Fuse two models with NT; `weight_a`/`weight_b` are the leaf counts (or weights) each stands for.
 
     The NT options come as `options=NTOptions(...)` or as its fields by keyword
@@ -117,7 +129,10 @@ def fuse_pair(a: nn.Module, b: nn.Module, weight_a: float = 1.0, weight_b: float
     has `width` (or `keep_ratio` x) the width of `reference` (default `a`, which must
     then have the original width), capped at what the pair has; `merged` is that of
     `fuse`; the activation criterion runs the pair on `example_inputs`; repair refits the
-    pair's fusion to their concatenation on `calibration` inputs.
+    pair's fusion to their concatenation on `calibration` inputs, its layer sums passed
+    through `reduce` (the distributed tree sums them over the ranks that fuse the pair).
+    Layers the repair leaves as pruned are appended to `notes` (each once), or warned about
+    when `notes` is None.
     """
     options = NTOptions.build(options, nt_options, "fuse_pair")
     options.repairs(calibration)        # repair lstsq without calibration inputs: refused before any work
@@ -126,12 +141,17 @@ def fuse_pair(a: nn.Module, b: nn.Module, weight_a: float = 1.0, weight_b: float
     plan = plan if plan is not None else analyze(a, example_inputs)
     reference = reference if reference is not None else a
     ratio = ratio_of(plan, plan.space_sizes(tensors_of(reference)), float("inf"), options.width, options.keep_ratio)
-    return nt_step([a, b], [wa, wb], plan, ratio, reference, options, merged, example_inputs, calibration)
+    found: List[str] = []
+    fused = nt_step([a, b], [wa, wb], plan, ratio, reference, options, merged, example_inputs, calibration, found,
+                    reduce or same)
+    report_notes(found, notes)
+    return fused
 
 
 def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = DEFAULT_SCHEDULE, *,
          options: Optional[NTOptions] = None, example_inputs=None, weights: Optional[Sequence[float]] = None,
          merged: Optional[dict] = None, calibration=None, ot_mode: str = "weights", ot_reg: float = 0.0,
+         notes: Optional[List[str]] = None,
          **nt_options) -> nn.Module:
     """Fuse k models of one architecture into one (of the original width unless `width`/`keep_ratio`).
 
@@ -151,6 +171,8 @@ def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = DEFAUL
     model (`repair`: "auto" does so whenever it is given; every pairwise step refits to its own pair).
     `ot_mode` ("weights" or "activations", which compares units' outputs on `example_inputs`) and `ot_reg`
     (0: exact transport; > 0: Sinkhorn) are OT's, refused with another method.
+    The layers the repair cannot refit (attention, a module called twice, ...) are named once
+    per fusion: appended to `notes` when given, else as a `UserWarning` each.
     """
     from ntdist.fusion.baselines import average
     from ntdist.fusion.ot import check_ot, ot_fuse
@@ -181,8 +203,12 @@ def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = DEFAUL
     plan = analyze(models[0], example_inputs)
     check_widths(models, plan)
     ratio = ratio_of(plan, plan.space_sizes(tensors_of(models[0])), len(models), options.width, options.keep_ratio)
+    found: List[str] = []
     if schedule == "flat":
-        return nt_step(models, w, plan, ratio, models[0], options, merged, example_inputs, calibration)
-    return fold(models, w, schedule, lambda a, b, wa, wb: fuse_pair(
-        a, b, wa, wb, options=options, example_inputs=example_inputs, reference=models[0], plan=plan,
-        merged=merged, calibration=calibration))
+        fused = nt_step(models, w, plan, ratio, models[0], options, merged, example_inputs, calibration, found)
+    else:
+        fused = fold(models, w, schedule, lambda a, b, wa, wb: fuse_pair(
+            a, b, wa, wb, options=options, example_inputs=example_inputs, reference=models[0], plan=plan,
+            merged=merged, calibration=calibration, notes=found))
+    report_notes(found, notes)
+    return fused

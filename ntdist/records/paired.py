@@ -6,7 +6,8 @@ numbers come from `records.stats.paired_block` (stored under "paired" in every
 group's statistics, and so in sweep.json); this module only lays them out. The
 checkpoints are right after fusion, after the fine-tuning epochs of
 `records.stats.checkpoint_epochs` (the paper's 3 and the last) and the epoch chosen
-by validation accuracy.
+by validation accuracy. `kept_gain_table` lays out the share of the ensemble's gain
+over the best member that each method keeps (results.json's `kept_gain`).
 """
 
 import random
@@ -16,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ntdist.records.stats import checkpoint_epochs, comparisons, finetune_epochs  # noqa: E402
+from ntdist.records.stats import checkpoint_epochs, comparisons, finetune_epochs, ordered_methods  # noqa: E402
 
 NAMES = {"nt": "NT", "ot": "OT", "avg": "Avg", "control": "control"}
 PAIRED_NOTE = ("Paired differences: for each seed, a method's test accuracy minus the control's (best member + "
@@ -24,6 +25,13 @@ PAIRED_NOTE = ("Paired differences: for each seed, a method's test accuracy minu
                "over seeds, the two-sided paired t-test p-value, and on how many seeds the first is ahead (ties "
                "not counted). Right after fusion the control is the best member itself. \"p = —\" where a t-test "
                "says nothing: one seed, or the same difference on every seed (no spread).")
+
+
+KEPT_GAIN_NOTE = ("Kept gain: (fused − best member) / (ensemble − best member), test accuracy, per seed; 1 keeps the "
+                  "ensemble's whole gain over its best member, 0 none of it, below 0 falls behind the best member. "
+                  "Mean ± sample std over seeds; a seed whose ensemble is not ahead of its best member has no kept "
+                  "gain, and a cell counts its seeds in brackets when some are missing.")
+STAGE_TITLES = {"post_fusion": "after fusion", "finetune": "after fine-tuning (last epoch)"}
 
 
 def epoch_title(epoch: int) -> str:
@@ -102,6 +110,28 @@ def plot_paired(stats: dict, label: str):
     fig.suptitle(f"Paired differences: {label} (each panel has its own y-axis)", fontsize="medium")
     fig.tight_layout()
     return fig
+
+
+def kept_gain_table(stats: dict) -> Optional[str]:
+    """Markdown table of each method's kept gain per stage (mean ± std over seeds); None when no run has one."""
+    methods = [m for m in ordered_methods(list(stats["methods"])) if stats["methods"][m].get("kept_gain")]
+    if not methods:
+        return None
+    stages = list(dict.fromkeys(stage for m in methods for stage in stats["methods"][m]["kept_gain"]))
+    runs = stats["runs"]
+
+    def cell(stat: Optional[dict]) -> str:
+        if not stat:
+            return "—"
+        count = f" ({stat['n']} of {runs} seeds)" if stat["n"] != runs else ""
+        return f"{stat['mean']:+.2f} ± {stat['std']:.2f}{count}"
+
+    lines = ["| kept gain | " + " | ".join(STAGE_TITLES.get(s, s) for s in stages) + " |",
+             "|---" * (len(stages) + 1) + "|"]
+    for m in methods:
+        gains = stats["methods"][m]["kept_gain"]
+        lines.append(f"| {NAMES.get(m, m)} | " + " | ".join(cell(gains.get(s)) for s in stages) + " |")
+    return "\n".join(lines)
 
 
 def paired_section(stats: dict, label: str, save: Callable) -> List[str]:

@@ -28,7 +28,7 @@ from ntdist.options import format_value  # noqa: E402
 from ntdist.errors import UserError  # noqa: E402
 from ntdist.records.files import atomic_write_text, replacing  # noqa: E402
 from ntdist.records.manifest import add_to_manifest  # noqa: E402
-from ntdist.records.paired import epoch_title, paired_section  # noqa: E402
+from ntdist.records.paired import KEPT_GAIN_NOTE, epoch_title, kept_gain_table, paired_section  # noqa: E402
 from ntdist.records.results import RESULTS_FILE, RunResults, from_dict  # noqa: E402
 from ntdist.records.rundir import CONFIG_FILE  # noqa: E402
 from ntdist.records.stats import aggregate, checkpoint_epochs, finetune_epochs, mean_std, merged_summary  # noqa: E402
@@ -367,6 +367,8 @@ def write_report(run_dirs: List[str], out_dir: str) -> str:
     text += groups_section(groups)
     for i, group in enumerate(groups, 1):
         text += [f"## {group.label} ({_seeds_text(len(group.seeds))})", "", table(group), ""]
+        kept = kept_gain_table(group.stats)
+        text += [kept, "", KEPT_GAIN_NOTE, ""] if kept else []
         for extra in (diversity_text(group), merged_summary(group.results)):
             text += [extra, ""] if extra else []
         name = _save(plot_curves(group), out_dir, f"curves_{i}.png")

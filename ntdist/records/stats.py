@@ -72,7 +72,16 @@ def _curve_block(entries: list, post_fusion: bool) -> dict:
     if post_fusion:
         out["post_fusion"] = _stat([e.post_fusion for e in entries])
         out["sparsity"] = _stat([e.sparsity for e in entries])
+        out["kept_gain"] = kept_gain_stats(entries)
     return out
+
+
+def kept_gain_stats(entries: list) -> Dict[str, dict]:
+    """Mean ± std over seeds of each stage's kept gain (results.json's `kept_gain`, stages in the order recorded);
+    a seed whose ensemble gained nothing has none and is not counted (`n` says how many are)."""
+    gains = [e.kept_gain for e in entries if e.kept_gain]
+    stages = list(dict.fromkeys(stage for g in gains for stage in g))
+    return {stage: _stat([g.get(stage) for g in gains]) for stage in stages}
 
 
 def checkpoint_epochs(epochs: int) -> List[int]:

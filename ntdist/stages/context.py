@@ -53,12 +53,17 @@ class Run:
         """The digest of the config keys that decide the results: the run a state file records as its owner."""
         return config_digest(to_yaml(self.cfg))
 
-    def calibration_inputs(self) -> torch.Tensor:
-        """`fusion.calibration_samples` training inputs drawn with the run's seed: what NT's repair fits on."""
+    def calibration_inputs(self, share: int = 0, shares: int = 1) -> torch.Tensor:
+        """`fusion.calibration_samples` training inputs drawn with the run's seed: what NT's repair fits on.
+
+        Each rank of the fusion tree draws its own (`share` of `shares`): the next block of the same seeded
+        order, so the ranks' inputs differ while the training set lasts (each block is at most a 1/shares part
+        of it), and share 0 is what one process draws."""
         train = self.splits.train
-        count = min(self.cfg.fusion.calibration_samples, len(train))
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.cfg.train.seed))[:count]
-        return torch.stack([train[i][0] for i in sorted(order.tolist())])
+        count = min(self.cfg.fusion.calibration_samples, max(1, len(train) // shares))
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.cfg.train.seed))
+        mine = order.roll(-share * count)[:count]
+        return torch.stack([train[i][0] for i in sorted(mine.tolist())])
 
     def example_inputs(self) -> torch.Tensor:
         """The first training inputs: two to trace shapes, more for NT dedup's activation criterion."""

@@ -2,12 +2,13 @@
 
 `repair(models, plan, weights, keep, pruned, calibration)` is the whole step
 (`refit`); the normal equations it accumulates per layer and solves are in
-`lstsq` (kept apart so that a distributed caller can sum them across ranks), a
+`lstsq` (kept apart so that a distributed caller can sum them across ranks:
+`repair(..., reduce=...)` with `packed`/`unpacked`), a
 layer's regression rows and the write-back in `rows`, and reading inputs,
 outputs and targets from the models in `capture`.
 """
 
-from ntdist.fusion.repair.lstsq import Normal, accumulate, solve
-from ntdist.fusion.repair.refit import POSITIONS, RIDGE, repair
+from ntdist.fusion.repair.lstsq import Normal, accumulate, packed, same, solve, unpacked
+from ntdist.fusion.repair.refit import POSITIONS, RIDGE, Reduce, repair
 
-__all__ = ["repair", "accumulate", "solve", "Normal", "RIDGE", "POSITIONS"]
+__all__ = ["repair", "accumulate", "solve", "Normal", "Reduce", "packed", "unpacked", "same", "RIDGE", "POSITIONS"]

@@ -2,7 +2,7 @@
 
 `reach(model, name, x, "input"|"output")` runs `model` on `x` only as far as module
 `name` and returns what that module received or produced (a forward hook stops the
-forward there). `trace` runs the pruned model once and lists its analysed layers in
+forward there); `reach_all` reads the outputs of several modules in one forward. `trace` runs the pruned model once and lists its analysed layers in
 the order forward calls them, which ones it calls more than once and which
 BatchNorm reads a layer's output directly.
 
@@ -47,9 +47,33 @@ def reach(model: nn.Module, name: str, x: torch.Tensor, what: str) -> Optional[t
     return box[0] if box else None
 
 
-def trace(model: nn.Module, plan: Plan, x: torch.Tensor) -> Tuple[List[str], Set[str], Dict[str, str]]:
+def reach_all(model: nn.Module, names: Sequence[str], x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The outputs of the modules `names` (of their first call) when `model` runs on `x`, in one forward that
+    stops once the last of them has run."""
+    box: Dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def save(module, args, output):
+            box.setdefault(name, output)
+            if len(box) == len(names):
+                raise _Reached
+        return save
+
+    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in names]
+    try:
+        model(x)
+    except _Reached:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return box
+
+
+def trace(model: nn.Module, plan: Plan, x: torch.Tensor
+          ) -> Tuple[List[str], Set[str], Dict[str, str], Dict[str, int]]:
     """(layers of `plan` in the order forward first calls them, those it calls more than once,
-    layer -> the BatchNorm whose input is exactly that layer's output)."""
+    layer -> the BatchNorm whose input is exactly that layer's output, layer -> bytes of its output per input)."""
     calls: Dict[str, int] = {}
     outputs: Dict[str, torch.Tensor] = {}      # held until the end, so ids stay unique
     order: List[str] = []
@@ -83,7 +107,9 @@ def trace(model: nn.Module, plan: Plan, x: torch.Tensor) -> Tuple[List[str], Set
     finally:
         for h in handles:
             h.remove()
-    return order, {n for n, c in calls.items() if c > 1}, feeds
+    sizes = {n: out.numel() * out.element_size() // max(1, x.shape[0]) for n, out in outputs.items()
+             if isinstance(out, torch.Tensor)}
+    return order, {n for n, c in calls.items() if c > 1}, feeds, sizes
 
 
 def calibration_batches(calibration, batch_size: int = CALIBRATION_BATCH) -> List[torch.Tensor]:

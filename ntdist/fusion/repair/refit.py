@@ -15,27 +15,35 @@ function of the pruned model's inputs to it (for instance when every dropped uni
 positive multiple of a kept one, or a linear combination of kept ones before the
 activation); otherwise it is the best such function on the calibration inputs.
 
-Cost: layer l is fitted from forwards that stop at l, one of the pruned model and one
-of each member per calibration batch, so a model of L layers costs about L/2 full
-forwards of k + 1 models per batch; memory is one batch's activations plus the normal
-equations of one layer (`lstsq`).
+Cost: layer l's inputs come from a forward of the pruned model that stops at l, per
+calibration batch, so a model of L layers costs about L/2 full forwards of the pruned
+model per batch. The members never change, so their outputs (the targets) are read for
+several layers at once: one forward of each member per batch reads the targets of a
+run of consecutive layers (`waves`) whose targets on the whole calibration set fit in
+`TARGET_BYTES`; a layer whose targets alone exceed it reads them per batch in forwards
+that stop at it. Memory: one batch's activations, the stored targets (at most
+`TARGET_BYTES`), and the normal equations of one layer and one chunk of its rows
+(`lstsq`, `rows`).
 """
 
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from ntdist.fusion.analysis.plan import Plan
 from ntdist.fusion.repair.capture import (CALIBRATION_BATCH, averaged_output, calibration_batches, kept_index,
-                                          reach, trace, wide_output)
-from ntdist.fusion.repair.lstsq import accumulate, solve
-from ntdist.fusion.repair.rows import foldable, install, rows_of, why_not
+                                          reach, reach_all, trace, wide_output)
+from ntdist.fusion.repair.lstsq import Normal, accumulate, same, solve
+from ntdist.fusion.repair.rows import foldable, install, row_chunks, why_not
 from ntdist.fusion.wide.assemble import tensors_of
 
 RIDGE = 1e-3          # relative to the mean diagonal of each layer's Gram matrix
 POSITIONS = 64        # output positions per input and convolution (or channels-last Linear) in the fit
 SILENT = ("bn", "ln", "lnf", "param")   # carried: each kept unit's own parameters, already exact
+TARGET_BYTES = 256 * 2 ** 20             # targets of the next layers read in one pass of the members, at most
+Reduce = Callable[[Normal], Normal]      # a layer's sums -> the sums over every process that takes part
 
 
 def _is_output(plan: Plan, name: str) -> bool:
@@ -55,36 +63,86 @@ def _layer_note(plan: Plan, name: str, module: nn.Module, twice: set) -> Optiona
     return reason or None
 
 
-@torch.no_grad()
-def _refit(models, plan, weights, keep, sizes, pruned, name, batches, feeds, ridge, positions):
-    layer, module = plan.layers[name], pruned.get_submodule(name)
-    output_layer = layer.out is None
-    dim = -1 if isinstance(module, nn.Linear) else 1
-    index = None if output_layer else kept_index(layer.out, keep, sizes, module.weight.device)
-    bn = pruned.get_submodule(feeds[name]) if name in feeds else None
-    bias = module.bias is not None or foldable(bn)
-    generator = torch.Generator().manual_seed(0)
-    normal = None
-    for x in batches:
-        inputs = reach(pruned, name, x, "input")
-        outputs = [reach(m, name, x, "output") for m in models]
-        if output_layer:
-            target = averaged_output(outputs, weights)
-        else:
-            target = wide_output(outputs, layer.out, sizes, dim)
-            target = target if index is None else target.index_select(dim % target.dim(), index)
+@dataclass
+class _Fit:
+    """What every layer's refit reads: the members, their analysis, the kept units, the pruned model and the
+    calibration batches, and how a layer's sums are fitted."""
+
+    models: Sequence[nn.Module]
+    plan: Plan
+    weights: List[float]
+    keep: Dict[int, Optional[torch.Tensor]]
+    sizes: List[Dict[int, int]]
+    pruned: nn.Module
+    batches: List[torch.Tensor]
+    feeds: Dict[str, str]
+    ridge: float
+    positions: int
+    reduce: Reduce
+
+    def target(self, name: str, outputs: List[torch.Tensor]) -> torch.Tensor:
+        """What layer `name` of the pruned model should output, from the members' outputs of it."""
+        layer, module = self.plan.layers[name], self.pruned.get_submodule(name)
+        if layer.out is None:
+            return averaged_output(outputs, self.weights)
+        dim = -1 if isinstance(module, nn.Linear) else 1
+        target = wide_output(outputs, layer.out, self.sizes, dim)
+        index = kept_index(layer.out, self.keep, self.sizes, module.weight.device)
+        target = target if index is None else target.index_select(dim % target.dim(), index)
         if target.shape[dim] != module.weight.shape[0]:
             raise ValueError(f"repair: '{name}' has {module.weight.shape[0]} outputs but `keep` selects "
                              f"{target.shape[dim]}; `pruned` must be assemble(models, plan, weights, keep)")
-        rows, targets = rows_of(module, inputs, target, positions, generator)
-        normal = accumulate(normal, rows, targets, bias)
-    install(module, solve(normal, ridge), bn)
+        return target
+
+    @torch.no_grad()
+    def targets(self, names: List[str]) -> Dict[str, List[torch.Tensor]]:
+        """The targets of the layers `names` on every batch, from one forward of each member per batch."""
+        out: Dict[str, List[torch.Tensor]] = {name: [] for name in names}
+        for x in self.batches:
+            outputs = [reach_all(m, names, x) for m in self.models]
+            for name in names:
+                out[name].append(self.target(name, [o[name] for o in outputs]))
+        return out
+
+    @torch.no_grad()
+    def refit(self, name: str, targets: Optional[List[torch.Tensor]]) -> None:
+        """Refit layer `name` to `targets` (one per batch; None: read from the members here)."""
+        module = self.pruned.get_submodule(name)
+        bn = self.pruned.get_submodule(self.feeds[name]) if name in self.feeds else None
+        bias = module.bias is not None or foldable(bn)
+        generator = torch.Generator().manual_seed(0)
+        normal = None
+        for i, x in enumerate(self.batches):
+            inputs = reach(self.pruned, name, x, "input")
+            target = targets[i] if targets is not None else \
+                self.target(name, [reach(m, name, x, "output") for m in self.models])
+            for rows, goal in row_chunks(module, inputs, target, self.positions, generator):
+                normal = accumulate(normal, rows, goal, bias)
+        install(module, solve(self.reduce(normal), self.ridge), bn)
+
+
+def waves(names: List[str], bytes_per_input: Dict[str, int], inputs: int, budget: Optional[int] = None
+          ) -> List[List[str]]:
+    """`names` cut into runs of consecutive layers whose targets on `inputs` inputs fit in `budget` bytes
+    (default `TARGET_BYTES`) together; a layer that alone exceeds it is a run of its own, fitted without
+    stored targets."""
+    budget = TARGET_BYTES if budget is None else budget
+    out: List[List[str]] = []
+    held = budget + 1
+    for name in names:
+        need = bytes_per_input.get(name, budget + 1) * inputs
+        if held + need > budget or need > budget:
+            out.append([])
+            held = 0
+        out[-1].append(name)
+        held += need
+    return out
 
 
 def repair(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float],
            keep: Dict[int, Optional[torch.Tensor]], pruned: nn.Module, calibration, *, ridge: float = RIDGE,
            positions: int = POSITIONS, batch_size: int = CALIBRATION_BATCH,
-           notes: Optional[List[str]] = None) -> nn.Module:
+           notes: Optional[List[str]] = None, reduce: Reduce = same) -> nn.Module:
     """Refit `pruned` (NT's result, `assemble(models, plan, weights, keep)`) to the concatenation of `models`.
 
     `models` are the members in the order `keep` indexes them (member 0's units first);
@@ -95,6 +153,11 @@ def repair(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float],
     (tensors, or tuples whose first item is the inputs), on the models' device.
     `ridge` is relative to each layer's mean input energy (`lstsq.ridge_of`);
     `positions` bounds the output positions per input a convolution contributes.
+    `reduce` turns each layer's sums over this process's calibration inputs into the sums
+    over every process that repairs the same model (default: the sums as they are); a
+    distributed caller all-reduces them (`lstsq.packed`), so that W processes with a share
+    of the inputs each solve what one process with all of them would. Every process must
+    call it for the same layers in the same order, which the same models and plan ensure.
 
     `pruned` is changed in place and returned: same class, same shapes; only weights,
     biases and (for layers without a bias) the running means of the BatchNorms they
@@ -112,16 +175,22 @@ def repair(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float],
         m.eval()
     try:
         with torch.no_grad():
-            order, twice, feeds = trace(pruned, plan, batches[0][:2])
+            order, twice, feeds, output_bytes = trace(pruned, plan, batches[0][:2])
         for name in plan.layers:
             if name not in order and plan.layers[name].kind not in SILENT:
                 _note(notes, name, "forward never calls it as a module (its weights are read directly)")
+        todo = []
         for name in order:
             reason = _layer_note(plan, name, pruned.get_submodule(name), twice)
             if reason is None:
-                _refit(models, plan, weights, keep, sizes, pruned, name, batches, feeds, ridge, positions)
+                todo.append(name)
             elif reason:
                 _note(notes, name, reason)
+        fit = _Fit(models, plan, weights, keep, sizes, pruned, batches, feeds, ridge, positions, reduce)
+        for wave in waves(todo, output_bytes, sum(len(b) for b in batches)):
+            stored = fit.targets(wave) if len(wave) > 1 else {}
+            for name in wave:
+                fit.refit(name, stored.pop(name, None))
     finally:
         for m, mode in modes:
             m.train(mode)

@@ -1,12 +1,17 @@
-"""One layer as a regression: its input and target outputs as rows, and the solution written back.
+"""One layer as a regression: its input and target outputs as rows, in bounded chunks, and the solution written back.
 
 A Linear layer's rows are its input vectors (every leading position of a
 channels-last input is a row); a convolution's rows are its input patches (the
-unfolded receptive field of each output position, padding applied as the layer
-applies it), split by group. Positions are subsampled per input (`positions` of
-them, drawn without replacement from a seeded generator) and inputs unfolded a few
-at a time, so a batch never holds more than about `UNFOLD_ELEMENTS` patch entries
-beyond the rows it keeps.
+receptive field of each output position, padding applied as the layer applies it),
+split by group. Positions are subsampled per input (`positions` of them, drawn
+without replacement from a seeded generator).
+
+Rows never exist all at once: `row_chunks` yields them in chunks of at most
+`chunk_rows(d)` rows, each gathered straight from the layer's input (a convolution's
+patches are indexed out of the unpadded input, the padding mode mapped onto the
+indices), so the rows of a chunk hold about as many entries as the d x d Gram
+matrix they are summed into (`CHUNK_FLOOR` for small layers), whatever the number
+of positions and inputs.
 
 `install` writes coefficients back into the layer's own weight and bias, so the
 model keeps its class and every shape. A layer without a bias that feeds a
@@ -14,16 +19,17 @@ BatchNorm directly gets its intercept folded into that BatchNorm's running mean
 (BN(y + c) with mean mu equals BN(y) with mean mu - c), which is exact.
 """
 
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-UNFOLD_ELEMENTS = 1 << 24   # patch entries unfolded at once per convolution (64 MiB of float32)
+CHUNK_FLOOR = 1 << 20        # entries of a chunk of rows for layers whose d^2 is smaller (8 MiB of float64)
 REFIT = {"linear": nn.Linear, "conv": (nn.Conv1d, nn.Conv2d), "dwconv": (nn.Conv1d, nn.Conv2d),
          "gconv": (nn.Conv1d, nn.Conv2d)}   # the analysis' layer kinds that are refitted, and their modules
+
+Rows = Tuple[torch.Tensor, torch.Tensor]     # rows [G, m, d] and targets [G, m, o]
 
 
 def why_not(module: nn.Module, kind: str) -> str:
@@ -37,40 +43,58 @@ def why_not(module: nn.Module, kind: str) -> str:
     return ""
 
 
-def _pick(n: int, length: int, positions: int, generator: torch.Generator, device) -> Optional[torch.Tensor]:
-    """[n, p] positions drawn per input without replacement, or None to keep all `length` of them."""
+def chunk_rows(d: int) -> int:
+    """Rows per chunk for a regression on `d` inputs: d of them (as many entries as the Gram matrix), more for
+    small layers, up to `CHUNK_FLOOR` entries."""
+    return max(d, CHUNK_FLOOR // max(1, d))
+
+
+def _picked(n: int, length: int, positions: int, generator: torch.Generator, device) -> torch.Tensor:
+    """[n, p] output positions per input: `positions` drawn without replacement, or all `length` of them."""
     if positions <= 0 or length <= positions:
-        return None
+        return torch.arange(length, device=device).expand(n, length)
     return torch.rand(n, length, generator=generator).argsort(1)[:, :positions].to(device)
 
 
-def linear_rows(x: torch.Tensor, y: torch.Tensor, positions: int, generator: torch.Generator
-                ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Rows [1, n, in] and targets [1, n, out] of a Linear layer (channels last, any leading dimensions)."""
+def _chunks(take: torch.Tensor, rows: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """(input index, position) of every row, input by input, `rows` at a time."""
+    n, p = take.shape
+    flat = take.reshape(-1)
+    for lo in range(0, n * p, rows):
+        index = torch.arange(lo, min(lo + rows, n * p), device=take.device)
+        yield index // p, flat[lo:lo + rows]
+
+
+def linear_rows(x: torch.Tensor, y: torch.Tensor, positions: int, generator: torch.Generator) -> Iterator[Rows]:
+    """Chunks of rows [1, m, in] and targets [1, m, out] of a Linear layer (channels last, any leading dims)."""
     n = x.shape[0]
     x, y = x.reshape(n, -1, x.shape[-1]), y.reshape(n, -1, y.shape[-1])
-    take = _pick(n, x.shape[1], positions, generator, x.device)
-    if take is not None:
-        x = x.gather(1, take[:, :, None].expand(-1, -1, x.shape[2]))
-        y = y.gather(1, take[:, :, None].expand(-1, -1, y.shape[2]))
-    return x.reshape(1, -1, x.shape[-1]), y.reshape(1, -1, y.shape[-1])
+    take = _picked(n, x.shape[1], positions, generator, x.device)
+    for inputs, at in _chunks(take, chunk_rows(x.shape[-1] + 1)):
+        yield x[inputs, at][None], y[inputs, at][None]
 
 
-def _padded(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`x` padded as `conv` pads it (string paddings and every padding mode), as a 2-D image."""
+def _source(index: torch.Tensor, size: int, mode: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Where padded coordinates `index` read in an unpadded axis of `size`, and (zero padding) which are inside."""
+    if mode == "zeros":
+        inside = (index >= 0) & (index < size)
+        return index.clamp(0, size - 1), inside
+    if mode == "replicate":
+        return index.clamp(0, size - 1), None
+    if mode == "circular":
+        return index.remainder(size), None
+    period = max(1, 2 * size - 2)                          # reflect: the edge is not repeated
+    folded = index.remainder(period)
+    return torch.where(folded < size, folded, period - folded), None
+
+
+def _pads(conv: nn.Module):
+    """The padding before each spatial axis (string paddings resolved as torch resolves them)."""
     if conv.padding == "same":
-        pads = []
-        for k, d in zip(reversed(conv.kernel_size), reversed(conv.dilation)):
-            total = d * (k - 1)
-            pads += [total // 2, total - total // 2]
-    elif conv.padding == "valid":
-        pads = [0, 0] * len(conv.kernel_size)
-    else:
-        pads = [p for p in reversed(conv.padding) for _ in range(2)]
-    if any(pads):
-        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-        x = F.pad(x, pads, mode=mode)
-    return x.unsqueeze(2) if x.dim() == 3 else x
+        return [d * (k - 1) // 2 for k, d in zip(conv.kernel_size, conv.dilation)]
+    if conv.padding == "valid":
+        return [0] * len(conv.kernel_size)
+    return list(conv.padding)
 
 
 def _two_d(values) -> Tuple[int, int]:
@@ -79,32 +103,32 @@ def _two_d(values) -> Tuple[int, int]:
 
 
 def conv_rows(conv: nn.Module, x: torch.Tensor, y: torch.Tensor, positions: int, generator: torch.Generator
-              ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Rows [G, n*p, in/G * kernel] and targets [G, n*p, out/G] of a Conv1d/Conv2d (G = its groups)."""
+              ) -> Iterator[Rows]:
+    """Chunks of rows [G, m, in/G * kernel] and targets [G, m, out/G] of a Conv1d/Conv2d (G = its groups)."""
     groups, n = conv.groups, x.shape[0]
-    patch = x.shape[1] * conv.weight[0, 0].numel()
-    length = y[0, 0].numel()
-    step = max(1, UNFOLD_ELEMENTS // max(1, patch * length))
-    xs, ys = [], []
-    for lo in range(0, n, step):
-        cols = F.unfold(_padded(conv, x[lo:lo + step]), _two_d(conv.kernel_size), dilation=_two_d(conv.dilation),
-                        stride=_two_d(conv.stride))                        # [b, C * kernel, L]
-        out = y[lo:lo + step].reshape(cols.shape[0], y.shape[1], -1)      # [b, O, L]
-        if cols.shape[2] != out.shape[2]:
-            raise ValueError(f"unfolded {cols.shape[2]} positions for {out.shape[2]} outputs")
-        take = _pick(cols.shape[0], out.shape[2], positions, generator, x.device)
-        if take is not None:
-            cols = cols.gather(2, take[:, None, :].expand(-1, cols.shape[1], -1))
-            out = out.gather(2, take[:, None, :].expand(-1, out.shape[1], -1))
-        b, p = cols.shape[0], cols.shape[2]
-        xs.append(cols.reshape(b, groups, -1, p).permute(1, 0, 3, 2).reshape(groups, b * p, -1))
-        ys.append(out.reshape(b, groups, -1, p).permute(1, 0, 3, 2).reshape(groups, b * p, -1))
-    return torch.cat(xs, 1), torch.cat(ys, 1)
+    x4 = x.unsqueeze(2) if x.dim() == 3 else x                            # [n, C, H, W]
+    out = y.reshape(n, y.shape[1], -1)                                     # [n, O, L]
+    (kh, kw), (dh, dw), (sh, sw) = _two_d(conv.kernel_size), _two_d(conv.dilation), _two_d(conv.stride)
+    ph, pw = _two_d(_pads(conv)) if len(conv.kernel_size) == 2 else (0, _pads(conv)[0])
+    width = y.shape[-1]
+    mode = conv.padding_mode
+    d = x4.shape[1] * kh * kw
+    take = _picked(n, out.shape[2], positions, generator, x.device)
+    for inputs, at in _chunks(take, chunk_rows(d // groups + 1)):
+        rows, cols = _source((at // width * sh - ph)[:, None] + dh * torch.arange(kh, device=x.device),
+                             x4.shape[2], mode), \
+            _source((at % width * sw - pw)[:, None] + dw * torch.arange(kw, device=x.device), x4.shape[3], mode)
+        patch = x4[inputs[:, None, None], :, rows[0][:, :, None], cols[0][:, None, :]]     # [m, kh, kw, C]
+        if rows[1] is not None:
+            patch = patch * (rows[1][:, :, None] & cols[1][:, None, :])[..., None].to(patch.dtype)
+        m = patch.shape[0]
+        patch = patch.permute(0, 3, 1, 2).reshape(m, groups, -1).transpose(0, 1)    # [G, m, C/G * kh * kw]
+        yield patch, out[inputs, :, at].reshape(m, groups, -1).transpose(0, 1)
 
 
-def rows_of(module: nn.Module, x: torch.Tensor, y: torch.Tensor, positions: int, generator: torch.Generator
-            ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The regression rows of `module` given its input `x` and the outputs `y` it should produce."""
+def row_chunks(module: nn.Module, x: torch.Tensor, y: torch.Tensor, positions: int, generator: torch.Generator
+               ) -> Iterator[Rows]:
+    """The regression rows of `module`, given its input `x` and the outputs `y` it should produce, in chunks."""
     if isinstance(module, nn.Linear):
         return linear_rows(x, y, positions, generator)
     return conv_rows(module, x, y, positions, generator)
@@ -120,8 +144,11 @@ def install(module: nn.Module, coef: torch.Tensor, bn: Optional[nn.Module] = Non
     """Write coefficients [G, d(+1), o] from `solve` into `module` (and an intercept into `bn`, see above)."""
     groups, rows, per_group = coef.shape
     d = module.weight[0].numel()
-    weight = coef[:, :d].transpose(1, 2).reshape(module.weight.shape)      # [G, o, d] -> [out, in/G, *kernel]
-    module.weight.copy_(weight.to(module.weight.dtype))
+    solution = coef[:, :d].transpose(1, 2)                                 # [G, o, d]: [out, in/G, *kernel]
+    if module.weight.is_contiguous():     # copied and cast straight from the solution, no intermediate copy
+        module.weight.view(groups, per_group, d).copy_(solution)
+    else:                                 # e.g. channels_last
+        module.weight.copy_(solution.reshape(module.weight.shape))
     if rows == d:
         return
     intercept = coef[:, d].reshape(groups * per_group)
