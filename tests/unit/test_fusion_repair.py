@@ -6,6 +6,7 @@ Run: .venv/bin/python -m pytest tests/unit/test_fusion_repair.py
 import pytest
 import torch
 import torch.nn as nn
+from userpkg.mistakes import called_twice
 
 from ntdist.fusion import concat
 from ntdist.fusion.analysis.graph import analyze
@@ -218,16 +219,18 @@ def test_subsampled_positions_still_repair():
 
 
 def test_layers_it_cannot_refit_are_named_and_left_alone():
+    """A layer called twice (fused through torch.export, its input and output one space) has two sets of
+    inputs for one weight: repair leaves it as NT pruned it and says so."""
     torch.manual_seed(0)
-    x = torch.randn(200, 2, 6, 6)
-    models = members(lambda: Grouped(twice=True), x)
+    x = torch.randn(200, 10)
+    models = members(lambda: called_twice(10, 3), x)
     plan, w, keep, pruned = nt(models, x)
-    d = pruned.d.weight.clone()
+    fc = pruned.fc.weight.clone()
     notes = []
     with torch.no_grad():
         repaired = repair(models, plan, w, keep, pruned, x, notes=notes)
-    assert notes == ["repair: 'd' left as pruned: forward calls it more than once"]
-    assert torch.equal(repaired.d.weight, d) and torch.isfinite(repaired(x)).all()
+    assert notes == ["repair: 'fc' left as pruned: forward calls it more than once"]
+    assert torch.equal(repaired.fc.weight, fc) and torch.isfinite(repaired(x)).all()
 
 
 def test_a_pruned_model_that_keep_does_not_describe_is_refused():

@@ -151,7 +151,7 @@ def test_a_failed_plot_write_leaves_the_previous_report_intact(tmp_path, monkeyp
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="no space left on device while writing"):   # one line, exit 2
         report_command(one)
     assert {name: open(os.path.join(one, name), "rb").read() for name in before} == before
     assert not [n for n in os.listdir(one) if n.startswith(".tmp-")]

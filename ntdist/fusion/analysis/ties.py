@@ -1,12 +1,13 @@
-"""Tied weights: one layer called more than once in forward, or one Parameter reached under two names.
+"""Tied weights on an fx graph: one layer called more than once in forward, or one Parameter reached under two
+names.
 
-Fusion widens each layer's input and output channels as spaces of their own and prunes them apart. A tie
-joins them: a square Linear applied twice reads its own output, so its input and output are one space
-seen twice, and `self.b.weight = self.a.weight` makes two layers one. Concatenating such a model keeps
-the shared layer at one member's width while its neighbours widen, and NT's pruning cuts the two uses
-differently; both would give a model that computes nothing like the ensemble. `check_ties` refuses the
-model instead, naming the tie, from `analyze` (which `ntdist run` calls on the untrained model before
-any member trains).
+The fx graph's rules widen each layer's input and output channels as spaces of their own and prune them
+apart. A tie joins them: a square Linear applied twice reads its own output, so its input and output are one
+space seen twice, and `self.b.weight = self.a.weight` makes two layers one. Concatenating such a model from
+the fx graph would keep the shared layer at one member's width while its neighbours widen. `check_ties`
+refuses the fx graph instead, naming the tie; `analyze` then tries the `torch.export` graph, which names every
+parameter once, so its rules see the one space (`fusion/analysis/export.py`), and gives this refusal when that
+graph cannot be read either.
 """
 
 from collections import Counter
