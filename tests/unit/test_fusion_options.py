@@ -141,7 +141,7 @@ def test_fuse_help_lists_the_fusion_keys_as_run_help_does(capsys):
             main([command, "--help"])
         lines[command] = capsys.readouterr().out.splitlines()
     wanted = list(describe_keys(only=[f"fusion.{key}" for key in FUSE_KEYS]))
-    assert len(wanted) == len(FUSE_KEYS) == 4 + len(NTOptions.names())   # methods, schedule, calibration, BN
+    assert len(wanted) == len(FUSE_KEYS) == 6 + len(NTOptions.names())   # methods, schedule, calibration, BN, OT's two
     for line in wanted:
         assert line in lines["fuse"] and line in lines["run"], line
     assert not any(line.startswith(("  fusion.k ", "  fusion.bn_batches ")) for line in lines["fuse"])
