@@ -80,11 +80,11 @@ def _slow_ot_on_four_ranks(rank, out_dir):
 
     def slow_align(*args, **kwargs):   # POT on wide members takes minutes on real models; here at least ALIGN_S
         started = time.time()
-        plan = align(*args, **kwargs)
+        aligned = align_to(*args, **kwargs)
         time.sleep(max(0.0, ALIGN_S - (time.time() - started)))
-        return plan
-    align = tree.align
-    tree.align = slow_align
+        return aligned
+    align_to = tree.align_to
+    tree.align_to = slow_align
     world = init_world(DistributedConfig(threads_per_rank=1, timeout_s=2.0, wait_timeout_s=120))
     layout = MemberLayout(2, world.size)   # members 0 and 1 on ranks 0 and 2; ranks 1 and 3 hold none
     held = {i: build_member(WIDE, 200 + i) for i in layout.held_by(rank)}
