@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ntdist.errors import UserError
 from ntdist.fusion import Ensemble, concat, fuse
 
 
@@ -255,3 +256,35 @@ def test_token_mixing_layers_of_the_fused_model_are_member_zeros():
     for name in ("mix1.weight", "mix1.bias", "mix2.weight", "mix2.bias"):
         assert torch.equal(fused.state_dict()[name], members[0].state_dict()[name])
     assert not torch.equal(fused.state_dict()["fc1.weight"], members[0].state_dict()["fc1.weight"])
+
+
+class NarrowTokenMixer(TokenMixerParts):
+    """Token mixing on one layer's channels, without a norm: members may differ in that width."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.embeds, self.norm = nn.ModuleList([nn.Linear(4, width)]), nn.Identity()
+        self.fc1, self.fc2, self.head = nn.Linear(width, 16), nn.Linear(16, width), nn.Linear(width, 5)
+
+
+def test_token_mixing_concatenates_members_of_different_widths_exactly():
+    torch.manual_seed(0)
+    members, x = [NarrowTokenMixer(w).eval() for w in (8, 5, 11)], torch.randn(2, 6, 4)
+    with torch.no_grad():
+        assert torch.allclose(concat(members, example_inputs=x)(x), Ensemble(members)(x), atol=1e-5)
+
+
+class MixedOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head, self.mix = nn.Linear(4, 8), nn.Linear(8, 5), nn.Linear(6, 1)
+
+    def forward(self, x):
+        return self.mix(self.head(F.relu(self.fc(x))).transpose(1, 2)).flatten(1)
+
+
+def test_token_mixing_of_the_output_channels_is_refused_in_one_line():
+    members, x = [MixedOutput().eval() for _ in range(2)], torch.randn(2, 6, 4)
+    with pytest.raises(UserError, match=r"layer 'mix'.*positions of the output channels") as err:
+        concat(members, example_inputs=x)
+    assert "\n" not in str(err.value)
