@@ -42,13 +42,14 @@ def concat(models: Sequence[nn.Module], weights: Optional[Sequence[float]] = Non
         raise UserError(plan.inexact)
     if plan.graph is not None:      # analysed through torch.export: the widened exported graph
         return concat_exported(models, plan, w)
-    if plan.captured and (plan.shuffles or plan.widths or plan.norms):
+    if plan.captured and (plan.shuffles or plan.widths or plan.norms or plan.mixers):
         raise UserError(f"{type(models[0]).__name__} branches on shapes in forward, and its concatenation would be "
-                        "rebuilt from a traced graph (LayerNorm, channel shuffle or constant width); concat refuses "
-                        "it, fuse(method='nt') still returns the original class")
+                        "rebuilt from a traced graph (LayerNorm, channel shuffle, constant width or token mixing); "
+                        "concat refuses it, fuse(method='nt') still returns the original class")
     wide = assemble(models, plan, w)
-    if plan.shuffles or plan.widths:
-        wide = widen_graph(wide, plan.shuffles, plan.widths, len(models))
+    if plan.shuffles or plan.widths or plan.mixers:
+        wide = widen_graph(wide, plan.shuffles, plan.widths, len(models), plan.mixers, models,
+                           [plan.space_sizes(tensors_of(m)) for m in models])
     return group_layer_norms(wide, len(models), plan.norm_parts) if plan.norms else wide
 
 

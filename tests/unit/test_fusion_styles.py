@@ -5,8 +5,10 @@ norm (`x * self.alpha + self.beta`) on tokens, `F.group_norm` on a module's own 
 `nn.GroupNorm`, a convolution with "same" padding that branches on its weight's shape, and a
 channel slice `x[:, :self.out_channels]` after a concatenation, and a timm-style
 `qkv.reshape(B, N, 3, heads, head_dim)` (the projection opens three parts, heads within each), and a
-CSP block (C2f: a layer's output chunked, the parts concatenated again with a new branch). For each: `concat` equals the
-members' average output (1e-5) at k = 2 and 3, and NT returns the class with its original shapes.
+CSP block (C2f: a layer's output chunked, the parts concatenated again with a new branch); and two that were refused
+outright: a flatten with the channels last (`permute(0, 2, 3, 1).flatten(1)`, features position-major) and an
+MLP-Mixer's token mixing (an nn.Linear over the tokens, applied per member in the concatenated graph). For each:
+`concat` equals the members' average output (1e-5) at k = 2 and 3, and NT returns the class with its original shapes.
 
 Run: .venv/bin/python -m pytest tests/unit/test_fusion_styles.py
 """
@@ -16,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ntdist.errors import UserError
 from ntdist.fusion import Ensemble, concat, fuse
 
 
@@ -156,7 +159,59 @@ class CSPNet(nn.Module):
         return self.fc(self.block(self.stem(x)).mean((2, 3)))
 
 
-PATTERNS = {QkvViT: (2, 3, 16, 16), CSPNet: (2, 3, 8, 8), AffineMixer: (2, 6, 4), GroupNormNet: (2, 3, 8, 8), SameNet: (2, 3, 8, 8), SliceNet: (2, 3, 8, 8)}
+class ChannelsLastNet(nn.Module):
+    """Channels moved last before the flatten: feature index = position * channels + channel."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 4, 3, stride=2, padding=1)
+        self.fc, self.out = nn.Linear(16 * 4, 10), nn.Linear(10, 5)
+
+    def features(self, h):
+        return h.permute(0, 2, 3, 1).flatten(1)
+
+    def forward(self, x):
+        h = F.relu(self.c2(F.relu(self.c1(x))))
+        return self.out(F.relu(self.fc(self.features(h))))
+
+
+class ChannelsLastReshapeNet(ChannelsLastNet):
+    def features(self, h):
+        return h.permute(0, 2, 3, 1).reshape(h.shape[0], -1)
+
+
+class TokenMixer(nn.Module):
+    """MLP-Mixer: a Linear over the tokens (channels moved to dimension 1), then Linears over the channels."""
+
+    def __init__(self, parts=(8,)):
+        super().__init__()
+        self.embeds, self.norm = nn.ModuleList(nn.Linear(4, n) for n in parts), nn.LayerNorm(sum(parts))
+        self.mix1, self.mix2 = nn.Linear(6, 12), nn.Linear(12, 6)
+        self.fc1, self.fc2, self.head = nn.Linear(sum(parts), 16), nn.Linear(16, sum(parts)), nn.Linear(sum(parts), 5)
+
+    def mixed(self, x):
+        return self.mix2(F.gelu(self.mix1(self.norm(x).transpose(1, 2)))).transpose(1, 2)
+
+    def forward(self, x):
+        x = torch.cat([embed(x) for embed in self.embeds], 2)
+        x = x + self.mixed(x)
+        x = x + self.fc2(F.gelu(self.fc1(x)))
+        return self.head(x.mean(1))
+
+
+class TokenMixerParts(TokenMixer):
+    """Token mixing over channels concatenated from two layers: each member's channels interleave in the wide model."""
+
+    def __init__(self):
+        super().__init__((6, 2))
+
+    def mixed(self, x):
+        return self.mix2(F.relu(self.mix1(x.transpose(1, 2)))).transpose(1, 2)
+
+
+PATTERNS = {QkvViT: (2, 3, 16, 16), CSPNet: (2, 3, 8, 8), AffineMixer: (2, 6, 4), GroupNormNet: (2, 3, 8, 8),
+            SameNet: (2, 3, 8, 8), SliceNet: (2, 3, 8, 8), ChannelsLastNet: (2, 3, 8, 8),
+            ChannelsLastReshapeNet: (2, 3, 8, 8), TokenMixer: (2, 6, 4), TokenMixerParts: (2, 6, 4)}
 
 
 @pytest.mark.parametrize("cls", PATTERNS, ids=lambda c: c.__name__)
@@ -170,3 +225,66 @@ def test_pattern_concatenates_exactly_and_fuses(cls):
     assert type(fused) is cls
     shapes = {n: t.shape for n, t in members[0].state_dict().items()}
     assert {n: t.shape for n, t in fused.state_dict().items()} == shapes
+
+
+def _source(value, members):
+    """(member, unit) whose bias entry equals `value`: which member's unit the fused model kept."""
+    return next((m, u) for m, b in enumerate(members) for u in range(len(b)) if torch.equal(b[u], value))
+
+
+def test_channels_last_flatten_keeps_each_column_with_its_channel():
+    torch.manual_seed(0)
+    members, x = [ChannelsLastNet().eval() for _ in range(2)], torch.randn(2, 3, 8, 8)
+    fused = fuse(members, example_inputs=x)
+    kept = [_source(v, [m.c2.bias for m in members]) for v in fused.c2.bias]
+    rows = [_source(v, [m.fc.bias for m in members]) for v in fused.fc.bias]
+    compared = 0
+    for r, (m, u) in enumerate(rows):
+        mine = [i for i, (mi, _) in enumerate(kept) if mi == m]
+        wide, own = fused.fc.weight[r].view(16, 4), members[m].fc.weight[u].view(16, 4)
+        assert torch.equal(wide[:, mine], own[:, [kept[i][1] for i in mine]])
+        compared += len(mine)
+    assert compared > 0
+
+
+
+
+def test_token_mixing_layers_of_the_fused_model_are_member_zeros():
+    torch.manual_seed(0)
+    members, x = [TokenMixerParts().eval() for _ in range(2)], torch.randn(2, 6, 4)
+    fused = fuse(members, example_inputs=x)
+    for name in ("mix1.weight", "mix1.bias", "mix2.weight", "mix2.bias"):
+        assert torch.equal(fused.state_dict()[name], members[0].state_dict()[name])
+    assert not torch.equal(fused.state_dict()["fc1.weight"], members[0].state_dict()["fc1.weight"])
+
+
+class NarrowTokenMixer(TokenMixerParts):
+    """Token mixing on one layer's channels, without a norm: members may differ in that width."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.embeds, self.norm = nn.ModuleList([nn.Linear(4, width)]), nn.Identity()
+        self.fc1, self.fc2, self.head = nn.Linear(width, 16), nn.Linear(16, width), nn.Linear(width, 5)
+
+
+def test_token_mixing_concatenates_members_of_different_widths_exactly():
+    torch.manual_seed(0)
+    members, x = [NarrowTokenMixer(w).eval() for w in (8, 5, 11)], torch.randn(2, 6, 4)
+    with torch.no_grad():
+        assert torch.allclose(concat(members, example_inputs=x)(x), Ensemble(members)(x), atol=1e-5)
+
+
+class MixedOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head, self.mix = nn.Linear(4, 8), nn.Linear(8, 5), nn.Linear(6, 1)
+
+    def forward(self, x):
+        return self.mix(self.head(F.relu(self.fc(x))).transpose(1, 2)).flatten(1)
+
+
+def test_token_mixing_of_the_output_channels_is_refused_in_one_line():
+    members, x = [MixedOutput().eval() for _ in range(2)], torch.randn(2, 6, 4)
+    with pytest.raises(UserError, match=r"layer 'mix'.*positions of the output channels") as err:
+        concat(members, example_inputs=x)
+    assert "\n" not in str(err.value)

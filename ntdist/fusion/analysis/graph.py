@@ -218,10 +218,15 @@ def _finish(model, sp, layers, nonlinear) -> Plan:
         refuse("output", "has channels that only ever appear concatenated with others; cannot size them")
     shuffles = [(a, b, tuple(sp.find(d.space) for d in x), tuple(sp.find(d.space) for d in y))
                 for a, b, x, y in sp.shuffles]
+    mixers = [(n, m, tuple(Dim(sp.find(d.space), d.factor) for d in lay), c) for n, m, lay, c in sp.mixers]
+    for _, module, lay, _ in mixers:
+        if any(d.space in fixed for d in lay):
+            refuse(module, "mixes the positions of the output channels; token mixing is followed on hidden "
+                           "channels only")
     return Plan(sizes=sizes, order=order, layers=layers, tensors=tensors, first_space=first, probe=probe, rest=rest,
                 coupled=coupled.sets(sizes), inexact=inexact,
                 norms=sum(1 for layer in layers.values() if layer.kind in ("ln", "lnf")), atoms=atoms,
-                shuffles=shuffles, widths=sp.widths, norm_parts=sp.norm_parts,
+                shuffles=shuffles, widths=sp.widths, mixers=mixers, norm_parts=sp.norm_parts,
                 rewrites=[(n, what, sp.find(at) if what == "tied" else at) for n, what, at in sp.rewrites])
 
 

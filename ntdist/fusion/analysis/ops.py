@@ -4,7 +4,9 @@
 result: layers open spaces, element-wise operations and pooling keep them,
 residual additions merge them, a channel concatenation joins its parts'
 layouts and a channel split cuts one at part boundaries. Any computation on
-the model input alone is the same in every member and stays unwidened.
+the model input alone is the same in every member and stays unwidened. An
+nn.Linear over positions (token mixing) keeps the channels and is listed for
+the concatenated graph, which applies it member by member.
 Functions torch.fx keeps whole (Swin's) have rules keyed by their qualified
 name (`windows.py`). Anything whose widened form would not compute exactly
 the members' average is refused with a `UserError` naming the node.
@@ -22,8 +24,8 @@ from ntdist.fusion.analysis.attention import RELATIVE_ATTENTION, class_name, ind
 from ntdist.fusion.analysis.export import is_exported
 from ntdist.fusion.analysis.functional import LAYER_FUNCS, functional_layer, record
 from ntdist.fusion.analysis.plan import IN, Layer, Param, Tup, Val
-from ntdist.fusion.analysis.shapes import (adaptive_hw, arg, cat, channel_dim, flatten, is_input, mean, one, permute, refuse,
-                                  reshape, split, transpose)
+from ntdist.fusion.analysis.shapes import (adaptive_hw, arg, cat, channel_dim, flatten, is_input, mean,
+                                  mixes_positions, one, permute, refuse, reshape, split, transpose)
 from ntdist.fusion.analysis.windows import WRAPPED, constant_input, qualified
 
 RESIZE_MODULES = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
@@ -71,8 +73,6 @@ def tensor_args(node, env):
 
 def _module(name, mod, x, sp, layers, nonlinear):
     if isinstance(mod, nn.Linear):
-        if x.ndim is not None and x.ndim > 2 and x.cdim != x.ndim - 1 and not is_input(sp, x.lay):
-            refuse(name, f"(Linear) reads dimension {x.ndim - 1} of a tensor whose channels are dimension {x.cdim}")
         out = record(layers, sp, name, "linear", None if name in layers else sp.open(name, mod.out_features), x.lay)
         nd = x.ndim if x.ndim and x.ndim > 2 else 2
         return Val(out, nd, None, nd - 1 if nd > 2 else 1)
@@ -247,6 +247,16 @@ def _params(node, vals, params, gm, sp, layers, nonlinear):
                            "and element-wise ops with per-channel parameters)")
 
 
+def token_mixer(node, x, sp):
+    """An nn.Linear over positions (token mixing): it keeps x's channels; the concatenated model applies each
+    member's layer to that member's block of them (`wide/widegraph.py`), NT's fused model keeps member 0's."""
+    if x.ndim is None or any(d.factor != 1 for d in x.lay):
+        refuse(node.target, "(Linear) mixes the last dimension of a tensor whose channels are not last, of unknown "
+                            "rank or spread over several dimensions")
+    sp.mixers.append((node.name, node.target, x.lay, x.cdim))
+    return Val(x.lay, x.ndim, None, x.cdim)
+
+
 def fetch(gm, name):
     owner, _, attr = name.rpartition(".")
     return getattr(gm.get_submodule(owner) if owner else gm, attr)
@@ -279,6 +289,8 @@ def propagate(node: Node, gm, env, sp, layers, nonlinear, shape):
             return multi_head_attention(node.target, mod, vals, sp, layers)
         if class_name(mod) == RELATIVE_ATTENTION:
             return relative_attention(node.target, mod, vals[0], sp, layers)
+        if isinstance(mod, nn.Linear) and mixes_positions(vals[0], sp):
+            return token_mixer(node, vals[0], sp)
         return _module(node.target, mod, vals[0], sp, layers, nonlinear)
     if node.op == "call_function" and (node.target in NONTENSOR_FUNCS or (
             node.target is operator.getitem and first is None)):

@@ -84,6 +84,9 @@ class Plan:
     """(node, argument index or keyword): a channel or head count written as a constant, k times when concatenating."""
     norm_parts: Dict[str, int] = field(default_factory=dict)
     """LayerNorm (module, or node of an F.layer_norm call) -> parts of its concatenated input, where more than one."""
+    mixers: List[Tuple[str, str, Tuple, int]] = field(default_factory=list)
+    """(node, Linear module, input layout, channel dimension): a Linear over positions (token mixing), each
+    member's own applied to its block of the channels in the concatenated model; NT keeps member 0's."""
     captured: bool = False
     """Traced with shape branches decided on the example input (`capture`): symbolic_trace failed on it."""
     graph: object = None

@@ -29,6 +29,11 @@ def refuse(name, why):
     raise UserError(f"cannot fuse layer '{name}': it {why}; {SUPPORTED}")
 
 
+def mixes_positions(x, sp):
+    """Whether a layer over the last dimension of `x` mixes positions of hidden channels (token mixing)."""
+    return x.ndim is not None and x.ndim > 2 and x.cdim != x.ndim - 1 and not is_input(sp, x.lay)
+
+
 def arg(node, i, key, default):
     if len(node.args) > i:
         return node.args[i]
@@ -61,14 +66,17 @@ def flatten(name, x, start, end, sp):
     if x.ndim is not None and x.cdim == 1 and start % x.ndim >= 2:     # merges positions only (patch tokens)
         merged = (end % x.ndim) - (start % x.ndim)
         return Val(x.lay, x.ndim - merged, x.hw, 1)
-    if start != 1 or end not in (-1, (x.ndim or 0) - 1) or x.cdim != 1:
+    last = x.ndim is not None and x.cdim == x.ndim - 1
+    if start != 1 or end not in (-1, (x.ndim or 0) - 1) or not (x.cdim == 1 or last):
         refuse(name, f"flattens dimensions {start}..{end} with channels in dimension {x.cdim}; only flattening "
-                     "channels-first tensors from dimension 1 keeps channels apart")
+                     "from dimension 1 with the channels first or last keeps channels apart")
     if is_input(sp, x.lay):
         return Val(one(x.lay[0].space), 2, None)
     if x.hw is None:
         raise NeedShapes(f"cannot fuse layer '{name}': it flattens a feature map of unknown spatial size; "
                         "pass example_inputs (one input batch) so the fusion can measure it")
+    if last:        # position-major features (pos * C + c): the whole channel layout once per position
+        return Val(x.lay * x.hw, 2, None)
     return Val(tuple(Dim(d.space, d.factor * x.hw) for d in x.lay), 2, None)
 
 
@@ -149,6 +157,8 @@ def reshape(node, first, sp, shape):
             if isinstance(node.args[-1], int) and node.args[-1] > 0 and len(node.args) > 2:
                 sp.widths.append((name, len(node.args) - 1))    # the channel count as a constant
             return Val(first.lay, len(shape), None, len(shape) - 1)
+        if len(shape) == 2 and shape[0] == src[0] and first.cdim == len(src) - 1:
+            return flatten(name, first, 1, -1, sp)       # channels last: position-major features
         if first.cdim != 1:
             refuse(name, f"reshapes a tensor with channels in dimension {first.cdim}")
         if len(shape) == len(src) + 1 and shape[0] == src[0] and shape[3:] == src[2:] and shape[1] * shape[2] == src[1]:

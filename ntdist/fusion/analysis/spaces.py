@@ -26,6 +26,7 @@ class Spaces:
         self.units, self.cuts = dict(units or {}), dict(cuts or {})     # layer -> channels per unit, part edges
         self.asked_units, self.asked_cuts = {}, {}
         self.rewrites = []      # Plan.rewrites
+        self.mixers = []        # Plan.mixers, layouts in this walk's spaces
 
     def asks(self) -> bool:
         """Whether this walk asked for another with different layers atomized, coarsened or cut."""
