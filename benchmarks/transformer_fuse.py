@@ -54,11 +54,11 @@ from ntdist.fusion.analysis import export
 K, BATCH, TOKENS, LABELS = 2, 2, 32, 2
 SLOW_S = 60.0       # a call slower than this is not repeated
 MODELS = {
-    "bert": (lambda t: t.BertForSequenceClassification(t.BertConfig(
+    "bert": lambda t: t.BertForSequenceClassification(t.BertConfig(
         hidden_size=768, num_attention_heads=12, intermediate_size=3072, vocab_size=30522, num_hidden_layers=2,
-        num_labels=LABELS, pad_token_id=0)), 30522),
-    "gpt2": (lambda t: t.GPT2ForSequenceClassification(t.GPT2Config(
-        n_embd=768, n_layer=12, n_head=12, vocab_size=50257, num_labels=LABELS, pad_token_id=0)), 50257),
+        num_labels=LABELS, pad_token_id=0)),
+    "gpt2": lambda t: t.GPT2ForSequenceClassification(t.GPT2Config(
+        n_embd=768, n_layer=12, n_head=12, vocab_size=50257, num_labels=LABELS, pad_token_id=0)),
 }
 
 
@@ -74,13 +74,13 @@ class Logits(nn.Module):
 
 
 def members(name: str):
-    build, vocab = MODELS[name]
     out = []
     for seed in range(K):
         torch.manual_seed(seed)
-        out.append(Logits(build(transformers)).eval())
+        out.append(Logits(MODELS[name](transformers)).eval())
     torch.manual_seed(100)
-    ids, mask = torch.randint(1, vocab, (BATCH, TOKENS)), torch.ones(BATCH, TOKENS, dtype=torch.long)
+    ids = torch.randint(1, out[0].model.config.vocab_size, (BATCH, TOKENS))
+    mask = torch.ones(BATCH, TOKENS, dtype=torch.long)
     ids[1, TOKENS // 2:], mask[1, TOKENS // 2:] = 0, 0
     return out, (ids, mask)
 
