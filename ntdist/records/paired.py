@@ -13,11 +13,17 @@ over the best member that each method keeps (results.json's `kept_gain`).
 import random
 from typing import Callable, List, Optional, Tuple
 
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
-from ntdist.records.stats import checkpoint_epochs, comparisons, finetune_epochs, ordered_methods  # noqa: E402
+from ntdist.records.stats import checkpoint_epochs, comparisons, finetune_epochs, ordered_methods
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, imported when a plot is drawn (not at every start of
+    the command line: it costs a third of a second)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 NAMES = {"nt": "NT", "ot": "OT", "avg": "Avg", "control": "control"}
 PAIRED_NOTE = ("Paired differences: for each seed, a method's test accuracy minus the control's (best member + "
@@ -89,7 +95,8 @@ def plot_paired(stats: dict, label: str):
     if not found:
         return None
     panels = checkpoints(found[0][1], epochs)
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.2 + 1.1 * len(found) * len(panels), 4.6), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(1.2 + 1.1 * len(found) * len(panels), 4.6),
+                                  squeeze=False)
     jitter = random.Random(0)   # the same picture every time
     for ax, (key, title, _) in zip(axes[0], panels):
         for x, (_, block) in enumerate(found):

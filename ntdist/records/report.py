@@ -18,20 +18,16 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import List, Optional
 
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-import yaml  # noqa: E402
+import yaml
 
-from ntdist.options import format_value  # noqa: E402
-from ntdist.errors import UserError  # noqa: E402
-from ntdist.records.files import atomic_write_text, replacing  # noqa: E402
-from ntdist.records.manifest import add_to_manifest  # noqa: E402
-from ntdist.records.paired import KEPT_GAIN_NOTE, epoch_title, kept_gain_table, paired_section  # noqa: E402
-from ntdist.records.results import RESULTS_FILE, RunResults, from_dict  # noqa: E402
-from ntdist.records.rundir import CONFIG_FILE  # noqa: E402
-from ntdist.records.stats import aggregate, checkpoint_epochs, finetune_epochs, mean_std, merged_summary  # noqa: E402
+from ntdist.options import format_value
+from ntdist.errors import UserError
+from ntdist.records.files import atomic_write_text, replacing
+from ntdist.records.manifest import add_to_manifest
+from ntdist.records.paired import KEPT_GAIN_NOTE, epoch_title, kept_gain_table, paired_section, pyplot
+from ntdist.records.results import RESULTS_FILE, RunResults, from_dict
+from ntdist.records.rundir import CONFIG_FILE
+from ntdist.records.stats import aggregate, checkpoint_epochs, finetune_epochs, mean_std, merged_summary
 
 REPORT_FILE, PLOTS = "report.md", ("accuracy_vs_k.png", "accuracy_vs_sparsity.png")
 METHOD_NAMES = {"avg": "Avg", "ot": "OT", "nt": "NT"}
@@ -265,7 +261,7 @@ def diversity_text(group: Group) -> Optional[str]:
 def plot_curves(group: Group):
     """Accuracy against fine-tuning epoch per method (epoch 0 = right after fusion), ±std bands."""
     s = group.stats
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = pyplot().subplots(figsize=(8, 4.5))
     series = [(m, METHOD_NAMES.get(m, m), s["methods"][m]["post_fusion"], s["methods"][m]["finetune"])
               for m in _methods(s)]
     if s["control"]:
@@ -284,6 +280,7 @@ def plot_curves(group: Group):
     ax.set_xlabel("fine-tuning epoch (0 = right after fusion)")
     ax.set_ylabel("test accuracy (%), mean ± std over seeds")
     ax.set_title(f"Fine-tuning after fusion: {group.label} ({_seeds_text(s['runs'])})")
+    from matplotlib.ticker import MaxNLocator
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
@@ -313,7 +310,7 @@ def plot_against(groups: List[Group], x_of, x_keys, xlabel: str, title: str, nt_
     panels = {k: sorted(v, key=x_of) for k, v in panels.items() if len({x_of(g) for g in v}) > 1}
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (rest, members) in zip(axes[0], panels.items()):
         xs = [x_of(g) for g in members]
         lines = [("Ensemble", lambda s: s["ensemble"], "black", "-"),
@@ -347,7 +344,7 @@ def plot_against(groups: List[Group], x_of, x_keys, xlabel: str, title: str, nt_
 def _save(fig, out_dir: str, name: str) -> str:
     with replacing(os.path.join(out_dir, name)) as tmp:   # atomic: a full disk never cuts an old plot short
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    pyplot().close(fig)
     return name
 
 

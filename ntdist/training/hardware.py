@@ -26,7 +26,6 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
 
 SERIAL_FLOPS = 1e8   # a training batch whose forward pass costs fewer FLOPs runs fastest on one thread
 
@@ -44,6 +43,8 @@ def intra_op_threads(load: float, cores: int, work: float) -> int:
 def forward_flops(build: Callable[[], nn.Module], batch_shape: Sequence[int]) -> float:
     """FLOPs of one forward pass of the model `build()` makes on a batch of `batch_shape`, counted on the meta
     device (nothing is computed); infinite when the model does not run there (a user's code may not)."""
+    from torch.utils.flop_counter import FlopCounterMode   # here: it imports triton, a tenth of a second
+
     try:
         with torch.device("meta"):
             model, batch = build(), torch.empty(*batch_shape)
