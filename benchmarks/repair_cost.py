@@ -29,6 +29,7 @@ import time
 import torch
 import torchvision
 
+from ntdist.commands.bench import peak_tensor_bytes
 from ntdist.fusion import analyze, concat
 from ntdist.fusion.pruning.select import select, targets
 from ntdist.fusion.repair import repair
@@ -41,18 +42,6 @@ MODELS = {
     "resnet50": (lambda: torchvision.models.resnet50(num_classes=10), (3, 32, 32)),
     "vit_b_16": (lambda: torchvision.models.vit_b_16(num_classes=10, image_size=32), (3, 32, 32)),
 }
-
-
-def peak_bytes(fn) -> int:
-    """The most tensor memory that `fn` held at once beyond what existed before (every allocation and free,
-    in time order, from torch's profiler)."""
-    with torch.autograd.profiler.profile(profile_memory=True, use_kineto=False) as prof:
-        fn()
-    held = peak = 0
-    for event in sorted(prof.function_events, key=lambda e: e.time_range.start):
-        held += event.self_cpu_memory_usage
-        peak = max(peak, held)
-    return peak
 
 
 def seconds(fns, runs: int):
@@ -92,9 +81,9 @@ def measure(name: str, samples: int, runs: int) -> dict:
     forward()                                  # warm-up: allocator and kernels
     forward_s, repair_s = seconds([forward, refit], runs)
     row = {"model": name, "samples": samples, "runs": runs, "input": list(shape), "forward_s": forward_s,
-           "repair_s": repair_s, "forward_peak_mib": peak_bytes(forward) / 2 ** 20}
+           "repair_s": repair_s, "forward_peak_mib": peak_tensor_bytes(forward) / 2 ** 20}
     pruned_bytes = sum(t.numel() * t.element_size() for t in pruned.state_dict().values())
-    row["repair_peak_mib"] = (peak_bytes(refit) - pruned_bytes) / 2 ** 20   # less the copy of the pruned model
+    row["repair_peak_mib"] = (peak_tensor_bytes(refit) - pruned_bytes) / 2 ** 20   # less the copy of the pruned model
     row["time_ratio"] = row["repair_s"] / row["forward_s"]
     row["memory_ratio"] = row["repair_peak_mib"] / row["forward_peak_mib"]
     row["notes"] = sorted(set(notes))

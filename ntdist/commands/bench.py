@@ -82,6 +82,18 @@ def peak_extra_memory(fn) -> int:
     return max(0, peak[0] - base)
 
 
+def peak_tensor_bytes(fn) -> int:
+    """The most CPU memory that tensors allocated inside `fn` held at once: torch's profiler records every
+    allocation and free (the legacy profiler: Kineto's first start takes seconds probing for GPUs)."""
+    with torch.autograd.profiler.profile(profile_memory=True, use_kineto=False) as prof:
+        fn()
+    held = peak = 0
+    for event in sorted(prof.function_events, key=lambda e: e.time_range.start):
+        held += event.self_cpu_memory_usage
+        peak = max(peak, held)
+    return peak
+
+
 def median_time(fn, repeats: int) -> float:
     """Median wall time of `repeats` calls of `fn` after one warm-up call (seconds)."""
     fn()

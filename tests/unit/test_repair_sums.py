@@ -9,24 +9,13 @@ import threading
 import torch
 import torch.nn as nn
 
+from ntdist.commands.bench import peak_tensor_bytes
 from ntdist.fusion.analysis.graph import analyze
 from ntdist.fusion.pruning.select import select, targets
 from ntdist.fusion.repair import accumulate, packed, repair, solve, unpacked
 from ntdist.fusion.repair import rows as rows_module
 from ntdist.fusion.wide.assemble import assemble, tensors_of
 from ntdist.models import LeNet
-
-
-def peak_bytes(fn) -> int:
-    """The highest CPU memory that tensors allocated inside `fn` held at once: torch's profiler records every
-    allocation and free (the legacy profiler: Kineto's first start takes seconds probing for GPUs)."""
-    with torch.autograd.profiler.profile(profile_memory=True, use_kineto=False) as prof:
-        fn()
-    held = peak = 0
-    for event in sorted(prof.function_events, key=lambda e: e.time_range.start):
-        held += event.self_cpu_memory_usage
-        peak = max(peak, held)
-    return peak
 
 
 def test_accumulating_a_convolution_stays_within_a_few_gram_matrices(monkeypatch):
@@ -46,7 +35,7 @@ def test_accumulating_a_convolution_stays_within_a_few_gram_matrices(monkeypatch
             normal = accumulate(normal, rows, target, True)
         box.append(normal)
 
-    peak = peak_bytes(run)
+    peak = peak_tensor_bytes(run)
     assert box[0].rows == 4 * 32 * 32
     assert 4096 * (d - 1) * 4 > 10 * sums                     # all rows at once would hold ten times the sums
     assert peak < 4 * sums, (peak, sums)
