@@ -222,30 +222,29 @@ def fuse_stage(r: Run, held: Dict[int, torch.nn.Module], method: str) -> Tuple[t
     fc, world = r.cfg.fusion, r.world
     device = fusion_device(world)   # on a GPU with NCCL: where the members are; the traces run there too
     merged, notes, examples = {}, [], r.example_inputs().to(device)
-    nt = dict(options=fc.nt_options(), merged=merged, notes=notes) if method == "nt" else {}   # avg, OT: no NT option
-    if method == "ot":
-        nt = dict(ot_mode=fc.ot_mode, ot_reg=fc.ot_reg)
+    args = {"nt": dict(options=fc.nt_options(), merged=merged, notes=notes),   # each method's own options
+            "ot": dict(ot_mode=fc.ot_mode, ot_reg=fc.ot_reg)}.get(method, {})
     tree = method == "nt" and fc.schedule == "recursive"
     if method == "nt" and fc.repair != "none":      # the tree repairs on every rank's own draw, summed per step
         share = (world.rank, world.size) if tree else (0, 1)
-        nt["calibration"] = r.calibration_inputs(*share).to(device)
+        args["calibration"] = r.calibration_inputs(*share).to(device)
     world.barrier()
     start = time.perf_counter()
     fusing = {i: m.to(device) for i, m in held.items()}
     if tree:
-        fused = tree_fuse(world, fusing, r.layout.holders, r.template, example_inputs=examples, **nt)
+        fused = tree_fuse(world, fusing, r.layout.holders, r.template, example_inputs=examples, **args)
     elif method == "avg" and fc.schedule == "flat":
         fused = reduce_average(world, fusing, r.layout.holders, r.template)
     elif method == "ot" and fc.schedule == "flat":
-        fused = ot_reduce(world, fusing, r.layout.holders, r.template, examples, **nt)
+        fused = ot_reduce(world, fusing, r.layout.holders, r.template, examples, **args)
     else:
         fused = gather_fuse(world, fusing, r.layout.holders, r.template, method=method, schedule=fc.schedule,
-                            example_inputs=examples, **nt)
+                            example_inputs=examples, **args)
     synchronize(device)
     seconds = time.perf_counter() - start
     for note in dict.fromkeys(all_gather_records(world, notes) if method == "nt" else []):   # each once
         world.print0(note, file=sys.stderr)      # the layers NT's repair left as pruned
-    repaired = method == "nt" and "calibration" in nt and fc.nt_options().repairs(nt["calibration"])
+    repaired = method == "nt" and "calibration" in args and fc.nt_options().repairs(args["calibration"])
     if reestimates_bn(fc.bn_reestimate, fused, repaired):
         torch.manual_seed(run_seed(r.cfg.train, FUSED_SEED))   # the passes run in train mode: dropout draws
         batches = train_batches(r.splits.train, r.cfg.data.batch_size, r.cfg.train.seed,
