@@ -144,28 +144,20 @@ def checkpoints(out: str) -> dict:
     return {os.path.basename(p): load_file(p) for p in files}
 
 
-def repair_override():
-    """`fusion.repair=true` where the config has a boolean `fusion.repair`, else None."""
-    from ntdist.fusion.config import FusionConfig
-    fields = {f.name: f for f in dataclasses.fields(FusionConfig)}
-    return "fusion.repair=true" if "repair" in fields and fields["repair"].type in (bool, "bool") else None
-
-
 @check
 def every_stage(s: Setup):
-    """nt, avg and ot, the diversity check, distillation, BN re-estimation (and the repair where the config has it)
-    on resident data, then BN re-estimation on DataLoader batches (data.resident_max_mb=0)."""
-    repair = repair_override()
+    """nt (with its repair), avg and ot, the diversity check, distillation, BN re-estimation on resident data, then
+    NT's repair and BN re-estimation on DataLoader batches (data.resident_max_mb=0)."""
     out = run(s, "every_stage", "fusion.methods=[nt,avg,ot]", "output.diversity=true", "finetune.distill=true",
-              "fusion.bn_reestimate=true", *([repair] if repair else []))
+              "fusion.bn_reestimate=true", "fusion.repair=lstsq")
     accs = finite_accuracies(out, s)
-    loader = run(s, "loader", "fusion.methods=[nt]", "fusion.bn_reestimate=true", "data.resident_max_mb=0")
+    loader = run(s, "loader", "fusion.methods=[nt]", "fusion.bn_reestimate=true", "fusion.repair=lstsq",
+                 "data.resident_max_mb=0")
     finite_accuracies(loader, s)
     r = results(out)
     row("every_stage", "PASS", f"train {r['train_seconds']:.1f} s, fuse "
         + ", ".join(f"{m} {v['fuse_seconds']:.2f} s" for m, v in r["fusion"].items())
-        + f"; accuracy {', '.join(f'{k} {v:.3f}' for k, v in accs.items())}"
-        + ("" if repair else "; fusion.repair: not in this version's config"))
+        + f"; accuracy {', '.join(f'{k} {v:.3f}' for k, v in accs.items())}")
 
 
 @check

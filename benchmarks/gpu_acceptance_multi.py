@@ -21,6 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpu_acceptance as one  # noqa: E402 - the table, the run helpers and the tolerances of the one-GPU script
 
 RANKS = 4
+# The fusion alone, for the checks against one process: the repair and BatchNorm re-estimation read each rank's
+# own calibration share (tests/multiproc/test_distributed_repair.py checks those sums across ranks).
+EXACT = ("fusion.repair=none", "fusion.bn_reestimate=false")
 
 
 def torchrun(s, name: str, *overrides, nproc: int = RANKS, model=None):
@@ -46,19 +49,15 @@ def tuned(out: str, label: str) -> dict:
     return load_file(os.path.join(out, "checkpoints", f"finetuned_{label}.safetensors"))
 
 
-def prefixed(model) -> dict:
-    return {f"model.{k}": v for k, v in model.state_dict().items()}
-
-
 @one.check
 def nccl_tree(s):
     """NT-recursive over 4 ranks (k=4, finetune.epochs=0: the fine-tuned file is the fused model) against
     single-process `fuse(..., schedule="recursive")` of the same members on the CPU (tolerance `fusion_tol`)."""
     from ntdist.fusion import fuse
-    out = torchrun(s, "tree", "fusion.k=4", "fusion.methods=[nt]", "finetune.epochs=0")
+    out = torchrun(s, "tree", "fusion.k=4", "fusion.methods=[nt]", "finetune.epochs=0", *EXACT)
     members = members_of(out, 4)
     x = one.example(s)
-    worst = one.max_rel_diff(tuned(out, "nt"), prefixed(fuse(members, schedule="recursive", example_inputs=x)))
+    worst = one.max_rel_diff(tuned(out, "nt"), fuse(members, schedule="recursive", example_inputs=x).state_dict())
     one.row("nccl_tree", "PASS" if worst <= s.fusion_tol else "FAIL",
             f"4 ranks against one process: max relative difference {worst:.1e} (tolerance {s.fusion_tol:g})")
 
@@ -68,11 +67,12 @@ def nccl_all_reduce(s):
     """Averaging (one all-reduce) and OT (anchor broadcast + all-reduce) over 4 ranks, flat schedule, against
     `average` and `fuse(method="ot")` of the same members in one process (1e-5; OT `fusion_tol` + 1e-4)."""
     from ntdist.fusion import average, fuse
-    out = torchrun(s, "flat", "fusion.k=4", "fusion.methods=[avg,ot]", "fusion.schedule=flat", "finetune.epochs=0")
+    out = torchrun(s, "flat", "fusion.k=4", "fusion.methods=[avg,ot]", "fusion.schedule=flat", "finetune.epochs=0",
+                   EXACT[1])
     members = members_of(out, 4)
     x = one.example(s)
-    avg = one.max_rel_diff(tuned(out, "avg"), prefixed(average(members)))
-    ot = one.max_rel_diff(tuned(out, "ot"), prefixed(fuse(members, method="ot", schedule="flat", example_inputs=x)))
+    avg = one.max_rel_diff(tuned(out, "avg"), average(members).state_dict())
+    ot = one.max_rel_diff(tuned(out, "ot"), fuse(members, method="ot", schedule="flat", example_inputs=x).state_dict())
     one.row("nccl_all_reduce", "PASS" if avg <= 1e-5 and ot <= s.fusion_tol + 1e-4 else "FAIL",
             f"avg {avg:.1e} (tolerance 1e-5), ot {ot:.1e} (tolerance {s.fusion_tol + 1e-4:g})")
 
@@ -143,6 +143,7 @@ def tree_worker(out: str, width: int) -> None:
     from ntdist.distributed.layout import MemberLayout
     from ntdist.distributed.tree import tree_fuse
     from ntdist.distributed.world import DistributedConfig, World, init_world, shutdown
+    from ntdist.fusion.options import NTOptions
     from ntdist.models import ModelSpec
     world = init_world(DistributedConfig(timeout_s=300))
     sent, received, rounds = {}, {}, [0]
@@ -166,7 +167,7 @@ def tree_worker(out: str, width: int) -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    tree_fuse(world, held, layout.holders, spec.build, example_inputs=torch.randn(2, 3072))
+    tree_fuse(world, held, layout.holders, spec.build, NTOptions(), example_inputs=torch.randn(2, 3072))
     peak = torch.cuda.max_memory_allocated() - base if cuda else None
     with open(os.path.join(out, f"tree_rank{world.rank}.json"), "w") as f:
         json.dump({"sent": sent, "received": received, "peak": peak, "backend": world.backend}, f)
