@@ -27,6 +27,35 @@ def ntdist(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
                           timeout=timeout, env=None if env is None else dict(os.environ, **env))
 
 
+def ntdist_batch(cases, tmp) -> list:
+    """Run many `ntdist` command lines, each (args, env or None), in one `tests/cli_batch.py` process (one
+    interpreter start, a forked child per command line); returns their finished processes' codes and output."""
+    import json
+    import types
+    spec, results = os.path.join(tmp, "cli_cases.json"), os.path.join(tmp, "cli_results.json")
+    with open(spec, "w") as f:
+        json.dump([{"args": [str(a) for a in args], "env": env or {}} for args, env in cases], f)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "cli_batch.py"), spec, results], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(results) as f:
+        return [types.SimpleNamespace(**r) for r in json.load(f)]
+
+
+def acceptance_rows(stdout: str) -> dict:
+    """The table an acceptance script (benchmarks/gpu_acceptance*.sh) prints: check -> (result, figures)."""
+    lines = stdout.splitlines()
+    start = lines.index("| check | result | figures |")
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("| "):
+            break
+        name, result, figures = [cell.strip() for cell in line.strip("|").split(" | ", 2)]
+        rows[name] = (result, figures)
+    return rows
+
+
 def wait_for(path, proc, timeout=120):
     """Wait until `path` exists; fail if `proc` ends first or `timeout` seconds pass."""
     start = time.time()

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from helpers import ROOT
+from helpers import ROOT, acceptance_rows
 
 CHECKS = {"every_stage", "resident_vs_loader", "vectorised", "precisions", "compiled", "sigterm_resume",
           "fusion_on_device", "fuse_command", "ranks_on_one_device", "nccl_two_ranks_one_gpu", "bench_train",
@@ -22,13 +22,7 @@ def test_cpu_smoke_passes_every_check_a_cpu_can_run_and_prints_the_table(tmp_pat
                           env=dict(os.environ, PYTHON=sys.executable))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
-    start = lines.index("| check | result | figures |")
-    rows = {}
-    for line in lines[start + 2:]:
-        if not line.startswith("| "):
-            break
-        name, result, figures = [cell.strip() for cell in line.strip("|").split(" | ", 2)]
-        rows[name] = (result, figures)
+    rows = acceptance_rows(proc.stdout)
     assert set(rows) == CHECKS
     assert {name for name, (result, _) in rows.items() if result == "SKIP"} == NEEDS_A_GPU
     assert all(result == "PASS" for name, (result, _) in rows.items() if name not in NEEDS_A_GPU)

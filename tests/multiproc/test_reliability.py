@@ -11,14 +11,13 @@ import signal
 import socket
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from helpers import QUICK, ROOT, free_port, ntdist, torchrun_cmd, wait_for
+from helpers import QUICK, ROOT, free_port, ntdist, ntdist_batch, torchrun_cmd, wait_for
 from ntdist.records.results import read_results
 
 
@@ -210,23 +209,22 @@ def test_bad_input_table_one_line_nonzero_nothing_lost(tmp_path, finished):
     assert len(cases) >= 20
     before = snapshot(tmp_path), snapshot(finished)
 
-    def attempt(case):
-        name, args, env, words = case
-        blocker = None
-        if env == "PORT_IN_USE":
-            blocker = socket.socket()
-            blocker.bind(("127.0.0.1", 0))
-            blocker.listen()
-            env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                   "MASTER_PORT": str(blocker.getsockname()[1])}
-        try:
-            return ntdist(*args, env=env, timeout=120)
-        finally:
-            if blocker:
-                blocker.close()
+    blockers = []      # "port in use": a listening socket holds the port the rank is told to use
 
-    with ThreadPoolExecutor(max_workers=2) as pool:     # two at a time: each case is mostly a process start
-        procs = list(pool.map(attempt, cases))
+    def env_of(env):
+        if env != "PORT_IN_USE":
+            return env
+        blockers.append(socket.socket())
+        blockers[-1].bind(("127.0.0.1", 0))
+        blockers[-1].listen()
+        return {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(blockers[-1].getsockname()[1])}
+
+    try:       # one interpreter start, each command line in a forked child: what `python -m ntdist` does
+        procs = ntdist_batch([(args, env_of(env)) for _, args, env, _ in cases], str(tmp_path))
+    finally:
+        for blocker in blockers:
+            blocker.close()
     for (name, _, _, words), proc in zip(cases, procs):
         err = proc.stderr.strip()
         assert proc.returncode != 0, name
