@@ -1,14 +1,15 @@
 """Repair with BatchNorm: keep the members' statistics in the kept channels, or re-estimate them? Digits.
 
-Trains k BatchNorm networks per seed (VGG11 at width 0.25 and ResNet18 at width 8 on
-the 8x8 digits, the seeded train/validation/test split; the best member is chosen on validation; SGD lr 0.05 momentum 0.9, batch 64; member i of seed
+Trains k networks per seed (VGG11 at width 0.25 and ResNet18 at width 8, both with
+BatchNorm, and the digits configs' LeNet without biases or BatchNorm, on the 8x8 digits, the seeded train/validation/test split; the best member is chosen on validation; SGD lr 0.05 momentum 0.9, batch 64; member i of seed
 s uses seed 1000 s + i) and compares, right after fusion: plain NT, NT with BatchNorm
 statistics re-estimated (`reestimate_bn`), NT + repair keeping the members' statistics
 (the repair's default: it fits the pre-BatchNorm outputs at the kept channels, which those
 statistics normalise exactly as in the concatenated model), and NT + repair followed by
 re-estimation. It prints test accuracy and the mean squared difference of the logits to
-the ensemble's (the concatenated model's output). Repair and re-estimation use the same
-`--calibration` training inputs. Run:
+the ensemble's (the concatenated model's output), and the paired difference NT + repair − NT
+over the seeds. A model without BatchNorm has no re-estimated rows. Repair and re-estimation
+use the same `--calibration` training inputs. Run:
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/repair_bn_digits.py [--seeds 3] [--epochs 15]
 """
 
@@ -20,14 +21,17 @@ import torch
 
 from ntdist.data import DataConfig, load_splits
 from ntdist.fusion import analyze, reestimate_bn
+from ntdist.fusion.baselines import batch_norms
 from ntdist.fusion.pruning.select import select, targets
 from ntdist.fusion.repair import repair
 from ntdist.fusion.wide.assemble import assemble, tensors_of
 from ntdist.models import build_model
+from ntdist.records.stats import paired
 from tiny_training import sgd, train
 
 SPECS = {"vgg11": {"in_channels": 1, "image_size": 8, "num_classes": 10, "width": 0.25},
-         "resnet18": {"in_channels": 1, "image_size": 8, "num_classes": 10, "width": 8}}
+         "resnet18": {"in_channels": 1, "image_size": 8, "num_classes": 10, "width": 8},
+         "lenet": {"in_channels": 1, "image_size": 8, "num_classes": 10, "bias": False}}
 
 
 def tensors(dataset):
@@ -42,9 +46,11 @@ def contestants(members, x_cal, batch):
     keep = select(members, plan, "group_l2", targets(plan, plan.space_sizes(tensors_of(members[0])), 1.0), weights)
     nt = assemble(members, plan, weights, keep)
     repaired = repair(members, plan, weights, keep, assemble(members, plan, weights, keep), x_cal)
+    if not batch_norms(nt):
+        return {"NT": nt, "NT + repair": repaired}
     batches = x_cal.split(batch)
     return {"NT": nt, "NT + BN re-estimated": reestimate_bn(copy.deepcopy(nt), batches, len(batches)),
-            "NT + repair (members' BN statistics)": repaired,
+            "NT + repair": repaired,
             "NT + repair + BN re-estimated": reestimate_bn(copy.deepcopy(repaired), batches, len(batches))}
 
 
@@ -87,6 +93,10 @@ def main():
             acc, mse = [v[0] for v in values], [v[1] for v in values]
             sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
             print(f"| {n} | {100 * statistics.mean(acc):.1f} ± {100 * sd:.1f} | {statistics.mean(mse):.3g} |")
+        d = paired([100 * v[0] for v in results["NT + repair"]], [100 * v[0] for v in results["NT"]])
+        p = "n/a" if d["p"] is None else f"{d['p']:.2g}"
+        print(f"\nNT + repair − NT, test: {d['mean']:+.1f} ± {d['std']:.1f} points, paired t-test p = {p}, "
+              f"{d['wins']}/{d['n']} seeds ahead")
         print(flush=True)
 
 
