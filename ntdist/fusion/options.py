@@ -151,11 +151,16 @@ class NTOptions:
 
     def check_methods(self, methods: Sequence[str], prefix: str = "", names: Optional[Sequence[str]] = None) -> None:
         """UserError when an option (of `names`, default all) is set away from its default although no method
-        in `methods` is nt, the only method that reads it."""
+        in `methods` reads it: nt reads them all; avg and ot read `repair`, and `repair_ridge` with repair lstsq."""
         if "nt" in methods:
             return
-        unused = [name for name in self.changed() if names is None or name in names]
+        read = ("repair", "repair_ridge") if self.repair == "lstsq" else ("repair",)
+        unused = [name for name in self.changed() if (names is None or name in names) and name not in read]
         if unused:
             p, name = prefix, unused[0]
+            if name == "repair_ridge":
+                raise UserError(f"{p}repair_ridge applies to {', '.join(methods)} only with {p}repair lstsq "
+                                f"({p}repair {self.repair} does not repair them): set {p}repair lstsq or leave "
+                                f"{p}repair_ridge at its default {format_value(self.default(name))}")
             raise UserError(f"{p}{name} only applies to method nt, not to {', '.join(methods)}; leave {p}{name} "
                             f"at its default {format_value(self.default(name))} or use method nt")

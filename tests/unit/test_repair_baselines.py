@@ -8,11 +8,16 @@ import torch
 
 from helpers import randomise_bn
 from test_fusion_ot import permuted_copy
+from ntdist.cli import main
 from ntdist.config import load_config
+from ntdist.data import DataConfig, load_splits
+from ntdist.distributed.costs import fusion_kind
 from ntdist.errors import UserError
 from ntdist.fusion import Ensemble, analyze, average, fuse
 from ntdist.fusion.repair import repair
 from ntdist.models import build_model
+from ntdist.records.checkpoint import load_model
+from ntdist.records.rundir import RunDir
 
 NETS = {"mlp": ({"input_dim": 12, "num_classes": 5, "width": 16, "depth": 2}, (12,)),
         "cnn1d": ({"in_channels": 1, "length": 16, "num_classes": 5, "channels": 6}, (1, 16)),
@@ -103,6 +108,33 @@ def test_repair_options_for_avg_and_ot():
         ridged = fuse(models, method=method, repair="lstsq", repair_ridge=0.5, calibration=x)
         default = fuse(models, method=method, repair="lstsq", calibration=x)
         assert not torch.equal(ridged.state_dict()["net.3.weight"], default.state_dict()["net.3.weight"])
-    # the run config still refuses it: ntdist run repairs NT only
-    with pytest.raises(UserError, match="fusion.repair only applies to method nt, not to avg"):
-        load_config(None, ["fusion.methods=[avg]", "fusion.repair=lstsq"])
+    # the config takes repair lstsq for avg and ot; their ridge only with it (auto repairs NT only)
+    fusion = load_config(None, ["fusion.methods=[avg,ot]", "fusion.repair=lstsq", "fusion.repair_ridge=0.01"]).fusion
+    assert fusion.gathers("avg") and fusion.gathers("ot") and not fusion.gathers("nt")
+    assert fusion_kind("avg", "flat", fusion.gathers("avg")) == "gather" and fusion_kind("avg", "flat") == "average"
+    assert not load_config(None, ["fusion.methods=[avg]"]).fusion.gathers("avg")
+    with pytest.raises(UserError, match="repair_ridge applies to avg only with fusion.repair lstsq") as err:
+        load_config(None, ["fusion.methods=[avg]", "fusion.repair_ridge=0.01"])
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_ntdist_run_and_fuse_repair_avg_and_ot_with_repair_lstsq(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["run", "configs/quickstart.yaml", f"output.dir={run}", "train.epochs=1", "finetune.epochs=0",
+                 "finetune.control=false", "fusion.methods=[avg,ot]", "fusion.repair=lstsq"]) == 0
+    rundir = RunDir(str(run), writer=False)
+    members = [load_model(rundir.member_checkpoint(i))[0].eval() for i in range(2)]
+    x = torch.stack([torch.as_tensor(x) for x, _ in load_splits(DataConfig()).test])
+    ensemble = Ensemble(members)
+    for method in ("avg", "ot"):
+        repaired = load_model(rundir.finetuned_checkpoint(method))[0]      # fine-tuned for 0 epochs: as fused
+        assert _error(repaired, ensemble, x) < 0.5 * _error(fuse(members, method=method), ensemble, x)
+    torch.save(x, tmp_path / "x.pt")
+    out = str(tmp_path / "fused.safetensors")
+    paths = [rundir.member_checkpoint(i) for i in range(2)]
+    assert main(["fuse", "--method", "avg", "--calibration", str(tmp_path / "x.pt"), "fusion.repair=lstsq",
+                 "-o", out, *paths]) == 0
+    assert f"repaired on {len(x)} inputs" in capsys.readouterr().out
+    expected = fuse(members, method="avg", repair="lstsq", calibration=x)
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(out)[0](x), expected(x), rtol=0, atol=1e-5)
