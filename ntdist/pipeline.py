@@ -222,13 +222,10 @@ def fuse_stage(r: Run, held: Dict[int, torch.nn.Module], method: str) -> Tuple[t
     fc, world = r.cfg.fusion, r.world
     device = fusion_device(world)   # on a GPU with NCCL: where the members are; the traces run there too
     merged, notes, examples = {}, [], r.example_inputs().to(device)
-    args = {"nt": dict(options=fc.nt_options(), merged=merged, notes=notes),   # each method's own options
-            "ot": dict(ot_mode=fc.ot_mode, ot_reg=fc.ot_reg)}.get(method, {})
+    args = fc.method_args(method, merged, notes)     # each method's own options
     tree = method == "nt" and fc.schedule == "recursive"
-    gathered = fc.gathers(method)     # avg and ot repaired: fused on rank 0
-    if gathered:
-        args.update(options=fc.nt_options(), notes=notes)
-    if (method == "nt" and fc.repair != "none") or gathered:   # the tree repairs on every rank's draw, summed per step
+    gathered = fc.gathers(method)     # avg and ot repaired: fused on rank 0, from all members
+    if (method == "nt" and fc.repair != "none") or gathered:   # the tree repairs on every rank's draw, summed
         share = (world.rank, world.size) if tree else (0, 1)
         args["calibration"] = r.calibration_inputs(*share).to(device)
     world.barrier()

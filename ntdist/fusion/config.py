@@ -97,6 +97,15 @@ class FusionConfig:
         `ntdist run` gathers them on rank 0 instead of averaging them by an all-reduce."""
         return method != "nt" and self.nt_options().repairs(True, method)
 
+    def method_args(self, method: str, merged: dict, notes: list) -> dict:
+        """What `fuse` takes for `method` beside the models and inputs: NT's options (`merged` receives dedup's
+        counts), OT's mode; avg's and ot's repair options where `gathers`; `notes` receives the repair's."""
+        args = {"nt": dict(options=self.nt_options(), merged=merged, notes=notes),
+                "ot": dict(ot_mode=self.ot_mode, ot_reg=self.ot_reg)}.get(method, {})
+        if self.gathers(method):
+            args.update(options=self.nt_options(), notes=notes)
+        return args
+
     def example_count(self) -> int:
         """How many training inputs fusion is given: two trace the shapes; the activation criterion needs more."""
         compares = (self.dedup and self.dedup_criterion == "activations") or self.ot_mode == "activations"
