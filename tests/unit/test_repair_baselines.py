@@ -121,7 +121,8 @@ def test_repair_options_for_avg_and_ot():
 def test_ntdist_run_and_fuse_repair_avg_and_ot_with_repair_lstsq(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["run", "configs/quickstart.yaml", f"output.dir={run}", "train.epochs=1", "finetune.epochs=0",
-                 "finetune.control=false", "fusion.methods=[avg,ot]", "fusion.repair=lstsq"]) == 0
+                 "finetune.control=false", "data.train_fraction=0.3", "fusion.calibration_samples=300",
+                 "fusion.methods=[avg,ot]", "fusion.repair=lstsq"]) == 0
     rundir = RunDir(str(run), writer=False)
     members = [load_model(rundir.member_checkpoint(i))[0].eval() for i in range(2)]
     x = torch.stack([torch.as_tensor(x) for x, _ in load_splits(DataConfig()).test])

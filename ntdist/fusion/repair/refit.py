@@ -164,7 +164,8 @@ def repair(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float],
            keep: Optional[Dict[int, Optional[torch.Tensor]]], pruned: nn.Module, calibration, *, ridge: float = RIDGE,
            positions: int = POSITIONS, batch_size: int = CALIBRATION_BATCH,
            notes: Optional[List[str]] = None, reduce: Reduce = same) -> nn.Module:
-    """Refit `pruned` (NT's result, `assemble(models, plan, weights, keep)`) to the concatenation of `models`.
+    """Refit `pruned` (NT's result, `assemble(models, plan, weights, keep)`) to the concatenation of `models`
+    (`keep` None: an average refitted to the aligned `models`' average, below).
 
     `models` are the members in the order `keep` indexes them (member 0's units first);
     `plan` is their analysis; `weights` their output weights (normalised here);
@@ -177,12 +178,12 @@ def repair(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float],
     j of every member. Every layer is then refitted to the members' weighted average
     of their outputs of it; a layer that feeds a BatchNorm (with running statistics) to
     the members' averaged BatchNorm outputs, taken back through the fused BatchNorm
-    (`capture.unnormalized`), so the fused model's normalised outputs match theirs. The ridge pulls toward the
-averaged weights rather than toward zero (the layer fits the change from them), so a
-layer the average already gets right, as OT's of permuted copies, stays as it is.
+    (`capture.unnormalized`), so the fused model's normalised outputs match theirs. The
+    ridge pulls toward the averaged weights rather than toward zero (each layer fits the
+    change from them), so a layer the average already gets right (identical members, OT
+    of a permuted copy) stays as it is.
 
-    `calibration` is a
-    tensor of inputs (split into batches of `batch_size`) or an iterable of batches
+    `calibration` is a tensor of inputs (split into batches of `batch_size`) or an iterable of batches
     (tensors, or tuples whose first item is the inputs), on the models' device.
     `ridge` is relative to each layer's mean input energy (`lstsq.ridge_of`);
     `positions` bounds the output positions per input a convolution contributes.
