@@ -1,4 +1,4 @@
-"""Repair with BatchNorm: keep the members' statistics in the kept channels, or re-estimate them? Digits.
+"""Repair with BatchNorm: keep the fused model's statistics, or re-estimate them (before or after)? Digits.
 
 Trains k networks per seed (VGG11 at width 0.25 and ResNet18 at width 8, both with
 BatchNorm, and the digits configs' LeNet without biases or BatchNorm, on the 8x8 digits, the seeded train/validation/test split; the best member is chosen on validation; SGD lr 0.05 momentum 0.9, batch 64; member i of seed
@@ -6,10 +6,13 @@ s uses seed 1000 s + i) and compares, right after fusion: plain NT, NT with Batc
 statistics re-estimated (`reestimate_bn`), NT + repair keeping the members' statistics
 (the repair's default: it fits the pre-BatchNorm outputs at the kept channels, which those
 statistics normalise exactly as in the concatenated model), and NT + repair followed by
-re-estimation. It prints test accuracy and the mean squared difference of the logits to
-the ensemble's (the concatenated model's output), and the paired difference NT + repair − NT
-over the seeds. A model without BatchNorm has no re-estimated rows. Repair and re-estimation
-use the same `--calibration` training inputs. Run:
+re-estimation. The same for weight averaging and OT (weights mode): plain, BatchNorm
+re-estimated, repaired with the averaged statistics (the repair's choice: each layer before a
+BatchNorm is fitted to the members' averaged BatchNorm outputs taken back through the fused
+BatchNorm), re-estimated before the repair, and after it. It prints test accuracy and the mean
+squared difference of the logits to the ensemble's (the concatenated model's output), and the
+paired difference NT + repair − NT over the seeds. A model without BatchNorm has no re-estimated
+rows. Repair and re-estimation use the same `--calibration` training inputs. Run:
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/repair_bn_digits.py [--seeds 3] [--epochs 15]
 """
 
@@ -20,8 +23,9 @@ import statistics
 import torch
 
 from ntdist.data import DataConfig, load_splits
-from ntdist.fusion import analyze, reestimate_bn
+from ntdist.fusion import analyze, average, reestimate_bn
 from ntdist.fusion.baselines import batch_norms
+from ntdist.fusion.ot import aligned_members
 from ntdist.fusion.pruning.select import select, targets
 from ntdist.fusion.repair import repair
 from ntdist.fusion.wide.assemble import assemble, tensors_of
@@ -46,12 +50,23 @@ def contestants(members, x_cal, batch):
     keep = select(members, plan, "group_l2", targets(plan, plan.space_sizes(tensors_of(members[0])), 1.0), weights)
     nt = assemble(members, plan, weights, keep)
     repaired = repair(members, plan, weights, keep, assemble(members, plan, weights, keep), x_cal)
-    if not batch_norms(nt):
-        return {"NT": nt, "NT + repair": repaired}
     batches = x_cal.split(batch)
-    return {"NT": nt, "NT + BN re-estimated": reestimate_bn(copy.deepcopy(nt), batches, len(batches)),
-            "NT + repair": repaired,
-            "NT + repair + BN re-estimated": reestimate_bn(copy.deepcopy(repaired), batches, len(batches))}
+    out = {"NT": nt, "NT + repair": repaired}
+    if batch_norms(nt):
+        out["NT + BN re-estimated"] = reestimate_bn(copy.deepcopy(nt), batches, len(batches))
+        out["NT + repair + BN re-estimated"] = reestimate_bn(copy.deepcopy(repaired), batches, len(batches))
+    for method in ("avg", "ot"):      # the repair after averaging and OT (keep None: the aligned members' average)
+        aligned = members if method == "avg" else aligned_members(members, plan)
+        fused = average(aligned, weights)
+        out[method] = fused
+        out[f"{method} + repair"] = repair(aligned, plan, weights, None, copy.deepcopy(fused), x_cal)
+        if batch_norms(nt):
+            out[f"{method} + BN re-estimated"] = reestimate_bn(copy.deepcopy(fused), batches, len(batches))
+            out[f"{method} + BN re-estimated, then repair"] = repair(
+                aligned, plan, weights, None, copy.deepcopy(out[f"{method} + BN re-estimated"]), x_cal)
+            out[f"{method} + repair + BN re-estimated"] = reestimate_bn(
+                copy.deepcopy(out[f"{method} + repair"]), batches, len(batches))
+    return out
 
 
 def main():

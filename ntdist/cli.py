@@ -92,7 +92,8 @@ def _add_fuse(sub, common) -> None:
                       help="fusion.dedup_criterion=activations: a batch of training inputs, one tensor saved with "
                            "torch.save (a few hundred rows)")
     fuse.add_argument("--calibration", default=None, metavar="FILE|package.module:callable",
-                      help="training inputs NT's repair fits the fused model on (fusion.repair auto or lstsq): a "
+                      help="training inputs the repair fits the fused model on (NT: fusion.repair auto or lstsq; avg, "
+                           "ot: lstsq): a "
                            "tensor saved with torch.save, or a callable returning such a tensor or a dataset of "
                            "(input, label) pairs; fusion.calibration_samples of them are used")
     fuse.add_argument("--force", action="store_true", help="replace the output file if it exists")

@@ -222,10 +222,10 @@ def fuse_stage(r: Run, held: Dict[int, torch.nn.Module], method: str) -> Tuple[t
     fc, world = r.cfg.fusion, r.world
     device = fusion_device(world)   # on a GPU with NCCL: where the members are; the traces run there too
     merged, notes, examples = {}, [], r.example_inputs().to(device)
-    args = {"nt": dict(options=fc.nt_options(), merged=merged, notes=notes),   # each method's own options
-            "ot": dict(ot_mode=fc.ot_mode, ot_reg=fc.ot_reg)}.get(method, {})
+    args = fc.method_args(method, merged, notes)     # each method's own options
     tree = method == "nt" and fc.schedule == "recursive"
-    if method == "nt" and fc.repair != "none":      # the tree repairs on every rank's own draw, summed per step
+    gathered = fc.gathers(method)     # avg and ot repaired: fused on rank 0, from all members
+    if (method == "nt" and fc.repair != "none") or gathered:   # the tree repairs on every rank's draw, summed
         share = (world.rank, world.size) if tree else (0, 1)
         args["calibration"] = r.calibration_inputs(*share).to(device)
     world.barrier()
@@ -233,18 +233,18 @@ def fuse_stage(r: Run, held: Dict[int, torch.nn.Module], method: str) -> Tuple[t
     fusing = {i: m.to(device) for i, m in held.items()}
     if tree:
         fused = tree_fuse(world, fusing, r.layout.holders, r.template, example_inputs=examples, **args)
-    elif method == "avg" and fc.schedule == "flat":
+    elif method == "avg" and fc.schedule == "flat" and not gathered:
         fused = reduce_average(world, fusing, r.layout.holders, r.template)
-    elif method == "ot" and fc.schedule == "flat":
+    elif method == "ot" and fc.schedule == "flat" and not gathered:
         fused = ot_reduce(world, fusing, r.layout.holders, r.template, examples, **args)
     else:
         fused = gather_fuse(world, fusing, r.layout.holders, r.template, method=method, schedule=fc.schedule,
                             example_inputs=examples, **args)
     synchronize(device)
     seconds = time.perf_counter() - start
-    for note in dict.fromkeys(all_gather_records(world, notes) if method == "nt" else []):   # each once
-        world.print0(note, file=sys.stderr)      # the layers NT's repair left as pruned
-    repaired = method == "nt" and "calibration" in args and fc.nt_options().repairs(args["calibration"])
+    for note in dict.fromkeys(all_gather_records(world, notes) if "notes" in args else []):   # each once
+        world.print0(note, file=sys.stderr)      # the layers the repair left as they were
+    repaired = "calibration" in args and fc.nt_options().repairs(args["calibration"], method)
     if reestimates_bn(fc.bn_reestimate, fused, repaired):
         torch.manual_seed(run_seed(r.cfg.train, FUSED_SEED))   # the passes run in train mode: dropout draws
         batches = train_batches(r.splits.train, r.cfg.data.batch_size, r.cfg.train.seed,

@@ -114,7 +114,7 @@ def _fusion(plan: Plan) -> List[str]:
     layout, size, fc = plan.layout, plan.size, plan.cfg.fusion
     lines = []
     for method in fc.methods:
-        kind = costs.fusion_kind(method, fc.schedule)
+        kind = costs.fusion_kind(method, fc.schedule, fc.gathers(method))
         rounds = costs.ROUNDS[kind](layout, size)
         what = {"tree": "NT-recursive tree", "average": "one all-reduce", "ot": "anchor broadcast + all-reduce",
                 "gather": "gathered and fused on rank 0"}[kind]

@@ -180,14 +180,13 @@ def fuse_command(paths, output: str, fusion: FusionConfig, source: ModelSource =
 
     `source` rebuilds the models (--model, --model-kwargs, --data, --input-shape; default: the spec in the
     checkpoints); `inputs` is the `--dedup-inputs` file of the activation criterion; `calibration` the
-    `--calibration` inputs NT's repair fits on."""
+    `--calibration` inputs the repair fits on (NT's; avg's and ot's with fusion.repair=lstsq)."""
     options = fusion.nt_options()
     if (options.dedup_criterion == "activations") != (inputs is not None):
         raise UserError("fusion.dedup_criterion=activations and --dedup-inputs FILE go together: the activations "
                         "are the units' outputs on those inputs")
     calibrate = read_calibration(calibration, fusion.calibration_samples) if calibration is not None else None
-    if fusion.methods[0] == "nt":
-        options.repairs(calibrate)      # repair lstsq without --calibration: refused before any work
+    options.repairs(calibrate, fusion.methods[0])      # repair lstsq without --calibration: refused before any work
     if fusion.ot_mode == "activations" and calibrate is None:
         raise UserError("fusion.ot_mode=activations compares units' outputs on inputs: give a few hundred training "
                         "inputs with --calibration FILE")
@@ -221,15 +220,16 @@ def fuse_command(paths, output: str, fusion: FusionConfig, source: ModelSource =
               "keeps each of their units twice instead of the ensemble's: fuse members trained apart, or add "
               "--dedup to merge the copies", file=sys.stderr)
     start = time.perf_counter()
-    notes = []      # the layers NT's repair left as pruned, printed below
-    extra = dict(calibration=calibrate.to(dev), notes=notes) if calibrate is not None and method == "nt" else {}
+    notes = []      # the layers the repair left as they were, printed below
+    repairs = calibrate is not None and options.repairs(calibrate, method)
+    extra = dict(calibration=calibrate.to(dev), notes=notes) if repairs else {}
     if method == "ot":
-        extra = dict(ot_mode=fusion.ot_mode, ot_reg=fusion.ot_reg)
+        extra.update(ot_mode=fusion.ot_mode, ot_reg=fusion.ot_reg)
         examples = calibrate if fusion.ot_mode == "activations" else examples
     fused = fuse(models, method, fusion.schedule, options=options, example_inputs=examples.to(dev), **extra)
     synchronize(dev)   # on a GPU the kernels may still run: the time is the work's, not its launch's
     seconds = time.perf_counter() - start
-    renormed = settle_bn(fused, fusion.bn_reestimate, bn_inputs, bool(extra) and options.repairs(calibrate))
+    renormed = settle_bn(fused, fusion.bn_reestimate, bn_inputs, repairs)
     if resized:
         first = next(m for m in fused.modules() if isinstance(m, torch.nn.Linear))
         spec = ModelSpec(spec.name, dict(spec.kwargs, width=first.out_features), spec.input_shape)
@@ -240,7 +240,7 @@ def fuse_command(paths, output: str, fusion: FusionConfig, source: ModelSource =
     else:
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)   # -o a new folder: now that it worked
         save_checkpoint(output, fused.cpu(), spec, info=fused_info(fusion, paths))
-    repaired = f", repaired on {len(calibrate)} inputs" if extra and options.repairs(calibrate) else ""
+    repaired = f", repaired on {len(calibrate)} inputs" if repairs else ""
     repaired += f", BatchNorm statistics re-estimated on {len(bn_inputs)} inputs" if renormed else ""
     print(f"fused {len(models)} models with {method} ({fusion.schedule}{repaired}) on {dev} in {seconds:.3f} s "
           f"-> {output}")

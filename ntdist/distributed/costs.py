@@ -123,11 +123,12 @@ def _count(links, side: int, size: MemberSize) -> Dict[int, int]:
     return out
 
 
-def fusion_kind(method: str, schedule: str) -> str:
-    """Which of the four cross-rank fusions `pipeline.fuse_stage` uses for `method` with `schedule`."""
+def fusion_kind(method: str, schedule: str, repaired: bool = False) -> str:
+    """Which of the four cross-rank fusions `pipeline.fuse_stage` uses for `method` with `schedule` (`repaired`:
+    avg or ot with their repair, which fits on all members at once)."""
     if method == "nt" and schedule == "recursive":
         return "tree"
-    if method in ("avg", "ot") and schedule == "flat":
+    if method in ("avg", "ot") and schedule == "flat" and not repaired:
         return "average" if method == "avg" else "ot"
     return "gather"
 

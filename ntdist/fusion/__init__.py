@@ -15,7 +15,8 @@ Where is...
 - the wide model built? `wide/assemble` (also what writes the pruned model: `assemble(..., keep)`)
 - the choice of the units that stay? `pruning/importance` (scores), `pruning/select` (per space, per member share)
 - the pruned model refitted to the concatenated one (after the selection)? `repair/` (`refit.repair`, the
-  normal equations in `lstsq`, a layer's regression rows in `rows`, hooks and targets in `capture`)
+  normal equations in `lstsq`, a layer's regression rows in `rows`, hooks and targets in `capture`); an
+  average refitted to the aligned members (after avg and OT)? the same, `keep=None` (`nt.average_step`)
 - the merge of duplicate units? `dedup/merge` (the walk), `dedup/choice` (kept, merged, dropped), `dedup/activations`
 - the NT step and method dispatch? `nt`; its options? `options` (`NTOptions`); the pairwise tree's arithmetic?
   `schedule`

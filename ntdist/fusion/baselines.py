@@ -16,8 +16,9 @@ from ntdist.errors import UserError
 from ntdist.fusion.wide.assemble import clone_with, tensors_of
 from ntdist.fusion.checks import check_models, check_weights, normalized
 
-# auto: wherever data is at hand, except after NT's repair, which fits the kept channels to the members' own
-# statistics and is closer to the ensemble with them (docs/RESULTS.md, "Repair"); on: always; off: never
+# auto: wherever data is at hand, except after a repair, which fits each layer to the statistics the fused model
+# has (NT: the kept channels' own; avg and ot: the averaged ones) and is closer to the ensemble with them
+# (docs/RESULTS.md, "Repair"); on: always; off: never
 BN_REESTIMATES = ("auto", "on", "off")
 _SPELLINGS = {"true": "on", "false": "off", "yes": "on", "no": "off"}   # YAML reads on/off as booleans
 
@@ -89,7 +90,7 @@ def batch_norms(model: nn.Module) -> list:
 
 def reestimates_bn(setting: str, model: nn.Module, repaired: bool = False) -> bool:
     """Whether a fused `model` gets its BatchNorm statistics recomputed, given data to do it on: never without
-    BatchNorm layers; `setting` on: yes; off: no; auto: unless NT's repair fitted it to the members' statistics."""
+    BatchNorm layers; `setting` on: yes; off: no; auto: unless a repair fitted it to the statistics it has."""
     if not batch_norms(model) or setting == "off":
         return False
     return setting == "on" or not repaired

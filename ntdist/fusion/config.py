@@ -42,7 +42,7 @@ class FusionConfig:
     width: Optional[int] = _nt("width")
     bn_reestimate: str = opt("auto", "recompute the fused model's BatchNorm running statistics on training inputs "
                                      "(the members' are stale for it): " + " | ".join(BN_REESTIMATES) + "; auto: "
-                                     "every method except NT after its repair, wherever data is given")
+                                     "every method except after its repair, wherever data is given")
     bn_batches: int = opt(10, "training batches used to re-estimate BatchNorm statistics (ntdist run)")
     dedup: bool = _nt("dedup")
     dedup_threshold: float = _nt("dedup_threshold")
@@ -51,7 +51,7 @@ class FusionConfig:
     dedup_samples: int = opt(256, "training inputs whose outputs fusion.dedup_criterion activations compares")
     repair: str = _nt("repair")
     repair_ridge: float = _nt("repair_ridge")
-    calibration_samples: int = opt(2000, "training inputs (drawn with the seed) that NT's repair fits on, per "
+    calibration_samples: int = opt(2000, "training inputs (drawn with the seed) that the repair fits on, per "
                                          "rank: a step of the distributed tree fits on those of all its ranks")
     ot_mode: str = opt("weights", "OT: what a unit's cost compares: " + " | ".join(OT_MODES) + " (weights: incoming "
                                   "weight rows; activations: outputs on fusion.dedup_samples training inputs)")
@@ -91,6 +91,20 @@ class FusionConfig:
     def nt_options(self) -> NTOptions:
         """The NT options of this section, validated (errors name the keys fusion.*)."""
         return NTOptions(**{name: getattr(self, name) for name in NTOptions.names()}, prefix=PREFIX)
+
+    def gathers(self, method: str) -> bool:
+        """Whether `method` is avg or ot with their repair on: the repair fits to all members at once, so
+        `ntdist run` gathers them on rank 0 instead of averaging them by an all-reduce."""
+        return method != "nt" and self.nt_options().repairs(True, method)
+
+    def method_args(self, method: str, merged: dict, notes: list) -> dict:
+        """What `fuse` takes for `method` beside the models and inputs: NT's options (`merged` receives dedup's
+        counts), OT's mode; avg's and ot's repair options where `gathers`; `notes` receives the repair's."""
+        args = {"nt": dict(options=self.nt_options(), merged=merged, notes=notes),
+                "ot": dict(ot_mode=self.ot_mode, ot_reg=self.ot_reg)}.get(method, {})
+        if self.gathers(method):
+            args.update(options=self.nt_options(), notes=notes)
+        return args
 
     def example_count(self) -> int:
         """How many training inputs fusion is given: two trace the shapes; the activation criterion needs more."""

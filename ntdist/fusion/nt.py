@@ -8,6 +8,7 @@ weights. Output weights are leaf counts, so every member ends with equal weight.
 """
 
 import warnings
+from functools import partial
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -149,6 +150,23 @@ def fuse_pair(a: nn.Module, b: nn.Module, weight_a: float = 1.0, weight_b: float
     return fused
 
 
+def average_step(models: Sequence[nn.Module], weights: Sequence[float], method: str, plan: Optional[Plan],
+                 options: Optional[NTOptions], calibration, notes: List[str], ot: dict) -> nn.Module:
+    """Average `models` ('avg') or align them to the first by OT and average them ('ot'; `ot` holds its mode,
+    reg and example inputs); with `options` (repair on), refit the result to the aligned members' weighted
+    average on `calibration` (`repair` with `keep` None), the layers it leaves as they were named in `notes`."""
+    from ntdist.fusion.baselines import average
+    from ntdist.fusion.ot import aligned_members
+
+    if method == "ot":
+        models = aligned_members(check_models(models, shapes=False), plan, **ot)
+    fused = average(models, weights)
+    if options is None:
+        return fused
+    return repair(models, plan, weights, None, fused, calibration, ridge=options.repair_ridge,
+                  notes=notes)
+
+
 def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = DEFAULT_SCHEDULE, *,
          options: Optional[NTOptions] = None, example_inputs=None, weights: Optional[Sequence[float]] = None,
          merged: Optional[dict] = None, calibration=None, ot_mode: str = "weights", ot_reg: float = 0.0,
@@ -164,19 +182,21 @@ def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = DEFAUL
     `keep_ratio`, `pruner`, `dedup`, `dedup_threshold`, `dedup_overflow`, `dedup_criterion`;
     given both, the keywords replace those fields); see `NTOptions` for each. For method
     'avg' and 'ot' the result always has the members' width and the NT options are not read,
-    except that a pruner other than 'ntdist' is refused (they do not prune).
+    except `repair` and `repair_ridge` (below), and a pruner other than 'ntdist' is refused (they do not prune).
     `example_inputs` trace the model (and feed `dedup_criterion` "activations": a few hundred
     training inputs); `merged`, when given, receives the number of units dedup merged per
     layer, summed over the pairwise steps. `calibration` (a tensor of inputs, or an iterable of
     input batches, a few thousand training inputs) lets NT refit its result to the concatenated
     model (`repair`: "auto" does so whenever it is given; every pairwise step refits to its own pair).
+    With `repair="lstsq"`, 'avg' and 'ot' refit their average to the members' weighted average
+    of their (aligned) outputs, layer by layer (`repair` with `keep` None; "auto" leaves them as
+    they are), on the same `calibration` inputs and with `repair_ridge`.
     `ot_mode` ("weights" or "activations", which compares units' outputs on `example_inputs`) and `ot_reg`
     (0: exact transport; > 0: Sinkhorn) are OT's, refused with another method.
     The layers the repair cannot refit (attention, a module called twice, ...) are named once
     per fusion: appended to `notes` when given, else as a `UserWarning` each.
     """
-    from ntdist.fusion.baselines import average
-    from ntdist.fusion.ot import check_ot, ot_fuse
+    from ntdist.fusion.ot import check_ot
 
     options = NTOptions.build(options, nt_options, "fuse")
     models = check_models(models, shapes=False, finite=False)   # each method checks finiteness on its own pass
@@ -187,24 +207,25 @@ def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = DEFAUL
     check_ot(ot_mode, ot_reg)
     if method != "ot" and (ot_mode, ot_reg) != ("weights", 0.0):
         raise UserError(f"ot_mode and ot_reg are OT's options; method '{method}' does not read them: drop them")
-    if method == "nt":
-        options.repairs(calibration)    # repair lstsq without calibration inputs: refused before any work
-    if method != "nt":      # avg and OT keep the members' width: the NT options are unused
-        if method == "avg":
-            if any(a.shape != b.shape for m in models[1:] for a, b in zip(models[0].state_dict().values(),
-                                                                          m.state_dict().values())):
-                raise UserError("averaging needs members of identical shapes; members of different widths fuse "
-                                "with method 'nt' or 'ot' (to the first member's widths)")
-            return average(models, w) if schedule == "flat" else fold(
-                models, w, schedule, lambda a, b, wa, wb: average([a, b], [wa, wb]))
-        plan = analyze(models[0], example_inputs)
-        ot = dict(plan=plan, mode=ot_mode, reg=ot_reg, example_inputs=example_inputs)
-        return ot_fuse(models, w, **ot) if schedule == "flat" else fold(
-            models, w, schedule, lambda a, b, wa, wb: ot_fuse([a, b], [wa, wb], **ot))
+    options.repairs(calibration, method)    # repair lstsq without calibration inputs: refused before any work
+    found: List[str] = []
+    if method != "nt":      # avg and OT keep the members' width: the NT options but repair's are unused
+        if method == "avg" and any(a.shape != b.shape for m in models[1:] for a, b in zip(
+                models[0].state_dict().values(), m.state_dict().values())):
+            raise UserError("averaging needs members of identical shapes; members of different widths fuse "
+                            "with method 'nt' or 'ot' (to the first member's widths)")
+        repairs = options.repairs(calibration, method)
+        plan = analyze(models[0], example_inputs) if method == "ot" or repairs else None
+        step = partial(average_step, method=method, plan=plan, options=options if repairs else None,
+                       calibration=calibration, notes=found, ot=dict(mode=ot_mode, reg=ot_reg,
+                                                                     example_inputs=example_inputs))
+        fused = step(models, w) if schedule == "flat" else fold(models, w, schedule,
+                                                                lambda a, b, wa, wb: step([a, b], [wa, wb]))
+        report_notes(found, notes)
+        return fused
     plan = analyze(models[0], example_inputs)
     check_widths(models, plan)
     ratio = ratio_of(plan, plan.space_sizes(tensors_of(models[0])), len(models), options.width, options.keep_ratio)
-    found: List[str] = []
     if schedule == "flat":
         fused = nt_step(models, w, plan, ratio, models[0], options, merged, example_inputs, calibration, found)
     else:

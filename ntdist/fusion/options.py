@@ -28,6 +28,7 @@ from ntdist.options import format_value, opt
 ORDERS = ("merge_prune", "prune_merge")
 DEDUP_ONLY = ("dedup_threshold", "dedup_overflow", "dedup_criterion")   # what only dedup reads
 REPAIRS = ("auto", "lstsq", "none")
+AUTO_REPAIRED = ("nt",)   # the methods repair auto refits; avg and ot only with repair lstsq (docs/RESULTS.md)
 
 
 @dataclass(frozen=True)
@@ -107,11 +108,14 @@ class NTOptions:
             raise UserError(f"{p}repair lstsq refits the units plain NT selects; {p}dedup on and {p}pruner "
                             f"torch_pruning select differently: set {p}repair auto or none, or turn those off")
 
-    def repairs(self, calibration) -> bool:
-        """Whether an NT step with these options refits its result on `calibration` (None: no inputs)."""
+    def repairs(self, calibration, method: str = "nt") -> bool:
+        """Whether a fusion by `method` (an NT step by default) with these options refits its result on
+        `calibration` (None: no inputs)."""
         if self.repair == "lstsq" and calibration is None:
             raise UserError("repair lstsq needs calibration inputs: fuse(..., calibration=x) in Python, "
                             "ntdist fuse --calibration FILE; or set repair auto or none")
+        if method not in AUTO_REPAIRED:
+            return self.repair == "lstsq"
         plain = not self.dedup and self.pruner == DEFAULT_PRUNER
         return self.repair != "none" and calibration is not None and plain
 
@@ -147,11 +151,16 @@ class NTOptions:
 
     def check_methods(self, methods: Sequence[str], prefix: str = "", names: Optional[Sequence[str]] = None) -> None:
         """UserError when an option (of `names`, default all) is set away from its default although no method
-        in `methods` is nt, the only method that reads it."""
+        in `methods` reads it: nt reads them all; avg and ot read `repair`, and `repair_ridge` with repair lstsq."""
         if "nt" in methods:
             return
-        unused = [name for name in self.changed() if names is None or name in names]
+        read = ("repair", "repair_ridge") if self.repair == "lstsq" else ("repair",)
+        unused = [name for name in self.changed() if (names is None or name in names) and name not in read]
         if unused:
             p, name = prefix, unused[0]
+            if name == "repair_ridge":
+                raise UserError(f"{p}repair_ridge applies to {', '.join(methods)} only with {p}repair lstsq "
+                                f"({p}repair {self.repair} does not repair them): set {p}repair lstsq or leave "
+                                f"{p}repair_ridge at its default {format_value(self.default(name))}")
             raise UserError(f"{p}{name} only applies to method nt, not to {', '.join(methods)}; leave {p}{name} "
                             f"at its default {format_value(self.default(name))} or use method nt")

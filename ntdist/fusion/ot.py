@@ -170,6 +170,16 @@ def align_to(anchor: nn.Module, member: nn.Module, plan: Plan, mode: str = "weig
     return clone_with(anchor, align(tensors_of(member), tensors_of(anchor), plan, costs, reg))
 
 
+def aligned_members(models: Sequence[nn.Module], plan: Optional[Plan] = None, mode: str = "weights",
+                    reg: float = 0.0, example_inputs=None) -> List[nn.Module]:
+    """Model 0 and every other model aligned to it with OT (`mode`, `reg` as in `ot_fuse`): what OT averages,
+    and what its repair fits to (`fusion.repair`, unit j of the average stands for unit j of each of them).
+    `models` are checked by the caller (`check_models`)."""
+    plan = plan if plan is not None else analyze(models[0], example_inputs)
+    check_widths(models, plan)
+    return [models[0]] + [align_to(models[0], m, plan, mode, reg, example_inputs) for m in models[1:]]
+
+
 def ot_fuse(models: Sequence[nn.Module], weights: Optional[Sequence[float]] = None, example_inputs=None,
             plan: Optional[Plan] = None, mode: str = "weights", reg: float = 0.0) -> nn.Module:
     """Align every model to model 0 with OT (`mode`: weights or activations on `example_inputs`, a few hundred
@@ -177,7 +187,4 @@ def ot_fuse(models: Sequence[nn.Module], weights: Optional[Sequence[float]] = No
     check_ot(mode, reg)
     models = check_models(models, shapes=False)
     w = check_weights(weights, len(models))
-    plan = plan if plan is not None else analyze(models[0], example_inputs)
-    check_widths(models, plan)
-    aligned = [models[0]] + [align_to(models[0], m, plan, mode, reg, example_inputs) for m in models[1:]]
-    return average(aligned, w)
+    return average(aligned_members(models, plan, mode, reg, example_inputs), w)

@@ -54,7 +54,7 @@ class Run:
         return config_digest(to_yaml(self.cfg))
 
     def calibration_inputs(self, share: int = 0, shares: int = 1) -> torch.Tensor:
-        """`fusion.calibration_samples` training inputs drawn with the run's seed: what NT's repair fits on.
+        """`fusion.calibration_samples` training inputs drawn with the run's seed: what the repair fits on.
 
         Each rank of the fusion tree draws its own (`share` of `shares`): the next block of the same seeded
         order, so the ranks' inputs differ while the training set lasts (each block is at most a 1/shares part

@@ -1,7 +1,8 @@
 """Repair: refit the pruned model's layers to the concatenated model by least squares (after NT's selection).
 
 `repair(models, plan, weights, keep, pruned, calibration)` is the whole step
-(`refit`); the normal equations it accumulates per layer and solves are in
+(`refit`; with `keep` None it refits an average, after averaging or OT, to the
+aligned members' averaged outputs instead); the normal equations it accumulates per layer and solves are in
 `lstsq` (kept apart so that a distributed caller can sum them across ranks:
 `repair(..., reduce=...)` with `packed`/`unpacked`), a
 layer's regression rows and the write-back in `rows`, and reading inputs,

@@ -10,7 +10,9 @@ The concatenated model is never built: its hidden layers are block-diagonal, so
 the wide output of a hidden layer is the members' outputs side by side (member-major
 within every part of the layer's layout), and its output layer computes the weighted
 sum of the members' outputs. `wide_output` assembles that from the members, and
-`kept_index` says which of its entries the pruned layer's outputs are.
+`kept_index` says which of its entries the pruned layer's outputs are. After averaging
+and OT the targets are the aligned members' averaged outputs instead; `unnormalized`
+takes an averaged BatchNorm output back through the fused model's BatchNorm.
 """
 
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
@@ -157,3 +159,16 @@ def averaged_output(outputs: Iterable[torch.Tensor], weights: Sequence[float]) -
     for o, w in zip(outputs, weights):
         total = o * w if total is None else total + o * w
     return total
+
+
+def unnormalized(bn: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """The input that BatchNorm `bn`, normalising with its running statistics, maps to `y` (channels on dim 1).
+
+    A channel whose scale is (nearly) zero outputs its shift whatever it reads; it gets its running mean."""
+    shape = [1, -1] + [1] * (y.dim() - 2)
+    std = (bn.running_var + bn.eps).sqrt()
+    scale = bn.weight if bn.affine else torch.ones_like(std)
+    shift = bn.bias if bn.affine else torch.zeros_like(std)
+    tiny = scale.abs() < 1e-12
+    gain = torch.where(tiny, torch.zeros_like(std), std / torch.where(tiny, torch.ones_like(scale), scale))
+    return (y - shift.reshape(shape)) * gain.reshape(shape) + bn.running_mean.reshape(shape)

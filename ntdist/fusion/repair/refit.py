@@ -1,4 +1,4 @@
-"""Repair after NT's selection: refit each layer of the pruned model to the concatenated model, in forward order.
+"""Repair after fusion: refit each layer of the fused model to the ensemble it stands for, in forward order.
 
 NT keeps a subset of the concatenated model's units and drops the rest, together
 with what they contributed to the next layer. `repair` refits, layer by layer in the
@@ -9,6 +9,12 @@ outputs of that layer at the kept units (pre-activation; before a BatchNorm, who
 kept channels carry the members' own statistics) or, for the output layer, the
 weighted average of the members' logits. Every producer into a residual stream is
 refitted to the stream's kept channels, so their sum matches too.
+
+After averaging and OT (`keep` None) the same refit runs with other targets: fused
+unit j stands for unit j of every member once they are aligned (by the identity, or by
+OT's transport), so every layer's target is the members' weighted average of their
+aligned outputs of it; before a BatchNorm, their averaged normalised outputs taken
+back through the fused BatchNorm, whose statistics are the members' averaged ones.
 
 A layer's fit is exact when the concatenated layer's kept outputs are an affine
 function of the pruned model's inputs to it (for instance when every dropped unit is a
@@ -34,9 +40,9 @@ import torch.nn as nn
 
 from ntdist.fusion.analysis.plan import Plan
 from ntdist.fusion.repair.capture import (CALIBRATION_BATCH, averaged_output, calibration_batches, kept_index,
-                                          reach, reach_all, trace, wide_output)
+                                          reach, reach_all, trace, unnormalized, wide_output)
 from ntdist.fusion.repair.lstsq import Normal, accumulate, same, solve
-from ntdist.fusion.repair.rows import foldable, install, row_chunks, why_not
+from ntdist.fusion.repair.rows import coefficients, foldable, install, row_chunks, why_not
 from ntdist.fusion.wide.assemble import tensors_of
 
 RIDGE = 1e-3          # relative to the mean diagonal of each layer's Gram matrix
@@ -50,11 +56,12 @@ def _is_output(plan: Plan, name: str) -> bool:
     return any(spec.module == name and spec.role == "output" for spec in plan.tensors.values())
 
 
-def _layer_note(plan: Plan, name: str, module: nn.Module, twice: set) -> Optional[str]:
-    """None: refit it; '': nothing to refit; otherwise why it is left as NT pruned it."""
+def _layer_note(plan: Plan, name: str, module: nn.Module, twice: set, through_bn: bool = False) -> Optional[str]:
+    """None: refit it; '': nothing to refit; otherwise why it is left as NT pruned it. `through_bn`: its target
+    is an averaged BatchNorm output taken back through the fused BatchNorm (never exact unless refitted)."""
     layer = plan.layers[name]
-    if layer.kind in SILENT or layer.inp is None:
-        return ""      # inp None: reads only the model input, so its kept outputs are already exact
+    if layer.kind in SILENT or (layer.inp is None and not through_bn):
+        return ""      # inp None: reads only the model input, so its kept (or averaged) outputs are already exact
     if layer.out is None and not _is_output(plan, name):
         return ""      # neither reads nor writes a widened space
     reason = why_not(module, layer.kind)
@@ -71,7 +78,7 @@ class _Fit:
     models: Sequence[nn.Module]
     plan: Plan
     weights: List[float]
-    keep: Dict[int, Optional[torch.Tensor]]
+    keep: Optional[Dict[int, Optional[torch.Tensor]]]    # None: targets are the aligned members' average
     sizes: List[Dict[int, int]]
     pruned: nn.Module
     batches: List[torch.Tensor]
@@ -80,9 +87,19 @@ class _Fit:
     positions: int
     reduce: Reduce
 
+    def source(self, name: str) -> str:
+        """The module whose output in every member the target of layer `name` is made of: the layer itself, or
+        (averaged targets) the BatchNorm it feeds, whose averaged outputs are taken back through the fused one."""
+        bn = self.feeds.get(name)
+        return bn if self.keep is None and bn is not None and foldable(self.pruned.get_submodule(bn)) else name
+
     def target(self, name: str, outputs: List[torch.Tensor]) -> torch.Tensor:
-        """What layer `name` of the pruned model should output, from the members' outputs of it."""
+        """What layer `name` of the pruned model should output, from the members' outputs of `source(name)`."""
         layer, module = self.plan.layers[name], self.pruned.get_submodule(name)
+        if self.keep is None:
+            mean = averaged_output(outputs, self.weights)
+            source = self.source(name)
+            return mean if source == name else unnormalized(self.pruned.get_submodule(source), mean)
         if layer.out is None:
             return averaged_output(outputs, self.weights)
         dim = -1 if isinstance(module, nn.Linear) else 1
@@ -99,9 +116,9 @@ class _Fit:
         """The targets of the layers `names` on every batch, from one forward of each member per batch."""
         out: Dict[str, List[torch.Tensor]] = {name: [] for name in names}
         for x in self.batches:
-            outputs = [reach_all(m, names, x) for m in self.models]
+            outputs = [reach_all(m, list(dict.fromkeys(map(self.source, names))), x) for m in self.models]
             for name in names:
-                out[name].append(self.target(name, [o[name] for o in outputs]))
+                out[name].append(self.target(name, [o[self.source(name)] for o in outputs]))
         return out
 
     @torch.no_grad()
@@ -111,14 +128,18 @@ class _Fit:
         bn = self.pruned.get_submodule(self.feeds[name]) if name in self.feeds else None
         bias = module.bias is not None or foldable(bn)
         generator = torch.Generator().manual_seed(0)
+        start = coefficients(module, bias) if self.keep is None else None   # averaged: the ridge pulls to these
         normal = None
         for i, x in enumerate(self.batches):
             inputs = reach(self.pruned, name, x, "input")
             target = targets[i] if targets is not None else \
-                self.target(name, [reach(m, name, x, "output") for m in self.models])
+                self.target(name, [reach(m, self.source(name), x, "output") for m in self.models])
+            if start is not None:
+                target = target - module(inputs)     # fit the change from the averaged weights
             for rows, goal in row_chunks(module, inputs, target, self.positions, generator):
                 normal = accumulate(normal, rows, goal, bias)
-        install(module, solve(self.reduce(normal), self.ridge), bn)
+        coef = solve(self.reduce(normal), self.ridge)
+        install(module, coef if start is None else coef + start, bn)
 
 
 def waves(names: List[str], bytes_per_input: Dict[str, int], inputs: int, budget: Optional[int] = None
@@ -140,16 +161,29 @@ def waves(names: List[str], bytes_per_input: Dict[str, int], inputs: int, budget
 
 
 def repair(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float],
-           keep: Dict[int, Optional[torch.Tensor]], pruned: nn.Module, calibration, *, ridge: float = RIDGE,
+           keep: Optional[Dict[int, Optional[torch.Tensor]]], pruned: nn.Module, calibration, *, ridge: float = RIDGE,
            positions: int = POSITIONS, batch_size: int = CALIBRATION_BATCH,
            notes: Optional[List[str]] = None, reduce: Reduce = same) -> nn.Module:
-    """Refit `pruned` (NT's result, `assemble(models, plan, weights, keep)`) to the concatenation of `models`.
+    """Refit `pruned` (NT's result, `assemble(models, plan, weights, keep)`) to the concatenation of `models`
+    (`keep` None: an average refitted to the aligned `models`' average, below).
 
     `models` are the members in the order `keep` indexes them (member 0's units first);
     `plan` is their analysis; `weights` their output weights (normalised here);
     `keep[space]` the sorted indices of the kept units into the concatenated space, or
-    None for all of them (what `pruning.select.select` returns). `calibration` is a
-    tensor of inputs (split into batches of `batch_size`) or an iterable of batches
+    None for all of them (what `pruning.select.select` returns).
+
+    `keep` None: `pruned` is the members' weighted average (`baselines.average`) and
+    `models` are the members aligned to it (for OT, each transported onto the anchor's
+    units; for averaging, the members themselves), so that fused unit j stands for unit
+    j of every member. Every layer is then refitted to the members' weighted average
+    of their outputs of it; a layer that feeds a BatchNorm (with running statistics) to
+    the members' averaged BatchNorm outputs, taken back through the fused BatchNorm
+    (`capture.unnormalized`), so the fused model's normalised outputs match theirs. The
+    ridge pulls toward the averaged weights rather than toward zero (each layer fits the
+    change from them), so a layer the average already gets right (identical members, OT
+    of a permuted copy) stays as it is.
+
+    `calibration` is a tensor of inputs (split into batches of `batch_size`) or an iterable of batches
     (tensors, or tuples whose first item is the inputs), on the models' device.
     `ridge` is relative to each layer's mean input energy (`lstsq.ridge_of`);
     `positions` bounds the output positions per input a convolution contributes.
@@ -164,7 +198,7 @@ def repair(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float],
     feed change. Every model runs in eval mode and gets its own mode back. Layers that cannot be refitted are left
     as NT pruned them, each named in a line appended to `notes` when given.
     """
-    if not any(v is not None for v in keep.values()):
+    if keep is not None and not any(v is not None for v in keep.values()):
         return pruned                  # nothing was dropped: the pruned model is the concatenated one
     total = float(sum(weights))
     weights = [float(w) / total for w in weights]
@@ -179,14 +213,14 @@ def repair(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float],
         for name in plan.layers:
             if name not in order and plan.layers[name].kind not in SILENT:
                 _note(notes, name, "forward never calls it as a module (its weights are read directly)")
+        fit = _Fit(models, plan, weights, keep, sizes, pruned, batches, feeds, ridge, positions, reduce)
         todo = []
         for name in order:
-            reason = _layer_note(plan, name, pruned.get_submodule(name), twice)
+            reason = _layer_note(plan, name, pruned.get_submodule(name), twice, fit.source(name) != name)
             if reason is None:
                 todo.append(name)
             elif reason:
                 _note(notes, name, reason)
-        fit = _Fit(models, plan, weights, keep, sizes, pruned, batches, feeds, ridge, positions, reduce)
         for wave in waves(todo, output_bytes, sum(len(b) for b in batches)):
             stored = fit.targets(wave) if len(wave) > 1 else {}
             for name in wave:

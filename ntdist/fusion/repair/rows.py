@@ -139,6 +139,17 @@ def foldable(bn: Optional[nn.Module]) -> bool:
     return isinstance(bn, _BatchNorm) and bn.running_mean is not None and not bn.training
 
 
+def coefficients(module: nn.Module, bias: bool) -> torch.Tensor:
+    """The layer's own weights (and bias, zero without one, when `bias`) as float64 coefficients [G, d(+1), o],
+    the layout `install` writes back."""
+    groups, out = module.groups if hasattr(module, "groups") else 1, module.weight.shape[0]
+    weight = module.weight.detach().to(torch.float64).reshape(groups, out // groups, -1).transpose(1, 2)
+    if not bias:
+        return weight
+    b = module.bias.detach() if module.bias is not None else module.weight.new_zeros(out)
+    return torch.cat([weight, b.to(torch.float64).reshape(groups, 1, out // groups)], 1)
+
+
 @torch.no_grad()
 def install(module: nn.Module, coef: torch.Tensor, bn: Optional[nn.Module] = None) -> None:
     """Write coefficients [G, d(+1), o] from `solve` into `module` (and an intercept into `bn`, see above)."""
