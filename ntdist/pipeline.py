@@ -189,13 +189,16 @@ def diversity_stage(r: Run, held: Dict[int, torch.nn.Module], test_pred: torch.T
 
 
 def control_stage(r: Run, held: Dict[int, torch.nn.Module], best: int):
-    """The best member fine-tuned for the same epochs as the fused model: a fair baseline."""
+    """The best member fine-tuned for the same epochs with the same recipe as the fused models (distilled from the
+    members when they are): a fair baseline."""
     if not r.cfg.finetune.control or r.cfg.finetune.epochs == 0:
         return None
     model = copy.deepcopy(held[best]) if best in held else r.template()
     model = broadcast_model(r.world, model.cpu(), r.layout.holder(best))
-    history = resumable_finetune(r, model, CONTROL_LABEL, run_seed(r.cfg.train, CONTROL_SEED), None)
-    return ControlResult(member=best, finetune=[h["test_accuracy"] for h in history],
+    distill = r.cfg.finetune.distill
+    teacher = distill_teacher(r, held) if distill else None
+    history = resumable_finetune(r, model, CONTROL_LABEL, run_seed(r.cfg.train, CONTROL_SEED), teacher)
+    return ControlResult(member=best, distilled=distill, finetune=[h["test_accuracy"] for h in history],
                          finetune_val=[h["val_accuracy"] for h in history])
 
 

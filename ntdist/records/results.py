@@ -40,10 +40,12 @@ def kept_gain(fused: float, best_member: float, ensemble: float) -> Optional[flo
 
 @dataclass(kw_only=True)
 class ControlResult:
-    """The fair baseline: the best member fine-tuned for the same epochs as the fused models."""
+    """The fair baseline: the best member fine-tuned for the same epochs, with the same recipe (distilled from the
+    members where the fused models are), as the fused models."""
 
     method: str = "best_member_extra_epochs"
     member: Optional[int] = None
+    distilled: bool = False
     finetune: List[float] = field(default_factory=list)
     finetune_val: List[float] = field(default_factory=list)
 
