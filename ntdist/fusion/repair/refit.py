@@ -33,10 +33,12 @@ import torch
 import torch.nn as nn
 
 from ntdist.fusion.analysis.plan import Plan
+from ntdist.fusion.repair.attention import (call_reasons, context, install_projections, owner, projections,
+                                            query_and_output)
 from ntdist.fusion.repair.capture import (CALIBRATION_BATCH, averaged_output, calibration_batches, kept_index,
-                                          reach, reach_all, trace, wide_output)
+                                          reach, reach_all, reach_call, trace, wide_output)
 from ntdist.fusion.repair.lstsq import Normal, accumulate, same, solve
-from ntdist.fusion.repair.rows import foldable, install, row_chunks, why_not
+from ntdist.fusion.repair.rows import foldable, install, linear_rows, row_chunks, why_not
 from ntdist.fusion.wide.assemble import tensors_of
 
 RIDGE = 1e-3          # relative to the mean diagonal of each layer's Gram matrix
@@ -50,14 +52,16 @@ def _is_output(plan: Plan, name: str) -> bool:
     return any(spec.module == name and spec.role == "output" for spec in plan.tensors.values())
 
 
-def _layer_note(plan: Plan, name: str, module: nn.Module, twice: set) -> Optional[str]:
-    """None: refit it; '': nothing to refit; otherwise why it is left as NT pruned it."""
+def _layer_note(plan: Plan, name: str, module: nn.Module, twice: set, attention: Dict[str, str]
+                ) -> Optional[str]:
+    """None: refit it; '': nothing to refit; otherwise why it is left as NT pruned it. `attention`: each
+    MultiheadAttention's `call_reason` (its out_proj reads the heads, so it is refitted even on the model input)."""
     layer = plan.layers[name]
-    if layer.kind in SILENT or layer.inp is None:
+    if layer.kind in SILENT or (layer.inp is None and layer.kind != "mha"):
         return ""      # inp None: reads only the model input, so its kept outputs are already exact
     if layer.out is None and not _is_output(plan, name):
         return ""      # neither reads nor writes a widened space
-    reason = why_not(module, layer.kind)
+    reason = attention[name] if layer.kind == "mha" else why_not(module, layer.kind)
     if not reason and name in twice:
         reason = "forward calls it more than once"
     return reason or None
@@ -120,6 +124,46 @@ class _Fit:
                 normal = accumulate(normal, rows, goal, bias)
         install(module, solve(self.reduce(normal), self.ridge), bn)
 
+    def _solved(self, rows_of: Callable, bias: bool) -> torch.Tensor:
+        """The coefficients of a channels-last regression whose (inputs, targets) on a batch are `rows_of(x)`."""
+        generator = torch.Generator().manual_seed(0)
+        normal = None
+        for x in self.batches:
+            inputs, target = rows_of(x)
+            for rows, goal in linear_rows(inputs, target, self.positions, generator):
+                normal = accumulate(normal, rows, goal, bias)
+        return solve(self.reduce(normal), self.ridge)
+
+    @torch.no_grad()
+    def refit_attention(self, name: str) -> None:
+        """Refit MultiheadAttention `name`: the kept heads' q/k/v projections, then `out_proj` on the context
+        they give (`attention`)."""
+        module, layer = self.pruned.get_submodule(name), self.plan.layers[name]
+        members = [m.get_submodule(name) for m in self.models]
+        index = kept_index(layer.out, self.keep, self.sizes, module.in_proj_weight.device)
+
+        def calls(x):      # the pruned model's query; each member's query and attention output
+            query, _ = query_and_output(module, reach_call(self.pruned, name, x))
+            return query, [query_and_output(mm, reach_call(m, name, x)) for m, mm in zip(self.models, members)]
+
+        def projected(x):
+            query, theirs = calls(x)
+            goal = wide_output([projections(mm, q) for mm, (q, _) in zip(members, theirs)], layer.out, self.sizes, -1)
+            goal = goal if index is None else goal[..., index]
+            if goal.shape[-1] != module.in_proj_weight.shape[0]:
+                raise ValueError(f"repair: '{name}' projects to {module.in_proj_weight.shape[0]} features but "
+                                 f"`keep` selects {goal.shape[-1]}; `pruned` must be assemble(models, plan, weights, "
+                                 f"keep)")
+            return query, goal
+
+        def attended(x):
+            query, theirs = calls(x)
+            return context(module, query), self.target(f"{name}.out_proj", [out for _, out in theirs])
+
+        if layer.inp is not None:      # on the model input the kept heads' projections are already exact
+            install_projections(module, self._solved(projected, module.in_proj_bias is not None))
+        install(module.out_proj, self._solved(attended, module.out_proj.bias is not None))
+
 
 def waves(names: List[str], bytes_per_input: Dict[str, int], inputs: int, budget: Optional[int] = None
           ) -> List[List[str]]:
@@ -177,11 +221,13 @@ def repair(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float],
         with torch.no_grad():
             order, twice, feeds, output_bytes = trace(pruned, plan, batches[0][:2])
         for name in plan.layers:
-            if name not in order and plan.layers[name].kind not in SILENT:
+            if name not in order and plan.layers[name].kind not in SILENT and owner(plan.layers, name) is None:
                 _note(notes, name, "forward never calls it as a module (its weights are read directly)")
+        attention = [name for name in order if plan.layers[name].kind == "mha"]
+        attention = call_reasons(pruned, attention, batches[0][:2]) if attention else {}
         todo = []
         for name in order:
-            reason = _layer_note(plan, name, pruned.get_submodule(name), twice)
+            reason = _layer_note(plan, name, pruned.get_submodule(name), twice, attention)
             if reason is None:
                 todo.append(name)
             elif reason:
@@ -190,7 +236,10 @@ def repair(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float],
         for wave in waves(todo, output_bytes, sum(len(b) for b in batches)):
             stored = fit.targets(wave) if len(wave) > 1 else {}
             for name in wave:
-                fit.refit(name, stored.pop(name, None))
+                if name in attention:
+                    fit.refit_attention(name)
+                else:
+                    fit.refit(name, stored.pop(name, None))
     finally:
         for m, mode in modes:
             m.train(mode)
