@@ -8,7 +8,9 @@ the pruned model as repaired so far, its targets are the concatenated model's
 outputs of that layer at the kept units (pre-activation; before a BatchNorm, whose
 kept channels carry the members' own statistics) or, for the output layer, the
 weighted average of the members' logits. Every producer into a residual stream is
-refitted to the stream's kept channels, so their sum matches too.
+refitted to the stream's kept channels, so their sum matches too. A
+`nn.MultiheadAttention` used as self-attention is two such fits, its kept heads'
+q/k/v projections and then `out_proj` on the context they give (`attention`).
 
 A layer's fit is exact when the concatenated layer's kept outputs are an affine
 function of the pruned model's inputs to it (for instance when every dropped unit is a
