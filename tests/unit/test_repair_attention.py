@@ -109,3 +109,21 @@ def test_attention_it_does_not_reproduce_is_left_as_pruned_with_the_reason(mode,
     assert notes == [f"repair: 'attn' left as pruned: mha layer (MultiheadAttention) is not refitted: {reason}"]
     assert all(torch.equal(t, before[n]) for n, t in repaired.attn.state_dict().items())
     assert not torch.equal(repaired.head.weight, assemble(models, plan, w, keep).head.weight)   # the rest is
+
+
+def test_the_second_fit_reads_the_same_rows_whether_kept_from_the_first_or_read_again(monkeypatch):
+    torch.manual_seed(0)
+    models = [Block().eval() for _ in range(2)]
+    x = torch.randn(300, 5, 6)
+    plan, w, keep = nt(models, x)
+    reads, read = [], refit.reach_call
+    monkeypatch.setattr(refit, "reach_call", lambda model, name, batch: reads.append(name) or read(model, name, batch))
+    with torch.no_grad():
+        kept = repair(models, plan, w, keep, assemble(models, plan, w, keep), x, batch_size=128)
+        assert reads.count("attn") == 3 * 3               # one pass: three batches x (pruned model + 2 members)
+        monkeypatch.setattr(refit, "TARGET_BYTES", 0)     # nothing kept: the second fit reads them again
+        again = repair(models, plan, w, keep, assemble(models, plan, w, keep), x, batch_size=128)
+    assert reads.count("attn") == 3 * 3 + 2 * 3 * 3
+    assert not torch.equal(kept.attn.in_proj_weight, assemble(models, plan, w, keep).attn.in_proj_weight)
+    for key, value in kept.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key

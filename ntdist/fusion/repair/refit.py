@@ -127,11 +127,11 @@ class _Fit:
         install(module, solve(self.reduce(normal), self.ridge), bn)
 
     def _solved(self, rows_of: Callable, bias: bool) -> torch.Tensor:
-        """The coefficients of a channels-last regression whose (inputs, targets) on a batch are `rows_of(x)`."""
+        """The coefficients of a channels-last regression whose (inputs, targets) on batch i are `rows_of(i, x)`."""
         generator = torch.Generator().manual_seed(0)
         normal = None
-        for x in self.batches:
-            inputs, target = rows_of(x)
+        for i, x in enumerate(self.batches):
+            inputs, target = rows_of(i, x)
             for rows, goal in linear_rows(inputs, target, self.positions, generator):
                 normal = accumulate(normal, rows, goal, bias)
         return solve(self.reduce(normal), self.ridge)
@@ -139,17 +139,24 @@ class _Fit:
     @torch.no_grad()
     def refit_attention(self, name: str) -> None:
         """Refit MultiheadAttention `name`: the kept heads' q/k/v projections, then `out_proj` on the context
-        they give (`attention`)."""
+        they give (`attention`). The first pass keeps each batch's query and `out_proj` target for the second
+        (its own refit does not change the module's input) while they fit in `TARGET_BYTES`."""
         module, layer = self.pruned.get_submodule(name), self.plan.layers[name]
         members = [m.get_submodule(name) for m in self.models]
         index = kept_index(layer.out, self.keep, self.sizes, module.in_proj_weight.device)
+        kept: List = []
 
-        def calls(x):      # the pruned model's query; each member's query and attention output
+        def read(i, x):    # the pruned model's query; each member's query and attention output
+            if i < len(kept):
+                return kept[i]
             query, _ = query_and_output(module, reach_call(self.pruned, name, x))
-            return query, [query_and_output(mm, reach_call(m, name, x)) for m, mm in zip(self.models, members)]
+            theirs = [query_and_output(mm, reach_call(m, name, x)) for m, mm in zip(self.models, members)]
+            return query, theirs, self.target(f"{name}.out_proj", [out for _, out in theirs])
 
-        def projected(x):
-            query, theirs = calls(x)
+        def projected(i, x):
+            query, theirs, goal_out = read(i, x)
+            if i == len(kept) and (query.nbytes + goal_out.nbytes) * len(self.batches) <= TARGET_BYTES:
+                kept.append((query, None, goal_out))
             goal = wide_output([projections(mm, q) for mm, (q, _) in zip(members, theirs)], layer.out, self.sizes, -1)
             goal = goal if index is None else goal[..., index]
             if goal.shape[-1] != module.in_proj_weight.shape[0]:
@@ -158,9 +165,9 @@ class _Fit:
                                  f"keep)")
             return query, goal
 
-        def attended(x):
-            query, theirs = calls(x)
-            return context(module, query), self.target(f"{name}.out_proj", [out for _, out in theirs])
+        def attended(i, x):
+            query, _, goal_out = read(i, x)
+            return context(module, query), goal_out
 
         if layer.inp is not None:      # on the model input the kept heads' projections are already exact
             install_projections(module, self._solved(projected, module.in_proj_bias is not None))
