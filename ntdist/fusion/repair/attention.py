@@ -34,9 +34,9 @@ _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 
 def call_reason(module: nn.Module, args: tuple, kwargs: dict) -> str:
     """Why a call of `module` with these arguments is not refitted, or '' when it is plain self-attention."""
+    if type(module).forward is not nn.MultiheadAttention.forward:
+        return f"{NOT_REFITTED}: {type(module).__name__} has a forward of its own"
     given = _SIGNATURE.bind(module, *args, **kwargs).arguments
-    if not isinstance(module, nn.MultiheadAttention):
-        return f"{NOT_REFITTED}: {type(module).__name__} is not nn.MultiheadAttention"
     if not (given["query"] is given["key"] is given["value"]):
         return f"{NOT_REFITTED}: its key or value is not its query (only self-attention is)"
     for mask in ("attn_mask", "key_padding_mask"):
