@@ -1,5 +1,5 @@
-"""The layers NT's repair leaves as pruned (attention) reach the user once per fusion: a warning from the Python
-API, a list when one is passed, a line each on stderr from `ntdist fuse`.
+"""The layers NT's repair leaves as pruned (here a masked attention) reach the user once per fusion: a warning from
+the Python API, a list when one is passed, a line each on stderr from `ntdist fuse`.
 
 Run: .venv/bin/python -m pytest tests/unit/test_repair_notes.py
 """
@@ -7,26 +7,21 @@ Run: .venv/bin/python -m pytest tests/unit/test_repair_notes.py
 import warnings
 
 import torch
-from torchvision.models import VisionTransformer
+from userpkg.attention import masked_block
 
 from ntdist.cli import main
 from ntdist.fusion import fuse
 
-X = torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(3))
-ATTENTION = "'encoder.layers.encoder_layer_0.self_attention' left as pruned: mha layer (MultiheadAttention)"
-
-
-def tiny_vit(num_classes: int = 3) -> VisionTransformer:
-    """One encoder layer of two heads on 8x8 images (patches of 4): attention in a model fused in a blink."""
-    return VisionTransformer(image_size=8, patch_size=4, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16,
-                             num_classes=num_classes)
+X = torch.randn(40, 5, 6, generator=torch.Generator().manual_seed(3))
+ATTENTION = ("'attn' left as pruned: mha layer (MultiheadAttention) is not refitted: called with attn_mask "
+             "(only attention without masks is)")
 
 
 def _members(k):
     out = []
     for seed in range(k):
         torch.manual_seed(seed)
-        out.append(tiny_vit().eval())
+        out.append(masked_block().eval())
     return out
 
 
@@ -55,7 +50,7 @@ def test_ntdist_fuse_prints_each_note_once_on_stderr(tmp_path, capsys):
         paths.append(str(tmp_path / f"m{i}.pt"))
         torch.save(model.state_dict(), paths[-1])
     torch.save(X, tmp_path / "cal.pt")
-    code = main(["fuse", "--model", "test_repair_notes:tiny_vit", "--input-shape", "3,8,8", "--calibration",
+    code = main(["fuse", "--model", "userpkg.attention:masked_block", "--input-shape", "5,6", "--calibration",
                  str(tmp_path / "cal.pt"), "-o", str(tmp_path / "fused.safetensors"), *paths])
     err = capsys.readouterr().err
     assert code == 0, err

@@ -5,8 +5,9 @@
 aligned members' averaged outputs instead); the normal equations it accumulates per layer and solves are in
 `lstsq` (kept apart so that a distributed caller can sum them across ranks:
 `repair(..., reduce=...)` with `packed`/`unpacked`), a
-layer's regression rows and the write-back in `rows`, and reading inputs,
-outputs and targets from the models in `capture`.
+layer's regression rows and the write-back in `rows`, `nn.MultiheadAttention`
+(its projections, then `out_proj` on the recomputed context) in `attention`, and
+reading inputs, outputs and targets from the models in `capture`.
 """
 
 from ntdist.fusion.repair.lstsq import Normal, accumulate, packed, same, solve, unpacked

@@ -2,7 +2,7 @@
 
 `reach(model, name, x, "input"|"output")` runs `model` on `x` only as far as module
 `name` and returns what that module received or produced (a forward hook stops the
-forward there); `reach_all` reads the outputs of several modules in one forward. `trace` runs the pruned model once and lists its analysed layers in
+forward there; `reach_call` returns the call's arguments and output); `reach_all` reads the outputs of several modules in one forward. `trace` runs the pruned model once and lists its analysed layers in
 the order forward calls them, which ones it calls more than once and which
 BatchNorm reads a layer's output directly.
 
@@ -30,16 +30,16 @@ class _Reached(BaseException):
     forward catching Exception does not swallow it)."""
 
 
-def reach(model: nn.Module, name: str, x: torch.Tensor, what: str) -> Optional[torch.Tensor]:
-    """The input (first positional argument) or output of module `name` when `model` runs on `x`, or None
-    when forward never calls it. Only the part of forward before that module runs."""
+def reach_call(model: nn.Module, name: str, x: torch.Tensor) -> Optional[Tuple[tuple, dict, object]]:
+    """(positional arguments, keyword arguments, output) of the first call of module `name` when `model` runs on
+    `x`, or None when forward never calls it. Only the part of forward up to that call runs."""
     box = []
 
-    def hook(module, args, output):
-        box.append(args[0] if what == "input" else output)
+    def hook(module, args, kwargs, output):
+        box.append((args, kwargs, output))
         raise _Reached
 
-    handle = model.get_submodule(name).register_forward_hook(hook)
+    handle = model.get_submodule(name).register_forward_hook(hook, with_kwargs=True)
     try:
         model(x)
     except _Reached:
@@ -47,6 +47,15 @@ def reach(model: nn.Module, name: str, x: torch.Tensor, what: str) -> Optional[t
     finally:
         handle.remove()
     return box[0] if box else None
+
+
+def reach(model: nn.Module, name: str, x: torch.Tensor, what: str) -> Optional[torch.Tensor]:
+    """The input (first positional argument) or output of module `name` when `model` runs on `x`, or None
+    when forward never calls it. Only the part of forward before that module runs."""
+    call = reach_call(model, name, x)
+    if call is None:
+        return None
+    return call[0][0] if what == "input" else call[2]
 
 
 def reach_all(model: nn.Module, names: Sequence[str], x: torch.Tensor) -> Dict[str, torch.Tensor]:

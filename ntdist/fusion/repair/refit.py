@@ -8,7 +8,9 @@ the pruned model as repaired so far, its targets are the concatenated model's
 outputs of that layer at the kept units (pre-activation; before a BatchNorm, whose
 kept channels carry the members' own statistics) or, for the output layer, the
 weighted average of the members' logits. Every producer into a residual stream is
-refitted to the stream's kept channels, so their sum matches too.
+refitted to the stream's kept channels, so their sum matches too. A
+`nn.MultiheadAttention` used as self-attention is two such fits, its kept heads'
+q/k/v projections and then `out_proj` on the context they give (`attention`).
 
 After averaging and OT (`keep` None) the same refit runs with other targets: fused
 unit j stands for unit j of every member once they are aligned (by the identity, or by
@@ -39,10 +41,12 @@ import torch
 import torch.nn as nn
 
 from ntdist.fusion.analysis.plan import Plan
+from ntdist.fusion.repair.attention import (call_reasons, context, install_projections, owner, projections,
+                                            query_and_output)
 from ntdist.fusion.repair.capture import (CALIBRATION_BATCH, averaged_output, calibration_batches, kept_index,
-                                          reach, reach_all, trace, unnormalized, wide_output)
+                                          reach, reach_all, reach_call, trace, unnormalized, wide_output)
 from ntdist.fusion.repair.lstsq import Normal, accumulate, same, solve
-from ntdist.fusion.repair.rows import coefficients, foldable, install, row_chunks, why_not
+from ntdist.fusion.repair.rows import coefficients, foldable, install, linear_rows, row_chunks, why_not
 from ntdist.fusion.wide.assemble import tensors_of
 
 RIDGE = 1e-3          # relative to the mean diagonal of each layer's Gram matrix
@@ -56,15 +60,18 @@ def _is_output(plan: Plan, name: str) -> bool:
     return any(spec.module == name and spec.role == "output" for spec in plan.tensors.values())
 
 
-def _layer_note(plan: Plan, name: str, module: nn.Module, twice: set, through_bn: bool = False) -> Optional[str]:
-    """None: refit it; '': nothing to refit; otherwise why it is left as NT pruned it. `through_bn`: its target
-    is an averaged BatchNorm output taken back through the fused BatchNorm (never exact unless refitted)."""
+def _layer_note(plan: Plan, name: str, module: nn.Module, twice: set, attention: Dict[str, str],
+                through_bn: bool = False) -> Optional[str]:
+    """None: refit it; '': nothing to refit; otherwise why it is left as NT pruned it. `attention`: each
+    MultiheadAttention's `call_reason` (its out_proj reads the heads, so it is refitted even on the model input).
+    `through_bn`: its target is an averaged BatchNorm output taken back through the fused BatchNorm (never exact
+    unless refitted)."""
     layer = plan.layers[name]
-    if layer.kind in SILENT or (layer.inp is None and not through_bn):
+    if layer.kind in SILENT or (layer.inp is None and layer.kind != "mha" and not through_bn):
         return ""      # inp None: reads only the model input, so its kept (or averaged) outputs are already exact
     if layer.out is None and not _is_output(plan, name):
         return ""      # neither reads nor writes a widened space
-    reason = why_not(module, layer.kind)
+    reason = attention[name] if layer.kind == "mha" else why_not(module, layer.kind)
     if not reason and name in twice:
         reason = "forward calls it more than once"
     return reason or None
@@ -141,6 +148,58 @@ class _Fit:
         coef = solve(self.reduce(normal), self.ridge)
         install(module, coef if start is None else coef + start, bn)
 
+    def _solved(self, rows_of: Callable, bias: bool) -> torch.Tensor:
+        """The coefficients of a channels-last regression whose (inputs, targets) on batch i are `rows_of(i, x)`."""
+        generator = torch.Generator().manual_seed(0)
+        normal = None
+        for i, x in enumerate(self.batches):
+            inputs, target = rows_of(i, x)
+            for rows, goal in linear_rows(inputs, target, self.positions, generator):
+                normal = accumulate(normal, rows, goal, bias)
+        return solve(self.reduce(normal), self.ridge)
+
+    @torch.no_grad()
+    def refit_attention(self, name: str) -> None:
+        """Refit MultiheadAttention `name`: the kept heads' q/k/v projections, then `out_proj` on the context
+        they give (`attention`). The first pass keeps each batch's query and `out_proj` target for the second
+        (its own refit does not change the module's input) while they fit in `TARGET_BYTES`."""
+        module, layer = self.pruned.get_submodule(name), self.plan.layers[name]
+        members = [m.get_submodule(name) for m in self.models]
+        device = module.in_proj_weight.device
+        index = None if self.keep is None else kept_index(layer.out, self.keep, self.sizes, device)
+        kept: List = []
+
+        def read(i, x):    # the pruned model's query; each member's query and attention output
+            if i < len(kept):
+                return kept[i]
+            query, _ = query_and_output(module, reach_call(self.pruned, name, x))
+            theirs = [query_and_output(mm, reach_call(m, name, x)) for m, mm in zip(self.models, members)]
+            return query, theirs, self.target(f"{name}.out_proj", [out for _, out in theirs])
+
+        def projected(i, x):
+            query, theirs, goal_out = read(i, x)
+            if i == len(kept) and (query.nbytes + goal_out.nbytes) * len(self.batches) <= TARGET_BYTES:
+                kept.append((query, None, goal_out))
+            outs = [projections(mm, q) for mm, (q, _) in zip(members, theirs)]
+            if self.keep is None:      # after averaging or OT: the aligned members' average
+                goal = averaged_output(outs, self.weights)
+            else:
+                goal = wide_output(outs, layer.out, self.sizes, -1)
+                goal = goal if index is None else goal[..., index]
+            if goal.shape[-1] != module.in_proj_weight.shape[0]:
+                raise ValueError(f"repair: '{name}' projects to {module.in_proj_weight.shape[0]} features but "
+                                 f"`keep` selects {goal.shape[-1]}; `pruned` must be assemble(models, plan, weights, "
+                                 f"keep)")
+            return query, goal
+
+        def attended(i, x):
+            query, _, goal_out = read(i, x)
+            return context(module, query), goal_out
+
+        if layer.inp is not None:      # on the model input the kept heads' projections are already exact
+            install_projections(module, self._solved(projected, module.in_proj_bias is not None))
+        install(module.out_proj, self._solved(attended, module.out_proj.bias is not None))
+
 
 def waves(names: List[str], bytes_per_input: Dict[str, int], inputs: int, budget: Optional[int] = None
           ) -> List[List[str]]:
@@ -211,12 +270,14 @@ def repair(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float],
         with torch.no_grad():
             order, twice, feeds, output_bytes = trace(pruned, plan, batches[0][:2])
         for name in plan.layers:
-            if name not in order and plan.layers[name].kind not in SILENT:
+            if name not in order and plan.layers[name].kind not in SILENT and owner(plan.layers, name) is None:
                 _note(notes, name, "forward never calls it as a module (its weights are read directly)")
         fit = _Fit(models, plan, weights, keep, sizes, pruned, batches, feeds, ridge, positions, reduce)
+        attention = [name for name in order if plan.layers[name].kind == "mha"]
+        attention = call_reasons(pruned, attention, batches[0][:2]) if attention else {}
         todo = []
         for name in order:
-            reason = _layer_note(plan, name, pruned.get_submodule(name), twice, fit.source(name) != name)
+            reason = _layer_note(plan, name, pruned.get_submodule(name), twice, attention, fit.source(name) != name)
             if reason is None:
                 todo.append(name)
             elif reason:
@@ -224,7 +285,10 @@ def repair(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float],
         for wave in waves(todo, output_bytes, sum(len(b) for b in batches)):
             stored = fit.targets(wave) if len(wave) > 1 else {}
             for name in wave:
-                fit.refit(name, stored.pop(name, None))
+                if name in attention:
+                    fit.refit_attention(name)
+                else:
+                    fit.refit(name, stored.pop(name, None))
     finally:
         for m, mode in modes:
             m.train(mode)
