@@ -2,8 +2,9 @@
 
 `reach(model, name, x, "input"|"output")` runs `model` on `x` only as far as module
 `name` and returns what that module received or produced (a forward hook stops the
-forward there; `reach_call` returns the call's arguments and output); `reach_all` reads the outputs of several modules in one forward. `trace` runs the pruned model once and lists its analysed layers in
-the order forward calls them, which ones it calls more than once and which
+forward there; `reach_call` returns the call's arguments and output); `reach_all`
+reads the outputs of several modules in one forward. `trace` runs the pruned model
+once and lists its analysed layers in the order forward calls them, which ones it calls more than once and which
 BatchNorm reads a layer's output directly.
 
 The concatenated model is never built: its hidden layers are block-diagonal, so
