@@ -146,7 +146,7 @@ def checkpoints(out: str) -> dict:
 
 @check
 def every_stage(s: Setup):
-    """nt (with its repair), avg and ot, the diversity check, distillation, BN re-estimation on resident data, then
+    """nt, avg and ot, each repaired, the diversity check, distillation, BN re-estimation on resident data, then
     NT's repair and BN re-estimation on DataLoader batches (data.resident_max_mb=0)."""
     out = run(s, "every_stage", "fusion.methods=[nt,avg,ot]", "output.diversity=true", "finetune.distill=true",
               "fusion.bn_reestimate=true", "fusion.repair=lstsq")
