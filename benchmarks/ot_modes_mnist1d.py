@@ -11,19 +11,12 @@ seed (`fusion.dedup_samples` in `ntdist run`: 256). Run with one thread:
 """
 
 import argparse
-import json
-import os
 
 import torch
 
-from benchmarks.repair_mnist1d import CONFIGS, ROOT, accuracy, compare, pct, train_members
-from ntdist.config import load_config
-from ntdist.data import load_splits
+from benchmarks.repair_mnist1d import CONFIGS, compare, each_seed, pct, scored_members
 from ntdist.fusion import fuse
 from ntdist.fusion.ot import OT_MODES
-from ntdist.models import ModelSpec
-from ntdist.training.batches import eval_batches
-from ntdist.training.loop import labels_of, predict
 
 DEFAULT = "OT weights, exact"
 
@@ -33,19 +26,13 @@ def name_of(mode: str, reg: float) -> str:
 
 
 def one_seed(cfg, spec, splits, args):
-    members = train_members(cfg, spec, splits)
-    sets = {"val": eval_batches(splits.val, 512), "test": eval_batches(splits.test, 512)}
-    labels = {s: labels_of(b) for s, b in sets.items()}
-    logits = {s: [predict(m, b, "cpu") for m in members] for s, b in sets.items()}
-    best = max(range(len(members)), key=lambda i: accuracy(logits["val"][i], labels["val"]))
-    row = {"best member": {s: accuracy(logits[s][best], labels[s]) for s in sets},
-           "ensemble": {s: accuracy(torch.stack(logits[s]).mean(0), labels[s]) for s in sets}}
+    members, score, row, _ = scored_members(cfg, spec, splits)
     pick = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(cfg.train.seed))
     x = torch.stack([torch.as_tensor(splits.train[i][0]) for i in pick[:args.samples].tolist()])
     for mode in OT_MODES:
         for reg in args.regs:
             fused = fuse(members, method="ot", schedule="flat", example_inputs=x, ot_mode=mode, ot_reg=reg)
-            row[name_of(mode, reg)] = {s: accuracy(predict(fused, b, "cpu"), labels[s]) for s, b in sets.items()}
+            row[name_of(mode, reg)] = score(fused)
     return row
 
 
@@ -58,20 +45,7 @@ def main():
     ap.add_argument("--out", default=None, help="also write every seed's accuracies to this JSON file")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    everything = {}
-    for name in args.models:
-        cfg = load_config(os.path.join(ROOT, CONFIGS[name]), [], extra_keys=("seeds", "sweep"))
-        splits = load_splits(cfg.data)
-        spec = ModelSpec.for_data(cfg.model, splits.in_shape, splits.num_classes)
-        rows = everything[name] = []
-        for seed in range(args.seeds):
-            cfg.train.seed = seed
-            rows.append(one_seed(cfg, spec, splits, args))
-            if args.out:
-                with open(args.out, "w") as f:
-                    json.dump(everything, f, indent=1)
-            print(f"{name} seed {seed}: " + ", ".join(f"{k} {100 * v['test']:.1f}" for k, v in rows[-1].items()),
-                  flush=True)
+    for name, cfg, rows in each_seed(args, one_seed):
         print(f"\n{name} ({CONFIGS[name]}), k={cfg.fusion.k}, {args.seeds} seeds, {args.samples} inputs for the "
               "activations; test accuracy right after fusion (validation in brackets)\n")
         print("| contestant | test % | val % |\n|---|---|---|")

@@ -14,19 +14,12 @@ two-sided paired t-test, seeds ahead/behind). Run with one thread:
 """
 
 import argparse
-import json
-import os
 import time
 
 import torch
 
-from benchmarks.repair_mnist1d import CONFIGS, ROOT, accuracy, compare, pct, train_members
-from ntdist.config import load_config
-from ntdist.data import load_splits
+from benchmarks.repair_mnist1d import CONFIGS, compare, each_seed, pct, scored_members
 from ntdist.fusion import fuse
-from ntdist.models import ModelSpec
-from ntdist.training.batches import eval_batches
-from ntdist.training.loop import labels_of, predict
 
 # name -> fuse() keywords, the calibration and activation inputs added per seed
 FUSIONS = {"avg": dict(method="avg"), "OT weights": dict(method="ot"),
@@ -40,18 +33,7 @@ PAIRS = [("avg + repair", "avg"), ("OT weights + repair", "OT weights"),
 
 def one_seed(cfg, spec, splits, args):
     """Validation and test accuracies of every contestant for the members of one seed."""
-    members = train_members(cfg, spec, splits)
-    sets = {"val": eval_batches(splits.val, 512), "test": eval_batches(splits.test, 512)}
-    labels = {s: labels_of(b) for s, b in sets.items()}
-
-    def score(model):
-        return {s: accuracy(predict(model, b, "cpu"), labels[s]) for s, b in sets.items()}
-
-    logits = {s: [predict(m, b, "cpu") for m in members] for s, b in sets.items()}
-    best = max(range(len(members)), key=lambda i: accuracy(logits["val"][i], labels["val"]))
-    row = {"best member": {s: accuracy(logits[s][best], labels[s]) for s in sets},
-           "ensemble": {s: accuracy(torch.stack(logits[s]).mean(0), labels[s]) for s in sets}}
-    x_train = torch.stack([torch.as_tensor(splits.train[i][0]) for i in range(len(splits.train))])
+    members, score, row, x_train = scored_members(cfg, spec, splits)
     pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(cfg.train.seed))
     calibration, examples = x_train[pick[:args.calibration]], x_train[pick[:args.samples]]
     for name, how in FUSIONS.items():
@@ -78,21 +60,8 @@ def main():
     ap.add_argument("--out", default=None, help="also write every seed's accuracies to this JSON file")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    everything = {}
-    for name in args.models:
-        overrides = [] if args.epochs is None else [f"train.epochs={args.epochs}"]
-        cfg = load_config(os.path.join(ROOT, CONFIGS[name]), overrides, extra_keys=("seeds", "sweep"))
-        splits = load_splits(cfg.data)
-        spec = ModelSpec.for_data(cfg.model, splits.in_shape, splits.num_classes)
-        rows = everything[name] = []
-        for seed in range(args.seeds):
-            cfg.train.seed = seed
-            rows.append(one_seed(cfg, spec, splits, args))
-            if args.out:
-                with open(args.out, "w") as f:
-                    json.dump(everything, f, indent=1)
-            print(f"{name} seed {seed}: " + ", ".join(f"{k} {100 * v['test']:.1f}" for k, v in rows[-1].items()),
-                  flush=True)
+    overrides = [] if args.epochs is None else [f"train.epochs={args.epochs}"]
+    for name, cfg, rows in each_seed(args, one_seed, overrides):
         print(f"\n{name} ({CONFIGS[name]}), k={cfg.fusion.k}, {args.seeds} seeds, {args.calibration} calibration "
               f"inputs; test accuracy right after fusion (validation in brackets)\n")
         print("| contestant | test % | val % | seconds to fuse |\n|---|---|---|---|")

@@ -62,8 +62,9 @@ def accuracy(logits, labels) -> float:
     return (logits.argmax(1) == labels).double().mean().item()
 
 
-def one_seed(cfg, spec, splits, args):
-    """Validation and test accuracies of every contestant for the members of one seed."""
+def scored_members(cfg, spec, splits):
+    """One seed's members, `score(model)` -> {"val": accuracy, "test": accuracy}, the row of the best member (on
+    validation) and the ensemble, and the training inputs: what every contestant of these benchmarks starts from."""
     members = train_members(cfg, spec, splits)
     sets = {"val": eval_batches(splits.val, 512), "test": eval_batches(splits.test, 512)}
     labels = {s: labels_of(b) for s, b in sets.items()}
@@ -76,6 +77,33 @@ def one_seed(cfg, spec, splits, args):
     row = {"best member": {s: accuracy(logits[s][best], labels[s]) for s in sets},
            "ensemble": {s: accuracy(torch.stack(logits[s]).mean(0), labels[s]) for s in sets}}
     x_train = torch.stack([torch.as_tensor(splits.train[i][0]) for i in range(len(splits.train))])
+    return members, score, row, x_train
+
+
+def each_seed(args, one_seed, overrides=()):
+    """For every model in `args.models` and seed below `args.seeds`: `one_seed(cfg, spec, splits, args)` (a row
+    of {"val", "test", ...} per contestant), printed and written to `args.out` as it goes; yields (name, config,
+    rows) once a model's seeds are done."""
+    everything = {}
+    for name in args.models:
+        cfg = load_config(os.path.join(ROOT, CONFIGS[name]), list(overrides), extra_keys=("seeds", "sweep"))
+        splits = load_splits(cfg.data)
+        spec = ModelSpec.for_data(cfg.model, splits.in_shape, splits.num_classes)
+        rows = everything[name] = []
+        for seed in range(args.seeds):
+            cfg.train.seed = seed
+            rows.append(one_seed(cfg, spec, splits, args))
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump(everything, f, indent=1)
+            print(f"{name} seed {seed}: " + ", ".join(f"{k} {100 * v['test']:.1f}" for k, v in rows[-1].items()),
+                  flush=True)
+        yield name, cfg, rows
+
+
+def one_seed(cfg, spec, splits, args):
+    """Validation and test accuracies of every contestant for the members of one seed."""
+    members, score, row, x_train = scored_members(cfg, spec, splits)
     plan = analyze(members[0], x_train[:2])
     weights = [1.0 / len(members)] * len(members)
     want = targets(plan, plan.space_sizes(tensors_of(members[0])), 1.0)
@@ -119,22 +147,8 @@ def main():
     ap.add_argument("--out", default=None, help="also write every seed's accuracies to this JSON file")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    everything = {}
-    for name in args.models:
-        overrides = [] if args.epochs is None else [f"train.epochs={args.epochs}"]
-        cfg = load_config(os.path.join(ROOT, CONFIGS[name]), overrides, extra_keys=("seeds", "sweep"))
-        splits = load_splits(cfg.data)
-        spec = ModelSpec.for_data(cfg.model, splits.in_shape, splits.num_classes)
-        rows = []
-        for seed in range(args.seeds):
-            cfg.train.seed = seed
-            rows.append(one_seed(cfg, spec, splits, args))
-            everything[name] = rows
-            if args.out:
-                with open(args.out, "w") as f:
-                    json.dump(everything, f, indent=1)
-            print(f"{name} seed {seed}: " + ", ".join(f"{k} {100 * v['test']:.1f}" for k, v in rows[-1].items()),
-                  flush=True)
+    overrides = [] if args.epochs is None else [f"train.epochs={args.epochs}"]
+    for name, cfg, rows in each_seed(args, one_seed, overrides):
         chosen = f"NT+repair {args.ridges[0]:g}"
         print(f"\n{name} ({CONFIGS[name]}), k={cfg.fusion.k}, {cfg.train.epochs} member epochs, {args.seeds} seeds, "
               f"{args.calibration} calibration inputs; test accuracy right after fusion (validation in brackets)\n")
