@@ -11,12 +11,15 @@ as teacher with the config's temperature and soft weight.
 
 The grid: loss plain | distill; LR constant 0.01 | 0.003 | 0.001 (one 10-epoch run, read
 after epochs 1, 3 and 10) and cosine from 0.01 | 0.003 (one run per budget, the schedule
-spans it; `recipe_table.py` holds the grid and the report). Every seed's accuracies go to `--out` (JSON) as they come, and a rerun continues
-from there. The tables: test accuracy of fused and control (mean ± std over seeds), the
-paired fused − control (mean ± std, two-sided paired t-test p, seeds ahead) and the halfway
-mark mean(ensemble − control) / 2; the recipe is chosen on validation accuracy. Run:
+spans it; `recipe_table.py` holds the grid and the report). Every seed's accuracies go to
+`--out` (JSON) as they come, and a rerun continues from there. The tables: test accuracy of
+fused and control (mean ± std over seeds), the paired fused − control (mean ± std, two-sided
+paired t-test p, seeds ahead) and the halfway mark mean(ensemble − control) / 2; the recipe is
+chosen on validation accuracy. `--losses`, `--temperature` and `--soft-weight` narrow the grid
+and change the distillation (both the fused model's and the control's). Run:
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/finetune_recipes.py [--models mlp cnn1d]
-        [--seeds 10] [--cosine-budgets 1 3 10] [--cache DIR] [--out rows.json] [--table-only]
+        [--seeds 10] [--cosine-budgets 1 3 10] [--losses plain distill] [--temperature T] [--soft-weight W]
+        [--cache DIR] [--out rows.json] [--table-only]
 """
 
 import argparse
@@ -107,7 +110,7 @@ def one_seed(cfg, spec, splits, args, name: str) -> dict:
     row["one-shot"] = score(fused)
     teacher = Ensemble(members)
     row["runs"] = {}
-    for loss in LOSSES:
+    for loss in args.losses:
         for run, recipe in recipes(args.cosine_budgets).items():
             kw = dict(cfg=cfg, splits=splits, teacher=teacher if loss == "distill" else None, recipe=recipe,
                       score=score)
@@ -123,8 +126,13 @@ def main():
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--cosine-budgets", type=int, nargs="+", default=list(BUDGETS), choices=list(BUDGETS))
     ap.add_argument("--epochs", type=int, default=None, help="member epochs (default: the config's)")
-    ap.add_argument("--cache", default="/work/exp/ftrecipes/members", help="folder of the members per seed")
-    ap.add_argument("--out", default="/work/exp/ftrecipes/rows.json", help="every seed's accuracies (JSON)")
+    ap.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES))
+    ap.add_argument("--temperature", type=float, default=None, help="distillation temperature (default: the config's)")
+    ap.add_argument("--soft-weight", type=float, default=None, help="distillation soft weight (default: the config's)")
+    ap.add_argument("--cache", default=os.path.join(ROOT, "runs", "finetune_recipes", "members"),
+                    help="folder of the members per seed")
+    ap.add_argument("--out", default=os.path.join(ROOT, "runs", "finetune_recipes", "rows.json"),
+                    help="every seed's accuracies (JSON)")
     ap.add_argument("--table-only", action="store_true", help="print the tables of --out and stop")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -136,7 +144,9 @@ def main():
         rows = everything.setdefault(name, [])
         if not args.table_only:
             overrides = [] if args.epochs is None else [f"train.epochs={args.epochs}"]
-            cfg = load_config(os.path.join(ROOT, CONFIGS[name]), overrides, extra_keys=("seeds", "sweep"))
+            distill = [f"finetune.{key}={value}" for key, value in (("temperature", args.temperature),
+                                                                     ("soft_weight", args.soft_weight)) if value]
+            cfg = load_config(os.path.join(ROOT, CONFIGS[name]), overrides + distill, extra_keys=("seeds", "sweep"))
             splits = load_splits(cfg.data)
             spec = ModelSpec.for_data(cfg.model, splits.in_shape, splits.num_classes)
             for seed in range(len(rows), args.seeds):
