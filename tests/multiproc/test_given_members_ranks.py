@@ -34,19 +34,24 @@ def _given(tmp_path, k):
     return paths, accuracies, models
 
 
-@pytest.mark.parametrize("k", [2, 3])
-def test_torchrun_on_given_members_equals_one_process(tmp_path, k):
-    xt, yt = digits_tensors("test")
-    paths, accuracies, _ = _given(tmp_path, k)
+def _one_and_two(tmp_path, fusion: dict, epochs: int):
+    """The config of `fusion` (members given) run by one process and under torchrun on two ranks: both run dirs."""
     config = tmp_path / "members.yaml"
-    config.write_text(json.dumps({"model": {"kwargs": {"width": 32}}, "fusion": {"members": paths,
-                                  "methods": ["nt", "avg"]}, "finetune": {"epochs": 1},
+    config.write_text(json.dumps({"model": {"kwargs": {"width": 32}}, "fusion": fusion, "finetune": {"epochs": epochs},
                                   "distributed": {"threads_per_rank": 1}}))
     one, two = tmp_path / "one", tmp_path / "two"
     assert ntdist("run", str(config), f"output.dir={one}").returncode == 0
     proc = subprocess.run(torchrun_cmd("run", str(config), f"output.dir={two}"), cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return one, two
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_torchrun_on_given_members_equals_one_process(tmp_path, k):
+    xt, yt = digits_tensors("test")
+    paths, accuracies, _ = _given(tmp_path, k)
+    one, two = _one_and_two(tmp_path, {"members": paths, "methods": ["nt", "avg"]}, epochs=1)
     a, b = read_results(str(one)), read_results(str(two))
     assert a.members == b.members == pytest.approx(accuracies) and a.ensemble == b.ensemble
     assert b.world["size"] == 2
@@ -58,15 +63,7 @@ def test_torchrun_on_given_members_equals_one_process(tmp_path, k):
 def test_torchrun_repairs_averaging_and_ot_as_one_process(tmp_path):
     from ntdist.fusion import average
     paths, _, models = _given(tmp_path, 3)
-    config = tmp_path / "repaired.yaml"
-    config.write_text(json.dumps({"model": {"kwargs": {"width": 32}}, "fusion": {
-        "members": paths, "methods": ["avg", "ot"], "repair": "lstsq"}, "finetune": {"epochs": 0},
-        "distributed": {"threads_per_rank": 1}}))
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert ntdist("run", str(config), f"output.dir={one}").returncode == 0
-    proc = subprocess.run(torchrun_cmd("run", str(config), f"output.dir={two}"), cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = _one_and_two(tmp_path, {"members": paths, "methods": ["avg", "ot"], "repair": "lstsq"}, epochs=0)
     plain = average(models).state_dict()
     for method in ("avg", "ot"):      # finetune.epochs 0: the fine-tuned file is the fused model
         a, b = (load_file(str(d / "checkpoints" / f"finetuned_{method}.safetensors")) for d in (one, two))
