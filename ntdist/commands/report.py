@@ -3,7 +3,8 @@
 from typing import Optional
 
 from ntdist.errors import UserError
-from ntdist.records.report import find_run_dirs, write_report
+from ntdist.records.groups import find_run_dirs
+from ntdist.records.report import write_report
 
 
 def report_command(run_dirs, out: Optional[str] = None) -> str:

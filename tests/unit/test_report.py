@@ -16,7 +16,8 @@ from ntdist.records.results import ControlResult, MethodResult, RunResults, Sync
     from_dict, to_dict, to_json
 from ntdist.commands.report import report_command
 from ntdist.records.paired import plot_paired
-from ntdist.records.report import find_run_dirs, group_runs, plot_against, plot_curves, text_tables, write_report
+from ntdist.records.groups import find_run_dirs, group_runs
+from ntdist.records.report import plot_against, plot_curves, text_tables, write_report
 from ntdist.records.stats import aggregate
 
 SEEDS = (0, 1, 2)
