@@ -11,7 +11,7 @@ never widened.
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -32,6 +32,11 @@ Layout = Tuple[Dim, ...]
 def part_sizes(layout: Layout, sizes: Dict[int, int]) -> List[int]:
     """The length of each part of `layout` along its dimension, given every space's size."""
     return [sizes[d.space] * d.factor for d in layout]
+
+
+def concat_sizes(member_sizes: Sequence[Dict[int, int]]) -> Dict[int, int]:
+    """Size of every hidden space in the concatenation of members with these sizes: the sum of theirs."""
+    return {s: sum(sizes[s] for sizes in member_sizes) for s in member_sizes[0]}
 
 
 def parts_of(t: torch.Tensor, d: int, layout: Layout, sizes: Dict[int, int]):
@@ -98,7 +103,10 @@ class Plan:
     along dimension `where`), "tied" (an output reading the embedding table of space `where`)."""
 
     def space_sizes(self, tensors: Dict[str, torch.Tensor]) -> Dict[int, int]:
-        """Size of every hidden space in a model given its tensors (members may differ in width)."""
+        """Size of every hidden space in a member given its tensors (members may differ in width).
+
+        An atom (`atoms`) counts one channel, as in a member; a concatenation of k members holds k
+        units of it, which its tensors do not tell: size it with `concat_sizes` of the members' sizes."""
         sizes = {s: tensors[n].shape[d] // f for s, (n, d, f) in self.probe.items()}
         sizes.update((s, 1) for s in self.atoms)
         for s, (n, d, others, f) in self.rest.items():

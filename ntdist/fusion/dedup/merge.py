@@ -38,7 +38,10 @@ with a LayerNorm (it normalises across units, so removing one changes the
 statistics) and spaces cut into groups by a grouped convolution use plain NT.
 
 The wide model is built once (block-diagonal, so k^2 times a member's hidden
-weights), unlike plain NT, which never builds it.
+weights), unlike plain NT, which never builds it. Its spaces are sized as the sums
+of the members' (`concat_sizes`): a model that routes channels one by one (a
+residual adding a channel concat, a split output) has spaces of one channel each,
+which hold k units in the wide model.
 """
 
 from typing import Dict, List, Optional, Sequence, Set
@@ -50,7 +53,7 @@ from ntdist.fusion.wide.assemble import assemble, tensors_of
 from ntdist.fusion.checks import check_finite
 from ntdist.fusion.dedup.activations import activation_signatures
 from ntdist.fusion.dedup.choice import Choice, choose, first_slots, match, plain
-from ntdist.fusion.analysis.plan import Plan, parts_of
+from ntdist.fusion.analysis.plan import Plan, concat_sizes, parts_of
 from ntdist.fusion.options import NTOptions
 from ntdist.fusion.pruning.select import ranked_scores, scorer, select
 
@@ -238,7 +241,7 @@ def dedup_fuse(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float]
     with torch.no_grad():
         wide = assemble(models, plan, weights)
         ts = tensors_of(wide)
-        sizes, device = plan.space_sizes(ts), next(iter(ts.values())).device
+        sizes, device = concat_sizes(member_sizes), next(iter(ts.values())).device
         while True:
             classes, partial = _walk(ts, plan, sizes, scores, want, options, base, dedup, acts, owners)
             bad = _failing(ts, plan, sizes, classes, options.dedup_threshold, partial)
@@ -260,4 +263,4 @@ def dedup_fuse(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float]
             into = classes[s].into
             count = int(((into >= 0) & (into != torch.arange(len(into), device=into.device))).sum())
             merged[names.get(s, str(s))] = merged.get(names.get(s, str(s)), 0) + count
-    return assemble([wide], plan, [1.0], keep)
+    return assemble([wide], plan, [1.0], keep, sizes=[sizes])

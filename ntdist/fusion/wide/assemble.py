@@ -166,14 +166,16 @@ def assembled_tensor(spec: TensorSpec, ts: Sequence[torch.Tensor], sel: Selectio
 
 
 def assemble(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float],
-             keep: Optional[Dict[int, Optional[torch.Tensor]]] = None, template: nn.Module = None) -> nn.Module:
+             keep: Optional[Dict[int, Optional[torch.Tensor]]] = None, template: nn.Module = None,
+             sizes: Optional[List[Dict[int, int]]] = None) -> nn.Module:
     """The concatenation of `models` (output weights `weights`, summing to 1) restricted to `keep`.
 
     `keep[space]` is a sorted LongTensor of indices into the concatenated space
-    (member 0's units first), or None to keep every unit.
+    (member 0's units first), or None to keep every unit. `sizes` holds each model's
+    space sizes where its tensors cannot tell them (a concatenated model: `concat_sizes`).
     """
     all_ts = [tensors_of(m) for m in models]
-    sizes = [plan.space_sizes(ts) for ts in all_ts]
+    sizes = sizes if sizes is not None else [plan.space_sizes(ts) for ts in all_ts]
     sel = Selection(sizes, keep, next(iter(all_ts[0].values())).device)
     new = {}
     with torch.no_grad():
