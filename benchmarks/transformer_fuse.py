@@ -18,7 +18,7 @@ padded at the end), the benchmark measures in one process:
 - `concat`: the wide model that computes the members' average logits;
 - `analyze, export kept`: `analyze` again with the last export kept (`analysis.export` keeps one).
 
-Every other call starts without a kept export (it is dropped before the call, outside the timing),
+Every other call starts without a kept export (`drop_kept_export` before the call, outside the timing),
 as a first `fuse` in a process does. Each is called once under `ntdist bench fusion`'s RSS sampler
 (its peak RSS above the RSS before the call), then `--runs` times without it, unless that first call
 took over a minute; the median wall time of those is reported, and the process's peak RSS at the
@@ -49,7 +49,7 @@ from safetensors.torch import load_file, save_file
 
 from ntdist.commands.bench import MIB, peak_extra_memory
 from ntdist.fusion import analyze, concat, fuse, nt
-from ntdist.fusion.analysis import export
+from ntdist.fusion.analysis.export import drop_kept_export
 
 K, BATCH, TOKENS, LABELS = 2, 2, 32, 2
 SLOW_S = 60.0       # a call slower than this is not repeated
@@ -124,7 +124,7 @@ def measure(label: str, fn, runs: int, cold: bool = True) -> dict:
 
     def timed():
         if cold:
-            export._LAST.clear()
+            drop_kept_export()
         spent = []
         with analysis_timed(spent):
             start = time.perf_counter()
@@ -147,7 +147,7 @@ def measure(label: str, fn, runs: int, cold: bool = True) -> dict:
 
 def check(models, x) -> str:
     """The wide model's logits against the members' average, and NT's class: the figures are of working fusions."""
-    export._LAST.clear()
+    drop_kept_export()
     average = sum(m(*x) for m in models) / len(models)
     error = ((concat(models, example_inputs=x)(*x) - average).abs().max() / average.abs().max()).item()
     fused = fuse(models, method="nt", example_inputs=x)

@@ -15,6 +15,9 @@ than a module around the model: the state dict keeps the Hugging Face keys,
 `save_pretrained` records the original class name, and `from_pretrained` of
 that class reads the fused folder back. A text model takes token ids; since
 ntdist's datasets hold float32 inputs, it converts them to integers itself.
+Pickle cannot find that subclass by its name (the name is `cls`'s), so its
+instances pickle through `_unpickled` here: `torch.save` of the whole model,
+`copy.deepcopy` and other processes rebuild the same subclass.
 """
 
 import json
@@ -110,10 +113,23 @@ def logits_class(cls: type) -> type:
                 x = x.long()    # token ids stored as float32 by a dataset
             return cls.forward(self, **{key: x}).logits
 
+        def __reduce_ex__(self, protocol):
+            # pickle finds a class by its module and name, which name `cls`: rebuild through this module
+            if type(self) is not wrapped:   # a user's subclass, which pickle can find
+                return cls.__reduce_ex__(self, protocol)
+            return _unpickled, (cls,), self.__getstate__()
+
         doc = f"{cls.__name__} whose forward({key}) returns the logits."
-        _LOGITS_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward, "__doc__": doc,
-                                                          "__module__": cls.__module__})
+        wrapped = type(cls.__name__, (cls,), {"forward": forward, "__reduce_ex__": __reduce_ex__,
+                                              "__doc__": doc, "__module__": cls.__module__})
+        _LOGITS_CLASSES[cls] = wrapped
     return _LOGITS_CLASSES[cls]
+
+
+def _unpickled(cls: type) -> nn.Module:
+    """An empty instance of `logits_class(cls)`, for pickle to restore the state into."""
+    wrapped = logits_class(cls)
+    return wrapped.__new__(wrapped)
 
 
 def build(name: str, kwargs: Optional[dict] = None) -> nn.Module:

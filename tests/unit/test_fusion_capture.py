@@ -3,7 +3,8 @@
 `if x.dim() == 3`, `if c == 1` after `n, c, h, w = x.shape`: `symbolic_trace` fails on
 both, `capture` decides them on the example and the fusion is exact. What capture refuses (a
 branch on a hidden tensor's shape, a loop over a hidden tensor's rows) torch.export fixes in
-the graph that concat widens; a branch on tensor values is refused with one line naming the module.
+the graph that concat widens (the last export kept for the next analysis of the same model, until
+`drop_kept_export`); a branch on tensor values is refused with one line naming the module.
 
 Run: .venv/bin/python -m pytest tests/unit/test_fusion_capture.py
 """
@@ -16,6 +17,7 @@ from torch.fx import symbolic_trace
 
 from ntdist.errors import UserError
 from ntdist.fusion import Ensemble, analyze, concat, fuse
+from ntdist.fusion.analysis.export import drop_kept_export
 
 
 class Block(nn.Module):
@@ -142,3 +144,12 @@ def test_branch_on_a_hidden_shape_is_exported_and_exact(k):
         fused = fuse(models, example_inputs=x)
     assert type(fused) is Branchy
     Branchy(branch_on_hidden=True).load_state_dict(fused.state_dict(), strict=True)
+
+
+def test_the_kept_export_serves_the_next_analysis_until_dropped():
+    x, model = torch.randn(4, 1, 8, 8), members(1, branch_on_hidden=True)[0]
+    kept = analyze(model, x).graph
+    assert kept is not None and analyze(model, x).graph is kept
+    drop_kept_export()
+    again = analyze(model, x).graph
+    assert again is not None and again is not kept and analyze(model, x).graph is again

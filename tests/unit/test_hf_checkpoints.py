@@ -5,6 +5,7 @@ Run: .venv/bin/python -m pytest tests/unit/test_hf_checkpoints.py
 
 import json
 import os
+import pickle
 
 import pytest
 import torch
@@ -139,3 +140,16 @@ def test_model_weights_start_every_member_from_a_folder(convnext):
     own = member.state_dict()
     assert own.keys() == saved.state_dict().keys()
     assert all(torch.equal(own[k], v) for k, v in saved.state_dict().items())
+
+
+def test_wrapped_models_pickle_and_come_back_computing_the_same_logits(tmp_path, convnext):
+    from ntdist.models.hf import build, logits_class
+    torch.manual_seed(0)
+    text = logits_class(transformers.BertForSequenceClassification)(transformers.BertConfig(**BERT))
+    for model, x in ((build(f"hf:{convnext[0]}"), torch.randn(2, 3, 16, 16)),
+                     (text, torch.randint(0, BERT["vocab_size"], (2, 8)).float())):   # token ids as a dataset holds them
+        model.eval()
+        torch.save(model, tmp_path / "whole.pt")     # the whole module, as multiprocessing and torch.save pickle it
+        for back in (pickle.loads(pickle.dumps(model)), torch.load(tmp_path / "whole.pt", weights_only=False)):
+            assert type(back) is type(model) and back is not model
+            assert torch.equal(back(x), model(x)) and back(x).shape == (2, 3)

@@ -98,6 +98,12 @@ def export_graph(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
     return gm
 
 
+def drop_kept_export() -> None:
+    """Forget the export `export_graph` keeps (and free its graph): the next call exports again, as the first
+    call in a process does."""
+    _LAST.clear()
+
+
 def _export(model, inputs) -> fx.GraphModule:
     modes = {m: m.training for m in model.modules()}
     loggers = [logging.getLogger(name) for name in QUIET]
