@@ -30,7 +30,7 @@ from ntdist.records.checkpoint import load_model, save_checkpoint
 from ntdist.records.files import remove_if_present
 from ntdist.records.results import RESULTS_FILE, ControlResult, MethodResult, RunResults
 from ntdist.records.rundir import finetuned_name
-from ntdist.stages.context import Run, make_run
+from ntdist.stages.context import Run, finetune_part, make_run
 from ntdist.stages.finetune import distill_teacher, evaluate_splits, finetune
 from ntdist.stages.given import load_members
 from ntdist.stages.members import train_members
@@ -39,7 +39,7 @@ from ntdist.training.batches import eval_batches, feed, train_batches
 from ntdist.training.hardware import fit_threads
 from ntdist.training.config import CONTROL_SEED, FUSED_SEED, run_seed
 from ntdist.training.loop import labels_of, predict, set_deterministic
-from ntdist.training.state import finished_history
+from ntdist.training.state import finished_history, finished_info
 
 CONTROL_LABEL = "best-member"   # the control (the best member fine-tuned) in metrics and checkpoint names
 
@@ -114,7 +114,7 @@ def train_stage(r: Run) -> Dict[int, torch.nn.Module]:
     held, histories, finished = {}, [], {}
     for i in layout.members_of(world.rank):
         final = r.rundir.member_checkpoint(i)
-        history = finished_history(final, r.cfg.train.epochs) if r.resume else None
+        history = finished_history(final, r.member_owner(i), r.rundir.owners_recorded()) if r.resume else None
         if history is not None:
             finished[i] = (load_model(final, expect_spec=r.spec)[0].to(world.device), history)
     trained = train_members(r, [i for i in layout.members_of(world.rank) if i not in finished], groups)
@@ -123,7 +123,7 @@ def train_stage(r: Run) -> Dict[int, torch.nn.Module]:
         model, history = finished[i] if i in finished else trained[i]
         if world.rank == layout.holder(i) and i in trained:
             save_checkpoint(r.rundir.member_checkpoint(i), model, r.spec,
-                            info={"stage": "member", "member": i, "epochs": r.cfg.train.epochs, "history": history})
+                            info=finished_info(r.member_owner(i), history, stage="member", member=i))
             remove_if_present(r.rundir.member_state(i))
         if world.rank == layout.holder(i):
             held[i] = model
@@ -205,14 +205,15 @@ def control_stage(r: Run, held: Dict[int, torch.nn.Module], best: int):
 def resumable_finetune(r: Run, model: torch.nn.Module, label: str, seed: int, teacher) -> List[dict]:
     """Fine-tune `model` (state after every epoch), or load the finished result when resuming."""
     final = r.rundir.finetuned_checkpoint(label)
-    history = finished_history(final, r.cfg.finetune.epochs) if r.resume else None
+    owner = r.owner(finetune_part(label), seed, r.cfg.finetune.epochs)
+    history = finished_history(final, owner, r.rundir.owners_recorded()) if r.resume else None
     if history is not None:
         model.load_state_dict(load_model(final, expect_spec=r.spec)[0].state_dict())
     else:
         history = finetune(r, model, label, seed, teacher)
         if r.world.is_main:
-            save_checkpoint(final, model.cpu(), r.spec, info={"stage": "finetune", "method": label,
-                                                              "epochs": r.cfg.finetune.epochs, "history": history})
+            save_checkpoint(final, model.cpu(), r.spec,
+                            info=finished_info(owner, history, stage="finetune", method=label))
             remove_if_present(r.rundir.finetune_state(label))
         r.world.wait_for(f"writing the checkpoint {finetuned_name(label)} on rank 0")
     for record in history:

@@ -22,8 +22,9 @@ import yaml
 from ntdist.errors import UserError
 from ntdist.records.files import atomic_write_text
 from ntdist.records.lock import RunLock, check_free
-from ntdist.records.manifest import (MANIFEST_FILE, PROBE_FILE, add_to_manifest, all_files, describe_foreign,
-                                     only_leftovers, read_manifest, remove_temporaries, remove_written)
+from ntdist.records.manifest import (MANIFEST_FILE, OWNED_SINCE, PROBE_FILE, add_to_manifest, all_files,
+                                     describe_foreign, manifest_format, only_leftovers, read_manifest,
+                                     remove_temporaries, remove_written)
 from ntdist.records.results import RESULTS_FILE, Results, to_json
 from ntdist.records.trackers import (LABELS, CsvTracker, JsonlTracker, TensorBoardTracker, check_tracker_paths,
                                      open_trackers)
@@ -93,6 +94,11 @@ class RunDir:
     def finetune_state(self, label: str) -> str:
         return self.file(checkpoint_file(finetune_state_name(label)))
 
+    def owners_recorded(self) -> bool:
+        """Whether the finished checkpoints here record their owner: the manifest says this ntdist wrote the
+        directory (an older one's, format 1, are resumed unchecked)."""
+        return (manifest_format(self.path) or OWNED_SINCE) >= OWNED_SINCE
+
     def check(self, resume: bool, overwrite: bool) -> None:
         """Refuse what would lose files or mix runs, before any rank creates anything.
 
@@ -152,11 +158,12 @@ class RunDir:
             if clash:
                 raise UserError(f"--overwrite would replace {', '.join(clash[:3])} in '{self.path}', which ntdist did "
                                 "not write; move those files away, or choose another output.dir")
-            foreign = remove_written(self.path)
+            foreign = remove_written(self.path, planned)
             if foreign:
                 print(describe_foreign(self.path, foreign), file=sys.stderr)
             os.makedirs(self.file(CHECKPOINT_DIR), exist_ok=True)
-        remove_temporaries(self.path)   # of a kill during an earlier write; never this run's: it holds the lock
+        # of a kill during an earlier write, also of planned files not listed yet; never this run's: it holds the lock
+        remove_temporaries(self.path, planned)
         if resume and os.path.exists(self.file(METRICS_FILE)):
             self._logged = {_key(record) for record in self._read_metrics()}
         add_to_manifest(self.path, planned)

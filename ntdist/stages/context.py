@@ -24,6 +24,18 @@ from ntdist.models.weights import build_member, initial_state
 from ntdist.records.rundir import RunDir, config_digest
 from ntdist.shards import member_shards
 from ntdist.stages.given import check_members
+from ntdist.training.config import member_seed
+from ntdist.training.state import StateOwner
+
+
+def member_part(index: int) -> str:
+    """The part of a run that trains member `index`: named in messages and in its files' owner."""
+    return f"training of member {index}"
+
+
+def finetune_part(label: str) -> str:
+    """The part of a run that fine-tunes `label` (a fusion method or the control)."""
+    return f"fine-tuning ({label})"
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,14 @@ class Run:
     def run_id(self) -> str:
         """The digest of the config keys that decide the results: the run a state file records as its owner."""
         return config_digest(to_yaml(self.cfg))
+
+    def owner(self, part: str, seed: int, epochs: int) -> StateOwner:
+        """Whose the state files and the final checkpoint of `part` (`member_part`, `finetune_part`) are."""
+        return StateOwner.of(self.run_id, part, seed, self.template(), epochs)
+
+    def member_owner(self, index: int) -> StateOwner:
+        """Whose member `index`'s files are: its training, from its seed, for `train.epochs`."""
+        return self.owner(member_part(index), member_seed(self.cfg.train, index), self.cfg.train.epochs)
 
     def calibration_inputs(self, share: int = 0, shares: int = 1) -> torch.Tensor:
         """`fusion.calibration_samples` training inputs drawn with the run's seed: what the repair fits on.

@@ -15,7 +15,7 @@ import torch
 
 from ntdist.fusion import distillation_loss
 from ntdist.preempt import preempt_requested
-from ntdist.stages.context import Run
+from ntdist.stages.context import Run, finetune_part
 from ntdist.training.config import FinetuneConfig, scaled_lr
 from ntdist.training.engines import ENGINES, make_engine
 from ntdist.training.batches import eval_batches, feed, train_batches
@@ -69,7 +69,7 @@ def finetune(r: Run, model: torch.nn.Module, label: str, seed: int,
     # ZeRO shards the optimizer state: with deepspeed a resumed run restarts this stage instead
     state_path = None if cfg.engine == "deepspeed" else r.rundir.finetune_state(label)
     precision = Precision(ENGINES[cfg.engine].loop_precision(cfg.precision), world.device)
-    epochs = ResumableEpochs(f"fine-tuning ({label})", cfg.epochs, model, optimizer, scheduler, r.spec, state_path,
+    epochs = ResumableEpochs(finetune_part(label), cfg.epochs, model, optimizer, scheduler, r.spec, state_path,
                              world.is_main, r.resume, cfg.checkpoint_every_steps, precision.scaler,
                              run_id=r.run_id, seed=seed)
     engine = make_engine(cfg, model, optimizer, world, r.cfg.data.batch_size)
@@ -89,7 +89,7 @@ def finetune(r: Run, model: torch.nn.Module, label: str, seed: int,
                            label_smoothing=cfg.label_smoothing, clip=clip)
         loss = world.reduce_sum(torch.tensor([loss], dtype=torch.float64)).item() / world.size
         stats = epoch_stats(optimizer, len(r.splits.train), time.perf_counter() - start, world.device)
-        check_finite(loss, f"fine-tuning ({label})", epoch)
+        check_finite(loss, finetune_part(label), epoch)
         scheduler.step()
         acc = evaluate_splits(r, model)
         world.print0(f"finetune {label} epoch {epoch}: loss {loss:.4f}, val {acc['val']:.4f}, test {acc['test']:.4f}")

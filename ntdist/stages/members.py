@@ -21,7 +21,7 @@ from ntdist.training.config import member_seed
 from ntdist.training.loop import (EpochPosition, Precision, check_finite, epoch_stats, evaluate, grad_clipper,
                                   make_optimizer, make_scheduler, step_logger, train_epoch)
 from ntdist.training.resume import ResumableEpochs
-from ntdist.stages.context import Run
+from ntdist.stages.context import Run, member_part
 from ntdist.stages.vectorized import member_batches, probe, train_together, why_not
 
 
@@ -60,7 +60,7 @@ def train_member(r: Run, index: int, group=None) -> Tuple[torch.nn.Module, List[
     group_size = r.layout.group_size
     group_rank = world.rank % group_size
     precision = Precision(cfg.train.precision, world.device)
-    epochs = ResumableEpochs(f"training of member {index}", cfg.train.epochs, model, optimizer, scheduler, r.spec,
+    epochs = ResumableEpochs(member_part(index), cfg.train.epochs, model, optimizer, scheduler, r.spec,
                              r.rundir.member_state(index), group_rank == 0, r.resume,
                              cfg.train.checkpoint_every_steps, precision.scaler, run_id=r.run_id, seed=seed)
     # CPU ranks keep per-rank BatchNorm statistics: torch cannot synchronise them there (docs/PERFORMANCE.md)

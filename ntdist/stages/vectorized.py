@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
 from ntdist.preempt import preempt_requested
-from ntdist.stages.context import Run
+from ntdist.stages.context import Run, member_part
 from ntdist.training.batches import TensorBatches, eval_batches, feed, stacked_batches, train_batches
 from ntdist.training.loop import (OPTIMIZER_BUFFERS, EpochPosition, Precision, check_finite, epoch_stats,
                                   make_optimizer, make_scheduler, step_logger)
@@ -172,7 +172,7 @@ def train_together(r: Run, indices: List[int], seeds: List[int], models: List[nn
     cfg, world = r.cfg, r.world
     optimizers = [make_optimizer(m, cfg.train) for m in models]
     schedulers = [make_scheduler(o, cfg.train) for o in optimizers]
-    states = [ResumableEpochs(f"training of member {i}", cfg.train.epochs, m, o, s, r.spec, r.rundir.member_state(i),
+    states = [ResumableEpochs(member_part(i), cfg.train.epochs, m, o, s, r.spec, r.rundir.member_state(i),
                               True, r.resume, run_id=r.run_id, seed=seed)
               for i, m, o, s, seed in zip(indices, models, optimizers, schedulers, seeds)]
     if not LockstepEpochs.aligned(states):   # e.g. started one after another, resumed here

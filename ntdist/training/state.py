@@ -15,7 +15,10 @@ only on the seed and the epoch.
 A state file also records whose it is (`StateOwner`: the run's config digest,
 the stage and member, the seed, the weights' dtype, the stage's epochs), and a
 resume refuses a file that belongs to another run or stage, weights of another
-dtype, and optimizer buffers that do not fit their parameters.
+dtype, and optimizer buffers that do not fit their parameters. A stage's final
+checkpoint records the same owner (`finished_info`), and a resume refuses a
+final checkpoint of another owner instead of taking it as the stage's result
+(`finished_history`).
 """
 
 import os
@@ -184,11 +187,29 @@ def _restore_cuda_rng(extra: dict) -> None:
         torch.cuda.set_rng_state(saved, device)
 
 
-def finished_history(path: str, epochs: int) -> Optional[List[dict]]:
-    """The history stored in a final checkpoint if it completed `epochs`, else None."""
+def finished_info(owner: StateOwner, history: List[dict], **fields) -> dict:
+    """The metadata of a stage's final checkpoint: `fields`, the stage's epochs, its `history` and its owner."""
+    return {**fields, "epochs": owner.epochs, "history": history, "owner": asdict(owner)}
+
+
+def finished_history(path: str, owner: StateOwner, required: bool = True) -> Optional[List[dict]]:
+    """The history stored in the final checkpoint `path` of `owner`'s stage if it completed the stage, else None.
+
+    A file that records another owner is refused, and so is one that records none when `required` (the run
+    directory was written by a version whose final checkpoints record it): a file copied in from another run
+    must not pass for this run's.
+    """
     if not os.path.exists(path):
         return None
     info = read_checkpoint(path)[0]["info"]
+    saved = info.get("owner") if isinstance(info, dict) else None
+    if saved is not None or required:
+        differences = owner.differences(saved)
+        if differences:
+            raise UserError(f"checkpoint '{path}' is not the result of {owner.part} of this run ("
+                            f"{'; '.join(differences)}); delete it to redo that stage, or set output.dir to a "
+                            "new folder")
+    epochs = owner.epochs
     if not isinstance(info, dict) or info.get("epochs") != epochs or "history" not in info:
         return None
     if not _is_history(info["history"], epochs):

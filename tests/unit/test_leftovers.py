@@ -10,8 +10,8 @@ import pytest
 
 from ntdist.errors import UserError
 from ntdist.records.files import replacing, temporary_target
-from ntdist.records.manifest import LOCK_FILE, MANIFEST_FILE
-from ntdist.records.rundir import RunDir, checkpoint_file, member_state_name
+from ntdist.records.manifest import LOCK_FILE, MANIFEST_FILE, read_manifest
+from ntdist.records.rundir import RunDir, checkpoint_file, member_name, member_state_name
 
 
 def _first_write_killed(run_dir):
@@ -74,3 +74,28 @@ def test_overwrite_keeps_no_temporary_as_a_foreign_file(tmp_path, capsys):
     rd.release()
     assert not leftover.exists() and not (tmp_path / f".tmp-zz99yy88{MANIFEST_FILE}").exists()
     assert "did not write" not in capsys.readouterr().err
+
+
+def _with_killed_unlisted_write(run_dir):
+    """A run directory whose manifest does not list member 0's checkpoint yet (written before that file was
+    planned), with the temporary a kill -9 left while that checkpoint was being written."""
+    rd = RunDir(str(run_dir))
+    rd.prepare(resume=False, overwrite=False, members=0)
+    rd.write_config("model: {name: mlp}\noutput: {dir: x}\n")
+    rd.release()
+    assert checkpoint_file(member_name(0)) not in read_manifest(str(run_dir))
+    folder, name = os.path.split(checkpoint_file(member_name(0)))
+    leftover = run_dir / folder / f".tmp-e5f6g7h8{name}"
+    leftover.write_bytes(b"half a member")
+    return leftover
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_temporary_of_a_planned_file_not_listed_yet_is_removed(tmp_path, capsys, resume):
+    leftover = _with_killed_unlisted_write(tmp_path)
+    rd = RunDir(str(tmp_path))
+    rd.check(resume=resume, overwrite=not resume)
+    rd.prepare(resume=resume, overwrite=not resume, members=1)
+    rd.release()
+    assert not leftover.exists()
+    assert "did not write" not in capsys.readouterr().err   # --overwrite calls it no foreign file either

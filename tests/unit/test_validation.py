@@ -5,6 +5,7 @@ Run: .venv/bin/python -m pytest tests/unit/test_validation.py
 
 import json
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from ntdist.models import ModelSpec
 from ntdist.records.checkpoint import load_model, read_checkpoint, save_checkpoint
 from ntdist.training.loop import make_optimizer, make_scheduler
 from ntdist.training.config import TrainConfig
-from ntdist.training.state import finished_history, load_state, save_state
+from ntdist.training.state import StateOwner, finished_history, load_state, save_state
 
 
 @pytest.mark.parametrize("overrides, words", [
@@ -117,9 +118,10 @@ def test_a_forged_position_inside_an_epoch_is_refused(tmp_path, change):
 def test_a_final_checkpoint_with_a_forged_history_is_refused(tmp_path):
     path = str(tmp_path / "member0.safetensors")
     save_checkpoint(path, torch.nn.Linear(4, 3), ModelSpec("mlp", {}), info={"epochs": 3, "history": [1, 2, 3]})
+    owner = StateOwner("run", "training of member 0", 0, "torch.float32", 3)
     with pytest.raises(UserError, match="forged"):
-        finished_history(path, 3)
-    assert finished_history(path, 4) is None
+        finished_history(path, owner, required=False)   # as in a run directory of a version without owners
+    assert finished_history(path, replace(owner, epochs=4), required=False) is None
 
 
 @pytest.mark.parametrize("widths, repeats, out, words", [
