@@ -31,7 +31,7 @@ from ntdist.records.trackers import (LABELS, CsvTracker, JsonlTracker, TensorBoa
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = JsonlTracker.FILE
-REPORT_NAMES = re.compile(r"report\.md|sweep\.json|curves_\d+\.png|accuracy_vs_\w+\.png")   # written after a run
+REPORT_NAMES = re.compile(r"report\.md|sweep\.json|(curves|paired)_\d+\.png|accuracy_vs_\w+\.png")   # written after a run
 CHECKPOINT_DIR = "checkpoints"
 
 

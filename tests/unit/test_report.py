@@ -263,3 +263,15 @@ def test_kept_gain_is_the_share_of_the_ensembles_gain():
     assert results.fusion["nt"].kept_gain == pytest.approx({"post_fusion": -0.25, "finetune": 1.0})
     assert results.fusion["avg"].kept_gain == pytest.approx({"post_fusion": -10.0})
     assert from_dict(to_dict(results)).fusion["nt"].kept_gain == results.fusion["nt"].kept_gain
+
+
+def test_every_file_the_report_writes_is_known_to_the_run_directory(tmp_path):
+    """`--overwrite` refuses to replace report files ntdist did not write: it must recognise every one by name."""
+    from ntdist.records.rundir import REPORT_NAMES
+    dirs = [write_run(tmp_path / f"k={k}" / f"seed={s}", s, _results(k, 0.5, s), fusion={"k": k})
+            for k in (2, 3) for s in (0, 1)]
+    out = tmp_path / "report"
+    write_report(dirs, str(out))
+    written = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert any(name.startswith("paired_") for name in written) and len(written) > 3
+    assert [name for name in written if not REPORT_NAMES.fullmatch(name)] == []
