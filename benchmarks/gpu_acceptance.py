@@ -407,14 +407,15 @@ def bench_train(s: Setup):
 
 @check
 def dry_run_memory(s: Setup):
-    """The dry run's member-training memory (weights + gradients + momentum + activations) against
+    """The dry run's member-training memory (weights + gradients + optimizer state + activations) against
     torch.cuda.max_memory_allocated over three steps; within 0.75-1.5 x."""
     import torch.nn.functional as F
     from ntdist.commands.dryrun_plan import make_plan
     from ntdist.distributed import costs
     from ntdist.training.loop import make_optimizer
     plan = make_plan(os.path.join(s.out, "base.yaml"), [*s.data, *s.model], 1)
-    predicted = sum(n for _, n in costs.step_memory(plan.size, plan.activations or 0))
+    predicted = sum(n for _, n in costs.step_memory(plan.size, plan.activations or 0,
+                                                    buffers=len(plan.cfg.train.state_buffers)))
     if not s.gpu:
         return row("dry_run_memory", "SKIP", f"dry run {predicted / 1e6:.1f} MB; the measurement needs CUDA")
     torch.cuda.empty_cache()

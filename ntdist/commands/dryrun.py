@@ -54,13 +54,17 @@ def _header(plan: Plan, config_path: str) -> List[str]:
     where = (f"resident on the device: {', '.join(resident)}" if resident else "none resident") + \
         f" (data.resident_max_mb={cfg.data.resident_max_mb:g})"
     sweep = [f"sweep of {plan.points} runs, every layout checked; the first run's plan"] if plan.points > 1 else []
+    built = f"on meta: a {size_text(size.state_bytes)} member is not built" if plan.checked_on_meta else \
+        "built on the CPU"
+    checks = f"checks  passed: the checks ntdist run makes before training (member 0 {built})" \
+        + (f"; not checked: {'; '.join(plan.unchecked)}" if plan.unchecked else "")
     return [f"dry run of {config_path} on {w} rank{'s' * (w > 1)}{nodes}: no process group joined, nothing trained",
             *sweep,
             f"model   {plan.spec.name}: {count_text(size.params)} parameters, {size_text(size.state_bytes)} state "
             f"({size.tensors} tensors, {plan.dtype})",
             f"data    {cfg.data.name}: " + ", ".join(f"{count_text(n)} {name}" for name, n in plan.splits.items())
             + f" samples of {list(plan.in_shape)}, {plan.classes} classes, {size_text(plan.sample_bytes)} each; "
-            + where]
+            + where, checks]
 
 
 def _resident(plan: Plan, samples: int) -> bool:
@@ -181,21 +185,23 @@ def _memory(plan: Plan) -> List[str]:
     held = max(len(layout.held_by(r)) for r in range(w)) * size.state_bytes
     resident = sum(n * plan.sample_bytes for n in plan.splits.values() if _resident(plan, n))
     lines = ["memory  per rank (the GPU, or the host for CPU ranks), fp32: "
-             "weights + gradients + momentum + DDP buckets + activations"]
+             "weights + gradients + optimizer state + DDP buckets + activations",
+             f"        optimizer state per parameter: member training {_optimizer_text(cfg.train)}; "
+             f"fine-tuning {_optimizer_text(ft)}"]
     if plan.activations is None:
         lines.append("        activations not estimated: one forward on meta or on the CPU failed; 0 below")
     else:
         lines.append(f"        activations: the tensors one training forward of {cfg.data.batch_size} inputs saves "
                      f"for backward: {size_text(acts)} (bf16/fp16 autocast: about half)")
-    train = costs.step_memory(size, acts, momentum=cfg.train.momentum > 0, ddp=layout.group_size > 1)
+    buffers, tune_buffers = len(cfg.train.state_buffers), len(ft.state_buffers)
+    train = costs.step_memory(size, acts, buffers=buffers, ddp=layout.group_size > 1)
     if most > 1:
         train.append(("the rank's other members", (most - 1) * size.state_bytes))
     stages = {"member training": train}
     if most > 1 and cfg.train.vectorize != "off" and layout.group_size == 1:
-        stages[f"vectorised, {most} members at once"] = costs.step_memory(size, acts, most, cfg.train.momentum > 0,
-                                                                          stacked=True)
-    tune = costs.deepspeed_memory(size, acts, w, ft.zero_stage, ft.precision, ft.momentum > 0) \
-        if ft.engine == "deepspeed" else costs.step_memory(size, acts, momentum=ft.momentum > 0, ddp=w > 1)
+        stages[f"vectorised, {most} members at once"] = costs.step_memory(size, acts, most, buffers, stacked=True)
+    tune = costs.deepspeed_memory(size, acts, w, ft.zero_stage, ft.precision, tune_buffers) \
+        if ft.engine == "deepspeed" else costs.step_memory(size, acts, buffers=tune_buffers, ddp=w > 1)
     tune.append(("held members", held))
     sharded = use_sharded(ft.teacher_shard, w)
     sample_in = math.prod(plan.in_shape) * 4   # the model's float32 input, what the teacher gathers
@@ -223,11 +229,19 @@ def _memory(plan: Plan) -> List[str]:
     return lines
 
 
+def _optimizer_text(cfg) -> str:
+    """`cfg.optimizer` (an OptimConfig) and the buffers it keeps per parameter: "adamw: 2 (exp_avg, exp_avg_sq)"."""
+    names = cfg.state_buffers
+    what = cfg.optimizer if cfg.optimizer != "sgd" else \
+        f"sgd with momentum {cfg.momentum:g}" if cfg.momentum else "sgd without momentum"
+    return f"{what}: " + (f"{len(names)} ({', '.join(names)})" if names else "none")
+
+
 def _host(plan: Plan, fusing: int) -> List[str]:
     """The host's share: the dataset as every rank loads it, fusion under gloo, a checkpoint being written."""
     files = plan.cfg.data.name == "imagefolder"   # read from files batch by batch; everything else is held
     data = sum(n * plan.sample_bytes * ((not files) + _resident(plan, n)) for n in plan.splits.values())
-    state = costs.state_file_bytes(plan.size, plan.cfg.train.momentum > 0, plan.cfg.train.epochs)
+    state = costs.state_file_bytes(plan.size, len(plan.cfg.train.state_buffers), plan.cfg.train.epochs)
     per_node = f", {size_text(data * plan.gpus_per_node)} per node" if plan.gpus_per_node else ""
     read = "; files read per batch" * files
     return [f"host    dataset {size_text(data)} per rank{per_node} (every rank loads it{read}"
@@ -242,12 +256,12 @@ def _terms(terms) -> str:
 def _files(plan: Plan) -> List[str]:
     cfg, size, k = plan.cfg, plan.size, plan.layout.num_members
     member = costs.checkpoint_bytes(size, cfg.train.epochs)
-    state = costs.state_file_bytes(size, cfg.train.momentum > 0, cfg.train.epochs)
+    state = costs.state_file_bytes(size, len(cfg.train.state_buffers), cfg.train.epochs)
     tuned = costs.checkpoint_bytes(size, cfg.finetune.epochs)
     labels = len(cfg.fusion.methods) + (cfg.finetune.control and cfg.finetune.epochs > 0)
     order = 8 * plan.splits["train"]
-    tuning_state = costs.state_file_bytes(size, cfg.finetune.momentum > 0, cfg.finetune.epochs)
+    tuning_state = costs.state_file_bytes(size, len(cfg.finetune.state_buffers), cfg.finetune.epochs)
     return [f"files   member checkpoint {size_text(member)} each, {size_text(k * member)} for all {k}; member state "
-            f"file {size_text(state)} (weights, momentum, RNG; + {size_text(order)} data order inside an epoch)",
+            f"file {size_text(state)} (weights, optimizer state, RNG; + {size_text(order)} data order inside an epoch)",
             f"        fine-tuned checkpoints {size_text(tuned)} each, {labels} of them (fusion.methods + control); "
             f"fine-tuning state {size_text(tuning_state)}"]

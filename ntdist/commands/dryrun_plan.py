@@ -2,25 +2,33 @@
 the cost model needs.
 
 `make_plan` loads the config, refuses an impossible member layout with the real run's line (`MemberLayout`,
-the check `init_world` makes before joining), loads the data as `make_run` does (synthetic data only as
-sizes, never generated), builds member 0 with its starting weights on `meta`, and measures its activations:
-the tensors one training forward on `meta` saves for backward. No process group is joined, no GPU touched.
+the check `init_world` makes before joining), loads the data as `make_run` does (large synthetic data only as
+sizes), builds member 0 with its starting weights on `meta`, runs the checks `make_run` makes before any member
+trains (`run_checks`: the same functions, so a failing one stops the dry run with the run's line), and
+measures the activations: the tensors one training forward on `meta` saves for backward. No process group is
+joined, no GPU touched, and nothing larger than CHEAP_BYTES is built for real.
 """
 
+import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from ntdist.config import Config, load_config, read_yaml
-from ntdist.data import Splits, load_splits, synthetic_shapes
+from ntdist.data import DataConfig, Splits, load_splits, synthetic_shapes
 from ntdist.distributed import costs
 from ntdist.distributed.layout import MemberLayout
 from ntdist.errors import UserError
 from ntdist.models import ModelSpec
 from ntdist.models.weights import build_member, initial_state
+from ntdist.stages.context import check_shards, check_template, example_inputs
+from ntdist.stages.given import check_members
 from ntdist.sweep import SWEEP_KEYS, load_sweep
 from ntdist.training.batches import _sample_bytes   # the size the resident check weighs a sample with
+
+CHEAP_BYTES = 2 ** 26   # what the dry run builds for real, as the run does: member 0 for the checks, synthetic
+#                         data; a larger member is checked on `meta`, larger synthetic data are sizes only
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,10 @@ class Plan:
     """bytes of one stored sample (uint8 images: one per pixel) and its label"""
     points: int = 1
     """the runs of a sweep (`seeds:`, `sweep:`); the plan is its first point's"""
+    checked_on_meta: bool = False
+    """the checks before training ran on member 0 built on `meta` (it is larger than CHEAP_BYTES)"""
+    unchecked: Tuple[str, ...] = ()
+    """the checks of a real run that the dry run could not make"""
 
 
 def make_plan(config_path: str, overrides: List[str], world_size: int, gpus_per_node: Optional[int] = None) -> Plan:
@@ -59,14 +71,70 @@ def make_plan(config_path: str, overrides: List[str], world_size: int, gpus_per_
             MemberLayout(point.fusion.k, world_size)
         cfg = points[0]
     layout = MemberLayout(cfg.fusion.k, world_size)   # the check `init_world` makes before joining
-    splits = synthetic_shapes(cfg.data) if cfg.data.name == "synthetic" else load_splits(cfg.data)
+    splits = synthetic_shapes(cfg.data) if _large_synthetic(cfg.data) else load_splits(cfg.data)
     spec = ModelSpec.for_data(cfg.model, splits.in_shape, splits.num_classes)
     initial = initial_state(cfg.model.name, cfg.model.weights)
     model = _member_on_meta(spec, initial, cfg)
+    size = costs.MemberSize.of(model)
+    unchecked = run_checks(cfg, splits, spec, initial, model)
     dtype = str(next((t.dtype for t in model.state_dict().values()), torch.float32)).replace("torch.", "")
-    return Plan(cfg, layout, gpus_per_node, spec, costs.MemberSize.of(model), dtype,
+    return Plan(cfg, layout, gpus_per_node, spec, size, dtype,
                 activation_bytes(model, splits.in_shape, cfg.data.batch_size), _split_sizes(splits),
-                tuple(splits.in_shape), splits.num_classes, _sample_bytes(splits.train), len(points))
+                tuple(splits.in_shape), splits.num_classes, _sample_bytes(splits.train), len(points),
+                _on_meta(size), tuple(unchecked))
+
+
+def _on_meta(size: costs.MemberSize) -> bool:
+    """Whether the checks run on member 0 on `meta` (else on the CPU, built as the run builds it)."""
+    return size.state_bytes > CHEAP_BYTES
+
+
+def _large_synthetic(data: DataConfig) -> bool:
+    return data.name == "synthetic" and data.synthetic_samples * math.prod(data.synthetic_shape) * 4 > CHEAP_BYTES
+
+
+def run_checks(cfg: Config, splits: Splits, spec: ModelSpec, initial, member: torch.nn.Module) -> List[str]:
+    """The checks `make_run` makes before any member trains, with its functions (`stages.context`): the files of
+    fusion.members, data.member_split, and the template (it runs on the data's inputs, gives one score per
+    class, and the fusion methods can analyse it, tied weights included). A member of up to CHEAP_BYTES is
+    built on the CPU, as the run builds it; a larger one is checked as `member` (on `meta`), where a failing
+    forward is named in meta's words. Returns the checks that could not be made."""
+    unchecked, cheap = [], not _on_meta(costs.MemberSize.of(member))
+    if cheap or not cfg.fusion.members:
+        check_members(cfg.fusion.members, spec)
+    else:
+        unchecked.append("the files of fusion.members (a member is too large to build here)")
+    meta_data = len(splits.train) > 0 and splits.train[0][0].is_meta
+    if not meta_data:
+        check_shards(cfg, splits)
+    elif cfg.data.member_split != "iid":
+        unchecked.append(f"data.member_split={cfg.data.member_split} (the synthetic data are not generated)")
+    examples = example_inputs(cfg, splits.train)
+    if meta_data:   # the synthetic data's distribution: the checks read shapes, not values
+        examples = torch.randn(examples.shape, generator=torch.Generator().manual_seed(0))
+    if cheap:
+        check_template(cfg, splits, examples, build_member(spec, 0, initial, cfg.model.reinit))
+        return unchecked
+    device = next((t.device for t in member.state_dict().values()), torch.device("meta"))
+    try:
+        check_template(cfg, splits, examples.to(device), member)
+    except Exception as err:  # noqa: BLE001 - a failure of meta tensors themselves is no finding
+        why = _meta_failure(err)
+        if why is None:
+            raise
+        unchecked.append(f"the model's forward and fusability (they do not run on meta: {why})")
+    return unchecked
+
+
+def _meta_failure(err: BaseException) -> Optional[str]:
+    """The first line of the error in `err`'s chain that meta tensors raised (an operation without a meta
+    kernel, a value read), or None when none did."""
+    while err is not None:
+        text = str(err).strip()
+        if not isinstance(err, UserError) and "meta" in text.lower():
+            return text.splitlines()[0][:160]
+        err = err.__context__
+    return None
 
 
 def _member_on_meta(spec: ModelSpec, initial, cfg: Config) -> torch.nn.Module:

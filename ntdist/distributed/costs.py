@@ -185,16 +185,17 @@ def fusion_peaks(kind: str, layout: MemberLayout, size: MemberSize, method: str 
     return {r: s * (layout.num_members - own + 1) + work if r == 0 else s for r in ranks}
 
 
-def step_memory(size: MemberSize, activations: int, models: int = 1, momentum: bool = True, ddp: bool = False,
+def step_memory(size: MemberSize, activations: int, models: int = 1, buffers: int = 1, ddp: bool = False,
                 stacked: bool = False) -> List[Tuple[str, int]]:
-    """The terms of one rank's memory for an SGD step of `models` members at once, in bytes.
+    """The terms of one rank's memory for an optimizer step of `models` members at once, in bytes.
 
-    weights + gradients + momentum + DDP's gradient buckets (a second copy of the gradients) + activations,
-    and for vectorised members the stacked copy of their weights.
+    weights + gradients + the optimizer's `buffers` per parameter (`OptimConfig.state_buffers`: AdamW 2, SGD
+    with momentum 1, without 0) + DDP's gradient buckets (a second copy of the gradients) + activations, and
+    for vectorised members the stacked copy of their weights.
     """
     terms = [("weights", models * size.state_bytes), ("gradients", models * size.param_bytes)]
-    if momentum:
-        terms.append(("momentum", models * size.param_bytes))
+    if buffers:
+        terms.append(("optimizer state", models * buffers * size.param_bytes))
     if ddp:
         terms.append(("DDP buckets", models * size.param_bytes))
     if stacked:
@@ -203,17 +204,19 @@ def step_memory(size: MemberSize, activations: int, models: int = 1, momentum: b
 
 
 def deepspeed_memory(size: MemberSize, activations: int, ranks: int, stage: int, precision: str,
-                     momentum: bool = True) -> List[Tuple[str, int]]:
+                     buffers: int = 1) -> List[Tuple[str, int]]:
     """The same for DeepSpeed: weights and gradients in `precision`, fp32 master weights (mixed precision
-    only) and momentum divided over the ranks from ZeRO stage 1, gradients from stage 2."""
+    only) and the optimizer's `buffers` per parameter divided over the ranks from ZeRO stage 1, gradients
+    from stage 2."""
     half = precision != "fp32"
     weights = size.param_bytes // 2 if half else size.param_bytes
     terms = [("weights", weights + size.state_bytes - size.param_bytes),
              ("gradients", weights // ranks if stage >= 2 else weights)]
     if half:
         terms.append(("fp32 master weights", size.param_bytes // ranks if stage >= 1 else size.param_bytes))
-    if momentum:
-        terms.append(("momentum", size.param_bytes // ranks if stage >= 1 else size.param_bytes))
+    if buffers:
+        state = buffers * size.param_bytes
+        terms.append(("optimizer state", state // ranks if stage >= 1 else state))
     return terms + [("activations", activations)]
 
 
@@ -223,10 +226,11 @@ def checkpoint_bytes(size: MemberSize, epochs: int = 0) -> int:
     return size.state_bytes + header
 
 
-def state_file_bytes(size: MemberSize, momentum: bool, epochs: int, gpus: int = 0) -> int:
-    """A state file for `--resume` at an epoch end: the model, its momentum, the RNG states."""
-    buffers = size.param_bytes + SAFETENSORS_BYTES_PER_TENSOR * size.tensors if momentum else 0
-    return checkpoint_bytes(size, epochs) + buffers + RNG_BYTES + 16 * gpus
+def state_file_bytes(size: MemberSize, buffers: int, epochs: int, gpus: int = 0) -> int:
+    """A state file for `--resume` at an epoch end: the model, the optimizer's `buffers` per parameter, the RNG
+    states."""
+    state = buffers * (size.param_bytes + SAFETENSORS_BYTES_PER_TENSOR * size.tensors)
+    return checkpoint_bytes(size, epochs) + state + RNG_BYTES + 16 * gpus
 
 
 def teacher_costs(layout: MemberLayout, size: MemberSize, batch: int, sample_bytes: int, classes: int,

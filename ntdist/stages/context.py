@@ -1,8 +1,9 @@
 """The frozen context of one run: what never changes during `ntdist run`, handed to every stage.
 
 `make_run` loads the data and checks the model, everything that can fail on bad input, before any file
-is written; the stages (`ntdist.stages`, `ntdist.pipeline`) read the run's constants from the `Run` it
-returns and pass what changes (held members, fused models, results) explicitly.
+is written (`check_shards` and `check_template`, which `ntdist run --dry-run` runs too); the stages
+(`ntdist.stages`, `ntdist.pipeline`) read the run's constants from the `Run` it returns and pass what
+changes (held members, fused models, results) explicitly.
 """
 
 from dataclasses import dataclass
@@ -87,8 +88,12 @@ class Run:
 
     def example_inputs(self) -> torch.Tensor:
         """The first training inputs: two to trace shapes, more for NT dedup's activation criterion."""
-        train = self.splits.train
-        return torch.stack([train[i][0] for i in range(min(self.cfg.fusion.example_count(), len(train)))])
+        return example_inputs(self.cfg, self.splits.train)
+
+
+def example_inputs(cfg: Config, train: Dataset) -> torch.Tensor:
+    """The first `fusion.example_count()` inputs of `train`: what fusion and the template's checks are given."""
+    return torch.stack([train[i][0] for i in range(min(cfg.fusion.example_count(), len(train)))])
 
 
 def make_run(cfg: Config, world: World, resume: bool = False) -> Run:
@@ -98,37 +103,45 @@ def make_run(cfg: Config, world: World, resume: bool = False) -> Run:
     initial = initial_state(cfg.model.name, cfg.model.weights)
     template = build_member(spec, 0, initial, cfg.model.reinit)   # the model builds and the weights fit
     check_members(cfg.fusion.members, spec)                        # members trained elsewhere fit it too
+    shards = check_shards(cfg, splits)
+    run = Run(cfg, world, MemberLayout(cfg.fusion.k, world.size), splits, spec,
+              RunDir(cfg.output.dir, world.is_main, cfg.output.trackers), resume, initial, shards)
+    check_template(cfg, splits, run.example_inputs(), template)
+    return run
+
+
+def check_shards(cfg: Config, splits: Splits) -> Optional[Tuple[Dataset, ...]]:
+    """Each member's training set under data.member_split (None: all of it); UserError for a split that leaves
+    a member without samples or that meets members ntdist does not train (mode: sync, fusion.members)."""
     shards = member_shards(splits.train, cfg.fusion.k, cfg.data)
     if shards is not None and (cfg.mode == "sync" or cfg.fusion.members):
         what = ("mode: sync trains its replicas on the whole training set" if cfg.mode == "sync"
                 else "fusion.members brings members trained elsewhere")
         raise UserError(f"data.member_split={cfg.data.member_split} deals the training set out to the members "
                         f"ntdist trains, but {what}: leave data.member_split=iid")
-    run = Run(cfg, world, MemberLayout(cfg.fusion.k, world.size), splits, spec,
-              RunDir(cfg.output.dir, world.is_main, cfg.output.trackers), resume, initial,
-              None if shards is None else tuple(shards))
-    check_template(run, template)
-    return run
+    return None if shards is None else tuple(shards)
 
 
-def check_template(run: Run, model: torch.nn.Module) -> None:
+def check_template(cfg: Config, splits: Splits, examples: torch.Tensor, model: torch.nn.Module) -> None:
     """UserError, before any member trains, for a model that training or fusion would fail on: one that does
-    not run on the training inputs or gives no score per class (`models.probe.check_model`), and one whose
-    channels the configured fusion methods cannot analyse (a recurrent layer, a layer used twice)."""
+    not run on the training inputs `examples` or gives no score per class (`models.probe.check_model`), and
+    one whose channels the configured fusion methods cannot analyse (a recurrent layer, a layer used twice, a
+    tensor under two names). `ntdist run` checks member 0 on the CPU; `ntdist run --dry-run` runs the same
+    check, on `meta` for a large model (`commands.dryrun_plan`)."""
     with torch.random.fork_rng(devices=[]):   # a traced forward may draw (dropout): the run's RNG stays as it was
-        _check_template(run, model)
+        _check_template(cfg, splits, examples, model)
 
 
-def _check_template(run: Run, model: torch.nn.Module) -> None:
-    examples = run.example_inputs().to(torch.get_default_dtype())   # float32 but where a caller chose otherwise
-    shape = list(run.splits.in_shape)
-    check_model(model, examples[:2], run.splits.num_classes, f"model.name '{run.cfg.model.name}'",
+def _check_template(cfg: Config, splits: Splits, examples: torch.Tensor, model: torch.nn.Module) -> None:
+    examples = examples.to(torch.get_default_dtype())   # float32 but where a caller chose otherwise
+    shape = list(splits.in_shape)
+    check_model(model, examples[:2], splits.num_classes, f"model.name '{cfg.model.name}'",
                 f"the data's inputs have shape {shape}: give the model that input (model.kwargs), or other data")
-    methods = run.cfg.sync.methods if run.cfg.mode == "sync" else run.cfg.fusion.methods
+    methods = cfg.sync.methods if cfg.mode == "sync" else cfg.fusion.methods
     if any(method in PLANNED for method in methods):
         try:
             analyze(model, examples)
         except UserError as err:
             avg = "" if "method avg" in str(err) else "; or fuse with method avg, which averages any model"
-            raise UserError(f"model.name '{run.cfg.model.name}' cannot be fused with {', '.join(methods)}: "
+            raise UserError(f"model.name '{cfg.model.name}' cannot be fused with {', '.join(methods)}: "
                             f"{err}{avg}") from None

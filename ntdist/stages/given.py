@@ -26,6 +26,8 @@ def _target(spec: ModelSpec) -> str:
 
 def check_members(paths: Sequence[str], spec: ModelSpec) -> None:
     """UserError naming the first file of `paths` (fusion.members) that does not fit `spec`, and what differs."""
+    if not paths:
+        return
     model = spec.build()
     for path in paths:
         load_weights(model, path, _target(spec), HINT)

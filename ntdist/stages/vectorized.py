@@ -138,7 +138,7 @@ def probe(models: List[nn.Module], batches: List[TensorBatches], optimizer: str 
     allocated is freed before the members train one after another)."""
     x, _ = next(iter(batches[0]))
     try:
-        _one_step(models, x, OPTIMIZER_BUFFERS[optimizer])
+        _one_step(models, x, len(OPTIMIZER_BUFFERS[optimizer]))
     except torch.OutOfMemoryError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         reason = f"one vectorised step of {len(models)} members on a batch of {len(x)} does not fit ({first[:160]})"

@@ -35,7 +35,8 @@ OPTIMIZERS = {   # name -> optimizer over the parameter groups of `param_groups`
     "adamw": lambda groups, cfg: torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas),
                                                    weight_decay=cfg.weight_decay),
 }
-OPTIMIZER_BUFFERS = {"sgd": 1, "adamw": 2}   # state tensors of a parameter's shape each keeps per parameter
+OPTIMIZER_BUFFERS = {"sgd": ("momentum_buffer",), "adamw": ("exp_avg", "exp_avg_sq")}   # torch's state tensors
+#                     of a parameter's shape that each keeps per parameter (sgd: only with momentum > 0)
 
 
 BAR_LOSS_EVERY_S = 1.0   # a progress bar's loss is read (a host sync) at most this often
@@ -112,6 +113,14 @@ class OptimConfig:
     checkpoint_every_steps: int = opt(0, "also write the state every this many batches inside an epoch, where a "
                                          "SIGTERM is honoured too (0: at epoch ends only); pick it so that these "
                                          "batches and one write fit in the scheduler's warning time")
+
+    @property
+    def state_buffers(self) -> tuple:
+        """The names of the buffers of a parameter's shape the optimizer keeps per parameter: AdamW's two
+        moments, SGD's momentum, none for SGD without momentum."""
+        if self.optimizer == "sgd" and self.momentum == 0:
+            return ()
+        return OPTIMIZER_BUFFERS[self.optimizer]
 
     def __post_init__(self):
         if self.epochs < 0:

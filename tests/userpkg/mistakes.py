@@ -1,6 +1,7 @@
 """Models with one mistake each, as users write them: `model.name: userpkg.mistakes:<builder>`.
 
-Not a test file: tests/unit/test_model_mistakes.py and tests/unit/test_fusion_ties.py name these builders.
+Not a test file: tests/unit/test_model_mistakes.py, tests/unit/test_fusion_ties.py and
+tests/unit/test_dryrun_checks.py name these builders.
 """
 
 import sys
@@ -87,3 +88,19 @@ class SharedWeight(nn.Module):
 
 def shared_weight(input_dim: int, num_classes: int, hidden: int = 12):
     return SharedWeight(input_dim, num_classes, hidden)
+
+
+class ReadsAValue(nn.Module):
+    """Reads a value out of a tensor in forward (`.item()`): fine on real tensors, impossible on `meta`."""
+
+    def __init__(self, input_dim: int, num_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(input_dim, num_classes)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return self.fc(x) * (1.0 if x.abs().max().item() >= 0 else 0.0)
+
+
+def reads_a_value(input_dim: int, num_classes: int):
+    return ReadsAValue(input_dim, num_classes)
