@@ -9,17 +9,20 @@ control (the best member on validation) with every recipe of the grid, the way
 the fused / control seeds of `ntdist run`, and for distillation the ensemble of the members
 as teacher with the config's temperature and soft weight.
 
-The grid: loss plain | distill; LR constant 0.01 | 0.003 | 0.001 (one 10-epoch run, read
+The grid: loss plain | distill; LR constant 0.01 | 0.003 | 0.001 (one run of the longest budget, read
 after epochs 1, 3 and 10) and cosine from 0.01 | 0.003 (one run per budget, the schedule
-spans it; `recipe_table.py` holds the grid and the report). Every seed's accuracies go to
+spans it); `--budgets`, `--lrs`, `--cosine-lrs` and `--cosine-budgets` change it (`recipe_table.py`
+holds the grid and the report). Every seed's accuracies go to
 `--out` (JSON) as they come, and a rerun continues from there. The tables: test accuracy of
 fused and control (mean ± std over seeds), the paired fused − control (mean ± std, two-sided
 paired t-test p, seeds ahead) and the halfway mark mean(ensemble − control) / 2; the recipe is
 chosen on validation accuracy. `--losses`, `--temperature` and `--soft-weight` narrow the grid
-and change the distillation (both the fused model's and the control's). Run:
+and change the distillation (both the fused model's and the control's); `--select lstsq` keeps
+NT's units by least squares instead of magnitude (`lstsq_select.py`). Run:
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/finetune_recipes.py [--models mlp cnn1d]
-        [--seeds 10] [--cosine-budgets 1 3 10] [--losses plain distill] [--temperature T] [--soft-weight W]
-        [--cache DIR] [--out rows.json] [--table-only]
+        [--seeds 10] [--budgets 1 3 10] [--lrs 0.01 0.003 0.001] [--cosine-lrs 0.01 0.003]
+        [--cosine-budgets 1 3 10] [--losses plain distill] [--temperature T] [--soft-weight W]
+        [--select magnitude|lstsq] [--cache DIR] [--out rows.json] [--table-only]
 """
 
 import argparse
@@ -38,7 +41,8 @@ from ntdist.stages.finetune import distill_loss_fn
 from ntdist.training.batches import eval_batches, train_batches
 from ntdist.training.config import CONTROL_SEED, FUSED_SEED, run_seed
 from ntdist.training.loop import labels_of, make_optimizer, make_scheduler, predict, train_epoch
-from recipe_table import BUDGETS, LOSSES, recipes, table
+from recipe_table import LOSSES, Grid, recipes, table
+from lstsq_select import repaired
 from repair_mnist1d import CONFIGS, ROOT, train_members
 
 
@@ -93,6 +97,20 @@ def curve(model, cfg, splits, seed, teacher, recipe, score) -> list:
     return out
 
 
+def setup(name: str, overrides):
+    """The paper config of `name` with `overrides`, its model spec and its data splits."""
+    cfg = load_config(os.path.join(ROOT, CONFIGS[name]), list(overrides), extra_keys=("seeds", "sweep"))
+    splits = load_splits(cfg.data)
+    return cfg, ModelSpec.for_data(cfg.model, splits.in_shape, splits.num_classes), splits
+
+
+def calibration_of(cfg, splits) -> torch.Tensor:
+    """`fusion.calibration_samples` training inputs, drawn as `ntdist run` draws them for `cfg.train.seed`."""
+    train = splits.train
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.train.seed))
+    return torch.stack([train[i][0] for i in sorted(order[:cfg.fusion.calibration_samples].tolist())])
+
+
 def one_seed(cfg, spec, splits, args, name: str) -> dict:
     """Members, ensemble, one-shot NT + repair, and every recipe's fused and control curves for one seed."""
     members = members_of(cfg, spec, splits, args.cache, name)
@@ -102,16 +120,17 @@ def one_seed(cfg, spec, splits, args, name: str) -> dict:
     best = max(range(len(members)), key=lambda i: per_member[i]["val"])
     row = {"best member": per_member[best], "best": best,
            "ensemble": score.of_logits({s: torch.stack([lg[s] for lg in logits]).mean(0) for s in score.sets})}
-    train = splits.train
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.train.seed))
-    calibration = torch.stack([train[i][0] for i in sorted(order[:cfg.fusion.calibration_samples].tolist())])
-    fused = fuse(members, method="nt", schedule="flat", example_inputs=calibration[:2], calibration=calibration,
-                 repair="lstsq")
+    calibration = calibration_of(cfg, splits)
+    if args.select == "lstsq":
+        fused = repaired(members, calibration, "lstsq")
+    else:
+        fused = fuse(members, method="nt", schedule="flat", example_inputs=calibration[:2], calibration=calibration,
+                     repair="lstsq")
     row["one-shot"] = score(fused)
     teacher = Ensemble(members)
     row["runs"] = {}
     for loss in args.losses:
-        for run, recipe in recipes(args.cosine_budgets).items():
+        for run, recipe in recipes(args.grid).items():
             kw = dict(cfg=cfg, splits=splits, teacher=teacher if loss == "distill" else None, recipe=recipe,
                       score=score)
             row["runs"][f"{loss}, {run}"] = {
@@ -124,7 +143,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--seeds", type=int, default=10)
-    ap.add_argument("--cosine-budgets", type=int, nargs="+", default=list(BUDGETS), choices=list(BUDGETS))
+    ap.add_argument("--budgets", type=int, nargs="+", default=list(Grid.budgets),
+                    help="epochs after which the constant-LR runs are read (one run of the longest)")
+    ap.add_argument("--lrs", type=float, nargs="*", default=list(Grid.constant_lrs), help="constant LRs")
+    ap.add_argument("--cosine-lrs", type=float, nargs="*", default=list(Grid.cosine_lrs), help="cosine start LRs")
+    ap.add_argument("--cosine-budgets", type=int, nargs="+", default=list(Grid.cosine_budgets),
+                    help="epochs of the cosine runs (one run each)")
+    ap.add_argument("--select", choices=("magnitude", "lstsq"), default="magnitude",
+                    help="NT's kept units: by magnitude (ntdist's) or by least squares (benchmarks/lstsq_select.py)")
     ap.add_argument("--epochs", type=int, default=None, help="member epochs (default: the config's)")
     ap.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES))
     ap.add_argument("--temperature", type=float, default=None, help="distillation temperature (default: the config's)")
@@ -135,6 +161,7 @@ def main():
                     help="every seed's accuracies (JSON)")
     ap.add_argument("--table-only", action="store_true", help="print the tables of --out and stop")
     args = ap.parse_args()
+    args.grid = Grid(tuple(args.budgets), tuple(args.lrs), tuple(args.cosine_lrs), tuple(args.cosine_budgets))
     torch.set_num_threads(1)
     everything = {}
     if os.path.exists(args.out):
@@ -146,9 +173,7 @@ def main():
             overrides = [] if args.epochs is None else [f"train.epochs={args.epochs}"]
             distill = [f"finetune.{key}={value}" for key, value in (("temperature", args.temperature),
                                                                      ("soft_weight", args.soft_weight)) if value]
-            cfg = load_config(os.path.join(ROOT, CONFIGS[name]), overrides + distill, extra_keys=("seeds", "sweep"))
-            splits = load_splits(cfg.data)
-            spec = ModelSpec.for_data(cfg.model, splits.in_shape, splits.num_classes)
+            cfg, spec, splits = setup(name, overrides + distill)
             for seed in range(len(rows), args.seeds):
                 cfg.train.seed = seed
                 rows.append(one_seed(cfg, spec, splits, args, name))
@@ -159,7 +184,7 @@ def main():
                 print(f"{name} seed {seed}: one-shot {100 * rows[-1]['one-shot']['test']:.1f}, best member "
                       f"{100 * rows[-1]['best member']['test']:.1f}", flush=True)
         if rows:
-            print(f"\n{table(name, rows)}\n", flush=True)
+            print(f"\n{table(name, rows, args.grid)}\n", flush=True)
 
 
 if __name__ == "__main__":

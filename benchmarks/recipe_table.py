@@ -1,7 +1,7 @@
 """The grid of benchmarks/finetune_recipes.py and its markdown report, apart from the training.
 
 A recipe is a loss (plain cross-entropy or distillation from the members) and an LR schedule
-from a start LR; each is read after `BUDGETS` epochs: constant LRs from one run of the longest
+from a start LR; each is read after each budget of epochs: constant LRs from one run of the longest
 budget, cosine from one run per budget (the schedule spans the run). `table` prints, per recipe
 and budget, fused and control (test, mean ± std over seeds), the paired fused − control with its
 two-sided paired t-test and the seeds ahead, and the halfway mark mean(ensemble − control) / 2
@@ -10,19 +10,28 @@ validation accuracy of the fused model (test accuracy picks nothing).
 """
 
 import statistics
+from dataclasses import dataclass
+from typing import Tuple
 
 from ntdist.records.stats import paired
 
 LOSSES = ("plain", "distill")
-CONSTANT_LRS = (0.01, 0.003, 0.001)
-COSINE_LRS = (0.01, 0.003)
-BUDGETS = (1, 3, 10)
 
 
-def recipes(cosine_budgets) -> dict:
+@dataclass(frozen=True)
+class Grid:
+    """The LRs and budgets of a grid: constant LRs read after each budget of one run of the longest, cosine
+    LRs run once per cosine budget."""
+    budgets: Tuple[int, ...] = (1, 3, 10)
+    constant_lrs: Tuple[float, ...] = (0.01, 0.003, 0.001)
+    cosine_lrs: Tuple[float, ...] = (0.01, 0.003)
+    cosine_budgets: Tuple[int, ...] = (1, 3, 10)
+
+
+def recipes(grid: Grid) -> dict:
     """Run name -> (schedule, lr, epochs): one constant-LR run per LR, one cosine run per LR and budget."""
-    runs = {f"constant {lr:g}": ("none", lr, max(BUDGETS)) for lr in CONSTANT_LRS}
-    runs.update({f"cosine {lr:g} x{b}": ("cosine", lr, b) for lr in COSINE_LRS for b in cosine_budgets})
+    runs = {f"constant {lr:g}": ("none", lr, max(grid.budgets)) for lr in grid.constant_lrs}
+    runs.update({f"cosine {lr:g} x{b}": ("cosine", lr, b) for lr in grid.cosine_lrs for b in grid.cosine_budgets})
     return runs
 
 
@@ -48,7 +57,7 @@ def against(rows: list, fused: list, control: list) -> dict:
     return {**d, "p_text": p, "half": half, "met": "**yes**" if met else "no"}
 
 
-def table(name: str, rows: list) -> str:
+def table(name: str, rows: list, grid: Grid = Grid()) -> str:
     """The markdown report of one model: reference rows, then one line per recipe and budget. The last
     column compares a distilled fused model with the control fine-tuned by plain cross-entropy with the
     same LR and budget, as `ntdist run` does (its control never distils)."""
@@ -58,11 +67,11 @@ def table(name: str, rows: list) -> str:
              "| loss | LR | epochs | fused | control | fused − control | p | ahead | halfway | "
              "val: fused − control | fused − plain control, p, halfway |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    lr_names = [f"constant {lr:g}" for lr in CONSTANT_LRS] + [f"cosine {lr:g}" for lr in COSINE_LRS]
+    lr_names = [f"constant {lr:g}" for lr in grid.constant_lrs] + [f"cosine {lr:g}" for lr in grid.cosine_lrs]
     chosen = None
     for loss in LOSSES:
         for lr_name in lr_names:
-            for budget in BUDGETS:
+            for budget in sorted(set(grid.budgets) | (set(grid.cosine_budgets) if grid.cosine_lrs else set())):
                 fused = [at_budget(r, loss, lr_name, budget, "fused") for r in rows]
                 control = [at_budget(r, loss, lr_name, budget, "control") for r in rows]
                 plain = [at_budget(r, LOSSES[0], lr_name, budget, "control") for r in rows]

@@ -1,5 +1,6 @@
 """The report of `benchmarks/finetune_recipes.py` (`benchmarks/recipe_table.py`): each budget read from its own
-run, the halfway mark, the recipe chosen on validation.
+run, the halfway mark, the recipe chosen on validation; and the least-squares unit selection of
+`benchmarks/lstsq_select.py`.
 
 Run: .venv/bin/python -m pytest tests/unit/test_finetune_recipes.py
 """
@@ -8,15 +9,20 @@ import importlib.util
 import os
 
 import pytest
+import torch
 
 from helpers import ROOT
 
 
-def _recipes():
-    spec = importlib.util.spec_from_file_location("recipe_table", os.path.join(ROOT, "benchmarks", "recipe_table.py"))
+def _benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _recipes():
+    return _benchmark("recipe_table")
 
 
 def _acc(test, val=None):
@@ -45,8 +51,18 @@ def test_each_budget_reads_its_epoch_and_cosine_reads_its_own_run():
     assert recipes.at_budget(row, "plain", "cosine 0.01", 10, "fused")["test"] == pytest.approx(0.92)
     assert recipes.at_budget(row, "plain", "cosine 0.01", 3, "fused") is None   # no 3-epoch cosine run
     assert recipes.at_budget(row, "distill", "constant 0.003", 1, "fused") is None
-    assert set(recipes.recipes([10])) == {"constant 0.01", "constant 0.003", "constant 0.001",
-                                          "cosine 0.01 x10", "cosine 0.003 x10"}
+    assert set(recipes.recipes(recipes.Grid(cosine_budgets=(10,)))) == {
+        "constant 0.01", "constant 0.003", "constant 0.001", "cosine 0.01 x10", "cosine 0.003 x10"}
+    longer = recipes.Grid(budgets=(10, 40), constant_lrs=(0.01,), cosine_lrs=())
+    assert recipes.recipes(longer) == {"constant 0.01": ("none", 0.01, 40)}
+
+
+def test_a_grid_without_cosine_reads_the_constant_runs_at_its_own_budgets_only():
+    recipes = _recipes()
+    rows = [_row(seed, 0.05, 0.99) for seed in range(4)]
+    text = recipes.table("mlp", rows, recipes.Grid(budgets=(3, 10), constant_lrs=(0.01,), cosine_lrs=()))
+    budgets = [line.split(" | ")[2] for line in text.splitlines() if line.startswith("| plain |")]
+    assert budgets == ["3", "10"]
 
 
 def test_table_marks_the_halfway_criterion_and_chooses_on_validation():
@@ -69,3 +85,26 @@ def test_table_marks_the_halfway_criterion_and_chooses_on_validation():
     chosen = text.splitlines()[-1]
     assert chosen.startswith("Chosen on the fused model's mean validation accuracy (99.00 %): plain, cosine 0.01, "
                              "10 epochs") and "fused − control +2.15 ± 0.13" in chosen
+
+
+def _sums(x, w):
+    """The Gram matrix of [x, 1] and its products with the target x @ w.T (w with a zero constant column)."""
+    x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+    w = torch.cat([w, torch.zeros(w.shape[0], 1, dtype=w.dtype)], 1)
+    gram = x.T @ x
+    return gram, gram @ w.T
+
+
+def test_least_squares_selection_keeps_what_explains_the_target_and_drops_a_duplicate():
+    select = _benchmark("lstsq_select")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 5, generator=g, dtype=torch.float64)
+    x[:, 3] = 2 * x[:, 1]          # unit 3 duplicates unit 1: either one explains the other
+    x[:, 4] *= 10                   # the largest unit, but the target ignores it
+    w = torch.tensor([[1.0, 0.5, 0.0, 0.5, 0.0], [0.0, 1.0, -1.0, 0.0, 0.0]], dtype=torch.float64)
+    kept = select.eliminate(*_sums(x, w), n_units=5, per_unit=1, count=3).tolist()
+    assert 0 in kept and 2 in kept and 4 not in kept and len({1, 3} & set(kept)) == 1
+    # a unit of two columns (a kernel) is kept or dropped whole
+    wide = torch.randn(400, 6, generator=g, dtype=torch.float64)
+    target = torch.tensor([[0.0, 0.0, 1.0, -1.0, 0.0, 0.0]], dtype=torch.float64)
+    assert select.eliminate(*_sums(wide, target), n_units=3, per_unit=2, count=1).tolist() == [1]
