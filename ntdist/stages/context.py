@@ -49,6 +49,7 @@ class Run:
     splits: Splits
     spec: ModelSpec
     rundir: RunDir
+    dtype: str   # of the members' floating-point tensors, read from member 0 as `make_run` built it
     resume: bool = False
     initial: Optional[Dict[str, torch.Tensor]] = None   # model.weights, loaded into every member
     shards: Optional[Tuple[Dataset, ...]] = None          # data.member_split: each member's training set
@@ -68,7 +69,7 @@ class Run:
 
     def owner(self, part: str, seed: int, epochs: int) -> StateOwner:
         """Whose the state files and the final checkpoint of `part` (`member_part`, `finetune_part`) are."""
-        return StateOwner.of(self.run_id, part, seed, self.template(), epochs)
+        return StateOwner(self.run_id, part, seed, self.dtype, epochs)
 
     def member_owner(self, index: int) -> StateOwner:
         """Whose member `index`'s files are: its training, from its seed, for `train.epochs`."""
@@ -105,7 +106,8 @@ def make_run(cfg: Config, world: World, resume: bool = False) -> Run:
     check_members(cfg.fusion.members, spec)                        # members trained elsewhere fit it too
     shards = check_shards(cfg, splits)
     run = Run(cfg, world, MemberLayout(cfg.fusion.k, world.size), splits, spec,
-              RunDir(cfg.output.dir, world.is_main, cfg.output.trackers), resume, initial, shards)
+              RunDir(cfg.output.dir, world.is_main, cfg.output.trackers), StateOwner.dtype_of(template), resume,
+              initial, shards)
     check_template(cfg, splits, run.example_inputs(), template)
     return run
 
