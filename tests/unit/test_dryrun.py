@@ -107,8 +107,8 @@ def test_synthetic_shapes_are_the_synthetic_splits():
 
 
 def test_tree_rounds_follow_the_layout():
-    size = costs.MemberSize(params=10, param_bytes=40, state_bytes=48, tensors=3, small_bytes=48, largest_bytes=40,
-                            widest=4)
+    size = costs.MemberSize(params=10, param_bytes=40, state_bytes=48, tensors=3, param_tensors=2, small_bytes=48,
+                            largest_bytes=40, widest=4)
     rounds = costs.tree_rounds(MemberLayout(4, 8), size)   # holders 0, 2, 4, 6
     assert [r.links for r in rounds] == [((2, 0), (6, 4)), ((4, 0),), ()]
     assert rounds[0].sent == {2: 72, 6: 72} and rounds[0].received == {0: 72, 4: 72}   # 48 + 8 x 3 header
