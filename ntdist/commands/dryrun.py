@@ -53,7 +53,9 @@ def _header(plan: Plan, config_path: str) -> List[str]:
     resident = [name for name, n in plan.splits.items() if _resident(plan, n)]
     where = (f"resident on the device: {', '.join(resident)}" if resident else "none resident") + \
         f" (data.resident_max_mb={cfg.data.resident_max_mb:g})"
-    sweep = [f"sweep of {plan.points} runs, every layout checked; the first run's plan"] if plan.points > 1 else []
+    sweep = [f"sweep of {plan.points} runs, each checked ({plan.checked} distinct setting{'s' * (plan.checked > 1)} "
+             "of the checks: runs that differ only in keys no check reads, such as train.lr or the seed, share "
+             "one); the first run's plan"] if plan.points > 1 else []
     built = f"on meta: a {size_text(size.state_bytes)} member is not built" if plan.checked_on_meta else \
         "built on the CPU"
     checks = f"checks  passed: the checks ntdist run makes before training (member 0 {built})" \

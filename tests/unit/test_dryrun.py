@@ -92,9 +92,11 @@ def test_a_sweep_checks_every_points_layout(tmp_path, capsys):
     path = tmp_path / "sweep.yaml"
     path.write_text("fusion: {methods: [nt]}\nsweep: {fusion.k: [2, 3]}\n")
     assert main(["run", str(path), "--dry-run", "--world-size", "4"]) == 2
-    assert "4 ranks cannot train 3 members" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("ntdist: error: sweep point 2 of 2 (fusion.k=3): 4 ranks cannot train "
+                                              "3 members")
     assert main(["run", str(path), "--dry-run", "--world-size", "6"]) == 0
-    assert "sweep of 2 runs, every layout checked" in capsys.readouterr().out
+    assert "sweep of 2 runs, each checked (1 distinct setting of the checks: runs that differ only in keys" \
+        in capsys.readouterr().out.replace("\n          ", " ")
 
 
 def test_synthetic_shapes_are_the_synthetic_splits():

@@ -1,8 +1,9 @@
 """`ntdist run --dry-run` makes the checks a real run makes before training, with the run's one line and exit 2
 (a model that does not run, gives no score per class, cannot be fused or ties its weights; member files that do
 not fit; a member split that meets members trained elsewhere), on the CPU for a small member and on meta for a
-large one (a forward that cannot run on meta is reported unchecked, not refused); and its memory estimate
-counts the configured optimizer's state: 2, 1 or 0 buffers per parameter.
+large one (a forward that cannot run on meta is reported unchecked, not refused); a sweep's every point, each
+distinct setting of the checks once, a failing point named; and its estimates count the configured optimizer's
+state: 2, 1 or 0 buffers per parameter in memory, and in a state file AdamW's step counts too.
 
 Run: .venv/bin/python -m pytest tests/unit/test_dryrun_checks.py
 """
@@ -108,6 +109,33 @@ def test_a_config_that_passes_says_where_its_checks_ran(tmp_path, capsys, monkey
     monkeypatch.setattr(dryrun_plan, "CHEAP_BYTES", 0)
     assert main(["run", "configs/quickstart.yaml", "--dry-run", "--world-size", "2"]) == 0
     assert "(member 0 on meta: a 13.9 kB member is not built)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("model", ["gru", "three_classes"])
+def test_a_sweep_point_the_run_refuses_fails_the_dry_run_named(tmp_path, capsys, model):
+    alone = both_refuse(tmp_path, capsys, f"{MISTAKES}{model}").removeprefix("ntdist: error: ")   # a run of its own
+    config = tmp_path / "sweep.yaml"
+    config.write_text(TINY + f"sweep: {{model.name: [mlp, '{MISTAKES[11:]}{model}']}}\n")
+    assert main(["run", str(config), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"ntdist: error: sweep point 2 of 2 ({MISTAKES}{model}): {alone}"
+
+
+def test_points_that_differ_only_in_keys_no_check_reads_share_one_check(tmp_path, capsys, monkeypatch):
+    built, checked = [], []
+    build, check = dryrun_plan.build_member, dryrun_plan.check_template
+    monkeypatch.setattr(dryrun_plan, "build_member", lambda *args: built.append(args[0]) or build(*args))
+    monkeypatch.setattr(dryrun_plan, "check_template",
+                        lambda cfg, *args: checked.append(cfg.model.kwargs["width"]) or check(cfg, *args))
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY)
+    assert main(["run", str(config), "model.kwargs.width=8", "--dry-run"]) == 0
+    once, built[:], checked[:] = len(built), [], []   # the builds of one run's checks
+    config.write_text(TINY + "sweep: {model.kwargs.width: [8, 16], train.lr: [0.05, 0.1]}\nseeds: [0, 1]\n")
+    assert main(["run", str(config), "--dry-run"]) == 0
+    assert checked == [8, 16] and len(built) == 2 * once   # 8 points, 2 widths: lr and seed change no check
+    assert "sweep of 8 runs, each checked (2 distinct settings of the checks" \
+        in capsys.readouterr().out.replace("\n          ", " ")
 
 
 OPTIMIZERS = [("adamw", "0.9", 2), ("sgd", "0.9", 1), ("sgd", "0", 0)]
