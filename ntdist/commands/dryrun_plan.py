@@ -72,12 +72,13 @@ def make_plan(config_path: str, overrides: List[str], world_size: int, gpus_per_
             MemberLayout(point.fusion.k, world_size)   # the check `init_world` makes before joining
     checked, unchecked, first = set(), [], None
     for name, point in points:
-        if checked_settings(point) in checked:   # it differs from a checked point only in what no check reads
+        settings = checked_settings(point)
+        if settings in checked:   # it differs from a checked point only in what no check reads
             continue
-        checked.add(checked_settings(point))
+        checked.add(settings)
         with _named(name):
             found = _check_point(point)
-        first = first or found
+        first = found if first is None else first
         unchecked += [text if found is first else f"{text} ({name})" for text in found[-1]]
     cfg = points[0][1]
     splits, spec, model, _ = first
