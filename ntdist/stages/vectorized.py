@@ -134,9 +134,8 @@ def probe(models: List[nn.Module], batches: List[TensorBatches], optim: OptimCon
 
     The step is a real one: every member on a full batch, with gradients and room for the state of the
     optimizer `optim` configures (`OptimConfig.state_buffers`: AdamW's two moments, SGD's momentum, none for SGD
-    without momentum), so on a
-    GPU it is also the memory check (a step that does not fit raises torch.OutOfMemoryError; what it had
-    allocated is freed before the members train one after another)."""
+    without momentum), so on a GPU it is also the memory check (a step that does not fit raises
+    torch.OutOfMemoryError; what it had allocated is freed before the members train one after another)."""
     x, _ = next(iter(batches[0]))
     try:
         _one_step(models, x, len(optim.state_buffers))
