@@ -20,25 +20,24 @@ from ntdist.config import Config, to_yaml
 from ntdist.distributed.comm import (all_gather_records, broadcast_model, destroy_groups, new_groups,
                                      sum_counts)
 from ntdist.distributed.devices import synchronize
-from ntdist.distributed.diagnostics import duplicate_units_across_ranks
 from ntdist.distributed.tree import fusion_device, gather_fuse, ot_reduce, reduce_average, tree_fuse
-from ntdist.distributed.world import World, gather_world_info
+from ntdist.distributed.world import World
 from ntdist.errors import UserError
 from ntdist.fusion import reestimate_bn, reestimates_bn
-from ntdist.fusion.diversity import summarize
 from ntdist.records.checkpoint import load_model, save_checkpoint
 from ntdist.records.files import remove_if_present
 from ntdist.records.results import RESULTS_FILE, ControlResult, MethodResult, RunResults
 from ntdist.records.rundir import finetuned_name
 from ntdist.stages.context import Run, finetune_part, make_run
+from ntdist.stages.evaluate import evaluate_members
 from ntdist.stages.finetune import distill_teacher, evaluate_splits, finetune
 from ntdist.stages.given import load_members
 from ntdist.stages.members import train_members
 from ntdist.stages.sync import sync_stage
-from ntdist.training.batches import eval_batches, feed, train_batches
+from ntdist.training.batches import feed, train_batches
 from ntdist.training.hardware import fit_threads
 from ntdist.training.config import CONTROL_SEED, FUSED_SEED, run_seed
-from ntdist.training.loop import labels_of, predict, set_deterministic
+from ntdist.training.loop import set_deterministic
 from ntdist.training.state import finished_history, finished_info
 
 CONTROL_LABEL = "best-member"   # the control (the best member fine-tuned) in metrics and checkpoint names
@@ -133,59 +132,6 @@ def train_stage(r: Run) -> Dict[int, torch.nn.Module]:
         for record in history:
             r.rundir.log(record)
     return held
-
-
-def evaluate_members(r: Run, held: Dict[int, torch.nn.Module]) -> RunResults:
-    """Each member's val/test accuracy and the accuracy of their output average (the ensemble)."""
-    k, world, splits, batch = r.cfg.fusion.k, r.world, r.splits, r.cfg.data.eval_batch_size
-    data = feed(r.cfg.data, world.device)
-    val, test = eval_batches(splits.val, batch, **data), eval_batches(splits.test, batch, **data)
-    val_sum, val_pred = member_outputs(held, val, (k, len(splits.val), splits.num_classes), world.device)
-    test_sum, test_pred = member_outputs(held, test, (k, len(splits.test), splits.num_classes), world.device)
-    # Each member's outputs live on its holder; one sum per tensor gives every rank all of them.
-    world.wait_for("evaluating their members")
-    val_sum, val_pred, test_sum, test_pred = (world.reduce_sum(t) for t in (val_sum, val_pred, test_sum, test_pred))
-    val_y, test_y = labels_of(val), labels_of(test)
-    members_val = (val_pred == val_y).double().mean(1)
-    members = (test_pred == test_y).double().mean(1).tolist()
-    best = int(torch.argmax(members_val).item())   # chosen on validation accuracy
-    results = RunResults(k=k, seed=r.cfg.train.seed, members=members, members_val=members_val.tolist(),
-                         best_member=members[best], best_member_index=best,
-                         ensemble=((test_sum / k).argmax(1) == test_y).double().mean().item(),
-                         ensemble_val=((val_sum / k).argmax(1) == val_y).double().mean().item())
-    world.print0(f"members test accuracy {[round(a, 4) for a in members]}, ensemble {results.ensemble:.4f}")
-    if r.cfg.output.diversity:
-        results.diversity = diversity_stage(r, held, test_pred)
-    results.world = gather_world_info(world)
-    return results
-
-
-def member_outputs(held: Dict[int, torch.nn.Module], batches, shape: Tuple[int, int, int],
-                   device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """For `shape` = (k members, N samples, classes): (the held members' logits summed in float64 [N, classes],
-    every member's predicted class [k, N], zeros for the members held elsewhere), on the CPU. That is all the
-    ensemble, the members' accuracies and the disagreement need; all logits ([k, N, classes] float64) would
-    be k times the memory and the traffic. k float32 values within a factor of about 2^25 of each other add
-    exactly in float64, in any order, so the sum over ranks is what the mean over all logits summed."""
-    k, n, classes = shape
-    summed = torch.zeros(n, classes, dtype=torch.float64)
-    predicted = torch.zeros(k, n, dtype=torch.int64)
-    for i in sorted(held):
-        logits = predict(held[i], batches, device).double()
-        summed += logits
-        predicted[i] = logits.argmax(1)
-    return summed, predicted
-
-
-def diversity_stage(r: Run, held: Dict[int, torch.nn.Module], test_pred: torch.Tensor) -> dict:
-    """Disagreement and near-duplicate units of the members; warns when NT would lose information."""
-    out = r.cfg.output
-    duplicates = duplicate_units_across_ranks(r.world, held, r.layout.holders, r.template, out.duplicate_threshold,
-                                              out.duplicate_max_units or None)   # sampled rows only travel
-    summary = summarize(list(test_pred), duplicates, out.duplicate_threshold)   # the same on every rank
-    if summary["warning"]:
-        r.world.print0(f"ntdist: warning: {summary['warning']}", file=sys.stderr)
-    return summary
 
 
 def control_stage(r: Run, held: Dict[int, torch.nn.Module], best: int):

@@ -53,7 +53,9 @@ def _header(plan: Plan, config_path: str) -> List[str]:
     resident = [name for name, n in plan.splits.items() if _resident(plan, n)]
     where = (f"resident on the device: {', '.join(resident)}" if resident else "none resident") + \
         f" (data.resident_max_mb={cfg.data.resident_max_mb:g})"
-    sweep = [f"sweep of {plan.points} runs, every layout checked; the first run's plan"] if plan.points > 1 else []
+    sweep = [f"sweep of {plan.points} runs, each checked ({plan.checked} distinct setting{'s' * (plan.checked > 1)} "
+             "of the checks: runs that differ only in keys no check reads, such as train.lr or the seed, share "
+             "one); the first run's plan"] if plan.points > 1 else []
     built = f"on meta: a {size_text(size.state_bytes)} member is not built" if plan.checked_on_meta else \
         "built on the CPU"
     checks = f"checks  passed: the checks ntdist run makes before training (member 0 {built})" \
@@ -241,12 +243,17 @@ def _host(plan: Plan, fusing: int) -> List[str]:
     """The host's share: the dataset as every rank loads it, fusion under gloo, a checkpoint being written."""
     files = plan.cfg.data.name == "imagefolder"   # read from files batch by batch; everything else is held
     data = sum(n * plan.sample_bytes * ((not files) + _resident(plan, n)) for n in plan.splits.values())
-    state = costs.state_file_bytes(plan.size, len(plan.cfg.train.state_buffers), plan.cfg.train.epochs)
+    state = _state_file(plan, plan.cfg.train)
     per_node = f", {size_text(data * plan.gpus_per_node)} per node" if plan.gpus_per_node else ""
     read = "; files read per batch" * files
     return [f"host    dataset {size_text(data)} per rank{per_node} (every rank loads it{read}"
             f"; resident splits keep a host copy); fusion under gloo {size_text(fusing)} (the held members and the "
             f"fusion's peak); writing a state file {size_text(state)} (its tensors cloned once)"]
+
+
+def _state_file(plan: Plan, optim) -> int:
+    """A state file of the stage that `optim` (`cfg.train`, `cfg.finetune`) configures, at its last epoch end."""
+    return costs.state_file_bytes(plan.size, len(optim.state_buffers), len(optim.state_scalars), optim.epochs)
 
 
 def _terms(terms) -> str:
@@ -256,11 +263,11 @@ def _terms(terms) -> str:
 def _files(plan: Plan) -> List[str]:
     cfg, size, k = plan.cfg, plan.size, plan.layout.num_members
     member = costs.checkpoint_bytes(size, cfg.train.epochs)
-    state = costs.state_file_bytes(size, len(cfg.train.state_buffers), cfg.train.epochs)
+    state = _state_file(plan, cfg.train)
     tuned = costs.checkpoint_bytes(size, cfg.finetune.epochs)
     labels = len(cfg.fusion.methods) + (cfg.finetune.control and cfg.finetune.epochs > 0)
     order = 8 * plan.splits["train"]
-    tuning_state = costs.state_file_bytes(size, len(cfg.finetune.state_buffers), cfg.finetune.epochs)
+    tuning_state = _state_file(plan, cfg.finetune)
     return [f"files   member checkpoint {size_text(member)} each, {size_text(k * member)} for all {k}; member state "
             f"file {size_text(state)} (weights, optimizer state, RNG; + {size_text(order)} data order inside an epoch)",
             f"        fine-tuned checkpoints {size_text(tuned)} each, {labels} of them (fusion.methods + control); "

@@ -5,11 +5,14 @@ the cost model needs.
 the check `init_world` makes before joining), loads the data as `make_run` does (large synthetic data only as
 sizes), builds member 0 with its starting weights on `meta`, runs the checks `make_run` makes before any member
 trains (`run_checks`: the same functions, so a failing one stops the dry run with the run's line), and
-measures the activations: the tensors one training forward on `meta` saves for backward. No process group is
-joined, no GPU touched, and nothing larger than CHEAP_BYTES is built for real.
+measures the activations: the tensors one training forward on `meta` saves for backward. A sweep is checked
+point by point, each distinct `stages.context.checked_settings` once, and a failing point's line names it
+(`sweep point 2 of 4 (model.kwargs.width=16, train.lr=0.1): ...`); its plan is the first point's. No process
+group is joined, no GPU touched, and nothing larger than CHEAP_BYTES is built for real.
 """
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -22,7 +25,7 @@ from ntdist.distributed.layout import MemberLayout
 from ntdist.errors import UserError
 from ntdist.models import ModelSpec
 from ntdist.models.weights import build_member, initial_state
-from ntdist.stages.context import check_shards, check_template, example_inputs
+from ntdist.stages.context import check_shards, check_template, checked_settings, example_inputs
 from ntdist.stages.given import check_members
 from ntdist.sweep import SWEEP_KEYS, load_sweep
 from ntdist.training.batches import _sample_bytes   # the size the resident check weighs a sample with
@@ -50,6 +53,8 @@ class Plan:
     """bytes of one stored sample (uint8 images: one per pixel) and its label"""
     points: int = 1
     """the runs of a sweep (`seeds:`, `sweep:`); the plan is its first point's"""
+    checked: int = 1
+    """the distinct `checked_settings` among the points: each was checked once"""
     checked_on_meta: bool = False
     """the checks before training ran on member 0 built on `meta` (it is larger than CHEAP_BYTES)"""
     unchecked: Tuple[str, ...] = ()
@@ -57,31 +62,70 @@ class Plan:
 
 
 def make_plan(config_path: str, overrides: List[str], world_size: int, gpus_per_node: Optional[int] = None) -> Plan:
-    """Check the run as `ntdist run` does before it trains, for `world_size` ranks; return what the costs need."""
+    """Check the run as `ntdist run` does before it trains, for `world_size` ranks (a sweep: every point, each
+    distinct `checked_settings` once, a failing point named in the line); return what the costs need."""
     if world_size < 1 or (gpus_per_node is not None and gpus_per_node < 1):
         raise UserError(f"--world-size and --gpus-per-node must be >= 1, got {world_size} and {gpus_per_node}")
+    points = sweep_points(config_path, overrides)
+    for name, point in points:   # a sweep's run refuses every point's layout before it trains the first
+        with _named(name):
+            MemberLayout(point.fusion.k, world_size)   # the check `init_world` makes before joining
+    checked, unchecked, first = set(), [], None
+    for name, point in points:
+        settings = checked_settings(point)
+        if settings in checked:   # it differs from a checked point only in what no check reads
+            continue
+        checked.add(settings)
+        with _named(name):
+            found = _check_point(point)
+        first = found if first is None else first
+        unchecked += [text if found is first else f"{text} ({name})" for text in found[-1]]
+    cfg = points[0][1]
+    splits, spec, model, _ = first
+    size = costs.MemberSize.of(model)
+    dtype = str(next((t.dtype for t in model.state_dict().values()), torch.float32)).replace("torch.", "")
+    return Plan(cfg, MemberLayout(cfg.fusion.k, world_size), gpus_per_node, spec, size, dtype,
+                activation_bytes(model, splits.in_shape, cfg.data.batch_size), _split_sizes(splits),
+                tuple(splits.in_shape), splits.num_classes, _sample_bytes(splits.train), len(points), len(checked),
+                _on_meta(size), tuple(unchecked))
+
+
+def sweep_points(config_path: str, overrides: List[str]) -> List[Tuple[Optional[str], Config]]:
+    """(the point's name for messages, its config) for each run of the config: one, named None, without
+    `seeds:` or `sweep:`."""
     raw = read_yaml(config_path)
     plain = [o for o in overrides if not o.startswith("seeds=")]
     cfg = load_config(config_path, plain, extra_keys=SWEEP_KEYS)
-    points = [cfg]
-    if any(key in raw for key in SWEEP_KEYS) or len(plain) < len(overrides):
-        sweep = load_sweep(config_path, list(overrides))
-        points = [load_config(config_path, sweep.overrides + p.overrides, extra_keys=SWEEP_KEYS) for p in sweep.points]
-        for point in points:   # a sweep's run refuses every point's layout before it trains the first
-            MemberLayout(point.fusion.k, world_size)
-        cfg = points[0]
-    layout = MemberLayout(cfg.fusion.k, world_size)   # the check `init_world` makes before joining
+    if not any(key in raw for key in SWEEP_KEYS) and len(plain) == len(overrides):
+        return [(None, cfg)]
+    sweep = load_sweep(config_path, list(overrides))
+    points = []
+    for i, point in enumerate(sweep.points):
+        name = f"sweep point {i + 1} of {len(sweep.points)} ({', '.join(point.overrides) or point.name})"
+        with _named(name):
+            points.append((name, load_config(config_path, sweep.overrides + point.overrides, extra_keys=SWEEP_KEYS)))
+    return points
+
+
+@contextmanager
+def _named(name: Optional[str]):
+    """A UserError inside names the sweep point `name`; a single run's (None) stays the real run's line."""
+    try:
+        yield
+    except UserError as err:
+        if name is None:
+            raise
+        raise UserError(f"{name}: {err}") from None
+
+
+def _check_point(cfg: Config) -> Tuple[Splits, ModelSpec, torch.nn.Module, List[str]]:
+    """The data, the spec and member 0 (on `meta` when large) of the run `cfg`, once `run_checks` passed, and the
+    checks it could not make."""
     splits = synthetic_shapes(cfg.data) if _large_synthetic(cfg.data) else load_splits(cfg.data)
     spec = ModelSpec.for_data(cfg.model, splits.in_shape, splits.num_classes)
     initial = initial_state(cfg.model.name, cfg.model.weights)
     model = _member_on_meta(spec, initial, cfg)
-    size = costs.MemberSize.of(model)
-    unchecked = run_checks(cfg, splits, spec, initial, model)
-    dtype = str(next((t.dtype for t in model.state_dict().values()), torch.float32)).replace("torch.", "")
-    return Plan(cfg, layout, gpus_per_node, spec, size, dtype,
-                activation_bytes(model, splits.in_shape, cfg.data.batch_size), _split_sizes(splits),
-                tuple(splits.in_shape), splits.num_classes, _sample_bytes(splits.train), len(points),
-                _on_meta(size), tuple(unchecked))
+    return splits, spec, model, run_checks(cfg, splits, spec, initial, model)
 
 
 def _on_meta(size: costs.MemberSize) -> bool:

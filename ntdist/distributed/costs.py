@@ -28,6 +28,7 @@ NT_PAIR_WORK = 1.75           # NT's memory while fusing a pair, beyond the pair
 SAFETENSORS_BYTES_PER_TENSOR = 110   # a checkpoint's JSON header entry per tensor (name, dtype, shape, offsets)
 CHECKPOINT_METADATA_BYTES = 400      # its spec and metadata, without the history
 EPOCH_RECORD_BYTES = 200             # one epoch's record in the history of the metadata
+SCALAR_BYTES = 4                     # an optimizer's one-value float32 tensor (AdamW's step count)
 RNG_BYTES = 5056                     # torch.get_rng_state(), in every state file (and 16 B per GPU generator)
 
 
@@ -39,6 +40,8 @@ class MemberSize:
     param_bytes: int
     state_bytes: int
     tensors: int
+    param_tensors: int
+    """the parameters among `tensors`: the optimizer keeps its state per parameter"""
     small_bytes: int
     """bytes of the tensors below comm.BUCKET_BYTES, which travel through the bucket"""
     largest_bytes: int
@@ -53,7 +56,7 @@ class MemberSize:
         params = list(model.parameters())
         return cls(params=sum(p.numel() for p in params),
                    param_bytes=sum(p.numel() * p.element_size() for p in params),
-                   state_bytes=sum(nbytes), tensors=len(state),
+                   state_bytes=sum(nbytes), tensors=len(state), param_tensors=len(params),
                    small_bytes=sum(n for n in nbytes if n < BUCKET_BYTES), largest_bytes=max(nbytes, default=0),
                    widest=max((p.shape[0] for p in params if p.dim() >= 2), default=1))
 
@@ -226,10 +229,11 @@ def checkpoint_bytes(size: MemberSize, epochs: int = 0) -> int:
     return size.state_bytes + header
 
 
-def state_file_bytes(size: MemberSize, buffers: int, epochs: int, gpus: int = 0) -> int:
-    """A state file for `--resume` at an epoch end: the model, the optimizer's `buffers` per parameter, the RNG
-    states."""
-    state = buffers * (size.param_bytes + SAFETENSORS_BYTES_PER_TENSOR * size.tensors)
+def state_file_bytes(size: MemberSize, buffers: int, scalars: int, epochs: int, gpus: int = 0) -> int:
+    """A state file for `--resume` at an epoch end: the model, the optimizer's `buffers` (`OptimConfig.state_buffers`)
+    and one-value `scalars` (`OptimConfig.state_scalars`: AdamW's step count) per parameter, the RNG states."""
+    state = buffers * (size.param_bytes + SAFETENSORS_BYTES_PER_TENSOR * size.param_tensors) \
+        + scalars * (SCALAR_BYTES + SAFETENSORS_BYTES_PER_TENSOR) * size.param_tensors
     return checkpoint_bytes(size, epochs) + state + RNG_BYTES + 16 * gpus
 
 

@@ -1,12 +1,12 @@
 """The frozen context of one run: what never changes during `ntdist run`, handed to every stage.
 
 `make_run` loads the data and checks the model, everything that can fail on bad input, before any file
-is written (`check_shards` and `check_template`, which `ntdist run --dry-run` runs too); the stages
-(`ntdist.stages`, `ntdist.pipeline`) read the run's constants from the `Run` it returns and pass what
-changes (held members, fused models, results) explicitly.
+is written (`check_shards` and `check_template`, which `ntdist run --dry-run` runs too, once for each
+distinct `checked_settings` of a sweep); the stages (`ntdist.stages`, `ntdist.pipeline`) read the run's
+constants from the `Run` it returns and pass what changes (held members, fused models, results) explicitly.
 """
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -49,6 +49,7 @@ class Run:
     splits: Splits
     spec: ModelSpec
     rundir: RunDir
+    dtype: str   # of the members' floating-point tensors, read from member 0 as `make_run` built it
     resume: bool = False
     initial: Optional[Dict[str, torch.Tensor]] = None   # model.weights, loaded into every member
     shards: Optional[Tuple[Dataset, ...]] = None          # data.member_split: each member's training set
@@ -68,7 +69,7 @@ class Run:
 
     def owner(self, part: str, seed: int, epochs: int) -> StateOwner:
         """Whose the state files and the final checkpoint of `part` (`member_part`, `finetune_part`) are."""
-        return StateOwner.of(self.run_id, part, seed, self.template(), epochs)
+        return StateOwner(self.run_id, part, seed, self.dtype, epochs)
 
     def member_owner(self, index: int) -> StateOwner:
         """Whose member `index`'s files are: its training, from its seed, for `train.epochs`."""
@@ -105,9 +106,25 @@ def make_run(cfg: Config, world: World, resume: bool = False) -> Run:
     check_members(cfg.fusion.members, spec)                        # members trained elsewhere fit it too
     shards = check_shards(cfg, splits)
     run = Run(cfg, world, MemberLayout(cfg.fusion.k, world.size), splits, spec,
-              RunDir(cfg.output.dir, world.is_main, cfg.output.trackers), resume, initial, shards)
+              RunDir(cfg.output.dir, world.is_main, cfg.output.trackers), StateOwner.dtype_of(template), resume,
+              initial, shards)
     check_template(cfg, splits, run.example_inputs(), template)
     return run
+
+
+LOADER_KEYS = ("batch_size", "eval_batch_size", "loader_workers")   # data keys only the batch loaders read
+
+
+def checked_settings(cfg: Config) -> str:
+    """What the checks before training read from `cfg`, as one string: the data and model sections (but
+    `LOADER_KEYS`), the mode, the fusion methods, fusion.members, the number of example inputs, and fusion.k
+    where data.member_split deals the data out. Two configs with the same string pass or fail `make_run`'s
+    checks alike, whatever their lr, epochs or seed: a sweep's dry run checks each distinct one once."""
+    fc = cfg.fusion
+    data = {key: value for key, value in asdict(cfg.data).items() if key not in LOADER_KEYS}
+    methods = cfg.sync.methods if cfg.mode == "sync" else fc.methods
+    dealt = fc.k if cfg.data.member_split != "iid" else None
+    return repr((asdict(cfg.model), data, cfg.mode, list(methods), list(fc.members), fc.example_count(), dealt))
 
 
 def check_shards(cfg: Config, splits: Splits) -> Optional[Tuple[Dataset, ...]]:

@@ -124,7 +124,7 @@ def _train_together(r: Run, indices: List[int]):
     reason = why_not(r, models, batches)
     tell = r.cfg.train.vectorize == "on"
     if reason is None:
-        reason = probe(models, batches, r.cfg.train.optimizer)
+        reason = probe(models, batches, r.cfg.train)
         tell = tell or reason is not None
     if reason is None:
         together = train_together(r, indices, seeds, models, batches)

@@ -26,8 +26,8 @@ from torch.func import functional_call, stack_module_state, vmap
 from ntdist.preempt import preempt_requested
 from ntdist.stages.context import Run, member_part
 from ntdist.training.batches import TensorBatches, eval_batches, feed, stacked_batches, train_batches
-from ntdist.training.loop import (OPTIMIZER_BUFFERS, EpochPosition, Precision, check_finite, epoch_stats,
-                                  make_optimizer, make_scheduler, step_logger)
+from ntdist.training.loop import (EpochPosition, OptimConfig, Precision, check_finite, epoch_stats, make_optimizer,
+                                  make_scheduler, step_logger)
 from ntdist.training.resume import LockstepEpochs, ResumableEpochs
 
 
@@ -129,16 +129,16 @@ def meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def probe(models: List[nn.Module], batches: List[TensorBatches], optimizer: str = "sgd") -> Optional[str]:
+def probe(models: List[nn.Module], batches: List[TensorBatches], optim: OptimConfig) -> Optional[str]:
     """None when one vectorised training step of these models runs, else why it does not (one line).
 
-    The step is a real one: every member on a full batch, with gradients and room for the state of
-    `optimizer` (`train.optimizer`: SGD's momentum, AdamW's two moments), so on a
-    GPU it is also the memory check (a step that does not fit raises torch.OutOfMemoryError; what it had
-    allocated is freed before the members train one after another)."""
+    The step is a real one: every member on a full batch, with gradients and room for the state of the
+    optimizer `optim` configures (`OptimConfig.state_buffers`: AdamW's two moments, SGD's momentum, none for SGD
+    without momentum), so on a GPU it is also the memory check (a step that does not fit raises
+    torch.OutOfMemoryError; what it had allocated is freed before the members train one after another)."""
     x, _ = next(iter(batches[0]))
     try:
-        _one_step(models, x, len(OPTIMIZER_BUFFERS[optimizer]))
+        _one_step(models, x, len(optim.state_buffers))
     except torch.OutOfMemoryError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         reason = f"one vectorised step of {len(models)} members on a batch of {len(x)} does not fit ({first[:160]})"
@@ -152,7 +152,7 @@ def probe(models: List[nn.Module], batches: List[TensorBatches], optimizer: str 
     return reason
 
 
-def _one_step(models: List[nn.Module], x: torch.Tensor, state_buffers: int = 1) -> None:
+def _one_step(models: List[nn.Module], x: torch.Tensor, state_buffers: int) -> None:
     """Forward and backward of the stacked `models` on `x` for each, beside `state_buffers` empty optimizer
     buffers per parameter: the memory of a training step (its tensors are freed on return, or with the frame
     when it raises)."""

@@ -37,6 +37,7 @@ OPTIMIZERS = {   # name -> optimizer over the parameter groups of `param_groups`
 }
 OPTIMIZER_BUFFERS = {"sgd": ("momentum_buffer",), "adamw": ("exp_avg", "exp_avg_sq")}   # torch's state tensors
 #                     of a parameter's shape that each keeps per parameter (sgd: only with momentum > 0)
+OPTIMIZER_SCALARS = {"sgd": (), "adamw": ("step",)}   # and its one-value tensors per parameter (float32)
 
 
 BAR_LOSS_EVERY_S = 1.0   # a progress bar's loss is read (a host sync) at most this often
@@ -121,6 +122,11 @@ class OptimConfig:
         if self.optimizer == "sgd" and self.momentum == 0:
             return ()
         return OPTIMIZER_BUFFERS[self.optimizer]
+
+    @property
+    def state_scalars(self) -> tuple:
+        """The names of the one-value tensors the optimizer keeps per parameter: AdamW's step count."""
+        return OPTIMIZER_SCALARS[self.optimizer]
 
     def __post_init__(self):
         if self.epochs < 0:

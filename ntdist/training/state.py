@@ -44,8 +44,13 @@ class StateOwner:
 
     @classmethod
     def of(cls, run: str, part: str, seed: int, model, epochs: int) -> "StateOwner":
+        return cls(run, part, seed, cls.dtype_of(model), epochs)
+
+    @staticmethod
+    def dtype_of(model) -> str:
+        """The dtype an owner records for `model`: its first floating-point tensor's ("none" without one)."""
         floats = [t.dtype for t in model.state_dict().values() if t.is_floating_point()]
-        return cls(run, part, seed, str(floats[0]) if floats else "none", epochs)
+        return str(floats[0]) if floats else "none"
 
     def differences(self, saved) -> List[str]:
         """What differs between this owner and the one a file recorded (`saved`: its JSON dict)."""

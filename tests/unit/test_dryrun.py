@@ -92,9 +92,11 @@ def test_a_sweep_checks_every_points_layout(tmp_path, capsys):
     path = tmp_path / "sweep.yaml"
     path.write_text("fusion: {methods: [nt]}\nsweep: {fusion.k: [2, 3]}\n")
     assert main(["run", str(path), "--dry-run", "--world-size", "4"]) == 2
-    assert "4 ranks cannot train 3 members" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("ntdist: error: sweep point 2 of 2 (fusion.k=3): 4 ranks cannot train "
+                                              "3 members")
     assert main(["run", str(path), "--dry-run", "--world-size", "6"]) == 0
-    assert "sweep of 2 runs, every layout checked" in capsys.readouterr().out
+    assert "sweep of 2 runs, each checked (1 distinct setting of the checks: runs that differ only in keys" \
+        in capsys.readouterr().out.replace("\n          ", " ")
 
 
 def test_synthetic_shapes_are_the_synthetic_splits():
@@ -107,8 +109,8 @@ def test_synthetic_shapes_are_the_synthetic_splits():
 
 
 def test_tree_rounds_follow_the_layout():
-    size = costs.MemberSize(params=10, param_bytes=40, state_bytes=48, tensors=3, small_bytes=48, largest_bytes=40,
-                            widest=4)
+    size = costs.MemberSize(params=10, param_bytes=40, state_bytes=48, tensors=3, param_tensors=2, small_bytes=48,
+                            largest_bytes=40, widest=4)
     rounds = costs.tree_rounds(MemberLayout(4, 8), size)   # holders 0, 2, 4, 6
     assert [r.links for r in rounds] == [((2, 0), (6, 4)), ((4, 0),), ()]
     assert rounds[0].sent == {2: 72, 6: 72} and rounds[0].received == {0: 72, 4: 72}   # 48 + 8 x 3 header

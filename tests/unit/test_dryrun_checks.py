@@ -1,8 +1,9 @@
 """`ntdist run --dry-run` makes the checks a real run makes before training, with the run's one line and exit 2
 (a model that does not run, gives no score per class, cannot be fused or ties its weights; member files that do
 not fit; a member split that meets members trained elsewhere), on the CPU for a small member and on meta for a
-large one (a forward that cannot run on meta is reported unchecked, not refused); and its memory estimate
-counts the configured optimizer's state: 2, 1 or 0 buffers per parameter.
+large one (a forward that cannot run on meta is reported unchecked, not refused); a sweep's every point, each
+distinct setting of the checks once, a failing point named; and its estimates count the configured optimizer's
+state: 2, 1 or 0 buffers per parameter in memory, and in a state file AdamW's step counts too.
 
 Run: .venv/bin/python -m pytest tests/unit/test_dryrun_checks.py
 """
@@ -16,9 +17,12 @@ from ntdist.cli import main
 from ntdist.commands import dryrun_plan
 from ntdist.commands.dryrun import render, size_text
 from ntdist.commands.dryrun_plan import make_plan
+from ntdist.config import load_config
 from ntdist.distributed import costs
 from ntdist.models import ModelSpec
 from ntdist.records.checkpoint import save_checkpoint
+from ntdist.training.loop import make_optimizer, make_scheduler
+from ntdist.training.state import save_state
 
 MISTAKES = "model.name=userpkg.mistakes:"
 TINY = "train: {epochs: 1}\nfinetune: {epochs: 0, control: false}\nfusion: {k: 2, methods: [nt]}\n" \
@@ -107,6 +111,33 @@ def test_a_config_that_passes_says_where_its_checks_ran(tmp_path, capsys, monkey
     assert "(member 0 on meta: a 13.9 kB member is not built)" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("model", ["gru", "three_classes"])
+def test_a_sweep_point_the_run_refuses_fails_the_dry_run_named(tmp_path, capsys, model):
+    alone = both_refuse(tmp_path, capsys, f"{MISTAKES}{model}").removeprefix("ntdist: error: ")   # a run of its own
+    config = tmp_path / "sweep.yaml"
+    config.write_text(TINY + f"sweep: {{model.name: [mlp, '{MISTAKES[11:]}{model}']}}\n")
+    assert main(["run", str(config), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"ntdist: error: sweep point 2 of 2 ({MISTAKES}{model}): {alone}"
+
+
+def test_points_that_differ_only_in_keys_no_check_reads_share_one_check(tmp_path, capsys, monkeypatch):
+    built, checked = [], []
+    build, check = dryrun_plan.build_member, dryrun_plan.check_template
+    monkeypatch.setattr(dryrun_plan, "build_member", lambda *args: built.append(args[0]) or build(*args))
+    monkeypatch.setattr(dryrun_plan, "check_template",
+                        lambda cfg, *args: checked.append(cfg.model.kwargs["width"]) or check(cfg, *args))
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY)
+    assert main(["run", str(config), "model.kwargs.width=8", "--dry-run"]) == 0
+    once, built[:], checked[:] = len(built), [], []   # the builds of one run's checks
+    config.write_text(TINY + "sweep: {model.kwargs.width: [8, 16], train.lr: [0.05, 0.1]}\nseeds: [0, 1]\n")
+    assert main(["run", str(config), "--dry-run"]) == 0
+    assert checked == [8, 16] and len(built) == 2 * once   # 8 points, 2 widths: lr and seed change no check
+    assert "sweep of 8 runs, each checked (2 distinct settings of the checks" \
+        in capsys.readouterr().out.replace("\n          ", " ")
+
+
 OPTIMIZERS = [("adamw", "0.9", 2), ("sgd", "0.9", 1), ("sgd", "0", 0)]
 
 
@@ -131,12 +162,23 @@ def test_the_estimate_counts_the_optimizers_buffers(optimizer, momentum, buffers
     assert f"member training {said}; fine-tuning {words[other]}" in text
 
 
-def test_deepspeed_divides_the_optimizer_state_and_state_files_hold_it():
-    size = costs.MemberSize(params=10, param_bytes=400, state_bytes=480, tensors=3, small_bytes=480,
+def test_deepspeed_divides_the_optimizer_state():
+    size = costs.MemberSize(params=10, param_bytes=400, state_bytes=480, tensors=3, param_tensors=2, small_bytes=480,
                             largest_bytes=400, widest=4)
     terms = dict(costs.deepspeed_memory(size, 0, 4, 1, "fp32", buffers=2))
     assert terms["optimizer state"] == 2 * 400 // 4
     assert "optimizer state" not in dict(costs.deepspeed_memory(size, 0, 4, 1, "fp32", buffers=0))
-    header = costs.SAFETENSORS_BYTES_PER_TENSOR * size.tensors
-    assert costs.state_file_bytes(size, 2, 0) - costs.state_file_bytes(size, 0, 0) == 2 * (400 + header)
-    assert costs.state_file_bytes(size, 1, 0) - costs.state_file_bytes(size, 0, 0) == 400 + header
+
+
+@pytest.mark.parametrize("optimizer, momentum", [("sgd", 0), ("sgd", 0.9), ("adamw", 0.9)])
+def test_the_state_file_estimate_is_the_size_of_a_real_one(tmp_path, optimizer, momentum):
+    spec = ModelSpec("mlp", {"input_dim": 64, "num_classes": 10, "width": 2}, (1, 8, 8))   # small tensors: the
+    cfg = load_config(None, [f"train.optimizer={optimizer}", f"train.momentum={momentum}"]).train   # per-tensor
+    model = spec.build()                                                                          # entries weigh
+    optim = make_optimizer(model, cfg)
+    model(torch.randn(2, 1, 8, 8)).sum().backward()
+    optim.step()   # torch creates the state at the first step
+    path = tmp_path / "member0.state.safetensors"
+    save_state(str(path), model, spec, optim, make_scheduler(optim, cfg), 0, [])
+    estimate = costs.state_file_bytes(costs.MemberSize.of(model), len(cfg.state_buffers), len(cfg.state_scalars), 0)
+    assert abs(estimate - path.stat().st_size) < 0.05 * path.stat().st_size, (estimate, path.stat().st_size)

@@ -21,6 +21,7 @@ import ntdist.distributed.devices as devices
 import ntdist.distributed.tree as tree
 import ntdist.distributed.world as world_module
 import ntdist.pipeline as pipeline
+import ntdist.stages.evaluate as evaluate
 import ntdist.stages.members as members
 import ntdist.stages.sync as sync
 import ntdist.stages.vectorized as vectorized
@@ -344,7 +345,7 @@ def test_each_rank_saves_and_restores_its_own_gpus_generator(tmp_path, monkeypat
 def test_member_evaluation_equals_the_old_computation_over_all_logits(tmp_path):
     run = make_run(tmp_path, "fusion.k=9", "output.diversity=true")
     held = {i: build_member(run.spec, 100 + i) for i in range(9)}   # 9: torch's mean over k rows is no plain loop
-    got = pipeline.evaluate_members(run, held)
+    got = evaluate.evaluate_members(run, held)
     batch, splits = run.cfg.data.eval_batch_size, run.splits
     val, test = eval_batches(splits.val, batch), eval_batches(splits.test, batch)
     # the computation before: every member's float64 logits, [k, N, classes]
@@ -356,7 +357,7 @@ def test_member_evaluation_equals_the_old_computation_over_all_logits(tmp_path):
     assert got.members_val == members_val.tolist() and got.best_member_index == int(torch.argmax(members_val))
     assert got.ensemble == (test_logits.mean(0).argmax(1) == test_y).double().mean().item()
     assert got.ensemble_val == (val_logits.mean(0).argmax(1) == val_y).double().mean().item()
-    summed, _ = pipeline.member_outputs(held, test, (9, len(splits.test), splits.num_classes), "cpu")
+    summed, _ = evaluate.member_outputs(held, test, (9, len(splits.test), splits.num_classes), "cpu")
     assert torch.equal(summed / 9, test_logits.mean(0))   # bit for bit, not only the same argmax
     old = summarize(list(test_logits), got.diversity["duplicate_fraction"], got.diversity["threshold"])
     assert got.diversity == old

@@ -17,7 +17,10 @@ import ntdist.preempt as preempt
 import ntdist.stages.members as members
 from helpers import make_run
 from ntdist.errors import Preempted, UserError
+from ntdist.models import ModelSpec
+from ntdist.stages.context import member_part
 from ntdist.models.statedict import EXTRA_PREFIX, META_KEY
+from ntdist.training.config import member_seed
 from ntdist.training.loop import make_optimizer, make_scheduler
 from ntdist.training.state import StateOwner, load_state, save_state
 
@@ -124,3 +127,15 @@ def test_a_state_without_an_owner_is_refused(tmp_path):
     save_state(path, model, run.spec, optimizer, scheduler, 1, [{"epoch": 1}], owner=owner)
     assert load_state(path, model, optimizer, scheduler, 2, owner=owner)[0] == 1
     run.rundir.release()
+
+
+def test_the_runs_owners_build_no_model(tmp_path, monkeypatch):
+    run = make_run(tmp_path, *ARGS, "fusion.k=2")
+    run.rundir.release()
+    parts = [(member_part(i), member_seed(run.cfg.train, i), 2) for i in range(2)] + [("fine-tuning (nt)", 7, 3)]
+    expected = [StateOwner.of(run.run_id, part, seed, run.template(), epochs) for part, seed, epochs in parts]
+    builds, build = [], ModelSpec.build
+    monkeypatch.setattr(ModelSpec, "build", lambda spec: builds.append(spec.name) or build(spec))
+    owners = [run.member_owner(0), run.member_owner(1), run.owner("fine-tuning (nt)", 7, 3)]
+    assert builds == []   # the dtype is the one make_run read from member 0, which it built anyway
+    assert owners == expected and expected[0].dtype == "torch.float32"

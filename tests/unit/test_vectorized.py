@@ -90,3 +90,17 @@ def test_vectorised_training_resumes_bit_identically(tmp_path, monkeypatch):
         assert [h["epoch"] for h in resumed[i][1]] == [1, 2]
         for a, b in zip(whole[i][0].state_dict().values(), resumed[i][0].state_dict().values()):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("optimizer, momentum, buffers", [("sgd", 0, 0), ("sgd", 0.9, 1), ("adamw", 0.9, 2)])
+def test_the_probe_reserves_the_optimizers_buffers(tmp_path, monkeypatch, optimizer, momentum, buffers):
+    import ntdist.stages.members as members
+    import ntdist.stages.vectorized as vectorized
+
+    run = make_run(tmp_path, *MODELS["mlp"], "fusion.k=2", "train.vectorize=on", f"train.optimizer={optimizer}",
+                   f"train.momentum={momentum}")
+    reserved, step = [], vectorized._one_step
+    monkeypatch.setattr(vectorized, "_one_step", lambda models, x, n: reserved.append(n) or step(models, x, n))
+    monkeypatch.setattr(members, "train_together", lambda *args: "trained together")   # the probe is what counts
+    assert members._train_together(run, [0, 1]) == ("trained together", None, False)
+    assert reserved == [buffers] and len(run.cfg.train.state_buffers) == buffers
