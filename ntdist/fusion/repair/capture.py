@@ -2,8 +2,8 @@
 
 `reach(model, name, x, "input"|"output")` runs `model` on `x` only as far as module
 `name` and returns what that module received or produced (a forward hook stops the
-forward there; `reach_call` returns the call's arguments and output); `reach_all`
-reads the outputs of several modules in one forward. `trace` runs the pruned model
+forward there; `reach_call` returns the call's arguments and output); `reach_calls`
+reads the calls of several modules in one forward. `trace` runs the pruned model
 once and lists its analysed layers in the order forward calls them, which ones it calls more than once and which
 BatchNorm reads a layer's output directly.
 
@@ -59,19 +59,19 @@ def reach(model: nn.Module, name: str, x: torch.Tensor, what: str) -> Optional[t
     return call[0][0] if what == "input" else call[2]
 
 
-def reach_all(model: nn.Module, names: Sequence[str], x: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """The outputs of the modules `names` (of their first call) when `model` runs on `x`, in one forward that
+def reach_calls(model: nn.Module, names: Sequence[str], x: torch.Tensor) -> Dict[str, Tuple[tuple, dict, object]]:
+    """`reach_call` of each of the modules `names` (their first call) when `model` runs on `x`, in one forward that
     stops once the last of them has run."""
-    box: Dict[str, torch.Tensor] = {}
+    box: Dict[str, Tuple[tuple, dict, object]] = {}
 
     def hook(name):
-        def save(module, args, output):
-            box.setdefault(name, output)
+        def save(module, args, kwargs, output):
+            box.setdefault(name, (args, kwargs, output))
             if len(box) == len(names):
                 raise _Reached
         return save
 
-    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in names]
+    handles = [model.get_submodule(name).register_forward_hook(hook(name), with_kwargs=True) for name in names]
     try:
         model(x)
     except _Reached:
@@ -85,7 +85,8 @@ def reach_all(model: nn.Module, names: Sequence[str], x: torch.Tensor) -> Dict[s
 def trace(model: nn.Module, plan: Plan, x: torch.Tensor
           ) -> Tuple[List[str], Set[str], Dict[str, str], Dict[str, int]]:
     """(layers of `plan` in the order forward first calls them, those it calls more than once,
-    layer -> the BatchNorm whose input is exactly that layer's output, layer -> bytes of its output per input)."""
+    layer -> the BatchNorm whose input is exactly that layer's output, layer -> bytes of its output per input; of
+    the first item of a tuple output, as a MultiheadAttention's)."""
     calls: Dict[str, int] = {}
     outputs: Dict[str, torch.Tensor] = {}      # held until the end, so ids stay unique
     order: List[str] = []
@@ -119,9 +120,36 @@ def trace(model: nn.Module, plan: Plan, x: torch.Tensor
     finally:
         for h in handles:
             h.remove()
-    sizes = {n: out.numel() * out.element_size() // max(1, x.shape[0]) for n, out in outputs.items()
+    firsts = {n: out[0] if isinstance(out, tuple) and out else out for n, out in outputs.items()}
+    sizes = {n: out.numel() * out.element_size() // max(1, x.shape[0]) for n, out in firsts.items()
              if isinstance(out, torch.Tensor)}
     return order, {n for n, c in calls.items() if c > 1}, feeds, sizes
+
+
+def stored_bytes(plan: Plan, output_bytes: Dict[str, int]) -> Dict[str, int]:
+    """Bytes per input that a wave holds for each layer: its target, of the shape of its output; for a
+    MultiheadAttention, its query and the targets of its q/k/v (three times its output, none on the model input)
+    and of its `out_proj`."""
+    held = dict(output_bytes)
+    for name, size in output_bytes.items():
+        if plan.layers[name].kind == "mha":
+            held[name] = size * (2 if plan.layers[name].inp is None else 5)
+    return held
+
+
+def waves(names: List[str], bytes_per_input: Dict[str, int], inputs: int, budget: int) -> List[List[str]]:
+    """`names` cut into runs of consecutive layers whose targets on `inputs` inputs fit in `budget` bytes
+    together; a layer that alone exceeds it is a run of its own, fitted without stored targets."""
+    out: List[List[str]] = []
+    held = budget + 1
+    for name in names:
+        need = bytes_per_input.get(name, budget + 1) * inputs
+        if held + need > budget or need > budget:
+            out.append([])
+            held = 0
+        out[-1].append(name)
+        held += need
+    return out
 
 
 def calibration_batches(calibration, batch_size: int = CALIBRATION_BATCH) -> List[torch.Tensor]:
