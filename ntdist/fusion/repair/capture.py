@@ -5,7 +5,8 @@
 forward there; `reach_call` returns the call's arguments and output); `reach_calls`
 reads the calls of several modules in one forward. `trace` runs the pruned model
 once and lists its analysed layers in the order forward calls them, which ones it calls more than once and which
-BatchNorm reads a layer's output directly.
+BatchNorm reads a layer's output directly. `waves` cuts those to be refitted into runs of consecutive layers
+whose targets one pass of the members reads and holds together (`stored_bytes`: what each of them holds).
 
 The concatenated model is never built: its hidden layers are block-diagonal, so
 the wide output of a hidden layer is the members' outputs side by side (member-major
@@ -127,13 +128,14 @@ def trace(model: nn.Module, plan: Plan, x: torch.Tensor
 
 
 def stored_bytes(plan: Plan, output_bytes: Dict[str, int]) -> Dict[str, int]:
-    """Bytes per input that a wave holds for each layer: its target, of the shape of its output; for a
-    MultiheadAttention, its query and the targets of its q/k/v (three times its output, none on the model input)
-    and of its `out_proj`."""
+    """Bytes per input that a wave holds for each layer (`output_bytes`: those of its output): its target, of the
+    shape of its output; for a MultiheadAttention, the target of its `out_proj` and, unless it reads the model
+    input (its q/k/v are then left as they are), those of its q/k/v (three outputs' worth) and the pruned model's
+    query, kept for the second fit."""
     held = dict(output_bytes)
     for name, size in output_bytes.items():
         if plan.layers[name].kind == "mha":
-            held[name] = size * (2 if plan.layers[name].inp is None else 5)
+            held[name] = size * (1 if plan.layers[name].inp is None else 5)
     return held
 
 

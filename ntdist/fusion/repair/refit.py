@@ -191,9 +191,9 @@ class _Fit:
     def refit_attention(self, name: str, goals: Optional[List] = None) -> None:
         """Refit MultiheadAttention `name`: the kept heads' q/k/v projections, then `out_proj` on the context
         they give (`attention`). `goals`: its `attention_goals` per batch, read in a wave (None: read from the
-        members here). The first pass keeps each batch's query and `out_proj` target for the second (its own refit
-        does not change the module's input): always with `goals`, whose bytes the wave counts, else while they fit
-        in `TARGET_BYTES`."""
+        members here). When there are two passes, the first keeps each batch's query and `out_proj` target for the
+        second (its own refit does not change the module's input): always with `goals`, whose bytes the wave counts,
+        else while they fit in `TARGET_BYTES`."""
         module, layer = self.pruned.get_submodule(name), self.plan.layers[name]
         kept: List = []
 
@@ -206,8 +206,8 @@ class _Fit:
                 goals[i] = None        # q/k/v's target is read once
             else:
                 goal, goal_out = self.attention_goals(name, [reach_call(m, name, x) for m in self.models])
-            if i == len(kept) and (goals is not None or
-                                   (query.nbytes + goal_out.nbytes) * len(self.batches) <= TARGET_BYTES):
+            if i == len(kept) and layer.inp is not None and (
+                    goals is not None or (query.nbytes + goal_out.nbytes) * len(self.batches) <= TARGET_BYTES):
                 kept.append((query, None, goal_out))
             return query, goal, goal_out
 
