@@ -134,7 +134,7 @@ def test_targets_read_for_several_layers_at_once_fit_as_targets_read_per_layer(m
     stored = repair(models, plan, w, keep, assemble(models, plan, w, keep), x, batch_size=128)
     calls = []
     monkeypatch.setattr(refit, "TARGET_BYTES", 0)
-    monkeypatch.setattr(refit, "reach_calls", lambda *a: calls.append(a) or {})
+    monkeypatch.setattr(refit, "reach_all", lambda *a: calls.append(a) or {})
     per_layer = repair(models, plan, w, keep, assemble(models, plan, w, keep), x, batch_size=128)
     assert not calls
     for key, value in stored.state_dict().items():

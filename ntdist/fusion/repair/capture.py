@@ -2,8 +2,8 @@
 
 `reach(model, name, x, "input"|"output")` runs `model` on `x` only as far as module
 `name` and returns what that module received or produced (a forward hook stops the
-forward there; `reach_call` returns the call's arguments and output); `reach_calls`
-reads the calls of several modules in one forward. `trace` runs the pruned model
+forward there; `reach_call` returns the call's arguments and output); `reach_all`
+reads the outputs (or calls) of several modules in one forward. `trace` runs the pruned model
 once and lists its analysed layers in the order forward calls them, which ones it calls more than once and which
 BatchNorm reads a layer's output directly. `waves` cuts those to be refitted into runs of consecutive layers
 whose targets one pass of the members reads and holds together (`stored_bytes`: what each of them holds).
@@ -17,7 +17,7 @@ and OT the targets are the aligned members' averaged outputs instead; `unnormali
 takes an averaged BatchNorm output back through the fused model's BatchNorm.
 """
 
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Collection, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -60,14 +60,15 @@ def reach(model: nn.Module, name: str, x: torch.Tensor, what: str) -> Optional[t
     return call[0][0] if what == "input" else call[2]
 
 
-def reach_calls(model: nn.Module, names: Sequence[str], x: torch.Tensor) -> Dict[str, Tuple[tuple, dict, object]]:
-    """`reach_call` of each of the modules `names` (their first call) when `model` runs on `x`, in one forward that
-    stops once the last of them has run."""
-    box: Dict[str, Tuple[tuple, dict, object]] = {}
+def reach_all(model: nn.Module, names: Sequence[str], x: torch.Tensor, calls: Collection[str] = ()
+              ) -> Dict[str, object]:
+    """The outputs of the modules `names` (of their first call) when `model` runs on `x`, in one forward that
+    stops once the last of them has run; of those also in `calls`, the whole call, as `reach_call` returns it."""
+    box: Dict[str, object] = {}
 
     def hook(name):
         def save(module, args, kwargs, output):
-            box.setdefault(name, (args, kwargs, output))
+            box.setdefault(name, (args, kwargs, output) if name in calls else output)
             if len(box) == len(names):
                 raise _Reached
         return save

@@ -46,38 +46,16 @@ from ntdist.fusion.analysis.plan import Plan
 from ntdist.fusion.repair.attention import (call_reasons, context, install_projections, owner, projections,
                                             query_and_output)
 from ntdist.fusion.repair.capture import (CALIBRATION_BATCH, averaged_output, calibration_batches, kept_index,
-                                          reach, reach_call, reach_calls, stored_bytes, trace, unnormalized, waves,
+                                          reach, reach_all, reach_call, stored_bytes, trace, unnormalized, waves,
                                           wide_output)
 from ntdist.fusion.repair.lstsq import Normal, accumulate, same, solve
-from ntdist.fusion.repair.rows import coefficients, foldable, install, linear_rows, row_chunks, why_not
+from ntdist.fusion.repair.rows import SILENT, coefficients, foldable, install, layer_note, linear_rows, row_chunks
 from ntdist.fusion.wide.assemble import tensors_of
 
 RIDGE = 1e-3          # relative to the mean diagonal of each layer's Gram matrix
 POSITIONS = 64        # output positions per input and convolution (or channels-last Linear) in the fit
-SILENT = ("bn", "ln", "lnf", "param")   # carried: each kept unit's own parameters, already exact
 TARGET_BYTES = 256 * 2 ** 20             # targets of the next layers read in one pass of the members, at most
 Reduce = Callable[[Normal], Normal]      # a layer's sums -> the sums over every process that takes part
-
-
-def _is_output(plan: Plan, name: str) -> bool:
-    return any(spec.module == name and spec.role == "output" for spec in plan.tensors.values())
-
-
-def _layer_note(plan: Plan, name: str, module: nn.Module, twice: set, attention: Dict[str, str],
-                through_bn: bool = False) -> Optional[str]:
-    """None: refit it; '': nothing to refit; otherwise why it is left as NT pruned it. `attention`: each
-    MultiheadAttention's `call_reason` (its out_proj reads the heads, so it is refitted even on the model input).
-    `through_bn`: its target is an averaged BatchNorm output taken back through the fused BatchNorm (never exact
-    unless refitted)."""
-    layer = plan.layers[name]
-    if layer.kind in SILENT or (layer.inp is None and layer.kind != "mha" and not through_bn):
-        return ""      # inp None: reads only the model input, so its kept (or averaged) outputs are already exact
-    if layer.out is None and not _is_output(plan, name):
-        return ""      # neither reads nor writes a widened space
-    reason = attention[name] if layer.kind == "mha" else why_not(module, layer.kind)
-    if not reason and name in twice:
-        reason = "forward calls it more than once"
-    return reason or None
 
 
 @dataclass
@@ -126,13 +104,24 @@ class _Fit:
         """The targets of the layers `names` on every batch, from one forward of each member per batch; of a
         MultiheadAttention, its `attention_goals`."""
         out: Dict[str, List] = {name: [] for name in names}
-        reads = list(dict.fromkeys(map(self.source, names)))
         for x in self.batches:
-            calls = [reach_calls(m, reads, x) for m in self.models]
-            for name in names:
-                theirs = [c[self.source(name)] for c in calls]
-                out[name].append(self.attention_goals(name, theirs) if self.plan.layers[name].kind == "mha"
-                                 else self.target(name, [output for _, _, output in theirs]))
+            for name, target in self._targets_on(names, x).items():
+                out[name].append(target)
+        return out
+
+    def _targets_on(self, names: List[str], x: torch.Tensor) -> Dict[str, object]:
+        """`targets` on one batch; each member output is let go once the targets that read it are made."""
+        attention = {name for name in names if self.plan.layers[name].kind == "mha"}
+        sources = [self.source(name) for name in names]
+        read = [reach_all(m, list(dict.fromkeys(sources)), x, attention) for m in self.models]
+        out: Dict[str, object] = {}
+        for i, (name, source) in enumerate(zip(names, sources)):
+            theirs = [r[source] for r in read]
+            out[name] = self.attention_goals(name, theirs) if name in attention else self.target(name, theirs)
+            if source not in sources[i + 1:]:
+                for r in read:
+                    del r[source]
+            del theirs
         return out
 
     def attention_goals(self, name: str, calls: List) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
@@ -282,7 +271,7 @@ def repair(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float],
         attention = call_reasons(pruned, attention, batches[0][:2]) if attention else {}
         todo = []
         for name in order:
-            reason = _layer_note(plan, name, pruned.get_submodule(name), twice, attention, fit.source(name) != name)
+            reason = layer_note(plan, name, pruned.get_submodule(name), twice, attention, fit.source(name) != name)
             if reason is None:
                 todo.append(name)
             elif reason:
