@@ -125,7 +125,7 @@ def test_fewer_rows_than_columns_solve_as_the_summed_normal_equations():
 
 def test_targets_read_for_several_layers_at_once_fit_as_targets_read_per_layer(monkeypatch):
     from ntdist.fusion.repair import refit
-    assert refit.waves(["a", "b", "c", "d"], {"a": 10, "b": 10, "c": 50, "d": 10}, 2, 45) == \
+    assert refit.waves(["a", "b", "c", "d"], {"a": 10, "b": 10, "c": 50, "d": 10}, 2, budget=45) == \
         [["a", "b"], ["c"], ["d"]]                       # c alone exceeds the budget: read per batch
     torch.manual_seed(0)
     models = [LeNet(num_classes=10, in_channels=1, image_size=8).eval() for _ in range(2)]
