@@ -56,7 +56,7 @@ def test_refitted_attention_brings_the_output_closer_than_repair_without_it(monk
         assert notes == []
         totals["repair"] += error(repaired, wide, held)
         with monkeypatch.context() as patch:           # the attention left as NT pruned it, the rest refitted
-            patch.setattr(refit._Fit, "refit_attention", lambda fit, name: None)
+            patch.setattr(refit._Fit, "refit_attention", lambda fit, name, goals=None: None)
             with torch.no_grad():
                 without = repair(models, plan, w, keep, assemble(models, plan, w, keep), cal)
         totals["without"] += error(without, wide, held)
@@ -111,7 +111,7 @@ def test_attention_it_does_not_reproduce_is_left_as_pruned_with_the_reason(mode,
     assert not torch.equal(repaired.head.weight, assemble(models, plan, w, keep).head.weight)   # the rest is
 
 
-def test_the_second_fit_reads_the_same_rows_whether_kept_from_the_first_or_read_again(monkeypatch):
+def test_the_second_fit_reads_the_same_rows_from_a_wave_kept_from_the_first_or_read_again(monkeypatch):
     torch.manual_seed(0)
     models = [Block().eval() for _ in range(2)]
     x = torch.randn(300, 5, 6)
@@ -119,14 +119,20 @@ def test_the_second_fit_reads_the_same_rows_whether_kept_from_the_first_or_read_
     reads, read = [], refit.reach_call
     monkeypatch.setattr(refit, "reach_call", lambda model, name, batch: reads.append(name) or read(model, name, batch))
     with torch.no_grad():
+        waved = repair(models, plan, w, keep, assemble(models, plan, w, keep), x, batch_size=128)
+        assert reads.count("attn") == 3                  # the members are read in the wave: three batches x pruned
+        # 8 features x 5 tokens x 4 bytes = 160 per input: its wave share (5 x 160 x 300) exceeds the budget, so it is
+        # fitted alone, and its query and out_proj target (2 x 160 x 128 per batch, 3 batches) are kept
+        monkeypatch.setattr(refit, "TARGET_BYTES", 150_000)
         kept = repair(models, plan, w, keep, assemble(models, plan, w, keep), x, batch_size=128)
-        assert reads.count("attn") == 3 * 3               # one pass: three batches x (pruned model + 2 members)
+        assert reads.count("attn") == 3 + 3 * 3          # one pass: three batches x (pruned model + 2 members)
         monkeypatch.setattr(refit, "TARGET_BYTES", 0)     # nothing kept: the second fit reads them again
         again = repair(models, plan, w, keep, assemble(models, plan, w, keep), x, batch_size=128)
-    assert reads.count("attn") == 3 * 3 + 2 * 3 * 3
+    assert reads.count("attn") == 3 + 3 * 3 + 2 * 3 * 3
     assert not torch.equal(kept.attn.in_proj_weight, assemble(models, plan, w, keep).attn.in_proj_weight)
     for key, value in kept.state_dict().items():
         assert torch.equal(again.state_dict()[key], value), key
+        assert torch.equal(waved.state_dict()[key], value), key
 
 
 @pytest.mark.parametrize("method", ["avg", "ot"])
@@ -147,3 +153,50 @@ def test_after_averaging_and_ot_the_attention_is_refitted_towards_the_ensemble(m
         before, after = (float((m(held) - ensemble).pow(2).mean()) for m in (plain, repaired))
     assert notes == []
     assert after < 0.5 * before, (before, after)
+
+
+def repaired_in_waves(monkeypatch, models, fused, keep, x, budget):
+    """(repaired copy of `fused`, the waves the refit cut, the bytes per input it cut them by, the forwards of the
+    members it ran) with `TARGET_BYTES` = budget."""
+    plan, cutter, cut, forwards = analyze(models[0], x[:2]), refit.waves, [], []
+    monkeypatch.setattr(refit, "TARGET_BYTES", budget)
+    monkeypatch.setattr(refit, "waves", lambda *a: cut.append(a[1]) or cut.append(cutter(*a)) or cut[-1])
+    handles = [m.register_forward_pre_hook(lambda *_: forwards.append(1)) for m in models]
+    try:
+        with torch.no_grad():
+            repaired = repair(models, plan, [0.5, 0.5], keep, copy.deepcopy(fused), x, batch_size=100)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return repaired, cut[1], cut[0], len(forwards)
+
+
+@pytest.mark.parametrize("blocks,method", [(1, "nt"), (2, "nt"), (2, "avg")])
+def test_attention_read_in_waves_refits_the_weights_of_the_per_module_path_in_fewer_member_forwards(
+        monkeypatch, blocks, method):
+    """Three encoder blocks, two batches: with a budget of `blocks` blocks' targets, each wave reads the members
+    once per batch for that many attention modules and their MLPs, and every weight equals the one fitted with
+    nothing stored (each attention module reading its members in passes of its own)."""
+    torch.manual_seed(0)
+    models = [VisionTransformer(image_size=8, patch_size=4, num_layers=3, num_heads=2, hidden_dim=8, mlp_dim=16,
+                                num_classes=3).eval() for _ in range(2)]
+    x = torch.randn(200, 3, 8, 8)
+    if method == "nt":
+        plan, _, keep = nt(models, x)
+        fused = assemble(models, plan, [0.5, 0.5], keep)
+    else:
+        from ntdist.fusion.baselines import average
+        plan, keep, fused = analyze(models[0], x[:2]), None, average(models)
+    attention = [n for n in plan.layers if plan.layers[n].kind == "mha"]
+    alone, one_by_one, _, per_module = repaired_in_waves(monkeypatch, models, fused, keep, x, 0)
+    assert len(one_by_one) == 3 * 3 + 1 and all(len(wave) == 1 for wave in one_by_one)   # 3 x (attention, MLP)
+    _, whole, sizes, once = repaired_in_waves(monkeypatch, models, fused, keep, x, 2 ** 40)
+    assert len(whole) == 1 and once == 2 * 2        # unbounded: one pass of each member per batch for the model
+    block = max(sum(sizes[n] for n in whole[0] if n.startswith(a.rsplit(".", 1)[0] + ".")) for a in attention)
+    repaired, cut, _, forwards = repaired_in_waves(monkeypatch, models, fused, keep, x, blocks * block * len(x))
+    assert [sum(n in attention for n in wave) for wave in cut] == {1: [1, 1, 1, 0], 2: [2, 1]}[blocks]
+    assert forwards == 2 * 2 * len(cut) < per_module / 3      # each wave: two batches x two members
+    assert not torch.equal(repaired.encoder.layers[1].self_attention.in_proj_weight,
+                           fused.encoder.layers[1].self_attention.in_proj_weight)
+    for key, value in alone.state_dict().items():
+        assert torch.equal(repaired.state_dict()[key], value), key

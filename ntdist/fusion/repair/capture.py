@@ -3,9 +3,10 @@
 `reach(model, name, x, "input"|"output")` runs `model` on `x` only as far as module
 `name` and returns what that module received or produced (a forward hook stops the
 forward there; `reach_call` returns the call's arguments and output); `reach_all`
-reads the outputs of several modules in one forward. `trace` runs the pruned model
+reads the outputs (or calls) of several modules in one forward. `trace` runs the pruned model
 once and lists its analysed layers in the order forward calls them, which ones it calls more than once and which
-BatchNorm reads a layer's output directly.
+BatchNorm reads a layer's output directly. `waves` cuts those to be refitted into runs of consecutive layers
+whose targets one pass of the members reads and holds together (`stored_bytes`: what each of them holds).
 
 The concatenated model is never built: its hidden layers are block-diagonal, so
 the wide output of a hidden layer is the members' outputs side by side (member-major
@@ -16,7 +17,7 @@ and OT the targets are the aligned members' averaged outputs instead; `unnormali
 takes an averaged BatchNorm output back through the fused model's BatchNorm.
 """
 
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Collection, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -59,19 +60,20 @@ def reach(model: nn.Module, name: str, x: torch.Tensor, what: str) -> Optional[t
     return call[0][0] if what == "input" else call[2]
 
 
-def reach_all(model: nn.Module, names: Sequence[str], x: torch.Tensor) -> Dict[str, torch.Tensor]:
+def reach_all(model: nn.Module, names: Sequence[str], x: torch.Tensor, calls: Collection[str] = ()
+              ) -> Dict[str, object]:
     """The outputs of the modules `names` (of their first call) when `model` runs on `x`, in one forward that
-    stops once the last of them has run."""
-    box: Dict[str, torch.Tensor] = {}
+    stops once the last of them has run; of those also in `calls`, the whole call, as `reach_call` returns it."""
+    box: Dict[str, object] = {}
 
     def hook(name):
-        def save(module, args, output):
-            box.setdefault(name, output)
+        def save(module, args, kwargs, output):
+            box.setdefault(name, (args, kwargs, output) if name in calls else output)
             if len(box) == len(names):
                 raise _Reached
         return save
 
-    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in names]
+    handles = [model.get_submodule(name).register_forward_hook(hook(name), with_kwargs=True) for name in names]
     try:
         model(x)
     except _Reached:
@@ -85,7 +87,8 @@ def reach_all(model: nn.Module, names: Sequence[str], x: torch.Tensor) -> Dict[s
 def trace(model: nn.Module, plan: Plan, x: torch.Tensor
           ) -> Tuple[List[str], Set[str], Dict[str, str], Dict[str, int]]:
     """(layers of `plan` in the order forward first calls them, those it calls more than once,
-    layer -> the BatchNorm whose input is exactly that layer's output, layer -> bytes of its output per input)."""
+    layer -> the BatchNorm whose input is exactly that layer's output, layer -> bytes of its output per input; of
+    the first item of a tuple output, as a MultiheadAttention's)."""
     calls: Dict[str, int] = {}
     outputs: Dict[str, torch.Tensor] = {}      # held until the end, so ids stay unique
     order: List[str] = []
@@ -119,9 +122,37 @@ def trace(model: nn.Module, plan: Plan, x: torch.Tensor
     finally:
         for h in handles:
             h.remove()
-    sizes = {n: out.numel() * out.element_size() // max(1, x.shape[0]) for n, out in outputs.items()
+    firsts = {n: out[0] if isinstance(out, tuple) and out else out for n, out in outputs.items()}
+    sizes = {n: out.numel() * out.element_size() // max(1, x.shape[0]) for n, out in firsts.items()
              if isinstance(out, torch.Tensor)}
     return order, {n for n, c in calls.items() if c > 1}, feeds, sizes
+
+
+def stored_bytes(plan: Plan, output_bytes: Dict[str, int]) -> Dict[str, int]:
+    """Bytes per input that a wave holds for each layer (`output_bytes`: those of its output): its target, of the
+    shape of its output; for a MultiheadAttention, the target of its `out_proj` and, unless it reads the model
+    input (its q/k/v are then left as they are), those of its q/k/v (three outputs' worth) and the pruned model's
+    query, kept for the second fit."""
+    held = dict(output_bytes)
+    for name, size in output_bytes.items():
+        if plan.layers[name].kind == "mha":
+            held[name] = size * (1 if plan.layers[name].inp is None else 5)
+    return held
+
+
+def waves(names: List[str], bytes_per_input: Dict[str, int], inputs: int, budget: int) -> List[List[str]]:
+    """`names` cut into runs of consecutive layers whose targets on `inputs` inputs fit in `budget` bytes
+    together; a layer that alone exceeds it is a run of its own, fitted without stored targets."""
+    out: List[List[str]] = []
+    held = budget + 1
+    for name in names:
+        need = bytes_per_input.get(name, budget + 1) * inputs
+        if held + need > budget or need > budget:
+            out.append([])
+            held = 0
+        out[-1].append(name)
+        held += need
+    return out
 
 
 def calibration_batches(calibration, batch_size: int = CALIBRATION_BATCH) -> List[torch.Tensor]:

@@ -29,13 +29,15 @@ model per batch. The members never change, so their outputs (the targets) are re
 several layers at once: one forward of each member per batch reads the targets of a
 run of consecutive layers (`waves`) whose targets on the whole calibration set fit in
 `TARGET_BYTES`; a layer whose targets alone exceed it reads them per batch in forwards
-that stop at it. Memory: one batch's activations, the stored targets (at most
+that stop at it. A MultiheadAttention takes part in the waves like any layer: the pass
+reads each member's query and output of it, which give its q/k/v and `out_proj` targets
+(`capture.stored_bytes` counts them and the pruned model's query). Memory: one batch's activations, the stored targets (at most
 `TARGET_BYTES`), and the normal equations of one layer and one chunk of its rows
 (`lstsq`, `rows`).
 """
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -44,37 +46,16 @@ from ntdist.fusion.analysis.plan import Plan
 from ntdist.fusion.repair.attention import (call_reasons, context, install_projections, owner, projections,
                                             query_and_output)
 from ntdist.fusion.repair.capture import (CALIBRATION_BATCH, averaged_output, calibration_batches, kept_index,
-                                          reach, reach_all, reach_call, trace, unnormalized, wide_output)
+                                          reach, reach_all, reach_call, stored_bytes, trace, unnormalized, waves,
+                                          wide_output)
 from ntdist.fusion.repair.lstsq import Normal, accumulate, same, solve
-from ntdist.fusion.repair.rows import coefficients, foldable, install, linear_rows, row_chunks, why_not
+from ntdist.fusion.repair.rows import SILENT, coefficients, foldable, install, layer_note, linear_rows, row_chunks
 from ntdist.fusion.wide.assemble import tensors_of
 
 RIDGE = 1e-3          # relative to the mean diagonal of each layer's Gram matrix
 POSITIONS = 64        # output positions per input and convolution (or channels-last Linear) in the fit
-SILENT = ("bn", "ln", "lnf", "param")   # carried: each kept unit's own parameters, already exact
 TARGET_BYTES = 256 * 2 ** 20             # targets of the next layers read in one pass of the members, at most
 Reduce = Callable[[Normal], Normal]      # a layer's sums -> the sums over every process that takes part
-
-
-def _is_output(plan: Plan, name: str) -> bool:
-    return any(spec.module == name and spec.role == "output" for spec in plan.tensors.values())
-
-
-def _layer_note(plan: Plan, name: str, module: nn.Module, twice: set, attention: Dict[str, str],
-                through_bn: bool = False) -> Optional[str]:
-    """None: refit it; '': nothing to refit; otherwise why it is left as NT pruned it. `attention`: each
-    MultiheadAttention's `call_reason` (its out_proj reads the heads, so it is refitted even on the model input).
-    `through_bn`: its target is an averaged BatchNorm output taken back through the fused BatchNorm (never exact
-    unless refitted)."""
-    layer = plan.layers[name]
-    if layer.kind in SILENT or (layer.inp is None and layer.kind != "mha" and not through_bn):
-        return ""      # inp None: reads only the model input, so its kept (or averaged) outputs are already exact
-    if layer.out is None and not _is_output(plan, name):
-        return ""      # neither reads nor writes a widened space
-    reason = attention[name] if layer.kind == "mha" else why_not(module, layer.kind)
-    if not reason and name in twice:
-        reason = "forward calls it more than once"
-    return reason or None
 
 
 @dataclass
@@ -119,14 +100,51 @@ class _Fit:
         return target
 
     @torch.no_grad()
-    def targets(self, names: List[str]) -> Dict[str, List[torch.Tensor]]:
-        """The targets of the layers `names` on every batch, from one forward of each member per batch."""
-        out: Dict[str, List[torch.Tensor]] = {name: [] for name in names}
+    def targets(self, names: List[str]) -> Dict[str, List]:
+        """The targets of the layers `names` on every batch, from one forward of each member per batch; of a
+        MultiheadAttention, its `attention_goals`."""
+        out: Dict[str, List] = {name: [] for name in names}
         for x in self.batches:
-            outputs = [reach_all(m, list(dict.fromkeys(map(self.source, names))), x) for m in self.models]
-            for name in names:
-                out[name].append(self.target(name, [o[self.source(name)] for o in outputs]))
+            for name, target in self._targets_on(names, x).items():
+                out[name].append(target)
         return out
+
+    def _targets_on(self, names: List[str], x: torch.Tensor) -> Dict[str, object]:
+        """`targets` on one batch; each member output is let go once the targets that read it are made."""
+        attention = {name for name in names if self.plan.layers[name].kind == "mha"}
+        sources = [self.source(name) for name in names]
+        read = [reach_all(m, list(dict.fromkeys(sources)), x, attention) for m in self.models]
+        out: Dict[str, object] = {}
+        for i, (name, source) in enumerate(zip(names, sources)):
+            theirs = [r[source] for r in read]
+            out[name] = self.attention_goals(name, theirs) if name in attention else self.target(name, theirs)
+            if source not in sources[i + 1:]:
+                for r in read:
+                    del r[source]
+            del theirs
+        return out
+
+    def attention_goals(self, name: str, calls: List) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+        """(target of the kept heads' q/k/v, None when the module reads the model input; target of its `out_proj`)
+        of MultiheadAttention `name` on one batch, from each member's call of it (`capture.reach_call`)."""
+        module, layer = self.pruned.get_submodule(name), self.plan.layers[name]
+        members = [m.get_submodule(name) for m in self.models]
+        theirs = [query_and_output(mm, call) for mm, call in zip(members, calls)]
+        goal_out = self.target(f"{name}.out_proj", [out for _, out in theirs])
+        if layer.inp is None:          # on the model input the kept heads' projections are already exact
+            return None, goal_out
+        outs = [projections(mm, q) for mm, (q, _) in zip(members, theirs)]
+        if self.keep is None:          # after averaging or OT: the aligned members' average
+            goal = averaged_output(outs, self.weights)
+        else:
+            goal = wide_output(outs, layer.out, self.sizes, -1)
+            index = kept_index(layer.out, self.keep, self.sizes, module.in_proj_weight.device)
+            goal = goal if index is None else goal[..., index]
+        if goal.shape[-1] != module.in_proj_weight.shape[0]:
+            raise ValueError(f"repair: '{name}' projects to {module.in_proj_weight.shape[0]} features but "
+                             f"`keep` selects {goal.shape[-1]}; `pruned` must be assemble(models, plan, weights, "
+                             f"keep)")
+        return goal, goal_out
 
     @torch.no_grad()
     def refit(self, name: str, targets: Optional[List[torch.Tensor]]) -> None:
@@ -159,37 +177,31 @@ class _Fit:
         return solve(self.reduce(normal), self.ridge)
 
     @torch.no_grad()
-    def refit_attention(self, name: str) -> None:
+    def refit_attention(self, name: str, goals: Optional[List] = None) -> None:
         """Refit MultiheadAttention `name`: the kept heads' q/k/v projections, then `out_proj` on the context
-        they give (`attention`). The first pass keeps each batch's query and `out_proj` target for the second
-        (its own refit does not change the module's input) while they fit in `TARGET_BYTES`."""
+        they give (`attention`). `goals`: its `attention_goals` per batch, read in a wave (None: read from the
+        members here). When there are two passes, the first keeps each batch's query and `out_proj` target for the
+        second (its own refit does not change the module's input): always with `goals`, whose bytes the wave counts,
+        else while they fit in `TARGET_BYTES`."""
         module, layer = self.pruned.get_submodule(name), self.plan.layers[name]
-        members = [m.get_submodule(name) for m in self.models]
-        device = module.in_proj_weight.device
-        index = None if self.keep is None else kept_index(layer.out, self.keep, self.sizes, device)
         kept: List = []
 
-        def read(i, x):    # the pruned model's query; each member's query and attention output
+        def read(i, x):    # the pruned model's query, the targets of q/k/v and of out_proj
             if i < len(kept):
                 return kept[i]
             query, _ = query_and_output(module, reach_call(self.pruned, name, x))
-            theirs = [query_and_output(mm, reach_call(m, name, x)) for m, mm in zip(self.models, members)]
-            return query, theirs, self.target(f"{name}.out_proj", [out for _, out in theirs])
+            if goals is not None:
+                goal, goal_out = goals[i]
+                goals[i] = None        # q/k/v's target is read once
+            else:
+                goal, goal_out = self.attention_goals(name, [reach_call(m, name, x) for m in self.models])
+            if i == len(kept) and layer.inp is not None and (
+                    goals is not None or (query.nbytes + goal_out.nbytes) * len(self.batches) <= TARGET_BYTES):
+                kept.append((query, None, goal_out))
+            return query, goal, goal_out
 
         def projected(i, x):
-            query, theirs, goal_out = read(i, x)
-            if i == len(kept) and (query.nbytes + goal_out.nbytes) * len(self.batches) <= TARGET_BYTES:
-                kept.append((query, None, goal_out))
-            outs = [projections(mm, q) for mm, (q, _) in zip(members, theirs)]
-            if self.keep is None:      # after averaging or OT: the aligned members' average
-                goal = averaged_output(outs, self.weights)
-            else:
-                goal = wide_output(outs, layer.out, self.sizes, -1)
-                goal = goal if index is None else goal[..., index]
-            if goal.shape[-1] != module.in_proj_weight.shape[0]:
-                raise ValueError(f"repair: '{name}' projects to {module.in_proj_weight.shape[0]} features but "
-                                 f"`keep` selects {goal.shape[-1]}; `pruned` must be assemble(models, plan, weights, "
-                                 f"keep)")
+            query, goal, _ = read(i, x)
             return query, goal
 
         def attended(i, x):
@@ -199,24 +211,6 @@ class _Fit:
         if layer.inp is not None:      # on the model input the kept heads' projections are already exact
             install_projections(module, self._solved(projected, module.in_proj_bias is not None))
         install(module.out_proj, self._solved(attended, module.out_proj.bias is not None))
-
-
-def waves(names: List[str], bytes_per_input: Dict[str, int], inputs: int, budget: Optional[int] = None
-          ) -> List[List[str]]:
-    """`names` cut into runs of consecutive layers whose targets on `inputs` inputs fit in `budget` bytes
-    (default `TARGET_BYTES`) together; a layer that alone exceeds it is a run of its own, fitted without
-    stored targets."""
-    budget = TARGET_BYTES if budget is None else budget
-    out: List[List[str]] = []
-    held = budget + 1
-    for name in names:
-        need = bytes_per_input.get(name, budget + 1) * inputs
-        if held + need > budget or need > budget:
-            out.append([])
-            held = 0
-        out[-1].append(name)
-        held += need
-    return out
 
 
 def repair(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float],
@@ -277,16 +271,16 @@ def repair(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float],
         attention = call_reasons(pruned, attention, batches[0][:2]) if attention else {}
         todo = []
         for name in order:
-            reason = _layer_note(plan, name, pruned.get_submodule(name), twice, attention, fit.source(name) != name)
+            reason = layer_note(plan, name, pruned.get_submodule(name), twice, attention, fit.source(name) != name)
             if reason is None:
                 todo.append(name)
             elif reason:
                 _note(notes, name, reason)
-        for wave in waves(todo, output_bytes, sum(len(b) for b in batches)):
+        for wave in waves(todo, stored_bytes(plan, output_bytes), sum(len(b) for b in batches), TARGET_BYTES):
             stored = fit.targets(wave) if len(wave) > 1 else {}
             for name in wave:
                 if name in attention:
-                    fit.refit_attention(name)
+                    fit.refit_attention(name, stored.pop(name, None))
                 else:
                     fit.refit(name, stored.pop(name, None))
     finally:

@@ -16,18 +16,22 @@ of positions and inputs.
 `install` writes coefficients back into the layer's own weight and bias, so the
 model keeps its class and every shape. A layer without a bias that feeds a
 BatchNorm directly gets its intercept folded into that BatchNorm's running mean
-(BN(y + c) with mean mu equals BN(y) with mean mu - c), which is exact.
+(BN(y + c) with mean mu equals BN(y) with mean mu - c), which is exact. `layer_note` says whether a layer of
+the analysis is refitted, and why not when it cannot be (`why_not`).
 """
 
-from typing import Iterator, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ntdist.fusion.analysis.plan import Plan
+
 CHUNK_FLOOR = 1 << 20        # entries of a chunk of rows for layers whose d^2 is smaller (8 MiB of float64)
 REFIT = {"linear": nn.Linear, "conv": (nn.Conv1d, nn.Conv2d), "dwconv": (nn.Conv1d, nn.Conv2d),
          "gconv": (nn.Conv1d, nn.Conv2d)}   # the analysis' layer kinds that are refitted, and their modules
+SILENT = ("bn", "ln", "lnf", "param")   # carried: each kept unit's own parameters, already exact
 
 Rows = Tuple[torch.Tensor, torch.Tensor]     # rows [G, m, d] and targets [G, m, o]
 
@@ -41,6 +45,27 @@ def why_not(module: nn.Module, kind: str) -> str:
     if getattr(module, "transposed", False):
         return "a transposed convolution is not refitted"
     return ""
+
+
+def _is_output(plan: Plan, name: str) -> bool:
+    return any(spec.module == name and spec.role == "output" for spec in plan.tensors.values())
+
+
+def layer_note(plan: Plan, name: str, module: nn.Module, twice: set, attention: Dict[str, str],
+               through_bn: bool = False) -> Optional[str]:
+    """None: refit it; '': nothing to refit; otherwise why it is left as NT pruned it. `attention`: each
+    MultiheadAttention's `call_reason` (its out_proj reads the heads, so it is refitted even on the model input).
+    `through_bn`: its target is an averaged BatchNorm output taken back through the fused BatchNorm (never exact
+    unless refitted)."""
+    layer = plan.layers[name]
+    if layer.kind in SILENT or (layer.inp is None and layer.kind != "mha" and not through_bn):
+        return ""      # inp None: reads only the model input, so its kept (or averaged) outputs are already exact
+    if layer.out is None and not _is_output(plan, name):
+        return ""      # neither reads nor writes a widened space
+    reason = attention[name] if layer.kind == "mha" else why_not(module, layer.kind)
+    if not reason and name in twice:
+        reason = "forward calls it more than once"
+    return reason or None
 
 
 def chunk_rows(d: int) -> int:
