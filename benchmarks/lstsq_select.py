@@ -13,8 +13,10 @@ one Linear or Conv1d/Conv2d layer without groups or dilation, as the MNIST-1D ML
   a convolution's unit is its kernel-wide group of columns, a flattened Linear's its positions).
 
 The consumer inputs are the concatenated model's (the members' side by side), not the repaired
-model's. `python benchmarks/lstsq_select.py` prints one-shot test accuracy of NT + repair with
-magnitude and with this selection, per seed, and the paired difference;
+model's. A third rule, `energy`, scores each unit alone by the energy of its contribution to its
+consumer's output on the calibration inputs (data-aware, but blind to units that duplicate
+others). `python benchmarks/lstsq_select.py` prints one-shot test accuracy of NT + repair with
+magnitude and with the two other rules, per seed, and the paired differences to magnitude;
 `benchmarks/finetune_recipes.py --select lstsq` fine-tunes what it gives. Run:
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/lstsq_select.py [--models cnn1d mlp] [--seeds 10]
 """
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 
 from ntdist.fusion import analyze
 from ntdist.fusion.pruning.importance import DEFAULT_IMPORTANCE
-from ntdist.fusion.pruning.select import select, targets
+from ntdist.fusion.pruning.select import select, targets, top
 from ntdist.fusion.repair import RIDGE, repair
 from ntdist.fusion.repair.capture import reach
 from ntdist.fusion.wide.assemble import assemble, tensors_of
@@ -124,12 +126,34 @@ def lstsq_keep(members, plan, weights, calibration: torch.Tensor, seed: int = 0)
     return keep
 
 
+@torch.no_grad()
+def energy_keep(members, plan, calibration: torch.Tensor) -> dict:
+    """space -> the units whose contribution to their consumer's output has the largest energy on the calibration
+    inputs (each unit scored alone: what least squares adds over it is seeing which units duplicate others)."""
+    keep = {}
+    for space in plan.order:
+        name = next(n for n, l in plan.layers.items() if l.inp and l.inp[0].space == space)
+        scores = []
+        for m in members:
+            module = m.get_submodule(name)
+            x = _rows(module, reach(m, name, calibration, "input"), plan.layers[name].inp[0].factor).double()
+            w = _columns(module.weight.detach().double(), x.shape[1])
+            scores.append(torch.einsum("ouc,ruc->ruo", w, x).square().sum((0, 2)))
+        keep[space] = top(torch.cat(scores), plan.sizes[space])
+    return keep
+
+
+HOWS = ("magnitude", "lstsq", "energy")
+
+
 def repaired(members, calibration, how: str):
     """NT + repair of `members` (equal weights, members' width) keeping units by magnitude or by least squares."""
     plan = analyze(members[0], calibration[:2])
     weights = [1.0 / len(members)] * len(members)
     if how == "lstsq":
         keep = lstsq_keep(members, plan, weights, calibration)
+    elif how == "energy":
+        keep = energy_keep(members, plan, calibration)
     else:
         keep = select(members, plan, DEFAULT_IMPORTANCE, targets(plan, plan.space_sizes(tensors_of(members[0])), 1.0),
                       weights)
@@ -152,12 +176,12 @@ def main():
             cfg.train.seed = seed
             members = members_of(cfg, spec, splits, args.cache, name)
             calibration = calibration_of(cfg, splits)
-            rows.append({how: 100 * score(repaired(members, calibration, how))["test"]
-                         for how in ("magnitude", "lstsq")})
+            rows.append({how: 100 * score(repaired(members, calibration, how))["test"] for how in HOWS})
             print(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.1f}" for k, v in rows[-1].items()), flush=True)
-        d = paired([r["lstsq"] for r in rows], [r["magnitude"] for r in rows])
-        print(f"{name}: lstsq − magnitude {d['mean']:+.2f} ± {d['std']:.2f} points, p = {d['p']:.2g}, "
-              f"{d['wins']}/{d['n']} ahead\n", flush=True)
+        for how in HOWS[1:]:
+            d = paired([r[how] for r in rows], [r["magnitude"] for r in rows])
+            print(f"{name}: {how} − magnitude {d['mean']:+.2f} ± {d['std']:.2f} points, p = {d['p']:.2g}, "
+                  f"{d['wins']}/{d['n']} ahead", flush=True)
 
 
 if __name__ == "__main__":
