@@ -25,6 +25,7 @@ from ntdist.fusion.wide.norms import group_layer_norms
 from ntdist.fusion.pruning.select import ratio_of, select, shares, targets, verify_finite
 from ntdist.fusion.pruning.torch_pruning import DEFAULT_PRUNER, tp_nt_step
 from ntdist.fusion.repair import Reduce, repair, same
+from ntdist.fusion.repair.inputs import calibration_batches
 from ntdist.fusion.schedule import DEFAULT_SCHEDULE, SCHEDULES, fold
 from ntdist.fusion.wide.widegraph import widen_graph
 
@@ -186,8 +187,10 @@ def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = DEFAUL
     `example_inputs` trace the model (and feed `dedup_criterion` "activations": a few hundred
     training inputs); `merged`, when given, receives the number of units dedup merged per
     layer, summed over the pairwise steps. `calibration` (a tensor of inputs, or an iterable of
-    input batches, a few thousand training inputs) lets NT refit its result to the concatenated
-    model (`repair`: "auto" does so whenever it is given; every pairwise step refits to its own pair).
+    input batches such as a DataLoader, read once; a few thousand training inputs; floating inputs
+    take the members' dtype) lets NT refit its result to the concatenated model (`repair`: "auto"
+    does so whenever it is given; every pairwise step refits to its own pair); what it refuses:
+    `repair.inputs`.
     With `repair="lstsq"`, 'avg' and 'ot' refit their average to the members' weighted average
     of their (aligned) outputs, layer by layer (`repair` with `keep` None; "auto" leaves them as
     they are), on the same `calibration` inputs and with `repair_ridge`.
@@ -207,7 +210,8 @@ def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = DEFAUL
     check_ot(ot_mode, ot_reg)
     if method != "ot" and (ot_mode, ot_reg) != ("weights", 0.0):
         raise UserError(f"ot_mode and ot_reg are OT's options; method '{method}' does not read them: drop them")
-    options.repairs(calibration, method)    # repair lstsq without calibration inputs: refused before any work
+    if options.repairs(calibration, method):     # repair lstsq without calibration inputs: refused here
+        calibration = calibration_batches(calibration, model=models[0])   # checked once, read by every step
     found: List[str] = []
     if method != "nt":      # avg and OT keep the members' width: the NT options but repair's are unused
         if method == "avg" and any(a.shape != b.shape for m in models[1:] for a, b in zip(

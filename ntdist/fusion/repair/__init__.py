@@ -6,8 +6,9 @@ aligned members' averaged outputs instead); the normal equations it accumulates 
 `lstsq` (kept apart so that a distributed caller can sum them across ranks:
 `repair(..., reduce=...)` with `packed`/`unpacked`), a
 layer's regression rows and the write-back in `rows`, `nn.MultiheadAttention`
-(its projections, then `out_proj` on the recomputed context) in `attention`, and
-reading inputs, outputs and targets from the models in `capture`.
+(its projections, then `out_proj` on the recomputed context) in `attention`,
+reading inputs, outputs and targets from the models in `capture`, and the
+calibration inputs a user passes, checked and batched, in `inputs`.
 """
 
 from ntdist.fusion.repair.lstsq import Normal, accumulate, packed, same, solve, unpacked

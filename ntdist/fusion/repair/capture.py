@@ -24,8 +24,6 @@ import torch.nn as nn
 
 from ntdist.fusion.analysis.plan import Layout, Plan, part_sizes
 
-CALIBRATION_BATCH = 256   # inputs per forward when the calibration set is one tensor
-
 
 class _Reached(BaseException):
     """Raised by a hook to stop a forward at the module whose tensor was wanted (a BaseException, so that a
@@ -153,21 +151,6 @@ def waves(names: List[str], bytes_per_input: Dict[str, int], inputs: int, budget
         out[-1].append(name)
         held += need
     return out
-
-
-def calibration_batches(calibration, batch_size: int = CALIBRATION_BATCH) -> List[torch.Tensor]:
-    """The calibration inputs as a list of batches (it is read once per layer).
-
-    `calibration` is a tensor of inputs (split into batches of `batch_size`) or an
-    iterable of batches, each a tensor or a tuple/list whose first item is the
-    inputs (what a DataLoader yields). A one-shot iterator is read once, here.
-    """
-    if isinstance(calibration, torch.Tensor):
-        return list(calibration.split(batch_size))
-    batches = [b[0] if isinstance(b, (tuple, list)) else b for b in calibration]
-    if not batches or not all(isinstance(b, torch.Tensor) for b in batches):
-        raise ValueError("calibration must be a tensor of inputs or a non-empty iterable of input batches")
-    return batches
 
 
 def kept_index(layout: Layout, keep: Dict[int, Optional[torch.Tensor]], sizes: Sequence[Dict[int, int]],

@@ -45,9 +45,9 @@ import torch.nn as nn
 from ntdist.fusion.analysis.plan import Plan
 from ntdist.fusion.repair.attention import (call_reasons, context, install_projections, owner, projections,
                                             query_and_output)
-from ntdist.fusion.repair.capture import (CALIBRATION_BATCH, averaged_output, calibration_batches, kept_index,
-                                          reach, reach_all, reach_call, stored_bytes, trace, unnormalized, waves,
-                                          wide_output)
+from ntdist.fusion.repair.capture import (averaged_output, kept_index, reach, reach_all, reach_call, stored_bytes,
+                                          trace, unnormalized, waves, wide_output)
+from ntdist.fusion.repair.inputs import CALIBRATION_BATCH, calibration_batches
 from ntdist.fusion.repair.lstsq import Normal, accumulate, same, solve
 from ntdist.fusion.repair.rows import SILENT, coefficients, foldable, install, layer_note, linear_rows, row_chunks
 from ntdist.fusion.wide.assemble import tensors_of
@@ -255,7 +255,7 @@ def repair(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float],
         return pruned                  # nothing was dropped: the pruned model is the concatenated one
     total = float(sum(weights))
     weights = [float(w) / total for w in weights]
-    batches = [b.to(pruned_device(pruned)) for b in calibration_batches(calibration, batch_size)]
+    batches = [b.to(pruned_device(pruned)) for b in calibration_batches(calibration, batch_size, models[0])]
     sizes = [plan.space_sizes(tensors_of(m)) for m in models]
     modes = [(m, m.training) for m in (pruned, *models)]
     for m, _ in modes:
