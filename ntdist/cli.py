@@ -94,8 +94,9 @@ def _add_fuse(sub, common) -> None:
     fuse.add_argument("--calibration", default=None, metavar="FILE|package.module:callable",
                       help="training inputs the repair fits the fused model on (NT: fusion.repair auto or lstsq; avg, "
                            "ot: lstsq): a "
-                           "tensor saved with torch.save, or a callable returning such a tensor or a dataset of "
-                           "(input, label) pairs; fusion.calibration_samples of them are used")
+                           "tensor saved with torch.save, or a callable returning such a tensor, a dataset of "
+                           "(input, label) pairs or a DataLoader; fusion.calibration_samples of them are used; "
+                           "default: the training inputs of --data")
     fuse.add_argument("--force", action="store_true", help="replace the output file if it exists")
     fuse.add_argument("--lazy", action="store_true",
                       help="members larger than memory: read and write one tensor at a time (avg, or nt without "

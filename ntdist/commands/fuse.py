@@ -8,8 +8,10 @@ checked by the same code as `ntdist run`'s overrides, into a `FusionConfig`
 from the specs stored in ntdist's checkpoints, or, for plain state dicts
 (safetensors, weights-only torch files, Lightning .ckpt), from `--model NAME
 --model-kwargs JSON`. Fusion traces the model on one input whose shape comes from
-`--input-shape`, `--data`, the checkpoint, or is guessed (an image batch); a model
-that does not run on it is refused naming the layer. The output holds the model's
+`--input-shape`, `--data`, the checkpoint, the `--calibration` inputs, or is guessed
+(an image batch); a model that does not run on it is refused naming the layer. The
+inputs the repair fits on are `--calibration`'s, else those of `--data`
+(`commands.calibration` reads and checks them). The output holds the model's
 own keys (a strict `load_state_dict` into the user's class works) and ntdist's
 metadata in its header, so later commands need no `--model`; it is written only
 after fusion succeeded, atomically, so a failure leaves nothing behind. An `-o`
@@ -27,6 +29,7 @@ from typing import Optional, Tuple
 import torch
 
 from ntdist.commands import hfdirs
+from ntdist.commands.calibration import data_inputs, read_calibration, read_inputs
 from ntdist.commands.checkpoints import ModelSource, example_input, load_checkpoints, usable_device
 from ntdist.config import load_keys
 from ntdist.distributed.devices import synchronize
@@ -35,7 +38,6 @@ from ntdist.fusion import METHODS, FusionConfig, NTOptions, fuse, reestimate_bn,
 from ntdist.fusion.baselines import batch_norms
 from ntdist.models import ModelSpec
 from ntdist.models.probe import check_runs
-from ntdist.options import import_callable, is_import_path
 from ntdist.records.checkpoint import save_checkpoint
 
 FUSED_FILE = "fused.safetensors"   # what -o FOLDER/ receives
@@ -63,57 +65,6 @@ def fusion_config(paths, overrides) -> FusionConfig:
         raise UserError(f"ntdist fuse fuses with one method, got fusion.methods {fusion.methods}; give one "
                         f"(--method {' | '.join(METHODS)})")
     return fusion
-
-
-def read_inputs(path: str, flag: str = "--dedup-inputs") -> torch.Tensor:
-    """A batch of inputs saved with torch.save (one floating-point tensor, at least 2 rows)."""
-    try:
-        value = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError) as err:
-        raise UserError(f"{flag} '{path}' is not a readable torch file ({str(err).splitlines()[0]})") from None
-    return checked_inputs(value, f"{flag} '{path}'")
-
-
-def checked_inputs(value, what: str) -> torch.Tensor:
-    """`value` if it is a floating-point tensor of at least 2 finite inputs, else a UserError naming `what`."""
-    if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() < 2 or len(value) < 2:
-        raise UserError(f"{what} must hold one floating-point tensor of at least 2 inputs, e.g. "
-                        "torch.save(x[:2000], path)")
-    if not torch.isfinite(value).all():
-        raise UserError(f"{what} holds NaN or infinite values; give finite inputs")
-    return value
-
-
-def read_calibration(source: str, count: int) -> torch.Tensor:
-    """`--calibration`: a torch file with one tensor of inputs, or `package.module:callable` returning such a
-    tensor, a dataset of (input, label) pairs, or (train, val, test) datasets (train is used); at most
-    `count` inputs (fusion.calibration_samples), drawn with seed 0."""
-    if not is_import_path(source):
-        inputs = read_inputs(source, "--calibration")
-        return inputs[torch.randperm(len(inputs), generator=torch.Generator().manual_seed(0))[:count].sort().values]
-    try:
-        value = import_callable(source, "--calibration")()
-    except UserError:
-        raise
-    except Exception as err:  # noqa: BLE001 - the user's code: one line naming it
-        raise UserError(f"--calibration '{source}' raised {type(err).__name__}: {err}") from None
-    if isinstance(value, (tuple, list)) and len(value) == 3 and not isinstance(value[0], torch.Tensor):
-        value = value[0]
-    if not isinstance(value, torch.Tensor):
-        try:
-            picked = torch.randperm(len(value), generator=torch.Generator().manual_seed(0))[:count].sort().values
-            value = torch.stack([torch.as_tensor(value[int(i)][0]) for i in picked])
-        except (TypeError, IndexError, RuntimeError) as err:
-            raise UserError(f"--calibration '{source}' must return a tensor of inputs or a dataset of (input, "
-                            f"label) pairs ({type(err).__name__}: {err})") from None
-    return checked_inputs(value[:count], f"--calibration '{source}'")
-
-
-def data_inputs(splits, count: int) -> torch.Tensor:
-    """`count` training inputs of the data --data names, drawn with seed 0 as --calibration draws them."""
-    train = splits.train
-    picked = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:count].sort().values
-    return torch.stack([train[int(i)][0] for i in picked])
 
 
 def settle_bn(fused: torch.nn.Module, setting: str, inputs: Optional[torch.Tensor], repaired: bool) -> bool:
@@ -173,6 +124,30 @@ def fused_info(fusion: FusionConfig, paths) -> dict:
     return info
 
 
+def traced_on(spec: ModelSpec, inputs: Optional[str], calibration: Optional[str], calibrate
+              ) -> Tuple[torch.Tensor, ModelSpec, bool]:
+    """(the inputs the model is traced on, its spec with the input shape they give, whether that shape is a
+    guess): the --dedup-inputs file, else the spec's input, else the --calibration inputs, else an image batch."""
+    if inputs is not None:
+        return read_inputs(inputs), spec, False
+    examples, guessed = example_input(spec)
+    if guessed and calibration is not None:     # the inputs given say which input the model takes
+        return calibrate[:2], replace(spec, input_shape=tuple(calibrate.shape[1:])), False
+    return examples, spec, guessed
+
+
+def shape_hint(spec: ModelSpec, inputs: Optional[str], calibration: Optional[str], guessed: bool) -> str:
+    """How to fix inputs the model does not run on: those of --dedup-inputs, --calibration, or the traced ones."""
+    taken = f" (one input of shape {list(spec.input_shape)})" if spec.input_shape else ""
+    if inputs is not None or calibration is not None:
+        flag = f"--dedup-inputs '{inputs}'" if inputs is not None else f"--calibration '{calibration}'"
+        return f"{flag} must hold training inputs of the model's input shape{taken}; check --model and --model-kwargs"
+    if guessed:
+        return ("the checkpoints do not say which input the model takes, so it was traced on an image batch: "
+                "give one input's shape with --input-shape (e.g. 1,40) or the data with --data")
+    return "check --model, --model-kwargs and the input shape (--input-shape, --data)"
+
+
 def fuse_command(paths, output: str, fusion: FusionConfig, source: ModelSource = ModelSource(), device: str = "cpu",
                  inputs: Optional[str] = None, force: bool = False, calibration: Optional[str] = None) -> str:
     """Fuse the checkpoints `paths` as `fusion` says (its one method, schedule and NT options) into `output`
@@ -180,39 +155,39 @@ def fuse_command(paths, output: str, fusion: FusionConfig, source: ModelSource =
 
     `source` rebuilds the models (--model, --model-kwargs, --data, --input-shape; default: the spec in the
     checkpoints); `inputs` is the `--dedup-inputs` file of the activation criterion; `calibration` the
-    `--calibration` inputs the repair fits on (NT's; avg's and ot's with fusion.repair=lstsq)."""
+    `--calibration` inputs the repair fits on (NT's; avg's and ot's with fusion.repair=lstsq); without it, those
+    of `--data` (`fusion.calibration_samples` of its training split) are, and they are also what the BatchNorm
+    statistics are re-estimated on and, when nothing else says, which input the model is traced on."""
     options = fusion.nt_options()
     if (options.dedup_criterion == "activations") != (inputs is not None):
         raise UserError("fusion.dedup_criterion=activations and --dedup-inputs FILE go together: the activations "
                         "are the units' outputs on those inputs")
     calibrate = read_calibration(calibration, fusion.calibration_samples) if calibration is not None else None
-    options.repairs(calibrate, fusion.methods[0])      # repair lstsq without --calibration: refused before any work
-    if fusion.ot_mode == "activations" and calibrate is None:
+    given = calibrate is not None or bool(source.data)       # --data: its training inputs calibrate too
+    options.repairs(given or None, fusion.methods[0])      # repair lstsq without inputs: refused before any work
+    if fusion.ot_mode == "activations" and not given:
         raise UserError("fusion.ot_mode=activations compares units' outputs on inputs: give a few hundred training "
-                        "inputs with --calibration FILE")
+                        "inputs with --calibration FILE or --data CONFIG|data.KEY=VALUE")
     folder = hfdirs.writes_folder(output, paths, source.model)
     output = hfdirs.check_folder(output, paths, force) if folder else check_output(output, paths, force)
     dev = usable_device(device)
     splits = source.splits("fuse")
     spec = source.spec(paths, splits)
     models = [m.eval().to(dev) for m in load_checkpoints(paths, spec, HINT)]
-    bn_inputs = calibrate if calibrate is not None or splits is None else \
-        data_inputs(splits, fusion.calibration_samples)
-    if fusion.bn_reestimate == "on" and bn_inputs is None and batch_norms(models[0]):
+    if calibrate is None and splits is not None:
+        calibrate = data_inputs(splits, fusion.calibration_samples)
+    if fusion.bn_reestimate == "on" and calibrate is None and batch_norms(models[0]):
         raise UserError("fusion.bn_reestimate=on needs training inputs: give --calibration FILE or --data "
                         "CONFIG|data.KEY=VALUE, or set fusion.bn_reestimate auto or off")
     resized = options.width is not None or options.keep_ratio is not None
     if resized and spec.name != "mlp":
         raise UserError(f"fusion.width and fusion.keep_ratio change the architecture, and a resized {spec.name} "
                         "cannot be rebuilt from its spec; use the Python API fuse(models, width=...) for it")
-    examples, guessed = example_input(spec) if inputs is None else (read_inputs(inputs), False)
-    shape_hint = ("the checkpoints do not say which input the model takes, so it was traced on an image batch: "
-                  "give one input's shape with --input-shape (e.g. 1,40) or the data with --data") if guessed else \
-        "check --model, --model-kwargs and the input shape (--input-shape, --data)"
-    if inputs is not None:
-        taken = f" (one input of shape {list(spec.input_shape)})" if spec.input_shape else ""
-        shape_hint = f"--dedup-inputs '{inputs}' must hold training inputs of the model's input shape{taken}"
-    check_runs(models[0], examples[:2].to(dev), spec.name, shape_hint)
+    examples, traced, guessed = traced_on(spec, inputs, calibration, calibrate)
+    check_runs(models[0], examples[:2].to(dev), spec.name, shape_hint(spec, inputs, calibration, guessed))
+    if calibration is not None:
+        check_runs(models[0], calibrate[:2].to(dev), spec.name, shape_hint(spec, None, calibration, False))
+    spec = traced     # with the input shape the calibration inputs gave, where nothing else said
     method = fusion.methods[0]
     twins = identical(models, paths)
     if twins and method == "nt" and not fusion.dedup:
@@ -229,7 +204,7 @@ def fuse_command(paths, output: str, fusion: FusionConfig, source: ModelSource =
     fused = fuse(models, method, fusion.schedule, options=options, example_inputs=examples.to(dev), **extra)
     synchronize(dev)   # on a GPU the kernels may still run: the time is the work's, not its launch's
     seconds = time.perf_counter() - start
-    renormed = settle_bn(fused, fusion.bn_reestimate, bn_inputs, repairs)
+    renormed = settle_bn(fused, fusion.bn_reestimate, calibrate, repairs)
     if resized:
         first = next(m for m in fused.modules() if isinstance(m, torch.nn.Linear))
         spec = ModelSpec(spec.name, dict(spec.kwargs, width=first.out_features), spec.input_shape)
@@ -241,14 +216,14 @@ def fuse_command(paths, output: str, fusion: FusionConfig, source: ModelSource =
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)   # -o a new folder: now that it worked
         save_checkpoint(output, fused.cpu(), spec, info=fused_info(fusion, paths))
     repaired = f", repaired on {len(calibrate)} inputs" if repairs else ""
-    repaired += f", BatchNorm statistics re-estimated on {len(bn_inputs)} inputs" if renormed else ""
+    repaired += f", BatchNorm statistics re-estimated on {len(calibrate)} inputs" if renormed else ""
     print(f"fused {len(models)} models with {method} ({fusion.schedule}{repaired}) on {dev} in {seconds:.3f} s "
           f"-> {output}")
     for note in notes:
         print(f"ntdist fuse: note: {note}", file=sys.stderr)
-    if bn_inputs is None and batch_norms(fused) and fusion.bn_reestimate != "off":
+    if calibrate is None and batch_norms(fused) and fusion.bn_reestimate != "off":
         print(STALE_BN, file=sys.stderr)
     elif method == "nt" and calibrate is None and options.repair == "auto" and options.repairs(True):
         print("ntdist fuse: note: NT keeps far more of the ensemble when repaired on a few thousand training "
-              "inputs: add --calibration FILE (docs/FUSION.md, 'Repair')", file=sys.stderr)
+              "inputs: add --calibration FILE or --data (docs/FUSION.md, 'Repair')", file=sys.stderr)
     return output

@@ -194,7 +194,7 @@ def test_fuse_with_dedup_returns_a_member_fused_with_its_copy(tmp_path, capsys):
                            (["--dedup-threshold", "0.5"], "fusion.dedup_threshold only applies with fusion.dedup on"),
                            (["--dedup", "--method", "avg"], "fusion.dedup only applies to method nt, not to avg"),
                            (["--dedup", "--dedup-criterion", "activations"], "go together"),
-                           (by_outputs[:-1] + [str(tmp_path / "a.pt")], "must hold one floating-point tensor")):
+                           (by_outputs[:-1] + [str(tmp_path / "a.pt")], "not a tensor of inputs")):
         assert main(args + flags + ["-o", str(tmp_path / "bad.safetensors")]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
