@@ -68,8 +68,8 @@ def _read(calibration, batch_size: int) -> List[torch.Tensor]:
         raise UserError("calibration is a Dataset, whose items are single inputs; pass "
                         "DataLoader(dataset, batch_size=256) or a tensor of inputs")
     if isinstance(calibration, (tuple, list)) and len(calibration) == 2 and \
-            all(isinstance(t, torch.Tensor) for t in calibration) and calibration[0].dim() > calibration[1].dim() \
-            and len(calibration[0]) == len(calibration[1]):
+            all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in calibration) and \
+            calibration[0].dim() > calibration[1].dim() and len(calibration[0]) == len(calibration[1]):
         raise UserError(f"calibration is a pair ({_describe(calibration[0])}, {_describe(calibration[1])}), "
                         "read as two batches; pass the inputs alone: calibration=inputs")
     try:
