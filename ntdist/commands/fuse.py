@@ -148,6 +148,15 @@ def shape_hint(spec: ModelSpec, inputs: Optional[str], calibration: Optional[str
     return "check --model, --model-kwargs and the input shape (--input-shape, --data)"
 
 
+def unused_because(method: str, options: NTOptions) -> str:
+    """Why a fusion by `method` with `options` does not repair on the calibration inputs it was given."""
+    if options.repair == "none":
+        return "fusion.repair=none"
+    if method != "nt":
+        return f"{method} is repaired only with fusion.repair=lstsq"
+    return "dedup and the torch_pruning pruner select differently from plain NT and are not repaired"
+
+
 def fuse_command(paths, output: str, fusion: FusionConfig, source: ModelSource = ModelSource(), device: str = "cpu",
                  inputs: Optional[str] = None, force: bool = False, calibration: Optional[str] = None) -> str:
     """Fuse the checkpoints `paths` as `fusion` says (its one method, schedule and NT options) into `output`
@@ -226,4 +235,7 @@ def fuse_command(paths, output: str, fusion: FusionConfig, source: ModelSource =
     elif method == "nt" and calibrate is None and options.repair == "auto" and options.repairs(True):
         print("ntdist fuse: note: NT keeps far more of the ensemble when repaired on a few thousand training "
               "inputs: add --calibration FILE or --data (docs/FUSION.md, 'Repair')", file=sys.stderr)
+    elif calibration is not None and not (repairs or renormed or fusion.ot_mode == "activations"):
+        print(f"ntdist fuse: note: the --calibration inputs were not used for a repair: {unused_because(method, options)}",
+              file=sys.stderr)
     return output

@@ -101,6 +101,16 @@ def test_the_inputs_of_data_repair_nt(tmp_path, members, capsys):
     assert not all(torch.equal(fused[key], t) for key, t in plain.items())
 
 
+@pytest.mark.parametrize("flags,why", [(["--method", "avg"], "avg is repaired only with fusion.repair=lstsq"),
+                                       (["fusion.repair=none"], "fusion.repair=none"),
+                                       (["--dedup"], "dedup and the torch_pruning pruner select differently")])
+def test_calibration_that_repairs_nothing_is_said_in_one_line(tmp_path, members, capsys, flags, why):
+    fuse_with(tmp_path, members, "--calibration", saved(tmp_path, CAL), *flags)
+    out, err = capsys.readouterr()
+    assert "repaired" not in out and err.count("\n") == 1, err
+    assert err.startswith("ntdist fuse: note: the --calibration inputs were not used for a repair: ") and why in err
+
+
 def test_the_calibration_inputs_give_the_input_shape(tmp_path):
     name, kwargs = "userpkg.models:conv1d_net", {"num_classes": 10, "width": 8}
     paths = []
