@@ -138,8 +138,9 @@ def fuse_pair(a: nn.Module, b: nn.Module, weight_a: float = 1.0, weight_b: float
     when `notes` is None.
     """
     options = NTOptions.build(options, nt_options, "fuse_pair")
-    options.repairs(calibration)        # repair lstsq without calibration inputs: refused before any work
     check_models([a, b], shapes=False, finite=False)
+    if options.repairs(calibration):     # repair lstsq without calibration inputs: refused before any work
+        calibration = calibration_batches(calibration, model=a)
     wa, wb = check_weights([weight_a, weight_b], 2)
     plan = plan if plan is not None else analyze(a, example_inputs)
     reference = reference if reference is not None else a

@@ -79,11 +79,12 @@ def _read(calibration, batch_size: int) -> List[torch.Tensor]:
     return [_inputs_of(item, i) for i, item in enumerate(items)]
 
 
-def calibration_batches(calibration, batch_size: int = CALIBRATION_BATCH, model: Optional[nn.Module] = None
-                        ) -> List[torch.Tensor]:
+def calibration_batches(calibration, batch_size: int = CALIBRATION_BATCH, model: Optional[nn.Module] = None,
+                        runs: bool = True) -> List[torch.Tensor]:
     """The calibration inputs as a list of checked, non-empty batches (the repair reads them once per layer);
     UserError for anything that cannot be, with what to pass instead. `model` (a member): the batches take its
-    floating dtype and it must run on them."""
+    floating dtype and, with `runs`, it must run on them (`fuse` and `fuse_pair` check that once; `repair`,
+    which reads the members forward by forward, does not run them again)."""
     batches = [b for b in _read(calibration, batch_size) if len(b) > 0]
     if not batches:
         raise UserError("calibration holds no inputs; pass a few thousand training inputs")
@@ -99,7 +100,7 @@ def calibration_batches(calibration, batch_size: int = CALIBRATION_BATCH, model:
                 raise UserError(f"calibration batch {i} holds NaN or infinite values; pass finite inputs")
         if dtype is not None and first.is_floating_point():
             batches = [b.to(dtype) for b in batches]
-    if model is not None:
+    if model is not None and runs:
         _check_runs(model, batches[0][:2])
     return batches
 

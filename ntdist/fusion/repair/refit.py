@@ -255,7 +255,7 @@ def repair(models: Sequence[nn.Module], plan: Plan, weights: Sequence[float],
         return pruned                  # nothing was dropped: the pruned model is the concatenated one
     total = float(sum(weights))
     weights = [float(w) / total for w in weights]
-    batches = [b.to(pruned_device(pruned)) for b in calibration_batches(calibration, batch_size, models[0])]
+    batches = [b.to(pruned_device(pruned)) for b in calibration_batches(calibration, batch_size, models[0], runs=False)]
     sizes = [plan.space_sizes(tensors_of(m)) for m in models]
     modes = [(m, m.training) for m in (pruned, *models)]
     for m, _ in modes:
