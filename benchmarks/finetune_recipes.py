@@ -40,7 +40,8 @@ from ntdist.models import ModelSpec
 from ntdist.stages.finetune import distill_loss_fn
 from ntdist.training.batches import eval_batches, train_batches
 from ntdist.training.config import CONTROL_SEED, FUSED_SEED, run_seed
-from ntdist.training.loop import labels_of, make_optimizer, make_scheduler, predict, train_epoch
+from ntdist.training.optim import make_optimizer, make_scheduler
+from ntdist.training.loop import labels_of, predict, train_epoch
 from recipe_table import LOSSES, Grid, recipes, table
 from lstsq_select import repaired
 from repair_mnist1d import CONFIGS, ROOT, train_members

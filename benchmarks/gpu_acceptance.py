@@ -412,7 +412,7 @@ def dry_run_memory(s: Setup):
     import torch.nn.functional as F
     from ntdist.commands.dryrun_plan import make_plan
     from ntdist.distributed import costs
-    from ntdist.training.loop import make_optimizer
+    from ntdist.training.optim import make_optimizer
     plan = make_plan(os.path.join(s.out, "base.yaml"), [*s.data, *s.model], 1)
     predicted = sum(n for _, n in costs.step_memory(plan.size, plan.activations or 0,
                                                     buffers=len(plan.cfg.train.state_buffers)))

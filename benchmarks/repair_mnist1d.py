@@ -35,7 +35,8 @@ from ntdist.models.weights import build_member
 from ntdist.records.stats import paired
 from ntdist.training.batches import eval_batches, train_batches
 from ntdist.training.config import member_seed
-from ntdist.training.loop import labels_of, make_optimizer, make_scheduler, predict, train_epoch
+from ntdist.training.optim import make_optimizer, make_scheduler
+from ntdist.training.loop import labels_of, predict, train_epoch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"mlp": "configs/paper/compare_mlp_mnist1d.yaml", "cnn1d": "configs/paper/compare_cnn1d_mnist1d.yaml"}

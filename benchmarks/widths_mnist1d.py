@@ -25,7 +25,8 @@ from ntdist.models import ModelSpec
 from ntdist.models.weights import build_member
 from ntdist.training.batches import eval_batches, train_batches
 from ntdist.training.config import member_seed
-from ntdist.training.loop import labels_of, make_optimizer, make_scheduler, predict, train_epoch
+from ntdist.training.optim import make_optimizer, make_scheduler
+from ntdist.training.loop import labels_of, predict, train_epoch
 
 CONFIG = "configs/paper/compare_mlp_mnist1d.yaml"
 

@@ -42,7 +42,8 @@ from ntdist.distributed.world import World
 from ntdist.errors import UserError
 from ntdist.training.batches import feed, resident, train_batches
 from ntdist.training.hardware import tf32
-from ntdist.training.loop import make_optimizer, train_epoch
+from ntdist.training.optim import make_optimizer
+from ntdist.training.loop import train_epoch
 from ntdist.models.weights import build_member
 from ntdist.stages.members import train_members
 from ntdist.training.config import member_seed

@@ -19,8 +19,8 @@ from ntdist.stages.context import Run, finetune_part
 from ntdist.training.config import FinetuneConfig, scaled_lr
 from ntdist.training.engines import ENGINES, make_engine
 from ntdist.training.batches import eval_batches, feed, train_batches
-from ntdist.training.loop import (EpochPosition, Precision, check_finite, epoch_stats,
-                                  evaluate, make_optimizer, make_scheduler, step_logger, train_epoch)
+from ntdist.training.optim import make_optimizer, make_scheduler
+from ntdist.training.loop import EpochPosition, Precision, check_finite, epoch_stats, evaluate, step_logger, train_epoch
 from ntdist.training.resume import ResumableEpochs
 from ntdist.training.teacher import ShardedTeacher, share_members, use_sharded, whole_teacher
 

@@ -18,8 +18,9 @@ from ntdist.preempt import preempt_requested
 from ntdist.training.batches import eval_batches, feed, train_batches
 from ntdist.training.hardware import tf32, use_channels_last
 from ntdist.training.config import member_seed
+from ntdist.training.optim import make_optimizer, make_scheduler
 from ntdist.training.loop import (EpochPosition, Precision, check_finite, epoch_stats, evaluate, grad_clipper,
-                                  make_optimizer, make_scheduler, step_logger, train_epoch)
+                                  step_logger, train_epoch)
 from ntdist.training.resume import ResumableEpochs
 from ntdist.stages.context import Run, member_part
 from ntdist.stages.vectorized import member_batches, probe, train_together, why_not

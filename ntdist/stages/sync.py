@@ -25,7 +25,8 @@ from ntdist.models.weights import build_member
 from ntdist.preempt import preempt_requested
 from ntdist.records.results import SyncMethodResult, SyncResults
 from ntdist.training.batches import eval_batches, feed, train_batches
-from ntdist.training.loop import check_finite, evaluate, make_optimizer, make_scheduler
+from ntdist.training.optim import make_optimizer, make_scheduler
+from ntdist.training.loop import check_finite, evaluate
 from ntdist.stages.context import Run
 from ntdist.training.config import member_seed
 

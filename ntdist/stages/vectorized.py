@@ -26,8 +26,8 @@ from torch.func import functional_call, stack_module_state, vmap
 from ntdist.preempt import preempt_requested
 from ntdist.stages.context import Run, member_part
 from ntdist.training.batches import TensorBatches, eval_batches, feed, stacked_batches, train_batches
-from ntdist.training.loop import (EpochPosition, OptimConfig, Precision, check_finite, epoch_stats, make_optimizer,
-                                  make_scheduler, step_logger)
+from ntdist.training.optim import OptimConfig, make_optimizer, make_scheduler
+from ntdist.training.loop import EpochPosition, Precision, check_finite, epoch_stats, step_logger
 from ntdist.training.resume import LockstepEpochs, ResumableEpochs
 
 

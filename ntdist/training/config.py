@@ -14,7 +14,7 @@ from typing import ClassVar, List, Optional
 from ntdist.errors import UserError, check_choice
 from ntdist.options import opt
 from ntdist.training.engines import ENGINES, ZERO_STAGES, deepspeed_precision
-from ntdist.training.loop import LR_SCHEDULES, OptimConfig
+from ntdist.training.optim import LR_SCHEDULES, OptimConfig
 from ntdist.training.teacher import TEACHER_SHARD
 
 VECTORIZE = ("auto", "on", "off")   # train.vectorize

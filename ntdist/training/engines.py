@@ -1,7 +1,7 @@
 """Fine-tuning engines: plain DDP (default), Hugging Face Accelerate, or DeepSpeed ZeRO 0-2.
 
 Each engine wraps the model and the optimizer of the config (`finetune.optimizer`: SGD or
-AdamW, built by `training.loop.make_optimizer`) and exposes the calls the training loop
+AdamW, built by `training.optim.make_optimizer`) and exposes the calls the training loop
 makes: `zero_grad()`, `backward(loss)`, `step()`, and `clipper(max_norm)` for
 `finetune.grad_clip` (DeepSpeed clips inside its step, from its config's `gradient_clipping`).
 The data sharding (DistributedSampler) and the epoch-wise LR schedule stay the

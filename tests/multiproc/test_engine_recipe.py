@@ -38,7 +38,8 @@ def _each_engine(rank: int, out: str) -> None:
     from ntdist.config import load_config
     from ntdist.distributed.world import World
     from ntdist.training.engines import make_engine
-    from ntdist.training.loop import make_optimizer, train_epoch
+    from ntdist.training.optim import make_optimizer
+    from ntdist.training.loop import train_epoch
 
     os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(ROOT, ".torch_extensions")
     torch.manual_seed(0)

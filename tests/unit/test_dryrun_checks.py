@@ -21,7 +21,7 @@ from ntdist.config import load_config
 from ntdist.distributed import costs
 from ntdist.models import ModelSpec
 from ntdist.records.checkpoint import save_checkpoint
-from ntdist.training.loop import make_optimizer, make_scheduler
+from ntdist.training.optim import make_optimizer, make_scheduler
 from ntdist.training.state import save_state
 
 MISTAKES = "model.name=userpkg.mistakes:"

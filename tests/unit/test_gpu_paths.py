@@ -41,7 +41,8 @@ from ntdist.models.weights import build_member
 from ntdist.records.checkpoint import save_checkpoint
 from ntdist.training.batches import LoaderBatches, eval_batches, loader_workers, train_batches
 from ntdist.training.engines import _stage0_masters, restore_dtypes
-from ntdist.training.loop import labels_of, make_optimizer, make_scheduler, predict
+from ntdist.training.optim import make_optimizer, make_scheduler
+from ntdist.training.loop import labels_of, predict
 from ntdist.training.teacher import ShardedTeacher
 
 GPU0 = torch.device("cuda:0")

@@ -22,7 +22,8 @@ from ntdist.errors import UserError
 from ntdist.models.weights import build_member
 from ntdist.training.batches import TensorBatches
 from ntdist.training.config import member_seed
-from ntdist.training.loop import Precision, make_optimizer, make_scheduler, train_epoch
+from ntdist.training.optim import make_optimizer, make_scheduler
+from ntdist.training.loop import Precision, train_epoch
 from ntdist.stages.vectorized import member_batches, train_together, why_not
 
 RECIPE = ["train.optimizer=adamw", "train.lr=0.01", "train.weight_decay=0.05", "train.betas=[0.8,0.99]",

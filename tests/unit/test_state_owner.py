@@ -21,7 +21,7 @@ from ntdist.models import ModelSpec
 from ntdist.stages.context import member_part
 from ntdist.models.statedict import EXTRA_PREFIX, META_KEY
 from ntdist.training.config import member_seed
-from ntdist.training.loop import make_optimizer, make_scheduler
+from ntdist.training.optim import make_optimizer, make_scheduler
 from ntdist.training.state import StateOwner, load_state, save_state
 
 ARGS = ["model.kwargs.width=8", "train.epochs=2", "data.batch_size=16", "data.train_fraction=0.2"]

@@ -18,7 +18,7 @@ from ntdist.config import MAX_CONFIG_BYTES, load_config, read_yaml
 from ntdist.errors import UserError
 from ntdist.models import ModelSpec
 from ntdist.records.checkpoint import load_model, read_checkpoint, save_checkpoint
-from ntdist.training.loop import make_optimizer, make_scheduler
+from ntdist.training.optim import make_optimizer, make_scheduler
 from ntdist.training.config import TrainConfig
 from ntdist.training.state import StateOwner, finished_history, load_state, save_state
 
