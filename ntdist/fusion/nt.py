@@ -31,6 +31,7 @@ from ntdist.fusion.wide.widegraph import widen_graph
 
 METHODS = ("nt", "avg", "ot")
 PLANNED = ("nt", "ot")   # the methods that read the channel plan (`analyze`); avg only adds tensors
+TRACE_ROWS = 4    # calibration rows the analysis traces with when no example_inputs are given
 
 
 def concat(models: Sequence[nn.Module], weights: Optional[Sequence[float]] = None, example_inputs=None) -> nn.Module:
@@ -121,6 +122,15 @@ def report_notes(found: Sequence[str], notes: Optional[List[str]]) -> None:
             notes.append(note)
 
 
+def traced_inputs(example_inputs, calibration):
+    """The inputs the analysis traces the model with: `example_inputs`, else a few rows of the first calibration
+    batch (read batches), so a model whose input rank the analysis cannot guess (tokens as [N, T, C]) is
+    measured on what the user gave rather than refused."""
+    if example_inputs is not None or not isinstance(calibration, list) or not calibration:
+        return example_inputs
+    return calibration[0][:TRACE_ROWS]
+
+
 def fuse_pair(a: nn.Module, b: nn.Module, weight_a: float = 1.0, weight_b: float = 1.0, *,
               options: Optional[NTOptions] = None, example_inputs=None, reference: Optional[nn.Module] = None,
               plan: Optional[Plan] = None, merged: Optional[dict] = None, calibration=None,
@@ -142,7 +152,7 @@ def fuse_pair(a: nn.Module, b: nn.Module, weight_a: float = 1.0, weight_b: float
     if options.repairs(calibration):     # repair lstsq without calibration inputs: refused before any work
         calibration = calibration_batches(calibration, model=a)
     wa, wb = check_weights([weight_a, weight_b], 2)
-    plan = plan if plan is not None else analyze(a, example_inputs)
+    plan = plan if plan is not None else analyze(a, traced_inputs(example_inputs, calibration))
     reference = reference if reference is not None else a
     ratio = ratio_of(plan, plan.space_sizes(tensors_of(reference)), float("inf"), options.width, options.keep_ratio)
     found: List[str] = []
@@ -220,7 +230,7 @@ def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = DEFAUL
             raise UserError("averaging needs members of identical shapes; members of different widths fuse "
                             "with method 'nt' or 'ot' (to the first member's widths)")
         repairs = options.repairs(calibration, method)
-        plan = analyze(models[0], example_inputs) if method == "ot" or repairs else None
+        plan = analyze(models[0], traced_inputs(example_inputs, calibration)) if method == "ot" or repairs else None
         step = partial(average_step, method=method, plan=plan, options=options if repairs else None,
                        calibration=calibration, notes=found, ot=dict(mode=ot_mode, reg=ot_reg,
                                                                      example_inputs=example_inputs))
@@ -228,7 +238,7 @@ def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = DEFAUL
                                                                 lambda a, b, wa, wb: step([a, b], [wa, wb]))
         report_notes(found, notes)
         return fused
-    plan = analyze(models[0], example_inputs)
+    plan = analyze(models[0], traced_inputs(example_inputs, calibration))
     check_widths(models, plan)
     ratio = ratio_of(plan, plan.space_sizes(tensors_of(models[0])), len(models), options.width, options.keep_ratio)
     if schedule == "flat":
