@@ -1,6 +1,7 @@
-"""`fuse` of user models whose input is tokens, [N, T, C] (a Linear embedding, LayerNorm, MLP, a mean over
-tokens): the calibration inputs alone are enough for the analysis to read the input's rank, and NT's repaired
-result loads back strictly into the user's class.
+"""`fuse` of user models in other forward styles: inputs that are tokens, [N, T, C] (a Linear embedding,
+LayerNorm, MLP, a mean over tokens), where the calibration inputs alone are enough for the analysis to read the
+input's rank; a forward with a keyword argument left at a number's default (`scale=1.0`). NT's repaired result
+loads back strictly into the user's class.
 
 Run: .venv/bin/python -m pytest tests/unit/test_fuse_token_inputs.py
 """
@@ -55,3 +56,28 @@ def test_calibration_of_tokens_traces_pairwise_schedules_too():
     cal = torch.randn(128, 6, 4, generator=torch.Generator().manual_seed(3))
     fused = fuse(members, schedule="recursive", calibration=cal)
     assert isinstance(fused, TokenMLP) and fused(cal[:2]).shape == (2, 3)
+
+
+class Scaled(nn.Module):
+    """An MLP whose forward takes the input by keyword and a scale with a number's default."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(8, 32)
+        self.out = nn.Linear(32, 4)
+
+    def forward(self, x=None, scale=0.5):
+        return self.out(torch.relu(self.hidden(x))) * scale
+
+
+def test_keyword_with_a_number_default_is_a_constant():
+    torch.manual_seed(1)
+    members = [Scaled(), Scaled()]
+    cal = torch.randn(256, 8, generator=torch.Generator().manual_seed(3))
+    held_out = torch.randn(128, 8, generator=torch.Generator().manual_seed(4))
+    plain = fuse(members)
+    repaired = fuse(members, calibration=cal)
+    assert _gap(repaired, members, held_out) < 0.5 * _gap(plain, members, held_out)
+    back = Scaled()
+    back.load_state_dict(repaired.state_dict(), strict=True)
+    assert torch.allclose(back(held_out), repaired(held_out), atol=1e-6)

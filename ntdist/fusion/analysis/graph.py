@@ -36,6 +36,12 @@ def _batch_slice(x):
     return x
 
 
+def constant_default(node) -> bool:
+    """Whether placeholder `node` is an argument with a number, bool or string default (`scale=1.0`): the
+    fusion calls the model with its input alone, so it is the same constant in every member."""
+    return bool(node.args) and isinstance(node.args[0], (bool, int, float, str))
+
+
 class _Propagation(ShapeProp):
     """torch.fx's ShapeProp, remembering the node it runs (to name the layer that fails)."""
 
@@ -155,8 +161,8 @@ def _walk(model, gm, shaped: bool, in_ndim, sp) -> Plan:
         shape = None
         if shaped and "tensor_meta" in node.meta and hasattr(node.meta["tensor_meta"], "shape"):
             shape = tuple(node.meta["tensor_meta"].shape)
-        if node.op == "placeholder":
-            val = Val(one(IN), len(shape) if shape else in_ndim, None)
+        if node.op == "placeholder":     # an argument left at a number's default (`scale=1.0`) is a constant
+            val = None if constant_default(node) else Val(one(IN), len(shape) if shape else in_ndim, None)
         elif node.op == "get_attr":
             val = Param(node.target)
         elif node.op == "output":
