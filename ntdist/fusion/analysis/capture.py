@@ -77,8 +77,6 @@ class ShapeTracer(fx.Tracer):
 
     def _run(self, node: fx.Node):
         if node.op == "placeholder":
-            if not self.inputs and node.args:      # an argument the call leaves at its default
-                return node.args[0]
             if not self.inputs:
                 raise UserError(f"example_inputs give fewer tensors than forward's arguments "
                                 f"(no value for '{node.target}')")
