@@ -189,7 +189,7 @@ def load_checkpoints(paths: Sequence[str], spec: ModelSpec, hint: str) -> List[t
     for path in paths:
         if hf.is_hf(path):   # a Hugging Face folder: the config's architecture, its safetensors weights
             model = spec.build()
-            state = hf.with_tied(hf.read_state(hf.folder(path, "checkpoint")), model)
+            state = hf.folder_state(hf.folder(path, "checkpoint"), model)
             model.load_state_dict(fit_state_dict(state, model, f"'{path}'", f"{spec.name} {spec.kwargs}", hint))
         else:
             own = _member_spec(spec, first, _stored(path))

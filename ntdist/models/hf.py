@@ -192,6 +192,24 @@ def read_state(path: str) -> Dict[str, torch.Tensor]:
     return state
 
 
+def folder_state(path: str, model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The state dict of the folder `path` in `model`'s keys: the stored tensors (tied ones added), or, when
+    transformers stores this class under other names than its modules' (ViT's `encoder.layer.0.attention.query`
+    for `layers.0.attention.q_proj`: save_pretrained writes the checkpoint format, from_pretrained converts it),
+    the tensors from_pretrained loads, provided it loads every one of them."""
+    state = with_tied(read_state(path), model)
+    if set(model.state_dict()) <= set(state):
+        return state
+    try:
+        loaded, info = type(model).from_pretrained(path, config=model.config, local_files_only=True,
+                                                   output_loading_info=True)
+    except Exception:  # noqa: BLE001 - the stored keys are then reported as they are
+        return state
+    if any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")):
+        return state
+    return loaded.state_dict()
+
+
 def with_tied(state: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
     """`state` plus the tied tensors save_pretrained leaves out (a key whose parameter is another key's)."""
     owners: Dict[int, str] = {}
