@@ -10,7 +10,9 @@ where its format allows, so a file much larger than memory costs only the inputs
 drawn from it. Whatever a user plausibly gives instead (labels, uint8 images, an
 (inputs, labels) pair, a dict, a numpy pickle, an empty or unreadable file) is one
 line naming what was found and what to save instead. Floating-point inputs of
-another precision are converted to float32, what the rebuilt models compute in.
+another precision are converted to float32, what the rebuilt models compute in;
+integer inputs of at least two dimensions (token ids, [N, tokens]) are passed as
+they are, for a model that embeds them.
 """
 
 import pickle
@@ -66,9 +68,9 @@ def _check_kind(value, what: str, verb: str = "holds") -> torch.Tensor:
     if value.dtype == torch.uint8:
         raise UserError(f"{what} {verb} {_kind(value)} (raw images?); convert them as the model's training did "
                         "(e.g. x.float() / 255, then its normalisation) and save that")
-    if not value.is_floating_point():
-        raise UserError(f"{what} {verb} {_kind(value)}; inputs are floating point (labels are not inputs; a Hugging "
-                        "Face text model's token ids as x.float()); " + _fix(verb))
+    if not value.is_floating_point() and value.dim() < 2:
+        raise UserError(f"{what} {verb} {_kind(value)}; inputs are floating point, or token ids of shape [N, tokens] "
+                        "(labels are not inputs); " + _fix(verb))
     if value.dim() < 2 or len(value) < 2:
         raise UserError(f"{what} {verb} {_kind(value)}; give at least 2 inputs, the batch dimension first; "
                         f"{_fix(verb)}")
@@ -76,7 +78,10 @@ def _check_kind(value, what: str, verb: str = "holds") -> torch.Tensor:
 
 
 def _finite(value: torch.Tensor, what: str) -> torch.Tensor:
-    """`value` as float32 (what the rebuilt models compute in); UserError if it holds NaN or inf."""
+    """`value` as float32 (what the rebuilt models compute in), integers (token ids) as they are; UserError if it
+    holds NaN or inf."""
+    if not value.is_floating_point():
+        return value
     if not bool(torch.isfinite(value).all()):
         raise UserError(f"{what} holds NaN or infinite values; give finite inputs")
     return value.to(torch.float32)

@@ -65,6 +65,7 @@ def test_unreadable_files_are_one_line(tmp_path, members, capsys):
                                         ({"x": CAL}, "holds a dict (keys x)"),
                                         ((CAL * 40).abs().to(torch.uint8), "(raw images?)"),
                                         (torch.zeros(300, dtype=torch.long), "labels are not inputs"),
+                                        (torch.zeros(300, 12, dtype=torch.long), "Long"),
                                         (torch.randn(50, 7), "must hold training inputs of the model's input shape")])
 def test_the_wrong_content_is_named_in_one_line(tmp_path, members, capsys, value, says):
     out = str(tmp_path / "fused.safetensors")
