@@ -1,6 +1,6 @@
 """`fuse` of user models in other forward styles: inputs that are tokens, [N, T, C] (a Linear embedding,
 LayerNorm, MLP, a mean over tokens), where the calibration inputs alone are enough for the analysis to read the
-input's rank; a forward with a keyword argument left at a number's default (`scale=1.0`). NT's repaired result
+input's rank, also where forward reshapes a flat input into tokens; a forward with a keyword argument left at a number's default (`scale=1.0`). NT's repaired result
 loads back strictly into the user's class.
 
 Run: .venv/bin/python -m pytest tests/unit/test_fuse_token_inputs.py
@@ -81,3 +81,23 @@ def test_keyword_with_a_number_default_is_a_constant():
     back = Scaled()
     back.load_state_dict(repaired.state_dict(), strict=True)
     assert torch.allclose(back(held_out), repaired(held_out), atol=1e-6)
+
+
+class FlatTokens(TokenMLP):
+    """TokenMLP on flat inputs of 24 features, which forward reshapes into 6 tokens of 4."""
+
+    def forward(self, x):
+        return super().forward(x.view(x.shape[0], 6, 4))
+
+
+def test_flat_inputs_reshaped_into_tokens_are_measured():
+    torch.manual_seed(1)
+    members = [FlatTokens().eval(), FlatTokens().eval()]
+    cal = torch.randn(256, 24, generator=torch.Generator().manual_seed(3))
+    held_out = torch.randn(128, 24, generator=torch.Generator().manual_seed(4))
+    plain = fuse(members, example_inputs=cal[:4])
+    repaired = fuse(members, calibration=cal)
+    assert _gap(repaired, members, held_out) < 0.5 * _gap(plain, members, held_out)
+    back = FlatTokens()
+    back.load_state_dict(repaired.state_dict(), strict=True)
+    assert torch.allclose(back.eval()(held_out), repaired(held_out), atol=1e-6)

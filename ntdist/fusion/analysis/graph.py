@@ -110,10 +110,12 @@ def analyze(model: nn.Module, example_inputs=None) -> Plan:
         if example_inputs is None or is_exported(gm):
             raise
         try:        # the fx graph refused: the exported one may pass; if not, the fx refusal is the message
-            gm = export_graph(model, example_inputs)
-            plan, captured = _refined_walk(model, gm, True, in_ndim), False
+            exported = export_graph(model, example_inputs)
+            plan, captured, gm = _refined_walk(model, exported, True, in_ndim), False, exported
         except Exception:  # noqa: BLE001
-            raise refused from None
+            plan = _measured_walk(model, gm, example_inputs, in_ndim)
+            if plan is None:
+                raise refused from None
     plan.captured = captured
     plan.graph = gm if is_exported(gm) else None
     return plan
@@ -129,6 +131,18 @@ def _shaped_walk(model, gm, example_inputs, in_ndim) -> Plan:
         if inputs is None or not _shape_prop(gm, model, inputs, given):
             raise UserError(str(need)) from None
         return _refined_walk(model, gm, True, in_ndim)
+
+
+def _measured_walk(model, gm, example_inputs, in_ndim) -> Optional[Plan]:
+    """The walk with every tensor's shape measured on `example_inputs` (a rank the unmeasured walk guessed, as
+    of tokens [N, T, C] reshaped from the input, is then known); None where that refuses too."""
+    try:
+        check_ties(model, gm)
+        if not _shape_prop(gm, model, example_inputs, False):
+            return None
+        return _refined_walk(model, gm, True, in_ndim)
+    except (UserError, NeedShapes):
+        return None
 
 
 MAX_WALKS = 16     # walks that coarsen, cut or atomize layers until their units settle
