@@ -195,8 +195,8 @@ def fuse(models: Sequence[nn.Module], method: str = "nt", schedule: str = DEFAUL
     given both, the keywords replace those fields); see `NTOptions` for each. For method
     'avg' and 'ot' the result always has the members' width and the NT options are not read,
     except `repair` and `repair_ridge` (below), and a pruner other than 'ntdist' is refused (they do not prune).
-    `example_inputs` trace the model (and feed `dedup_criterion` "activations": a few hundred
-    training inputs); `merged`, when given, receives the number of units dedup merged per
+    `example_inputs` trace the model (without them, the first few `calibration` inputs do) and feed
+    `dedup_criterion` "activations" (a few hundred training inputs); `merged`, when given, receives the number of units dedup merged per
     layer, summed over the pairwise steps. `calibration` (a tensor of inputs, or an iterable of
     input batches such as a DataLoader, read once; a few thousand training inputs; floating inputs
     take the members' dtype) lets NT refit its result to the concatenated model (`repair`: "auto"
