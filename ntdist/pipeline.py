@@ -243,7 +243,7 @@ def summary_table(results: RunResults, path: str) -> str:
         last = f"{m.finetune[-1] * 100:15.2f}%" if m.finetune else f"{'-':>16s}"
         gains = m.kept_gain or {}
         kept = "  ".join(f"{gains[s]:+.2f}" if s in gains else "-" for s in ("post_fusion", "finetune")) \
-            if gains else "-"
+            if gains else "n/a"   # the ensemble is not ahead of the best member: no gain to keep
         lines.append(f"{method:14s}{m.post_fusion * 100:13.2f}%{last}{kept:>20s}")
     lines.append(f"results: {os.path.join(path, RESULTS_FILE)}")
     return "\n".join(lines)
