@@ -9,6 +9,7 @@ suggest the closest valid one. YAML files hold only what differs from the defaul
 """
 
 import dataclasses
+import glob
 import os
 import re
 import stat
@@ -159,9 +160,19 @@ def _user_error(err: OmegaConfBaseException, layer: dict, command: str = "run") 
         if tp is not None and dataclasses.is_dataclass(tp):
             return UserError(f"config section '{key}' must be a mapping of keys, got {value!r}")
         expected = _type_name(tp) if tp is not None else "another type"
-        return UserError(f"config key '{key}' expects {expected}, got {value!r} ({type(value).__name__})")
+        return UserError(f"config key '{key}' expects {expected}, got {value!r} ({type(value).__name__})"
+                         + _list_hint(key, expected, value))
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return UserError(f"the config does not fit ntdist's config keys ({first}); run 'ntdist {command} --help'")
+
+
+def _list_hint(key: str, expected: str, value) -> str:
+    """How to write a list on the command line, for a string given where `expected` is a list."""
+    if not (expected.startswith("List") and isinstance(value, str)):
+        return ""
+    if value.lstrip().startswith("["):
+        return f" that YAML cannot read as a list; quote its items: '{key}=[\"a\",\"b\"]'"
+    return f"; write a list in brackets: '{key}=[a,b]' (quoted for the shell)"
 
 
 def parse_override(item: str) -> dict:
@@ -227,12 +238,30 @@ def load_config(path: str | None = None, overrides=(), extra_keys=(), command: s
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as err:
             raise _user_error(err, layer, command) from None
+    if merged.fusion.members:
+        merged.fusion.members = expand_members(list(merged.fusion.members))
     if merged.fusion.members and not any(_sets(layer, ("fusion", "k")) for layer in layers):
         merged.fusion.k = len(merged.fusion.members)   # the number of members given, unless fusion.k is set
     try:
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _user_error(err, {}, command) from None
+
+
+def expand_members(paths: list) -> list:
+    """fusion.members with each shell pattern ('runs/mine/*.pt') replaced by the files it matches, sorted; a path
+    that exists is taken as it is, and a pattern that matches nothing is a UserError."""
+    out = []
+    for path in paths:
+        if not isinstance(path, str) or not re.search(r"[*?[]", path) or os.path.lexists(path):
+            out.append(path)
+            continue
+        matches = sorted(glob.glob(path))
+        if not matches:
+            raise UserError(f"fusion.members: '{path}' matches no file (relative to {os.getcwd()}); "
+                            "check the pattern, or list the files")
+        out += matches
+    return out
 
 
 def _sets(layer: dict, path) -> bool:

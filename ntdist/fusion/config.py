@@ -32,7 +32,8 @@ class FusionConfig:
                     "of files")
     members: List[str] = opt([], "members trained elsewhere, fused instead of training k: .safetensors or torch "
                                  "state dicts (also ntdist checkpoints and Lightning .ckpt) of model.name with "
-                                 "model.kwargs, paths relative to the current directory")
+                                 "model.kwargs, paths relative to the current directory; a pattern ('runs/*.pt', quoted) "
+                                 "stands for its files, sorted")
     methods: List[str] = opt(["nt"], "fusion methods to run and compare: " + " | ".join(METHODS))
     schedule: str = opt(DEFAULT_SCHEDULE, "how k models are combined: flat (all at once) | iterative | recursive (pairwise tree)")
     order: str = _nt("order")

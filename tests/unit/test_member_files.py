@@ -29,3 +29,23 @@ def test_bytes_that_are_no_torch_file_say_so(tmp_path, content, reason):
     message = _message(tmp_path / "bad.pt")
     assert message.startswith("'") and "is neither a safetensors file nor a torch state dict" in message
     assert reason in message and "weights_only" not in message
+
+
+def test_a_pattern_in_fusion_members_lists_its_files_sorted_and_counts_them_as_k(tmp_path, monkeypatch):
+    from ntdist.config import load_config
+    monkeypatch.chdir(tmp_path)
+    for name in ("b.pt", "a.pt", "c.safetensors"):
+        (tmp_path / name).write_bytes(b"")
+    cfg = load_config(None, ['fusion.members=["*.pt",c.safetensors]'])
+    assert cfg.fusion.members == ["a.pt", "b.pt", "c.safetensors"] and cfg.fusion.k == 3
+    with pytest.raises(UserError, match=r"fusion.members: 'x\*.pt' matches no file"):
+        load_config(None, ['fusion.members=["x*.pt",a.pt]'])
+
+
+@pytest.mark.parametrize("value, hint", [("a.pt,b.pt", "write a list in brackets: 'fusion.members=[a,b]'"),
+                                         ("[a?.pt]", "that YAML cannot read as a list; quote its items")])
+def test_a_list_key_given_a_string_says_how_to_write_a_list(value, hint):
+    from ntdist.config import load_config
+    with pytest.raises(UserError) as caught:
+        load_config(None, [f"fusion.members={value}"])
+    assert hint in str(caught.value) and "\n" not in str(caught.value)
