@@ -9,7 +9,6 @@ suggest the closest valid one. YAML files hold only what differs from the defaul
 """
 
 import dataclasses
-import glob
 import os
 import re
 import stat
@@ -26,7 +25,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from ntdist.data import DataConfig
 from ntdist.distributed.world import DistributedConfig
 from ntdist.errors import UserError, check_choice, suggest
-from ntdist.fusion.config import FusionConfig
+from ntdist.fusion.config import FusionConfig, expand_members
 from ntdist.models import ModelConfig
 from ntdist.options import opt
 from ntdist.records.trackers import TRACKERS, check_trackers
@@ -246,22 +245,6 @@ def load_config(path: str | None = None, overrides=(), extra_keys=(), command: s
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _user_error(err, {}, command) from None
-
-
-def expand_members(paths: list) -> list:
-    """fusion.members with each shell pattern ('runs/mine/*.pt') replaced by the files it matches, sorted; a path
-    that exists is taken as it is, and a pattern that matches nothing is a UserError."""
-    out = []
-    for path in paths:
-        if not isinstance(path, str) or not re.search(r"[*?[]", path) or os.path.lexists(path):
-            out.append(path)
-            continue
-        matches = sorted(glob.glob(path))
-        if not matches:
-            raise UserError(f"fusion.members: '{path}' matches no file (relative to {os.getcwd()}); "
-                            "check the pattern, or list the files")
-        out += matches
-    return out
 
 
 def _sets(layer: dict, path) -> bool:
