@@ -8,8 +8,11 @@ Every rank checks every file in `make_run` (so all ranks stop together, before
 rank 0 writes into the run directory); afterwards each rank loads only the
 members its layout holds, from a file system all ranks see, as they see the run
 directory. The stages after training take them as they take trained members.
+`members_digest` fingerprints the files' bytes: it is part of the run's identity,
+so a `--resume` after a file was replaced refuses the states fine-tuned before.
 """
 
+import hashlib
 from typing import Dict, Sequence
 
 import torch
@@ -31,6 +34,19 @@ def check_members(paths: Sequence[str], spec: ModelSpec) -> None:
     model = spec.build()
     for path in paths:
         load_weights(model, path, _target(spec), HINT)
+
+
+def members_digest(paths: Sequence[str]) -> str:
+    """A short digest of the bytes of the files `paths` (fusion.members), in order; "" without files."""
+    if not paths:
+        return ""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0" + str(path).encode() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def load_members(paths: Sequence[str], spec: ModelSpec, indices: Sequence[int], device) -> Dict[int, torch.nn.Module]:

@@ -49,3 +49,30 @@ def test_a_list_key_given_a_string_says_how_to_write_a_list(value, hint):
     with pytest.raises(UserError) as caught:
         load_config(None, [f"fusion.members={value}"])
     assert hint in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_member_file_replaced_before_a_resume_makes_another_run(tmp_path, monkeypatch):
+    """The states fine-tuned from the old files must not be continued from the new ones."""
+    from ntdist.config import load_config
+    from ntdist.distributed.world import World
+    from ntdist.models import build_model
+    from ntdist.stages.context import make_run
+    from ntdist.training.state import StateOwner
+
+    monkeypatch.chdir(tmp_path)
+    for name, seed in (("a.pt", 0), ("b.pt", 1), ("c.pt", 2)):
+        torch.manual_seed(seed)
+        torch.save(build_model("mlp", {"input_dim": 64, "num_classes": 10, "width": 8}).state_dict(), name)
+
+    def run_id() -> str:
+        cfg = load_config(None, ["model.kwargs.width=8", "fusion.members=[a.pt,b.pt]", f"output.dir={tmp_path}/r"])
+        return make_run(cfg, World()).run_id
+
+    before = run_id()
+    assert run_id() == before
+    (tmp_path / "b.pt").write_bytes((tmp_path / "c.pt").read_bytes())
+    after = run_id()
+    assert after != before
+    owner = StateOwner(after, "fine-tuning (nt)", 0, "torch.float32", 1)
+    saved = {**owner.__dict__, "run": before}
+    assert owner.differences(saved)[0].endswith("or the bytes of the fusion.members files, differ")
