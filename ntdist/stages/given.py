@@ -12,7 +12,9 @@ directory. The stages after training take them as they take trained members.
 so a `--resume` after a file was replaced refuses the states fine-tuned before.
 """
 
+import filecmp
 import hashlib
+import os
 from typing import Dict, Sequence
 
 import torch
@@ -47,6 +49,17 @@ def members_digest(paths: Sequence[str]) -> str:
                 digest.update(block)
         digest.update(b"\0" + str(path).encode() + b"\0")
     return digest.hexdigest()[:16]
+
+
+def repeated_files(paths: Sequence[str]) -> str:
+    """"" when the files `paths` (fusion.members) all differ, else what the diversity warning adds: which entry
+    repeats which (the same file, or a byte-identical copy)."""
+    for j, later in enumerate(paths):
+        for earlier in paths[:j]:
+            if os.path.realpath(earlier) == os.path.realpath(later) or filecmp.cmp(earlier, later, shallow=False):
+                return (f"; fusion.members gives the same weights twice ('{earlier}' and '{later}'): list each "
+                        "member once")
+    return ""
 
 
 def load_members(paths: Sequence[str], spec: ModelSpec, indices: Sequence[int], device) -> Dict[int, torch.nn.Module]:

@@ -76,3 +76,14 @@ def test_a_member_file_replaced_before_a_resume_makes_another_run(tmp_path, monk
     owner = StateOwner(after, "fine-tuning (nt)", 0, "torch.float32", 1)
     saved = {**owner.__dict__, "run": before}
     assert owner.differences(saved)[0].endswith("or the bytes of the fusion.members files, differ")
+
+
+def test_the_same_member_file_twice_is_named_in_the_diversity_warning(tmp_path):
+    from ntdist.stages.given import repeated_files
+    torch.save({"w": torch.ones(2)}, tmp_path / "a.pt")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "b.pt")
+    (tmp_path / "copy.pt").write_bytes((tmp_path / "a.pt").read_bytes())
+    a, b, copy = (str(tmp_path / n) for n in ("a.pt", "b.pt", "copy.pt"))
+    assert repeated_files([a, b]) == ""
+    assert f"gives the same weights twice ('{a}' and '{copy}')" in repeated_files([a, b, copy])
+    assert f"('{a}' and '{tmp_path}/./a.pt')" in repeated_files([a, f"{tmp_path}/./a.pt"])
