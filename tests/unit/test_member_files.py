@@ -87,3 +87,11 @@ def test_the_same_member_file_twice_is_named_in_the_diversity_warning(tmp_path):
     assert repeated_files([a, b]) == ""
     assert f"gives the same weights twice ('{a}' and '{copy}')" in repeated_files([a, b, copy])
     assert f"('{a}' and '{tmp_path}/./a.pt')" in repeated_files([a, f"{tmp_path}/./a.pt"])
+
+
+def test_a_sweep_over_member_patterns_passes_each_value_back_unchanged():
+    from ntdist.config import parse_override
+    from ntdist.sweep import expand
+    values = [["m?.pt"], ["a.pt", "runs/*/m[01].pt"], ["1.0", "yes"]]
+    points = expand({"sweep": {"fusion.members": values}})
+    assert [parse_override(p.overrides[0])["fusion"]["members"] for p in points] == values
