@@ -31,7 +31,7 @@ from ntdist.records.rundir import finetuned_name
 from ntdist.stages.context import Run, finetune_part, make_run
 from ntdist.stages.evaluate import evaluate_members
 from ntdist.stages.finetune import distill_teacher, evaluate_splits, finetune
-from ntdist.stages.given import load_members
+from ntdist.stages.given import check_not_overwritten, load_members
 from ntdist.stages.members import train_members
 from ntdist.stages.sync import sync_stage
 from ntdist.training.batches import feed, train_batches
@@ -84,6 +84,8 @@ def run_stages(r: Run):
 
 def prepare_rundir(r: Run, overwrite: bool) -> None:
     """Every rank checks the directory before rank 0 creates and locks it, so all stop together on a mistake."""
+    if overwrite:
+        check_not_overwritten(r.cfg.fusion.members, r.rundir.path)
     r.rundir.check(r.resume, overwrite)
     r.world.wait_for("loading the data")
     problem = None

@@ -19,8 +19,10 @@ from typing import Dict, Sequence
 
 import torch
 
+from ntdist.errors import UserError
 from ntdist.models import ModelSpec
 from ntdist.models.statedict import load_weights
+from ntdist.records.manifest import read_manifest
 
 HINT = "fusion.members must be state dicts of model.name with model.kwargs: check those two keys and the files"
 
@@ -60,6 +62,17 @@ def repeated_files(paths: Sequence[str]) -> str:
                 return (f"; fusion.members gives the same weights twice ('{earlier}' and '{later}'): list each "
                         "member once")
     return ""
+
+
+def check_not_overwritten(paths: Sequence[str], run_dir: str) -> None:
+    """UserError when `--overwrite` of `run_dir` would remove one of the files `paths` (fusion.members): a file
+    ntdist wrote there before (a member of an earlier run in the same output.dir)."""
+    listed = read_manifest(run_dir) or set()
+    for path in paths:
+        inside = os.path.relpath(os.path.realpath(path), os.path.realpath(run_dir))
+        if inside in listed:
+            raise UserError(f"fusion.members file '{path}' is {inside} of the run directory '{run_dir}', which "
+                            "--overwrite removes; copy the members out of it first, or choose another output.dir")
 
 
 def load_members(paths: Sequence[str], spec: ModelSpec, indices: Sequence[int], device) -> Dict[int, torch.nn.Module]:

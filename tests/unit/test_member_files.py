@@ -95,3 +95,18 @@ def test_a_sweep_over_member_patterns_passes_each_value_back_unchanged():
     values = [["m?.pt"], ["a.pt", "runs/*/m[01].pt"], ["1.0", "yes"]]
     points = expand({"sweep": {"fusion.members": values}})
     assert [parse_override(p.overrides[0])["fusion"]["members"] for p in points] == values
+
+
+def test_overwrite_refuses_to_remove_members_that_an_earlier_run_wrote_in_its_directory(tmp_path):
+    from ntdist.records.manifest import add_to_manifest
+    from ntdist.stages.given import check_not_overwritten
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "member0.safetensors").write_bytes(b"")
+    (run_dir / "mine.pt").write_bytes(b"")   # the user's own: --overwrite leaves it
+    add_to_manifest(str(run_dir), ["checkpoints/member0.safetensors"])
+    check_not_overwritten([str(run_dir / "mine.pt"), str(tmp_path / "elsewhere.pt")], str(run_dir))
+    with pytest.raises(UserError, match=r"fusion.members file '.*member0.safetensors' is checkpoints/member0"
+                                        r".safetensors of the run directory '.*run', which --overwrite removes"):
+        check_not_overwritten([str(run_dir / "mine.pt"), str(run_dir / "checkpoints" / "member0.safetensors")],
+                              str(run_dir))
