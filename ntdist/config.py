@@ -25,7 +25,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from ntdist.data import DataConfig
 from ntdist.distributed.world import DistributedConfig
 from ntdist.errors import UserError, check_choice, suggest
-from ntdist.fusion.config import FusionConfig
+from ntdist.fusion.config import FusionConfig, expand_members
 from ntdist.models import ModelConfig
 from ntdist.options import opt
 from ntdist.records.trackers import TRACKERS, check_trackers
@@ -159,9 +159,19 @@ def _user_error(err: OmegaConfBaseException, layer: dict, command: str = "run") 
         if tp is not None and dataclasses.is_dataclass(tp):
             return UserError(f"config section '{key}' must be a mapping of keys, got {value!r}")
         expected = _type_name(tp) if tp is not None else "another type"
-        return UserError(f"config key '{key}' expects {expected}, got {value!r} ({type(value).__name__})")
+        return UserError(f"config key '{key}' expects {expected}, got {value!r} ({type(value).__name__})"
+                         + _list_hint(key, expected, value))
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return UserError(f"the config does not fit ntdist's config keys ({first}); run 'ntdist {command} --help'")
+
+
+def _list_hint(key: str, expected: str, value) -> str:
+    """How to write a list on the command line, for a string given where `expected` is a list."""
+    if not (expected.startswith("List") and isinstance(value, str)):
+        return ""
+    if value.lstrip().startswith("["):
+        return f" that YAML cannot read as a list; quote its items: '{key}=[\"a\",\"b\"]'"
+    return f"; write a list in brackets: '{key}=[a,b]' (quoted for the shell)"
 
 
 def parse_override(item: str) -> dict:
@@ -227,6 +237,8 @@ def load_config(path: str | None = None, overrides=(), extra_keys=(), command: s
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as err:
             raise _user_error(err, layer, command) from None
+    if merged.fusion.members:
+        merged.fusion.members = expand_members(list(merged.fusion.members))
     if merged.fusion.members and not any(_sets(layer, ("fusion", "k")) for layer in layers):
         merged.fusion.k = len(merged.fusion.members)   # the number of members given, unless fusion.k is set
     try:

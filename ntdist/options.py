@@ -9,6 +9,7 @@ and `data.name` (a model or dataset of one's own).
 
 import copy
 import importlib
+import json
 import os
 import sys
 from dataclasses import field
@@ -35,7 +36,17 @@ def format_value(value) -> str:
         return "true" if value else "false"
     if value is None:
         return "null"
+    if isinstance(value, str) and _reads_back(value) != [value]:
+        return json.dumps(value)   # a JSON string is a double-quoted YAML string: '1.0', 'yes', 'a?.pt' in a list
     return str(value)
+
+
+def _reads_back(text: str):
+    """What YAML reads from `text` as a list item (the strictest place a value stands in an override)."""
+    try:
+        return yaml.safe_load(f"[{text}]")
+    except yaml.YAMLError:
+        return None
 
 
 HF_PREFIX = "hf:"   # model.name hf:<folder>: a Hugging Face model saved with save_pretrained (models.hf)

@@ -31,7 +31,7 @@ from ntdist.records.rundir import finetuned_name
 from ntdist.stages.context import Run, finetune_part, make_run
 from ntdist.stages.evaluate import evaluate_members
 from ntdist.stages.finetune import distill_teacher, evaluate_splits, finetune
-from ntdist.stages.given import load_members
+from ntdist.stages.given import check_not_overwritten, load_members
 from ntdist.stages.members import train_members
 from ntdist.stages.sync import sync_stage
 from ntdist.training.batches import feed, train_batches
@@ -84,6 +84,8 @@ def run_stages(r: Run):
 
 def prepare_rundir(r: Run, overwrite: bool) -> None:
     """Every rank checks the directory before rank 0 creates and locks it, so all stop together on a mistake."""
+    if overwrite:
+        check_not_overwritten(r.cfg.fusion.members, r.rundir.path)
     r.rundir.check(r.resume, overwrite)
     r.world.wait_for("loading the data")
     problem = None
@@ -243,7 +245,7 @@ def summary_table(results: RunResults, path: str) -> str:
         last = f"{m.finetune[-1] * 100:15.2f}%" if m.finetune else f"{'-':>16s}"
         gains = m.kept_gain or {}
         kept = "  ".join(f"{gains[s]:+.2f}" if s in gains else "-" for s in ("post_fusion", "finetune")) \
-            if gains else "-"
+            if gains else "n/a"   # the ensemble is not ahead of the best member: no gain to keep
         lines.append(f"{method:14s}{m.post_fusion * 100:13.2f}%{last}{kept:>20s}")
     lines.append(f"results: {os.path.join(path, RESULTS_FILE)}")
     return "\n".join(lines)

@@ -18,6 +18,7 @@ from ntdist.preempt import install_sigterm_handler, keep_exit_code
 from ntdist.commands.report import report_command
 from ntdist.records.results import read_results
 from ntdist.records.rundir import RunDir
+from ntdist.stages.given import check_not_overwritten
 from ntdist.sweep import SWEEP_KEYS, load_sweep, run_sweep
 from ntdist.training.engines import check_engine
 
@@ -74,6 +75,8 @@ def _run_sweep(config_path, overrides, cfg, world, resume, overwrite) -> None:
         point_cfg = load_config(config_path, sweep.overrides + point.overrides + [f"output.dir={point_dir}"],
                                 extra_keys=SWEEP_KEYS)
         MemberLayout(point_cfg.fusion.k, world.size)
+        for other in sweep.dirs if overwrite else ():   # no point's --overwrite removes a member of another
+            check_not_overwritten(point_cfg.fusion.members, other)
         if overwrite or read_results(point_dir) is None:
             RunDir(point_dir, writer=False).check(resume, overwrite)
     world.print0(f"sweep: {len(sweep.points)} runs under {cfg.output.dir}")

@@ -5,6 +5,9 @@ and help texts (taken from there); `nt_options()` turns them into one validated
 `NTOptions` whose errors name the keys `fusion.*`.
 """
 
+import glob
+import os
+import re
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -32,7 +35,8 @@ class FusionConfig:
                     "of files")
     members: List[str] = opt([], "members trained elsewhere, fused instead of training k: .safetensors or torch "
                                  "state dicts (also ntdist checkpoints and Lightning .ckpt) of model.name with "
-                                 "model.kwargs, paths relative to the current directory")
+                                 "model.kwargs, paths relative to the current directory; a pattern ('runs/*.pt', quoted) "
+                                 "stands for its files, sorted")
     methods: List[str] = opt(["nt"], "fusion methods to run and compare: " + " | ".join(METHODS))
     schedule: str = opt(DEFAULT_SCHEDULE, "how k models are combined: flat (all at once) | iterative | recursive (pairwise tree)")
     order: str = _nt("order")
@@ -110,3 +114,19 @@ class FusionConfig:
         """How many training inputs fusion is given: two trace the shapes; the activation criterion needs more."""
         compares = (self.dedup and self.dedup_criterion == "activations") or self.ot_mode == "activations"
         return self.dedup_samples if compares else 2
+
+
+def expand_members(paths: list) -> list:
+    """fusion.members with each shell pattern ('runs/mine/*.pt') replaced by the files it matches, sorted; a path
+    that exists is taken as it is, and a pattern that matches nothing is a UserError."""
+    out = []
+    for path in paths:
+        if not isinstance(path, str) or not re.search(r"[*?[]", path) or os.path.lexists(path):
+            out.append(path)
+            continue
+        matches = sorted(glob.glob(path))
+        if not matches:
+            raise UserError(f"fusion.members: '{path}' matches no file (relative to {os.getcwd()}); "
+                            "check the pattern, or list the files")
+        out += matches
+    return out

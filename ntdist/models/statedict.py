@@ -17,6 +17,7 @@ shape, a dtype) or the prefix that stands in the way.
 
 import json
 import os
+import re
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -68,8 +69,7 @@ def read_weights(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[dict]]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - pickle and zip errors of every kind mean the same here
-        raise UserError(f"'{path}' is neither safetensors nor a weights-only torch state dict "
-                        f"({str(err).splitlines()[0][:120]}); save the model's state_dict() with "
+        raise UserError(f"'{path}' {_unreadable(err)}; save the model's state_dict() with "
                         "safetensors.torch.save_file or torch.save") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]   # a Lightning checkpoint, or {"state_dict": ..., "epoch": ...} of one's own
@@ -78,6 +78,18 @@ def read_weights(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[dict]]:
         raise UserError(f"'{path}' does not hold a state dict (a mapping of names to tensors); "
                         "save model.state_dict(), not the model")
     return finite(path, state), None
+
+
+def _unreadable(err: Exception) -> str:
+    """Why torch.load(weights_only=True) refused a file, in a few words: torch's own message is a page long."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"holds a pickled {found.group(1)}, not a state dict (a mapping of names to tensors); "
+                "ntdist unpickles no objects")
+    found = re.search(r"WeightsUnpickler error: \s*(.+)", text)
+    reason = found.group(1) if found else text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return f"is neither a safetensors file nor a torch state dict saved by torch.save ({reason.strip()[:120]})"
 
 
 def what_it_is(path: str) -> str:

@@ -37,6 +37,8 @@ KEPT_GAIN_NOTE = ("Kept gain: (fused − best member) / (ensemble − best membe
                   "ensemble's whole gain over its best member, 0 none of it, below 0 falls behind the best member. "
                   "Mean ± sample std over seeds; a seed whose ensemble is not ahead of its best member has no kept "
                   "gain, and a cell counts its seeds in brackets when some are missing.")
+NO_KEPT_GAIN = ("Kept gain: n/a, on every seed the ensemble is not ahead of its best member, so there is no gain "
+                "to keep (members that barely differ, or one that is much better than the rest).")
 STAGE_TITLES = {"post_fusion": "after fusion", "finetune": "after fine-tuning (last epoch)"}
 
 
@@ -120,10 +122,13 @@ def plot_paired(stats: dict, label: str):
 
 
 def kept_gain_table(stats: dict) -> Optional[str]:
-    """Markdown table of each method's kept gain per stage (mean ± std over seeds); None when no run has one."""
+    """Markdown table of each method's kept gain per stage (mean ± std over seeds); `NO_KEPT_GAIN` when no seed
+    has one (its ensemble is not ahead of its best member), None when there is no fused method."""
+    if not stats["methods"]:
+        return None
     methods = [m for m in ordered_methods(list(stats["methods"])) if stats["methods"][m].get("kept_gain")]
     if not methods:
-        return None
+        return NO_KEPT_GAIN
     stages = list(dict.fromkeys(stage for m in methods for stage in stats["methods"][m]["kept_gain"]))
     runs = stats["runs"]
 

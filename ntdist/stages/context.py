@@ -6,6 +6,7 @@ distinct `checked_settings` of a sweep); the stages (`ntdist.stages`, `ntdist.pi
 constants from the `Run` it returns and pass what changes (held members, fused models, results) explicitly.
 """
 
+import hashlib
 from dataclasses import asdict, dataclass
 from typing import Dict, Optional, Tuple
 
@@ -24,7 +25,7 @@ from ntdist.models.probe import check_model
 from ntdist.models.weights import build_member, initial_state
 from ntdist.records.rundir import RunDir, config_digest
 from ntdist.shards import member_shards
-from ntdist.stages.given import check_members
+from ntdist.stages.given import check_members, members_digest
 from ntdist.training.config import member_seed
 from ntdist.training.state import StateOwner
 
@@ -53,6 +54,7 @@ class Run:
     resume: bool = False
     initial: Optional[Dict[str, torch.Tensor]] = None   # model.weights, loaded into every member
     shards: Optional[Tuple[Dataset, ...]] = None          # data.member_split: each member's training set
+    members_digest: str = ""   # of the fusion.members files' bytes (`stages.given.members_digest`), "" without
 
     def member_train(self, index: int) -> Dataset:
         """The training samples of member `index`: its shard, or the whole training set (`iid`)."""
@@ -64,8 +66,12 @@ class Run:
 
     @property
     def run_id(self) -> str:
-        """The digest of the config keys that decide the results: the run a state file records as its owner."""
-        return config_digest(to_yaml(self.cfg))
+        """The digest of the config keys that decide the results, and of the fusion.members files' bytes: the run
+        a state file records as its owner (a member file replaced before a resume is another run)."""
+        digest = config_digest(to_yaml(self.cfg))
+        if not self.members_digest:
+            return digest
+        return hashlib.sha256(f"{digest} {self.members_digest}".encode()).hexdigest()[:len(digest)]
 
     def owner(self, part: str, seed: int, epochs: int) -> StateOwner:
         """Whose the state files and the final checkpoint of `part` (`member_part`, `finetune_part`) are."""
@@ -107,7 +113,7 @@ def make_run(cfg: Config, world: World, resume: bool = False) -> Run:
     shards = check_shards(cfg, splits)
     run = Run(cfg, world, MemberLayout(cfg.fusion.k, world.size), splits, spec,
               RunDir(cfg.output.dir, world.is_main, cfg.output.trackers), StateOwner.dtype_of(template), resume,
-              initial, shards)
+              initial, shards, members_digest(cfg.fusion.members))
     check_template(cfg, splits, run.example_inputs(), template)
     return run
 

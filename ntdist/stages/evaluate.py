@@ -16,6 +16,7 @@ from ntdist.distributed.world import gather_world_info
 from ntdist.fusion.diversity import summarize
 from ntdist.records.results import RunResults
 from ntdist.stages.context import Run
+from ntdist.stages.given import repeated_files
 from ntdist.training.batches import eval_batches, feed
 from ntdist.training.loop import labels_of, predict
 
@@ -69,5 +70,6 @@ def diversity_stage(r: Run, held: Dict[int, torch.nn.Module], test_pred: torch.T
                                               out.duplicate_max_units or None)   # sampled rows only travel
     summary = summarize(list(test_pred), duplicates, out.duplicate_threshold)   # the same on every rank
     if summary["warning"]:
+        summary["warning"] += repeated_files(r.cfg.fusion.members)
         r.world.print0(f"ntdist: warning: {summary['warning']}", file=sys.stderr)
     return summary

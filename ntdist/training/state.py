@@ -31,12 +31,14 @@ from ntdist.errors import UserError
 from ntdist.models import ModelSpec
 from ntdist.records.checkpoint import read_checkpoint, save_checkpoint
 
+RUN_CHANGED = ": the config's keys that decide the results, or the bytes of the fusion.members files, differ"
+
 
 @dataclass(frozen=True)
 class StateOwner:
     """Whose a state file is: a resume refuses a file whose owner differs from the stage's own."""
 
-    run: str      # digest of the config keys that decide the results (`records.rundir.config_digest`)
+    run: str      # digest of the config keys that decide the results and of fusion.members' bytes (`Run.run_id`)
     part: str     # the stage and member: "training of member 1", "fine-tuning (nt)"
     seed: int     # the seed of the part's initialisation and data order
     dtype: str    # of the model's floating-point tensors
@@ -56,8 +58,8 @@ class StateOwner:
         """What differs between this owner and the one a file recorded (`saved`: its JSON dict)."""
         if not isinstance(saved, dict):
             return ["it records no owner (written by an older ntdist, or altered)"]
-        return [f"{key} {saved.get(key)!r} there, {mine!r} here" for key, mine in asdict(self).items()
-                if saved.get(key) != mine]
+        return [f"{key} {saved.get(key)!r} there, {mine!r} here" + (RUN_CHANGED if key == "run" else "")
+                for key, mine in asdict(self).items() if saved.get(key) != mine]
 
 
 def save_state(path: str, model, spec: ModelSpec, optimizer, scheduler, epoch: int, history: List[dict],

@@ -55,7 +55,8 @@ def test_a_finished_member_copied_from_another_run_is_refused(tmp_path):
     shutil.copyfile(other.rundir.member_checkpoint(0), mine.rundir.member_checkpoint(0))
     before = {i: _digest(mine.rundir.member_checkpoint(i)) for i in (0, 1)}
     with pytest.raises(UserError, match=r"checkpoint '.*member0\.safetensors' is not the result of training of "
-                                        r"member 0 of this run \(run '\w+' there, '\w+' here; seed 0 there, 1000 "
+                                        r"member 0 of this run \(run '\w+' there, '\w+' here: the config's keys "
+                                        r"[^;)]*; seed 0 there, 1000 "
                                         r"here\); delete it to redo that stage, or set output.dir to a new folder"
                        ) as refused:
         _resume_members(tmp_path / "mine", "train.seed=1")
@@ -109,7 +110,7 @@ def test_a_fine_tuned_checkpoint_copied_from_another_run_is_refused(tmp_path):
     run = make_run(tmp_path / "1", *ARGS, "train.seed=1", resume=True)
     try:
         with pytest.raises(UserError, match=r"finetuned_avg\.safetensors' is not the result of fine-tuning \(avg\) "
-                                            r"of this run \(run '\w+' there, '\w+' here\)"):
+                                            r"of this run \(run '\w+' there, '\w+' here: the config's keys [^;)]*\)"):
             pipeline.resumable_finetune(run, run.template(), "avg", 7, None)
     finally:
         run.rundir.release()

@@ -80,7 +80,7 @@ def test_weights_only_torch_files_load_and_pickled_modules_are_refused(tmp_path)
                          initial_state("mlp", str(tmp_path / "w.pt")), [])
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
     torch.save(model, tmp_path / "module.pt")
-    with pytest.raises(UserError, match="neither safetensors nor a weights-only"):
+    with pytest.raises(UserError, match="holds a pickled ntdist.models.mlp.MLP, not a state dict"):
         initial_state("mlp", str(tmp_path / "module.pt"))
     wide = build_model("mlp", {"input_dim": 64, "num_classes": 10, "width": 16})
     with pytest.raises(UserError, match=r"shape \[8, 64\].*add 'net.1' to model.reinit"):

@@ -65,3 +65,29 @@ def test_aggregate_pools_the_recorded_gains_and_leaves_out_seeds_without_one():
     old = _results(0)
     old.fusion["nt"].kept_gain = None                  # results.json written before kept_gain existed
     assert aggregate([old])["methods"]["nt"]["kept_gain"] == {}
+
+
+def _no_gain(seed: int) -> RunResults:
+    """A run whose ensemble equals its best member (the same member given twice)."""
+    results = RunResults(k=2, seed=seed, members=[0.9, 0.9], best_member=0.9, ensemble=0.9,
+                         control=ControlResult(finetune=[0.92], finetune_val=[0.9]),
+                         fusion={"nt": MethodResult(post_fusion=0.9, finetune=[0.93], finetune_val=[0.9])})
+    results.add_kept_gains()
+    return results
+
+
+def test_report_says_n_a_when_no_seed_has_a_gain_to_keep(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"train": {"seed": 0}, "finetune": {"epochs": 1}}))
+    (run / "results.json").write_text(to_json(_no_gain(0)))
+    with open(write_report([str(run)], str(tmp_path / "report"))) as f:
+        text = f.read()
+    assert "Kept gain: n/a, on every seed the ensemble is not ahead of its best member" in text
+    assert "| kept gain |" not in text
+
+
+def test_summary_table_says_n_a_when_the_ensemble_gains_nothing():
+    from ntdist.pipeline import summary_table
+    row = next(line for line in summary_table(_no_gain(0), "run").splitlines() if line.startswith("nt "))
+    assert row.split()[-1] == "n/a"

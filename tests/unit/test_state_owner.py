@@ -64,7 +64,8 @@ def test_a_state_of_another_seed_is_refused(tmp_path, monkeypatch):
     mine = _trained(tmp_path / "mine", monkeypatch, "train.seed=1")
     shutil.copyfile(other.rundir.member_state(0), mine.rundir.member_state(0))
     with pytest.raises(UserError, match=r"member0\.state\.safetensors' does not belong to training of member 0 "
-                                        r"of this run \(run '\w+' there, '\w+' here; seed 0 there, 1000 here\)"):
+                                        r"of this run \(run '\w+' there, '\w+' here: the config's keys [^;)]*; "
+                                        r"seed 0 there, 1000 here\)"):
         _resume(tmp_path / "mine", 0, "train.seed=1")
 
 
